@@ -1,0 +1,852 @@
+"""Detector families: what the history says a cell of each field usually looks like, and how far a cell is
+from that.
+
+Every family is learned from data, never written for one data set:
+
+- **frequency**: how often the value occurs in the field;
+- **shape**: its character classes, length and separators against the field's usual shapes;
+- **dependencies**: for each pair of fields (A, B), how strongly A determines B in the history, and whether
+  the value disagrees with what the record's other fields imply (postcode -> city, code <-> name);
+- **numbers**: against their group (an amount against that customer's usual amounts) and overall;
+- **dates**: against the entry time and the field's usual format;
+- **missing**: empty where the field is normally filled;
+- **checksums**: IBAN mod 97, EAN/GTIN, Dutch BSN 11-test and e-mail syntax, where the field usually has
+  that shape;
+- **edit history**: how often the value, or its shape, was corrected in the log.
+
+`build_profile` learns the first seven from a table of records; `EditHistory` learns the last from the
+records as entered and their cell labels. `cell_features` turns a chunk into one feature frame per field,
+all with the same columns (`FEATURES`), so the error model can stack them into one row per cell.
+Everything is vectorised per column: values are parsed once per distinct value and mapped back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from pipeline import schema as s
+from pipeline.config import Config
+
+logger = logging.getLogger(__name__)
+
+MIN_DEPENDENCY_STRENGTH = 0.85
+MIN_DEPENDENCY_COVERAGE = 0.3
+MIN_GROUP_ROWS = 3
+MIN_GROUP_EXPLAINED = 0.2
+SCHEME_SHARE = 0.5
+SMOOTHING = 5.0
+DATE_FORMATS = (
+    "%Y-%m-%d",
+    "%d-%m-%Y",
+    "%d/%m/%Y",
+    "%m/%d/%Y",
+    "%Y/%m/%d",
+    "%d.%m.%Y",
+    "%Y%m%d",
+    "%d-%m-%y",
+    "%d/%m/%y",
+    "%m/%d/%y",
+)
+
+FEATURES: tuple[str, ...] = (
+    "missing",
+    "missing_where_filled",
+    "value_log_count",
+    "value_share",
+    "value_unseen",
+    "shape_share",
+    "coarse_shape_share",
+    "length_z",
+    "case_unusual",
+    "whitespace_odd",
+    "dep_known",
+    "dep_agree",
+    "dep_disagree",
+    "dep_agree_weight",
+    "dep_disagree_weight",
+    "rev_known",
+    "rev_agree",
+    "rev_disagree",
+    "rev_disagree_weight",
+    "number_unparsed",
+    "number_log",
+    "number_z",
+    "group_log_ratio",
+    "group_abs_log_ratio",
+    "group_pow10_gap",
+    "group_rows",
+    "date_unparsed",
+    "date_other_format",
+    "date_delta_days",
+    "date_outside",
+    "checksum_invalid",
+    "sequence_gap",
+    "sequence_rows",
+    "year_mismatch",
+    "edit_value_rate",
+    "edit_value_count",
+    "edit_shape_rate",
+    "edit_field_rate",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-value parsing (each runs once per distinct value)
+
+
+_SHAPE_TABLE = str.maketrans(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
+    "A" * 26 + "a" * 26 + "9" * 10,
+)
+_RUNS = re.compile(r"(.)\1+")
+
+
+def shape_of(value: str) -> str:
+    """The value's character classes: upper `A`, lower `a`, digit `9`, anything else as itself.
+
+    >>> shape_of("1234 AB"), shape_of("C-10233")
+    ('9999 AA', 'A-99999')
+    """
+    out = value.translate(_SHAPE_TABLE)
+    # Accented letters count as letters.
+    return "".join(("A" if ch.isupper() else "a") if ch.isalpha() and ch not in "Aa" else ch for ch in out)
+
+
+def coarse_shape(shape: str) -> str:
+    """A shape with runs collapsed, so lengths do not matter: `'9999 AA'` -> `'9 A'`."""
+    return _RUNS.sub(r"\1", shape)
+
+
+_PLAIN_NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?$")
+_COMMA_DECIMAL = re.compile(r"^[+-]?\d+,\d{1,2}$|^[+-]?\d+,\d{4,}$")
+_US_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
+_EU_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(\.\d{3})+(,\d+)?$")
+_ANY_NUMBER = re.compile(r"[+-]?\d+(?:[.,]\d+)?")
+
+
+def parse_number(text: str) -> float:
+    """A number written as entered (`1250.00`, `1.250,00`, `1,250.00`, `12,5`), else NaN.
+
+    >>> parse_number("1.250,00"), parse_number("12,5"), parse_number("12 oz")
+    (1250.0, 12.5, nan)
+    """
+    t = text.strip()
+    if not t:
+        return math.nan
+    if _PLAIN_NUMBER.match(t):
+        return float(t)
+    if _US_THOUSANDS.match(t):
+        return float(t.replace(",", ""))
+    if _EU_THOUSANDS.match(t):
+        return float(t.replace(".", "").replace(",", "."))
+    if _COMMA_DECIMAL.match(t):
+        return float(t.replace(",", "."))
+    return math.nan
+
+
+def extract_number(text: str) -> float:
+    """The first number inside a text (`'12.0 oz'` -> 12.0), else NaN; for re-formatting candidates."""
+    found = _ANY_NUMBER.search(text)
+    if not found:
+        return math.nan
+    return parse_number(found.group(0))
+
+
+def decimals_of(text: str) -> int:
+    """Digits after the decimal separator as written (`'1250.00'` -> 2)."""
+    t = text.strip()
+    for sep in (".", ","):
+        if sep in t and _PLAIN_NUMBER.match(t.replace(",", ".")):
+            return len(t.rsplit(sep, 1)[1])
+    return 0
+
+
+def format_number(value: float, decimals: int) -> str:
+    """Writes a number the way the field usually does (plain, `.` as decimal separator)."""
+    if not math.isfinite(value):
+        return ""
+    if decimals == 0:
+        if float(value).is_integer():
+            return str(int(value))
+        return repr(float(value))
+    return f"{value:.{decimals}f}"
+
+
+def _case_of(value: str) -> str:
+    letters = [ch for ch in value if ch.isalpha()]
+    if not letters:
+        return "none"
+    if all(ch.isupper() for ch in letters):
+        return "upper"
+    if all(ch.islower() for ch in letters):
+        return "lower"
+    if value.istitle():
+        return "title"
+    return "mixed"
+
+
+# Checksums of well-known identifier schemes -------------------------------------------------------------
+
+_IBAN = re.compile(r"^[A-Z]{2}\d{2}[A-Z0-9]{10,30}$")
+_EMAIL_LIKE = re.compile(r"@")
+_EMAIL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}$")
+
+
+def iban_valid(text: str) -> bool | None:
+    """True/False when the value looks like an IBAN (mod 97 check), None when it does not."""
+    compact = text.replace(" ", "").upper()
+    if not _IBAN.match(compact):
+        return None
+    rearranged = compact[4:] + compact[:4]
+    digits = "".join(str(int(ch, 36)) for ch in rearranged)
+    return int(digits) % 97 == 1
+
+
+def gtin_valid(text: str) -> bool | None:
+    """True/False for an EAN/GTIN-8/12/13/14 (check digit), None when the value does not have that shape."""
+    t = text.strip()
+    if not t.isdigit() or len(t) not in (8, 12, 13, 14):
+        return None
+    digits = [int(ch) for ch in t]
+    body, check = digits[:-1], digits[-1]
+    total = sum(d * (3 if i % 2 == 0 else 1) for i, d in enumerate(reversed(body)))
+    return (10 - total % 10) % 10 == check
+
+
+def bsn_valid(text: str) -> bool | None:
+    """True/False for a Dutch BSN (11-test), None when the value is not 8 or 9 digits."""
+    t = text.strip()
+    if not t.isdigit() or len(t) not in (8, 9):
+        return None
+    t = t.zfill(9)
+    total = sum(int(ch) * w for ch, w in zip(t[:8], range(9, 1, -1), strict=True)) - int(t[8])
+    return total % 11 == 0
+
+
+def email_valid(text: str) -> bool | None:
+    """True/False for a value containing `@` (syntax check), None otherwise."""
+    t = text.strip()
+    if not _EMAIL_LIKE.search(t):
+        return None
+    return bool(_EMAIL.match(t))
+
+
+SCHEMES: dict[str, Callable[[str], bool | None]] = {
+    "IBAN": iban_valid,
+    "EAN": gtin_valid,
+    "BSN": bsn_valid,
+    "e-mail": email_valid,
+}
+
+
+# Running numbers ----------------------------------------------------------------------------------------
+
+_LAST_DIGITS = re.compile(r"^(.*?)(\d+)(\D*)$")
+_YEAR = re.compile(r"(?<!\d)(19\d\d|20\d\d)(?!\d)")
+
+
+def split_running_number(text: str) -> tuple[str, int, int] | None:
+    """A code's prefix, running number (its last digit group) and the group's width, or None.
+
+    >>> split_running_number("SO-2024-004711")
+    ('SO-2024-', 4711, 6)
+    """
+    found = _LAST_DIGITS.match(text)
+    if not found or len(found.group(2)) > 15:
+        return None
+    return found.group(1), int(found.group(2)), len(found.group(2))
+
+
+def embedded_year(text: str) -> int | None:
+    """A year (1900-2099) written inside a code, `'SO-2024-004711'` -> 2024, else None."""
+    found = _YEAR.search(text)
+    return int(found.group(1)) if found else None
+
+
+def _is_sequence(values: pd.Series, times: pd.Series | None) -> bool:
+    """A field of nearly unique codes whose running number grows with entry time (order numbers)."""
+    filled = values[values != s.MISSING]
+    if len(filled) < 20 or filled.nunique() < 0.8 * len(filled):
+        return False
+    parts = _per_value(filled, split_running_number)
+    ok = parts.notna()
+    if ok.mean() < 0.9:
+        return False
+    prefix = parts[ok].map(lambda p: p[0])
+    number = parts[ok].map(lambda p: p[1]).astype(float)
+    order = times.reindex(number.index).rank(method="first") if times is not None else None
+    if order is None:
+        order = pd.Series(np.arange(len(number), dtype=float), index=number.index)
+    top = prefix.value_counts()
+    top = top[top >= 10].index
+    correlations = [number[prefix == p].corr(order[prefix == p], method="spearman") for p in top]
+    return bool(correlations) and float(np.nanmedian(correlations)) > 0.9
+
+
+SEQUENCE_WINDOW = 9
+
+
+def sequence_expectation(values: pd.Series, times: pd.Series | None) -> tuple[pd.Series, pd.Series]:
+    """For running numbers: the number each row should have given its neighbours in entry order, and the
+    number of rows sharing its prefix. Rows are sorted by entry time (else kept in order) within each prefix;
+    the expected number is the rank plus the rolling median of (number - rank) of the neighbours.
+    """
+    parts = _per_value(values, split_running_number)
+    ok = parts.notna() & (values != s.MISSING)
+    expected = pd.Series(np.nan, index=values.index)
+    rows = pd.Series(0.0, index=values.index)
+    if not ok.any():
+        return expected, rows
+    frame = pd.DataFrame(
+        {
+            "prefix": parts[ok].map(lambda p: p[0]),
+            "number": parts[ok].map(lambda p: p[1]).astype(float),
+            "when": times[ok].to_numpy() if times is not None else np.arange(int(ok.sum())),
+            "pos": np.arange(int(ok.sum())),
+        },
+        index=values.index[ok],
+    )
+    frame = frame.sort_values(["prefix", "when", "pos"], kind="stable")
+    rank = frame.groupby("prefix", sort=False).cumcount().astype(float)
+    offset = frame["number"] - rank
+    median = offset.groupby(frame["prefix"], sort=False).transform(
+        lambda o: o.rolling(SEQUENCE_WINDOW, center=True, min_periods=3).median()
+    )
+    expected.loc[frame.index] = (rank + median).to_numpy()
+    rows.loc[frame.index] = frame.groupby("prefix", sort=False)["number"].transform("size").to_numpy()
+    return expected, rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Profiles
+
+
+def _per_value(values: pd.Series, fn: Callable[[str], object]) -> pd.Series:
+    """Applies `fn` once per distinct value and maps the result back (the vectorisation trick)."""
+    uniques = pd.unique(values.to_numpy(dtype=object))
+    table = {value: fn(value) for value in uniques}
+    return pd.Series([table[v] for v in values.to_numpy(dtype=object)], index=values.index)
+
+
+def text_column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """The column as plain Python strings (object dtype), `''` for missing."""
+    col = frame[name]
+    if col.dtype != object:
+        col = col.astype(object)
+    return col.where(col.notna(), s.MISSING)
+
+
+@dataclass
+class FieldProfile:
+    """What one field usually looks like in the history."""
+
+    name: str
+    kind: str
+    rows: int
+    filled: int
+    counts: dict[str, int]
+    shapes: dict[str, int]
+    coarse: dict[str, int]
+    shape_example: dict[str, str]
+    length_mean: float
+    length_std: float
+    case: str
+    case_share: float
+    schemes: list[str]
+    number_center: float = math.nan
+    number_spread: float = math.nan
+    decimals: int = 0
+    date_format: str | None = None
+    delta_low: float = math.nan
+    delta_high: float = math.nan
+    delta_median: float = math.nan
+    sequence: bool = False
+    embeds_year: bool = False
+
+    @property
+    def fill_rate(self) -> float:
+        return self.filled / self.rows if self.rows else 0.0
+
+    @property
+    def top_shape(self) -> str:
+        return max(self.shapes, key=self.shapes.get) if self.shapes else ""
+
+
+@dataclass
+class Dependency:
+    """Field `source` determines field `target` with `strength` (share of rows agreeing with the mode)."""
+
+    source: str
+    target: str
+    strength: float
+    implied: dict[str, str]
+    support: dict[str, int]
+    total: dict[str, int]
+
+
+@dataclass
+class NumberGroup:
+    """A number field's usual (log10) value per value of the grouping field."""
+
+    target: str
+    group: str
+    explained: float
+    medians: dict[str, float]
+    rows: dict[str, int]
+
+
+@dataclass
+class Profile:
+    """All detector families learned from one table of records."""
+
+    fields: dict[str, FieldProfile]
+    dependencies: list[Dependency]
+    groups: dict[str, NumberGroup]
+    time_column: str | None
+    rows: int
+    by_target: dict[str, list[Dependency]] = field(default_factory=dict)
+    by_source: dict[str, list[Dependency]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_target = {}
+        self.by_source = {}
+        for dep in self.dependencies:
+            self.by_target.setdefault(dep.target, []).append(dep)
+            self.by_source.setdefault(dep.source, []).append(dep)
+
+
+def entry_times(frame: pd.DataFrame, time_column: str | None) -> pd.Series | None:
+    """The entry time as naive UTC timestamps, or None without a time column."""
+    if not time_column or time_column not in frame.columns:
+        return None
+    stamps = pd.to_datetime(text_column(frame, time_column).replace(s.MISSING, None), errors="coerce",
+                            format="ISO8601", utc=True)
+    return stamps.dt.tz_localize(None)
+
+
+def parse_dates(values: pd.Series, fmt: str) -> pd.Series:
+    """Dates in the given format (NaT where the value does not fit it)."""
+    return pd.to_datetime(values.replace(s.MISSING, None), format=fmt, errors="coerce")
+
+
+def _best_date_format(values: pd.Series) -> str | None:
+    filled = values[values != s.MISSING]
+    if filled.empty:
+        return None
+    sample = filled.iloc[:2000]
+    best, best_share = None, 0.0
+    for fmt in DATE_FORMATS:
+        share = parse_dates(sample, fmt).notna().mean()
+        if share > best_share + 1e-9:
+            best, best_share = fmt, share
+    return best if best_share > 0.3 else None
+
+
+def profile_field(values: pd.Series, name: str, kind: str, times: pd.Series | None) -> FieldProfile:
+    """Learns one field's profile from its values (text, `''` = missing)."""
+    filled = values[values != s.MISSING]
+    counts = filled.value_counts()
+    shape_per_value = {v: shape_of(v) for v in counts.index}
+    shape_counts: dict[str, int] = {}
+    shape_example: dict[str, str] = {}
+    for value, n in counts.items():
+        sh = shape_per_value[value]
+        shape_counts[sh] = shape_counts.get(sh, 0) + int(n)
+        shape_example.setdefault(sh, value)
+    coarse_counts: dict[str, int] = {}
+    for sh, n in shape_counts.items():
+        c = coarse_shape(sh)
+        coarse_counts[c] = coarse_counts.get(c, 0) + n
+    lengths = filled.str.len()
+    cases = pd.Series({v: _case_of(v) for v in counts.index}, dtype=object)
+    case_totals = pd.Series(counts.to_numpy(), index=cases.reindex(counts.index).to_numpy()).groupby(level=0).sum()
+    case = str(case_totals.idxmax()) if len(case_totals) else "none"
+    case_share = float(case_totals.max() / case_totals.sum()) if len(case_totals) else 0.0
+    schemes = []
+    if len(filled):
+        head = counts.index[:500]
+        weights = counts.to_numpy()[:500]
+        for scheme, check in SCHEMES.items():
+            applies = np.array([check(v) is not None for v in head])
+            if (weights * applies).sum() / weights.sum() >= SCHEME_SHARE:
+                schemes.append(scheme)
+    profile = FieldProfile(
+        name=name,
+        kind=kind,
+        rows=len(values),
+        filled=len(filled),
+        counts={str(k): int(v) for k, v in counts.items()},
+        shapes=shape_counts,
+        coarse=coarse_counts,
+        shape_example={k: shape_example[k] for k in sorted(shape_counts, key=shape_counts.get, reverse=True)[:20]},
+        length_mean=float(lengths.mean()) if len(filled) else 0.0,
+        length_std=float(lengths.std(ddof=0)) if len(filled) > 1 else 0.0,
+        case=case,
+        case_share=case_share,
+        schemes=schemes,
+    )
+    if kind == "number":
+        numbers = _per_value(filled, parse_number).astype(float)
+        logs = np.log10(numbers.abs().clip(lower=1e-9))[numbers.notna() & (numbers != 0)]
+        if len(logs):
+            profile.number_center = float(logs.median())
+            profile.number_spread = float(max((logs - logs.median()).abs().median() * 1.4826, 0.05))
+        decimals = _per_value(filled, decimals_of)
+        profile.decimals = int(decimals.mode().iloc[0]) if len(decimals) else 0
+    if kind == "code":
+        profile.sequence = _is_sequence(values, times)
+        years = _per_value(filled.iloc[:2000], embedded_year)
+        profile.embeds_year = bool(len(years)) and years.notna().mean() > 0.9
+    if kind == "date":
+        profile.date_format = _best_date_format(filled)
+        if profile.date_format and times is not None:
+            dates = parse_dates(values, profile.date_format)
+            delta = (dates - times.reindex(values.index)).dt.total_seconds() / 86400.0
+            delta = delta.dropna()
+            if len(delta) >= 5:
+                profile.delta_low = float(delta.quantile(0.005))
+                profile.delta_high = float(delta.quantile(0.995))
+                profile.delta_median = float(delta.median())
+    return profile
+
+
+def _dependency(frame: pd.DataFrame, source: str, target: str) -> Dependency | None:
+    both = frame[(frame[source] != s.MISSING)]
+    if both.empty:
+        return None
+    pair_counts = both.groupby([source, target], sort=False).size()
+    if pair_counts.empty:
+        return None
+    totals = pair_counts.groupby(level=0, sort=False).sum()
+    best = pair_counts.sort_values(ascending=False, kind="stable")
+    best = best[~best.index.get_level_values(0).duplicated()]
+    implied = dict(zip(best.index.get_level_values(0), best.index.get_level_values(1), strict=True))
+    support = dict(zip(best.index.get_level_values(0), best.to_numpy(), strict=True))
+    repeated = totals[totals >= 2]
+    if repeated.empty:
+        return None
+    coverage = repeated.sum() / totals.sum()
+    strength = sum(support[k] for k in repeated.index) / repeated.sum()
+    if coverage < MIN_DEPENDENCY_COVERAGE or strength < MIN_DEPENDENCY_STRENGTH:
+        return None
+    # A target that is nearly constant is "determined" by anything; it carries no information.
+    target_top = frame[target].value_counts(normalize=True).iloc[0]
+    if strength <= target_top + 0.02:
+        return None
+    return Dependency(
+        source=source,
+        target=target,
+        strength=float(strength),
+        implied={str(k): str(v) for k, v in implied.items() if str(v) != s.MISSING},
+        support={str(k): int(v) for k, v in support.items()},
+        total={str(k): int(v) for k, v in totals.items()},
+    )
+
+
+def find_dependencies(frame: pd.DataFrame, fields: dict[str, str]) -> list[tuple[str, str]]:
+    """The ordered field pairs (A, B) where A determines B in this table."""
+    pairs = []
+    for source, kind in fields.items():
+        if kind in ("number", "date"):
+            continue
+        for target in fields:
+            if target != source and _dependency(frame, source, target) is not None:
+                pairs.append((source, target))
+    return pairs
+
+
+def _number_group(frame: pd.DataFrame, target: str, fields: dict[str, str]) -> NumberGroup | None:
+    numbers = _per_value(frame[target], parse_number).astype(float)
+    ok = numbers.notna() & (numbers > 0)
+    if ok.sum() < 10:
+        return None
+    logs = np.log10(numbers[ok])
+    total_var = float(logs.var(ddof=0))
+    if total_var <= 0:
+        return None
+    best: NumberGroup | None = None
+    for group, kind in fields.items():
+        if group == target or kind in ("number", "date"):
+            continue
+        keys = frame.loc[ok.to_numpy(), group]
+        stats = logs.groupby(keys.to_numpy()).agg(["median", "size"])
+        stats = stats[(stats["size"] >= MIN_GROUP_ROWS) & (stats.index != s.MISSING)]
+        if stats.empty:
+            continue
+        med = keys.map(stats["median"])
+        covered = med.notna()
+        if covered.mean() < 0.3:
+            continue
+        resid_var = float(((logs[covered.to_numpy()] - med[covered]) ** 2).mean())
+        explained = 1 - resid_var / total_var
+        if explained >= MIN_GROUP_EXPLAINED and (best is None or explained > best.explained):
+            best = NumberGroup(
+                target=target,
+                group=group,
+                explained=explained,
+                medians={str(k): float(v) for k, v in stats["median"].items()},
+                rows={str(k): int(v) for k, v in stats["size"].items()},
+            )
+    return best
+
+
+def build_profile(
+    frame: pd.DataFrame,
+    config: Config,
+    *,
+    pairs: Iterable[tuple[str, str]] | None = None,
+) -> Profile:
+    """Learns every detector family from a table of records (the history as stored).
+
+    `pairs` fixes which dependencies to learn (so the profiles of cross-validation folds agree); by default
+    they are found in `frame`.
+    """
+    kinds = {name: spec.type for name, spec in config.fields.items() if name in frame.columns}
+    texts = pd.DataFrame({name: text_column(frame, name) for name in kinds}, index=frame.index)
+    times = entry_times(frame, config.time_column)
+    profiles = {name: profile_field(texts[name], name, kind, times) for name, kind in kinds.items()}
+    if pairs is None:
+        pairs = find_dependencies(texts, kinds)
+    dependencies = [dep for a, b in pairs if (dep := _dependency(texts, a, b)) is not None]
+    groups = {}
+    for name, kind in kinds.items():
+        if kind == "number" and (group := _number_group(texts, name, kinds)) is not None:
+            groups[name] = group
+    return Profile(
+        fields=profiles,
+        dependencies=dependencies,
+        groups=groups,
+        time_column=config.time_column,
+        rows=len(frame),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Edit history (learned from the log)
+
+
+@dataclass
+class EditHistory:
+    """How often each value and each shape of a field was corrected, from records as entered and labels."""
+
+    value_errors: dict[str, dict[str, int]]
+    value_seen: dict[str, dict[str, int]]
+    shape_errors: dict[str, dict[str, int]]
+    shape_seen: dict[str, dict[str, int]]
+    field_rate: dict[str, float]
+
+    @classmethod
+    def learn(cls, entered: pd.DataFrame, labels: pd.DataFrame, config: Config) -> EditHistory:
+        """`labels` are `cell_labels` rows (record_id, field, old_value, new_value) of `entered`'s records."""
+        id_column = config.id_column
+        value_errors, value_seen, shape_errors, shape_seen, field_rate = {}, {}, {}, {}, {}
+        for name in config.fields:
+            if name not in entered.columns:
+                continue
+            values = text_column(entered, name)
+            ids = set(labels.loc[labels[s.LOG_FIELD] == name, s.LOG_RECORD_ID])
+            wrong = entered[id_column].isin(ids).to_numpy()
+            shapes = _per_value(values, shape_of)
+            value_seen[name] = {str(k): int(v) for k, v in values.value_counts().items()}
+            value_errors[name] = {str(k): int(v) for k, v in values[wrong].value_counts().items()}
+            shape_seen[name] = {str(k): int(v) for k, v in shapes.value_counts().items()}
+            shape_errors[name] = {str(k): int(v) for k, v in shapes[wrong].value_counts().items()}
+            field_rate[name] = float(wrong.mean()) if len(wrong) else 0.0
+        return cls(value_errors, value_seen, shape_errors, shape_seen, field_rate)
+
+
+def _rate(keys: pd.Series, errors: dict[str, int], seen: dict[str, int], prior: float) -> pd.Series:
+    err = keys.map(errors).astype(float).fillna(0.0)
+    n = keys.map(seen).astype(float).fillna(0.0)
+    return (err + prior * SMOOTHING) / (n + SMOOTHING)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Features
+
+
+def _dependency_features(texts: pd.DataFrame, name: str, profile: Profile) -> dict[str, np.ndarray]:
+    n = len(texts)
+    values = texts[name]
+    known = np.zeros(n)
+    agree = np.zeros(n)
+    disagree = np.zeros(n)
+    agree_w = np.zeros(n)
+    disagree_w = np.zeros(n)
+    for dep in profile.by_target.get(name, []):
+        src = texts[dep.source]
+        implied = src.map(dep.implied)
+        has = implied.notna().to_numpy() & (src != s.MISSING).to_numpy()
+        support = src.map(dep.support).astype(float).fillna(0).to_numpy()
+        total = src.map(dep.total).astype(float).fillna(1).to_numpy()
+        weight = dep.strength * (support / np.maximum(total, 1)) * np.log1p(support)
+        same = (implied == values).to_numpy()
+        known += has
+        agree += has & same
+        disagree += has & ~same
+        agree_w += np.where(has & same, weight, 0)
+        disagree_w += np.where(has & ~same, weight, 0)
+    rev_known = np.zeros(n)
+    rev_agree = np.zeros(n)
+    rev_disagree = np.zeros(n)
+    rev_disagree_w = np.zeros(n)
+    for dep in profile.by_source.get(name, []):
+        implied = values.map(dep.implied)
+        has = implied.notna().to_numpy() & (values != s.MISSING).to_numpy()
+        support = values.map(dep.support).astype(float).fillna(0).to_numpy()
+        total = values.map(dep.total).astype(float).fillna(1).to_numpy()
+        weight = dep.strength * (support / np.maximum(total, 1)) * np.log1p(support)
+        same = (implied == texts[dep.target]).to_numpy()
+        rev_known += has
+        rev_agree += has & same
+        rev_disagree += has & ~same
+        rev_disagree_w += np.where(has & ~same, weight, 0)
+    return {
+        "dep_known": known,
+        "dep_agree": agree,
+        "dep_disagree": disagree,
+        "dep_agree_weight": agree_w,
+        "dep_disagree_weight": disagree_w,
+        "rev_known": rev_known,
+        "rev_agree": rev_agree,
+        "rev_disagree": rev_disagree,
+        "rev_disagree_weight": rev_disagree_w,
+    }
+
+
+def _number_features(texts: pd.DataFrame, name: str, fp: FieldProfile, group: NumberGroup | None) -> dict:
+    values = texts[name]
+    numbers = _per_value(values, parse_number).astype(float).to_numpy()
+    filled = (values != s.MISSING).to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.where(numbers > 0, np.log10(np.abs(numbers)), np.nan)
+    out = {
+        "number_unparsed": np.where(filled, np.isnan(numbers).astype(float), np.nan),
+        "number_log": logs,
+        "number_z": (logs - fp.number_center) / fp.number_spread if math.isfinite(fp.number_spread) else logs * np.nan,
+    }
+    if group is not None:
+        keys = texts[group.group]
+        med = keys.map(group.medians).astype(float).to_numpy()
+        rows = keys.map(group.rows).astype(float).fillna(0).to_numpy()
+        ratio = logs - med
+        out["group_log_ratio"] = ratio
+        out["group_abs_log_ratio"] = np.abs(ratio)
+        out["group_pow10_gap"] = np.abs(ratio - np.round(ratio))
+        out["group_rows"] = rows
+    return out
+
+
+def _date_features(texts: pd.DataFrame, name: str, fp: FieldProfile, times: pd.Series | None) -> dict:
+    values = texts[name]
+    filled = (values != s.MISSING).to_numpy()
+    if not fp.date_format:
+        return {}
+    dates = parse_dates(values, fp.date_format)
+    unparsed = dates.isna().to_numpy() & filled
+    other = np.zeros(len(values), dtype=bool)
+    if unparsed.any():
+        rest = values[unparsed]
+        ok = np.zeros(len(rest), dtype=bool)
+        for fmt in DATE_FORMATS:
+            if fmt != fp.date_format:
+                ok |= parse_dates(rest, fmt).notna().to_numpy()
+        other[np.flatnonzero(unparsed)] = ok
+    out = {
+        "date_unparsed": np.where(filled, unparsed.astype(float), np.nan),
+        "date_other_format": np.where(filled, other.astype(float), np.nan),
+    }
+    if times is not None and math.isfinite(fp.delta_low):
+        delta = ((dates - times).dt.total_seconds() / 86400.0).to_numpy(dtype=float)
+        width = max(fp.delta_high - fp.delta_low, 1.0)
+        outside = np.maximum(fp.delta_low - delta, 0) + np.maximum(delta - fp.delta_high, 0)
+        out["date_delta_days"] = delta
+        out["date_outside"] = outside / width
+    return out
+
+
+def _checksum_feature(values: pd.Series, fp: FieldProfile) -> np.ndarray:
+    result = np.full(len(values), np.nan)
+    for scheme in fp.schemes:
+        verdict = _per_value(values, SCHEMES[scheme]).to_numpy()
+        applies = np.array([v is not None for v in verdict])
+        invalid = np.array([v is False for v in verdict], dtype=float)
+        result = np.where(applies, np.fmax(np.nan_to_num(result, nan=0.0), invalid), result)
+    return result
+
+
+def field_features(
+    texts: pd.DataFrame,
+    name: str,
+    profile: Profile,
+    edits: EditHistory | None,
+    times: pd.Series | None,
+) -> pd.DataFrame:
+    """The feature frame (columns `FEATURES`) for one field of a chunk; `texts` holds the chunk's fields."""
+    fp = profile.fields[name]
+    values = texts[name]
+    n = len(values)
+    missing = (values == s.MISSING).to_numpy()
+    counts = values.map(fp.counts).astype(float).fillna(0.0).to_numpy()
+    shapes = _per_value(values, shape_of)
+    coarse = _per_value(shapes, coarse_shape)
+    filled_n = max(fp.filled, 1)
+    lengths = values.str.len().to_numpy(dtype=float)
+    cases = _per_value(values, _case_of)
+    stripped = _per_value(values, lambda v: v != v.strip() or "  " in v).to_numpy(dtype=float)
+    nan = np.full(n, np.nan)
+
+    def unless_missing(array: np.ndarray) -> np.ndarray:
+        return np.where(missing, np.nan, array)
+
+    out: dict[str, np.ndarray] = {
+        "missing": missing.astype(float),
+        "missing_where_filled": missing * fp.fill_rate,
+        "value_log_count": unless_missing(np.log1p(counts)),
+        "value_share": unless_missing(counts / filled_n),
+        "value_unseen": unless_missing((counts == 0).astype(float)),
+        "shape_share": unless_missing(shapes.map(fp.shapes).astype(float).fillna(0.0).to_numpy() / filled_n),
+        "coarse_shape_share": unless_missing(coarse.map(fp.coarse).astype(float).fillna(0.0).to_numpy() / filled_n),
+        "length_z": unless_missing((lengths - fp.length_mean) / max(fp.length_std, 1.0)),
+        "case_unusual": unless_missing(((cases != fp.case) & (cases != "none")).to_numpy(dtype=float) * fp.case_share),
+        "whitespace_odd": unless_missing(stripped),
+    }
+    out.update(_dependency_features(texts, name, profile))
+    if fp.kind == "number":
+        out.update(_number_features(texts, name, fp, profile.groups.get(name)))
+    if fp.kind == "date":
+        out.update(_date_features(texts, name, fp, times))
+    out["checksum_invalid"] = _checksum_feature(values, fp) if fp.schemes else nan
+    if edits is not None and name in edits.field_rate:
+        prior = edits.field_rate[name]
+        out["edit_value_rate"] = _rate(values, edits.value_errors[name], edits.value_seen[name], prior).to_numpy()
+        out["edit_value_count"] = np.log1p(values.map(edits.value_errors[name]).astype(float).fillna(0).to_numpy())
+        out["edit_shape_rate"] = _rate(shapes, edits.shape_errors[name], edits.shape_seen[name], prior).to_numpy()
+        out["edit_field_rate"] = np.full(n, prior)
+    frame = pd.DataFrame({key: out.get(key, nan) for key in FEATURES}, index=texts.index)
+    return frame.astype(float)
+
+
+def chunk_texts(chunk: pd.DataFrame, names: Iterable[str]) -> pd.DataFrame:
+    """The chunk's field columns as plain strings (`''` for missing), one copy made for all detectors."""
+    return pd.DataFrame({name: text_column(chunk, name) for name in names}, index=chunk.index)
+
+
+def cell_features(
+    chunk: pd.DataFrame,
+    profile: Profile,
+    config: Config,
+    fields: Iterable[str],
+    edits: EditHistory | None = None,
+) -> dict[str, pd.DataFrame]:
+    """One feature frame per field in `fields` (same index as `chunk`, columns `FEATURES`)."""
+    texts = chunk_texts(chunk, [name for name in config.fields if name in profile.fields])
+    times = entry_times(chunk, config.time_column)
+    return {name: field_features(texts, name, profile, edits, times) for name in fields}

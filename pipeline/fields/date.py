@@ -1,0 +1,148 @@
+"""`date` fields: order dates, invoice dates, dates of birth.
+
+Read as ISO (`2024-03-05`, also with a time), compact (`20240305`) or day-first (`05-03-2024`, `5/3/2024`)
+and normalised to ISO. Compared by days apart on a log scale, so a few days' slip is near, with day and
+month swapped counting as one day; and by digit slips, so a mistyped year is near too. A date that is not a
+valid calendar date (a typo such as month 13) keeps its digits and is compared by digits only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from typing import Any, NamedTuple
+
+import dedupe
+import pandas as pd
+from rapidfuzz.distance import OSA
+
+from pipeline.fields.base import BlockingKey, Difference, FieldType, map_unique
+from pipeline.schema import MISSING
+
+MAX_DAYS = 3650
+MAX_DIGIT_EDITS = 3
+_ISO = re.compile(r"^(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ].*)?$")
+_COMPACT = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
+_DAY_FIRST = re.compile(r"^(\d{1,2})[-/.](\d{1,2})[-/.](\d{4})$")
+_YEAR_SLASH = re.compile(r"^(\d{4})[/.](\d{1,2})[/.](\d{1,2})$")
+
+
+class DateValue(NamedTuple):
+    """A parsed date: the day number (None when not a calendar date) and its eight digits YYYYMMDD."""
+
+    ordinal: int | None
+    digits: str
+
+
+def canonical_date(text: str) -> str:
+    """`YYYY-MM-DD` for a valid date, the bare digits for an invalid one, `""` when there is no date.
+
+    >>> canonical_date("5/3/2024"), canonical_date("20240305"), canonical_date("2024-13-05"), canonical_date("?")
+    ('2024-03-05', '2024-03-05', '20241305', '')
+    """
+    text = text.strip()
+    parts: tuple[int, int, int] | None = None
+    if match := _ISO.match(text) or _COMPACT.match(text) or _YEAR_SLASH.match(text):
+        parts = (int(match[1]), int(match[2]), int(match[3]))
+    elif match := _DAY_FIRST.match(text):
+        day, month = int(match[1]), int(match[2])
+        if month > 12 >= day:  # unambiguously month-first
+            day, month = month, day
+        parts = (int(match[3]), month, day)
+    if parts is None:
+        digits = re.sub(r"\D", "", text)
+        return digits if len(digits) >= 6 else MISSING
+    year, month, day = parts
+    try:
+        return dt.date(year, month, day).isoformat()
+    except ValueError:
+        return f"{year:04d}{month:02d}{day:02d}"
+
+
+def parse_date(normalised: str) -> DateValue | None:
+    if normalised == MISSING:
+        return None
+    if len(normalised) == 10 and normalised[4] == "-":
+        return DateValue(dt.date.fromisoformat(normalised).toordinal(), normalised.replace("-", ""))
+    return DateValue(None, normalised)
+
+
+def _swapped(a: DateValue, b: DateValue) -> bool:
+    return a.digits[:4] == b.digits[:4] and a.digits[4:6] == b.digits[6:8] and a.digits[6:8] == b.digits[4:6]
+
+
+def days_apart(a: DateValue, b: DateValue) -> float:
+    """Days between the dates on a log scale, 0 (same day) to 1 (ten years or more); day and month swapped
+    counts as one day. NaN (treated as missing) when either is not a calendar date.
+
+    >>> a, b = parse_date("2024-03-05"), parse_date("2024-05-03")
+    >>> round(days_apart(a, b), 3) == round(days_apart(a, parse_date("2024-03-06")), 3)
+    True
+    """
+    if a.ordinal is None or b.ordinal is None:
+        return math.nan
+    days = 1 if _swapped(a, b) and a.ordinal != b.ordinal else abs(a.ordinal - b.ordinal)
+    return math.log1p(min(days, MAX_DAYS)) / math.log1p(MAX_DAYS)
+
+
+def digit_slips(a: DateValue, b: DateValue) -> float:
+    """Typing slips between the two dates' digits (a swap of neighbours is one), capped at 3."""
+    return min(OSA.distance(a.digits, b.digits), MAX_DIGIT_EDITS)
+
+
+class DateField(FieldType):
+    """Calendar dates."""
+
+    type_name = "date"
+    blocking = (
+        BlockingKey("value"),
+        BlockingKey("day_month_swapped"),
+        BlockingKey("sorted_digits"),
+        BlockingKey("month_day"),
+        BlockingKey("year_month", weak=True),
+    )
+
+    def normalise(self, values: pd.Series) -> pd.Series:
+        return map_unique(values.astype(str), canonical_date)
+
+    def parse(self, normalised: str) -> DateValue | None:
+        return parse_date(normalised)
+
+    def variables(self) -> list[Any]:
+        return [
+            dedupe.variables.Custom(self.field, comparator=days_apart, has_missing=True),
+            dedupe.variables.Custom(self.field, comparator=digit_slips, has_missing=True),
+        ]
+
+    def keys(self, normalised: pd.Series) -> dict[str, pd.Series]:
+        digits = normalised.str.replace("-", "", regex=False)
+        valid = normalised.str.len() == 10
+        year, month, day = digits.str.slice(0, 4), digits.str.slice(4, 6), digits.str.slice(6, 8)
+        low = month.where(month <= day, day)
+        high = day.where(month <= day, month)
+        return {
+            "value": normalised,
+            "day_month_swapped": (year + "/" + low + "/" + high).where(valid, MISSING),
+            "sorted_digits": map_unique(digits, lambda v: "".join(sorted(v))),
+            "month_day": (month + day).where(valid, MISSING),
+            "year_month": (year + month).where(valid, MISSING),
+        }
+
+    def _describe(self, a: str, b: str) -> Difference:
+        x, y = parse_date(a), parse_date(b)
+        assert x is not None and y is not None
+        if x.ordinal is not None and y.ordinal is not None:
+            if _swapped(x, y):
+                return Difference("near", "has day and month swapped")
+            days = abs(x.ordinal - y.ordinal)
+            if days <= 31:
+                return Difference("near", f"{days} day{'s' if days > 1 else ''} apart")
+        if OSA.distance(x.digits, y.digits) == 1:
+            return Difference("near", "differs by one digit")
+        if x.ordinal is not None and y.ordinal is not None:
+            days = abs(x.ordinal - y.ordinal)
+            if days < 365:
+                return Difference("different", f"{days} days apart")
+            return Difference("different", f"{days / 365.25:.0f} years apart")
+        return Difference("different", "differs")

@@ -1,0 +1,77 @@
+"""`text` fields: names, streets, e-mail addresses, free text.
+
+Compared with dedupe's affine-gap string distance (typing slips cost little, long runs of different letters
+a lot) plus a token-set similarity, so "de Vries, Jan" and "Jan de Vries" are near.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dedupe
+import pandas as pd
+from doublemetaphone import doublemetaphone
+from rapidfuzz import fuzz
+from rapidfuzz.distance import Levenshtein
+
+from pipeline.fields.base import BlockingKey, Difference, FieldType, first_chars, map_unique, simple_text
+from pipeline.schema import MISSING
+
+_NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
+def token_distance(a: str, b: str) -> float:
+    """0 when both hold the same words in any order, up to 1 when they share nothing."""
+    return 1.0 - fuzz.token_set_ratio(a, b) / 100.0
+
+
+def _metaphone(value: str) -> str:
+    return " ".join(doublemetaphone(token)[0] for token in value.split()) if value else MISSING
+
+
+class TextField(FieldType):
+    """Names, addresses, free text."""
+
+    type_name = "text"
+    blocking = (
+        BlockingKey("value"),
+        BlockingKey("first_token"),
+        BlockingKey("last_token"),
+        BlockingKey("prefix4"),
+        BlockingKey("suffix4"),
+        BlockingKey("sorted_tokens"),
+        BlockingKey("metaphone"),
+    )
+
+    def normalise(self, values: pd.Series) -> pd.Series:
+        return simple_text(values)
+
+    def variables(self) -> list[Any]:
+        return [
+            dedupe.variables.String(self.field, has_missing=True),
+            dedupe.variables.Custom(self.field, comparator=token_distance, has_missing=True),
+        ]
+
+    def keys(self, normalised: pd.Series) -> dict[str, pd.Series]:
+        tokens = normalised.str.split()
+        present = normalised != MISSING
+        return {
+            "value": normalised,
+            "first_token": tokens.str[0].where(present, MISSING),
+            "last_token": tokens.str[-1].where(present, MISSING),
+            "prefix4": first_chars(normalised, 4),
+            "suffix4": normalised.str.slice(-4).where(normalised.str.len() >= 4, MISSING),
+            "sorted_tokens": map_unique(normalised, lambda v: " ".join(sorted(v.split()))),
+            "metaphone": map_unique(normalised, _metaphone),
+        }
+
+    def _describe(self, a: str, b: str) -> Difference:
+        if sorted(a.split()) == sorted(b.split()):
+            return Difference("near", "has its words in another order")
+        edits = Levenshtein.distance(a, b)
+        if edits <= 3:
+            plural = "letter" if edits == 1 else "letters"
+            return Difference("near", f"differs by {_NUMBER_WORDS[edits]} {plural}")
+        if fuzz.token_set_ratio(a, b) >= 90:
+            return Difference("near", "has a word more or less")
+        return Difference("different", "differs")

@@ -1,0 +1,448 @@
+"""Everything MLflow: the tracking store, the logged run, the pyfunc model, the registry and its aliases.
+
+This is the only module that imports mlflow. Nothing personal is logged outside the model artifact:
+params are settings and field names, tags are digests and versions, metrics are counts and rates, plots
+show scores, never values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline import __version__
+from pipeline import schema as s
+from pipeline.bundle import ModelBundle, find_bundle
+from pipeline.exceptions import BadInputError, ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MODEL_ARTIFACT = "model"
+DEFAULT_STORE = "mlruns"
+PACKAGE_DIR = Path(__file__).resolve().parent
+PINNED = ("dedupe", "BTrees", "scikit-learn", "pandas", "numpy", "pyarrow", "pydantic", "rapidfuzz", "joblib", "pyyaml")
+# A promoted challenger may lose at most this much F1 on any one task while winning on the mean.
+PROMOTION_TOLERANCE = 0.01
+PROMOTION_METRICS = ("test_duplicate_f1", "test_error_f1", "test_correction_f1")
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else a SQLite store in ./mlruns (created on first use)."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    store = Path.cwd() / DEFAULT_STORE
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def _mlflow(uri: str | None):  # noqa: ANN202
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    return mlflow
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts of a local SQLite store live beside the database; a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow.create_experiment(name, artifact_location=_artifact_root(uri))
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def requirements() -> list[str]:
+    """The pyfunc model's pinned requirements: the versions it was trained with."""
+    pins = [f"{name}=={_version(name)}" for name in PINNED if _version(name) != "unknown"]
+    return [*pins, f"mlflow>={_version('mlflow')}"]
+
+
+# ------------------------------------------------------------------------------------------ pyfunc model
+
+
+def _pyfunc_class():  # noqa: ANN202
+    import mlflow.pyfunc
+
+    class PipelineModel(mlflow.pyfunc.PythonModel):
+        """Scores a DataFrame of records and returns the contract's record columns.
+
+        Anyone with MLflow can use it: `mlflow.pyfunc.load_model(uri).predict(df)`.
+        """
+
+        def load_context(self, context: Any) -> None:
+            from pipeline.bundle import ModelBundle
+
+            self.bundle = ModelBundle.load(Path(context.artifacts["bundle"]))
+
+        def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+            from pipeline.score import score_frame
+
+            frame = model_input.astype(object).where(model_input.notna(), s.MISSING).astype(str).astype(object)
+            return score_frame(frame.reset_index(drop=True), self.bundle)[list(s.RECORD_COLUMNS)]
+
+    return PipelineModel
+
+
+def _signature(config: Any) -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", name) for name in config.required_columns()])
+    outputs = Schema([ColSpec("string", name) for name in s.RECORD_COLUMNS])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+# ----------------------------------------------------------------------------------------------- logging
+
+
+@dataclass
+class RegisteredRun:
+    run_id: str
+    experiment_id: str
+    name: str
+    version: str
+    aliases: list[str]
+    tracking_uri: str
+
+
+def log_training(result: Any, *, records_path: Path, log_path: Path, uri: str | None = None) -> RegisteredRun:
+    """Logs one run for a `TrainingResult` and registers its model as `challenger` (and `champion`
+    when there is none)."""
+    from pipeline import plots
+
+    uri = tracking_uri(uri)
+    mlflow = _mlflow(uri)
+    config = result.bundle.config
+    experiment_id = _experiment_id(mlflow, config.name, uri)
+    run_name = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{result.sizes['records']}rows"
+    with tempfile.TemporaryDirectory(prefix="pipeline-train-") as tmp, mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_name
+    ) as run:
+        tmp_path = Path(tmp)
+        mlflow.log_params(result.params)
+        mlflow.set_tags(
+            {
+                "records_sha256": result.digests["records_sha256"],
+                "log_sha256": result.digests["log_sha256"],
+                "code_version": _git_commit(),
+                "pipeline_version": __version__,
+                "dedupe_version": _version("dedupe"),
+                "sklearn_version": _version("scikit-learn"),
+                "mlflow_version": _version("mlflow"),
+                "python_version": platform.python_version(),
+            }
+        )
+        mlflow.log_metrics({f"size_{k}": float(v) for k, v in result.sizes.items()})
+        mlflow.log_metrics({f"seconds_{k}": float(v) for k, v in result.durations.items()})
+        mlflow.log_metrics(result.bundle.metrics)
+        _log_inputs(mlflow, config, records_path, log_path, result.digests)
+
+        report = tmp_path / "report"
+        report.mkdir()
+        plots.write_evaluation_plots(result.evaluation, report)
+        result.evaluation.per_field.to_csv(report / "per_field.csv", index=False)
+        (report / "evaluation.json").write_text(
+            json.dumps(
+                {"metrics": result.bundle.metrics, "sizes": result.sizes, "durations": result.durations},
+                indent=2,
+                sort_keys=True,
+            ),
+            encoding="utf-8",
+        )
+        mlflow.log_artifacts(str(report), artifact_path="evaluation")
+
+        bundle_dir = result.bundle.save(tmp_path / "bundle")
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=_pyfunc_class()(),
+            artifacts={"bundle": str(bundle_dir)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=_signature(config),
+            pip_requirements=requirements(),
+            registered_model_name=config.name,
+        )
+    version = str(info.registered_model_version)
+    aliases = _set_initial_aliases(config.name, version, uri)
+    return RegisteredRun(run.info.run_id, experiment_id, config.name, version, aliases, uri)
+
+
+def _log_inputs(mlflow: Any, config: Any, records_path: Path, log_path: Path, digests: dict[str, str]) -> None:
+    """Records the inputs with `mlflow.data`: name, digest and schema only, never rows."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, Schema
+
+    for path, digest, columns, context in (
+        (records_path, digests["records_sha256"], config.required_columns(), "training"),
+        (log_path, digests["log_sha256"], list(s.LOG_COLUMNS), "labels"),
+    ):
+        dataset = MetaDataset(
+            source=_LocalSource(str(Path(path).name)),
+            name=Path(path).name,
+            digest=digest[:32],
+            schema=Schema([ColSpec("string", name) for name in columns]),
+        )
+        mlflow.log_input(dataset, context=context)
+
+
+def _LocalSource(name: str) -> Any:  # noqa: N802
+    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+
+    class _Source(FileSystemDatasetSource):
+        def __init__(self, uri: str) -> None:
+            self._uri = uri
+
+        @property
+        def uri(self) -> str:
+            return self._uri
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "local"
+
+        def load(self, dst_path: str | None = None) -> str:  # pragma: no cover - never loaded back
+            return self._uri
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> _Source:
+            return cls(str(raw_source))
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"uri": self._uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[Any, Any]) -> _Source:
+            return cls(source_dict["uri"])
+
+    return _Source(name)
+
+
+def _set_initial_aliases(name: str, version: str, uri: str) -> list[str]:
+    client = _client(uri)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    aliases = [CHALLENGER]
+    if _alias_version(client, name, CHAMPION) is None:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        aliases.append(CHAMPION)
+    return aliases
+
+
+def _client(uri: str | None) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(uri))
+
+
+def _alias_version(client: Any, name: str, alias: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_bundle(model: str, *, uri: str | None = None, with_holdout: bool = False) -> ModelBundle:
+    """Loads a model given as a local folder (from `export`), `models:/NAME@alias`, `models:/NAME/3` or
+    `runs:/RUN_ID/model`. Raises `ModelLoadError` with one clear line when it cannot."""
+    local = Path(model)
+    if not model.startswith(("models:/", "runs:/")):
+        if not local.exists():
+            raise ModelLoadError(
+                f"{model}: no such model folder; give an exported folder, models:/NAME@champion or runs:/ID/model"
+            )
+        bundle = ModelBundle.load(find_bundle(local), with_holdout=with_holdout)
+        info_path = local / "model_info.json"
+        bundle.source = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
+        bundle.source.setdefault("uri", str(local))
+        return bundle
+    source = _resolve_uri(model, uri)
+    with tempfile.TemporaryDirectory(prefix="pipeline-model-") as tmp:
+        folder = _download(model, source["download_uri"], uri, Path(tmp))
+        bundle = ModelBundle.load(find_bundle(folder), with_holdout=with_holdout)
+    bundle.source = source
+    return bundle
+
+
+def _resolve_uri(model: str, uri: str | None) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    store = tracking_uri(uri)
+    try:
+        if model.startswith("runs:/"):
+            run_id = model.removeprefix("runs:/").split("/", 1)[0]
+            client.get_run(run_id)
+            return {"uri": model, "name": "", "version": "", "run_id": run_id, "download_uri": model}
+        rest = model.removeprefix("models:/")
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif "/" in rest:
+            name, number = rest.split("/", 1)
+            version = client.get_model_version(name, number)
+        else:
+            raise ModelLoadError(f"{model}: say which version, e.g. models:/{rest}@champion or models:/{rest}/1")
+    except MlflowException as exc:
+        raise ModelLoadError(f"{model}: not found in tracking store {store} ({exc.error_code})") from None
+    return {
+        "uri": model,
+        "name": version.name,
+        "version": str(version.version),
+        "run_id": version.run_id or "",
+        "download_uri": f"models:/{version.name}/{version.version}",
+    }
+
+
+def _download(model: str, download_uri: str, uri: str | None, dst: Path) -> Path:
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(dst),
+                                                         tracking_uri=tracking_uri(uri)))
+    except (MlflowException, OSError) as exc:
+        raise ModelLoadError(f"{model}: cannot download the model ({exc.__class__.__name__})") from None
+
+
+# ------------------------------------------------------------------------------------- promote and export
+
+
+@dataclass
+class PromotionDecision:
+    promoted: bool
+    reason: str
+    challenger: dict[str, Any]
+    champion: dict[str, Any] | None
+    table: pd.DataFrame
+
+
+def promote(name: str, *, uri: str | None = None, dry_run: bool = False) -> PromotionDecision:
+    """Re-evaluates challenger and champion on the challenger's held-out period and moves `champion`
+    when the challenger is at least as good: its mean F1 over duplicates, error detection and
+    corrections is not lower, and it loses no more than PROMOTION_TOLERANCE on any one of them."""
+    from pipeline.evaluate import evaluate_bundle
+
+    client = _client(uri)
+    challenger_version = _alias_version(client, name, CHALLENGER)
+    if challenger_version is None:
+        raise BadInputError(f"model {name!r} has no `{CHALLENGER}` version in {tracking_uri(uri)}; run train first")
+    champion_version = _alias_version(client, name, CHAMPION)
+    challenger = load_bundle(f"models:/{name}@{CHALLENGER}", uri=uri, with_holdout=True)
+    if challenger.holdout is None:
+        raise ModelLoadError(f"models:/{name}@{CHALLENGER}: has no held-out data to compare on; retrain it")
+    new = evaluate_bundle(challenger, challenger.holdout).metrics
+    old = None
+    if champion_version is not None and champion_version.version != challenger_version.version:
+        champion = load_bundle(f"models:/{name}@{CHAMPION}", uri=uri)
+        old = evaluate_bundle(champion, challenger.holdout).metrics
+    rows = [
+        {"metric": key, "champion": (old or {}).get(key, float("nan")), "challenger": new[key]}
+        for key in (*PROMOTION_METRICS, "test_duplicate_precision", "test_error_precision", "test_minutes_saved")
+    ]
+    table = pd.DataFrame(rows)
+    if champion_version is None:
+        promoted, reason = True, "there is no champion yet"
+    elif old is None:
+        promoted, reason = False, f"version {challenger_version.version} is already the champion"
+    else:
+        mean_new = sum(new[k] for k in PROMOTION_METRICS) / len(PROMOTION_METRICS)
+        mean_old = sum(old[k] for k in PROMOTION_METRICS) / len(PROMOTION_METRICS)
+        worst = min(new[k] - old[k] for k in PROMOTION_METRICS)
+        if mean_new >= mean_old and worst >= -PROMOTION_TOLERANCE:
+            promoted = True
+            reason = f"challenger mean F1 {mean_new:.4f} >= champion {mean_old:.4f}, no task worse by > {PROMOTION_TOLERANCE}"
+        elif mean_new < mean_old:
+            promoted, reason = False, f"challenger mean F1 {mean_new:.4f} < champion {mean_old:.4f}"
+        else:
+            promoted = False
+            reason = f"challenger loses {-worst:.4f} F1 on one task (tolerance {PROMOTION_TOLERANCE})"
+    if not dry_run and (old is not None or champion_version is None):
+        version = challenger_version.version
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        client.set_model_version_tag(name, version, "promotion.decision", "promoted" if promoted else "rejected")
+        client.set_model_version_tag(name, version, "promotion.reason", reason)
+        client.set_model_version_tag(name, version, "promotion.at", stamp)
+        if champion_version is not None:
+            client.set_model_version_tag(name, version, "promotion.compared_with", str(champion_version.version))
+        if promoted:
+            client.set_registered_model_alias(name, CHAMPION, version)
+    return PromotionDecision(
+        promoted=promoted,
+        reason=reason,
+        challenger={"version": challenger_version.version, "run_id": challenger_version.run_id},
+        champion=None
+        if champion_version is None
+        else {"version": champion_version.version, "run_id": champion_version.run_id},
+        table=table,
+    )
+
+
+def export(model: str, to: Path, *, uri: str | None = None, overwrite: bool = False) -> Path:
+    """Writes a self-contained MLflow model folder (MLmodel, code, bundle) plus `model_info.json`."""
+    to = Path(to)
+    if to.exists() and not overwrite:
+        raise BadInputError(f"{to}: exists already; choose another folder or pass --overwrite")
+    if model.startswith(("models:/", "runs:/")):
+        source = _resolve_uri(model, uri)
+    else:
+        raise BadInputError(f"{model}: export takes a registry URI (models:/NAME@champion or runs:/ID/model)")
+    to.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{to.name}.partial-", dir=to.parent))
+    try:
+        folder = _download(model, source["download_uri"], uri, staging)
+        if not (folder / "MLmodel").exists():
+            raise ModelLoadError(f"{model}: the downloaded artifact is not an MLflow model")
+        ModelBundle.load(find_bundle(folder))  # fails now, not at scoring time
+        info = {k: v for k, v in source.items() if k != "download_uri"}
+        info["exported_from"] = tracking_uri(uri)
+        (folder / "model_info.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+        if to.exists():
+            shutil.rmtree(to)
+        folder.rename(to)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return to

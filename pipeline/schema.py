@@ -1,0 +1,87 @@
+"""The contract's vocabulary: column names, actions, flag kinds and field types.
+
+Every string that appears in the contract (`../shared/CONTRACT.md`) lives here, so a rename is one edit
+and no module spells a column by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+# Corrections log (contract section 1).
+LOG_RECORD_ID: Final = "record_id"
+LOG_ACTION: Final = "action"
+LOG_FIELD: Final = "field"
+LOG_OLD_VALUE: Final = "old_value"
+LOG_NEW_VALUE: Final = "new_value"
+LOG_MERGED_INTO: Final = "merged_into"
+LOG_CORRECTED_AT: Final = "corrected_at"
+LOG_COLUMNS: Final = (
+    LOG_RECORD_ID,
+    LOG_ACTION,
+    LOG_FIELD,
+    LOG_OLD_VALUE,
+    LOG_NEW_VALUE,
+    LOG_MERGED_INTO,
+    LOG_CORRECTED_AT,
+)
+LOG_REQUIRED_COLUMNS: Final = (LOG_RECORD_ID, LOG_ACTION)
+
+ACTION_EDIT: Final = "edit"
+ACTION_MERGE: Final = "merge"
+ACTION_CONFIRM: Final = "confirm"
+ACTIONS: Final = (ACTION_EDIT, ACTION_MERGE, ACTION_CONFIRM)
+
+# Output of `score` (contract section 3).
+DUPLICATE_OF: Final = "duplicate_of"
+DUPLICATE_SCORE: Final = "duplicate_score"
+CLUSTER_ID: Final = "cluster_id"
+ERROR_FIELDS: Final = "error_fields"
+ERROR_SCORE: Final = "error_score"
+ANOMALY_SCORE: Final = "anomaly_score"
+NEEDS_REVIEW: Final = "needs_review"
+RECORD_COLUMNS: Final = (
+    DUPLICATE_OF,
+    DUPLICATE_SCORE,
+    CLUSTER_ID,
+    ERROR_FIELDS,
+    ERROR_SCORE,
+    ANOMALY_SCORE,
+    NEEDS_REVIEW,
+)
+ERROR_FIELD_SEPARATOR: Final = ";"
+
+FLAG_RECORD_ID: Final = "record_id"
+FLAG_KIND: Final = "kind"
+FLAG_FIELD: Final = "field"
+FLAG_VALUE: Final = "value"
+FLAG_SUGGESTION: Final = "suggestion"
+FLAG_MATCH_ID: Final = "match_id"
+FLAG_SCORE: Final = "score"
+FLAG_REASON: Final = "reason"
+FLAG_COLUMNS: Final = (
+    FLAG_RECORD_ID,
+    FLAG_KIND,
+    FLAG_FIELD,
+    FLAG_VALUE,
+    FLAG_SUGGESTION,
+    FLAG_MATCH_ID,
+    FLAG_SCORE,
+    FLAG_REASON,
+)
+
+KIND_DUPLICATE: Final = "duplicate"
+KIND_ERROR: Final = "error"
+KIND_ANOMALY: Final = "anomaly"
+KINDS: Final = (KIND_DUPLICATE, KIND_ERROR, KIND_ANOMALY)
+
+RECORDS_FILE: Final = "records.csv"
+FLAGS_FILE: Final = "flags.csv"
+SUMMARY_FILE: Final = "summary.json"
+REPORT_FILE: Final = "report.html"
+
+FieldTypeName = Literal["text", "code", "category", "number", "date"]
+FIELD_TYPES: Final = ("text", "code", "category", "number", "date")
+
+# Missing values are empty strings everywhere inside the package: every cell is read as text.
+MISSING: Final = ""

@@ -1,0 +1,303 @@
+"""Scoring: the pure chunk scorer, and the batch job that streams a file through it.
+
+`score_chunk` is the core: one pandas chunk and the loaded model in, the contract's record columns and the
+chunk's flags out. The same function serves the in-process batch job below, the MLflow pyfunc model and a
+Spark `mapInPandas`. The only state it touches is the duplicate matcher's index, which grows by each
+chunk so duplicates are found across chunk borders.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import schema as s
+from pipeline.bundle import ModelBundle
+from pipeline.exceptions import OutputError
+from pipeline.ingest import (
+    DEFAULT_CHUNK_ROWS,
+    check_unique_ids,
+    file_digest,
+    iter_table,
+    read_table,
+    require_columns,
+)
+
+logger = logging.getLogger(__name__)
+
+SCORE_COLUMNS = (s.DUPLICATE_SCORE, s.ERROR_SCORE, s.ANOMALY_SCORE)
+HISTOGRAM_BINS = 20
+FLAG_KIND_ORDER = {s.KIND_DUPLICATE: 0, s.KIND_ERROR: 1, s.KIND_ANOMALY: 2}
+
+
+@dataclass
+class ChunkResult:
+    """The record columns (same index as the chunk) and the flags (with the chunk's row label in `_row`)."""
+
+    columns: pd.DataFrame
+    flags: pd.DataFrame
+
+
+def fmt_score(values: pd.Series | np.ndarray) -> np.ndarray:
+    """Scores as text with four decimals, clipped to 0..1, so outputs are stable byte for byte."""
+    return np.char.mod("%.4f", np.clip(np.asarray(values, dtype=float), 0.0, 1.0)).astype(object)
+
+
+def score_chunk(chunk: pd.DataFrame, bundle: ModelBundle, matcher: Any) -> ChunkResult:
+    """Scores one chunk of a batch (text cells, "" = missing) with a loaded model.
+
+    `matcher` is `bundle.duplicates.matcher(reference)`; it remembers the chunk afterwards so the next
+    chunk is compared with this one too.
+    """
+    config = bundle.config
+    id_column = config.id_column
+    links = matcher.match(chunk)
+    matched = _matched_values(chunk, links, matcher, config.check_fields)
+    cell_flags = bundle.errors.detect(chunk, matched)
+    anomalies = bundle.anomalies.score(chunk)
+
+    error_fields = pd.Series(s.MISSING, index=chunk.index, dtype=object)
+    error_score = pd.Series(0.0, index=chunk.index)
+    if len(cell_flags):
+        by_row = cell_flags.groupby("row", sort=False)
+        error_fields.loc[by_row.groups.keys()] = by_row["field"].agg(s.ERROR_FIELD_SEPARATOR.join)
+        error_score.loc[by_row.groups.keys()] = by_row["score"].max()
+    # The error score is the highest cell score even below the flag threshold, so a clerk can sort by it.
+    cell_scores = bundle.errors.cell_scores(chunk)
+    if cell_scores.shape[1]:
+        error_score = np.maximum(error_score, cell_scores.max(axis=1))
+
+    is_duplicate = links[s.DUPLICATE_OF] != s.MISSING
+    needs_review = is_duplicate | (error_fields != s.MISSING) | anomalies["flagged"].astype(bool)
+    columns = pd.DataFrame(
+        {
+            s.DUPLICATE_OF: links[s.DUPLICATE_OF].to_numpy(),
+            s.DUPLICATE_SCORE: fmt_score(links[s.DUPLICATE_SCORE]),
+            s.CLUSTER_ID: links[s.CLUSTER_ID].to_numpy(),
+            s.ERROR_FIELDS: error_fields.to_numpy(),
+            s.ERROR_SCORE: fmt_score(error_score),
+            s.ANOMALY_SCORE: fmt_score(anomalies[s.ANOMALY_SCORE]),
+            s.NEEDS_REVIEW: np.where(needs_review, "true", "false").astype(object),
+        },
+        index=chunk.index,
+    )
+
+    ids = chunk[id_column]
+    duplicate_flags = pd.DataFrame(
+        {
+            "_row": chunk.index[is_duplicate],
+            s.FLAG_RECORD_ID: ids[is_duplicate].to_numpy(),
+            s.FLAG_KIND: s.KIND_DUPLICATE,
+            s.FLAG_FIELD: s.MISSING,
+            s.FLAG_VALUE: s.MISSING,
+            s.FLAG_SUGGESTION: s.MISSING,
+            s.FLAG_MATCH_ID: links.loc[is_duplicate, s.DUPLICATE_OF].to_numpy(),
+            s.FLAG_SCORE: links.loc[is_duplicate, s.DUPLICATE_SCORE].to_numpy(dtype=float),
+            s.FLAG_REASON: links.loc[is_duplicate, "reason"].to_numpy(),
+        }
+    )
+    error_flags = pd.DataFrame(
+        {
+            "_row": cell_flags["row"].to_numpy(),
+            s.FLAG_RECORD_ID: ids.loc[cell_flags["row"]].to_numpy(),
+            s.FLAG_KIND: s.KIND_ERROR,
+            s.FLAG_FIELD: cell_flags["field"].to_numpy(),
+            s.FLAG_VALUE: cell_flags["value"].to_numpy(),
+            s.FLAG_SUGGESTION: cell_flags["suggestion"].to_numpy(),
+            s.FLAG_MATCH_ID: s.MISSING,
+            s.FLAG_SCORE: cell_flags["score"].to_numpy(dtype=float),
+            s.FLAG_REASON: cell_flags["reason"].to_numpy(),
+        }
+    )
+    flagged = anomalies["flagged"].astype(bool)
+    anomaly_flags = pd.DataFrame(
+        {
+            "_row": chunk.index[flagged],
+            s.FLAG_RECORD_ID: ids[flagged].to_numpy(),
+            s.FLAG_KIND: s.KIND_ANOMALY,
+            s.FLAG_FIELD: s.MISSING,
+            s.FLAG_VALUE: s.MISSING,
+            s.FLAG_SUGGESTION: s.MISSING,
+            s.FLAG_MATCH_ID: s.MISSING,
+            s.FLAG_SCORE: anomalies.loc[flagged, s.ANOMALY_SCORE].to_numpy(dtype=float),
+            s.FLAG_REASON: anomalies.loc[flagged, "reason"].to_numpy(),
+        }
+    )
+    parts = [frame for frame in (duplicate_flags, error_flags, anomaly_flags) if len(frame)]
+    flags = pd.concat(parts, ignore_index=True) if parts else _empty_flags()
+    return ChunkResult(columns=columns, flags=flags)
+
+
+def _empty_flags() -> pd.DataFrame:
+    return pd.DataFrame({name: pd.Series(dtype=object) for name in ("_row", *s.FLAG_COLUMNS)})
+
+
+def _matched_values(
+    chunk: pd.DataFrame, links: pd.DataFrame, matcher: Any, fields: list[str]
+) -> pd.DataFrame | None:
+    """The field values of the record each row duplicates ("" where none), for the error model."""
+    has_match = links[s.DUPLICATE_OF] != s.MISSING
+    if not has_match.any():
+        return None
+    matched = pd.DataFrame(s.MISSING, index=chunk.index, columns=fields, dtype=object)
+    for row, match_id in links.loc[has_match, s.DUPLICATE_OF].items():
+        record = matcher.record(match_id) or {}
+        for name in fields:
+            matched.at[row, name] = record.get(name, s.MISSING)
+    return matched
+
+
+def score_frame(frame: pd.DataFrame, bundle: ModelBundle, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Scores a whole in-memory batch: the input columns followed by the contract's record columns."""
+    matcher = bundle.duplicates.matcher(reference)
+    result = score_chunk(frame, bundle, matcher)
+    return pd.concat([frame, result.columns], axis=1)
+
+
+def sort_flags(flags: pd.DataFrame) -> pd.DataFrame:
+    """Highest score first; ties by input row, then kind and field, so reruns are byte-identical."""
+    if flags.empty:
+        return flags
+    flags = flags.assign(_kind=flags[s.FLAG_KIND].map(FLAG_KIND_ORDER))
+    flags = flags.sort_values(
+        [s.FLAG_SCORE, "_row", "_kind", s.FLAG_FIELD], ascending=[False, True, True, True], kind="stable"
+    )
+    return flags.drop(columns="_kind").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------- batch job
+
+
+def prepare_output(output: Path, *, overwrite: bool) -> Path:
+    """Checks the output folder can be written and returns a fresh temporary folder beside it."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise OutputError(f"{output}: output folder exists already; choose another or pass --overwrite")
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"{output}: exists and is not a folder")
+    parent = output.parent if str(output.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write here ({exc.strerror})") from None
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Moves the finished staging folder into place; an old folder (with --overwrite) goes only after."""
+    output = Path(output)
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+    staging.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_batch(
+    bundle: ModelBundle,
+    input_path: Path,
+    output: Path,
+    *,
+    reference_path: Path | None = None,
+    overwrite: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    output_format: str = "csv",
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Scores a batch file into `output` (records, flags, summary), atomically. Returns the summary."""
+    from pipeline.report import build_summary, write_report
+
+    started = time.perf_counter()
+    config = bundle.config
+    staging = prepare_output(output, overwrite=overwrite)
+    try:
+        reference = None
+        if reference_path is not None:
+            reference = read_table(reference_path)
+            require_columns(reference, config.required_columns(), source=reference_path, what="configured")
+            check_unique_ids(reference[config.id_column], source=reference_path, id_column=config.id_column)
+        matcher = bundle.duplicates.matcher(reference)
+        reference_ids = set(reference[config.id_column]) if reference is not None else set()
+
+        seen_ids: set[str] = set()
+        all_flags: list[pd.DataFrame] = []
+        rows = 0
+        columns: list[str] | None = None
+        histograms = {name: np.zeros(HISTOGRAM_BINS, dtype=int) for name in SCORE_COLUMNS}
+        records_path = staging / s.RECORDS_FILE
+        with open(records_path, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            for chunk in iter_table(input_path, chunk_rows=chunk_rows):
+                if columns is None:
+                    columns = list(chunk.columns)
+                    required = [config.id_column, *config.fields]
+                    require_columns(chunk, required, source=input_path, what="configured")
+                    for name in s.RECORD_COLUMNS:
+                        if name in columns:
+                            raise OutputError(f"{input_path}: input already has an output column {name!r}")
+                    writer.writerow([*columns, *s.RECORD_COLUMNS])
+                check_unique_ids(
+                    chunk[config.id_column],
+                    source=input_path,
+                    id_column=config.id_column,
+                    seen=seen_ids | reference_ids if reference_ids else seen_ids,
+                )
+                seen_ids.update(chunk[config.id_column])
+                if len(chunk):
+                    result = score_chunk(chunk, bundle, matcher)
+                    out = pd.concat([chunk, result.columns], axis=1)
+                    writer.writerows(out.itertuples(index=False, name=None))
+                    all_flags.append(result.flags)
+                    for name in SCORE_COLUMNS:
+                        values = result.columns[name].to_numpy(dtype=float)
+                        histograms[name] += np.histogram(values, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
+                rows += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+                logger.info("scored %d rows", rows)
+        flags = sort_flags(pd.concat(all_flags, ignore_index=True)) if all_flags else _empty_flags()
+        _write_flags(flags, staging, output_format)
+        if output_format == "parquet":
+            pd.read_csv(records_path, dtype=str, keep_default_na=False).to_parquet(
+                staging / "records.parquet", index=False
+            )
+        summary = build_summary(
+            bundle,
+            flags=flags,
+            rows=rows,
+            input_path=input_path,
+            input_digest=file_digest(input_path),
+            reference_rows=len(reference_ids),
+            seconds=time.perf_counter() - started,
+        )
+        write_report(summary, flags, histograms, staging)
+        publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary
+
+
+def _write_flags(flags: pd.DataFrame, folder: Path, output_format: str) -> None:
+    out = flags.drop(columns="_row").copy()
+    out[s.FLAG_SCORE] = fmt_score(out[s.FLAG_SCORE]) if len(out) else out[s.FLAG_SCORE]
+    out = out[list(s.FLAG_COLUMNS)]
+    with open(folder / s.FLAGS_FILE, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(s.FLAG_COLUMNS)
+        writer.writerows(out.itertuples(index=False, name=None))
+    if output_format == "parquet":
+        out.to_parquet(folder / "flags.parquet", index=False)
