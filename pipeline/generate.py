@@ -21,13 +21,14 @@ How the data is made:
    agree, and per customer a typical order size and VAT rate. A few customers place most orders (Zipf).
 2. True orders per segment (history, then batch), spread over working hours; about 3.5% of the rows are
    re-registrations of an earlier order, a few minutes to a few days later.
-3. Entry errors per cell, each kind with its own small rate (`ERROR_KINDS`); duplicates are entered more
-   sloppily (`DUPLICATE_SLIPS`). Together about 10% of records carry at least one error.
+3. Entry errors per cell, each kind with its own small rate (`ERROR_RATES`); duplicates are entered more
+   sloppily (`DUPLICATE_SLIP_WEIGHTS`). Together about 10% of records carry at least one error.
 4. Staff find each error and each duplicate of the history independently with probability 85%, within
    14 days of entry.
 
 Everything is drawn from `numpy.random.default_rng(seed)`: the same arguments give byte-identical files, and
-the history does not depend on the batch size. Rows are held as numeric arrays and turned into text in
+the history does not depend on the batch size (unless the batch is so large that a year holds a million
+orders: then every order number gets a seventh digit). Rows are held as numeric arrays and turned into text in
 chunks while writing, so a batch of a million rows fits in a few hundred megabytes.
 
 Example::
@@ -45,15 +46,17 @@ import math
 import time
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import numpy as np
 
 from pipeline import schema as s
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # --- The data set's shape --------------------------------------------------------------------------------
 
@@ -199,7 +202,7 @@ ASCII_LETTERS: Final = str.maketrans({"ı": "i", "ş": "s", "ğ": "g", "ß": "ss
 
 PERSON_SHARE: Final = 0.25
 BUSINESS_MOBILE_SHARE: Final = 0.2  # companies that gave a mobile number; private customers always do
-ZIPF_EXPONENT: Final = 1.05  # customer k (by size) places orders in proportion to 1 / k**ZIPF_EXPONENT
+ZIPF_EXPONENT: Final = 0.8  # customer k (by size) places orders in proportion to 1 / k**ZIPF_EXPONENT
 TYPICAL_AMOUNT: Final = 350.0  # euros; each customer's typical order size is lognormal around it
 TYPICAL_AMOUNT_SPREAD: Final = 1.0  # sigma of log(typical order size) between customers
 ORDER_AMOUNT_SPREAD: Final = 0.45  # sigma of log(amount) within a customer
@@ -236,7 +239,7 @@ DUPLICATE_RATE: Final = 0.035  # share of each segment's rows that re-register a
 DUPLICATE_SAME_DAY_SHARE: Final = 0.55  # the rest follow one to four working days later
 DUPLICATE_SAME_NUMBER_SHARE: Final = 0.4  # the rest got a new order number when registered again
 BATCH_DUPLICATE_OF_HISTORY_SHARE: Final = 0.35  # batch duplicates re-registering a history order
-RECENT_HISTORY_DAYS: Final = 30  # ... entered this many days before the batch starts
+RECENT_HISTORY_DAYS: Final = 14  # ... entered this many days before the batch starts
 # Each kind of entry error strikes a record with this probability; about 10% of records get at least one.
 ERROR_RATES: Final = {
     "missing customer code": 0.025,
@@ -250,6 +253,8 @@ ERROR_RATES: Final = {
     "date slip": 0.007,
     "wrong VAT rate": 0.004,
 }
+DECIMAL_SLIP_SHIFTS: Final = (1, 2, -1)  # the decimal point moved this many places to the right
+DECIMAL_SLIP_WEIGHTS: Final = (0.45, 0.35, 0.2)
 DUPLICATE_SLIP_RATE: Final = 0.5  # duplicates get one extra error this often, on top of ERROR_RATES
 # Which extra error; an order number slip only where the duplicate was meant to carry the original's number.
 DUPLICATE_SLIP_WEIGHTS: Final = {"missing customer code": 0.4, "name typo": 0.4, "order number slip": 0.2}
@@ -287,7 +292,8 @@ def generate(
 
     `customers` is the size of the customer table, `history` the number of history records (merged-away
     duplicates included), `batch` the number of new records to score (0 gives an empty batch). The same
-    arguments always give byte-identical files; the history does not depend on `batch`.
+    arguments always give byte-identical files; the history does not depend on `batch` (but see the module
+    docstring for huge batches).
 
     Raises ValueError when a size or the seed is out of range.
     """
@@ -298,8 +304,8 @@ def generate(
 
     table = _make_customers(customers, customer_rng)
     # The business ran before the history starts: the first year's numbering is well under way.
-    first_year = int(str(HISTORY_START)[:4])
-    next_number = {first_year - 1: round(history * PREVIOUS_YEAR_SHARE) + 1}
+    year_before = int(_years(HISTORY_START)) - 1
+    next_number = {year_before: round(history * PREVIOUS_YEAR_SHARE) + 1}
     history_orders = _make_segment(
         history_rng, history, table, HISTORY_START, HISTORY_WORKING_DAYS, _Orders.empty(), next_number
     )
@@ -416,7 +422,7 @@ def _make_customers(n: int, rng: np.random.Generator) -> _Customers:
     )
 
 
-def _pick(rng: np.random.Generator, options: Sequence[str], weights: Sequence[float] | None = None) -> str:
+def _pick(rng: np.random.Generator, options: Sequence[T], weights: Sequence[float] | None = None) -> T:
     """One of `options`, uniformly or by `weights`."""
     if weights is None:
         return options[int(rng.integers(len(options)))]
@@ -505,8 +511,10 @@ def _email(rng: np.random.Generator, name: str, person: bool) -> str:
         local = name.replace("Fam. ", "fam.").replace(". ", ".").lower()
         local = ".".join(_slug(part) for part in local.split(".") if part)
         return f"{local}@{_pick(rng, PRIVATE_EMAIL_DOMAINS)}"
-    for suffix in LEGAL_SUFFIXES[1:]:
-        name = name.removesuffix(suffix)
+    for suffix in sorted(LEGAL_SUFFIXES[1:], key=len, reverse=True):
+        if name.endswith(suffix):
+            name = name.removesuffix(suffix)
+            break
     return f"{_pick(rng, COMPANY_EMAIL_BOXES)}@{_slug(name)}.nl"
 
 
@@ -599,7 +607,7 @@ def _new_orders(
     rng: np.random.Generator, n: int, customers: _Customers, first_day: np.datetime64, working_days: int
 ) -> _Orders:
     """`n` original orders, sorted by entry time; their order numbers are filled in later."""
-    days = np.busday_offset(first_day, np.sort(rng.integers(0, working_days, n)), roll="forward")
+    days = np.busday_offset(first_day, rng.integers(0, working_days, n), roll="forward")
     minutes = rng.integers(WORK_START_MINUTE, WORK_END_MINUTE, n)
     entered = np.sort(days.astype("datetime64[m]") + minutes.astype("timedelta64[m]"))
     customer = rng.choice(len(customers), size=n, p=customers.order_weight)
@@ -634,13 +642,16 @@ def _re_registrations(
 
     `original` holds rows of `earlier`, or `len(earlier)` + a row of `new`.
     """
-    recent = np.flatnonzero(
-        (earlier.original < 0) & (earlier.entered >= first_day - np.timedelta64(RECENT_HISTORY_DAYS, "D"))
-    )
-    if len(recent) == 0 and len(earlier):
-        recent = np.flatnonzero(earlier.original < 0)[-50:]
-    of_earlier = rng.random(n) < BATCH_DUPLICATE_OF_HISTORY_SHARE if len(recent) else np.zeros(n, dtype=bool)
-    earlier_row = recent[rng.integers(0, max(len(recent), 1), n)] if len(recent) else np.zeros(n, dtype=int)
+    originals = np.flatnonzero(earlier.original < 0)
+    recent = originals[earlier.entered[originals] >= first_day - np.timedelta64(RECENT_HISTORY_DAYS, "D")]
+    if len(recent) == 0:
+        recent = originals[-50:]  # a quiet fortnight: the last orders before it
+    if len(recent):
+        of_earlier = rng.random(n) < BATCH_DUPLICATE_OF_HISTORY_SHARE
+        earlier_row = rng.choice(recent, size=n)
+    else:
+        of_earlier = np.zeros(n, dtype=bool)
+        earlier_row = np.zeros(n, dtype=np.int64)
     new_row = rng.integers(0, len(new), n)
     source = _Orders.concat(earlier, new)
     original = np.where(of_earlier, earlier_row, len(earlier) + new_row)
@@ -688,10 +699,15 @@ def _later_entry(rng: np.random.Generator, entered: np.ndarray) -> np.ndarray:
     return new_day.astype("datetime64[m]") + new_minute.astype("timedelta64[m]")
 
 
+def _years(dates: np.ndarray | np.datetime64) -> np.ndarray:
+    """The calendar years of datetime64 values, as integers."""
+    return np.asarray(dates).astype("datetime64[Y]").astype(np.int64) + 1970
+
+
 def _number_orders(orders: _Orders, earlier: _Orders, next_number: dict[int, int]) -> None:
     """Fills in order numbers in entry order, per year of the order date; duplicates may share one."""
     needs_number = (orders.original < 0) | ~orders.same_number
-    years = orders.order_date.astype("datetime64[Y]").astype(np.int64) + 1970
+    years = _years(orders.order_date)
     for year in np.unique(years[needs_number]).tolist():
         rows = np.flatnonzero(needs_number & (years == year))
         start = next_number.get(year, 1)
@@ -706,19 +722,19 @@ def _number_orders(orders: _Orders, earlier: _Orders, next_number: dict[int, int
 # --- Formatting ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class _View:
-    """Turns rows of orders into the text the CSV files hold (the true values)."""
+    """Turns rows of orders into the text the CSV files hold (the true values).
 
-    orders: _Orders
-    customers: _Customers
-    id_width: int = field(init=False)
-    number_width: int = field(init=False)
+    Record ids and order numbers are zero-padded to one width for the whole data set: 7 and 6 digits, or
+    more when there are that many.
+    """
 
-    def __post_init__(self) -> None:
-        largest_number = int(self.orders.order_number.max()) if len(self.orders) else 0
-        object.__setattr__(self, "id_width", max(7, len(str(len(self.orders)))))
-        object.__setattr__(self, "number_width", max(6, len(str(largest_number))))
+    def __init__(self, orders: _Orders, customers: _Customers) -> None:
+        self.orders = orders
+        self.customers = customers
+        largest_number = int(orders.order_number.max()) if len(orders) else 0
+        self.id_width = max(7, len(str(len(orders))))
+        self.number_width = max(6, len(str(largest_number)))
 
     def record_ids(self, rows: np.ndarray) -> list[str]:
         """Ids like R0000001, in entry order across the history and the batch."""
@@ -734,7 +750,7 @@ class _View:
         if name in _CUSTOMER_COLUMNS:
             return getattr(customers, _CUSTOMER_COLUMNS[name])[orders.customer[rows]].tolist()
         if name == "order_number":
-            years = (orders.order_date[rows].astype("datetime64[Y]").astype(np.int64) + 1970).tolist()
+            years = _years(orders.order_date[rows]).tolist()
             numbers = orders.order_number[rows].tolist()
             return [f"SO-{y}-{n:0{self.number_width}d}" for y, n in zip(years, numbers, strict=True)]
         if name == "order_date":
@@ -790,11 +806,10 @@ NEIGHBOUR_KEYS: Final = _neighbour_keys()
 
 def _typo(value: str, rng: np.random.Generator) -> str:
     """One slip of the finger on a letter: dropped, doubled, swapped with the next, or a neighbouring key."""
-    letters = [i for i, ch in enumerate(value) if ch.isalpha() and i > 0] or [
-        i for i, ch in enumerate(value) if ch.isalpha()
-    ]
+    letters = [i for i, ch in enumerate(value) if ch.isalpha()]
+    letters = [i for i in letters if i > 0] or letters  # the first letter is rarely mistyped
     if not letters:
-        return value + value[-1:] if value else "x"
+        return value + value[-1:]
     for _ in range(10):
         i = letters[int(rng.integers(len(letters)))]
         slip = int(rng.integers(4))
@@ -862,8 +877,8 @@ def _other_city(value: str, rng: np.random.Generator) -> str:
 def _decimal_slip(value: str, rng: np.random.Generator) -> str:
     """The decimal point typed in the wrong place: 125.00 becomes 1250.00, 12500.00 or 12.50."""
     cents = int(value.replace(".", ""))
-    factor = _pick(rng, ("10", "100", "0.1"), (0.45, 0.35, 0.2))
-    slipped = cents * 10 if factor == "10" else cents * 100 if factor == "100" else round(cents / 10)
+    shift = _pick(rng, DECIMAL_SLIP_SHIFTS, DECIMAL_SLIP_WEIGHTS)
+    slipped = cents * 10**shift if shift > 0 else round(cents / 10**-shift)
     return f"{slipped // 100}.{slipped % 100:02d}"
 
 
@@ -918,6 +933,7 @@ class _Cells:
     values: dict[str, list[str]]
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray, list[str]]]:
+        """(field, rows, typed values) per field, in `FIELDS` order: the order `found` flags follow."""
         for name in FIELDS:
             if name in self.rows:
                 yield name, self.rows[name], self.values[name]

@@ -8,6 +8,7 @@ are cast to text with Arrow. Both are read in chunks of rows so a batch of any s
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import logging
@@ -84,8 +85,8 @@ def _iter_csv(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
         reader = csv.reader(fh, strict=True)
         try:
             header = next(reader)
-        except UnicodeDecodeError as exc:
-            raise InputFileError(f"{path}: line 1 is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
         except csv.Error as exc:
             raise InputFileError(f"{path}: line 1: malformed CSV header ({exc})") from None
         _check_header(path, header)
@@ -97,11 +98,8 @@ def _iter_csv(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
                 row = next(reader)
             except StopIteration:
                 break
-            except UnicodeDecodeError as exc:
-                raise InputFileError(
-                    f"{path}: line {reader.line_num + 1} is not UTF-8 text ({exc.reason}); "
-                    "save the file as UTF-8"
-                ) from None
+            except UnicodeDecodeError:
+                raise _not_utf8(path) from None
             except csv.Error as exc:
                 raise InputFileError(f"{path}: line {reader.line_num}: malformed CSV ({exc})") from None
             if len(row) != width:
@@ -118,6 +116,27 @@ def _iter_csv(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
                 rows = []
         if rows or start == 0:
             yield _frame(rows, header, start)
+
+
+def _not_utf8(path: Path) -> InputFileError:
+    """The error for a file that is not UTF-8, naming the line of the first bad byte.
+
+    The text reader decodes ahead in blocks, so its position says nothing; the bytes are scanned again.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = newlines = 0
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                line = newlines + block.count(b"\n", 0, max(exc.start, 0)) + 1
+                return InputFileError(
+                    f"{path}: line {line} is not UTF-8 text (byte {offset + exc.start}); save the file as UTF-8"
+                )
+            offset += len(block)
+            newlines += block.count(b"\n")
+    return InputFileError(f"{path}: is not UTF-8 text; save the file as UTF-8")
 
 
 def _frame(rows: list[list[str]], header: list[str], start: int) -> pd.DataFrame:
