@@ -89,7 +89,8 @@ class ModelBundle:
         if meta.get("format") != BUNDLE_FORMAT:
             raise ModelLoadError(
                 f"{folder}: model format {meta.get('format')!r} was written by pipeline "
-                f"{meta.get('pipeline_version', '?')}; this is {__version__} (format {BUNDLE_FORMAT}); retrain it"
+                f"{meta.get('pipeline_version', '?')}; this is {__version__} "
+                f"(format {BUNDLE_FORMAT}); retrain it"
             )
         holdout = None
         if with_holdout and (folder / "holdout").is_dir():

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,27 +39,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlruns)")
+    common.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlruns)"
+    )
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", parents=[common], help="learn the models from a history and its corrections log")
+    p = sub.add_parser(
+        "train", parents=[common], help="learn the models from a history and its corrections log"
+    )
     p.add_argument("--config", required=True, type=Path)
     p.add_argument("--records", required=True, type=Path)
     p.add_argument("--corrections", required=True, type=Path)
 
     p = sub.add_parser("score", parents=[common], help="flag duplicates and errors in a batch")
-    p.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/3, runs:/ID/model or a folder")
+    p.add_argument(
+        "--model", required=True, help="models:/NAME@champion, models:/NAME/3, runs:/ID/model or a folder"
+    )
     p.add_argument("--input", required=True, type=Path)
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--reference", type=Path, help="records to find duplicates against (e.g. the history)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--chunk-rows", type=int, default=50_000)
-    p.add_argument("--output-format", choices=("csv", "parquet"), default="csv",
-                   help="parquet writes records.parquet and flags.parquet beside the CSVs")
+    p.add_argument(
+        "--output-format",
+        choices=("csv", "parquet"),
+        default="csv",
+        help="parquet writes records.parquet and flags.parquet beside the CSVs",
+    )
 
-    p = sub.add_parser("promote", parents=[common], help="make the challenger champion if it is at least as good")
+    p = sub.add_parser(
+        "promote", parents=[common], help="make the challenger champion if it is at least as good"
+    )
     p.add_argument("--name", required=True)
     p.add_argument("--dry-run", action="store_true", help="compare and explain, change nothing")
 
@@ -84,15 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     for noisy in ("mlflow", "alembic", "urllib3", "dedupe", "matplotlib", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING if not args.verbose else logging.INFO)
+    # MLflow configures its own loggers when imported; these keep its chatter out of a clean stderr.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if args.verbose else "WARNING")
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    # A scheduler's polite stop unwinds like Ctrl-C, so temporary output is removed on the way out.
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return COMMANDS[args.command](args)
     except BadInputError as exc:
@@ -104,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an internal failure: one line, the traceback only when asked for
         if args.verbose:
             logger.exception("internal failure")
-        sys.stderr.write(f"internal error: {exc.__class__.__name__}: {exc} (rerun with --verbose for details)\n")
+        sys.stderr.write(
+            f"internal error: {exc.__class__.__name__}: {exc} (rerun with --verbose for details)\n"
+        )
         return EXIT_INTERNAL
 
 
@@ -132,15 +159,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _print_training(result: Any, run: Any, seconds: float) -> None:
     m = result.bundle.metrics
     sizes = result.split.sizes()
-    _out(f"trained {run.name} in {seconds:.1f} s on {sizes['train']} records; "
-         f"thresholds on {sizes['validation']}; evaluated on the latest {sizes['test']} (time split)")
+    _out(
+        f"trained {run.name} in {seconds:.1f} s on {sizes['train']} records; "
+        f"thresholds on {sizes['validation']}; evaluated on the latest {sizes['test']} (time split)"
+    )
     _out(f"{'held-out (test)':<22}{'precision':>10}{'recall':>10}{'F1':>10}{'AP':>10}")
-    for label, key in (("duplicates", "duplicate"), ("error detection", "error"), ("corrections", "correction")):
+    for label, key in (
+        ("duplicates", "duplicate"),
+        ("error detection", "error"),
+        ("corrections", "correction"),
+    ):
         ap = m.get(f"test_{key}_average_precision")
-        _out(f"{label:<22}{m[f'test_{key}_precision']:>10.3f}{m[f'test_{key}_recall']:>10.3f}"
-             f"{m[f'test_{key}_f1']:>10.3f}{'' if ap is None else f'{ap:10.3f}'}")
-    _out(f"anomaly flags: {int(m['test_anomaly_flags'])} (precision {m['test_anomaly_precision']:.3f}); "
-         f"estimated minutes saved on the held-out period: {m['test_minutes_saved']:.0f}")
+        _out(
+            f"{label:<22}{m[f'test_{key}_precision']:>10.3f}{m[f'test_{key}_recall']:>10.3f}"
+            f"{m[f'test_{key}_f1']:>10.3f}{'' if ap is None else f'{ap:10.3f}'}"
+        )
+    _out(
+        f"anomaly flags: {int(m['test_anomaly_flags'])} (precision {m['test_anomaly_precision']:.3f}); "
+        f"estimated minutes saved on the held-out period: {m['test_minutes_saved']:.0f}"
+    )
     _out(f"run id: {run.run_id}")
     _out(f"model version: {run.name} version {run.version} (aliases: {', '.join(run.aliases)})")
 
@@ -168,9 +205,12 @@ def cmd_score(args: argparse.Namespace) -> int:
             progress=bar,
         )
     flags = summary["flags"]
-    _out(f"scored {summary['input']['rows']} rows in {summary['seconds']:.1f} s: {flags['duplicate']} duplicate, "
-         f"{flags['error']} error and {flags['anomaly']} anomaly flags; "
-         f"about {summary['minutes_saved_estimate']:.0f} minutes of correction work saved")
+    _out(
+        f"scored {summary['input']['rows']} rows in {summary['seconds']:.1f} s: "
+        f"{flags['duplicate']} duplicate, "
+        f"{flags['error']} error and {flags['anomaly']} anomaly flags; "
+        f"about {summary['minutes_saved_estimate']:.0f} minutes of correction work saved"
+    )
     _out(f"results: {args.output}/ (records.csv, flags.csv, summary.json, report.html)")
     return EXIT_OK
 
@@ -201,8 +241,10 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
     decision = promote(args.name, uri=args.tracking_uri, dry_run=args.dry_run)
     champion = decision.champion["version"] if decision.champion else "none"
-    _out(f"challenger version {decision.challenger['version']} vs champion version {champion}, "
-         "on the challenger's held-out period:")
+    _out(
+        f"challenger version {decision.challenger['version']} vs champion version {champion}, "
+        "on the challenger's held-out period:"
+    )
     _out(decision.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     verb = "would move" if args.dry_run else "moved"
     if decision.promoted:
@@ -223,7 +265,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from pipeline.generate import generate
 
-    paths = generate(args.out, customers=args.customers, history=args.history, batch=args.batch, seed=args.seed)
+    paths = generate(
+        args.out, customers=args.customers, history=args.history, batch=args.batch, seed=args.seed
+    )
     _out(f"wrote demo data to {args.out}/: {', '.join(Path(p).name for p in vars(paths).values())}")
     return EXIT_OK
 
@@ -244,20 +288,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = train(config, paths.records, paths.corrections)
     run = log_training(result, records_path=paths.records, log_path=paths.corrections, uri=args.tracking_uri)
     _print_training(result, run, time.perf_counter() - started)
-    _out(f"3/3 scoring the new batch {paths.batch} against the history with models:/{config.name}/{run.version}")
+    _out(
+        f"3/3 scoring the new batch {paths.batch} against the history "
+        f"with models:/{config.name}/{run.version}"
+    )
     bundle = load_bundle(f"models:/{config.name}/{run.version}", uri=args.tracking_uri)
     with _progress(args, unit="rows") as bar:
-        summary = run_batch(bundle, paths.batch, args.output, reference_path=paths.records, overwrite=True,
-                            progress=bar)
+        summary = run_batch(
+            bundle, paths.batch, args.output, reference_path=paths.records, overwrite=True, progress=bar
+        )
     figures = evaluate_output(config, args.output, paths.batch, paths.batch_truth, paths.records)
-    _out(f"batch of {summary['input']['rows']} rows: {summary['flags']['total']} flags "
-         f"({summary['flags']['duplicate']} duplicate, {summary['flags']['error']} error, "
-         f"{summary['flags']['anomaly']} anomaly)")
-    _out("against the batch's ground truth: " + "; ".join(
-        f"{k} P {figures[f'batch_{k}_precision']:.3f} R {figures[f'batch_{k}_recall']:.3f} "
-        f"F1 {figures[f'batch_{k}_f1']:.3f}" for k in ("duplicate", "error", "correction")))
+    _out(
+        f"batch of {summary['input']['rows']} rows: {summary['flags']['total']} flags "
+        f"({summary['flags']['duplicate']} duplicate, {summary['flags']['error']} error, "
+        f"{summary['flags']['anomaly']} anomaly)"
+    )
+    _out(
+        "against the batch's ground truth: "
+        + "; ".join(
+            f"{k} P {figures[f'batch_{k}_precision']:.3f} R {figures[f'batch_{k}_recall']:.3f} "
+            f"F1 {figures[f'batch_{k}_f1']:.3f}"
+            for k in ("duplicate", "error", "correction")
+        )
+    )
     _out(f"review queue: {args.output / 'flags.csv'}   report: {args.output / 'report.html'}")
-    _out(f"all rows with their scores: {args.output / 'records.csv'}   summary: {args.output / 'summary.json'}")
+    _out(
+        f"all rows with their scores: {args.output / 'records.csv'}   summary: {args.output / 'summary.json'}"
+    )
     uri = tracking_uri(args.tracking_uri)
     _out(f"MLflow UI: python -m pipeline ui   (then open http://127.0.0.1:5000; store {uri})")
     _out(f"done in {time.perf_counter() - started:.0f} s")
@@ -270,8 +327,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from pipeline.registry import tracking_uri
 
     uri = tracking_uri(args.tracking_uri)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(args.port)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+    ]
     if uri.startswith("sqlite:///"):
         artifacts = Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
         command += ["--default-artifact-root", artifacts.resolve().as_uri()]

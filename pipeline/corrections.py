@@ -49,18 +49,23 @@ def validate_log(log: pd.DataFrame, *, source: str = "corrections log") -> pd.Da
     if len(unknown):
         row = unknown[0]
         raise CorrectionsLogError(
-            f"{source}: row {row + 1}: action {log.at[row, s.LOG_ACTION]!r} is not one of {', '.join(s.ACTIONS)}"
+            f"{source}: row {row + 1}: action {log.at[row, s.LOG_ACTION]!r} "
+            f"is not one of {', '.join(s.ACTIONS)}"
         )
     log[s.LOG_ACTION] = actions
     for action, column in ((s.ACTION_EDIT, s.LOG_FIELD), (s.ACTION_MERGE, s.LOG_MERGED_INTO)):
         lacking = log.index[(actions == action) & (log[column] == s.MISSING)]
         if len(lacking):
-            raise CorrectionsLogError(f"{source}: row {lacking[0] + 1}: `{action}` row has an empty {column!r}")
+            raise CorrectionsLogError(
+                f"{source}: row {lacking[0] + 1}: `{action}` row has an empty {column!r}"
+            )
     empty_id = log.index[log[s.LOG_RECORD_ID] == s.MISSING]
     if len(empty_id):
         raise CorrectionsLogError(f"{source}: row {empty_id[0] + 1}: empty record_id")
     if (log[s.LOG_CORRECTED_AT] != s.MISSING).any():
-        stamps = pd.to_datetime(log[s.LOG_CORRECTED_AT].replace(s.MISSING, None), errors="coerce", format="ISO8601")
+        stamps = pd.to_datetime(
+            log[s.LOG_CORRECTED_AT].replace(s.MISSING, None), errors="coerce", format="ISO8601"
+        )
         bad = log.index[stamps.isna() & (log[s.LOG_CORRECTED_AT] != s.MISSING)]
         if len(bad):
             row = bad[0]
@@ -128,7 +133,10 @@ def replay_backwards(
         edits_unknown_field=int((known_record & ~known_field).sum()),
         merges=len(merge_rows),
         merges_unknown_record=int(
-            (~merge_rows[s.LOG_RECORD_ID].isin(position.index) | ~merge_rows[s.LOG_MERGED_INTO].isin(position.index)).sum()
+            (
+                ~merge_rows[s.LOG_RECORD_ID].isin(position.index)
+                | ~merge_rows[s.LOG_MERGED_INTO].isin(position.index)
+            ).sum()
         ),
     )
     if stats.edits_unknown_record or stats.edits_unknown_field:

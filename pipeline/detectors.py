@@ -22,6 +22,7 @@ Everything is vectorised per column: values are parsed once per distinct value a
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -115,10 +116,13 @@ def shape_of(value: str) -> str:
     ('9999 AA', 'A-99999')
     """
     out = value.translate(_SHAPE_TABLE)
+    if out.isascii():
+        return out
     # Accented letters count as letters.
     return "".join(("A" if ch.isupper() else "a") if ch.isalpha() and ch not in "Aa" else ch for ch in out)
 
 
+@functools.lru_cache(maxsize=65536)
 def coarse_shape(shape: str) -> str:
     """A shape with runs collapsed, so lengths do not matter: `'9999 AA'` -> `'9 A'`."""
     return _RUNS.sub(r"\1", shape)
@@ -196,7 +200,9 @@ def _case_of(value: str) -> str:
 
 _IBAN = re.compile(r"^[A-Z]{2}\d{2}[A-Z0-9]{10,30}$")
 _EMAIL_LIKE = re.compile(r"@")
-_EMAIL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}$")
+_EMAIL = re.compile(
+    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}$"
+)
 
 
 def iban_valid(text: str) -> bool | None:
@@ -371,6 +377,27 @@ class FieldProfile:
     embeds_year: bool = False
 
     @property
+    def vocab(self) -> pd.Index:
+        """The field's known values, in a fixed order: value codes index into it."""
+        cached = self.__dict__.get("_vocab")
+        if cached is None:
+            cached = pd.Index(list(self.counts), dtype=object)
+            self.__dict__["_vocab"] = cached
+            self.__dict__["_count_array"] = np.fromiter(
+                self.counts.values(), dtype=float, count=len(self.counts)
+            )
+        return cached
+
+    def codes(self, values: np.ndarray) -> np.ndarray:
+        """Each value's position in `vocab` (-1 when unseen or missing)."""
+        return self.vocab.get_indexer(values)
+
+    def count_of(self, codes: np.ndarray) -> np.ndarray:
+        self.vocab  # noqa: B018 - builds the arrays
+        counts = self.__dict__["_count_array"]
+        return np.where(codes >= 0, counts[np.maximum(codes, 0)] if len(counts) else 0.0, 0.0)
+
+    @property
     def fill_rate(self) -> float:
         return self.filled / self.rows if self.rows else 0.0
 
@@ -389,6 +416,26 @@ class Dependency:
     implied: dict[str, str]
     support: dict[str, int]
     total: dict[str, int]
+    implied_code: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
+    weight: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+
+    def index(self, source_vocab: pd.Index, target_vocab: pd.Index) -> None:
+        """Aligns the mapping with the fields' vocabularies, for `lookup` on value codes."""
+        keys = source_vocab.to_numpy(dtype=object)
+        implied = np.array([self.implied.get(k, "") for k in keys], dtype=object)
+        codes = target_vocab.get_indexer(implied) if len(keys) else np.zeros(0, dtype=np.int64)
+        self.implied_code = np.where(implied == "", -1, codes).astype(np.int64)
+        support = np.array([self.support.get(k, 0) for k in keys], dtype=float)
+        total = np.array([self.total.get(k, 1) for k in keys], dtype=float)
+        self.weight = self.strength * (support / np.maximum(total, 1)) * np.log1p(support)
+
+    def lookup(self, source_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The implied target code (-1 unknown) and the evidence weight per source value code."""
+        has = source_codes >= 0
+        safe = np.where(has, source_codes, 0)
+        if not len(self.implied_code):
+            return np.full(len(source_codes), -1), np.zeros(len(source_codes))
+        return np.where(has, self.implied_code[safe], -1), np.where(has, self.weight[safe], 0.0)
 
 
 @dataclass
@@ -413,11 +460,17 @@ class Profile:
     rows: int
     by_target: dict[str, list[Dependency]] = field(default_factory=dict)
     by_source: dict[str, list[Dependency]] = field(default_factory=dict)
+    cache: dict = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict:
+        # The lookup cache is keyed by object ids, which do not survive pickling; it is rebuilt on use.
+        return {**self.__dict__, "cache": {}}
 
     def __post_init__(self) -> None:
         self.by_target = {}
         self.by_source = {}
         for dep in self.dependencies:
+            dep.index(self.fields[dep.source].vocab, self.fields[dep.target].vocab)
             self.by_target.setdefault(dep.target, []).append(dep)
             self.by_source.setdefault(dep.source, []).append(dep)
 
@@ -426,8 +479,9 @@ def entry_times(frame: pd.DataFrame, time_column: str | None) -> pd.Series | Non
     """The entry time as naive UTC timestamps, or None without a time column."""
     if not time_column or time_column not in frame.columns:
         return None
-    stamps = pd.to_datetime(text_column(frame, time_column).replace(s.MISSING, None), errors="coerce",
-                            format="ISO8601", utc=True)
+    stamps = pd.to_datetime(
+        text_column(frame, time_column).replace(s.MISSING, None), errors="coerce", format="ISO8601", utc=True
+    )
     return stamps.dt.tz_localize(None)
 
 
@@ -466,7 +520,9 @@ def profile_field(values: pd.Series, name: str, kind: str, times: pd.Series | No
         coarse_counts[c] = coarse_counts.get(c, 0) + n
     lengths = filled.str.len()
     cases = pd.Series({v: _case_of(v) for v in counts.index}, dtype=object)
-    case_totals = pd.Series(counts.to_numpy(), index=cases.reindex(counts.index).to_numpy()).groupby(level=0).sum()
+    case_totals = (
+        pd.Series(counts.to_numpy(), index=cases.reindex(counts.index).to_numpy()).groupby(level=0).sum()
+    )
     case = str(case_totals.idxmax()) if len(case_totals) else "none"
     case_share = float(case_totals.max() / case_totals.sum()) if len(case_totals) else 0.0
     schemes = []
@@ -485,7 +541,9 @@ def profile_field(values: pd.Series, name: str, kind: str, times: pd.Series | No
         counts={str(k): int(v) for k, v in counts.items()},
         shapes=shape_counts,
         coarse=coarse_counts,
-        shape_example={k: shape_example[k] for k in sorted(shape_counts, key=shape_counts.get, reverse=True)[:20]},
+        shape_example={
+            k: shape_example[k] for k in sorted(shape_counts, key=shape_counts.get, reverse=True)[:20]
+        },
         length_mean=float(lengths.mean()) if len(filled) else 0.0,
         length_std=float(lengths.std(ddof=0)) if len(filled) > 1 else 0.0,
         case=case,
@@ -641,6 +699,11 @@ class EditHistory:
     shape_errors: dict[str, dict[str, int]]
     shape_seen: dict[str, dict[str, int]]
     field_rate: dict[str, float]
+    cache: dict = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict:
+        # The lookup cache is keyed by object ids, which do not survive pickling; it is rebuilt on use.
+        return {**self.__dict__, "cache": {}}
 
     @classmethod
     def learn(cls, entered: pd.DataFrame, labels: pd.DataFrame, config: Config) -> EditHistory:
@@ -662,9 +725,11 @@ class EditHistory:
         return cls(value_errors, value_seen, shape_errors, shape_seen, field_rate)
 
 
-def _rate(keys: pd.Series, errors: dict[str, int], seen: dict[str, int], prior: float) -> pd.Series:
-    err = keys.map(errors).astype(float).fillna(0.0)
-    n = keys.map(seen).astype(float).fillna(0.0)
+def _rate(
+    cache: dict, keys: np.ndarray, errors: dict[str, int], seen: dict[str, int], prior: float
+) -> np.ndarray:
+    err = lookup(cache, errors, keys, 0.0)
+    n = lookup(cache, seen, keys, 0.0)
     return (err + prior * SMOOTHING) / (n + SMOOTHING)
 
 
@@ -672,22 +737,33 @@ def _rate(keys: pd.Series, errors: dict[str, int], seen: dict[str, int], prior: 
 # Features
 
 
-def _dependency_features(texts: pd.DataFrame, name: str, profile: Profile) -> dict[str, np.ndarray]:
-    n = len(texts)
-    values = texts[name]
+def lookup(cache: dict, mapping: dict, keys: np.ndarray, default: float = np.nan) -> np.ndarray:
+    """`mapping[key]` for each key as a float array (`default` where absent).
+
+    Looks up each distinct key once (a chunk repeats its values); `cache` is kept for callers that pass
+    one and is not needed any more.
+    """
+    if not len(mapping) or not len(keys):
+        return np.full(len(keys), default, dtype=float)
+    codes, uniques = pd.factorize(np.asarray(keys, dtype=object), use_na_sentinel=False)
+    get = mapping.get
+    values = np.fromiter((get(k, default) for k in uniques), dtype=float, count=len(uniques))
+    return values[codes]
+
+
+def _dependency_features(codes: dict[str, np.ndarray], name: str, profile: Profile) -> dict[str, np.ndarray]:
+    n = len(codes[name])
+    own = codes[name]
     known = np.zeros(n)
     agree = np.zeros(n)
     disagree = np.zeros(n)
     agree_w = np.zeros(n)
     disagree_w = np.zeros(n)
     for dep in profile.by_target.get(name, []):
-        src = texts[dep.source]
-        implied = src.map(dep.implied)
-        has = implied.notna().to_numpy() & (src != s.MISSING).to_numpy()
-        support = src.map(dep.support).astype(float).fillna(0).to_numpy()
-        total = src.map(dep.total).astype(float).fillna(1).to_numpy()
-        weight = dep.strength * (support / np.maximum(total, 1)) * np.log1p(support)
-        same = (implied == values).to_numpy()
+        src = codes[dep.source]
+        implied, weight = dep.lookup(src)
+        has = implied >= 0
+        same = implied == own
         known += has
         agree += has & same
         disagree += has & ~same
@@ -698,12 +774,9 @@ def _dependency_features(texts: pd.DataFrame, name: str, profile: Profile) -> di
     rev_disagree = np.zeros(n)
     rev_disagree_w = np.zeros(n)
     for dep in profile.by_source.get(name, []):
-        implied = values.map(dep.implied)
-        has = implied.notna().to_numpy() & (values != s.MISSING).to_numpy()
-        support = values.map(dep.support).astype(float).fillna(0).to_numpy()
-        total = values.map(dep.total).astype(float).fillna(1).to_numpy()
-        weight = dep.strength * (support / np.maximum(total, 1)) * np.log1p(support)
-        same = (implied == texts[dep.target]).to_numpy()
+        implied, weight = dep.lookup(own)
+        has = implied >= 0
+        same = implied == codes[dep.target]
         rev_known += has
         rev_agree += has & same
         rev_disagree += has & ~same
@@ -721,7 +794,9 @@ def _dependency_features(texts: pd.DataFrame, name: str, profile: Profile) -> di
     }
 
 
-def _number_features(texts: pd.DataFrame, name: str, fp: FieldProfile, group: NumberGroup | None) -> dict:
+def _number_features(
+    texts: pd.DataFrame, name: str, fp: FieldProfile, group: NumberGroup | None, cache: dict
+) -> dict:
     values = texts[name]
     numbers = _per_value(values, parse_number).astype(float).to_numpy()
     filled = (values != s.MISSING).to_numpy()
@@ -730,12 +805,14 @@ def _number_features(texts: pd.DataFrame, name: str, fp: FieldProfile, group: Nu
     out = {
         "number_unparsed": np.where(filled, np.isnan(numbers).astype(float), np.nan),
         "number_log": logs,
-        "number_z": (logs - fp.number_center) / fp.number_spread if math.isfinite(fp.number_spread) else logs * np.nan,
+        "number_z": (logs - fp.number_center) / fp.number_spread
+        if math.isfinite(fp.number_spread)
+        else logs * np.nan,
     }
     if group is not None:
-        keys = texts[group.group]
-        med = keys.map(group.medians).astype(float).to_numpy()
-        rows = keys.map(group.rows).astype(float).fillna(0).to_numpy()
+        keys = texts[group.group].to_numpy(dtype=object)
+        med = lookup(cache, group.medians, keys)
+        rows = lookup(cache, group.rows, keys, 0.0)
         ratio = logs - med
         out["group_log_ratio"] = ratio
         out["group_abs_log_ratio"] = np.abs(ratio)
@@ -775,11 +852,48 @@ def _date_features(texts: pd.DataFrame, name: str, fp: FieldProfile, times: pd.S
 def _checksum_feature(values: pd.Series, fp: FieldProfile) -> np.ndarray:
     result = np.full(len(values), np.nan)
     for scheme in fp.schemes:
-        verdict = _per_value(values, SCHEMES[scheme]).to_numpy()
-        applies = np.array([v is not None for v in verdict])
-        invalid = np.array([v is False for v in verdict], dtype=float)
+        verdict = _per_value(values, SCHEMES[scheme]).to_numpy(dtype=object)
+        applies = np.array([v is not None for v in verdict], dtype=bool)
+        invalid = np.array([v is not None and not v for v in verdict], dtype=float)
         result = np.where(applies, np.fmax(np.nan_to_num(result, nan=0.0), invalid), result)
     return result
+
+
+def record_year(texts: pd.DataFrame, profile: Profile, times: pd.Series | None) -> pd.Series:
+    """Each record's year from its first date field (else its entry time), NaN when unknown."""
+    for fp in profile.fields.values():
+        if fp.kind == "date" and fp.date_format and fp.name in texts.columns:
+            return parse_dates(texts[fp.name], fp.date_format).dt.year.astype(float)
+    if times is not None:
+        return times.dt.year.astype(float)
+    return pd.Series(np.nan, index=texts.index)
+
+
+def _sequence_features(
+    texts: pd.DataFrame,
+    name: str,
+    fp: FieldProfile,
+    profile: Profile,
+    times: pd.Series | None,
+    context: tuple[pd.DataFrame, pd.Series | None] | None,
+) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    values = texts[name]
+    if fp.sequence:
+        ctx_texts, ctx_times = context if context is not None else (texts, times)
+        expected, rows = sequence_expectation(ctx_texts[name], ctx_times)
+        numbers = _per_value(values, lambda v: p[1] if (p := split_running_number(v)) else math.nan).astype(
+            float
+        )
+        gap = np.abs(numbers.to_numpy() - expected.reindex(texts.index).to_numpy())
+        out["sequence_gap"] = np.log1p(gap)
+        out["sequence_rows"] = rows.reindex(texts.index).to_numpy(dtype=float)
+    if fp.embeds_year:
+        years = _per_value(values, embedded_year).astype(float).to_numpy()
+        expected_year = record_year(texts, profile, times).to_numpy()
+        known = np.isfinite(years) & np.isfinite(expected_year)
+        out["year_mismatch"] = np.where(known, (years != expected_year).astype(float), np.nan)
+    return out
 
 
 def field_features(
@@ -788,19 +902,33 @@ def field_features(
     profile: Profile,
     edits: EditHistory | None,
     times: pd.Series | None,
+    context: tuple[pd.DataFrame, pd.Series | None] | None = None,
+    codes: dict[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
-    """The feature frame (columns `FEATURES`) for one field of a chunk; `texts` holds the chunk's fields."""
+    """The feature frame (columns `FEATURES`) for one field of a chunk; `texts` holds the chunk's fields,
+    `codes` their value codes (`FieldProfile.codes`; computed when not given).
+
+    `context` (texts and entry times of a larger frame holding the chunk) is where running numbers find
+    their neighbours; by default the chunk itself.
+    """
     fp = profile.fields[name]
     values = texts[name]
+    keys = values.to_numpy(dtype=object)
     n = len(values)
-    missing = (values == s.MISSING).to_numpy()
-    counts = values.map(fp.counts).astype(float).fillna(0.0).to_numpy()
-    shapes = _per_value(values, shape_of)
-    coarse = _per_value(shapes, coarse_shape)
+    if codes is None:
+        codes = {f: profile.fields[f].codes(texts[f].to_numpy(dtype=object)) for f in texts.columns}
+    missing = keys == s.MISSING
+    counts = fp.count_of(codes[name])
+    uniques, inverse = np.unique(keys.astype(str), return_inverse=True)
+    shapes_u = np.array([shape_of(v) for v in uniques], dtype=object)
+    coarse_u = np.array([coarse_shape(v) for v in shapes_u], dtype=object)
+    cases_u = np.array([_case_of(v) for v in uniques], dtype=object)
+    odd_u = np.array([v != v.strip() or "  " in v for v in uniques], dtype=float)
+    shapes = shapes_u[inverse]
     filled_n = max(fp.filled, 1)
-    lengths = values.str.len().to_numpy(dtype=float)
-    cases = _per_value(values, _case_of)
-    stripped = _per_value(values, lambda v: v != v.strip() or "  " in v).to_numpy(dtype=float)
+    lengths = np.array([len(v) for v in uniques], dtype=float)[inverse]
+    cases = cases_u[inverse]
+    cache = profile.cache
     nan = np.full(n, np.nan)
 
     def unless_missing(array: np.ndarray) -> np.ndarray:
@@ -812,26 +940,32 @@ def field_features(
         "value_log_count": unless_missing(np.log1p(counts)),
         "value_share": unless_missing(counts / filled_n),
         "value_unseen": unless_missing((counts == 0).astype(float)),
-        "shape_share": unless_missing(shapes.map(fp.shapes).astype(float).fillna(0.0).to_numpy() / filled_n),
-        "coarse_shape_share": unless_missing(coarse.map(fp.coarse).astype(float).fillna(0.0).to_numpy() / filled_n),
+        "shape_share": unless_missing(lookup(cache, fp.shapes, shapes, 0.0) / filled_n),
+        "coarse_shape_share": unless_missing(lookup(cache, fp.coarse, coarse_u, 0.0)[inverse] / filled_n),
         "length_z": unless_missing((lengths - fp.length_mean) / max(fp.length_std, 1.0)),
-        "case_unusual": unless_missing(((cases != fp.case) & (cases != "none")).to_numpy(dtype=float) * fp.case_share),
-        "whitespace_odd": unless_missing(stripped),
+        "case_unusual": unless_missing(
+            ((cases != fp.case) & (cases != "none")).astype(float) * fp.case_share
+        ),
+        "whitespace_odd": unless_missing(odd_u[inverse]),
     }
-    out.update(_dependency_features(texts, name, profile))
+    out.update(_dependency_features(codes, name, profile))
     if fp.kind == "number":
-        out.update(_number_features(texts, name, fp, profile.groups.get(name)))
+        out.update(_number_features(texts, name, fp, profile.groups.get(name), cache))
     if fp.kind == "date":
         out.update(_date_features(texts, name, fp, times))
     out["checksum_invalid"] = _checksum_feature(values, fp) if fp.schemes else nan
+    out.update(_sequence_features(texts, name, fp, profile, times, context))
     if edits is not None and name in edits.field_rate:
         prior = edits.field_rate[name]
-        out["edit_value_rate"] = _rate(values, edits.value_errors[name], edits.value_seen[name], prior).to_numpy()
-        out["edit_value_count"] = np.log1p(values.map(edits.value_errors[name]).astype(float).fillna(0).to_numpy())
-        out["edit_shape_rate"] = _rate(shapes, edits.shape_errors[name], edits.shape_seen[name], prior).to_numpy()
+        ecache = edits.cache
+        out["edit_value_rate"] = _rate(ecache, keys, edits.value_errors[name], edits.value_seen[name], prior)
+        out["edit_value_count"] = np.log1p(lookup(ecache, edits.value_errors[name], keys, 0.0))
+        out["edit_shape_rate"] = _rate(
+            ecache, shapes, edits.shape_errors[name], edits.shape_seen[name], prior
+        )
         out["edit_field_rate"] = np.full(n, prior)
-    frame = pd.DataFrame({key: out.get(key, nan) for key in FEATURES}, index=texts.index)
-    return frame.astype(float)
+    matrix = np.column_stack([out.get(key, nan) for key in FEATURES]).astype(float)
+    return pd.DataFrame(matrix, index=texts.index, columns=list(FEATURES))
 
 
 def chunk_texts(chunk: pd.DataFrame, names: Iterable[str]) -> pd.DataFrame:
@@ -845,8 +979,18 @@ def cell_features(
     config: Config,
     fields: Iterable[str],
     edits: EditHistory | None = None,
+    context: pd.DataFrame | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """One feature frame per field in `fields` (same index as `chunk`, columns `FEATURES`)."""
-    texts = chunk_texts(chunk, [name for name in config.fields if name in profile.fields])
+    """One feature frame per field in `fields` (same index as `chunk`, columns `FEATURES`).
+
+    `context`: a larger frame holding the chunk's rows (training folds), where running numbers find their
+    neighbours; by default the chunk itself.
+    """
+    names = [name for name in config.fields if name in profile.fields]
+    texts = chunk_texts(chunk, names)
     times = entry_times(chunk, config.time_column)
-    return {name: field_features(texts, name, profile, edits, times) for name in fields}
+    ctx = None
+    if context is not None:
+        ctx = (chunk_texts(context, names), entry_times(context, config.time_column))
+    codes = {name: profile.fields[name].codes(texts[name].to_numpy(dtype=object)) for name in names}
+    return {name: field_features(texts, name, profile, edits, times, ctx, codes) for name in fields}

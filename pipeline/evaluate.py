@@ -167,16 +167,25 @@ def evaluate_scored(
 
     labels = cell_labels(log, ids)
     labels = labels[labels[s.LOG_FIELD].isin(config.check_fields)]
-    true_cells = {(r, f): new for r, f, new in zip(labels[s.LOG_RECORD_ID], labels[s.LOG_FIELD], labels[s.LOG_NEW_VALUE], strict=True)}
+    true_cells = {
+        (r, f): new
+        for r, f, new in zip(
+            labels[s.LOG_RECORD_ID], labels[s.LOG_FIELD], labels[s.LOG_NEW_VALUE], strict=True
+        )
+    }
     error_flags = flags[flags[s.FLAG_KIND] == s.KIND_ERROR]
     flagged = list(zip(error_flags[s.FLAG_RECORD_ID], error_flags[s.FLAG_FIELD], strict=True))
     hits = np.array([cell in true_cells for cell in flagged], dtype=bool)
     err = prf(int(hits.sum()), int((~hits).sum()), len(true_cells) - int(hits.sum()))
     suggested = error_flags[s.FLAG_SUGGESTION].to_numpy()
     made = suggested != s.MISSING
-    right = np.array(
-        [true_cells.get(cell) == value for cell, value in zip(flagged, suggested, strict=True)], dtype=bool
-    ) & made
+    right = (
+        np.array(
+            [true_cells.get(cell) == value for cell, value in zip(flagged, suggested, strict=True)],
+            dtype=bool,
+        )
+        & made
+    )
     corr = prf(int(right.sum()), int((made & ~right).sum()), len(true_cells) - int(right.sum()))
 
     rows = []
@@ -205,7 +214,10 @@ def evaluate_scored(
     fp_all = dup["fp"] + err["fp"] + len(anomaly_flags) - anomaly_hits
     minutes = tp_all * config.minutes_per_correction - fp_all * config.minutes_per_false_alarm
 
-    metrics: dict[str, float] = {f"{prefix}_rows": float(len(batch)), f"{prefix}_minutes_saved": float(minutes)}
+    metrics: dict[str, float] = {
+        f"{prefix}_rows": float(len(batch)),
+        f"{prefix}_minutes_saved": float(minutes),
+    }
     for kind, figures in ((s.KIND_DUPLICATE, dup), (s.KIND_ERROR, err), ("correction", corr)):
         for key, value in figures.items():
             metrics[f"{prefix}_{kind}_{key}"] = float(value)
@@ -256,7 +268,9 @@ def evaluate_output(config: Config, output, batch_path, truth_path, reference_pa
     flags = read_table(output / s.FLAGS_FILE)
     flags[s.FLAG_SCORE] = flags[s.FLAG_SCORE].astype(float)
     batch = read_table(batch_path)
-    reference_ids = read_table(reference_path)[config.id_column] if reference_path else pd.Series([], dtype=object)
+    reference_ids = (
+        read_table(reference_path)[config.id_column] if reference_path else pd.Series([], dtype=object)
+    )
     cell_scores = pd.DataFrame(index=batch.index, columns=[], dtype=float)
     evaluation = evaluate_scored(
         config=config,

@@ -132,7 +132,8 @@ def _not_utf8(path: Path) -> InputFileError:
             except UnicodeDecodeError as exc:
                 line = newlines + block.count(b"\n", 0, max(exc.start, 0)) + 1
                 return InputFileError(
-                    f"{path}: line {line} is not UTF-8 text (byte {offset + exc.start}); save the file as UTF-8"
+                    f"{path}: line {line} is not UTF-8 text (byte {offset + exc.start}); "
+                    "save the file as UTF-8"
                 )
             offset += len(block)
             newlines += block.count(b"\n")
@@ -199,7 +200,9 @@ def require_columns(frame: pd.DataFrame, columns: Sequence[str], *, source: str 
         )
 
 
-def check_unique_ids(ids: pd.Series, *, source: str | Path, id_column: str, seen: set[str] | None = None) -> None:
+def check_unique_ids(
+    ids: pd.Series, *, source: str | Path, id_column: str, seen: set[str] | None = None
+) -> None:
     """Raises `SchemaError` naming the first empty or repeated id (also against ids in `seen`)."""
     empty = ids.index[ids == ""]
     if len(empty):

@@ -29,7 +29,13 @@ def write_evaluation_plots(evaluation: Evaluation, folder: Path) -> list[Path]:
         if labels.sum():
             precision, recall, _ = precision_recall_curve(labels, scores)
             ax.plot(recall, precision, drawstyle="steps-post")
-        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"{task}: held-out PR curve")
+        ax.set(
+            xlabel="recall",
+            ylabel="precision",
+            xlim=(0, 1),
+            ylim=(0, 1.02),
+            title=f"{task}: held-out PR curve",
+        )
         path = folder / f"{task}_pr_curve.png"
         fig.savefig(path, dpi=90, bbox_inches="tight")
         plt.close(fig)

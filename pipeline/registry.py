@@ -34,7 +34,18 @@ CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
 DEFAULT_STORE = "mlruns"
 PACKAGE_DIR = Path(__file__).resolve().parent
-PINNED = ("dedupe", "BTrees", "scikit-learn", "pandas", "numpy", "pyarrow", "pydantic", "rapidfuzz", "joblib", "pyyaml")
+PINNED = (
+    "dedupe",
+    "BTrees",
+    "scikit-learn",
+    "pandas",
+    "numpy",
+    "pyarrow",
+    "pydantic",
+    "rapidfuzz",
+    "joblib",
+    "pyyaml",
+)
 # A promoted challenger may lose at most this much F1 on any one task while winning on the mean.
 PROMOTION_TOLERANCE = 0.01
 PROMOTION_METRICS = ("test_duplicate_f1", "test_error_f1", "test_correction_f1")
@@ -53,7 +64,9 @@ def tracking_uri(explicit: str | None = None) -> str:
 def _mlflow(uri: str | None):  # noqa: ANN202
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(uri))
+    uri = tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     return mlflow
 
 
@@ -74,7 +87,12 @@ def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
 def _git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=5, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=PACKAGE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -111,10 +129,14 @@ def _pyfunc_class():  # noqa: ANN202
 
             self.bundle = ModelBundle.load(Path(context.artifacts["bundle"]))
 
-        def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        def predict(
+            self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+        ) -> pd.DataFrame:
             from pipeline.score import score_frame
 
-            frame = model_input.astype(object).where(model_input.notna(), s.MISSING).astype(str).astype(object)
+            frame = (
+                model_input.astype(object).where(model_input.notna(), s.MISSING).astype(str).astype(object)
+            )
             return score_frame(frame.reset_index(drop=True), self.bundle)[list(s.RECORD_COLUMNS)]
 
     return PipelineModel
@@ -152,9 +174,10 @@ def log_training(result: Any, *, records_path: Path, log_path: Path, uri: str | 
     config = result.bundle.config
     experiment_id = _experiment_id(mlflow, config.name, uri)
     run_name = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{result.sizes['records']}rows"
-    with tempfile.TemporaryDirectory(prefix="pipeline-train-") as tmp, mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name
-    ) as run:
+    with (
+        tempfile.TemporaryDirectory(prefix="pipeline-train-") as tmp,
+        mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run,
+    ):
         tmp_path = Path(tmp)
         mlflow.log_params(result.params)
         mlflow.set_tags(
@@ -203,7 +226,9 @@ def log_training(result: Any, *, records_path: Path, log_path: Path, uri: str | 
     return RegisteredRun(run.info.run_id, experiment_id, config.name, version, aliases, uri)
 
 
-def _log_inputs(mlflow: Any, config: Any, records_path: Path, log_path: Path, digests: dict[str, str]) -> None:
+def _log_inputs(
+    mlflow: Any, config: Any, records_path: Path, log_path: Path, digests: dict[str, str]
+) -> None:
     """Records the inputs with `mlflow.data`: name, digest and schema only, never rows."""
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.types import ColSpec, Schema
@@ -270,7 +295,8 @@ def _set_initial_aliases(name: str, version: str, uri: str) -> list[str]:
 def _client(uri: str | None) -> Any:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri(uri))
+    uri = tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _alias_version(client: Any, name: str, alias: str) -> Any:
@@ -292,7 +318,8 @@ def load_bundle(model: str, *, uri: str | None = None, with_holdout: bool = Fals
     if not model.startswith(("models:/", "runs:/")):
         if not local.exists():
             raise ModelLoadError(
-                f"{model}: no such model folder; give an exported folder, models:/NAME@champion or runs:/ID/model"
+                f"{model}: no such model folder; give an exported folder, "
+                "models:/NAME@champion or runs:/ID/model"
             )
         bundle = ModelBundle.load(find_bundle(local), with_holdout=with_holdout)
         info_path = local / "model_info.json"
@@ -325,7 +352,9 @@ def _resolve_uri(model: str, uri: str | None) -> dict[str, str]:
             name, number = rest.split("/", 1)
             version = client.get_model_version(name, number)
         else:
-            raise ModelLoadError(f"{model}: say which version, e.g. models:/{rest}@champion or models:/{rest}/1")
+            raise ModelLoadError(
+                f"{model}: say which version, e.g. models:/{rest}@champion or models:/{rest}/1"
+            )
     except MlflowException as exc:
         raise ModelLoadError(f"{model}: not found in tracking store {store} ({exc.error_code})") from None
     return {
@@ -338,12 +367,11 @@ def _resolve_uri(model: str, uri: str | None) -> dict[str, str]:
 
 
 def _download(model: str, download_uri: str, uri: str | None, dst: Path) -> Path:
-    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
+    mlflow = _mlflow(uri)
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(dst),
-                                                         tracking_uri=tracking_uri(uri)))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(dst)))
     except (MlflowException, OSError) as exc:
         raise ModelLoadError(f"{model}: cannot download the model ({exc.__class__.__name__})") from None
 
@@ -369,7 +397,9 @@ def promote(name: str, *, uri: str | None = None, dry_run: bool = False) -> Prom
     client = _client(uri)
     challenger_version = _alias_version(client, name, CHALLENGER)
     if challenger_version is None:
-        raise BadInputError(f"model {name!r} has no `{CHALLENGER}` version in {tracking_uri(uri)}; run train first")
+        raise BadInputError(
+            f"model {name!r} has no `{CHALLENGER}` version in {tracking_uri(uri)}; run train first"
+        )
     champion_version = _alias_version(client, name, CHAMPION)
     challenger = load_bundle(f"models:/{name}@{CHALLENGER}", uri=uri, with_holdout=True)
     if challenger.holdout is None:
@@ -381,7 +411,12 @@ def promote(name: str, *, uri: str | None = None, dry_run: bool = False) -> Prom
         old = evaluate_bundle(champion, challenger.holdout).metrics
     rows = [
         {"metric": key, "champion": (old or {}).get(key, float("nan")), "challenger": new[key]}
-        for key in (*PROMOTION_METRICS, "test_duplicate_precision", "test_error_precision", "test_minutes_saved")
+        for key in (
+            *PROMOTION_METRICS,
+            "test_duplicate_precision",
+            "test_error_precision",
+            "test_minutes_saved",
+        )
     ]
     table = pd.DataFrame(rows)
     if champion_version is None:
@@ -394,7 +429,10 @@ def promote(name: str, *, uri: str | None = None, dry_run: bool = False) -> Prom
         worst = min(new[k] - old[k] for k in PROMOTION_METRICS)
         if mean_new >= mean_old and worst >= -PROMOTION_TOLERANCE:
             promoted = True
-            reason = f"challenger mean F1 {mean_new:.4f} >= champion {mean_old:.4f}, no task worse by > {PROMOTION_TOLERANCE}"
+            reason = (
+                f"challenger mean F1 {mean_new:.4f} >= champion {mean_old:.4f}, "
+                f"no task worse by > {PROMOTION_TOLERANCE}"
+            )
         elif mean_new < mean_old:
             promoted, reason = False, f"challenger mean F1 {mean_new:.4f} < champion {mean_old:.4f}"
         else:
@@ -403,20 +441,24 @@ def promote(name: str, *, uri: str | None = None, dry_run: bool = False) -> Prom
     if not dry_run and (old is not None or champion_version is None):
         version = challenger_version.version
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
-        client.set_model_version_tag(name, version, "promotion.decision", "promoted" if promoted else "rejected")
+        client.set_model_version_tag(
+            name, version, "promotion.decision", "promoted" if promoted else "rejected"
+        )
         client.set_model_version_tag(name, version, "promotion.reason", reason)
         client.set_model_version_tag(name, version, "promotion.at", stamp)
         if champion_version is not None:
-            client.set_model_version_tag(name, version, "promotion.compared_with", str(champion_version.version))
+            client.set_model_version_tag(
+                name, version, "promotion.compared_with", str(champion_version.version)
+            )
         if promoted:
             client.set_registered_model_alias(name, CHAMPION, version)
     return PromotionDecision(
         promoted=promoted,
         reason=reason,
-        challenger={"version": challenger_version.version, "run_id": challenger_version.run_id},
+        challenger={"version": str(challenger_version.version), "run_id": challenger_version.run_id},
         champion=None
         if champion_version is None
-        else {"version": champion_version.version, "run_id": champion_version.run_id},
+        else {"version": str(champion_version.version), "run_id": champion_version.run_id},
         table=table,
     )
 

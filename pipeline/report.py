@@ -48,7 +48,9 @@ def build_summary(
     expected_false = 0.0
     precision_used: dict[str, float] = {}
     for kind, count in kinds.items():
-        precision = float(bundle.metrics.get(f"test_{kind}_precision", 0.5 if kind == s.KIND_ANOMALY else 1.0))
+        precision = float(
+            bundle.metrics.get(f"test_{kind}_precision", 0.5 if kind == s.KIND_ANOMALY else 1.0)
+        )
         precision_used[kind] = round(precision, 4)
         expected_true += count * precision
         expected_false += count * (1 - precision)
@@ -93,7 +95,9 @@ def write_report(
         else pd.DataFrame(columns=[s.FLAG_KIND, s.FLAG_FIELD, "count"])
     )
     summary = {**summary, "top_flag_groups": top.to_dict(orient="records")}
-    (folder / s.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    (folder / s.SUMMARY_FILE).write_text(
+        json.dumps(summary, indent=2, sort_keys=False) + "\n", encoding="utf-8"
+    )
     (folder / s.REPORT_FILE).write_text(_html(summary, flags, histograms), encoding="utf-8")
 
 
@@ -131,9 +135,11 @@ def _html(summary: dict[str, Any], flags: pd.DataFrame, histograms: dict[str, np
         [{"field": k, "error flags": v} for k, v in summary["error_flags_per_field"].items()],
         columns=["field", "error flags"],
     )
-    top = flags.head(20)[[s.FLAG_RECORD_ID, s.FLAG_KIND, s.FLAG_FIELD, s.FLAG_SCORE, s.FLAG_REASON]] if len(
-        flags
-    ) else pd.DataFrame(columns=[s.FLAG_RECORD_ID, s.FLAG_KIND, s.FLAG_FIELD, s.FLAG_SCORE, s.FLAG_REASON])
+    top = (
+        flags.head(20)[[s.FLAG_RECORD_ID, s.FLAG_KIND, s.FLAG_FIELD, s.FLAG_SCORE, s.FLAG_REASON]]
+        if len(flags)
+        else pd.DataFrame(columns=[s.FLAG_RECORD_ID, s.FLAG_KIND, s.FLAG_FIELD, s.FLAG_SCORE, s.FLAG_REASON])
+    )
     if len(top):
         top = top.assign(**{s.FLAG_SCORE: top[s.FLAG_SCORE].map(lambda v: f"{float(v):.3f}")})
     figures = "".join(_histogram_svg(histograms[name], name) for name in histograms)

@@ -158,7 +158,9 @@ def _matched_values(
     return matched
 
 
-def score_frame(frame: pd.DataFrame, bundle: ModelBundle, reference: pd.DataFrame | None = None) -> pd.DataFrame:
+def score_frame(
+    frame: pd.DataFrame, bundle: ModelBundle, reference: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Scores a whole in-memory batch: the input columns followed by the contract's record columns."""
     matcher = bundle.duplicates.matcher(reference)
     result = score_chunk(frame, bundle, matcher)

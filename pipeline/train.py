@@ -88,6 +88,7 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
         entered.iloc[split.validation],
         stored.iloc[split.train],
         link_truth(val_ids, train_ids, clusters_val),
+        clusters=clusters_val,
     )
     timer.lap("fit_duplicates")
 
@@ -108,11 +109,16 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
         reference=stored.iloc[before_test].reset_index(drop=True),
         log=log.reset_index(drop=True),
     )
-    bundle = ModelBundle(config=config, duplicates=duplicates, errors=errors, anomalies=anomalies, holdout=holdout)
+    bundle = ModelBundle(
+        config=config, duplicates=duplicates, errors=errors, anomalies=anomalies, holdout=holdout
+    )
     evaluation = evaluate_bundle(bundle, holdout, prefix="test")
     timer.lap("evaluate")
     bundle.metrics = dict(evaluation.metrics)
-    for prefix, figures in (("validation_duplicate", duplicate_calibration), ("validation_error", error_calibration)):
+    for prefix, figures in (
+        ("validation_duplicate", duplicate_calibration),
+        ("validation_error", error_calibration),
+    ):
         for key, value in figures.items():
             if isinstance(value, int | float):
                 bundle.metrics[f"{prefix}_{key}"] = float(value)
@@ -128,8 +134,12 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
     }
     params = {
         **_flatten("config", config.model_dump(mode="json", exclude={"fields"})),
-        **{f"field.{name}": spec.type + ("" if spec.match else ",nomatch") + ("" if spec.check else ",nocheck")
-           for name, spec in config.fields.items()},
+        **{
+            f"field.{name}": spec.type
+            + ("" if spec.match else ",nomatch")
+            + ("" if spec.check else ",nocheck")
+            for name, spec in config.fields.items()
+        },
         **_flatten("duplicates", _model_params(duplicates)),
         **_flatten("errors", _model_params(errors)),
         **_flatten("anomalies", _model_params(anomalies)),

@@ -30,8 +30,14 @@ def test_loads_types_flags_and_defaults(tmp_path):
     assert config.fields["amount"].type == "number"
     assert config.match_fields == ["customer_code", "customer_name", "notes_flag"]
     assert config.check_fields == ["customer_code", "customer_name", "amount"]
-    assert config.required_columns() == ["record_id", "entered_at", "customer_code", "customer_name", "amount",
-                                         "notes_flag"]
+    assert config.required_columns() == [
+        "record_id",
+        "entered_at",
+        "customer_code",
+        "customer_name",
+        "amount",
+        "notes_flag",
+    ]
     assert config.minutes_per_correction == DEFAULT_MINUTES_PER_CORRECTION
 
 

@@ -33,12 +33,30 @@ def test_replay_undoes_edits_latest_first():
     entries = log(
         [
             # Entered empty, corrected to C-9 on the 2nd, corrected again to C-1 on the 5th.
-            {"record_id": "1", "action": "edit", "field": "code", "old_value": "C-9", "new_value": "C-1",
-             "corrected_at": "2024-01-05T10:00:00"},
-            {"record_id": "1", "action": "edit", "field": "code", "old_value": "", "new_value": "C-9",
-             "corrected_at": "2024-01-02T10:00:00"},
-            {"record_id": "2", "action": "edit", "field": "amount", "old_value": "200.00", "new_value": "20.00",
-             "corrected_at": "2024-01-03T10:00:00"},
+            {
+                "record_id": "1",
+                "action": "edit",
+                "field": "code",
+                "old_value": "C-9",
+                "new_value": "C-1",
+                "corrected_at": "2024-01-05T10:00:00",
+            },
+            {
+                "record_id": "1",
+                "action": "edit",
+                "field": "code",
+                "old_value": "",
+                "new_value": "C-9",
+                "corrected_at": "2024-01-02T10:00:00",
+            },
+            {
+                "record_id": "2",
+                "action": "edit",
+                "field": "amount",
+                "old_value": "200.00",
+                "new_value": "20.00",
+                "corrected_at": "2024-01-03T10:00:00",
+            },
             {"record_id": "3", "action": "merge", "merged_into": "2", "corrected_at": "2024-01-03T11:00:00"},
         ]
     )
@@ -77,8 +95,20 @@ def test_cell_labels_first_old_last_new_and_reverts_dropped():
         [
             {"record_id": "1", "action": "edit", "field": "code", "old_value": "", "new_value": "C-9"},
             {"record_id": "1", "action": "edit", "field": "code", "old_value": "C-9", "new_value": "C-1"},
-            {"record_id": "2", "action": "edit", "field": "amount", "old_value": "20.00", "new_value": "2.00"},
-            {"record_id": "2", "action": "edit", "field": "amount", "old_value": "2.00", "new_value": "20.00"},
+            {
+                "record_id": "2",
+                "action": "edit",
+                "field": "amount",
+                "old_value": "20.00",
+                "new_value": "2.00",
+            },
+            {
+                "record_id": "2",
+                "action": "edit",
+                "field": "amount",
+                "old_value": "2.00",
+                "new_value": "20.00",
+            },
         ]
     )
     labels = cell_labels(entries, STORED["record_id"])

@@ -96,6 +96,12 @@ class FieldType(ABC):
         """The dedupe variables comparing this field; all with `has_missing=True`, so a missing value adds a
         missing-indicator instead of counting as agreement or disagreement."""
 
+    def directions(self) -> list[int]:
+        """For each of `variables()`: +1 when a larger comparator value means more alike (an exact match),
+        -1 for a distance. The classifier may not learn the opposite, so a quirk of the labels cannot teach
+        it that a misspelt name makes a duplicate more likely."""
+        return [1 if variable.type == "Exact" else -1 for variable in self.variables()]
+
     @abstractmethod
     def keys(self, normalised: pd.Series) -> dict[str, pd.Series]:
         """Vectorised blocking keys, one text Series per name in `blocking`; `""` means no key."""

@@ -60,10 +60,14 @@ class CodeField(FieldType):
         long_enough = length >= 4
         # One slip leaves either the first or the second half intact; a transposition keeps the sorted chars.
         first = pd.Series(
-            [value[:n] for value, n in zip(normalised, half, strict=True)], index=normalised.index, dtype=object
+            [value[:n] for value, n in zip(normalised, half, strict=True)],
+            index=normalised.index,
+            dtype=object,
         )
         second = pd.Series(
-            [value[n:] for value, n in zip(normalised, half, strict=True)], index=normalised.index, dtype=object
+            [value[n:] for value, n in zip(normalised, half, strict=True)],
+            index=normalised.index,
+            dtype=object,
         )
         digits = normalised.str.replace(r"\D+", "", regex=True).str.lstrip("0")
         return {

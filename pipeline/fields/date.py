@@ -38,8 +38,8 @@ class DateValue(NamedTuple):
 def canonical_date(text: str) -> str:
     """`YYYY-MM-DD` for a valid date, the bare digits for an invalid one, `""` when there is no date.
 
-    >>> canonical_date("5/3/2024"), canonical_date("20240305"), canonical_date("2024-13-05"), canonical_date("?")
-    ('2024-03-05', '2024-03-05', '20241305', '')
+    >>> [canonical_date(text) for text in ("5/3/2024", "20240305", "2024-13-05", "?")]
+    ['2024-03-05', '2024-03-05', '20241305', '']
     """
     text = text.strip()
     parts: tuple[int, int, int] | None = None
@@ -111,6 +111,7 @@ class DateField(FieldType):
 
     def variables(self) -> list[Any]:
         return [
+            dedupe.variables.Exact(self.field, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=days_apart, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=digit_slips, has_missing=True),
         ]

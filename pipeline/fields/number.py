@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import dedupe
 import pandas as pd
+from rapidfuzz.distance import OSA
 
 from pipeline.fields.base import BlockingKey, Difference, FieldType, map_unique
 from pipeline.schema import MISSING
 
 _NOT_NUMERIC = re.compile(r"[^0-9,.\-]")
+MAX_DIGIT_EDITS = 3
+
+
+class NumberValue(NamedTuple):
+    """A parsed number and its canonical text (for digit slips such as 81.81 typed as 81.18)."""
+
+    value: float
+    text: str
 
 
 def parse_number(text: str) -> float | None:
@@ -53,18 +62,28 @@ def _canonical(text: str) -> str:
     return format(value + 0.0, ".12g")
 
 
-def relative_difference(a: float, b: float) -> float:
+def relative_difference(x: NumberValue, y: NumberValue) -> float:
     """|a - b| relative to the larger magnitude, 0 (equal) to 1 (opposite or one of them zero).
 
-    >>> relative_difference(100.0, 101.0), relative_difference(10.0, 20.0)
-    (0.009900990099009901, 0.5)
+    >>> relative_difference(NumberValue(100.0, "100"), NumberValue(101.0, "101"))
+    0.009900990099009901
     """
+    a, b = x.value, y.value
     scale = max(abs(a), abs(b))
     return 0.0 if scale == 0 else min(abs(a - b) / scale, 1.0)
 
 
-def decimal_slip(a: float, b: float) -> float:
+def decimal_slip(x: NumberValue, y: NumberValue) -> float:
     """1 when the two differ by a power of ten (a misplaced decimal point or an extra zero), else 0."""
+    return _is_decimal_slip(x.value, y.value)
+
+
+def digit_slips(x: NumberValue, y: NumberValue) -> float:
+    """Typing slips between the two numbers' digits (a swap of neighbours is one), capped at 3."""
+    return min(OSA.distance(x.text, y.text), MAX_DIGIT_EDITS)
+
+
+def _is_decimal_slip(a: float, b: float) -> float:
     if a == 0 or b == 0 or a == b or (a < 0) != (b < 0):
         return 0.0
     exponent = math.log10(abs(a) / abs(b))
@@ -94,14 +113,19 @@ class NumberField(FieldType):
     def normalise(self, values: pd.Series) -> pd.Series:
         return map_unique(values.astype(str), _canonical)
 
-    def parse(self, normalised: str) -> float | None:
-        return float(normalised) if normalised != MISSING else None
+    def parse(self, normalised: str) -> NumberValue | None:
+        return NumberValue(float(normalised), normalised) if normalised != MISSING else None
 
     def variables(self) -> list[Any]:
         return [
+            dedupe.variables.Exact(self.field, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=relative_difference, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=decimal_slip, has_missing=True),
+            dedupe.variables.Custom(self.field, comparator=digit_slips, has_missing=True),
         ]
+
+    def directions(self) -> list[int]:
+        return [1, -1, 1, -1]
 
     def keys(self, normalised: pd.Series) -> dict[str, pd.Series]:
         present = normalised != MISSING
@@ -120,7 +144,7 @@ class NumberField(FieldType):
         if (x < 0) != (y < 0):
             return Difference("different", "has the opposite sign")
         ratio = abs(x) / abs(y)
-        if decimal_slip(x, y):
+        if _is_decimal_slip(x, y):
             return (
                 Difference("near", f"{ratio:.0f}x larger")
                 if ratio > 1

@@ -48,6 +48,7 @@ class TextField(FieldType):
 
     def variables(self) -> list[Any]:
         return [
+            dedupe.variables.Exact(self.field, has_missing=True),
             dedupe.variables.String(self.field, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=token_distance, has_missing=True),
         ]

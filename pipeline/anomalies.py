@@ -1,0 +1,284 @@
+"""Record anomaly score: how unusual a record is as a whole, for errors of kinds nobody corrected yet.
+
+Each record is encoded per field as numbers the history makes meaningful, chosen so that a normal record of
+a *later* period encodes like a normal record of the history (nothing drifts with time):
+
+- **value rarity**, only for low-cardinality fields (most rows hold a value that recurs: cities, VAT rates,
+  customer codes). In near-unique fields (order numbers, amounts) every new value is unseen, which says
+  nothing; the fields whose values move with time (dates, numbers, running numbers) never use it;
+- **shape rarity** (character classes; runs collapsed for free text and numbers), and for high-cardinality
+  text and codes the length against the usual;
+- **missing** where the field is normally filled;
+- **numbers**: log size against the field's usual and against the usual of their group (an amount against
+  that customer's usual amounts);
+- **dates**: how far outside the usual distance to the entry time.
+
+The history is encoded leave-one-out (each record's own value taken out of the counts), so it looks like
+new data does to the fitted model. An IsolationForest learned on that encoding scores records; the score is
+turned into 0..1 by its rank among the history's own scores, and only the far tail (above `quantile`) is
+flagged, so a fresh batch of the same process has about `1 - quantile` of its normal records flagged. The
+reason names the fields whose encodings are rarest in the history, in words a clerk reads.
+
+>>> model = AnomalyModel(config, quantile=0.995).fit(stored)    # doctest: +SKIP
+>>> model.score(batch)[["anomaly_score", "flagged", "reason"]]   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+from sklearn.ensemble import IsolationForest
+from sklearn.utils.validation import check_is_fitted
+
+from pipeline import detectors as d
+from pipeline import schema as s
+from pipeline.config import Config
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "anomaly_model.joblib"
+META_FILE = "anomaly_model.json"
+ANOMALY_SCORE = s.ANOMALY_SCORE
+FLAGGED = "flagged"
+REASON = s.FLAG_REASON
+TOP_FIELDS = 2
+# A field's values count as low-cardinality (value rarity is meaningful) when this share of its filled
+# rows holds a value seen at least `RECURRING` times.
+RECURRING = 3
+RECURRING_SHARE = 0.8
+# A field is named in a reason when at most this share of history records is as unusual in it.
+REASON_TAIL = 0.02
+CLIP = 10.0
+
+
+class AnomalyModel(BaseEstimator):
+    """IsolationForest on per-field encodings that do not drift with time (see the module docstring)."""
+
+    def __init__(
+        self, config: Config, *, quantile: float = 0.995, seed: int = 0, n_estimators: int = 100
+    ) -> None:
+        self.config = config
+        self.quantile = quantile
+        self.seed = seed
+        self.n_estimators = n_estimators
+
+    # ----------------------------------------------------------------------------------------- encoding
+
+    def _plan(self) -> list[tuple[str, str]]:
+        """The encoding's columns as (field, what) pairs, from the fitted profile."""
+        plan = []
+        for name, fp in self.profile_.fields.items():
+            if fp.filled == 0:
+                continue
+            if _low_cardinality(fp):
+                plan.append((name, "value"))
+            plan.append((name, "shape"))
+            if fp.kind in ("text", "code") and not _low_cardinality(fp):
+                plan.append((name, "length"))
+            plan.append((name, "missing"))
+            if fp.kind == "number" and math.isfinite(fp.number_spread):
+                plan.append((name, "number"))
+                if name in self.profile_.groups:
+                    plan.append((name, "group"))
+            if fp.kind == "date" and fp.date_format and math.isfinite(fp.delta_low):
+                plan.append((name, "date"))
+        return plan
+
+    def _encode(self, chunk: pd.DataFrame, *, leave_one_out: bool = False) -> np.ndarray:
+        """One column per `owners_` entry, higher = rarer. `leave_one_out` for the history itself: each
+        record's own value is taken out of the counts it is judged by."""
+        profile = self.profile_
+        own = 1.0 if leave_one_out else 0.0
+        texts = d.chunk_texts(chunk, [n for n in profile.fields if n in chunk.columns])
+        times = d.entry_times(chunk, self.config.time_column)
+        parsed: dict[str, dict[str, np.ndarray]] = {}
+        columns = []
+        for name, what in self.owners_:
+            fp = profile.fields[name]
+            if name not in parsed:
+                parsed[name] = _parse(texts[name] if name in texts else pd.Series("", index=chunk.index), fp)
+            p = parsed[name]
+            missing = p["missing"]
+            filled = max(fp.filled - own, 1.0)
+            if what == "value":
+                counts = np.maximum(fp.count_of(fp.codes(p["values"])) - own, 0.0)
+                col = np.where(missing, 0.0, -np.log((counts + 1) / (filled + 1)))
+            elif what == "shape":
+                table = fp.coarse if _coarse(fp) else fp.shapes
+                counts = np.maximum(d.lookup(profile.cache, table, p["shape"], 0.0) - own, 0.0)
+                col = np.where(missing, 0.0, -np.log((counts + 1) / (filled + 1)))
+            elif what == "length":
+                col = np.where(missing, 0.0, np.abs(p["length"] - fp.length_mean) / max(fp.length_std, 1.0))
+            elif what == "missing":
+                col = missing * -np.log(max(1 - fp.fill_rate, 1e-3))
+            elif what == "number":
+                col = np.abs(p["log"] - fp.number_center) / fp.number_spread
+            elif what == "group":
+                group = profile.groups[name]
+                keys = texts[group.group].to_numpy(dtype=object)
+                col = np.abs(p["log"] - d.lookup(profile.cache, group.medians, keys)) / fp.number_spread
+            else:  # date
+                col = _date_outside(texts[name], fp, times)
+            columns.append(np.clip(np.nan_to_num(col, nan=0.0, posinf=CLIP), 0.0, CLIP))
+        if not columns:
+            return np.zeros((len(chunk), 0))
+        return np.column_stack(columns)
+
+    # ------------------------------------------------------------------------------------------------ fit
+
+    def fit(self, stored: pd.DataFrame) -> AnomalyModel:
+        """Learns the field profiles and the forest from the history (as stored)."""
+        self.profile_ = d.build_profile(stored, self.config, pairs=[])
+        self.owners_ = self._plan()
+        X = self._encode(stored, leave_one_out=True)
+        self.forest_ = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed).fit(X)
+        raw = -self.forest_.score_samples(X)
+        self.reference_ = np.sort(raw)
+        self.cutoff_ = float(np.quantile(raw, self.quantile))
+        # Per column, the history's sorted encodings: how rare a record's value is in one field, for reasons.
+        self.column_reference_ = np.sort(X, axis=0)
+        logger.info(
+            "anomaly model: %d columns over %d fields, cutoff %.4f",
+            X.shape[1],
+            len(self.profile_.fields),
+            self.cutoff_,
+        )
+        return self
+
+    # -------------------------------------------------------------------------------------------- scoring
+
+    def score(self, chunk: pd.DataFrame) -> pd.DataFrame:
+        """Columns anomaly_score (0..1, the share of history records less unusual), flagged, reason."""
+        check_is_fitted(self, "forest_")
+        if len(chunk) == 0:
+            return pd.DataFrame({ANOMALY_SCORE: [], FLAGGED: [], REASON: []}, index=chunk.index)
+        X = self._encode(chunk)
+        raw = -self.forest_.score_samples(X)
+        rank = np.searchsorted(self.reference_, raw, side="right") / max(len(self.reference_), 1)
+        flagged = raw > self.cutoff_
+        reasons = np.full(len(chunk), "", dtype=object)
+        for i in np.flatnonzero(flagged):
+            reasons[i] = self._reason(chunk.iloc[i], X[i])
+        return pd.DataFrame(
+            {ANOMALY_SCORE: np.clip(rank, 0.0, 1.0), FLAGGED: flagged, REASON: reasons}, index=chunk.index
+        )
+
+    def _reason(self, record: pd.Series, encoded: np.ndarray) -> str:
+        """"unusual record: " and the rarest fields of the record, each in a few words."""
+        n = self.column_reference_.shape[0]
+        # Share of history records at least as unusual in each column (0 where none is).
+        tail = np.array(
+            [
+                (n - np.searchsorted(self.column_reference_[:, j], encoded[j], side="left")) / max(n, 1)
+                if encoded[j] > 0
+                else 1.0
+                for j in range(len(encoded))
+            ]
+        )
+        phrases: list[str] = []
+        named: set[str] = set()
+        for j in np.argsort(tail, kind="stable"):
+            if tail[j] > REASON_TAIL or len(phrases) == TOP_FIELDS:
+                break
+            name, what = self.owners_[j]
+            if name in named:
+                continue
+            named.add(name)
+            phrases.append(self._phrase(name, what, record))
+        if not phrases:
+            return "unusual record: an unusual combination of values"
+        return "unusual record: " + "; ".join(phrases)
+
+    def _phrase(self, name: str, what: str, record: pd.Series) -> str:
+        label = name.replace("_", " ")
+        raw = record.get(name, s.MISSING)
+        value = s.MISSING if raw is None or (isinstance(raw, float) and math.isnan(raw)) else str(raw)
+        fp = self.profile_.fields[name]
+        if what == "missing" or value == s.MISSING:
+            return f"{label} is empty (filled in {fp.fill_rate:.0%} of earlier records)"
+        if what == "value":
+            return f"{label} {value!r} is rare in earlier records"
+        if what == "shape":
+            example = next(iter(fp.shape_example.values()), "")
+            usual = f" (usually like {example!r})" if example else ""
+            return f"{label} {value!r} has an unusual format{usual}"
+        if what == "length":
+            return f"{label} {value!r} is unusually {'long' if len(value) > fp.length_mean else 'short'}"
+        if what in ("number", "group"):
+            number = d.parse_number(value)
+            if what == "group":
+                group = self.profile_.groups[name]
+                key = str(record.get(group.group, s.MISSING))
+                return f"{label} {value} is far from the usual for {group.group.replace('_', ' ')} {key!r}"
+            size = "large" if math.isfinite(number) and math.log10(abs(number) or 1) > fp.number_center else "small"
+            return f"{label} {value} is unusually {size}"
+        return f"{label} {value} is unusually far from the entry date"
+
+    # ------------------------------------------------------------------------------------------ save/load
+
+    def save(self, folder: Path) -> None:
+        """Writes the fitted model (joblib) and its metadata (JSON) into `folder`."""
+        from pipeline.errors import write_meta
+
+        check_is_fitted(self, "forest_")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        joblib.dump(self, folder / MODEL_FILE, compress=3)
+        write_meta(folder / META_FILE, self, {"quantile": self.quantile, "cutoff": self.cutoff_})
+
+    @classmethod
+    def load(cls, folder: Path) -> AnomalyModel:
+        """Reads a model written by `save`; raises `ModelLoadError` with a one-line message on any failure."""
+        from pipeline.errors import load_model
+
+        return load_model(cls, Path(folder), MODEL_FILE, META_FILE)
+
+
+def _low_cardinality(fp: d.FieldProfile) -> bool:
+    """Value rarity means something: most rows hold a recurring value, and the values do not move with time."""
+    if fp.kind in ("number", "date") or fp.sequence or not fp.filled:
+        return False
+    recurring = sum(n for n in fp.counts.values() if n >= RECURRING)
+    return recurring / fp.filled >= RECURRING_SHARE
+
+
+def _coarse(fp: d.FieldProfile) -> bool:
+    """Free text and numbers are judged by their coarse shape (runs collapsed), the rest by the full one."""
+    return fp.kind in ("text", "number")
+
+
+def _parse(values: pd.Series, fp: d.FieldProfile) -> dict[str, np.ndarray]:
+    """Per-value facts of one field, computed once per distinct value."""
+    keys = values.to_numpy(dtype=object)
+    uniques, inverse = np.unique(keys.astype(str), return_inverse=True)
+    shapes = [d.shape_of(v) for v in uniques]
+    if _coarse(fp):
+        shapes = [d.coarse_shape(v) for v in shapes]
+    out = {
+        "values": keys,
+        "missing": keys == s.MISSING,
+        "shape": np.array(shapes, dtype=object)[inverse],
+        "length": np.array([len(v) for v in uniques], dtype=float)[inverse],
+    }
+    if fp.kind == "number":
+        numbers = np.array([d.parse_number(v) for v in uniques], dtype=float)[inverse]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["log"] = np.where(numbers != 0, np.log10(np.abs(numbers)), np.nan)
+    return out
+
+
+def _date_outside(values: pd.Series, fp: d.FieldProfile, times: pd.Series | None) -> np.ndarray:
+    """How far outside the usual (entry time to date) range, in units of that range's width."""
+    if times is None or not fp.date_format:
+        return np.zeros(len(values))
+    dates = d.parse_dates(values, fp.date_format)
+    delta = ((dates - times).dt.total_seconds() / 86400.0).to_numpy(dtype=float)
+    width = max(fp.delta_high - fp.delta_low, 1.0)
+    outside = np.maximum(fp.delta_low - delta, 0) + np.maximum(delta - fp.delta_high, 0)
+    return np.nan_to_num(outside / width, nan=0.0)

@@ -1,0 +1,804 @@
+"""The error model: flags erroneous cells, says why, and proposes the corrected value.
+
+Learned from the corrections log. Each cell (record x checked field) gets the features of every detector
+family (`pipeline.detectors`) computed against a profile of the history, plus the field's id; a
+HistGradientBoostingClassifier turns them into an error probability. Labels are the cells staff corrected.
+They are incomplete (staff miss some errors), so uncorrected cells are treated as unlabelled-mostly-clean:
+the classifier's output is read as a ranking, and the threshold is chosen on held-out history (`calibrate`)
+rather than taken at 0.5.
+
+Features of training cells come from profiles of the *other* folds of the history (cross-fitting), so a
+value is never judged against a profile that already holds its own corrected record: that is how a new
+batch looks to the fitted model.
+
+>>> model = ErrorModel(config).fit(entered, labels, stored)       # doctest: +SKIP
+>>> model.calibrate(val_entered, val_labels)                       # doctest: +SKIP
+>>> flags = model.detect(batch)                                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import sklearn
+from sklearn.base import BaseEstimator
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.utils.validation import check_is_fitted
+
+from pipeline import detectors as d
+from pipeline import schema as s
+from pipeline import suggest as sg
+from pipeline.config import Config
+from pipeline.exceptions import ModelLoadError, SchemaError, TrainingDataError
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "error_model.joblib"
+META_FILE = "error_model.json"
+FORMAT_VERSION = 1
+
+SUGGEST_GRID = (*np.round(np.arange(0.05, 0.96, 0.05), 2).tolist(), 0.975, 0.99)
+
+F1_TOLERANCE = 0.01
+MATCHED_CONFIDENCE = 0.95
+
+FLAG_ROW = "row"
+SUGGEST_EMPTY = "suggest_empty"
+DETECT_COLUMNS = (
+    FLAG_ROW,
+    s.FLAG_FIELD,
+    s.FLAG_VALUE,
+    s.FLAG_SCORE,
+    s.FLAG_SUGGESTION,
+    s.FLAG_REASON,
+    SUGGEST_EMPTY,
+)
+
+
+class ErrorModel(BaseEstimator):
+    """Cell-level error detection and correction learned from the corrections log.
+
+    Parameters are stored as given (scikit-learn convention); `fit` sets the learned attributes ending in `_`.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        seed: int = 0,
+        folds: int = 5,
+        max_iter: int = 300,
+        learning_rate: float = 0.08,
+        max_leaf_nodes: int = 31,
+        l2_regularization: float = 1.0,
+        threshold: float = 0.5,
+        suggest_threshold: float = 0.5,
+    ) -> None:
+        self.config = config
+        self.seed = seed
+        self.folds = folds
+        self.max_iter = max_iter
+        self.learning_rate = learning_rate
+        self.max_leaf_nodes = max_leaf_nodes
+        self.l2_regularization = l2_regularization
+        self.threshold = threshold
+        self.suggest_threshold = suggest_threshold
+
+    # ------------------------------------------------------------------------------------------------ fit
+
+    def fit(
+        self,
+        entered: pd.DataFrame,
+        labels: pd.DataFrame,
+        stored: pd.DataFrame,
+        *,
+        unlabelled: pd.DataFrame | None = None,
+    ) -> ErrorModel:
+        """Learns the profiles, the cell classifier and the candidate ranker.
+
+        `entered`: the training history as entered; `labels`: its `cell_labels`; `stored`: the same history
+        as stored (corrected), for the profiles. `unlabelled` (optional, as entered) only widens the profiles
+        (value frequencies, shapes, dependencies), e.g. when the history is tiny.
+        """
+        config = self.config
+        fields = config.check_fields
+        _require(entered, [config.id_column, *fields], "entered history")
+        _require(stored, [config.id_column, *fields], "stored history")
+        if len(entered) < 2 * self.folds:
+            raise TrainingDataError(
+                f"error model: {len(entered)} training records are too few; need at least {2 * self.folds}"
+            )
+        entered = entered.reset_index(drop=True)
+        ids = d.text_column(entered, config.id_column)
+        stored = _align(stored, ids, config.id_column, entered)
+        labels = labels[labels[s.LOG_FIELD].isin(fields) & labels[s.LOG_RECORD_ID].isin(set(ids))]
+        labels = labels.reset_index(drop=True)
+        if labels.empty:
+            raise TrainingDataError(
+                "error model: the log has no edits of the checked fields in the training history"
+            )
+        extra = None
+        if unlabelled is not None and len(unlabelled):
+            extra = unlabelled[[c for c in stored.columns if c in unlabelled.columns]]
+        self.field_ids_ = {name: i for i, name in enumerate(fields)}
+        truth = {
+            (r, f): v
+            for r, f, v in zip(
+                labels[s.LOG_RECORD_ID], labels[s.LOG_FIELD], labels[s.LOG_NEW_VALUE], strict=True
+            )
+        }
+        profile_frame = _concat(stored, extra)
+        kinds = {name: spec.type for name, spec in config.fields.items() if name in stored.columns}
+        pairs = d.find_dependencies(d.chunk_texts(profile_frame, kinds), kinds)
+        rng = np.random.default_rng(self.seed)
+        fold_of = rng.permutation(len(entered)) % self.folds
+        features, targets, candidates = [], [], []
+        cell_offset = 0
+        for k in range(self.folds):
+            inside = fold_of == k
+            outside_ids = set(ids[~inside])
+            fold_labels = labels[labels[s.LOG_RECORD_ID].isin(outside_ids)]
+            profile = d.build_profile(_concat(stored[~inside], extra), config, pairs=pairs)
+            edits = d.EditHistory.learn(entered[~inside], fold_labels, config)
+            rows = entered[inside]
+            per_field = d.cell_features(rows, profile, config, fields, edits, context=entered)
+            for name in fields:
+                frame = per_field[name].assign(field_id=float(self.field_ids_[name]))
+                features.append(frame)
+                targets.append(np.array([(r, name) in truth for r in ids[inside]], dtype=int))
+            patterns = sg.EditPatterns.learn(fold_labels)
+            cells, answers = self._labelled_cells(
+                rows, labels[labels[s.LOG_RECORD_ID].isin(set(ids[inside]))], entered, profile
+            )
+            frame = sg.candidate_frame(cells, profile, patterns, self.field_ids_, sg.nearest_choices(profile))
+            frame["label"] = (
+                (
+                    frame["candidate"].to_numpy()
+                    == np.asarray(answers, dtype=object)[frame["cell"].to_numpy()]
+                ).astype(int)
+                if len(frame)
+                else []
+            )
+            frame["cell"] += cell_offset
+            cell_offset += len(cells)
+            candidates.append(frame)
+        X = pd.concat(features, ignore_index=True)
+        y = np.concatenate(targets)
+        logger.info("error model: %d training cells, %d labelled errors", len(X), int(y.sum()))
+        self.classifier_ = HistGradientBoostingClassifier(
+            max_iter=self.max_iter,
+            learning_rate=self.learning_rate,
+            max_leaf_nodes=self.max_leaf_nodes,
+            l2_regularization=self.l2_regularization,
+            categorical_features=[X.columns.get_loc("field_id")],
+            random_state=self.seed,
+        )
+        matrix, self.empty_columns_ = sg.fill_empty_columns(X.to_numpy(dtype=float))
+        with sg.one_thread():
+            self.classifier_.fit(matrix, y)
+        ranked = pd.concat(candidates, ignore_index=True)
+        self.priors_ = sg.learn_priors(ranked) if len(ranked) else {}
+        ranked = _apply_priors(ranked, self.priors_)
+        self.ranker_ = sg.CandidateRanker(seed=self.seed).fit(
+            ranked, ranked["label"].to_numpy() if len(ranked) else np.zeros(0)
+        )
+        self.profile_ = d.build_profile(profile_frame, config, pairs=pairs)
+        self.edits_ = d.EditHistory.learn(entered, labels, config)
+        self.patterns_ = sg.EditPatterns.learn(labels)
+        self.patterns_.prior = self.priors_
+        self.choices_ = sg.nearest_choices(self.profile_)
+        self.threshold_ = float(self.threshold)
+        self.suggest_threshold_ = float(self.suggest_threshold)
+        self.training_rows_ = len(entered)
+        self.training_errors_ = int(y.sum())
+        self._features(entered.iloc[:5])  # builds the lookup indexes once, not on the first scored chunk
+        return self
+
+    def _labelled_cells(
+        self, rows: pd.DataFrame, labels: pd.DataFrame, context: pd.DataFrame, profile: d.Profile
+    ) -> tuple[list[sg.CellContext], list[str]]:
+        """Candidate contexts for the labelled error cells of `rows`, and their corrected values."""
+        config = self.config
+        position = pd.Series(np.arange(len(rows)), index=d.text_column(rows, config.id_column).to_numpy())
+        labels = labels[labels[s.LOG_RECORD_ID].isin(position.index)]
+        extras = self._cell_extras(rows, profile, context)
+        texts = d.chunk_texts(rows, [n for n in config.fields if n in rows.columns])
+        records = texts.to_dict("records")
+        cells, answers = [], []
+        for record_id, name, old, new in zip(
+            labels[s.LOG_RECORD_ID],
+            labels[s.LOG_FIELD],
+            labels[s.LOG_OLD_VALUE],
+            labels[s.LOG_NEW_VALUE],
+            strict=True,
+        ):
+            i = int(position[record_id])
+            cells.append(self._cell(name, records[i], i, extras, "", value=old))
+            answers.append(new)
+        return cells, answers
+
+    def _cell_extras(
+        self, rows: pd.DataFrame, profile: d.Profile, context: pd.DataFrame | None = None
+    ) -> dict:
+        """Per-row facts candidate generation needs: expected running numbers, record years, entry times."""
+        config = self.config
+        names = [n for n in config.fields if n in profile.fields]
+        texts = d.chunk_texts(rows, names)
+        times = d.entry_times(rows, config.time_column)
+        ctx = context if context is not None else rows
+        ctx_texts = d.chunk_texts(ctx, names)
+        ctx_times = d.entry_times(ctx, config.time_column)
+        expected = {}
+        for name, fp in profile.fields.items():
+            if fp.sequence:
+                values, _ = d.sequence_expectation(ctx_texts[name], ctx_times)
+                expected[name] = values.reindex(rows.index).to_numpy()
+        return {
+            "expected": expected,
+            "year": d.record_year(texts, profile, times).to_numpy(),
+            "times": times.to_numpy() if times is not None else None,
+        }
+
+    @staticmethod
+    def _cell(
+        name: str, record: dict, i: int, extras: dict, matched: str, *, value: str | None = None
+    ) -> sg.CellContext:
+        expected = extras["expected"].get(name)
+        times = extras["times"]
+        return sg.CellContext(
+            field=name,
+            value=record[name] if value is None else value,
+            row=record,
+            matched=matched,
+            expected_number=float(expected[i]) if expected is not None else math.nan,
+            record_year=float(extras["year"][i]),
+            entry_time=pd.Timestamp(times[i]) if times is not None else None,
+        )
+
+    # -------------------------------------------------------------------------------------------- scoring
+
+    def _features(self, chunk: pd.DataFrame) -> dict[str, pd.DataFrame]:
+        fields = self.config.check_fields
+        return d.cell_features(chunk, self.profile_, self.config, fields, self.edits_)
+
+    def _scores(self, per_field: dict[str, pd.DataFrame], index: pd.Index) -> pd.DataFrame:
+        """One classifier call for all fields: the per-field frames stacked, the field id as last column."""
+        names = list(per_field)
+        if not names or not len(index):
+            return pd.DataFrame(np.zeros((len(index), len(names))), index=index, columns=names)
+        n = len(index)
+        X = np.empty((n * len(names), len(d.FEATURES) + 1), dtype=float)
+        for j, name in enumerate(names):
+            X[j * n : (j + 1) * n, :-1] = per_field[name].to_numpy(dtype=float)
+            X[j * n : (j + 1) * n, -1] = float(self.field_ids_[name])
+        X[:, self.empty_columns_] = 0.0  # as in training (see `fill_empty_columns`); X is ours to change
+        with sg.one_thread():
+            probability = self.classifier_.predict_proba(X)[:, 1]
+        return pd.DataFrame(probability.reshape(len(names), n).T, index=index, columns=names)
+
+    def assess(
+        self, chunk: pd.DataFrame, matched: pd.DataFrame | None = None
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """`(cell_scores(chunk), detect(chunk, matched))` with the features computed once.
+
+        The cell scores are the classifier's, as `cell_scores` returns them; the flags' scores also take
+        `matched` into account (see `detect`). Candidates and reasons are made for flagged cells only.
+        """
+        return self._assess(chunk, matched, with_flags=True)
+
+    def _assess(
+        self, chunk: pd.DataFrame, matched: pd.DataFrame | None, *, with_flags: bool
+    ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+        check_is_fitted(self, "classifier_")
+        _require(chunk, self.config.check_fields, "batch")
+        per_field = self._features(chunk)
+        scores = self._scores(per_field, chunk.index)
+        if not with_flags:
+            return scores, None
+        adjusted = self._adjust_for_matched(chunk, scores, matched) if matched is not None else scores
+        return scores, self._flags(chunk, adjusted, per_field, matched, self.threshold_)
+
+    def cell_scores(self, chunk: pd.DataFrame) -> pd.DataFrame:
+        """Error probability per checked field (columns = `config.check_fields`, same index as `chunk`)."""
+        return self._assess(chunk, None, with_flags=False)[0]
+
+    def detect(self, chunk: pd.DataFrame, matched: pd.DataFrame | None = None) -> pd.DataFrame:
+        """The flags for a chunk: one row per flagged cell (columns `DETECT_COLUMNS`), highest score first.
+
+        `matched` (optional, same index as `chunk`, the config's fields) holds the field values of the record
+        each row duplicates (`''` where none); they are candidates, e.g. a missing customer code.
+        """
+        return self.assess(chunk, matched)[1]
+
+    def _adjust_for_matched(
+        self, chunk: pd.DataFrame, scores: pd.DataFrame, matched: pd.DataFrame
+    ) -> pd.DataFrame:
+        """The scores given the record each row duplicates (a copy; `scores` is left as it is)."""
+        scores = scores.copy()
+        # A value equal to that of the record this one duplicates was entered twice alike: not a slip
+        # (a re-registered order keeps its original's date and number).
+        aligned = matched.reindex(chunk.index)
+        for name in scores.columns.intersection(aligned.columns):
+            value = d.text_column(chunk, name)
+            other = d.text_column(aligned, name)
+            same = (value == other) & (value != s.MISSING)
+            scores.loc[same.to_numpy(), name] = 0.0
+            # Missing here while the record it duplicates has the value (and the field is normally
+            # filled): the value was left out, and the duplicate says what it is.
+            if self.profile_.fields[name].fill_rate >= 0.5:
+                left_out = ((value == s.MISSING) & (other != s.MISSING)).to_numpy()
+                floor = max(self.threshold_, 0.5)
+                scores.loc[left_out, name] = np.maximum(scores.loc[left_out, name], floor)
+        return scores
+
+    def _flags(
+        self,
+        chunk: pd.DataFrame,
+        scores: pd.DataFrame,
+        per_field: dict[str, pd.DataFrame],
+        matched: pd.DataFrame | None,
+        threshold: float,
+        *,
+        suggest_threshold: float | None = None,
+    ) -> pd.DataFrame:
+        config = self.config
+        positions, names = np.nonzero(scores.to_numpy() >= threshold)
+        if len(positions) == 0:
+            return pd.DataFrame({c: pd.Series(dtype=object) for c in DETECT_COLUMNS}).astype(
+                {s.FLAG_SCORE: float, SUGGEST_EMPTY: bool}
+            )
+        names = [scores.columns[j] for j in names]
+        texts = d.chunk_texts(chunk, [n for n in config.fields if n in self.profile_.fields])
+        flagged_rows = np.unique(positions)
+        records = dict(zip(flagged_rows, texts.iloc[flagged_rows].to_dict("records"), strict=True))
+        extras = self._cell_extras(chunk, self.profile_)
+        matched_texts = None
+        if matched is not None:
+            matched_texts = d.chunk_texts(
+                matched.reindex(chunk.index), [n for n in config.fields if n in matched.columns]
+            )
+        cells = []
+        for i, name in zip(positions, names, strict=True):
+            hint = (
+                matched_texts.iat[i, matched_texts.columns.get_loc(name)]
+                if matched_texts is not None and name in matched_texts.columns
+                else ""
+            )
+            cells.append(self._cell(name, records[i], int(i), extras, hint))
+        frame = sg.candidate_frame(cells, self.profile_, self.patterns_, self.field_ids_, self.choices_)
+        frame = _apply_priors(frame, self.priors_)
+        probability = self.ranker_.predict_proba(frame)
+        cut = self.suggest_threshold_ if suggest_threshold is None else suggest_threshold
+        if len(frame):
+            # The log has no duplicates to learn from: a missing value that the duplicated record holds is
+            # taken from it with fixed confidence, whatever the threshold calibrated on the log's own pairs.
+            filled_from_match = (frame["from_matched"] == 1) & (frame["value_missing"] == 1)
+            probability = np.where(
+                filled_from_match, np.maximum(probability, max(MATCHED_CONFIDENCE, cut)), probability
+            )
+        best = sg.best_candidates(frame, probability, len(cells))
+        confident = best["probability"].to_numpy() >= cut
+        suggestion = np.where(confident, best["candidate"].to_numpy(dtype=object), s.MISSING)
+        flag_scores = scores.to_numpy()[positions, [scores.columns.get_loc(n) for n in names]]
+        arrays = {name: frame.to_numpy(dtype=float) for name, frame in per_field.items()}
+        columns = list(d.FEATURES)
+        reasons = [
+            explain(
+                cell, dict(zip(columns, arrays[cell.field][i], strict=True)), self.profile_, sugg, via, self.edits_
+            )
+            for cell, i, sugg, via in zip(cells, positions, suggestion, best["via"], strict=True)
+        ]
+        flags = pd.DataFrame(
+            {
+                FLAG_ROW: chunk.index[positions],
+                s.FLAG_FIELD: names,
+                s.FLAG_VALUE: [cell.value for cell in cells],
+                s.FLAG_SCORE: flag_scores.astype(float),
+                s.FLAG_SUGGESTION: suggestion,
+                s.FLAG_REASON: reasons,
+                SUGGEST_EMPTY: confident & (best["candidate"].to_numpy(dtype=object) == s.MISSING),
+                "suggestion_probability": best["probability"].to_numpy(),
+            }
+        )
+        return flags.sort_values(s.FLAG_SCORE, ascending=False, kind="stable").reset_index(drop=True)
+
+    # ---------------------------------------------------------------------------------------- calibration
+
+    def calibrate(self, entered: pd.DataFrame, labels: pd.DataFrame) -> dict[str, float]:
+        """Chooses the flag threshold (max F1, or the lowest reaching `config.error_min_precision`) and the
+        suggestion threshold (max correction F1) on held-out history as entered; returns the metrics there."""
+        check_is_fitted(self, "classifier_")
+        config = self.config
+        entered = entered.reset_index(drop=True)
+        ids = d.text_column(entered, config.id_column)
+        labels = labels[
+            labels[s.LOG_FIELD].isin(config.check_fields) & labels[s.LOG_RECORD_ID].isin(set(ids))
+        ]
+        per_field = self._features(entered)
+        scores = self._scores(per_field, entered.index)
+        truth = set(zip(labels[s.LOG_RECORD_ID], labels[s.LOG_FIELD], strict=True))
+        y = np.array([[(r, f) in truth for f in scores.columns] for r in ids], dtype=bool).ravel()
+        self.threshold_ = choose_threshold(
+            scores.to_numpy().ravel(), y, config.error_min_precision, self.threshold
+        )
+        flags = self._flags(entered, scores, per_field, None, self.threshold_, suggest_threshold=0.0)
+        flags["record_id"] = ids.to_numpy()[flags[FLAG_ROW].to_numpy()] if len(flags) else []
+        self.suggest_threshold_ = choose_suggest_threshold(flags, labels, self.suggest_threshold)
+        final = flags.copy()
+        low = final["suggestion_probability"] < self.suggest_threshold_
+        final.loc[low, s.FLAG_SUGGESTION] = s.MISSING
+        final.loc[low, SUGGEST_EMPTY] = False
+        metrics = cell_metrics(final, labels)
+        metrics.update(threshold=self.threshold_, suggest_threshold=self.suggest_threshold_)
+        logger.info("error model calibrated: %s", {k: round(v, 3) for k, v in metrics.items()})
+        return metrics
+
+    # ------------------------------------------------------------------------------------------ save/load
+
+    def save(self, folder: Path) -> None:
+        """Writes the fitted model (joblib) and its metadata (JSON: versions, thresholds) into `folder`."""
+        check_is_fitted(self, "classifier_")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        joblib.dump(self, folder / MODEL_FILE, compress=3)
+        write_meta(
+            folder / META_FILE,
+            self,
+            {
+                "threshold": self.threshold_,
+                "suggest_threshold": self.suggest_threshold_,
+                "fields": self.config.check_fields,
+            },
+        )
+
+    @classmethod
+    def load(cls, folder: Path) -> ErrorModel:
+        """Reads a model written by `save`; raises `ModelLoadError` with a one-line message on any failure."""
+        return load_model(cls, Path(folder), MODEL_FILE, META_FILE)
+
+
+# --------------------------------------------------------------------------------------------------- reasons
+
+
+def label_of(name: str) -> str:
+    """A field name as a clerk reads it: `customer_code` -> `customer code`."""
+    return name.replace("_", " ")
+
+
+def _fmt_ratio(log_ratio: float) -> str:
+    if abs(log_ratio - round(log_ratio)) < 0.25 and round(log_ratio) != 0:
+        log_ratio = round(log_ratio)  # a decimal slip: say 10x, not 8.7x
+    ratio = 10**log_ratio
+    if ratio >= 1:
+        return f"{ratio:.0f}x" if ratio >= 9.5 else f"{ratio:.1f}x"
+    return f"1/{1 / ratio:.0f} of"
+
+
+def explain(
+    cell: sg.CellContext,
+    features: pd.Series | dict[str, float],
+    profile: d.Profile,
+    suggestion: str,
+    via: str,
+    edits: d.EditHistory | None = None,
+) -> str:
+    """One short sentence a clerk understands, naming the strongest evidence against the cell."""
+    name, value = cell.field, cell.value
+    label = label_of(name)
+    fp = profile.fields[name]
+    f = features.to_dict() if isinstance(features, pd.Series) else features
+
+    def hint() -> str:
+        return f"; probably {suggestion!r}" if suggestion else ""
+
+    if value == s.MISSING:
+        text = f"{label} missing"
+        if suggestion and "dependency" in via.split(","):
+            dep = _best_vote(cell, profile, suggestion)
+            if dep is not None:
+                n = dep.support.get(cell.row[dep.source], 0)
+                return f"{text}; {cell.row[dep.source]!r} has {label} {suggestion} on {n} earlier records"
+        if suggestion and "matched" in via.split(","):
+            return f"{text}; the record it duplicates has {suggestion}"
+        return f"{text} (filled in {fp.fill_rate:.0%} of earlier records){hint()}"
+    if f.get("checksum_invalid") == 1:
+        return f"{label} {value!r} fails the {'/'.join(fp.schemes)} check{hint()}"
+    if f.get("year_mismatch") == 1:
+        return f"{label} {value!r} has a different year than the record's date{hint()}"
+    if f.get("sequence_gap", 0) > math.log1p(3):
+        return f"{label} {value!r} is out of sequence with the records entered around it{hint()}"
+    ratio = f.get("group_log_ratio", math.nan)
+    group = profile.groups.get(name)
+    if group is not None and math.isfinite(ratio) and abs(ratio) >= 0.6:
+        key = cell.row.get(group.group, "")
+        usual = d.format_number(10 ** group.medians.get(key, math.nan), fp.decimals)
+        return f"{label} {value} is {_fmt_ratio(ratio)} the usual {label} for {key!r} (about {usual}){hint()}"
+    if f.get("date_unparsed") == 1:
+        return f"{label} {value!r} is not a date in the usual format{hint()}"
+    outside = f.get("date_outside", math.nan)
+    if math.isfinite(outside) and outside > 0:
+        delta = f.get("date_delta_days", math.nan)
+        where = "after" if delta > fp.delta_high else "before"
+        days = round(abs(delta))
+        unit = "day" if days == 1 else "days"
+        return f"{label} {value} is {days} {unit} {where} the entry date, unusual{hint()}"
+    if f.get("dep_disagree", 0) > 0:
+        dep = _strongest_disagreement(cell, profile)
+        if dep is not None:
+            src = cell.row[dep.source]
+            implied = dep.implied[src]
+            n = dep.support.get(src, 0)
+            source = label_of(dep.source)
+            return f"{label} {value!r} does not match {source} {src} ({implied} on {n} earlier records)"
+    if f.get("rev_disagree", 0) > 0 and f.get("dep_disagree", 0) == 0:
+        for dep in profile.by_source.get(name, []):
+            implied = dep.implied.get(value)
+            if implied is not None and implied != cell.row.get(dep.target, s.MISSING):
+                actual = cell.row.get(dep.target, "")
+                return (
+                    f"{label} {value!r} belongs to {label_of(dep.target)} {implied!r}, not {actual!r}{hint()}"
+                )
+    if f.get("shape_share", 1) < 0.01 and fp.shape_example:
+        example = next(iter(fp.shape_example.values()))
+        return f"{label} {value!r} does not have the usual format (like {example!r}){hint()}"
+    if f.get("edit_value_count", 0) > 0:
+        return f"{label} {value!r} was corrected before in earlier records{hint()}"
+    if f.get("value_unseen") == 1:
+        return f"{label} {value!r} does not occur in earlier records{hint()}"
+    if f.get("value_share", 1) < 0.01:
+        return f"{label} {value!r} is rare in earlier records{hint()}"
+    return f"{label} {value!r} is unusual for this record{hint()}"
+
+
+def _first_strong(deps: list[tuple[d.Dependency, float]]) -> d.Dependency | None:
+    """Among dependencies with evidence, the first field (config order) within 80% of the strongest: a
+    clerk reads "does not match customer code" more easily than "does not match phone"."""
+    if not deps:
+        return None
+    top = max(weight for _, weight in deps)
+    return next(dep for dep, weight in deps if weight >= 0.8 * top)
+
+
+def _best_vote(cell: sg.CellContext, profile: d.Profile, suggestion: str) -> d.Dependency | None:
+    votes = []
+    for dep in profile.by_target.get(cell.field, []):
+        src = cell.row.get(dep.source, s.MISSING)
+        if src and dep.implied.get(src) == suggestion:
+            votes.append((dep, float(dep.support.get(src, 0))))
+    return _first_strong(votes)
+
+
+def _strongest_disagreement(cell: sg.CellContext, profile: d.Profile) -> d.Dependency | None:
+    against = []
+    for dep in profile.by_target.get(cell.field, []):
+        src = cell.row.get(dep.source, s.MISSING)
+        implied = dep.implied.get(src) if src else None
+        if implied is not None and implied != cell.value:
+            against.append((dep, dep.strength * dep.support.get(src, 0)))
+    return _first_strong(against)
+
+
+# --------------------------------------------------------------------------------------------- thresholds
+
+
+def choose_threshold(
+    scores: np.ndarray, truth: np.ndarray, min_precision: float | None, default: float
+) -> float:
+    """The score threshold with the best F1, or the lowest one whose precision reaches `min_precision`."""
+    if truth.sum() == 0 or len(scores) == 0:
+        return default
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    hits = np.cumsum(truth[order])
+    flagged = np.arange(1, len(scores) + 1)
+    precision = hits / flagged
+    recall = hits / truth.sum()
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
+    # Only cut between distinct scores.
+    last_of_tie = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
+    if min_precision is not None:
+        ok = np.flatnonzero(last_of_tie & (precision >= min_precision))
+        if len(ok):
+            return float(sorted_scores[ok[-1]])
+        logger.warning(
+            "no threshold reaches precision %.2f on the validation data; using max F1", min_precision
+        )
+    # Labels are incomplete (some flagged "false positives" are errors staff missed), so among the cuts
+    # within F1_TOLERANCE of the best, take the lowest threshold.
+    cuts = np.flatnonzero(last_of_tie)
+    good = cuts[f1[cuts] >= f1[cuts].max() - F1_TOLERANCE]
+    return float(sorted_scores[good[-1]])
+
+
+def choose_suggest_threshold(flags: pd.DataFrame, labels: pd.DataFrame, default: float) -> float:
+    """The probability above which a suggestion is shown, chosen for the best correction F1."""
+    if flags.empty or labels.empty:
+        return default
+    truth = {
+        (r, f): v
+        for r, f, v in zip(labels[s.LOG_RECORD_ID], labels[s.LOG_FIELD], labels[s.LOG_NEW_VALUE], strict=True)
+    }
+    right = np.array(
+        [
+            truth.get((r, f)) == v
+            for r, f, v in zip(flags["record_id"], flags[s.FLAG_FIELD], flags[s.FLAG_SUGGESTION], strict=True)
+        ]
+    )
+    prob = flags["suggestion_probability"].to_numpy()
+    best_t, best_f1 = default, -1.0
+    # A coarse grid: the validation set is small, and exact probabilities would overfit it.
+    for t in SUGGEST_GRID:
+        made = prob >= t
+        correct = (right & made).sum()
+        precision = correct / made.sum() if made.sum() else 0.0
+        recall = correct / len(truth)
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        if f1 > best_f1 + 1e-12:
+            best_t, best_f1 = float(t), f1
+    return max(best_t, 0.05)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def cell_metrics(
+    flags: pd.DataFrame, truth: pd.DataFrame, *, ids: pd.Series | None = None
+) -> dict[str, float]:
+    """Cell-level precision, recall and F1 of detection and of correction (Baran's definitions).
+
+    `flags`: rows with `field`, `suggestion` and either `record_id` or `row` (then `ids` maps the rows to
+    record ids). `truth`: `cell_labels`-like rows (record_id, field, new_value) of the true errors, or a log
+    with an `action` column (its edits are used). A flag is a true positive when its cell is in `truth`; a
+    correction is right when the suggestion equals the true `new_value` (an empty suggestion counts as made
+    only when `suggest_empty` is set). Correction precision = right / made, recall = right / true errors.
+    """
+    if s.LOG_ACTION in truth.columns:
+        truth = truth[truth[s.LOG_ACTION] == s.ACTION_EDIT]
+        truth = (
+            truth.groupby([s.LOG_RECORD_ID, s.LOG_FIELD], sort=False)[s.LOG_NEW_VALUE].last().reset_index()
+        )
+    true_new = {
+        (r, f): v
+        for r, f, v in zip(truth[s.LOG_RECORD_ID], truth[s.LOG_FIELD], truth[s.LOG_NEW_VALUE], strict=True)
+    }
+    if "record_id" in flags.columns:
+        record_ids = flags["record_id"].to_numpy()
+    elif ids is not None:
+        record_ids = ids.loc[flags[FLAG_ROW]].to_numpy()
+    else:
+        raise SchemaError(
+            "cell_metrics: flags need a `record_id` column, or pass `ids` to map `row` to record ids"
+        )
+    keys = list(zip(record_ids, flags[s.FLAG_FIELD], strict=True))
+    suggestions = flags[s.FLAG_SUGGESTION].to_numpy(dtype=object)
+    empty_ok = (
+        flags[SUGGEST_EMPTY].to_numpy(dtype=bool)
+        if SUGGEST_EMPTY in flags.columns
+        else np.zeros(len(flags), bool)
+    )
+    made = np.array(
+        [(sug != s.MISSING) or e for sug, e in zip(suggestions, empty_ok, strict=True)], dtype=bool
+    )
+    tp = sum(key in true_new for key in set(keys))
+    right = sum(
+        1 for key, sug, m in zip(keys, suggestions, made, strict=True) if m and true_new.get(key) == sug
+    )
+    n_flags, n_true, n_made = len(set(keys)), len(true_new), int(made.sum())
+    return {
+        "detection_precision": _div(tp, n_flags),
+        "detection_recall": _div(tp, n_true),
+        "detection_f1": _f1(_div(tp, n_flags), _div(tp, n_true)),
+        "correction_precision": _div(right, n_made),
+        "correction_recall": _div(right, n_true),
+        "correction_f1": _f1(_div(right, n_made), _div(right, n_true)),
+        "flags": float(n_flags),
+        "true_errors": float(n_true),
+        "suggestions": float(n_made),
+        "correct_suggestions": float(right),
+    }
+
+
+def _div(a: float, b: float) -> float:
+    return float(a) / b if b else 0.0
+
+
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _require(frame: pd.DataFrame, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise SchemaError(f"{what}: missing column {missing[0]!r}; the table has {list(frame.columns)[:12]}")
+
+
+def _align(stored: pd.DataFrame, ids: pd.Series, id_column: str, entered: pd.DataFrame) -> pd.DataFrame:
+    """`stored` in the row order of `entered` (by id); records absent from `stored` keep their entered
+    values."""
+    keyed = stored.set_index(d.text_column(stored, id_column).to_numpy())
+    keyed = keyed[~keyed.index.duplicated()]
+    aligned = keyed.reindex(ids.to_numpy())
+    absent = (
+        aligned[id_column].isna().to_numpy() if id_column in aligned.columns else np.zeros(len(ids), bool)
+    )
+    aligned.index = entered.index
+    if absent.any():
+        aligned.loc[absent] = entered.loc[absent, aligned.columns.intersection(entered.columns)]
+    return aligned.fillna(s.MISSING)
+
+
+def _concat(first: pd.DataFrame, extra: pd.DataFrame | None) -> pd.DataFrame:
+    if extra is None:
+        return first
+    return pd.concat([first, extra], ignore_index=True).fillna(s.MISSING)
+
+
+def _apply_priors(frame: pd.DataFrame, priors: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """Fills `source_prior`: the best share of past corrections any of the candidate's sources got right."""
+    if frame.empty:
+        return frame
+    frame = frame.copy()
+    codes, names = pd.factorize(frame["field"])
+    table = np.array([[priors.get(name, {}).get(source, 0.0) for source in sg.SOURCES] for name in names])
+    sources = frame[[f"from_{source}" for source in sg.SOURCES]].to_numpy(dtype=float)
+    frame["source_prior"] = (table[codes] * sources).max(axis=1, initial=0.0)
+    return frame
+
+
+def write_meta(path: Path, model: object, extra: dict) -> None:
+    """The JSON beside a saved model: its class, format and the library versions it was saved with."""
+    meta = {
+        "class": type(model).__name__,
+        "format": FORMAT_VERSION,
+        "sklearn": sklearn.__version__,
+        "pandas": pd.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        **extra,
+    }
+    path.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def load_model(cls: type, folder: Path, model_file: str, meta_file: str):  # noqa: ANN201 - an instance of cls
+    """Shared loader for the error and anomaly models; every failure becomes one `ModelLoadError` line."""
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: model folder not found")
+    meta_path, model_path = folder / meta_file, folder / model_file
+    if not meta_path.exists() or not model_path.exists():
+        raise ModelLoadError(
+            f"{folder}: no {cls.__name__} in this folder (expected {model_file} and {meta_file})"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{meta_path}: unreadable model metadata ({exc.__class__.__name__})") from None
+    if meta.get("class") != cls.__name__ or meta.get("format") != FORMAT_VERSION:
+        raise ModelLoadError(
+            f"{meta_path}: holds {meta.get('class')} format {meta.get('format')}, "
+            f"this version reads {cls.__name__} format {FORMAT_VERSION}; retrain the model"
+        )
+    if meta.get("sklearn") != sklearn.__version__:
+        logger.warning(
+            "model saved with scikit-learn %s, running %s", meta.get("sklearn"), sklearn.__version__
+        )
+    try:
+        model = joblib.load(model_path)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a load failure
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelLoadError(
+            f"{model_path}: cannot load ({exc.__class__.__name__}: {first_line}); "
+            "retrain or use the versions it was saved with"
+        ) from None
+    if not isinstance(model, cls):
+        raise ModelLoadError(f"{model_path}: holds a {type(model).__name__}, expected {cls.__name__}")
+    return model

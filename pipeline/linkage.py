@@ -1,0 +1,981 @@
+"""The duplicate model: learns from the merge log which records are second registrations of earlier ones.
+
+dedupe stays underneath for what it is good at, its comparators (the field plugins' dedupe variables and
+`DataModel`, which also adds the missing-value indicators) and its classifier (a logistic regression chosen
+by cross-validation, as dedupe's `ActiveMatching` does). Two of dedupe's parts are replaced, because they
+do not fit a batch job that learns from thousands of logged merges: its blocking learner (the index and
+canopy predicates grow to many gigabytes) and its interactive labelling.
+
+* Blocking: every field plugin offers cheap keys (whole code, sorted digits, first token, metaphone, ...).
+  A record is compared with the `window` most recent earlier records that share a key value. A greedy set
+  cover picks the keys (and combinations of a weak key such as a city with another key) that cover the
+  known duplicate pairs up to the `recall` target at the fewest comparisons.
+* Labels: positives are the known pairs (merge chains closed), negatives are candidate pairs of the learned
+  blocking that were never merged (the hard ones) plus random pairs, `max_labels` in all.
+* Scoring: each record's candidates are cut to the `top_k` that share most keys, compared field by field,
+  and scored by the classifier; the best candidate above `threshold_` is the record it duplicates.
+
+>>> # model = DuplicateModel(config).fit(entered_history, known_pairs)
+>>> # links = model.matcher(reference).match(batch)   # duplicate_of, duplicate_score, cluster_id, reason
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import dedupe
+import numpy as np
+import pandas as pd
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from threadpoolctl import threadpool_limits
+
+from pipeline import __version__
+from pipeline import schema as s
+from pipeline.config import Config, config_from_dict
+from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
+from pipeline.fields import FieldType, field_type
+from pipeline.fields.base import Difference
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SETTINGS_FILE = "linkage_settings.json"
+META_FILE = "linkage_meta.json"
+KEY_SEPARATOR = "\x1f"
+MAX_RULES = 12
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+CV_FOLDS = 4
+LOOKALIKE_SHARE = 0.5
+FIELD_AGREEMENT_SHARE = 0.3
+WIDE_EXTRA_RULES = 6
+UNMERGED_SUSPECT = 0.9
+CONFIDENT_SCORE = 0.99
+MIN_CONFIDENT_LINKS = 10
+MIN_LABEL_FREQUENCY = 0.5
+MAX_SAME_IN_REASON = 3
+MAX_DIFFERENT_IN_REASON = 3
+DEDUPE_VERSION = metadata.version("dedupe")
+
+
+@dataclass(frozen=True)
+class BlockingRule:
+    """Records share a block when all parts agree: `(("customer_name", "metaphone"), ("city", "value"))`."""
+
+    parts: tuple[tuple[str, str], ...]
+
+    @property
+    def name(self) -> str:
+        return "&".join(f"{field}:{key}" for field, key in self.parts)
+
+    @classmethod
+    def parse(cls, name: str) -> BlockingRule:
+        return cls(tuple(tuple(part.split(":", 1)) for part in name.split("&")))  # type: ignore[misc]
+
+
+@dataclass
+class _Encoded:
+    """A frame of records turned into what the matcher stores: normalised and parsed values per field, the
+    blocking keys per rule, entry times (days, NaN when unknown), and the raw values of all config fields."""
+
+    ids: list[str]
+    raw: list[tuple[str, ...]]
+    normalised: dict[str, list[str]]
+    parsed: dict[str, list[Any]]
+    keys: list[list[str]]
+    times: list[float]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class DuplicateModel:
+    """Learns to find duplicate registrations from records as entered and the pairs staff merged.
+
+    Parameters are only stored here (scikit-learn's convention); `fit` learns the field plugins' state,
+    `blocking_rules_`, the classifier (`weights_`, `intercept_`), `label_counts_` and sets `threshold_`
+    to 0.5 until `calibrate` chooses it on held-out data.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        recall: float = 0.99,
+        max_labels: int = 1000,
+        seed: int = 0,
+        window: int = 30,
+        top_k: int = 8,
+    ) -> None:
+        self.config = config
+        self.recall = recall
+        self.max_labels = max_labels
+        self.seed = seed
+        self.window = window
+        self.top_k = top_k
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "recall": self.recall,
+            "max_labels": self.max_labels,
+            "seed": self.seed,
+            "window": self.window,
+            "top_k": self.top_k,
+        }
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self, entered: pd.DataFrame, pairs: set[frozenset[str]]) -> DuplicateModel:
+        """Learns blocking and the pairwise classifier from the history as entered and its known pairs.
+
+        `pairs` are pairs of ids of `entered` that staff merged (chains closed); pairs with an id outside
+        `entered` are ignored. Raises `TrainingDataError` when there is too little to learn from.
+        """
+        started = time.perf_counter()
+        self._check_columns(entered, "training history")
+        records = entered.iloc[self._entry_order(entered)].reset_index(drop=True)
+        ids = records[self.config.id_column].astype(str)
+        position = pd.Series(np.arange(len(records)), index=ids.to_numpy())
+        position = position[~position.index.duplicated(keep="last")]
+        known = [tuple(pair) for pair in pairs if len(pair) == 2 and all(i in position.index for i in pair)]
+        if len(records) < 4 or not known:
+            raise TrainingDataError(
+                f"training history: {len(records)} records and {len(known)} known duplicate pairs among "
+                "them; the duplicate model needs `merge` rows in the corrections log between history records"
+            )
+        left = position[[a for a, _ in known]].to_numpy()
+        right = position[[b for _, b in known]].to_numpy()
+        # Earlier record first, as in scoring where a record is matched against earlier ones.
+        pair_a, pair_b = np.maximum(left, right), np.minimum(left, right)
+
+        self.plugins_: list[FieldType] = []
+        normalised: dict[str, pd.Series] = {}
+        for name in self.config.match_fields:
+            plugin = field_type(self.config.fields[name].type)(name)
+            normalised[name] = plugin.normalise(records[name].fillna(s.MISSING).astype(str))
+            plugin.fit(normalised[name])
+            self.plugins_.append(plugin)
+        self._build_data_model()
+
+        self.blocking_rules_, self.blocking_recall_, wide = self._learn_blocking(normalised, pair_a, pair_b)
+        self.rules_ = [BlockingRule.parse(name) for name in self.blocking_rules_]
+        self.threshold_ = 0.5
+
+        matcher = Matcher(self, None)
+        cand_a, cand_b, _ = matcher._candidates(self._encode(records))
+        found = {(int(a), int(b)) for a, b in zip(cand_a, cand_b, strict=True)}
+        hits = sum((int(a), int(b)) in found for a, b in zip(pair_a, pair_b, strict=True))
+        self.candidate_recall_ = hits / len(pair_a)
+        self.candidates_per_record_ = len(cand_a) / len(records)
+        # Hard negatives come from a wider blocking than the one scoring uses, so the classifier also sees
+        # look-alikes that the chosen keys happen to keep apart in this history.
+        wide_matcher = Matcher(self, None, rules=wide)
+        wide_a, wide_b, _ = wide_matcher._candidates(self._encode(records, rules=wide))
+        cluster = _clusters_of(known)
+
+        rng = np.random.default_rng(self.seed)
+        label_a, label_b, labels = self._sample_labels(
+            rng, ids.to_numpy(), (pair_a, pair_b), (wide_a, wide_b), normalised, cluster
+        )
+        features = wide_matcher._features(label_a, label_b)
+        # A thousand labels fit fastest on one thread; BLAS threads only contend on a shared machine.
+        with threadpool_limits(1):
+            self._fit_classifier(features, labels)
+        # Staff do not find every duplicate: a "negative" the first fit scores as a near-certain match is
+        # most likely an unmerged duplicate. Dropping those and refitting keeps them from teaching the
+        # classifier that look-alikes are distinct.
+        suspect = (labels == 0) & (self.probabilities(features) >= UNMERGED_SUSPECT)
+        if suspect.any():
+            features, labels = features[~suspect], labels[~suspect]
+            with threadpool_limits(1):
+                self._fit_classifier(features, labels)
+        self.label_counts_["dropped_as_unmerged_duplicates"] = int(suspect.sum())
+        self.n_features_ = features.shape[1]
+        self.train_seconds_ = time.perf_counter() - started
+        logger.info(
+            "duplicate model: %d records, %d known pairs, blocking recall %.3f (%s), candidate recall %.3f "
+            "at %.1f candidates per record, labels %s, trained in %.1f s",
+            len(records),
+            len(pair_a),
+            self.blocking_recall_,
+            " | ".join(self.blocking_rules_),
+            self.candidate_recall_,
+            self.candidates_per_record_,
+            self.label_counts_,
+            self.train_seconds_,
+        )
+        return self
+
+    def _check_columns(self, frame: pd.DataFrame, source: str) -> None:
+        needed = [self.config.id_column, *self.config.match_fields]
+        missing = [column for column in needed if column not in frame.columns]
+        if missing:
+            raise SchemaError(f"{source}: missing column(s) {', '.join(missing)} that the config names")
+
+    def _entry_order(self, frame: pd.DataFrame) -> np.ndarray:
+        times = self._times(frame)
+        return np.argsort(np.where(np.isnan(times), -np.inf, times), kind="stable")
+
+    def _times(self, frame: pd.DataFrame) -> np.ndarray:
+        """Entry times in days since the epoch, NaN where unknown (or no time column)."""
+        column = self.config.time_column
+        if not column or column not in frame.columns:
+            return np.full(len(frame), np.nan)
+        raw = frame[column].fillna(s.MISSING).astype(str).replace(s.MISSING, None)
+        stamps = pd.to_datetime(raw, errors="coerce", format="ISO8601", utc=True)
+        seconds = (stamps - pd.Timestamp("1970-01-01", tz="UTC")).dt.total_seconds()
+        return (seconds / 86400.0).to_numpy(dtype=float, na_value=np.nan)
+
+    def _build_data_model(self) -> None:
+        variables = [variable for plugin in self.plugins_ for variable in plugin.variables()]
+        self.data_model_ = dedupe.datamodel.DataModel(variables)
+        names = [variable.name for variable in self.data_model_.field_variables]
+        missing = [f"{names[i]} present" for i in self.data_model_._missing_field_indices]
+        self.feature_names_ = names + missing
+        if len(self.feature_names_) != len(self.data_model_):
+            raise ValueError("field plugins must use one-column dedupe variables")
+
+    def _candidate_rules(self) -> list[BlockingRule]:
+        singles = [(plugin.field, key) for plugin in self.plugins_ for key in plugin.blocking]
+        strong = [(field, key.name) for field, key in singles if not key.weak]
+        weak = [(field, key.name) for field, key in singles if key.weak]
+        rules = [BlockingRule(((field, key),)) for field, key in strong]
+        rules += [BlockingRule((w, other)) for w in weak for other in strong if other[0] != w[0]]
+        return rules
+
+    def _learn_blocking(
+        self, normalised: dict[str, pd.Series], pair_a: np.ndarray, pair_b: np.ndarray
+    ) -> tuple[list[str], float, list[BlockingRule]]:
+        """Greedy set cover: keys that cover the known pairs to `recall` at the fewest comparisons.
+
+        A rule's cost is the comparisons it makes (each record against up to `window` earlier records of
+        its block); its gain the known pairs it newly covers. Smoothing the cost by the record count keeps
+        the number of rules (each a lookup per record) small. Also returns a wider set of rules (the chosen
+        ones plus the single keys that cover most pairs) whose candidates serve as hard negatives.
+        """
+        single_keys: dict[tuple[str, str], np.ndarray] = {}
+        for plugin in self.plugins_:
+            for key_name, values in plugin.keys(normalised[plugin.field]).items():
+                single_keys[(plugin.field, key_name)] = values.to_numpy(dtype=object)
+        n = len(next(iter(normalised.values())))
+        coverage: list[np.ndarray] = []
+        costs: list[float] = []
+        rules = self._candidate_rules()
+        for rule in rules:
+            keys = _join_keys([single_keys[part] for part in rule.parts])
+            codes, _ = pd.factorize(keys)
+            codes[keys == s.MISSING] = -1
+            present = codes >= 0
+            rank = pd.Series(codes).groupby(codes).cumcount().to_numpy()
+            costs.append(float(np.minimum(rank[present], self.window).sum()))
+            same = (codes[pair_a] == codes[pair_b]) & present[pair_a]
+            coverage.append(same & (np.abs(rank[pair_a] - rank[pair_b]) <= self.window))
+        covered = np.zeros(len(pair_a), dtype=bool)
+        chosen: list[str] = []
+        target = self.recall * len(pair_a)
+        while covered.sum() < target and len(chosen) < MAX_RULES:
+            gains = np.array([(cov & ~covered).sum() for cov in coverage], dtype=float)
+            if gains.max() == 0:
+                break
+            best = int(np.argmax(gains / (np.asarray(costs) + n)))
+            covered |= coverage[best]
+            chosen.append(rules[best].name)
+            logger.debug("blocking rule %s: recall now %.3f", rules[best].name, covered.mean())
+        if not chosen:
+            raise TrainingDataError(
+                "training history: no blocking key puts any known duplicate pair together; "
+                "check that the config's field types fit the columns"
+            )
+        recall = float(covered.mean())
+        if recall < self.recall:
+            logger.warning(
+                "blocking covers %.3f of the known pairs, below the target %.3f", recall, self.recall
+            )
+        by_recall = np.lexsort((np.asarray(costs), -np.array([cov.sum() for cov in coverage])))
+        extra = [rules[i] for i in by_recall if rules[i].name not in chosen and len(rules[i].parts) == 1]
+        wide = [BlockingRule.parse(name) for name in chosen] + extra[:WIDE_EXTRA_RULES]
+        return chosen, recall, wide
+
+    def _sample_labels(
+        self,
+        rng: np.random.Generator,
+        ids: np.ndarray,
+        known: tuple[np.ndarray, np.ndarray],
+        lookalikes: tuple[np.ndarray, np.ndarray],
+        normalised: dict[str, pd.Series],
+        cluster: dict[str, str],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Chooses the labelled pairs, `max_labels` in all (dedupe's classifier gains little past that).
+
+        Positives: the known pairs, at most half the labels. Negatives, never merged:
+        * look-alikes: candidate pairs of a wide blocking, the records a matcher actually weighs;
+        * field agreements: pairs that agree on one field (the same amount, the same date) but are not
+          the same registration, spread evenly over the fields, so no single agreeing field can make a
+          match on its own;
+        * random pairs, so the easy majority is represented too.
+        """
+        pair_a, pair_b = known
+        n = len(ids)
+        n_pos = min(len(pair_a), self.max_labels // 2)
+        pick = np.sort(rng.choice(len(pair_a), size=n_pos, replace=False))
+        n_neg = max(self.max_labels - n_pos, n_pos)
+
+        def distinct(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            roots_a = [cluster.get(i, i) for i in ids[a]]
+            roots_b = [cluster.get(i, i) for i in ids[b]]
+            return (a != b) & np.array([x != y for x, y in zip(roots_a, roots_b, strict=True)], dtype=bool)
+
+        def sample(a: np.ndarray, b: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+            index = np.flatnonzero(distinct(a, b)) if len(a) else np.zeros(0, dtype=np.int64)
+            if len(index) > size:
+                index = np.sort(rng.choice(index, size=size, replace=False))
+            return a[index], b[index]
+
+        look_a, look_b = sample(*lookalikes, int(n_neg * LOOKALIKE_SHARE))
+        agree_a: list[np.ndarray] = []
+        agree_b: list[np.ndarray] = []
+        per_field = int(n_neg * FIELD_AGREEMENT_SHARE) // max(len(normalised), 1)
+        for values in normalised.values():
+            codes, _ = pd.factorize(values.to_numpy(dtype=object))
+            codes[values.to_numpy(dtype=object) == s.MISSING] = -1
+            order = np.lexsort((rng.random(n), codes))
+            same = (codes[order][1:] == codes[order][:-1]) & (codes[order][1:] >= 0)
+            first, second = order[1:][same], order[:-1][same]
+            a, b = sample(np.maximum(first, second), np.minimum(first, second), per_field)
+            agree_a.append(a)
+            agree_b.append(b)
+        field_a, field_b = np.concatenate(agree_a), np.concatenate(agree_b)
+        n_random = n_neg - len(look_a) - len(field_a)
+        rand_a, rand_b = sample(
+            rng.integers(0, n, size=2 * n_random), rng.integers(0, n, size=2 * n_random), n_random
+        )
+        self.label_counts_ = {
+            "positive": int(n_pos),
+            "lookalike_negative": len(look_a),
+            "field_agreement_negative": len(field_a),
+            "random_negative": len(rand_a),
+        }
+        label_a = np.concatenate([pair_a[pick], look_a, field_a, rand_a])
+        label_b = np.concatenate([pair_b[pick], look_b, field_b, rand_b])
+        labels = np.concatenate([np.ones(n_pos), np.zeros(len(label_a) - n_pos)]).astype(int)
+        return label_a, label_b, labels
+
+    def _fit_classifier(self, features: np.ndarray, labels: np.ndarray) -> None:
+        """Logistic regression on standardised features, C chosen by stratified CV on log loss.
+
+        A comparison whose weight comes out with the wrong sign (a distance that makes a match more
+        likely) is dropped and the rest refitted, until all agree with the plugins' `directions`. The
+        scaling is folded into `weights_` and `intercept_`, so scoring is one dot product.
+        """
+        mean = features.mean(axis=0)
+        scale = features.std(axis=0)
+        scale[scale == 0] = 1.0
+        scaled = (features - mean) / scale
+        direction = np.zeros(features.shape[1])
+        signs = [sign for plugin in self.plugins_ for sign in plugin.directions()]
+        direction[: len(signs)] = signs
+        active = np.ones(features.shape[1], dtype=bool)
+        self.c_ = self._choose_c(scaled, labels)
+        while True:
+            classifier = LogisticRegression(C=self.c_, max_iter=1000).fit(scaled[:, active], labels)
+            coef, intercept = classifier.coef_[0], float(classifier.intercept_[0])
+            full = np.zeros(features.shape[1])
+            full[active] = coef
+            wrong = active & (full * direction < 0)
+            if not wrong.any():
+                break
+            active &= ~wrong
+        weights = full / scale
+        self.weights_ = weights
+        self.intercept_ = float(intercept - (weights * mean).sum())
+        self.dropped_features_ = [
+            name for name, kept in zip(self.feature_names_, active, strict=True) if not kept
+        ]
+        self._importance_order()
+
+    def _choose_c(self, scaled: np.ndarray, labels: np.ndarray) -> float:
+        """The regularisation strength with the best cross-validated log loss (1.0 with too few labels)."""
+        folds = int(min(CV_FOLDS, np.bincount(labels).min()))
+        if folds < 2:
+            return 1.0
+        search = GridSearchCV(
+            LogisticRegression(max_iter=1000),
+            param_grid={"C": list(C_GRID)},
+            scoring="neg_log_loss",
+            cv=StratifiedKFold(folds, shuffle=True, random_state=self.seed),
+            n_jobs=1,
+            refit=False,
+        )
+        search.fit(scaled, labels)
+        return float(search.best_params_["C"])
+
+    def _importance_order(self) -> None:
+        """Field order for reasons: fields whose comparisons move the score most come first."""
+        weight_by_field: dict[str, float] = {plugin.field: 0.0 for plugin in self.plugins_}
+        for variable, weight in zip(self.data_model_.field_variables, self.weights_, strict=False):
+            weight_by_field[variable.field] += abs(float(weight))
+        self.reason_order_ = sorted(weight_by_field, key=lambda f: -weight_by_field[f])
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "weights_"):
+            raise NotFittedError("this DuplicateModel is not fitted yet; call fit() or load() first")
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """The classifier's match probability for rows of comparison features."""
+        # Column by column rather than a matrix product, whose rounding depends on the number of rows:
+        # a record's score must not depend on how the batch was cut into chunks.
+        logits = np.full(len(features), self.intercept_, dtype=np.float64)
+        for column, weight in zip(features.T, self.weights_, strict=True):
+            logits += column.astype(np.float64) * weight
+        return 1.0 / (1.0 + np.exp(-np.clip(logits, -50, 50)))
+
+    # ------------------------------------------------------------------ encoding
+
+    def _encode(self, frame: pd.DataFrame, rules: list[BlockingRule] | None = None) -> _Encoded:
+        self._check_columns(frame, "records")
+        ids = frame[self.config.id_column].astype(str).tolist()
+        all_fields = [name for name in self.config.fields if name in frame.columns]
+        raw_frame = frame[all_fields].fillna(s.MISSING).astype(str)
+        raw = list(raw_frame.itertuples(index=False, name=None))
+        normalised: dict[str, list[str]] = {}
+        parsed: dict[str, list[Any]] = {}
+        single: dict[tuple[str, str], np.ndarray] = {}
+        rules = self.rules_ if rules is None else rules
+        needed = {part for rule in rules for part in rule.parts}
+        for plugin in self.plugins_:
+            values = plugin.normalise(raw_frame[plugin.field])
+            normalised[plugin.field] = values.tolist()
+            cache = {value: plugin.parse(value) for value in pd.unique(values.to_numpy())}
+            parsed[plugin.field] = [cache[value] for value in normalised[plugin.field]]
+            if any(field == plugin.field for field, _ in needed):
+                for key_name, key_values in plugin.keys(values).items():
+                    if (plugin.field, key_name) in needed:
+                        single[(plugin.field, key_name)] = key_values.to_numpy(dtype=object)
+        keys = [_join_keys([single[part] for part in rule.parts]).tolist() for rule in rules]
+        return _Encoded(ids, raw, normalised, parsed, keys, self._times(frame).tolist())
+
+    # ------------------------------------------------------------------ scoring
+
+    def matcher(self, reference: pd.DataFrame | None) -> Matcher:
+        """A matcher whose index holds the reference records (oldest first); built once per batch."""
+        self._check_fitted()
+        return Matcher(self, reference)
+
+    def candidate_scores(self, batch: pd.DataFrame, reference: pd.DataFrame | None) -> pd.DataFrame:
+        """Every scored candidate pair: record_id, candidate_id, score (for curves and plots)."""
+        return self.matcher(reference)._score(batch)[1]
+
+    def calibrate(
+        self,
+        batch: pd.DataFrame,
+        reference: pd.DataFrame,
+        truth: dict[str, str],
+        clusters: dict[str, str] | None = None,
+    ) -> dict[str, float]:
+        """Chooses `threshold_` on held-out data and returns precision, recall and F1 at it.
+
+        `truth` maps each batch record that re-registers an earlier record to its true cluster root;
+        `clusters` maps reference records to their roots (default: the roots of the pairs given to `fit`
+        are unknown here, so a reference record counts as its own root unless `truth` names it).
+        The threshold maximises F1, or is the lowest whose precision meets `config.duplicate_min_precision`,
+        with precision corrected for duplicates staff never merged (`label_frequency_`: the labelled share of
+        links scored >= 0.99; 1.0 with fewer than 10 of them). The figures returned are at that threshold;
+        `labelled_precision` is the uncorrected one.
+        """
+        self._check_fitted()
+        best, _ = self.matcher(reference)._score(batch)
+        roots = {**(clusters or {}), **truth}
+        candidate = best["candidate_id"].to_numpy(dtype=object)
+        score = best["score"].to_numpy(dtype=float)
+        record_ids = best.index.to_numpy(dtype=object)
+        correct = np.array(
+            [
+                bool(c) and r in truth and roots.get(c, c) == truth[r]
+                for r, c in zip(record_ids, candidate, strict=True)
+            ]
+        )
+        order = np.argsort(-score, kind="stable")
+        has_candidate = candidate[order] != s.MISSING
+        tp = np.cumsum(correct[order])
+        predicted = np.cumsum(has_candidate)
+        # Staff merge only part of the duplicates, so some "false" positives are unmerged duplicates. The
+        # share of near-certain links that are labelled estimates how often a duplicate gets merged (the
+        # label frequency of positive-unlabelled learning); precision is corrected by it.
+        confident = has_candidate & (score[order] >= CONFIDENT_SCORE)
+        frequency = 1.0
+        if confident.sum() >= MIN_CONFIDENT_LINKS:
+            frequency = float(np.clip(correct[order][confident].mean(), MIN_LABEL_FREQUENCY, 1.0))
+        self.label_frequency_ = frequency
+        raw_precision = np.divide(tp, predicted, out=np.zeros(len(tp)), where=predicted > 0)
+        precision = np.minimum(raw_precision / frequency, 1.0)
+        recall = tp / max(len(truth), 1)
+        f1 = np.divide(
+            2 * precision * recall, precision + recall, out=np.zeros(len(tp)), where=precision + recall > 0
+        )
+        sorted_scores = score[order]
+        # Only cut where the next score differs, so ties fall on the same side.
+        valid = np.append(sorted_scores[1:] < sorted_scores[:-1], True) & has_candidate & (sorted_scores > 0)
+        if not valid.any():
+            self.threshold_ = 0.5
+            logger.warning("calibration: no candidate pairs in the held-out batch; threshold stays 0.5")
+            return {
+                "threshold": 0.5,
+                "precision": 0.0,
+                "recall": 0.0,
+                "f1": 0.0,
+                "tp": 0,
+                "fp": 0,
+                "fn": len(truth),
+            }
+        wanted = self.config.duplicate_min_precision
+        if wanted is not None and (valid & (precision >= wanted)).any():
+            cut = int(np.flatnonzero(valid & (precision >= wanted))[-1])
+        else:
+            if wanted is not None:
+                logger.warning(
+                    "calibration: no threshold reaches precision %.3f; maximising F1 instead", wanted
+                )
+            cut = int(np.flatnonzero(valid)[np.argmax(f1[valid])])
+        below = sorted_scores[cut + 1] if cut + 1 < len(sorted_scores) else 0.0
+        self.threshold_ = float((sorted_scores[cut] + below) / 2)
+        result = {
+            "threshold": self.threshold_,
+            "precision": float(precision[cut]),
+            "recall": float(recall[cut]),
+            "f1": float(f1[cut]),
+            "labelled_precision": float(raw_precision[cut]),
+            "label_frequency": frequency,
+            "tp": int(tp[cut]),
+            "fp": int(predicted[cut] - tp[cut]),
+            "fn": int(len(truth) - tp[cut]),
+        }
+        logger.info("duplicate threshold %.3f: %s", self.threshold_, result)
+        return result
+
+    # ------------------------------------------------------------------ reasons
+
+    def reason(
+        self,
+        record: dict[str, str],
+        match: dict[str, str],
+        match_id: str,
+        days_after: float | None,
+    ) -> str:
+        """One sentence for the clerk from the normalised values of a record and the record it duplicates,
+        e.g. "same order number and amount; customer name differs by one letter; entered 2 days after R1"."""
+        same: list[str] = []
+        different: list[tuple[int, str]] = []
+        plugins = {plugin.field: plugin for plugin in self.plugins_}
+        for field in self.reason_order_:
+            plugin = plugins[field]
+            difference: Difference = plugin.describe(record[field], match[field])
+            if difference.agreement == "same":
+                same.append(plugin.label)
+            elif difference.agreement != "missing":
+                rank = 0 if difference.agreement == "near" else 1
+                different.append((rank, f"{plugin.label} {difference.text}"))
+        parts: list[str] = []
+        if same:
+            parts.append("same " + _enumerate(same[:MAX_SAME_IN_REASON]))
+        different.sort(key=lambda item: item[0])
+        parts.extend(text for _, text in different[:MAX_DIFFERENT_IN_REASON])
+        parts.append(_when(days_after, match_id))
+        return "; ".join(parts)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, folder: Path) -> None:
+        """Writes the model as two JSON files: the settings (field plugins and their dedupe variables,
+        blocking rules, classifier weights, threshold) and metadata (versions). No pickles, so a model
+        loads in any environment whose dedupe comparators agree, and fails clearly where they do not."""
+        self._check_fitted()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "format_version": FORMAT_VERSION,
+            "config": self.config.model_dump(mode="json"),
+            "params": {k: v for k, v in self.get_params().items() if k != "config"},
+            "fields": [
+                {"field": plugin.field, "type": plugin.type_name, "params": plugin.params()}
+                for plugin in self.plugins_
+            ],
+            "dedupe_variables": [variable.name for variable in self.data_model_.field_variables],
+            "blocking_rules": self.blocking_rules_,
+            "classifier": {
+                "features": self.feature_names_,
+                "weights": [float(w) for w in self.weights_],
+                "intercept": self.intercept_,
+                "C": self.c_,
+            },
+            "threshold": self.threshold_,
+            "fitted": {
+                "label_counts": self.label_counts_,
+                "blocking_recall": self.blocking_recall_,
+                "candidate_recall": self.candidate_recall_,
+                "candidates_per_record": self.candidates_per_record_,
+                "train_seconds": self.train_seconds_,
+            },
+        }
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "package_version": __version__,
+            "dedupe_version": DEDUPE_VERSION,
+            "field_plugins": {plugin.field: plugin.type_name for plugin in self.plugins_},
+            "threshold": self.threshold_,
+        }
+        (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2), encoding="utf-8")
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> DuplicateModel:
+        """Reloads a saved model without its training data; `ModelLoadError` (one line) when the folder is
+        missing, damaged, or written by an incompatible version."""
+        folder = Path(folder)
+        meta = _read_json(folder / META_FILE)
+        settings = _read_json(folder / SETTINGS_FILE)
+        for what, document in (("metadata", meta), ("settings", settings)):
+            version = document.get("format_version")
+            if version != FORMAT_VERSION:
+                raise ModelLoadError(
+                    f"{folder}: duplicate model {what} has format version {version!r}, this version reads "
+                    f"{FORMAT_VERSION}; retrain the model with this version of the package"
+                )
+        saved_dedupe = str(meta.get("dedupe_version", ""))
+        if saved_dedupe.split(".")[0] != DEDUPE_VERSION.split(".")[0]:
+            raise ModelLoadError(
+                f"{folder}: duplicate model was trained with dedupe {saved_dedupe or '(unknown)'}, "
+                f"installed is {DEDUPE_VERSION}; retrain or install dedupe {saved_dedupe}"
+            )
+        try:
+            config = config_from_dict(settings["config"], source=str(folder / SETTINGS_FILE))
+            model = cls(config, **settings["params"])
+            model.plugins_ = [
+                field_type(item["type"])(item["field"], **item["params"]) for item in settings["fields"]
+            ]
+            model._build_data_model()
+            classifier = settings["classifier"]
+            if classifier["features"] != model.feature_names_:
+                raise ModelLoadError(
+                    f"{folder}: the saved classifier's features do not match this version's field "
+                    "comparators; retrain the model with this version of the package"
+                )
+            model.weights_ = np.asarray(classifier["weights"], dtype=float)
+            model.intercept_ = float(classifier["intercept"])
+            model.c_ = float(classifier["C"])
+            model.n_features_ = len(model.weights_)
+            model.blocking_rules_ = list(settings["blocking_rules"])
+            model.rules_ = [BlockingRule.parse(name) for name in model.blocking_rules_]
+            known = {(plugin.field, key.name) for plugin in model.plugins_ for key in plugin.blocking}
+            if any(part not in known for rule in model.rules_ for part in rule.parts):
+                raise ModelLoadError(
+                    f"{folder}: a saved blocking rule uses a key this version does not offer"
+                )
+            model.threshold_ = float(settings["threshold"])
+            fitted = settings["fitted"]
+            model.label_counts_ = dict(fitted["label_counts"])
+            model.blocking_recall_ = float(fitted["blocking_recall"])
+            model.candidate_recall_ = float(fitted["candidate_recall"])
+            model.candidates_per_record_ = float(fitted["candidates_per_record"])
+            model.train_seconds_ = float(fitted["train_seconds"])
+        except ModelLoadError:
+            raise
+        except BadInputError as exc:
+            raise ModelLoadError(f"{folder}: saved duplicate model is not usable: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(
+                f"{folder}: duplicate model settings are incomplete or damaged "
+                f"({exc.__class__.__name__}: {exc})"
+            ) from None
+        model._importance_order()
+        return model
+
+
+class Matcher:
+    """The index over the reference records and the batch records seen so far.
+
+    `match` scores a chunk against everything indexed, then indexes the chunk, so duplicates within a
+    batch are found across chunk borders. Memory grows with the records indexed (reference plus batch),
+    a few hundred bytes each, not with any pairwise structure.
+    """
+
+    def __init__(
+        self, model: DuplicateModel, reference: pd.DataFrame | None, rules: list[BlockingRule] | None = None
+    ) -> None:
+        self._model = model
+        self._fields = [plugin.field for plugin in model.plugins_]
+        self._ids: list[str] = []
+        self._raw: list[tuple[str, ...]] = []
+        self._raw_fields: list[str] = list(model.config.fields)
+        self._normalised: dict[str, list[str]] = {field: [] for field in self._fields}
+        self._parsed: dict[str, list[Any]] = {field: [] for field in self._fields}
+        self._times: list[float] = []
+        self._blocks: list[dict[str, list[int]]] = [{} for _ in (model.rules_ if rules is None else rules)]
+        self._position: dict[str, int] = {}
+        self._cluster: dict[str, str] = {}
+        if reference is not None and len(reference):
+            ordered = reference.iloc[model._entry_order(reference)]
+            self._candidates(model._encode(ordered), collect=False)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def record(self, record_id: str) -> dict[str, str] | None:
+        """The raw field values of an indexed record (reference or earlier batch), or None."""
+        position = self._position.get(str(record_id))
+        if position is None:
+            return None
+        return dict(zip(self._raw_fields, self._raw[position], strict=False))
+
+    def _add(self, encoded: _Encoded) -> int:
+        start = len(self._ids)
+        if encoded.raw and len(encoded.raw[0]) != len(self._raw_fields):
+            present = set(self._raw_fields)
+            raise SchemaError(f"records: expected the config's fields {sorted(present)} in every chunk")
+        self._ids.extend(encoded.ids)
+        self._raw.extend(encoded.raw)
+        for field in self._fields:
+            self._normalised[field].extend(encoded.normalised[field])
+            self._parsed[field].extend(encoded.parsed[field])
+        self._times.extend(encoded.times)
+        for offset, record_id in enumerate(encoded.ids):
+            self._position[record_id] = start + offset
+        return start
+
+    def _candidates(
+        self, encoded: _Encoded, collect: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Indexes the records in order; for each, the `top_k` earlier indexed records sharing most keys.
+
+        Each shared key counts by its rarity (1 / block size), like an inverse document frequency: sharing
+        a rare amount says more than sharing a busy city-and-date. Returns (record position, candidate
+        position, pre-score) arrays.
+        """
+        start = self._add(encoded)
+        window, top_k = self._model.window, self._model.top_k
+        query: list[int] = []
+        found: list[int] = []
+        shared: list[float] = []
+        key_columns = encoded.keys
+        blocks = self._blocks
+        for offset in range(len(encoded)):
+            position = start + offset
+            counts: dict[int, float] = {}
+            for rule_keys, block_index in zip(key_columns, blocks, strict=True):
+                key = rule_keys[offset]
+                if not key:
+                    continue
+                block = block_index.get(key)
+                if block is None:
+                    block_index[key] = [position]
+                    continue
+                if collect:
+                    weight = 1.0 / len(block)
+                    for other in block[-window:]:
+                        counts[other] = counts.get(other, 0.0) + weight
+                block.append(position)
+            if not counts:
+                continue
+            if len(counts) > top_k:
+                best = sorted(counts.items(), key=lambda item: (-item[1], -item[0]))[:top_k]
+            else:
+                best = list(counts.items())
+            for other, count in best:
+                query.append(position)
+                found.append(other)
+                shared.append(count)
+        return np.asarray(query, dtype=np.int64), np.asarray(found, dtype=np.int64), np.asarray(shared)
+
+    def _features(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        """dedupe's `DataModel.distances` for pairs of indexed positions, computed a field at a time (one
+        list comprehension per comparator instead of a numpy write per cell; same values)."""
+        data_model = self._model.data_model_
+        n = len(left)
+        distances = np.empty((n, len(data_model)), dtype="f4")
+        for field, compare, start, _stop in data_model._field_comparators:
+            column = self._parsed[field]
+            xs = [column[i] for i in left]
+            ys = [column[i] for i in right]
+            distances[:, start] = [
+                compare(x, y) if x is not None and y is not None else math.nan
+                for x, y in zip(xs, ys, strict=True)
+            ]
+        return data_model._add_derived_distances(distances)
+
+    def _score(self, chunk: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Scores the chunk's candidates and indexes the chunk. Returns the best candidate per row (index =
+        record id: candidate_id, score, position, candidate position) and all scored pairs."""
+        encoded = self._model._encode(chunk)
+        query, found, _ = self._candidates(encoded)
+        start = len(self._ids) - len(encoded)
+        scores = self._model.probabilities(self._features(query, found)) if len(query) else np.zeros(0)
+        best_score = np.zeros(len(encoded))
+        best_position = np.full(len(encoded), -1, dtype=np.int64)
+        if len(query):
+            order = np.lexsort((-found, -scores, query))  # per row: highest score, then most recent
+            first = np.ones(len(order), dtype=bool)
+            first[1:] = query[order][1:] != query[order][:-1]
+            chosen = order[first]
+            best_score[query[chosen] - start] = scores[chosen]
+            best_position[query[chosen] - start] = found[chosen]
+        ids = self._ids
+        best = pd.DataFrame(
+            {
+                "candidate_id": [ids[p] if p >= 0 else s.MISSING for p in best_position],
+                "score": best_score,
+                "position": np.arange(start, start + len(encoded)),
+                "candidate_position": best_position,
+            },
+            index=pd.Index(encoded.ids, dtype=object),
+        )
+        pairs = pd.DataFrame(
+            {
+                "record_id": [ids[p] for p in query],
+                "candidate_id": [ids[p] for p in found],
+                "score": scores,
+            }
+        )
+        return best, pairs
+
+    def match(self, chunk: pd.DataFrame) -> pd.DataFrame:
+        """duplicate_of, duplicate_score, cluster_id and reason for each row of the chunk (same index), then
+        remembers the chunk so later chunks are matched against it too."""
+        best, _ = self._score(chunk)
+        model = self._model
+        duplicate_of: list[str] = []
+        cluster_ids: list[str] = []
+        reasons: list[str] = []
+        for record_id, candidate_id, score, position, other in zip(
+            best.index,
+            best["candidate_id"],
+            best["score"],
+            best["position"],
+            best["candidate_position"],
+            strict=True,
+        ):
+            if other >= 0 and score >= model.threshold_:
+                cluster = self._cluster.get(candidate_id, candidate_id)
+                duplicate_of.append(candidate_id)
+                reasons.append(self._reason(int(position), int(other)))
+            else:
+                cluster = record_id
+                duplicate_of.append(s.MISSING)
+                reasons.append(s.MISSING)
+            self._cluster[record_id] = cluster
+            cluster_ids.append(cluster)
+        return pd.DataFrame(
+            {
+                s.DUPLICATE_OF: duplicate_of,
+                s.DUPLICATE_SCORE: best["score"].to_numpy(dtype=float),
+                s.CLUSTER_ID: cluster_ids,
+                "reason": reasons,
+            },
+            index=chunk.index,
+        )
+
+    def _reason(self, position: int, other: int) -> str:
+        record = {field: self._normalised[field][position] for field in self._fields}
+        match = {field: self._normalised[field][other] for field in self._fields}
+        days = self._times[position] - self._times[other]
+        return self._model.reason(record, match, self._ids[other], None if math.isnan(days) else days)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def link_metrics(
+    predicted: pd.DataFrame, truth: dict[str, str], clusters: dict[str, str]
+) -> dict[str, float]:
+    """Precision, recall and F1 of predicted links against the truth (the shared evaluation convention).
+
+    `predicted` has the record ids as index and a `duplicate_of` column ("" = no link); `truth` maps each
+    record that re-registers an earlier one to its true cluster root; `clusters` maps records (reference
+    and batch) to their roots. A link r -> m is right when m's root is r's true root.
+
+    >>> links = pd.DataFrame({"duplicate_of": ["A", "", "A"]}, index=["B", "C", "D"])
+    >>> link_metrics(links, {"B": "A", "C": "A"}, {"A": "A", "B": "A", "C": "A"})["precision"]
+    0.5
+    """
+    roots = {**clusters, **truth}
+    tp = fp = 0
+    for record_id, match in zip(predicted.index, predicted[s.DUPLICATE_OF], strict=True):
+        if not match:
+            continue
+        if record_id in truth and roots.get(match, match) == truth[record_id]:
+            tp += 1
+        else:
+            fp += 1
+    fn = len(truth) - tp
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+
+
+def _join_keys(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Combines key columns; empty when any part is empty (no key, no block)."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = parts[0].astype(object)
+    empty = parts[0] == s.MISSING
+    for part in parts[1:]:
+        joined = joined + KEY_SEPARATOR + part
+        empty |= part == s.MISSING
+    joined[empty] = s.MISSING
+    return joined
+
+
+def _clusters_of(pairs: Iterable[tuple[str, ...]]) -> dict[str, str]:
+    """Union-find roots over known pairs."""
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for a, b in pairs:
+        root_a, root_b = find(a), find(b)
+        if root_a != root_b:
+            parent[root_a] = root_b
+    return {node: find(node) for node in list(parent)}
+
+
+def _enumerate(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _when(days_after: float | None, match_id: str) -> str:
+    if days_after is None:
+        return f"looks like {match_id}"
+    days = round(abs(days_after))
+    if days == 0:
+        return f"entered the same day as {match_id}"
+    unit = "day" if days == 1 else "days"
+    return f"entered {days} {unit} {'after' if days_after >= 0 else 'before'} {match_id}"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.parent.is_dir():
+        raise ModelLoadError(f"{path.parent}: duplicate model folder not found")
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{path}: duplicate model file missing; the folder is not a saved duplicate model"
+        )
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: cannot read duplicate model file ({exc.__class__.__name__})") from None
+    if not isinstance(document, dict):
+        raise ModelLoadError(f"{path}: duplicate model file is not a JSON object")
+    return document

@@ -1,0 +1,186 @@
+"""Each detector family on tiny literal frames."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import detectors as d
+from pipeline.config import Config
+
+
+def _config(**fields: str) -> Config:
+    return Config.model_validate(
+        {"name": "t", "time_column": "entered_at", "fields": {k: {"type": v} for k, v in fields.items()}}
+    )
+
+
+def _history(n: int = 40) -> pd.DataFrame:
+    """Four customers, each always with the same postcode and city, amounts around their own level."""
+    customers = [
+        ("C-10001", "1012 AB", "Amsterdam", 100.0),
+        ("C-10002", "3511 CD", "Utrecht", 1000.0),
+        ("C-10003", "2511 EF", "Den Haag", 50.0),
+        ("C-10004", "3011 GH", "Rotterdam", 300.0),
+    ]
+    rows = []
+    for i in range(n):
+        code, postcode, city, level = customers[i % 4]
+        day = 1 + i // 4
+        rows.append(
+            {
+                "record_id": f"R{i:03d}",
+                "entered_at": f"2024-01-{day:02d}T10:{i % 60:02d}:00",
+                "customer_code": code,
+                "postcode": postcode,
+                "city": city,
+                "amount": f"{level * (1 + 0.05 * (i % 3)):.2f}",
+                "order_date": f"2024-01-{day:02d}",
+                "order_number": f"SO-2024-{i + 1:06d}",
+                "email": f"info@{city.lower().replace(' ', '')}.nl",
+            }
+        )
+    return pd.DataFrame(rows, dtype=object)
+
+
+CONFIG = _config(
+    customer_code="code",
+    postcode="code",
+    city="category",
+    amount="number",
+    order_date="date",
+    order_number="code",
+    email="text",
+)
+
+
+@pytest.fixture(scope="module")
+def profile() -> d.Profile:
+    return d.build_profile(_history(), CONFIG)
+
+
+def _features(profile: d.Profile, rows: list[dict]) -> dict[str, pd.DataFrame]:
+    chunk = pd.DataFrame(rows, dtype=object)
+    return d.cell_features(chunk, profile, CONFIG, list(CONFIG.fields))
+
+
+def test_parsers() -> None:
+    assert d.shape_of("1234 AB") == "9999 AA"
+    assert d.coarse_shape("9999 AA") == "9 A"
+    assert d.parse_number("1.250,00") == 1250.0
+    assert d.parse_number("1,250.00") == 1250.0
+    assert math.isnan(d.parse_number("12 oz"))
+    assert d.extract_number("12.0 oz") == 12.0
+    assert d.split_running_number("SO-2024-004711") == ("SO-2024-", 4711, 6)
+    assert d.embedded_year("SO-2024-004711") == 2024
+
+
+def test_checksums() -> None:
+    assert d.iban_valid("NL91 ABNA 0417 1643 00") is True
+    assert d.iban_valid("NL91ABNA0417164301") is False
+    assert d.iban_valid("hello") is None
+    assert d.gtin_valid("4006381333931") is True
+    assert d.gtin_valid("4006381333932") is False
+    assert d.bsn_valid("111222333") is True
+    assert d.bsn_valid("111222334") is False
+    assert d.email_valid("a.b@example.nl") is True
+    assert d.email_valid("a.b@@example.nl") is False
+    assert d.email_valid("no at sign") is None
+
+
+def test_profile_learns_dependencies_groups_and_formats(profile: d.Profile) -> None:
+    pairs = {(dep.source, dep.target) for dep in profile.dependencies}
+    assert ("postcode", "city") in pairs
+    assert ("customer_code", "postcode") in pairs
+    assert profile.groups["amount"].group in ("customer_code", "postcode", "city", "email")
+    assert profile.fields["order_date"].date_format == "%Y-%m-%d"
+    assert profile.fields["email"].schemes == ["e-mail"]
+    assert profile.fields["order_number"].sequence
+    assert profile.fields["order_number"].embeds_year
+    assert profile.fields["amount"].decimals == 2
+
+
+def test_frequency_and_shape(profile: d.Profile) -> None:
+    row = _history(1).iloc[0].to_dict()
+    odd = {**row, "postcode": "1012ab"}
+    f = _features(profile, [row, odd])["postcode"]
+    assert f["value_log_count"].iloc[0] == pytest.approx(math.log1p(10))
+    assert f["value_unseen"].tolist() == [0.0, 1.0]
+    assert f["shape_share"].tolist() == [1.0, 0.0]
+
+
+def test_dependency_disagreement(profile: d.Profile) -> None:
+    row = _history(1).iloc[0].to_dict()  # C-10001, 1012 AB, Amsterdam
+    wrong_city = {**row, "city": "Utrecht"}
+    f = _features(profile, [row, wrong_city])["city"]
+    assert f["dep_disagree"].iloc[0] == 0
+    assert f["dep_disagree"].iloc[1] >= 2  # postcode and customer code both imply Amsterdam
+    assert f["dep_agree"].iloc[0] >= 2
+
+
+def test_number_against_its_group(profile: d.Profile) -> None:
+    row = _history(1).iloc[0].to_dict()  # amount about 100 for this customer
+    slip = {**row, "amount": "1000.00"}
+    f = _features(profile, [row, slip])["amount"]
+    assert abs(f["group_log_ratio"].iloc[0]) < 0.1
+    assert f["group_log_ratio"].iloc[1] == pytest.approx(1.0, abs=0.1)
+    assert f["group_pow10_gap"].iloc[1] < 0.1
+
+
+def test_dates_against_entry_time(profile: d.Profile) -> None:
+    row = _history(1).iloc[0].to_dict()  # ordered on the day of entry
+    late = {**row, "order_date": "2024-03-01"}
+    swapped = {**row, "order_date": "01/01/2024"}
+    f = _features(profile, [row, late, swapped])["order_date"]
+    assert f["date_outside"].iloc[0] < 0.01
+    assert f["date_outside"].iloc[1] > 1
+    assert f["date_unparsed"].tolist() == [0.0, 0.0, 1.0]
+    assert f["date_other_format"].iloc[2] == 1.0
+
+
+def test_missing_where_normally_filled(profile: d.Profile) -> None:
+    row = _history(1).iloc[0].to_dict()
+    f = _features(profile, [row, {**row, "customer_code": ""}])["customer_code"]
+    assert f["missing_where_filled"].tolist() == [0.0, 1.0]
+    assert np.isnan(f["value_log_count"].iloc[1])
+
+
+def test_checksum_feature(profile: d.Profile) -> None:
+    row = _history(1).iloc[0].to_dict()
+    f = _features(profile, [row, {**row, "email": "info@@amsterdam.nl"}])["email"]
+    assert f["checksum_invalid"].tolist() == [0.0, 1.0]
+
+
+def test_running_number_sequence_and_year(profile: d.Profile) -> None:
+    rows = _history(12).to_dict("records")
+    rows[6]["order_number"] = "SO-2024-000070"  # digits slipped: 000007 -> 000070
+    rows[3]["order_number"] = "SO-2042-000004"  # year digits swapped
+    f = _features(profile, rows)["order_number"]
+    assert f["sequence_gap"].iloc[6] == pytest.approx(math.log1p(63), abs=0.01)
+    assert f["sequence_gap"].iloc[5] == 0
+    assert f["year_mismatch"].iloc[3] == 1.0
+    assert f["year_mismatch"].iloc[4] == 0.0
+
+
+def test_edit_history() -> None:
+    entered = pd.DataFrame(
+        {"record_id": ["1", "2", "3", "4"], "city": ["N/A", "N/A", "Utrecht", "N/A"]}, dtype=object
+    )
+    labels = pd.DataFrame(
+        {
+            "record_id": ["1", "2"],
+            "field": ["city", "city"],
+            "old_value": ["N/A", "N/A"],
+            "new_value": ["", ""],
+        }
+    )
+    config = _config(city="category")
+    edits = d.EditHistory.learn(entered, labels, config)
+    assert edits.value_errors["city"] == {"N/A": 2}
+    assert edits.value_seen["city"]["N/A"] == 3
+    profile = d.build_profile(entered, config)
+    f = d.cell_features(entered, profile, config, ["city"], edits)["city"]
+    assert f["edit_value_rate"].iloc[0] > f["edit_value_rate"].iloc[2]

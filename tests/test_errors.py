@@ -1,0 +1,180 @@
+"""The error model end to end on generated data, its metrics, thresholds, reasons and persistence."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import schema as s
+from pipeline.config import load_config
+from pipeline.corrections import cell_labels, load_log, replay_backwards
+from pipeline.errors import ErrorModel, cell_metrics, choose_threshold
+from pipeline.exceptions import ModelLoadError, TrainingDataError
+from pipeline.generate import generate
+from pipeline.ingest import read_table
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    paths = generate(tmp_path_factory.mktemp("demo"), customers=80, history=1500, batch=300, seed=3)
+    config = load_config(paths.config)
+    stored = read_table(paths.records)
+    log = load_log(paths.corrections)
+    entered, _ = replay_backwards(stored, log, id_column=config.id_column)
+    labels = cell_labels(log, stored[config.id_column])
+    cut = int(len(stored) * 0.8)
+    model = ErrorModel(config, folds=3).fit(entered.iloc[:cut], labels, stored.iloc[:cut])
+    calibration = model.calibrate(entered.iloc[cut:], labels)
+    return {
+        "config": config,
+        "model": model,
+        "calibration": calibration,
+        "stored": stored,
+        "batch": read_table(paths.batch),
+        "truth": read_table(paths.batch_truth),
+    }
+
+
+def test_calibrate_returns_metrics_and_sets_thresholds(demo: dict) -> None:
+    metrics = demo["calibration"]
+    assert 0 < metrics["threshold"] < 1
+    assert metrics["detection_f1"] > 0.6
+    assert demo["model"].threshold_ == metrics["threshold"]
+
+
+def test_detects_and_corrects_the_held_out_batch(demo: dict) -> None:
+    model, batch = demo["model"], demo["batch"]
+    scores = model.cell_scores(batch)
+    assert list(scores.columns) == demo["config"].check_fields
+    assert scores.index.equals(batch.index)
+    assert ((scores >= 0) & (scores <= 1)).all().all()
+    flags = model.detect(batch)
+    assert list(flags.columns[:6]) == ["row", "field", "value", "score", "suggestion", "reason"]
+    assert (flags["reason"].str.len() > 0).all()
+    metrics = cell_metrics(flags, demo["truth"], ids=batch["record_id"])
+    assert metrics["detection_f1"] > 0.6
+    assert metrics["correction_f1"] > 0.5
+
+
+def _lenient(model: ErrorModel) -> ErrorModel:
+    """The model with a low flag threshold: these tests are about suggestions, not about the threshold."""
+    lenient = copy.copy(model)
+    lenient.threshold_ = 0.2
+    return lenient
+
+
+def _history_row(demo: dict) -> dict:
+    stored = demo["stored"]
+    counts = stored["customer_code"].value_counts()
+    return stored[stored["customer_code"] == counts.index[0]].iloc[-1].to_dict()
+
+
+def test_suggests_decimal_slip_digit_swap_and_missing_code(demo: dict) -> None:
+    row = _history_row(demo)
+    amount = float(row["amount"])
+    postcode = row["postcode"]
+    swapped = (
+        postcode[1] + postcode[0] + postcode[2:]
+        if postcode[0] != postcode[1]
+        else postcode[:2] + postcode[3] + postcode[2] + postcode[4:]
+    )
+    chunk = pd.DataFrame(
+        [
+            {**row, "amount": f"{amount * 100:.2f}"},
+            {**row, "postcode": swapped},
+            {**row, "customer_code": ""},
+        ],
+        dtype=object,
+    )
+    flags = _lenient(demo["model"]).detect(chunk).set_index(["row", "field"])
+    assert flags.loc[(0, "amount"), "suggestion"] == row["amount"]
+    assert "usual amount" in flags.loc[(0, "amount"), "reason"]
+    assert flags.loc[(1, "postcode"), "suggestion"] == postcode
+    assert flags.loc[(2, "customer_code"), "suggestion"] == row["customer_code"]
+    assert flags.loc[(2, "customer_code"), "reason"].startswith("customer code missing;")
+
+
+def test_missing_code_filled_from_matched_record(demo: dict) -> None:
+    row = {**_history_row(demo), "customer_code": "", "customer_name": "Geheel Nieuwe Klant B.V."}
+    row.update(street="Nergensweg 1", postcode="9999 ZZ", email="info@nieuweklant.nl", phone="099-0000000")
+    chunk = pd.DataFrame([row], dtype=object)
+    matched = pd.DataFrame([{name: "" for name in demo["config"].fields}], dtype=object)
+    matched.loc[0, "customer_code"] = "C-99999"
+    flags = _lenient(demo["model"]).detect(chunk, matched).set_index("field")
+    assert flags.loc["customer_code", "suggestion"] == "C-99999"
+    assert "duplicates" in flags.loc["customer_code", "reason"]
+
+
+def test_value_equal_to_matched_record_is_not_flagged(demo: dict) -> None:
+    row = _history_row(demo)
+    chunk = pd.DataFrame([{**row, "order_date": "2020-01-01"}], dtype=object)
+    model = _lenient(demo["model"])
+    model.threshold_ = 0.1
+    assert "order_date" in set(model.detect(chunk)["field"])
+    matched = pd.DataFrame([{name: chunk.loc[0, name] for name in demo["config"].fields}], dtype=object)
+    assert "order_date" not in set(model.detect(chunk, matched)["field"])
+
+
+def test_save_load_round_trip(demo: dict, tmp_path: Path) -> None:
+    model, batch = demo["model"], demo["batch"].head(50)
+    model.save(tmp_path / "m")
+    loaded = ErrorModel.load(tmp_path / "m")
+    pd.testing.assert_frame_equal(loaded.cell_scores(batch), model.cell_scores(batch))
+    assert loaded.threshold_ == model.threshold_
+
+
+def test_load_failures_are_one_line_model_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not found"):
+        ErrorModel.load(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no ErrorModel"):
+        ErrorModel.load(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "error_model.json").write_text('{"class": "ErrorModel", "format": 1}')
+    (broken / "error_model.joblib").write_bytes(b"not a pickle")
+    with pytest.raises(ModelLoadError) as info:
+        ErrorModel.load(broken)
+    assert "\n" not in str(info.value)
+
+
+def test_fit_rejects_a_log_without_edits(demo: dict) -> None:
+    empty = pd.DataFrame(columns=[s.LOG_RECORD_ID, s.LOG_FIELD, s.LOG_OLD_VALUE, s.LOG_NEW_VALUE])
+    with pytest.raises(TrainingDataError):
+        ErrorModel(demo["config"]).fit(demo["stored"], empty, demo["stored"])
+
+
+def test_cell_metrics_follow_barans_definitions() -> None:
+    truth = pd.DataFrame(
+        {
+            "record_id": ["1", "2", "3", "4"],
+            "field": ["a", "a", "b", "b"],
+            "old_value": ["x"] * 4,
+            "new_value": ["A", "B", "C", ""],
+        }
+    )
+    flags = pd.DataFrame(
+        {
+            "record_id": ["1", "2", "3", "4", "5"],
+            "field": ["a", "a", "b", "b", "a"],
+            "suggestion": ["A", "wrong", "", "", "Z"],
+            "suggest_empty": [False, False, False, True, False],
+        }
+    )
+    m = cell_metrics(flags, truth)
+    assert m["detection_precision"] == pytest.approx(4 / 5)
+    assert m["detection_recall"] == pytest.approx(1.0)
+    assert m["correction_precision"] == pytest.approx(2 / 4)  # A and the empty one right; 4 made
+    assert m["correction_recall"] == pytest.approx(2 / 4)
+    assert m["correction_f1"] == pytest.approx(0.5)
+
+
+def test_choose_threshold_max_f1_or_min_precision() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.1])
+    truth = np.array([True, True, False, True, False, False])
+    assert choose_threshold(scores, truth, None, 0.5) == pytest.approx(0.6)
+    assert choose_threshold(scores, truth, 1.0, 0.5) == pytest.approx(0.8)

@@ -1,0 +1,158 @@
+"""Field-type plugins: normalising, comparing, blocking keys and the words for a difference."""
+
+from __future__ import annotations
+
+import math
+
+import dedupe
+import pandas as pd
+import pytest
+
+from pipeline.exceptions import ConfigError
+from pipeline.fields import FIELD_TYPES, field_type
+from pipeline.fields.code import code_distance, is_transposition
+from pipeline.fields.date import canonical_date, days_apart, digit_slips, parse_date
+from pipeline.fields.number import decimal_slip, parse_number, relative_difference
+from pipeline.fields.number import digit_slips as number_digit_slips
+from pipeline.fields.text import token_distance
+
+
+def text(values: list[str]) -> pd.Series:
+    return pd.Series(values, dtype=object)
+
+
+def test_registry_knows_every_contract_type_and_rejects_others() -> None:
+    assert set(FIELD_TYPES) == {"text", "code", "category", "number", "date"}
+    assert field_type("code").type_name == "code"
+    with pytest.raises(ConfigError, match="unknown field type 'iban'"):
+        field_type("iban")
+
+
+@pytest.mark.parametrize("name", sorted(FIELD_TYPES))
+def test_every_variable_marks_missing_values(name: str) -> None:
+    variables = field_type(name)("f").variables()
+    assert variables
+    assert all(v.has_missing and v.field == "f" for v in variables)
+    assert all(len(v) == 1 for v in variables)
+
+
+def test_code_normalises_and_sees_transposed_digits_as_near() -> None:
+    plugin = field_type("code")("order_number")
+    assert plugin.normalise(text(["so-2024 000123", "SO2024000123", ""])).tolist() == [
+        "SO2024000123",
+        "SO2024000123",
+        "",
+    ]
+    assert code_distance("SO2024000123", "SO2024000132") == 1
+    assert is_transposition("SO2024000123", "SO2024000132")
+    assert code_distance("SO2024000123", "SO2024000124") == 1
+    assert not is_transposition("SO2024000123", "SO2024000124")
+    assert code_distance("SO2024000123", "XX9999") == 3
+    assert plugin.describe("SO2024000123", "SO2024000132").text == "has two characters swapped"
+    assert plugin.describe("SO2024000123", "SO2024000124").text == "differs by one character"
+    assert plugin.describe("00123", "123").text == "differs only in leading zeros"
+    assert plugin.describe("SO2024000123", "").agreement == "missing"
+    assert plugin.describe("A1", "A1").agreement == "same"
+
+
+def test_code_keys_put_a_transposition_and_a_typo_in_one_block() -> None:
+    plugin = field_type("code")("c")
+    keys = plugin.keys(plugin.normalise(text(["C-12345", "C-12354", "C-92345", ""])))
+    assert keys["sorted_chars"][0] == keys["sorted_chars"][1]
+    assert keys["second_half"][0] == keys["second_half"][2]
+    assert keys["value"][3] == "" and keys["first_half"][3] == ""
+
+
+def test_text_compares_typing_slips_and_word_order() -> None:
+    plugin = field_type("text")("customer_name")
+    normalised = plugin.normalise(text(["Jan  de Vries!", "de Vries, Jan", "Jån de Vries"])).tolist()
+    assert normalised == ["jan de vries", "de vries jan", "jan de vries"]
+    assert token_distance("jan de vries", "de vries jan") == 0.0
+    assert token_distance("jan de vries", "bakkerij smit") > 0.5
+    assert plugin.describe("jan de vries", "jan de vriez").text == "differs by one letter"
+    assert plugin.describe("jan de vries", "jan de vrizz").text == "differs by two letters"
+    assert plugin.describe("jan de vries", "de vries jan").text == "has its words in another order"
+    assert plugin.describe("jan de vries", "bakkerij smit").agreement == "different"
+    keys = plugin.keys(pd.Series(normalised, dtype=object))
+    assert keys["sorted_tokens"][0] == keys["sorted_tokens"][1]
+    assert keys["last_token"].tolist() == ["vries", "jan", "vries"]
+
+
+def test_text_comparator_is_dedupes_affine_gap() -> None:
+    string = field_type("text")("name").variables()[1]
+    assert isinstance(string, dedupe.variables.String)
+    assert string.comparator("jan de vries", "jan de vries") < string.comparator(
+        "jan de vries", "jan de vriez"
+    )
+
+
+def test_number_reads_both_decimal_conventions_and_compares_relatively() -> None:
+    plugin = field_type("number")("amount")
+    assert plugin.normalise(text(["€ 1.234,50", "1,234.50", "1234.5", "n/a", ""])).tolist() == [
+        "1234.5",
+        "1234.5",
+        "1234.5",
+        "",
+        "",
+    ]
+    assert parse_number("-12,5") == -12.5
+    n = plugin.parse
+    assert relative_difference(n("100"), n("102")) == pytest.approx(0.0196, abs=1e-4)
+    assert relative_difference(n("0"), n("0")) == 0.0
+    assert relative_difference(n("-5"), n("5")) == 1.0
+    assert decimal_slip(n("1234.5"), n("123.45")) == 1.0
+    assert decimal_slip(n("1234.5"), n("1234.4")) == 0.0
+    assert number_digit_slips(n("81.81"), n("81.18")) == 1
+    assert plugin.describe("1200", "120").text == "10x larger"
+    assert plugin.describe("120", "1200").text == "10x smaller"
+    assert plugin.describe("102", "100").text == "2% higher"
+    assert plugin.describe("130", "100").agreement == "different"
+    assert plugin.parse("") is None and plugin.parse("12.5").value == 12.5
+
+
+def test_number_keys_survive_a_decimal_slip() -> None:
+    plugin = field_type("number")("amount")
+    keys = plugin.keys(plugin.normalise(text(["1234.50", "123.45", "1250", ""])))
+    assert keys["significant_digits"][0] == keys["significant_digits"][1] == "12345"
+    assert keys["rounded"].tolist() == ["1200", "120", "1200", ""]
+
+
+def test_date_tolerates_swapped_day_and_month_and_a_few_days_slip() -> None:
+    plugin = field_type("date")("order_date")
+    assert plugin.normalise(
+        text(["2024-03-05", "05-03-2024", "20240305", "2024-03-05T10:00:00", "x"])
+    ).tolist() == [
+        "2024-03-05",
+        "2024-03-05",
+        "2024-03-05",
+        "2024-03-05",
+        "",
+    ]
+    assert canonical_date("2024-13-05") == "20241305"
+    march5, may3 = parse_date("2024-03-05"), parse_date("2024-05-03")
+    march6, next_year = parse_date("2024-03-06"), parse_date("2025-03-05")
+    assert days_apart(march5, march5) == 0.0
+    assert days_apart(march5, may3) == pytest.approx(days_apart(march5, march6))
+    assert days_apart(march5, march6) < days_apart(march5, next_year) < 1.0
+    assert math.isnan(days_apart(march5, parse_date("20241305")))
+    assert digit_slips(march5, parse_date("20241305")) == 1
+    assert plugin.describe("2024-03-05", "2024-05-03").text == "has day and month swapped"
+    assert plugin.describe("2024-03-05", "2024-03-07").text == "2 days apart"
+    assert plugin.describe("2024-03-05", "2023-03-05").text == "differs by one digit"
+    assert plugin.describe("2024-03-05", "2019-07-01").text == "5 years apart"
+    keys = plugin.keys(pd.Series(["2024-03-05", "2024-05-03", "", "20241305"], dtype=object))
+    assert keys["day_month_swapped"].tolist() == ["2024/03/05", "2024/03/05", "", ""]
+
+
+def test_category_compares_exactly_and_learns_how_many_values_it_has() -> None:
+    plugin = field_type("category")("city")
+    values = plugin.normalise(text(["Amsterdam", " AMSTERDAM ", "Utrecht", ""]))
+    assert values.tolist() == ["amsterdam", "amsterdam", "utrecht", ""]
+    plugin.fit(values)
+    assert plugin.params() == {"distinct": 2}
+    assert [v.type for v in plugin.variables()] == ["Exact"]
+    assert plugin.describe("amsterdam", "utrecht").text == "differs"
+    many = field_type("category")("city", distinct=50)
+    assert len(many.variables()) == 2
+    assert many.describe("amsterdam", "amsterdm").text == "is spelt differently"
+    assert plugin.keys(values)["value"].tolist() == ["amsterdam", "amsterdam", "utrecht", ""]

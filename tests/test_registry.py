@@ -1,0 +1,182 @@
+"""MLflow: nothing personal in tracking, and the whole lifecycle against a real `mlflow server`."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _personal_values(records: Path) -> set[str]:
+    """Names, codes, streets, e-mails, phones and order numbers of the demo history."""
+    values: set[str] = set()
+    with open(records, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            for column in ("customer_name", "customer_code", "street", "email", "phone", "order_number"):
+                if len(row[column]) >= 5:
+                    values.add(row[column])
+    return values
+
+
+def _logged_text(uri: str, experiment_name: str) -> list[str]:
+    """Everything logged for an experiment outside the model artifact, as text."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    texts = [experiment.name]
+    for run in client.search_runs([experiment.experiment_id]):
+        texts.append(run.info.run_name)
+        texts += [f"{k}={v}" for k, v in run.data.params.items()]
+        texts += [f"{k}={v}" for k, v in run.data.tags.items() if not k.startswith("mlflow.log-model")]
+        texts += list(run.data.metrics)
+        for dataset_input in run.inputs.dataset_inputs:
+            texts.append(
+                f"{dataset_input.dataset.name} {dataset_input.dataset.schema} {dataset_input.dataset.source}"
+            )
+        mlflow.set_tracking_uri(uri)
+        folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation"))
+        for path in folder.rglob("*"):
+            if path.is_file():
+                texts.append(path.read_bytes().decode("latin-1"))
+    return texts
+
+
+def test_nothing_personal_is_logged(demo, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(demo.config),
+                "--records",
+                str(demo.records),
+                "--corrections",
+                str(demo.corrections),
+                "--tracking-uri",
+                uri,
+            ]
+        )
+        == 0
+    )
+    texts = _logged_text(uri, "orders")
+    assert any("test_duplicate_f1" in t for t in texts), "the search must see the metrics"
+    assert any(t.startswith("records_sha256=") for t in texts)
+    blob = "\n".join(texts)
+    personal = _personal_values(demo.records)
+    assert len(personal) > 100
+    leaked = sorted(v for v in personal if v in blob)
+    assert leaked == [], leaked[:5]
+
+
+def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("mlflow server did not come up")
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "server.log", "w"),  # noqa: SIM115
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/health", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_train_promote_score_against_a_tracking_server(demo, mlflow_server, tmp_path, capsys):
+    uri = mlflow_server
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(demo.config),
+                "--records",
+                str(demo.records),
+                "--corrections",
+                str(demo.corrections),
+                "--tracking-uri",
+                uri,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert re.search(r"run id: [0-9a-f]{32}", out) and "version 1" in out
+    assert main(["promote", "--name", "orders", "--tracking-uri", uri]) == 0
+    assert "already the champion" in capsys.readouterr().out
+    output = tmp_path / "scored"
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                "models:/orders@champion",
+                "--input",
+                str(demo.batch),
+                "--output",
+                str(output),
+                "--reference",
+                str(demo.records),
+                "--tracking-uri",
+                uri,
+            ]
+        )
+        == 0
+    )
+    assert (output / "flags.csv").exists()
+    # The artifacts went through the server, not to a local folder.
+    assert any((tmp_path / "artifacts").rglob("bundle.json"))

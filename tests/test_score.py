@@ -1,0 +1,264 @@
+"""The batch job: every row once and unchanged, bad input refused cleanly, atomic and repeatable output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import schema as s
+from pipeline.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_folder(demo, tmp_path_factory) -> Path:
+    """A model trained on the demo data and saved as a bundle folder (no tracking store involved)."""
+    from pipeline.config import load_config
+    from pipeline.train import train
+
+    result = train(load_config(demo.config), demo.records, demo.corrections)
+    return result.bundle.save(tmp_path_factory.mktemp("model") / "bundle")
+
+
+def score(model_folder: Path, batch: Path, output: Path, *extra: str) -> int:
+    return main(
+        ["score", "--model", str(model_folder), "--input", str(batch), "--output", str(output), *extra]
+    )
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.reader(fh))
+
+
+def batch_lines(demo) -> list[str]:
+    return demo.batch.read_text(encoding="utf-8").splitlines(keepends=True)
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8", newline="")
+    return path
+
+
+def test_awkward_values_come_back_exactly(demo, model_folder, tmp_path):
+    header, first = read_rows(demo.batch)[:2]
+    awkward = [
+        "NA",
+        "null",
+        "None",
+        "nan",
+        "007",
+        "1e5",
+        "1,50",
+        ' "quoted" ',
+        "line\nbreak",
+        "Ærø 北京 🙂",
+        "  ",
+        "-0",
+    ]
+    rows = []
+    for i, value in enumerate(awkward):
+        row = dict(zip(header, first, strict=True))
+        row["record_id"] = f"X{i:03d}"
+        row["notes"] = value
+        row["customer_name"] = value if i % 2 else row["customer_name"]
+        row["extra_column"] = value
+        rows.append(row)
+    batch = tmp_path / "awkward.csv"
+    with open(batch, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*header, "extra_column"])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert score(model_folder, batch, tmp_path / "out") == 0
+    with open(tmp_path / "out" / s.RECORDS_FILE, newline="", encoding="utf-8") as fh:
+        back = list(csv.DictReader(fh))
+    assert [{k: r[k] for k in rows[0]} for r in back] == rows
+
+
+def test_chunked_scoring_equals_one_chunk(demo, model_folder, tmp_path):
+    assert score(model_folder, demo.batch, tmp_path / "one", "--reference", str(demo.records)) == 0
+    assert (
+        score(
+            model_folder,
+            demo.batch,
+            tmp_path / "many",
+            "--reference",
+            str(demo.records),
+            "--chunk-rows",
+            "37",
+        )
+        == 0
+    )
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "many" / name).read_bytes(), name
+
+
+def test_header_only_batch_is_a_normal_day(demo, model_folder, tmp_path):
+    batch = write(tmp_path / "empty.csv", batch_lines(demo)[0])
+    assert score(model_folder, batch, tmp_path / "out") == 0
+    assert read_rows(tmp_path / "out" / s.RECORDS_FILE) == [[*read_rows(demo.batch)[0], *s.RECORD_COLUMNS]]
+    assert read_rows(tmp_path / "out" / s.FLAGS_FILE) == [list(s.FLAG_COLUMNS)]
+    summary = json.loads((tmp_path / "out" / s.SUMMARY_FILE).read_text())
+    assert summary["input"]["rows"] == 0 and summary["flags"]["total"] == 0
+
+
+def test_parquet_in_and_out(demo, model_folder, tmp_path):
+    import pandas as pd
+
+    frame = pd.read_csv(demo.batch, dtype=str, keep_default_na=False)
+    frame.to_parquet(tmp_path / "batch.parquet", index=False)
+    assert (
+        score(model_folder, tmp_path / "batch.parquet", tmp_path / "out", "--output-format", "parquet") == 0
+    )
+    records = pd.read_parquet(tmp_path / "out" / "records.parquet")
+    assert records["record_id"].tolist() == frame["record_id"].tolist()
+    assert records["amount"].tolist() == frame["amount"].tolist()
+    assert (tmp_path / "out" / "flags.parquet").exists()
+
+
+def bad_cases(demo, tmp: Path) -> list[tuple[str, Path, str]]:
+    lines = batch_lines(demo)
+    header = lines[0]
+    cases = [
+        ("missing file", tmp / "absent.csv", "file not found"),
+        ("empty file", write(tmp / "empty.csv", ""), "file is empty"),
+        (
+            "not utf-8",
+            write(tmp / "latin1.csv", (header + lines[1]).encode() + "Caf\xe9,x\n".encode("latin-1")),
+            "line 3 is not UTF-8",
+        ),
+        (
+            "too many cells",
+            write(tmp / "wide.csv", header + lines[1].rstrip("\n") + ",extra\n"),
+            "row 1 (line 2) has 15 cells, the header has 14",
+        ),
+        (
+            "too few cells",
+            write(tmp / "narrow.csv", header + lines[1] + "R9,2024-01-01\n"),
+            "row 2 (line 3) has 2 cells",
+        ),
+        (
+            "no id column",
+            write(tmp / "noid.csv", header.replace("record_id", "id") + lines[1]),
+            "missing column 'record_id'",
+        ),
+        ("duplicate ids", write(tmp / "dupid.csv", header + lines[1] + lines[1]), "appears more than once"),
+        (
+            "field missing",
+            write(tmp / "nofield.csv", header.replace(",amount,", ",amount_eur,") + lines[1]),
+            "missing column 'amount'",
+        ),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_bad_batch_exits_2_names_the_fault_and_leaves_nothing(demo, model_folder, tmp_path, capsys, case):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    name, batch, message = bad_cases(demo, inputs)[case]
+    results = tmp_path / "results"
+    results.mkdir()
+    code = score(model_folder, batch, results / "out")
+    err = capsys.readouterr().err
+    assert code == 2, name
+    assert message in err and str(batch) in err, (name, err)
+    assert err.count("\n") == 1
+    assert os.listdir(results) == [], "nothing may be left behind"
+
+
+def test_duplicate_ids_across_chunks_are_caught(demo, model_folder, tmp_path, capsys):
+    lines = batch_lines(demo)
+    batch = write(tmp_path / "b.csv", lines[0] + "".join(lines[1:6]) + lines[2])
+    assert score(model_folder, batch, tmp_path / "out", "--chunk-rows", "2") == 2
+    assert "row 6" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_location(demo, model_folder, tmp_path, capsys):
+    blocker = write(tmp_path / "file", "x")
+    assert score(model_folder, demo.batch, blocker / "out") == 2
+    assert "cannot write here" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_a_previous_result(demo, model_folder, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "stale.txt").write_text("old")
+    assert score(model_folder, demo.batch, output, "--overwrite") == 0
+    assert not (output / "stale.txt").exists() and (output / s.FLAGS_FILE).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _start(model_folder: Path, batch: Path, output: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "score",
+            "--model",
+            str(model_folder),
+            "--input",
+            str(batch),
+            "--output",
+            str(output),
+            "--chunk-rows",
+            "50",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait_for_staging(parent: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        staging = [p for p in parent.iterdir() if p.name.startswith(".out.partial-")]
+        if (
+            staging
+            and (staging[0] / s.RECORDS_FILE).exists()
+            and (staging[0] / s.RECORDS_FILE).stat().st_size
+        ):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run finished or never started writing")
+
+
+@pytest.fixture(scope="module")
+def big_batch(demo, tmp_path_factory) -> Path:
+    """The demo batch repeated under new ids, so a run takes long enough to be killed midway."""
+    lines = batch_lines(demo)
+    path = tmp_path_factory.mktemp("big") / "big.csv"
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(lines[0])
+        for copy in range(12):
+            for line in lines[1:]:
+                fh.write(f"K{copy:02d}" + line)
+    return path
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_run_leaves_no_result(model_folder, big_batch, tmp_path, sig):
+    proc = _start(model_folder, big_batch, tmp_path / "out")
+    _wait_for_staging(tmp_path, proc)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert not (tmp_path / "out").exists()
+    if sig == signal.SIGTERM:  # a polite stop also cleans its temporary folder
+        assert list(tmp_path.iterdir()) == []
+        assert proc.returncode != 0

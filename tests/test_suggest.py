@@ -1,0 +1,114 @@
+"""Candidate generation and ranking for suggested corrections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline import detectors as d
+from pipeline import suggest as sg
+from pipeline.config import Config
+
+CONFIG = Config.model_validate(
+    {
+        "name": "t",
+        "fields": {
+            "customer_code": {"type": "code"},
+            "customer_name": {"type": "text"},
+            "postcode": {"type": "code"},
+            "amount": {"type": "number"},
+            "order_date": {"type": "date"},
+        },
+    }
+)
+
+
+def _history() -> pd.DataFrame:
+    rows = []
+    for i in range(30):
+        k = i % 3
+        rows.append(
+            {
+                "customer_code": ["C-10233", "C-20456", "C-30789"][k],
+                "customer_name": ["Bakker B.V.", "Jansen & Zn", "De Vries"][k],
+                "postcode": ["1234 AB", "3511 CD", "2511 EF"][k],
+                "amount": [f"{125 + i:.2f}", f"{1500 + i:.2f}", f"{40 + i:.2f}"][k],
+                "order_date": f"2024-03-{1 + i % 28:02d}",
+            }
+        )
+    return pd.DataFrame(rows, dtype=object)
+
+
+PROFILE = d.build_profile(_history(), CONFIG)
+ROW = {"customer_code": "C-10233", "customer_name": "Bakker B.V.", "postcode": "1234 AB", "amount": "130.00"}
+
+
+def _candidates(field: str, value: str, **extra: object) -> dict[str, dict[str, float]]:
+    row = {**ROW, field: value}
+    cell = sg.CellContext(field=field, value=value, row=row, **extra)
+    return sg.generate_candidates(cell, PROFILE, sg.EditPatterns(), sg.nearest_choices(PROFILE))
+
+
+def test_decimal_slip_candidates() -> None:
+    found = _candidates("amount", "1300.00")
+    assert "decimal" in found["130.00"]
+    assert "decimal" in found["13000.00"]
+
+
+def test_digit_swap_candidates() -> None:
+    found = _candidates("postcode", "2134 AB")
+    assert "digit_swap" in found["1234 AB"]
+    assert "dependency" in found["1234 AB"]  # the customer's postcode as well
+
+
+def test_dependency_fill_of_missing_code() -> None:
+    found = _candidates("customer_code", "")
+    assert found == {"C-10233": {"dependency": 2.0}}  # implied by name and by postcode
+
+
+def test_matched_record_fills_missing_code() -> None:
+    row = {"customer_code": "", "customer_name": "Nieuwe Klant", "postcode": "9999 ZZ"}
+    cell = sg.CellContext(field="customer_code", value="", row=row, matched="C-77777")
+    found = sg.generate_candidates(cell, PROFILE, sg.EditPatterns(), {})
+    assert found == {"C-77777": {"matched": 1.0}}
+
+
+def test_format_and_typo_candidates() -> None:
+    assert "format" in _candidates("postcode", "1234ab")["1234 AB"]
+    assert "nearest" in _candidates("customer_name", "Bakkr B.V.")["Bakker B.V."]
+
+
+def test_date_candidates() -> None:
+    found = _candidates("order_date", "2024-07-03")
+    assert "date_swap" in found["2024-03-07"]
+    assert "date_year" in found["2023-07-03"]
+    assert "date_format" in _candidates("order_date", "07/03/2024")["2024-03-07"]
+
+
+def test_log_mapping_and_empty_candidates() -> None:
+    labels = pd.DataFrame(
+        {
+            "record_id": ["1", "2"],
+            "field": ["customer_name", "customer_name"],
+            "old_value": ["BAKKER", "N/A"],
+            "new_value": ["Bakker B.V.", ""],
+        }
+    )
+    patterns = sg.EditPatterns.learn(labels)
+    cell = sg.CellContext(field="customer_name", value="BAKKER", row=ROW)
+    assert sg.generate_candidates(cell, PROFILE, patterns, {})["Bakker B.V."]["log_mapping"] == 1.0
+    cell = sg.CellContext(field="customer_name", value="N/A", row=ROW)
+    assert "empty" in sg.generate_candidates(cell, PROFILE, patterns, {})[""]
+
+
+def test_ranker_prefers_what_the_log_taught() -> None:
+    cells = [
+        sg.CellContext(field="amount", value=v, row={**ROW, "amount": v}) for v in ("1300.00", "13.00")
+    ] * 20
+    answers = ["130.00", "130.00"] * 20
+    frame = sg.candidate_frame(cells, PROFILE, sg.EditPatterns(), {"amount": 0}, {})
+    labels = (frame["candidate"].to_numpy() == np.array(answers, dtype=object)[frame["cell"]]).astype(int)
+    ranker = sg.CandidateRanker(max_iter=50).fit(frame, labels)
+    best = sg.best_candidates(frame, ranker.predict_proba(frame), len(cells))
+    assert best["candidate"].tolist()[:2] == ["130.00", "130.00"]
+    assert best["probability"].min() > 0.9
