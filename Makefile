@@ -21,6 +21,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 
 test: lint
+	scripts/ensure-java
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.installed

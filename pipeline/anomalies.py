@@ -170,7 +170,7 @@ class AnomalyModel(BaseEstimator):
         )
 
     def _reason(self, record: pd.Series, encoded: np.ndarray) -> str:
-        """"unusual record: " and the rarest fields of the record, each in a few words."""
+        """ "unusual record: " and the rarest fields of the record, each in a few words."""
         n = self.column_reference_.shape[0]
         # Share of history records at least as unusual in each column (0 where none is).
         tail = np.array(
@@ -216,7 +216,11 @@ class AnomalyModel(BaseEstimator):
                 group = self.profile_.groups[name]
                 key = str(record.get(group.group, s.MISSING))
                 return f"{label} {value} is far from the usual for {group.group.replace('_', ' ')} {key!r}"
-            size = "large" if math.isfinite(number) and math.log10(abs(number) or 1) > fp.number_center else "small"
+            size = (
+                "large"
+                if math.isfinite(number) and math.log10(abs(number) or 1) > fp.number_center
+                else "small"
+            )
             return f"{label} {value} is unusually {size}"
         return f"{label} {value} is unusually far from the entry date"
 
@@ -241,7 +245,7 @@ class AnomalyModel(BaseEstimator):
 
 
 def _low_cardinality(fp: d.FieldProfile) -> bool:
-    """Value rarity means something: most rows hold a recurring value, and the values do not move with time."""
+    """Whether value rarity means something: most rows hold a recurring value, and values do not drift."""
     if fp.kind in ("number", "date") or fp.sequence or not fp.filled:
         return False
     recurring = sum(n for n in fp.counts.values() if n >= RECURRING)

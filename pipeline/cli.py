@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--chunk-rows", type=int, default=50_000)
     p.add_argument(
+        "--engine",
+        choices=("local", "spark"),
+        default="local",
+        help="local: this process, in chunks; spark: PySpark mapInPandas (needs the spark extra)",
+    )
+    p.add_argument("--spark-master", default="local[*]", help="Spark master URL for --engine spark")
+    p.add_argument(
         "--output-format",
         choices=("csv", "parquet"),
         default="csv",
@@ -193,17 +200,20 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     shutil.rmtree(prepare_output(args.output, overwrite=args.overwrite))
     bundle = load_bundle(args.model, uri=args.tracking_uri)
-    with _progress(args, unit="rows") as bar:
-        summary = run_batch(
-            bundle,
-            args.input,
-            args.output,
-            reference_path=args.reference,
-            overwrite=args.overwrite,
-            chunk_rows=args.chunk_rows,
-            output_format=args.output_format,
-            progress=bar,
-        )
+    if args.engine == "spark":
+        summary = _score_spark(args, bundle)
+    else:
+        with _progress(args, unit="rows") as bar:
+            summary = run_batch(
+                bundle,
+                args.input,
+                args.output,
+                reference_path=args.reference,
+                overwrite=args.overwrite,
+                chunk_rows=args.chunk_rows,
+                output_format=args.output_format,
+                progress=bar,
+            )
     flags = summary["flags"]
     _out(
         f"scored {summary['input']['rows']} rows in {summary['seconds']:.1f} s: "
@@ -213,6 +223,22 @@ def cmd_score(args: argparse.Namespace) -> int:
     )
     _out(f"results: {args.output}/ (records.csv, flags.csv, summary.json, report.html)")
     return EXIT_OK
+
+
+def _score_spark(args: argparse.Namespace, bundle: Any) -> dict[str, Any]:
+    try:
+        from pipeline.spark import score_spark
+    except ImportError as exc:
+        raise BadInputError(f"--engine spark needs PySpark: pip install 'pipeline[spark]' ({exc})") from None
+    return score_spark(
+        bundle,
+        args.input,
+        args.output,
+        reference_path=args.reference,
+        master=args.spark_master,
+        overwrite=args.overwrite,
+        output_format=args.output_format,
+    )
 
 
 class _progress:

@@ -391,7 +391,12 @@ class ErrorModel(BaseEstimator):
         columns = list(d.FEATURES)
         reasons = [
             explain(
-                cell, dict(zip(columns, arrays[cell.field][i], strict=True)), self.profile_, sugg, via, self.edits_
+                cell,
+                dict(zip(columns, arrays[cell.field][i], strict=True)),
+                self.profile_,
+                sugg,
+                via,
+                self.edits_,
             )
             for cell, i, sugg, via in zip(cells, positions, suggestion, best["via"], strict=True)
         ]

@@ -250,7 +250,7 @@ def evaluate_bundle(bundle, holdout, *, prefix: str = "test") -> Evaluation:  # 
         log=holdout.log,
         columns=result.columns,
         flags=result.flags,
-        cell_scores=bundle.errors.cell_scores(holdout.batch),
+        cell_scores=result.cell_scores,
         prefix=prefix,
     )
 

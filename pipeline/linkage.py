@@ -147,7 +147,9 @@ class DuplicateModel:
         ids = records[self.config.id_column].astype(str)
         position = pd.Series(np.arange(len(records)), index=ids.to_numpy())
         position = position[~position.index.duplicated(keep="last")]
-        known = [tuple(pair) for pair in pairs if len(pair) == 2 and all(i in position.index for i in pair)]
+        known = sorted(
+            tuple(sorted(pair)) for pair in pairs if len(pair) == 2 and all(i in position.index for i in pair)
+        )
         if len(records) < 4 or not known:
             raise TrainingDataError(
                 f"training history: {len(records)} records and {len(known)} known duplicate pairs among "

@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -212,6 +213,10 @@ def log_training(result: Any, *, records_path: Path, log_path: Path, uri: str | 
         mlflow.log_artifacts(str(report), artifact_path="evaluation")
 
         bundle_dir = result.bundle.save(tmp_path / "bundle")
+        # The model is logged as an object on purpose (its code travels in code_paths), and it has no input
+        # example because an example would put record values into the artifact's metadata.
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
             python_model=_pyfunc_class()(),

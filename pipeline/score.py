@@ -43,10 +43,12 @@ FLAG_KIND_ORDER = {s.KIND_DUPLICATE: 0, s.KIND_ERROR: 1, s.KIND_ANOMALY: 2}
 
 @dataclass
 class ChunkResult:
-    """The record columns (same index as the chunk) and the flags (with the chunk's row label in `_row`)."""
+    """The record columns (same index as the chunk), the flags (with the chunk's row label in `_row`) and
+    the error probability of every checked cell (for evaluation)."""
 
     columns: pd.DataFrame
     flags: pd.DataFrame
+    cell_scores: pd.DataFrame
 
 
 def fmt_score(values: pd.Series | np.ndarray) -> np.ndarray:
@@ -64,7 +66,7 @@ def score_chunk(chunk: pd.DataFrame, bundle: ModelBundle, matcher: Any) -> Chunk
     id_column = config.id_column
     links = matcher.match(chunk)
     matched = _matched_values(chunk, links, matcher, config.check_fields)
-    cell_flags = bundle.errors.detect(chunk, matched)
+    cell_scores, cell_flags = bundle.errors.assess(chunk, matched)
     anomalies = bundle.anomalies.score(chunk)
 
     error_fields = pd.Series(s.MISSING, index=chunk.index, dtype=object)
@@ -74,7 +76,6 @@ def score_chunk(chunk: pd.DataFrame, bundle: ModelBundle, matcher: Any) -> Chunk
         error_fields.loc[by_row.groups.keys()] = by_row["field"].agg(s.ERROR_FIELD_SEPARATOR.join)
         error_score.loc[by_row.groups.keys()] = by_row["score"].max()
     # The error score is the highest cell score even below the flag threshold, so a clerk can sort by it.
-    cell_scores = bundle.errors.cell_scores(chunk)
     if cell_scores.shape[1]:
         error_score = np.maximum(error_score, cell_scores.max(axis=1))
 
@@ -136,7 +137,7 @@ def score_chunk(chunk: pd.DataFrame, bundle: ModelBundle, matcher: Any) -> Chunk
     )
     parts = [frame for frame in (duplicate_flags, error_flags, anomaly_flags) if len(frame)]
     flags = pd.concat(parts, ignore_index=True) if parts else _empty_flags()
-    return ChunkResult(columns=columns, flags=flags)
+    return ChunkResult(columns=columns, flags=flags, cell_scores=cell_scores)
 
 
 def _empty_flags() -> pd.DataFrame:

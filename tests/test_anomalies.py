@@ -62,3 +62,43 @@ def test_save_load_round_trip(model: AnomalyModel, tmp_path: Path) -> None:
 def test_load_failure(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError):
         AnomalyModel.load(tmp_path / "nothing")
+
+
+def _orders(n: int, start: int, seed: int) -> pd.DataFrame:
+    """Orders of a later period look like earlier ones, except for new order numbers and amounts."""
+    rng = np.random.default_rng(seed)
+    cities = np.array(["Amsterdam", "Utrecht", "Rotterdam", "Delft"])
+    k = rng.integers(0, 4, n)
+    return pd.DataFrame(
+        {
+            "city": cities[k],
+            "postcode": [f"{1000 + 1000 * int(i)} AB" for i in k],
+            "amount": [f"{v:.2f}" for v in np.exp(rng.normal(5, 0.5, n))],
+            "order_number": [f"SO-{start + i:06d}" for i in range(n)],
+        },
+        dtype=object,
+    )
+
+
+def test_a_fresh_batch_is_flagged_at_about_one_minus_the_quantile() -> None:
+    config = Config.model_validate(
+        {
+            "name": "t",
+            "fields": {
+                "city": {"type": "category"},
+                "postcode": {"type": "code"},
+                "amount": {"type": "number"},
+                "order_number": {"type": "code"},
+            },
+        }
+    )
+    model = AnomalyModel(config, quantile=0.99).fit(_orders(3000, 1, seed=1))
+    scored = model.score(_orders(3000, 5000, seed=2))
+    # New order numbers and new amounts are normal: only about 1% of a fresh batch is flagged.
+    assert scored["flagged"].mean() <= 0.03
+    assert scored["anomaly_score"].between(0, 1).all()
+    odd = _orders(1, 9000, seed=3).assign(city="Xyzzy-12", amount="9999999.00")
+    flagged = model.score(odd)
+    assert bool(flagged["flagged"].iloc[0])
+    assert flagged["reason"].iloc[0].startswith("unusual record: ")
+    assert "city 'Xyzzy-12'" in flagged["reason"].iloc[0] or "amount 9999999.00" in flagged["reason"].iloc[0]

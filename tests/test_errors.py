@@ -178,3 +178,23 @@ def test_choose_threshold_max_f1_or_min_precision() -> None:
     truth = np.array([True, True, False, True, False, False])
     assert choose_threshold(scores, truth, None, 0.5) == pytest.approx(0.6)
     assert choose_threshold(scores, truth, 1.0, 0.5) == pytest.approx(0.8)
+
+
+def test_assess_equals_cell_scores_and_detect(demo: dict) -> None:
+    model, batch = _lenient(demo["model"]), demo["batch"].head(120)
+    row = _history_row(demo)
+    matched = pd.DataFrame({name: [""] * len(batch) for name in demo["config"].fields}, index=batch.index)
+    matched.iloc[0] = {name: row[name] for name in demo["config"].fields}
+    scores, flags = model.assess(batch, matched)
+    pd.testing.assert_frame_equal(scores, model.cell_scores(batch))
+    pd.testing.assert_frame_equal(flags, model.detect(batch, matched))
+    assert len(flags) > 0
+    plain_scores, plain_flags = model.assess(batch)
+    pd.testing.assert_frame_equal(plain_scores, scores)
+    pd.testing.assert_frame_equal(plain_flags, model.detect(batch))
+
+
+def test_assess_on_an_empty_chunk(demo: dict) -> None:
+    scores, flags = demo["model"].assess(demo["batch"].head(0))
+    assert scores.shape == (0, len(demo["config"].check_fields))
+    assert flags.empty
