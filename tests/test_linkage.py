@@ -126,7 +126,7 @@ def test_features_are_dedupes_own_distances(trained) -> None:
     left, right = np.array([25, 3, 7]), np.array([0, 2, 1])
     pairs = []
     for a, b in zip(left, right, strict=True):
-        pairs.append(tuple({f: matcher._parsed[f][i] for f in matcher._fields} for i in (a, b)))
+        pairs.append(tuple({f: matcher._parsed_value(f, i) for f in matcher._fields} for i in (a, b)))
     assert np.allclose(matcher._features(left, right), model.data_model_.distances(pairs), equal_nan=True)
 
 

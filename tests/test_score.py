@@ -262,3 +262,19 @@ def test_a_killed_run_leaves_no_result(model_folder, big_batch, tmp_path, sig):
     if sig == signal.SIGTERM:  # a polite stop also cleans its temporary folder
         assert list(tmp_path.iterdir()) == []
         assert proc.returncode != 0
+
+
+def test_internal_failure_exits_1_in_one_line_and_leaves_nothing(
+    demo, model_folder, tmp_path, capsys, monkeypatch
+):
+    import pipeline.score
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    # Failure injection: the real job, with the scorer made to fail on the first chunk.
+    monkeypatch.setattr(pipeline.score, "score_chunk", broken)
+    assert score(model_folder, demo.batch, tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert err == "internal error: RuntimeError: disk on fire (rerun with --verbose for details)\n"
+    assert list(tmp_path.iterdir()) == []
