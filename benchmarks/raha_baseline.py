@@ -36,6 +36,9 @@ def main() -> None:
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore")
+    # This script's folder also holds benchmarks/raha.py, which would shadow the package.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
     import numpy
     import raha
 

@@ -63,7 +63,7 @@ WIDE_EXTRA_RULES = 6
 BACKUP_WEIGHT = 0.5
 MIN_RULE_GAIN = 0.001
 UNMERGED_SUSPECT = 0.9
-CONFIDENT_SCORE = 0.99
+CONFIDENT_SCORE = 0.6  # links the model rates clearly likely; their labelled share estimates the merge rate
 MIN_CONFIDENT_LINKS = 10
 MIN_LABEL_FREQUENCY = 0.5
 MAX_SAME_IN_REASON = 3
@@ -579,7 +579,13 @@ class DuplicateModel:
                     "calibration: no threshold reaches precision %.3f; maximising F1 instead", wanted
                 )
             cut = int(np.flatnonzero(valid)[np.argmax(f1[valid])])
-        below = sorted_scores[cut + 1] if cut + 1 < len(sorted_scores) else 0.0
+        # Every cut from `cut` down to `lowest` scores the same; the threshold goes in the middle of that
+        # range rather than at its top edge, so unseen duplicates scored a little lower are still found.
+        lowest = cut
+        if wanted is None:
+            tied = np.flatnonzero(valid & (f1 >= f1[cut] - 1e-9))
+            lowest = int(tied[-1])
+        below = sorted_scores[lowest + 1] if lowest + 1 < len(sorted_scores) else 0.0
         self.threshold_ = float((sorted_scores[cut] + below) / 2)
         result = {
             "threshold": self.threshold_,
