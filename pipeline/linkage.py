@@ -155,11 +155,13 @@ class DuplicateModel:
         known = sorted(
             tuple(sorted(pair)) for pair in pairs if len(pair) == 2 and all(i in position.index for i in pair)
         )
-        if len(records) < 4 or not known:
+        if len(records) < 4:
             raise TrainingDataError(
-                f"training history: {len(records)} records and {len(known)} known duplicate pairs among "
-                "them; the duplicate model needs `merge` rows in the corrections log between history records"
+                f"training history: {len(records)} records are too few for the duplicate model; "
+                "need at least 4"
             )
+        if not known:
+            return self._fit_unlabelled(records, started)
         left = position[[a for a, _ in known]].to_numpy()
         right = position[[b for _, b in known]].to_numpy()
         # Earlier record first, as in scoring where a record is matched against earlier ones.
@@ -221,6 +223,29 @@ class DuplicateModel:
             self.label_counts_,
             self.train_seconds_,
         )
+        return self
+
+    def _fit_unlabelled(self, records: pd.DataFrame, started: float) -> DuplicateModel:
+        """A model that links nothing, for a log without merges: with no labelled duplicate there is nothing
+        to learn a match from, and guessing would flood the review queue. The rest of the product (error
+        model, anomaly score) still runs; the warning says how to enable duplicates."""
+        logger.warning(
+            "duplicate model: no `merge` rows between training records; duplicates will not be flagged. "
+            "Add the merges staff made to the corrections log to enable the duplicate model"
+        )
+        self.plugins_ = [field_type(self.config.fields[name].type)(name) for name in self.config.match_fields]
+        for plugin in self.plugins_:
+            plugin.fit(plugin.normalise(records[plugin.field].fillna(s.MISSING).astype(str)))
+        self._build_data_model()
+        self.blocking_rules_, self.rules_ = [], []
+        self.blocking_recall_ = self.candidate_recall_ = self.candidates_per_record_ = 0.0
+        self.weights_ = np.zeros(len(self.feature_names_))
+        self.intercept_, self.c_ = -30.0, 1.0
+        self.n_features_ = len(self.weights_)
+        self.threshold_ = 1.0
+        self.label_counts_ = {"positive": 0}
+        self.train_seconds_ = time.perf_counter() - started
+        self._importance_order()
         return self
 
     def _check_columns(self, frame: pd.DataFrame, source: str) -> None:

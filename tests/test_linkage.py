@@ -239,10 +239,22 @@ def test_loading_an_incompatible_or_missing_model_says_so_in_one_line(trained, t
         DuplicateModel.load(tmp_path / "old")
 
 
-def test_fit_without_known_pairs_is_a_training_data_error() -> None:
+def test_without_known_pairs_the_model_links_nothing_and_round_trips(tmp_path: Path) -> None:
     records, _ = history()
-    with pytest.raises(TrainingDataError, match="0 known duplicate pairs"):
-        DuplicateModel(CONFIG).fit(records, {frozenset(("R0001", "nobody"))})
+    model = DuplicateModel(CONFIG).fit(records, {frozenset(("R0001", "nobody"))})
+    assert model.blocking_rules_ == [] and model.label_counts_ == {"positive": 0}
+    model.save(tmp_path / "m")
+    for candidate in (model, DuplicateModel.load(tmp_path / "m")):
+        links = candidate.matcher(records).match(records.assign(record_id=records["record_id"] + "-new"))
+        assert (links["duplicate_of"] == "").all()
+        assert (links["cluster_id"] == records["record_id"].to_numpy() + "-new").all()
+        assert (links["duplicate_score"] == 0).all()
+
+
+def test_fit_on_too_few_records_is_a_training_data_error() -> None:
+    records, pairs = history()
+    with pytest.raises(TrainingDataError, match="too few"):
+        DuplicateModel(CONFIG).fit(records.head(3), pairs)
 
 
 def test_link_metrics_counts_links_to_any_earlier_member_of_the_true_cluster() -> None:
