@@ -8,6 +8,7 @@ edits and merges are their labels.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,27 +166,33 @@ def cell_labels(log: pd.DataFrame, ids: pd.Series) -> pd.DataFrame:
     return labels[labels[s.LOG_OLD_VALUE] != labels[s.LOG_NEW_VALUE]].reset_index(drop=True)
 
 
+def cluster_roots(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Union-find over linked pairs: maps every linked id to its cluster's root.
+
+    The second id of a pair is the one kept, so where the pairs are merges (`A` merged into `B`) the root
+    is the record finally kept.
+    """
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for child, kept in pairs:
+        a, b = find(child), find(kept)
+        if a != b:
+            parent[a] = b
+    return {node: find(node) for node in list(parent)}
+
+
 def duplicate_clusters(merge_rows: pd.DataFrame) -> dict[str, str]:
     """Maps every record in a merge chain to its cluster's root (the record finally kept).
 
     `A merged_into B` and `B merged_into C` put A, B and C in one cluster rooted at C.
     """
-    parent: dict[str, str] = {}
-
-    def find(node: str) -> str:
-        root = node
-        while parent.get(root, root) != root:
-            root = parent[root]
-        while parent.get(node, node) != root:
-            parent[node], node = root, parent[node]
-        return root
-
-    for child, kept in zip(merge_rows[s.LOG_RECORD_ID], merge_rows[s.LOG_MERGED_INTO], strict=True):
-        a, b = find(child), find(kept)
-        if a != b:
-            parent[a] = b
-        parent.setdefault(b, b)
-    return {node: find(node) for node in list(parent)}
+    return cluster_roots(zip(merge_rows[s.LOG_RECORD_ID], merge_rows[s.LOG_MERGED_INTO], strict=True))
 
 
 def duplicate_pairs(merge_rows: pd.DataFrame) -> set[frozenset[str]]:

@@ -147,21 +147,13 @@ def evaluate_scored(
     Errors count per cell; a correction is right when the suggestion equals the value staff put in.
     """
     from pipeline.corrections import cell_labels, duplicate_clusters, merges
+    from pipeline.linkage import link_metrics
 
     ids = batch[config.id_column]
     clusters = duplicate_clusters(merges(log))
     truth = link_truth(ids, reference_ids, clusters)
-    predicted = columns[s.DUPLICATE_OF].to_numpy()
-    dup_tp = dup_fp = 0
-    for record_id, match in zip(ids, predicted, strict=True):
-        if match == s.MISSING:
-            continue
-        root = clusters.get(record_id)
-        if root is not None and clusters.get(match) == root:
-            dup_tp += 1
-        else:
-            dup_fp += 1
-    dup = prf(dup_tp, dup_fp, len(truth) - dup_tp)
+    predicted = pd.DataFrame({s.DUPLICATE_OF: columns[s.DUPLICATE_OF].to_numpy()}, index=ids.to_numpy())
+    dup = link_metrics(predicted, truth, clusters)
     dup_scores = columns[s.DUPLICATE_SCORE].to_numpy(dtype=float)
     dup_labels = ids.isin(truth.keys()).to_numpy().astype(int)
 

@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -44,6 +44,8 @@ from threadpoolctl import threadpool_limits
 from pipeline import __version__
 from pipeline import schema as s
 from pipeline.config import Config, config_from_dict
+from pipeline.corrections import cluster_roots
+from pipeline.evaluate import prf
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import Difference
@@ -190,7 +192,7 @@ class DuplicateModel:
         # look-alikes that the chosen keys happen to keep apart in this history.
         wide_matcher = Matcher(self, None, rules=wide)
         wide_a, wide_b, _ = wide_matcher._candidates(self._encode(records, rules=wide))
-        cluster = _clusters_of(known)
+        cluster = cluster_roots(known)
 
         rng = np.random.default_rng(self.seed)
         label_a, label_b, labels = self._sample_labels(
@@ -1007,11 +1009,7 @@ def link_metrics(
             tp += 1
         else:
             fp += 1
-    fn = len(truth) - tp
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+    return prf(tp, fp, len(truth) - tp)
 
 
 def _join_keys(parts: Sequence[np.ndarray]) -> np.ndarray:
@@ -1025,23 +1023,6 @@ def _join_keys(parts: Sequence[np.ndarray]) -> np.ndarray:
         empty |= part == s.MISSING
     joined[empty] = s.MISSING
     return joined
-
-
-def _clusters_of(pairs: Iterable[tuple[str, ...]]) -> dict[str, str]:
-    """Union-find roots over known pairs."""
-    parent: dict[str, str] = {}
-
-    def find(node: str) -> str:
-        while parent.setdefault(node, node) != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
-    for a, b in pairs:
-        root_a, root_b = find(a), find(b)
-        if root_a != root_b:
-            parent[root_a] = root_b
-    return {node: find(node) for node in list(parent)}
 
 
 def _enumerate(items: list[str]) -> str:
