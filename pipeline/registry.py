@@ -198,9 +198,11 @@ def log_training(result: Any, *, records_path: Path, log_path: Path, uri: str | 
         mlflow.log_metrics(result.bundle.metrics)
         _log_inputs(mlflow, config, records_path, log_path, result.digests)
 
+        # Plots at the top of the run's artifacts, where the MLflow compare view lines them up side by side.
+        for png in plots.write_evaluation_plots(result.evaluation, tmp_path):
+            mlflow.log_artifact(str(png))
         report = tmp_path / "report"
         report.mkdir()
-        plots.write_evaluation_plots(result.evaluation, report)
         result.evaluation.per_field.to_csv(report / "per_field.csv", index=False)
         (report / "evaluation.json").write_text(
             json.dumps(

@@ -52,10 +52,13 @@ def _logged_text(uri: str, experiment_name: str) -> list[str]:
                 f"{dataset_input.dataset.name} {dataset_input.dataset.schema} {dataset_input.dataset.source}"
             )
         mlflow.set_tracking_uri(uri)
-        folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation"))
-        for path in folder.rglob("*"):
-            if path.is_file():
-                texts.append(path.read_bytes().decode("latin-1"))
+        client_artifacts = [a.path for a in client.list_artifacts(run.info.run_id) if a.path != "model"]
+        assert "duplicate_pr_curve.png" in client_artifacts and "evaluation" in client_artifacts
+        for artifact in client_artifacts:
+            folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=artifact))
+            for path in [folder] if folder.is_file() else folder.rglob("*"):
+                if path.is_file():
+                    texts.append(path.read_bytes().decode("latin-1"))
     return texts
 
 
