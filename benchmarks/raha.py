@@ -17,7 +17,7 @@ tree (sampled every 0.2 s; Raha and Baran use a process pool).
 
     .venv/bin/python benchmarks/raha.py                                   # everything
     .venv/bin/python benchmarks/raha.py --datasets hospital --skip-baselines
-    .venv/bin/python benchmarks/raha.py --thresholds cv                   # threshold by CV on the 20 rows
+    .venv/bin/python benchmarks/raha.py --thresholds cv                   # thresholds by CV of whole fits
 
 Setting up the Raha environment (once; it is ignored by git):
 
@@ -189,7 +189,7 @@ def run_ours(name: str, thresholds: str, seed: int) -> dict:
     truth = differences(batch, batch_truth, id_column)
 
     started = time.perf_counter()
-    threshold, suggest = 0.5, 0.5
+    threshold, suggest = None, None  # the model's own: chosen on out-of-fold predictions of the 20 rows
     if thresholds == "cv":
         threshold, suggest = _cv_thresholds(config, entered, log, stored, batch, 5, seed)
     model = ErrorModel(config, seed=seed, threshold=threshold, suggest_threshold=suggest).fit(
@@ -325,8 +325,8 @@ def main() -> None:
         nargs="+",
         choices=("cv", "default"),
         default=["cv", "default"],
-        help="flag and suggestion thresholds: chosen by 5-fold CV on the 20 history rows (cv), or the "
-        "model's defaults of 0.5 (default); one table row each",
+        help="flag and suggestion thresholds: chosen by 5-fold CV of whole fits on the 20 history rows (cv), "
+        "or the model's own (default: `fit` chooses them on its out-of-fold predictions); one table row each",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of our model and of Raha/Baran")
     parser.add_argument("--demo-seed", type=int, default=7, help="seed of the generated demo data")

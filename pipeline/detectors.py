@@ -172,6 +172,28 @@ def decimals_of(text: str) -> int:
     return 0
 
 
+_LEADING_NUMBER = re.compile(r"^\W*?([+-]?\d+(?:[.,]\d+)?)\D*$")
+
+
+def leading_number(text: str) -> float:
+    """The value's only number when it leads the text (`'12.0 oz.'` -> 12.0, `'0.09%'` -> 0.09), else NaN:
+    the number behind a unit, percent sign or note that the field does not write."""
+    found = _LEADING_NUMBER.match(text)
+    return parse_number(found.group(1)) if found else math.nan
+
+
+def write_number(value: float, fp: FieldProfile) -> str:
+    """A number written the way the field writes its numbers: with its fixed decimals when it has them
+    (`1250.00`), else in the shortest form (`12`, `19.2`, `0.072`, float noise such as
+    `0.07200000000000001` rounded away)."""
+    if not math.isfinite(value):
+        return ""
+    if fp.fixed_decimals:
+        return f"{value:.{fp.decimals}f}"
+    clean = float(f"{value:.10g}")
+    return str(int(clean)) if clean.is_integer() and abs(clean) < 1e15 else repr(clean)
+
+
 def format_number(value: float, decimals: int) -> str:
     """Writes a number the way the field usually does (plain, `.` as decimal separator)."""
     if not math.isfinite(value):
@@ -375,6 +397,7 @@ class FieldProfile:
     delta_median: float = math.nan
     sequence: bool = False
     embeds_year: bool = False
+    fixed_decimals: bool = False
 
     @property
     def vocab(self) -> pd.Index:
@@ -550,6 +573,12 @@ def profile_field(values: pd.Series, name: str, kind: str, times: pd.Series | No
         case_share=case_share,
         schemes=schemes,
     )
+    written = [(v, n) for v, n in counts.items() if _PLAIN_NUMBER.match(v)]
+    if written:
+        places = pd.Series([decimals_of(v) for v, _ in written]).repeat([n for _, n in written])
+        usual = int(places.mode().iloc[0])
+        profile.decimals = usual
+        profile.fixed_decimals = usual > 0 and float((places == usual).mean()) >= 0.9
     if kind == "number":
         numbers = _per_value(filled, parse_number).astype(float)
         logs = np.log10(numbers.abs().clip(lower=1e-9))[numbers.notna() & (numbers != 0)]
@@ -575,47 +604,108 @@ def profile_field(values: pd.Series, name: str, kind: str, times: pd.Series | No
     return profile
 
 
-def _dependency(frame: pd.DataFrame, source: str, target: str) -> Dependency | None:
-    both = frame[(frame[source] != s.MISSING)]
-    if both.empty:
+@dataclass
+class _Coded:
+    """A column as integer codes (first-appearance order), its distinct values and the code of `''`."""
+
+    codes: np.ndarray
+    uniques: np.ndarray
+    missing: int
+
+    @classmethod
+    def of(cls, values: pd.Series) -> _Coded:
+        codes, uniques = pd.factorize(values.to_numpy(dtype=object))
+        uniques = np.asarray(uniques, dtype=object)
+        where = np.flatnonzero(uniques == s.MISSING)
+        return cls(codes.astype(np.int64), uniques, int(where[0]) if len(where) else -1)
+
+
+def _dependency_stats(src: _Coded, tgt: _Coded) -> tuple[float, float, tuple[np.ndarray, ...]] | None:
+    """Coverage and strength of `src` -> `tgt`, and per source value its mode target, the mode's count and
+    the source value's rows; None when no source value repeats. One `np.unique` over code pairs."""
+    keep = src.codes != src.missing
+    if not keep.any():
         return None
-    pair_counts = both.groupby([source, target], sort=False).size()
-    if pair_counts.empty:
+    n_tgt = max(len(tgt.uniques), 1)
+    key = src.codes[keep] * n_tgt + tgt.codes[keep]
+    pairs, counts = np.unique(key, return_counts=True)
+    source, target = pairs // n_tgt, pairs % n_tgt
+    # Per source value, its most frequent target; ties go to the target more frequent in the whole table
+    # (a slip is rarer than the value it replaced), then to the one seen first.
+    frequency = np.bincount(tgt.codes, minlength=n_tgt)[target]
+    order = np.lexsort((target, -frequency, -counts, source))
+    first = order[np.r_[True, source[order][1:] != source[order][:-1]]]
+    totals = np.bincount(source, weights=counts, minlength=len(src.uniques))
+    best_source, best_target, best_count = source[first], target[first], counts[first]
+    best_total = totals[best_source]
+    repeated = best_total >= 2
+    if not repeated.any():
         return None
-    totals = pair_counts.groupby(level=0, sort=False).sum()
-    best = pair_counts.sort_values(ascending=False, kind="stable")
-    best = best[~best.index.get_level_values(0).duplicated()]
-    implied = dict(zip(best.index.get_level_values(0), best.index.get_level_values(1), strict=True))
-    support = dict(zip(best.index.get_level_values(0), best.to_numpy(), strict=True))
-    repeated = totals[totals >= 2]
-    if repeated.empty:
-        return None
-    coverage = repeated.sum() / totals.sum()
-    strength = sum(support[k] for k in repeated.index) / repeated.sum()
+    coverage = float(best_total[repeated].sum() / best_total.sum())
+    strength = float(best_count[repeated].sum() / best_total[repeated].sum())
+    return coverage, strength, (best_source, best_target, best_count, best_total)
+
+
+def _accepts(stats: tuple | None, tgt: _Coded) -> bool:
+    if stats is None:
+        return False
+    coverage, strength, _ = stats
     if coverage < MIN_DEPENDENCY_COVERAGE or strength < MIN_DEPENDENCY_STRENGTH:
-        return None
+        return False
     # A target that is nearly constant is "determined" by anything; it carries no information.
-    target_top = frame[target].value_counts(normalize=True).iloc[0]
-    if strength <= target_top + 0.02:
+    target_top = np.bincount(tgt.codes).max() / len(tgt.codes)
+    return strength > target_top + 0.02
+
+
+def _dependency_of(source: str, target: str, src: _Coded, tgt: _Coded) -> Dependency | None:
+    stats = _dependency_stats(src, tgt)
+    if not _accepts(stats, tgt):
         return None
+    _, strength, (best_source, best_target, best_count, best_total) = stats
+    keys = src.uniques[best_source]
+    implied_values = tgt.uniques[best_target]
+    filled = implied_values != s.MISSING
     return Dependency(
         source=source,
         target=target,
-        strength=float(strength),
-        implied={str(k): str(v) for k, v in implied.items() if str(v) != s.MISSING},
-        support={str(k): int(v) for k, v in support.items()},
-        total={str(k): int(v) for k, v in totals.items()},
+        strength=strength,
+        implied={str(k): str(v) for k, v in zip(keys[filled], implied_values[filled], strict=True)},
+        support={str(k): int(v) for k, v in zip(keys, best_count, strict=True)},
+        total={str(k): int(v) for k, v in zip(keys, best_total, strict=True)},
     )
+
+
+def _dependency(frame: pd.DataFrame, source: str, target: str) -> Dependency | None:
+    """How strongly `source` determines `target` in `frame` (text columns), or None when it does not."""
+    return _dependency_of(source, target, _Coded.of(frame[source]), _Coded.of(frame[target]))
+
+
+_INTEGER = re.compile(r"^\d{1,18}$")
+
+
+def can_determine(values: pd.Series, kind: str) -> bool:
+    """Whether a field may be the source of a dependency: not dates or measured numbers, but numbers that
+    are identifiers (whole numbers, e.g. a brewery or provider number) are."""
+    if kind == "date":
+        return False
+    if kind != "number":
+        return True
+    filled = values[values != s.MISSING]
+    if filled.empty:
+        return False
+    distinct = pd.unique(filled.to_numpy(dtype=object))
+    return bool(np.mean([bool(_INTEGER.match(v)) for v in distinct]) >= 0.95)
 
 
 def find_dependencies(frame: pd.DataFrame, fields: dict[str, str]) -> list[tuple[str, str]]:
     """The ordered field pairs (A, B) where A determines B in this table."""
+    coded = {name: _Coded.of(frame[name]) for name in fields}
     pairs = []
     for source, kind in fields.items():
-        if kind in ("number", "date"):
+        if not can_determine(frame[source], kind):
             continue
         for target in fields:
-            if target != source and _dependency(frame, source, target) is not None:
+            if target != source and _accepts(_dependency_stats(coded[source], coded[target]), coded[target]):
                 pairs.append((source, target))
     return pairs
 
@@ -672,7 +762,9 @@ def build_profile(
     profiles = {name: profile_field(texts[name], name, kind, times) for name, kind in kinds.items()}
     if pairs is None:
         pairs = find_dependencies(texts, kinds)
-    dependencies = [dep for a, b in pairs if (dep := _dependency(texts, a, b)) is not None]
+    pairs = list(pairs)
+    coded = {name: _Coded.of(texts[name]) for name in {f for pair in pairs for f in pair}}
+    dependencies = [dep for a, b in pairs if (dep := _dependency_of(a, b, coded[a], coded[b])) is not None]
     groups = {}
     for name, kind in kinds.items():
         if kind == "number" and (group := _number_group(texts, name, kinds)) is not None:
@@ -966,6 +1058,26 @@ def field_features(
         out["edit_field_rate"] = np.full(n, prior)
     matrix = np.column_stack([out.get(key, nan) for key in FEATURES]).astype(float)
     return pd.DataFrame(matrix, index=texts.index, columns=list(FEATURES))
+
+
+# Columns of `FEATURES` the label-free score reads.
+_CHECKSUM = FEATURES.index("checksum_invalid")
+_DEP_DISAGREE = FEATURES.index("dep_disagree_weight")
+_DEP_AGREE = FEATURES.index("dep_agree_weight")
+CHECKSUM_SCORE = 0.9
+
+
+def unsupervised_score(features: np.ndarray) -> np.ndarray:
+    """An error score from evidence that needs no labelled example, for fields the log never corrected.
+
+    `features`: rows of `FEATURES`. A value failing its field's identifier checksum scores
+    `CHECKSUM_SCORE`; a value the record's other fields imply otherwise scores by the weight of that
+    evidence net of the agreeing evidence (`1 - exp(-(disagree - agree))`): a city that three other records
+    of the same brewery write differently, all alike, scores about 0.7; a tie between two records about 0.3.
+    """
+    checksum = np.nan_to_num(features[:, _CHECKSUM]) * CHECKSUM_SCORE
+    net = np.nan_to_num(features[:, _DEP_DISAGREE]) - np.nan_to_num(features[:, _DEP_AGREE])
+    return np.maximum(checksum, 1.0 - np.exp(-np.maximum(net, 0.0)))
 
 
 def chunk_texts(chunk: pd.DataFrame, names: Iterable[str]) -> pd.DataFrame:

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import joblib
@@ -42,7 +43,14 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "error_model.joblib"
 META_FILE = "error_model.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+DEFAULT_THRESHOLD = 0.5
+MIN_FIELD_ERRORS = 20
+# The out-of-fold flag threshold is at least this share of the training cells' error rate.
+MIN_LIFT = 0.5
+OOF_GROUPS = 3
+OOF_SMALL_CELLS = 10_000
 
 SUGGEST_GRID = (*np.round(np.arange(0.05, 0.96, 0.05), 2).tolist(), 0.975, 0.99)
 
@@ -62,10 +70,47 @@ DETECT_COLUMNS = (
 )
 
 
+@dataclass
+class _Fold:
+    """One cross-fitting fold of the training history: its cells' features and labels (field after field),
+    its labelled cells' candidates, and what scoring its cells out of fold needs."""
+
+    inside: np.ndarray
+    X: np.ndarray
+    y: np.ndarray
+    candidates: pd.DataFrame
+    profile: d.Profile
+    patterns: sg.EditPatterns
+    choices: dict[str, list[str]]
+    rows: pd.DataFrame
+    extras: dict
+
+
+def pooled_field_ids(fields: list[str], labels: pd.DataFrame, min_errors: int) -> dict[str, int]:
+    """Each field's id for the classifiers: its own (1, 2, ...) when the labels hold at least `min_errors`
+    errors of it, else the shared id 0.
+
+    With a field's own id, the classifier learns that field's error rate and evidence separately, which
+    needs examples of it; a field with few or no labelled errors would never be flagged. Sharing one id
+    lets the evidence (rarity, format, missing values, dependencies) carry over between those fields.
+
+    >>> labels = pd.DataFrame({"field": ["a"] * 25 + ["b"] * 3})
+    >>> pooled_field_ids(["a", "b", "c"], labels, 20)
+    {'a': 1, 'b': 0, 'c': 0}
+    """
+    counts = labels[s.LOG_FIELD].value_counts()
+    own = [name for name in fields if counts.get(name, 0) >= min_errors]
+    return {name: (own.index(name) + 1 if name in own else 0) for name in fields}
+
+
 class ErrorModel(BaseEstimator):
     """Cell-level error detection and correction learned from the corrections log.
 
     Parameters are stored as given (scikit-learn convention); `fit` sets the learned attributes ending in `_`.
+    `threshold` / `suggest_threshold`: fixed thresholds, or None to choose them on out-of-fold predictions
+    of the training history. `min_field_errors`: a field keeps its own id (a categorical feature of both
+    classifiers) only with at least this many labelled errors; the others share one id, so that what the
+    log teaches about one field carries over to fields it has few or no corrections of.
     """
 
     def __init__(
@@ -78,8 +123,9 @@ class ErrorModel(BaseEstimator):
         learning_rate: float = 0.08,
         max_leaf_nodes: int = 31,
         l2_regularization: float = 1.0,
-        threshold: float = 0.5,
-        suggest_threshold: float = 0.5,
+        threshold: float | None = None,
+        suggest_threshold: float | None = None,
+        min_field_errors: int = MIN_FIELD_ERRORS,
     ) -> None:
         self.config = config
         self.seed = seed
@@ -90,6 +136,7 @@ class ErrorModel(BaseEstimator):
         self.l2_regularization = l2_regularization
         self.threshold = threshold
         self.suggest_threshold = suggest_threshold
+        self.min_field_errors = min_field_errors
 
     # ------------------------------------------------------------------------------------------------ fit
 
@@ -101,11 +148,16 @@ class ErrorModel(BaseEstimator):
         *,
         unlabelled: pd.DataFrame | None = None,
     ) -> ErrorModel:
-        """Learns the profiles, the cell classifier and the candidate ranker.
+        """Learns the profiles, the cell classifier, the candidate ranker and (unless given) both thresholds.
 
         `entered`: the training history as entered; `labels`: its `cell_labels`; `stored`: the same history
         as stored (corrected), for the profiles. `unlabelled` (optional, as entered) only widens the profiles
         (value frequencies, shapes, dependencies), e.g. when the history is tiny.
+
+        The thresholds are chosen on out-of-fold predictions of the training history (`calibrate` on a
+        held-out period overrides them). A log without edits of the checked fields gives an *unlabelled*
+        model (`labelled_` False): it flags only values failing an identifier checksum or contradicted by
+        the record's other fields (`detectors.unsupervised_score`).
         """
         config = self.config
         fields = config.check_fields
@@ -120,26 +172,59 @@ class ErrorModel(BaseEstimator):
         stored = _align(stored, ids, config.id_column, entered)
         labels = labels[labels[s.LOG_FIELD].isin(fields) & labels[s.LOG_RECORD_ID].isin(set(ids))]
         labels = labels.reset_index(drop=True)
-        if labels.empty:
-            raise TrainingDataError(
-                "error model: the log has no edits of the checked fields in the training history"
-            )
         extra = None
         if unlabelled is not None and len(unlabelled):
             extra = unlabelled[[c for c in stored.columns if c in unlabelled.columns]]
-        self.field_ids_ = {name: i for i, name in enumerate(fields)}
-        truth = {
-            (r, f): v
-            for r, f, v in zip(
-                labels[s.LOG_RECORD_ID], labels[s.LOG_FIELD], labels[s.LOG_NEW_VALUE], strict=True
-            )
-        }
         profile_frame = _concat(stored, extra)
         kinds = {name: spec.type for name, spec in config.fields.items() if name in stored.columns}
         pairs = d.find_dependencies(d.chunk_texts(profile_frame, kinds), kinds)
+        self.labelled_ = not labels.empty
+        corrected = set(labels[s.LOG_FIELD])
+        self.unsupervised_fields_ = [name for name in fields if name not in corrected]
+        if self.labelled_:
+            self.field_ids_ = pooled_field_ids(fields, labels, self.min_field_errors)
+            self._fit_labelled(entered, ids, labels, stored, extra, pairs)
+        else:
+            logger.warning(
+                "error model: the log has no edits of the checked fields in the training history; the model "
+                "is unlabelled and flags only values failing an identifier checksum or contradicted by the "
+                "record's other fields"
+            )
+            self.field_ids_ = dict.fromkeys(fields, 0)
+            self.classifier_ = None
+            self.empty_columns_ = np.zeros(len(d.FEATURES) + 1, dtype=bool)
+            self.priors_ = {}
+            self.ranker_ = sg.CandidateRanker(seed=self.seed).fit(pd.DataFrame(), np.zeros(0))
+            self.threshold_ = DEFAULT_THRESHOLD if self.threshold is None else float(self.threshold)
+            self.suggest_threshold_ = (
+                DEFAULT_THRESHOLD if self.suggest_threshold is None else float(self.suggest_threshold)
+            )
+            self.training_errors_ = 0
+        self.profile_ = d.build_profile(profile_frame, config, pairs=pairs)
+        self.edits_ = d.EditHistory.learn(entered, labels, config)
+        self.patterns_ = sg.EditPatterns.learn(labels)
+        self.patterns_.prior = self.priors_
+        self.choices_ = sg.nearest_choices(self.profile_)
+        self.training_rows_ = len(entered)
+        self._features(entered.iloc[:5])  # builds the lookup indexes once, not on the first scored chunk
+        return self
+
+    def _fit_labelled(
+        self,
+        entered: pd.DataFrame,
+        ids: pd.Series,
+        labels: pd.DataFrame,
+        stored: pd.DataFrame,
+        extra: pd.DataFrame | None,
+        pairs: list[tuple[str, str]],
+    ) -> None:
+        """Cross-fitted features and candidates per fold, the final classifier and ranker, the thresholds."""
+        config = self.config
+        fields = config.check_fields
+        truth = set(zip(labels[s.LOG_RECORD_ID], labels[s.LOG_FIELD], strict=True))
         rng = np.random.default_rng(self.seed)
         fold_of = rng.permutation(len(entered)) % self.folds
-        features, targets, candidates = [], [], []
+        folds: list[_Fold] = []
         cell_offset = 0
         for k in range(self.folds):
             inside = fold_of == k
@@ -149,15 +234,14 @@ class ErrorModel(BaseEstimator):
             edits = d.EditHistory.learn(entered[~inside], fold_labels, config)
             rows = entered[inside]
             per_field = d.cell_features(rows, profile, config, fields, edits, context=entered)
-            for name in fields:
-                frame = per_field[name].assign(field_id=float(self.field_ids_[name]))
-                features.append(frame)
-                targets.append(np.array([(r, name) in truth for r in ids[inside]], dtype=int))
+            X = self._stack(per_field, len(rows))
+            y = np.array([[(r, name) in truth for name in fields] for r in ids[inside]], dtype=int)
             patterns = sg.EditPatterns.learn(fold_labels)
-            cells, answers = self._labelled_cells(
-                rows, labels[labels[s.LOG_RECORD_ID].isin(set(ids[inside]))], entered, profile
-            )
-            frame = sg.candidate_frame(cells, profile, patterns, self.field_ids_, sg.nearest_choices(profile))
+            choices = sg.nearest_choices(profile)
+            extras = self._cell_extras(rows, profile, entered)
+            held = labels[labels[s.LOG_RECORD_ID].isin(set(ids[inside]))]
+            cells, answers = self._labelled_cells(rows, held, extras)
+            frame = sg.candidate_frame(cells, profile, patterns, self.field_ids_, choices)
             frame["label"] = (
                 (
                     frame["candidate"].to_numpy()
@@ -168,47 +252,149 @@ class ErrorModel(BaseEstimator):
             )
             frame["cell"] += cell_offset
             cell_offset += len(cells)
-            candidates.append(frame)
-        X = pd.concat(features, ignore_index=True)
-        y = np.concatenate(targets)
-        logger.info("error model: %d training cells, %d labelled errors", len(X), int(y.sum()))
-        self.classifier_ = HistGradientBoostingClassifier(
-            max_iter=self.max_iter,
-            learning_rate=self.learning_rate,
-            max_leaf_nodes=self.max_leaf_nodes,
-            l2_regularization=self.l2_regularization,
-            categorical_features=[X.columns.get_loc("field_id")],
-            random_state=self.seed,
+            folds.append(_Fold(inside, X, y.T.ravel(), frame, profile, patterns, choices, rows, extras))
+        X = np.concatenate([fold.X for fold in folds])
+        y = np.concatenate([fold.y for fold in folds])
+        logger.info(
+            "error model: %d training cells, %d labelled errors, %d field ids for %d fields",
+            len(X),
+            int(y.sum()),
+            len(set(self.field_ids_.values())),
+            len(fields),
         )
-        matrix, self.empty_columns_ = sg.fill_empty_columns(X.to_numpy(dtype=float))
-        with sg.one_thread():
-            self.classifier_.fit(matrix, y)
-        ranked = pd.concat(candidates, ignore_index=True)
+        self.classifier_, self.empty_columns_ = self._fit_classifier(X, y)
+        ranked = pd.concat([fold.candidates for fold in folds], ignore_index=True)
         self.priors_ = sg.learn_priors(ranked) if len(ranked) else {}
         ranked = _apply_priors(ranked, self.priors_)
         self.ranker_ = sg.CandidateRanker(seed=self.seed).fit(
             ranked, ranked["label"].to_numpy() if len(ranked) else np.zeros(0)
         )
-        self.profile_ = d.build_profile(profile_frame, config, pairs=pairs)
-        self.edits_ = d.EditHistory.learn(entered, labels, config)
-        self.patterns_ = sg.EditPatterns.learn(labels)
-        self.patterns_.prior = self.priors_
-        self.choices_ = sg.nearest_choices(self.profile_)
-        self.threshold_ = float(self.threshold)
-        self.suggest_threshold_ = float(self.suggest_threshold)
-        self.training_rows_ = len(entered)
         self.training_errors_ = int(y.sum())
-        self._features(entered.iloc[:5])  # builds the lookup indexes once, not on the first scored chunk
-        return self
+        threshold, suggest = self.threshold, self.suggest_threshold
+        if threshold is None or suggest is None:
+            chosen = self._out_of_fold_thresholds(folds, ids, labels, threshold)
+            threshold = chosen[0] if threshold is None else threshold
+            suggest = chosen[1] if suggest is None else suggest
+        self.threshold_ = float(threshold)
+        self.suggest_threshold_ = float(suggest)
+
+    def _fit_classifier(
+        self, X: np.ndarray, y: np.ndarray
+    ) -> tuple[HistGradientBoostingClassifier, np.ndarray]:
+        classifier = HistGradientBoostingClassifier(
+            max_iter=self.max_iter,
+            learning_rate=self.learning_rate,
+            max_leaf_nodes=self.max_leaf_nodes,
+            l2_regularization=self.l2_regularization,
+            categorical_features=[X.shape[1] - 1],
+            random_state=self.seed,
+        )
+        matrix, empty = sg.fill_empty_columns(X)
+        with sg.one_thread():
+            classifier.fit(matrix, y)
+        return classifier, empty
+
+    def _out_of_fold_thresholds(
+        self, folds: list[_Fold], ids: pd.Series, labels: pd.DataFrame, fixed: float | None
+    ) -> tuple[float, float]:
+        """Both thresholds from the training history itself: each fold is scored by a classifier and a
+        ranker fitted on the other folds (as `calibrate` scores a held-out period), and the pooled flags
+        choose the flag threshold (best F1) and the suggestion threshold (best correction F1)."""
+        config = self.config
+        fields = config.check_fields
+        # A large history is scored in OOF_GROUPS groups of folds (each by a classifier fitted on the other
+        # groups): half the cost of one classifier per fold, with enough cells left to learn from. A small
+        # one, where every labelled row counts, gets one classifier per fold.
+        scores: list[np.ndarray] = [np.zeros(0)] * len(folds)
+        cells = sum(len(fold.y) for fold in folds)
+        groups = len(folds) if cells <= OOF_SMALL_CELLS else min(OOF_GROUPS, len(folds))
+        for g in range(groups):
+            members = [k for k in range(len(folds)) if k % groups == g]
+            others = [fold for k, fold in enumerate(folds) if k % groups != g]
+            y = np.concatenate([other.y for other in others])
+            classifier, empty = None, self.empty_columns_
+            if len(np.unique(y)) == 2:
+                classifier, empty = self._fit_classifier(np.concatenate([other.X for other in others]), y)
+            for k in members:
+                scores[k] = self._probability(folds[k].X, classifier, empty, len(folds[k].rows))
+        pooled = np.concatenate(scores)
+        truth = np.concatenate([fold.y for fold in folds]).astype(bool)
+        threshold = fixed
+        if fixed is None:
+            threshold = choose_threshold(pooled, truth, config.error_min_precision, DEFAULT_THRESHOLD)
+            # A few dozen labelled rows show few clean cells of each kind: never flag a cell the model
+            # rates much less likely to be wrong than an average training cell.
+            threshold = max(threshold, MIN_LIFT * float(truth.mean()))
+        flags = []
+        for k, fold in enumerate(folds):
+            n = len(fold.rows)
+            grid = scores[k].reshape(len(fields), n)
+            names, positions = np.nonzero(grid >= threshold)
+            if not len(positions):
+                continue
+            texts = d.chunk_texts(fold.rows, [f for f in config.fields if f in fold.profile.fields])
+            records = texts.to_dict("records")
+            cells = [
+                self._cell(fields[j], records[i], int(i), fold.extras, "")
+                for i, j in zip(positions, names, strict=True)
+            ]
+            frame = sg.candidate_frame(cells, fold.profile, fold.patterns, self.field_ids_, fold.choices)
+            others = pd.concat(
+                [other.candidates for j, other in enumerate(folds) if j != k], ignore_index=True
+            )
+            priors = sg.learn_priors(others) if len(others) else {}
+            others = _apply_priors(others, priors)
+            ranker = sg.CandidateRanker(seed=self.seed).fit(
+                others, others["label"].to_numpy() if len(others) else np.zeros(0)
+            )
+            frame = _apply_priors(frame, priors)
+            best = sg.best_candidates(frame, self._label_free(frame, ranker.predict_proba(frame)), len(cells))
+            fold_ids = d.text_column(fold.rows, config.id_column).to_numpy()
+            flags.append(
+                pd.DataFrame(
+                    {
+                        "record_id": fold_ids[positions],
+                        s.FLAG_FIELD: [fields[j] for j in names],
+                        s.FLAG_SUGGESTION: best["candidate"].to_numpy(dtype=object),
+                        "suggestion_probability": best["probability"].to_numpy(),
+                    }
+                )
+            )
+        suggest = DEFAULT_THRESHOLD
+        if flags:
+            suggest = choose_suggest_threshold(pd.concat(flags, ignore_index=True), labels, DEFAULT_THRESHOLD)
+        logger.info(
+            "error model: out-of-fold thresholds %.3f (flags), %.2f (suggestions)", threshold, suggest
+        )
+        return float(threshold), float(suggest)
+
+    def _label_free(self, frame: pd.DataFrame, probability: np.ndarray) -> np.ndarray:
+        """The ranker's probabilities, and for fields the log has no corrected value of (the ranker never
+        saw one), at least the confidence of the value the record's other fields imply: the share of the
+        applicable dependencies voting for it times `1 - exp(-their weight)`."""
+        if frame.empty or not self.unsupervised_fields_:
+            return probability
+        free = frame["field"].isin(self.unsupervised_fields_).to_numpy() & (frame["from_dependency"] == 1)
+        share = np.nan_to_num(frame["dep_share"].to_numpy(dtype=float))
+        confidence = share * (1.0 - np.exp(-frame["dep_weight"].to_numpy(dtype=float)))
+        return np.where(free, np.maximum(probability, confidence), probability)
+
+    def _stack(self, per_field: dict[str, pd.DataFrame], n: int) -> np.ndarray:
+        """The per-field feature frames stacked field after field, the field id as last column."""
+        names = list(per_field)
+        X = np.empty((n * len(names), len(d.FEATURES) + 1), dtype=float)
+        for j, name in enumerate(names):
+            X[j * n : (j + 1) * n, :-1] = per_field[name].to_numpy(dtype=float)
+            X[j * n : (j + 1) * n, -1] = float(self.field_ids_[name])
+        return X
 
     def _labelled_cells(
-        self, rows: pd.DataFrame, labels: pd.DataFrame, context: pd.DataFrame, profile: d.Profile
+        self, rows: pd.DataFrame, labels: pd.DataFrame, extras: dict
     ) -> tuple[list[sg.CellContext], list[str]]:
         """Candidate contexts for the labelled error cells of `rows`, and their corrected values."""
         config = self.config
         position = pd.Series(np.arange(len(rows)), index=d.text_column(rows, config.id_column).to_numpy())
         labels = labels[labels[s.LOG_RECORD_ID].isin(position.index)]
-        extras = self._cell_extras(rows, profile, context)
         texts = d.chunk_texts(rows, [n for n in config.fields if n in rows.columns])
         records = texts.to_dict("records")
         cells, answers = [], []
@@ -269,19 +455,34 @@ class ErrorModel(BaseEstimator):
         return d.cell_features(chunk, self.profile_, self.config, fields, self.edits_)
 
     def _scores(self, per_field: dict[str, pd.DataFrame], index: pd.Index) -> pd.DataFrame:
-        """One classifier call for all fields: the per-field frames stacked, the field id as last column."""
+        """One classifier call for all fields: the per-field frames stacked, the field id as last column.
+
+        An unlabelled model (no edits to learn from) scores only values failing an identifier checksum."""
         names = list(per_field)
         if not names or not len(index):
             return pd.DataFrame(np.zeros((len(index), len(names))), index=index, columns=names)
         n = len(index)
-        X = np.empty((n * len(names), len(d.FEATURES) + 1), dtype=float)
-        for j, name in enumerate(names):
-            X[j * n : (j + 1) * n, :-1] = per_field[name].to_numpy(dtype=float)
-            X[j * n : (j + 1) * n, -1] = float(self.field_ids_[name])
-        X[:, self.empty_columns_] = 0.0  # as in training (see `fill_empty_columns`); X is ours to change
-        with sg.one_thread():
-            probability = self.classifier_.predict_proba(X)[:, 1]
+        X = self._stack(per_field, n)
+        probability = self._probability(X, self.classifier_, self.empty_columns_, n)
         return pd.DataFrame(probability.reshape(len(names), n).T, index=index, columns=names)
+
+    def _probability(
+        self, X: np.ndarray, classifier: HistGradientBoostingClassifier | None, empty: np.ndarray, n: int
+    ) -> np.ndarray:
+        """The error score of stacked cells (`_stack`, `n` rows per field): the classifier's probability,
+        and for the fields the log has no corrected value of, at least the label-free score
+        (`detectors.unsupervised_score`); an unlabelled model has only the latter."""
+        unsupervised = d.unsupervised_score(X[:, :-1])
+        if classifier is None:
+            return unsupervised
+        matrix, _ = sg.fill_empty_columns(X, empty)
+        with sg.one_thread():
+            probability = classifier.predict_proba(matrix)[:, 1]
+        for j, name in enumerate(self.config.check_fields):
+            if name in self.unsupervised_fields_:
+                part = slice(j * n, (j + 1) * n)
+                probability[part] = np.maximum(probability[part], unsupervised[part])
+        return probability
 
     def assess(
         self, chunk: pd.DataFrame, matched: pd.DataFrame | None = None
@@ -374,7 +575,7 @@ class ErrorModel(BaseEstimator):
             cells.append(self._cell(name, records[i], int(i), extras, hint))
         frame = sg.candidate_frame(cells, self.profile_, self.patterns_, self.field_ids_, self.choices_)
         frame = _apply_priors(frame, self.priors_)
-        probability = self.ranker_.predict_proba(frame)
+        probability = self._label_free(frame, self.ranker_.predict_proba(frame))
         cut = self.suggest_threshold_ if suggest_threshold is None else suggest_threshold
         if len(frame):
             # The log has no duplicates to learn from: a missing value that the duplicated record holds is
@@ -418,7 +619,8 @@ class ErrorModel(BaseEstimator):
 
     def calibrate(self, entered: pd.DataFrame, labels: pd.DataFrame) -> dict[str, float]:
         """Chooses the flag threshold (max F1, or the lowest reaching `config.error_min_precision`) and the
-        suggestion threshold (max correction F1) on held-out history as entered; returns the metrics there."""
+        suggestion threshold (max correction F1) on held-out history as entered, overriding those `fit`
+        chose; returns the metrics there. An unlabelled model keeps its thresholds and only reports."""
         check_is_fitted(self, "classifier_")
         config = self.config
         entered = entered.reset_index(drop=True)
@@ -430,12 +632,14 @@ class ErrorModel(BaseEstimator):
         scores = self._scores(per_field, entered.index)
         truth = set(zip(labels[s.LOG_RECORD_ID], labels[s.LOG_FIELD], strict=True))
         y = np.array([[(r, f) in truth for f in scores.columns] for r in ids], dtype=bool).ravel()
-        self.threshold_ = choose_threshold(
-            scores.to_numpy().ravel(), y, config.error_min_precision, self.threshold
-        )
+        if self.labelled_:  # an unlabelled model keeps its fixed thresholds
+            self.threshold_ = choose_threshold(
+                scores.to_numpy().ravel(), y, config.error_min_precision, self.threshold_
+            )
         flags = self._flags(entered, scores, per_field, None, self.threshold_, suggest_threshold=0.0)
         flags["record_id"] = ids.to_numpy()[flags[FLAG_ROW].to_numpy()] if len(flags) else []
-        self.suggest_threshold_ = choose_suggest_threshold(flags, labels, self.suggest_threshold)
+        if self.labelled_:
+            self.suggest_threshold_ = choose_suggest_threshold(flags, labels, self.suggest_threshold_)
         final = flags.copy()
         low = final["suggestion_probability"] < self.suggest_threshold_
         final.loc[low, s.FLAG_SUGGESTION] = s.MISSING

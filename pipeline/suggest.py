@@ -53,6 +53,7 @@ SOURCES: tuple[str, ...] = (
     "sequence",
     "year",
     "format",
+    "number",
     "case",
     "nearest",
     "empty",
@@ -255,9 +256,10 @@ def generate_candidates(
         if fp.kind == "number":
             for candidate in _decimal_shifts(value, fp):
                 add(candidate, "decimal")
-            extracted = d.extract_number(value)
-            if math.isfinite(extracted):
-                add(d.format_number(extracted, fp.decimals), "format")
+        # The number the value holds, without the unit or sign the field does not write (`16.0 oz` -> `16`).
+        number = d.leading_number(value)
+        if math.isfinite(number):
+            add(d.write_number(number, fp), "number")
         for candidate in _digit_swaps(value):
             add(candidate, "digit_swap")
         if fp.kind == "date":

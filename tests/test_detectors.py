@@ -184,3 +184,57 @@ def test_edit_history() -> None:
     profile = d.build_profile(entered, config)
     f = d.cell_features(entered, profile, config, ["city"], edits)["city"]
     assert f["edit_value_rate"].iloc[0] > f["edit_value_rate"].iloc[2]
+
+
+def test_fast_dependencies_match_their_definition() -> None:
+    frame = pd.DataFrame(
+        {
+            "brewery": ["b1"] * 10 + ["b2"] * 2 + ["b3"] * 3 + ["", "b4"],
+            "city": ["bend"] * 9 + ["bend OR"] + ["gary"] * 2 + ["troy", "troy", ""] + ["x", "reno"],
+        }
+    )
+    dep = d._dependency(frame, "brewery", "city")
+    assert dep is not None
+    assert dep.implied == {"b1": "bend", "b2": "gary", "b3": "troy", "b4": "reno"}
+    assert dep.support == {"b1": 9, "b2": 2, "b3": 2, "b4": 1}
+    assert dep.total == {"b1": 10, "b2": 2, "b3": 3, "b4": 1}
+    assert dep.strength == pytest.approx(13 / 15)  # over the source values that repeat
+    assert d._dependency(frame.assign(city="bend"), "brewery", "city") is None  # a constant says nothing
+    tie = pd.DataFrame(
+        {"a": list("kkjjjmmm"), "b": ["slip", "usual", "usual", "usual", "usual", "o", "o", "o"]}
+    )
+    assert d._dependency(tie, "a", "b").implied["k"] == "usual"  # a tie goes to the more frequent value
+
+
+def test_whole_numbers_can_determine_other_fields() -> None:
+    ids = pd.Series(["408", "177", "408", "12"])
+    assert d.can_determine(ids, "number")
+    assert not d.can_determine(pd.Series(["12.50", "3.10"]), "number")
+    assert not d.can_determine(pd.Series(["2024-01-01"]), "date")
+    frame = pd.DataFrame(
+        {"brewery_id": ["1", "1", "2", "2", "3", "3"] * 2, "city": ["a", "a", "b", "b", "c", "c"] * 2}
+    )
+    assert ("brewery_id", "city") in d.find_dependencies(frame, {"brewery_id": "number", "city": "text"})
+
+
+def test_numbers_are_written_the_way_the_field_writes_them(profile: d.Profile) -> None:
+    assert d.leading_number("16.0 oz.") == 16.0
+    assert d.leading_number("0.07200000000000001%") == pytest.approx(0.072)
+    assert math.isnan(d.leading_number("C-10233")) and math.isnan(d.leading_number("SO-2024-1"))
+    amount = profile.fields["amount"]
+    assert amount.fixed_decimals and amount.decimals == 2
+    assert d.write_number(1250.5, amount) == "1250.50"
+    plain = d.profile_field(pd.Series(["12", "16", "19.2", "0.05"]), "x", "category", None)
+    assert not plain.fixed_decimals
+    assert [d.write_number(v, plain) for v in (16.0, 19.2, 0.07200000000000001)] == ["16", "19.2", "0.072"]
+
+
+def test_unsupervised_score_from_checksums_and_dependencies(profile: d.Profile) -> None:
+    row = _history(1).iloc[0].to_dict()
+    f = _features(profile, [row, {**row, "city": "Utrecht"}])["city"]
+    score = d.unsupervised_score(f[list(d.FEATURES)].to_numpy())
+    assert score[0] == 0
+    assert score[1] > 0.9  # postcode and customer code, ten records each, imply Amsterdam
+    checksum = np.zeros((1, len(d.FEATURES)))
+    checksum[0, d.FEATURES.index("checksum_invalid")] = 1
+    assert d.unsupervised_score(checksum)[0] == pytest.approx(d.CHECKSUM_SCORE)

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from pipeline import schema as s
-from pipeline.config import load_config
+from pipeline.config import Config, load_config
 from pipeline.corrections import cell_labels, load_log, replay_backwards
-from pipeline.errors import ErrorModel, cell_metrics, choose_threshold
-from pipeline.exceptions import ModelLoadError, TrainingDataError
+from pipeline.errors import FORMAT_VERSION, ErrorModel, cell_metrics, choose_threshold, pooled_field_ids
+from pipeline.exceptions import ModelLoadError
 from pipeline.generate import generate
 from pipeline.ingest import read_table
 
@@ -36,6 +36,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "stored": stored,
         "batch": read_table(paths.batch),
         "truth": read_table(paths.batch_truth),
+        "paths": paths,
     }
 
 
@@ -135,17 +136,110 @@ def test_load_failures_are_one_line_model_load_errors(tmp_path: Path) -> None:
         ErrorModel.load(tmp_path / "empty")
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "error_model.json").write_text('{"class": "ErrorModel", "format": 1}')
+    (broken / "error_model.json").write_text(f'{{"class": "ErrorModel", "format": {FORMAT_VERSION}}}')
     (broken / "error_model.joblib").write_bytes(b"not a pickle")
     with pytest.raises(ModelLoadError) as info:
         ErrorModel.load(broken)
     assert "\n" not in str(info.value)
 
 
-def test_fit_rejects_a_log_without_edits(demo: dict) -> None:
+def test_a_log_without_edits_gives_an_unlabelled_model(demo: dict, tmp_path: Path) -> None:
+    config, stored = demo["config"], demo["stored"]
     empty = pd.DataFrame(columns=[s.LOG_RECORD_ID, s.LOG_FIELD, s.LOG_OLD_VALUE, s.LOG_NEW_VALUE])
-    with pytest.raises(TrainingDataError):
-        ErrorModel(demo["config"]).fit(demo["stored"], empty, demo["stored"])
+    model = ErrorModel(config, folds=3).fit(stored, empty, stored)
+    assert model.labelled_ is False
+    assert model.unsupervised_fields_ == config.check_fields
+    row = _history_row(demo)
+    iban = next((n for n, fp in model.profile_.fields.items() if "IBAN" in fp.schemes), None)
+    rows = [row, {**row, "customer_name": "Iemand Anders B.V."}]
+    if iban is not None:
+        rows.append({**row, iban: row[iban][:-1] + ("0" if row[iban][-1] != "0" else "1")})
+    chunk = pd.DataFrame(rows, dtype=object)
+    scores, flags = model.assess(chunk)
+    assert (scores.loc[0] == 0).all()  # a record the history agrees with is not flagged
+    assert "customer_name" in set(flags.loc[flags["row"] == 1, "field"])  # its customer code says otherwise
+    if iban is not None:
+        assert scores.loc[2, iban] == pytest.approx(0.9)
+    metrics = model.calibrate(stored.tail(50), empty)
+    assert metrics["detection_f1"] == 0 and metrics["threshold"] == 0.5
+    model.save(tmp_path / "m")
+    loaded = ErrorModel.load(tmp_path / "m")
+    assert loaded.labelled_ is False
+    pd.testing.assert_frame_equal(loaded.cell_scores(chunk), scores)
+
+
+def test_fit_chooses_thresholds_out_of_fold_and_calibrate_overrides(demo: dict) -> None:
+    model = demo["model"]
+    assert 0 < model.threshold_ < 1 and 0 < model.suggest_threshold_ < 1
+    config, stored = demo["config"], demo["stored"]
+    log = load_log(demo["paths"].corrections)
+    entered, _ = replay_backwards(stored, log, id_column=config.id_column)
+    labels = cell_labels(log, stored[config.id_column])
+    fitted = ErrorModel(config, folds=3).fit(entered.iloc[:1200], labels, stored.iloc[:1200])
+    chosen = (fitted.threshold_, fitted.suggest_threshold_)
+    assert chosen != (0.5, 0.5)
+    flags = fitted.detect(demo["batch"])
+    metrics = cell_metrics(flags, demo["truth"], ids=demo["batch"]["record_id"])
+    assert metrics["detection_f1"] > 0.6 and metrics["correction_f1"] > 0.5  # usable without calibrate
+    fixed = ErrorModel(config, folds=3, threshold=0.3, suggest_threshold=0.7)
+    fixed.fit(entered.iloc[:1200], labels, stored.iloc[:1200])
+    assert (fixed.threshold_, fixed.suggest_threshold_) == (0.3, 0.7)
+
+
+def test_field_ids_are_pooled_below_min_field_errors() -> None:
+    labels = pd.DataFrame({s.LOG_FIELD: ["a"] * 20 + ["b"] * 19 + ["c"]})
+    assert pooled_field_ids(["a", "b", "c", "d"], labels, 20) == {"a": 1, "b": 0, "c": 0, "d": 0}
+    assert pooled_field_ids(["a", "b", "c", "d"], labels, 1) == {"a": 1, "b": 2, "c": 3, "d": 0}
+
+
+def test_few_labels_carry_over_to_fields_without_corrections() -> None:
+    """Ten records, typos corrected in one field only: a typo in another field is flagged all the same,
+    and a city the record's customer contradicts is flagged with the customer's city as suggestion."""
+    config = Config.model_validate(
+        {
+            "name": "t",
+            "fields": {
+                "customer": {"type": "code"},
+                "name": {"type": "text"},
+                "city": {"type": "category"},
+                "street": {"type": "text"},
+            },
+        }
+    )
+    people = [("K1", "bakker", "utrecht", "kerkstraat"), ("K2", "jansen", "delft", "dorpsweg")]
+    people += [("K3", "de vries", "gouda", "markt"), ("K4", "visser", "breda", "laan")]
+    stored = pd.DataFrame(
+        [dict(zip(["customer", "name", "city", "street"], people[i % 4], strict=True)) for i in range(40)]
+    )
+    stored.insert(0, "record_id", [f"R{i}" for i in range(40)])
+    entered = stored.copy()
+    typos = {
+        "R1": "jxnsen",
+        "R6": "vixser",
+        "R9": "jansxn",
+        "R12": "baxker",
+        "R17": "janxen",
+        "R22": "dx vries",
+    }
+    for record_id, value in typos.items():
+        entered.loc[entered["record_id"] == record_id, "name"] = value
+    labels = pd.DataFrame(
+        {
+            s.LOG_RECORD_ID: list(typos),
+            s.LOG_FIELD: "name",
+            s.LOG_OLD_VALUE: list(typos.values()),
+            s.LOG_NEW_VALUE: [stored.set_index("record_id").loc[r, "name"] for r in typos],
+        }
+    )
+    model = ErrorModel(config, folds=4).fit(entered, labels, stored)
+    assert model.unsupervised_fields_ == ["customer", "city", "street"]
+    batch = stored.head(4).copy()
+    batch.loc[0, "street"] = "kerkstrxat"
+    batch.loc[1, "city"] = "utrecht"  # K2 lives in delft
+    flags = model.detect(batch).set_index(["row", "field"])
+    assert (0, "street") in flags.index
+    assert flags.loc[(1, "city"), "suggestion"] == "delft"
+    assert set(flags.index) <= {(0, "street"), (1, "city")}
 
 
 def test_cell_metrics_follow_barans_definitions() -> None:

@@ -112,3 +112,15 @@ def test_ranker_prefers_what_the_log_taught() -> None:
     best = sg.best_candidates(frame, ranker.predict_proba(frame), len(cells))
     assert best["candidate"].tolist()[:2] == ["130.00", "130.00"]
     assert best["probability"].min() > 0.9
+
+
+def test_number_candidate_drops_the_unit_the_field_does_not_write() -> None:
+    assert "number" in _candidates("amount", "130.00 EUR")["130.00"]
+    profile = d.build_profile(pd.DataFrame({"ounces": ["12", "16", "19.2", "12"] * 5}), _ounces_config())
+    cell = sg.CellContext(field="ounces", value="19.2 OZ.", row={"ounces": "19.2 OZ."})
+    found = sg.generate_candidates(cell, profile, sg.EditPatterns(), sg.nearest_choices(profile))
+    assert "number" in found["19.2"]
+
+
+def _ounces_config() -> Config:
+    return Config.model_validate({"name": "t", "fields": {"ounces": {"type": "category"}}})
