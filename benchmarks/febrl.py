@@ -48,7 +48,6 @@ import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from pipeline.config import Config
     from pipeline.linkage import DuplicateModel
     from pipeline.train import TrainingResult
 
@@ -165,27 +164,16 @@ def prepare(data: Path, dataset: str, *, history_share: float, seed: int) -> Pat
 
 
 def run_ours(work: Path) -> None:
-    """The product path: `train` on the history and its log, then `run_batch` on the batch against the
-    history. `train` also fits the error model, which needs `edit` rows in the log; FEBRL has merges only,
-    so then the duplicate model is trained exactly as `train` trains it (same time split, same
-    calibration on the validation period) and the batch is scored by its `Matcher`, the duplicate part
-    of `score_chunk`."""
+    """The product path: `train` on the history and its log (FEBRL's log has merges only, so the error
+    model is fitted unlabelled and flags nothing here), then `run_batch` on the batch against the history.
+    """
     from pipeline.config import load_config
+    from pipeline.train import train
 
     config = load_config(work / "config.yaml")
-    log = pd.read_csv(work / "corrections.csv", dtype=str, keep_default_na=False)
-    if (log["action"] == "edit").any():
-        from pipeline.train import train
-
-        started = time.perf_counter()
-        result = train(config, work / "records.csv", work / "corrections.csv")
-        timing, links = _product_path(result, work, started)
-    else:
-        timing, links = _duplicate_model_path(config, work)
-        timing["path"] = (
-            "DuplicateModel fit + calibrate + Matcher, as train() does (train() needs edit rows for the "
-            "error model; the FEBRL log has merges only)"
-        )
+    started = time.perf_counter()
+    result = train(config, work / "records.csv", work / "corrections.csv")
+    timing, links = _product_path(result, work, started)
     links.to_csv(work / "links_ours.csv", index=False)
     (work / "timing_ours.json").write_text(json.dumps(timing, indent=2), encoding="utf-8")
 
@@ -214,58 +202,6 @@ def _product_path(result: TrainingResult, work: Path, started: float) -> tuple[d
         **_model_facts(model),
     }
     return timing, links.rename(columns={"duplicate_score": "score"})
-
-
-def _duplicate_model_path(config: Config, work: Path) -> tuple[dict, pd.DataFrame]:
-    """What `train` does for the duplicate model, then the batch through the `Matcher`."""
-    from pipeline.corrections import duplicate_clusters, duplicate_pairs, load_log, merges, replay_backwards
-    from pipeline.evaluate import link_truth, time_split
-    from pipeline.ingest import read_table
-    from pipeline.linkage import DuplicateModel
-
-    started = time.perf_counter()
-    stored, log = read_table(work / "records.csv"), load_log(work / "corrections.csv")
-    entered, _ = replay_backwards(stored, log, id_column=config.id_column)
-    split = time_split(stored, config)
-    ids = stored[config.id_column]
-    train_ids, val_ids = ids.iloc[split.train], ids.iloc[split.validation]
-    merge_rows = merges(log)
-    known = set(train_ids)
-    pairs_train = duplicate_pairs(
-        merge_rows[merge_rows["record_id"].isin(known) & merge_rows["merged_into"].isin(known)]
-    )
-    known |= set(val_ids)
-    clusters_val = duplicate_clusters(
-        merge_rows[merge_rows["record_id"].isin(known) & merge_rows["merged_into"].isin(known)]
-    )
-    model = DuplicateModel(config, seed=config.seed).fit(entered.iloc[split.train], pairs_train)
-    calibration = model.calibrate(
-        entered.iloc[split.validation],
-        stored.iloc[split.train],
-        link_truth(val_ids, train_ids, clusters_val),
-        clusters=clusters_val,
-    )
-    trained = time.perf_counter()
-    train_peak = _peak_mb()
-    batch = pd.read_csv(work / "batch.csv", dtype=str, keep_default_na=False)
-    links = model.matcher(stored).match(batch)
-    scored = time.perf_counter()
-    links = pd.DataFrame(
-        {
-            "record_id": batch[config.id_column].to_numpy(),
-            "duplicate_of": links["duplicate_of"].to_numpy(),
-            "score": links["duplicate_score"].to_numpy(),
-        }
-    )
-    timing = {
-        "train_s": trained - started,
-        "score_s": scored - trained,
-        "train_peak_mb": train_peak,
-        "peak_mb": _peak_mb(),
-        "validation": calibration,
-        **_model_facts(model),
-    }
-    return timing, links[links["duplicate_of"] != ""]
 
 
 def _model_facts(model: DuplicateModel) -> dict:
