@@ -11,6 +11,7 @@ figure is the whole job's, imports included.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 _MEASURE = (
     "import resource, subprocess, sys, time\n"
     "t = time.perf_counter()\n"
-    "subprocess.run(sys.argv[1:], check=True)\n"
+    "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)\n"
     "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
 )
 
@@ -43,6 +44,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[200_000, 1_000_000])
     parser.add_argument("--reference", type=int, default=10_000)
+    parser.add_argument(
+        "--customers",
+        type=int,
+        default=20_000,
+        help="customers behind the orders: enough that a large batch is not one customer's orders repeated",
+    )
     parser.add_argument("--work", type=Path, default=None, help="keep data here (default: a temp folder)")
     args = parser.parse_args()
 
@@ -53,12 +60,14 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-scoring-"))
     rows_out = []
     started = time.perf_counter()
-    base = generate(work / "history", customers=800, history=args.reference, batch=0, seed=1)
+    base = generate(work / "history", customers=args.customers, history=args.reference, batch=0, seed=1)
     result = train(load_config(base.config), base.records, base.corrections)
     model = result.bundle.save(work / "model")
     train_seconds = time.perf_counter() - started
     for n in args.rows:
-        data = generate(work / f"batch-{n}", customers=800, history=args.reference, batch=n, seed=1)
+        data = generate(
+            work / f"batch-{n}", customers=args.customers, history=args.reference, batch=n, seed=1
+        )
         command = [
             sys.executable,
             "-m",
@@ -76,11 +85,14 @@ def main() -> None:
             "-q",
         ]
         seconds, peak_mb = measure(command)
-        rows_out.append((n, args.reference, seconds, n / seconds, peak_mb))
+        summary = json.loads((work / f"out-{n}" / "summary.json").read_text())
+        flagged = summary["flags"]["total"] / n
+        rows_out.append((n, args.reference, seconds, n / seconds, peak_mb, flagged))
     print(f"training on {args.reference} records (generate + train): {train_seconds:.1f} s")
-    print(f"{'batch rows':>12} {'reference':>10} {'seconds':>9} {'rows/s':>9} {'peak MB':>9}")
-    for n, ref, seconds, rate, peak in rows_out:
-        print(f"{n:>12,} {ref:>10,} {seconds:>9.1f} {rate:>9,.0f} {peak:>9.0f}")
+    print("| batch rows | reference | seconds | rows/s | peak MB | flags per row |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n, ref, seconds, rate, peak, flagged in rows_out:
+        print(f"| {n:,} | {ref:,} | {seconds:.1f} | {rate:,.0f} | {peak:.0f} | {flagged:.3f} |")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,7 @@ def _score_spark(args: argparse.Namespace, bundle: Any) -> dict[str, Any]:
         reference_path=args.reference,
         master=args.spark_master,
         overwrite=args.overwrite,
+        chunk_rows=args.chunk_rows,
         output_format=args.output_format,
     )
 

@@ -36,6 +36,9 @@ from pipeline.ingest import (
 
 logger = logging.getLogger(__name__)
 
+# RFC 4180 line ends: with "\n" alone, the csv module leaves a value holding a lone "\r" unquoted, and it
+# would read back as two rows.
+CSV_LINE_END = "\r\n"
 SCORE_COLUMNS = (s.DUPLICATE_SCORE, s.ERROR_SCORE, s.ANOMALY_SCORE)
 HISTOGRAM_BINS = 20
 FLAG_KIND_ORDER = {s.KIND_DUPLICATE: 0, s.KIND_ERROR: 1, s.KIND_ANOMALY: 2}
@@ -242,7 +245,7 @@ def run_batch(
         histograms = {name: np.zeros(HISTOGRAM_BINS, dtype=int) for name in SCORE_COLUMNS}
         records_path = staging / s.RECORDS_FILE
         with open(records_path, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
+            writer = csv.writer(fh, lineterminator=CSV_LINE_END)
             for chunk in iter_table(input_path, chunk_rows=chunk_rows):
                 if columns is None:
                     columns = list(chunk.columns)
@@ -299,7 +302,7 @@ def _write_flags(flags: pd.DataFrame, folder: Path, output_format: str) -> None:
     out[s.FLAG_SCORE] = fmt_score(out[s.FLAG_SCORE]) if len(out) else out[s.FLAG_SCORE]
     out = out[list(s.FLAG_COLUMNS)]
     with open(folder / s.FLAGS_FILE, "w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
+        writer = csv.writer(fh, lineterminator=CSV_LINE_END)
         writer.writerow(s.FLAG_COLUMNS)
         writer.writerows(out.itertuples(index=False, name=None))
     if output_format == "parquet":

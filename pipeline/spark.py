@@ -68,6 +68,7 @@ from pipeline.ingest import (
     is_parquet,
 )
 from pipeline.score import (
+    CSV_LINE_END,
     HISTOGRAM_BINS,
     SCORE_COLUMNS,
     _empty_flags,
@@ -761,7 +762,7 @@ def _score_rows(
         result = score_chunk(chunk, bundle, _LinkedMatcher(frame, matched))
         out = pd.concat([chunk, result.columns], axis=1)
         text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerows(out.itertuples(index=False, name=None))
+        csv.writer(text, lineterminator=CSV_LINE_END).writerows(out.itertuples(index=False, name=None))
         histograms = {
             name: np.histogram(
                 result.columns[name].to_numpy(dtype=float), bins=HISTOGRAM_BINS, range=(0.0, 1.0)
@@ -803,7 +804,7 @@ def _write_records(result: DataFrame, path: Path, header: list[str]) -> None:
 
     last = -1
     with open(path, "w", encoding="utf-8", newline="") as fh:
-        csv.writer(fh, lineterminator="\n").writerow([*header, *s.RECORD_COLUMNS])
+        csv.writer(fh, lineterminator=CSV_LINE_END).writerow([*header, *s.RECORD_COLUMNS])
         pieces = result.filter(F.col("part") == "records").select("start", "payload")
         for start, text in pieces.toLocalIterator(prefetchPartitions=True):
             if start <= last:

@@ -67,6 +67,8 @@ def test_awkward_values_come_back_exactly(demo, model_folder, tmp_path):
         "Ærø 北京 🙂",
         "  ",
         "-0",
+        "lone\rreturn",
+        "crlf\r\ninside",
     ]
     rows = []
     for i, value in enumerate(awkward):
