@@ -21,3 +21,18 @@ def tracking_uri(tmp_path: Path) -> str:
     store = tmp_path / "mlruns"
     store.mkdir()
     return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def train_argv(demo, uri: str, *, config: Path | None = None, records: Path | None = None) -> list[str]:
+    """The `train` command line for the demo data (optionally with another config or records file)."""
+    return [
+        "train",
+        "--config",
+        str(config or demo.config),
+        "--records",
+        str(records or demo.records),
+        "--corrections",
+        str(demo.corrections),
+        "--tracking-uri",
+        uri,
+    ]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import train_argv
 
 from pipeline.cli import main
 
@@ -55,19 +56,7 @@ def test_train_with_records_missing_a_configured_column(demo, tmp_path, capsys):
     lines = demo.records.read_text(encoding="utf-8").splitlines(keepends=True)
     header = lines[0].replace("amount", "amount_eur")
     records.write_text(header + "".join(lines[1:]), encoding="utf-8")
-    code = main(
-        [
-            "train",
-            "--config",
-            str(demo.config),
-            "--records",
-            str(records),
-            "--corrections",
-            str(demo.corrections),
-            "--tracking-uri",
-            f"sqlite:///{tmp_path / 'db.sqlite'}",
-        ]
-    )
+    code = main(train_argv(demo, f"sqlite:///{tmp_path / 'db.sqlite'}", records=records))
     err = capsys.readouterr().err
     assert code == 2 and "missing column 'amount'" in err and str(records) in err
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import train_argv
 
 from pipeline import schema as s
 from pipeline.cli import main
@@ -29,17 +30,7 @@ def trained(demo, tmp_path_factory):
     uri = f"sqlite:///{store / 'mlflow.db'}"
     out = tmp_path_factory.mktemp("train") / "stdout.txt"
     code = _run_cli(
-        [
-            "train",
-            "--config",
-            str(demo.config),
-            "--records",
-            str(demo.records),
-            "--corrections",
-            str(demo.corrections),
-            "--tracking-uri",
-            uri,
-        ],
+        train_argv(demo, uri),
         out,
     )
     assert code == 0, out.read_text()
@@ -257,17 +248,7 @@ def test_promote_explains_and_records_its_decision(demo, trained, tmp_path):
     config.write_text(demo.config.read_text() + "seed: 3\n", encoding="utf-8")
     assert (
         _run_cli(
-            [
-                "train",
-                "--config",
-                str(config),
-                "--records",
-                str(demo.records),
-                "--corrections",
-                str(demo.corrections),
-                "--tracking-uri",
-                uri,
-            ],
+            train_argv(demo, uri, config=config),
             tmp_path / "t2",
         )
         == 0

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import train_argv
 
 from pipeline.cli import main
 
@@ -64,22 +65,7 @@ def _logged_text(uri: str, experiment_name: str) -> list[str]:
 
 def test_nothing_personal_is_logged(demo, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(demo.config),
-                "--records",
-                str(demo.records),
-                "--corrections",
-                str(demo.corrections),
-                "--tracking-uri",
-                uri,
-            ]
-        )
-        == 0
-    )
+    assert main(train_argv(demo, uri)) == 0
     texts = _logged_text(uri, "orders")
     assert any("test_duplicate_f1" in t for t in texts), "the search must see the metrics"
     assert any(t.startswith("records_sha256=") for t in texts)
@@ -141,22 +127,7 @@ def mlflow_server(tmp_path):
 
 def test_train_promote_score_against_a_tracking_server(demo, mlflow_server, tmp_path, capsys):
     uri = mlflow_server
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(demo.config),
-                "--records",
-                str(demo.records),
-                "--corrections",
-                str(demo.corrections),
-                "--tracking-uri",
-                uri,
-            ]
-        )
-        == 0
-    )
+    assert main(train_argv(demo, uri)) == 0
     out = capsys.readouterr().out
     assert re.search(r"run id: [0-9a-f]{32}", out) and "version 1" in out
     assert main(["promote", "--name", "orders", "--tracking-uri", uri]) == 0
