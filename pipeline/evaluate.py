@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -16,6 +18,9 @@ import pandas as pd
 from pipeline import schema as s
 from pipeline.config import Config
 from pipeline.exceptions import SchemaError
+
+if TYPE_CHECKING:  # the bundle imports the models, which import this module
+    from pipeline.bundle import Holdout, ModelBundle
 
 
 @dataclass(frozen=True)
@@ -228,7 +233,7 @@ def evaluate_scored(
     )
 
 
-def evaluate_bundle(bundle, holdout, *, prefix: str = "test") -> Evaluation:  # noqa: ANN001
+def evaluate_bundle(bundle: ModelBundle, holdout: Holdout, *, prefix: str = "test") -> Evaluation:
     """Scores a held-out period with a model (as the batch job would) and compares with the truth."""
     from pipeline.score import score_chunk
 
@@ -247,11 +252,15 @@ def evaluate_bundle(bundle, holdout, *, prefix: str = "test") -> Evaluation:  # 
     )
 
 
-def evaluate_output(config: Config, output, batch_path, truth_path, reference_path) -> dict[str, float]:  # noqa: ANN001
+def evaluate_output(
+    config: Config,
+    output: str | Path,
+    batch_path: str | Path,
+    truth_path: str | Path,
+    reference_path: str | Path | None,
+) -> dict[str, float]:
     """Compares a `score` output folder with a batch's ground truth (a log in the contract's format),
     e.g. the demo's `batch_truth.csv`. Returns `batch_*` figures."""
-    from pathlib import Path
-
     from pipeline.corrections import load_log
     from pipeline.ingest import read_table
 
