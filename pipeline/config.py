@@ -54,6 +54,7 @@ class Config(BaseModel):
     fields: dict[str, FieldSpec] = Field(min_length=1)
     minutes_per_correction: float = Field(DEFAULT_MINUTES_PER_CORRECTION, ge=0)
     minutes_per_false_alarm: float = Field(DEFAULT_MINUTES_PER_FALSE_ALARM, ge=0)
+    cost_per_hour: float | None = Field(None, ge=0)  # euros per staff hour: time saved is also given in euros
     duplicate_min_precision: float | None = Field(None, gt=0, le=1)
     error_min_precision: float | None = Field(None, gt=0, le=1)
     anomaly_quantile: float = Field(0.995, gt=0.5, lt=1)

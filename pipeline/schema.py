@@ -80,6 +80,36 @@ FLAGS_FILE: Final = "flags.csv"
 SUMMARY_FILE: Final = "summary.json"
 REPORT_FILE: Final = "report.html"
 
+# Review decisions (contract section 4), written by `review`, read by `feedback`.
+DECISIONS_FILE: Final = "decisions.csv"
+DECISION: Final = "decision"
+DECISION_NEW_VALUE: Final = "new_value"
+DECISION_DECIDED_AT: Final = "decided_at"
+DECISION_SECONDS: Final = "seconds"
+DECISION_COLUMNS: Final = (
+    FLAG_RECORD_ID,
+    FLAG_KIND,
+    FLAG_FIELD,
+    FLAG_VALUE,
+    FLAG_SUGGESTION,
+    FLAG_MATCH_ID,
+    DECISION,
+    DECISION_NEW_VALUE,
+    DECISION_DECIDED_AT,
+    DECISION_SECONDS,
+)
+# The columns that name one flag: a later decision with the same key replaces an earlier one.
+FLAG_KEY: Final = (FLAG_RECORD_ID, FLAG_KIND, FLAG_FIELD, FLAG_MATCH_ID)
+DECISION_ACCEPT: Final = "accept"
+DECISION_EDIT: Final = "edit"
+DECISION_REJECT: Final = "reject"
+DECISIONS: Final = (DECISION_ACCEPT, DECISION_EDIT, DECISION_REJECT)
+# Columns `feedback` adds to a corrections log (the contract allows added columns): which rows came from
+# the review, and the seconds the clerk spent on each.
+LOG_SOURCE: Final = "source"
+LOG_SECONDS: Final = "seconds"
+SOURCE_REVIEW: Final = "review"
+
 FieldTypeName = Literal["text", "code", "category", "number", "date"]
 FIELD_TYPES: Final = ("text", "code", "category", "number", "date")
 
