@@ -227,7 +227,7 @@ def _peak_mb() -> float:
 
 def figures(work: Path, system: str) -> dict[str, float]:
     """Record-level and pairwise precision, recall and F1 of one system's batch links (see module doc)."""
-    from pipeline.linkage import link_metrics
+    from pipeline.metrics import link_metrics
 
     split = pd.read_csv(work / "split.csv", dtype=str, keep_default_na=False)
     entity = dict(zip(split["rec_id"], split["entity"], strict=True))

@@ -141,8 +141,9 @@ def _cv_thresholds(config, entered, log, stored, batch, folds: int, seed: int) -
     library's own `choose_threshold` / `choose_suggest_threshold`.
     """
     from pipeline.corrections import cell_labels
-    from pipeline.errors import ErrorModel, choose_suggest_threshold, choose_threshold
+    from pipeline.errors import ErrorModel, choose_suggest_threshold
     from pipeline.exceptions import TrainingDataError
+    from pipeline.metrics import choose_threshold
 
     ids = entered[config.id_column]
     fold_of = np.random.default_rng(seed).permutation(len(entered)) % folds
@@ -168,7 +169,7 @@ def _cv_thresholds(config, entered, log, stored, batch, folds: int, seed: int) -
         return 0.5, 0.5
     flags = pd.concat(pooled, ignore_index=True)
     truth = np.array([(r, f) in errors for r, f in zip(flags["record_id"], flags["field"], strict=True)])
-    threshold = choose_threshold(flags["score"].to_numpy(), truth.astype(int), None, 0.5)
+    threshold = choose_threshold(flags["score"].to_numpy(), truth, default=0.5).threshold
     suggest = choose_suggest_threshold(flags[flags["score"] >= threshold], cell_labels(log, ids), 0.5)
     return threshold, suggest
 

@@ -38,6 +38,7 @@ from pipeline import schema as s
 from pipeline import suggest as sg
 from pipeline.config import Config
 from pipeline.exceptions import ModelLoadError, SchemaError, TrainingDataError
+from pipeline.metrics import choose_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -321,7 +322,13 @@ class ErrorModel(BaseEstimator):
         truth = np.concatenate([fold.y for fold in folds]).astype(bool)
         threshold = fixed
         if fixed is None:
-            threshold = choose_threshold(pooled, truth, config.error_min_precision, DEFAULT_THRESHOLD)
+            threshold = choose_threshold(
+                pooled,
+                truth,
+                default=DEFAULT_THRESHOLD,
+                min_precision=config.error_min_precision,
+                f1_tolerance=F1_TOLERANCE,
+            ).threshold
             # A few dozen labelled rows show few clean cells of each kind: never flag a cell the model
             # rates much less likely to be wrong than an average training cell.
             threshold = max(threshold, MIN_LIFT * float(truth.mean()))
@@ -634,8 +641,12 @@ class ErrorModel(BaseEstimator):
         y = np.array([[(r, f) in truth for f in scores.columns] for r in ids], dtype=bool).ravel()
         if self.labelled_:  # an unlabelled model keeps its fixed thresholds
             self.threshold_ = choose_threshold(
-                scores.to_numpy().ravel(), y, config.error_min_precision, self.threshold_
-            )
+                scores.to_numpy().ravel(),
+                y,
+                default=self.threshold_,
+                min_precision=config.error_min_precision,
+                f1_tolerance=F1_TOLERANCE,
+            ).threshold
         flags = self._flags(entered, scores, per_field, None, self.threshold_, suggest_threshold=0.0)
         flags["record_id"] = ids.to_numpy()[flags[FLAG_ROW].to_numpy()] if len(flags) else []
         if self.labelled_:
@@ -797,35 +808,6 @@ def _strongest_disagreement(cell: sg.CellContext, profile: d.Profile) -> d.Depen
 # --------------------------------------------------------------------------------------------- thresholds
 
 
-def choose_threshold(
-    scores: np.ndarray, truth: np.ndarray, min_precision: float | None, default: float
-) -> float:
-    """The score threshold with the best F1, or the lowest one whose precision reaches `min_precision`."""
-    if truth.sum() == 0 or len(scores) == 0:
-        return default
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores = scores[order]
-    hits = np.cumsum(truth[order])
-    flagged = np.arange(1, len(scores) + 1)
-    precision = hits / flagged
-    recall = hits / truth.sum()
-    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
-    # Only cut between distinct scores.
-    last_of_tie = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
-    if min_precision is not None:
-        ok = np.flatnonzero(last_of_tie & (precision >= min_precision))
-        if len(ok):
-            return float(sorted_scores[ok[-1]])
-        logger.warning(
-            "no threshold reaches precision %.2f on the validation data; using max F1", min_precision
-        )
-    # Labels are incomplete (some flagged "false positives" are errors staff missed), so among the cuts
-    # within F1_TOLERANCE of the best, take the lowest threshold.
-    cuts = np.flatnonzero(last_of_tie)
-    good = cuts[f1[cuts] >= f1[cuts].max() - F1_TOLERANCE]
-    return float(sorted_scores[good[-1]])
-
-
 def choose_suggest_threshold(flags: pd.DataFrame, labels: pd.DataFrame, default: float) -> float:
     """The probability above which a suggestion is shown, chosen for the best correction F1."""
     if flags.empty or labels.empty:
@@ -840,17 +822,12 @@ def choose_suggest_threshold(flags: pd.DataFrame, labels: pd.DataFrame, default:
             for r, f, v in zip(flags["record_id"], flags[s.FLAG_FIELD], flags[s.FLAG_SUGGESTION], strict=True)
         ]
     )
-    prob = flags["suggestion_probability"].to_numpy()
-    best_t, best_f1 = default, -1.0
     # A coarse grid: the validation set is small, and exact probabilities would overfit it.
-    for t in SUGGEST_GRID:
-        made = prob >= t
-        correct = (right & made).sum()
-        precision = correct / made.sum() if made.sum() else 0.0
-        recall = correct / len(truth)
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        if f1 > best_f1 + 1e-12:
-            best_t, best_f1 = float(t), f1
+    prob = flags["suggestion_probability"].to_numpy(dtype=float)
+    grid = np.asarray(SUGGEST_GRID)
+    on_grid = grid[np.clip(np.searchsorted(grid, prob, side="right") - 1, 0, None)]
+    on_grid = np.where(prob < grid[0], 0.0, on_grid)
+    best_t = choose_threshold(on_grid, right, default=default, n_positive=len(truth)).threshold
     return max(best_t, 0.05)
 
 

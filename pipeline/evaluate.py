@@ -18,6 +18,7 @@ import pandas as pd
 from pipeline import schema as s
 from pipeline.config import Config
 from pipeline.exceptions import SchemaError
+from pipeline.metrics import average_precision, link_metrics, prf
 
 if TYPE_CHECKING:  # the bundle imports the models, which import this module
     from pipeline.bundle import Holdout, ModelBundle
@@ -82,49 +83,6 @@ def link_truth(batch_ids: pd.Series, reference_ids: pd.Series, clusters: dict[st
     return truth
 
 
-def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
-    """Precision, recall and F1; 0 where undefined rather than NaN, so MLflow plots stay continuous."""
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
-
-
-def best_threshold(scores: np.ndarray, labels: np.ndarray, *, min_precision: float | None = None) -> float:
-    """The threshold that maximises F1 over `scores` (or the lowest meeting `min_precision`).
-
-    >>> best_threshold(np.array([0.9, 0.8, 0.3, 0.2]), np.array([1, 1, 0, 0]))
-    0.8
-    """
-    if len(scores) == 0 or labels.sum() == 0:
-        return 0.5
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    tp = np.cumsum(sorted_labels)
-    fp = np.cumsum(1 - sorted_labels)
-    precision = tp / (tp + fp)
-    recall = tp / labels.sum()
-    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
-    # Only cut between distinct scores.
-    last_of_run = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]
-    if min_precision is not None:
-        ok = last_of_run & (precision >= min_precision)
-        if ok.any():
-            return float(sorted_scores[np.flatnonzero(ok)[-1]])
-        return 1.0
-    candidates = np.flatnonzero(last_of_run)
-    return float(sorted_scores[candidates[np.argmax(f1[candidates])]])
-
-
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the precision-recall curve (step-wise), 0 when there are no positives."""
-    if len(scores) == 0 or labels.sum() == 0:
-        return 0.0
-    from sklearn.metrics import average_precision_score
-
-    return float(average_precision_score(labels, scores))
-
-
 @dataclass
 class Evaluation:
     """Figures of one model on one held-out period, plus what the plots need."""
@@ -152,7 +110,6 @@ def evaluate_scored(
     Errors count per cell; a correction is right when the suggestion equals the value staff put in.
     """
     from pipeline.corrections import cell_labels, duplicate_clusters, merges
-    from pipeline.linkage import link_metrics
 
     ids = batch[config.id_column]
     clusters = duplicate_clusters(merges(log))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from array import array
 from collections.abc import Sequence
@@ -45,10 +46,10 @@ from pipeline import __version__
 from pipeline import schema as s
 from pipeline.config import Config, config_from_dict
 from pipeline.corrections import cluster_roots
-from pipeline.evaluate import prf
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import Difference
+from pipeline.metrics import choose_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -566,8 +567,6 @@ class DuplicateModel:
         )
         order = np.argsort(-score, kind="stable")
         has_candidate = candidate[order] != s.MISSING
-        tp = np.cumsum(correct[order])
-        predicted = np.cumsum(has_candidate)
         # Staff merge only part of the duplicates, so some "false" positives are unmerged duplicates. The
         # share of near-certain links that are labelled estimates how often a duplicate gets merged (the
         # label frequency of positive-unlabelled learning); precision is corrected by it.
@@ -576,16 +575,8 @@ class DuplicateModel:
         if confident.sum() >= MIN_CONFIDENT_LINKS:
             frequency = float(np.clip(correct[order][confident].mean(), MIN_LABEL_FREQUENCY, 1.0))
         self.label_frequency_ = frequency
-        raw_precision = np.divide(tp, predicted, out=np.zeros(len(tp)), where=predicted > 0)
-        precision = np.minimum(raw_precision / frequency, 1.0)
-        recall = tp / max(len(truth), 1)
-        f1 = np.divide(
-            2 * precision * recall, precision + recall, out=np.zeros(len(tp)), where=precision + recall > 0
-        )
-        sorted_scores = score[order]
-        # Only cut where the next score differs, so ties fall on the same side.
-        valid = np.append(sorted_scores[1:] < sorted_scores[:-1], True) & has_candidate & (sorted_scores > 0)
-        if not valid.any():
+        scored = has_candidate & (score[order] > 0)
+        if not scored.any():
             self.threshold_ = 0.5
             logger.warning("calibration: no candidate pairs in the held-out batch; threshold stays 0.5")
             return {
@@ -598,32 +589,22 @@ class DuplicateModel:
                 "fn": len(truth),
             }
         wanted = self.config.duplicate_min_precision
-        if wanted is not None and (valid & (precision >= wanted)).any():
-            cut = int(np.flatnonzero(valid & (precision >= wanted))[-1])
-        else:
-            if wanted is not None:
-                logger.warning(
-                    "calibration: no threshold reaches precision %.3f; maximising F1 instead", wanted
-                )
-            cut = int(np.flatnonzero(valid)[np.argmax(f1[valid])])
-        # Every cut from `cut` down to `lowest` scores the same; the threshold goes in the middle of that
-        # range rather than at its top edge, so unseen duplicates scored a little lower are still found.
-        lowest = cut
-        if wanted is None:
-            tied = np.flatnonzero(valid & (f1 >= f1[cut] - 1e-9))
-            lowest = int(tied[-1])
-        below = sorted_scores[lowest + 1] if lowest + 1 < len(sorted_scores) else 0.0
-        self.threshold_ = float((sorted_scores[cut] + below) / 2)
+        choice = choose_threshold(
+            score[order][scored],
+            correct[order][scored],
+            min_precision=wanted,
+            placement="middle",
+            n_positive=len(truth),
+            label_frequency=frequency,
+        )
+        if wanted is not None and choice.precision < wanted:
+            logger.warning("calibration: no threshold reaches precision %.3f; maximising F1 instead", wanted)
+        self.threshold_ = choice.threshold if choice.chosen else 0.5
         result = {
+            **choice.as_dict(),
             "threshold": self.threshold_,
-            "precision": float(precision[cut]),
-            "recall": float(recall[cut]),
-            "f1": float(f1[cut]),
-            "labelled_precision": float(raw_precision[cut]),
+            "labelled_precision": choice.tp / max(choice.tp + choice.fp, 1),
             "label_frequency": frequency,
-            "tp": int(tp[cut]),
-            "fp": int(predicted[cut] - tp[cut]),
-            "fn": int(len(truth) - tp[cut]),
         }
         logger.info("duplicate threshold %.3f: %s", self.threshold_, result)
         return result
@@ -792,6 +773,8 @@ class Matcher:
         self._blocks: list[dict[str, list[int]]] = [{} for _ in (model.rules_ if rules is None else rules)]
         self._position: dict[str, int] = {}
         self._cluster: dict[str, str] = {}
+        self._last_keys: list[list[str]] = []
+        self._lock = threading.RLock()
         if reference is not None and len(reference):
             ordered = reference.iloc[model._entry_order(reference)]
             self._candidates(model._encode(ordered), collect=False)
@@ -910,6 +893,7 @@ class Matcher:
         """Scores the chunk's candidates and indexes the chunk. Returns the best candidate per row (index =
         record id: candidate_id, score, position, candidate position) and all scored pairs."""
         encoded = self._model._encode(chunk)
+        self._last_keys = encoded.keys  # for `_rollback`
         query, found, _ = self._candidates(encoded)
         start = len(self._ids) - len(encoded)
         scores = self._model.probabilities(self._features(query, found)) if len(query) else np.zeros(0)
@@ -941,9 +925,55 @@ class Matcher:
         )
         return best, pairs
 
-    def match(self, chunk: pd.DataFrame) -> pd.DataFrame:
+    def match(self, chunk: pd.DataFrame, *, remember: bool = True) -> pd.DataFrame:
         """duplicate_of, duplicate_score, cluster_id and reason for each row of the chunk (same index), then
-        remembers the chunk so later chunks are matched against it too."""
+        remembers the chunk so later chunks are matched against it too.
+
+        With `remember=False` the index is left as it was (the chunk's rows are still matched against each
+        other): a check that must not add what it checks. One chunk at a time changes the index, so threads
+        may share a matcher.
+        """
+        with self._lock:
+            undo = None if remember else self._checkpoint(chunk)
+            try:
+                return self._match(chunk)
+            finally:
+                if undo is not None:
+                    self._rollback(*undo)
+
+    def _checkpoint(self, chunk: pd.DataFrame) -> tuple[int, dict[str, int], dict[str, int], dict[str, str]]:
+        ids = chunk[self._model.config.id_column].astype(str)
+        positions = {i: self._position[i] for i in ids if i in self._position}
+        clusters = {i: self._cluster[i] for i in ids if i in self._cluster}
+        sizes = {field: len(self._values[field]) for field in self._fields}
+        return len(self._ids), sizes, positions, clusters
+
+    def _rollback(
+        self, start: int, sizes: dict[str, int], positions: dict[str, int], clusters: dict[str, str]
+    ) -> None:
+        """Takes the records indexed from `start` on out of the index again (see `_checkpoint`)."""
+        # Blocks are appended in position order, so the chunk's positions are at the tails of its blocks.
+        for rule_keys, block_index in zip(self._last_keys, self._blocks, strict=True):
+            for key in rule_keys:
+                block = block_index.get(key) if key else None
+                while block and block[-1] >= start:
+                    block.pop()
+                if block is not None and not block:
+                    del block_index[key]
+        for field in self._fields:
+            code_of, size = self._code_of[field], sizes[field]
+            for value in self._normalised[field][start:]:
+                if code_of.get(value, -1) >= size:
+                    del code_of[value]
+            del self._values[field][size:], self._normalised[field][start:], self._codes[field][start:]
+        for record_id in self._ids[start:]:
+            self._position.pop(record_id, None)
+            self._cluster.pop(record_id, None)
+        del self._ids[start:], self._raw[start:], self._times[start:]
+        self._position.update(positions)
+        self._cluster.update(clusters)
+
+    def _match(self, chunk: pd.DataFrame) -> pd.DataFrame:
         best, _ = self._score(chunk)
         model = self._model
         duplicate_of: list[str] = []
@@ -985,31 +1015,6 @@ class Matcher:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def link_metrics(
-    predicted: pd.DataFrame, truth: dict[str, str], clusters: dict[str, str]
-) -> dict[str, float]:
-    """Precision, recall and F1 of predicted links against the truth (the shared evaluation convention).
-
-    `predicted` has the record ids as index and a `duplicate_of` column ("" = no link); `truth` maps each
-    record that re-registers an earlier one to its true cluster root; `clusters` maps records (reference
-    and batch) to their roots. A link r -> m is right when m's root is r's true root.
-
-    >>> links = pd.DataFrame({"duplicate_of": ["A", "", "A"]}, index=["B", "C", "D"])
-    >>> link_metrics(links, {"B": "A", "C": "A"}, {"A": "A", "B": "A", "C": "A"})["precision"]
-    0.5
-    """
-    roots = {**clusters, **truth}
-    tp = fp = 0
-    for record_id, match in zip(predicted.index, predicted[s.DUPLICATE_OF], strict=True):
-        if not match:
-            continue
-        if record_id in truth and roots.get(match, match) == truth[record_id]:
-            tp += 1
-        else:
-            fp += 1
-    return prf(tp, fp, len(truth) - tp)
 
 
 def _join_keys(parts: Sequence[np.ndarray]) -> np.ndarray:

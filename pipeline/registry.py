@@ -27,6 +27,7 @@ from pipeline import __version__
 from pipeline import schema as s
 from pipeline.bundle import ModelBundle, find_bundle
 from pipeline.exceptions import BadInputError, ModelLoadError
+from pipeline.metrics import PROMOTION_METRICS, PROMOTION_TOLERANCE, promotion_decision
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ PINNED = (
     "pyyaml",
 )
 # A promoted challenger may lose at most this much F1 on any one task while winning on the mean.
-PROMOTION_TOLERANCE = 0.01
-PROMOTION_METRICS = ("test_duplicate_f1", "test_error_f1", "test_correction_f1")
 
 
 def tracking_uri(explicit: str | None = None) -> str:
@@ -341,6 +340,15 @@ def load_bundle(model: str, *, uri: str | None = None, with_holdout: bool = Fals
     return bundle
 
 
+def resolve_model(model: str, *, uri: str | None = None) -> dict[str, str]:
+    """What a registry URI points at now, without loading it: `uri`, `name`, `version`, `run_id` and
+    `download_uri` (`models:/NAME/VERSION`, to load exactly that version). A service following
+    `models:/NAME@champion` polls this to notice the alias move. Raises `ModelLoadError` when unknown."""
+    if not model.startswith(("models:/", "runs:/")):
+        raise ModelLoadError(f"{model}: not a registry URI (models:/NAME@alias, models:/NAME/3 or runs:/ID)")
+    return _resolve_uri(model, uri)
+
+
 def _resolve_uri(model: str, uri: str | None) -> dict[str, str]:
     from mlflow.exceptions import MlflowException
 
@@ -426,25 +434,11 @@ def promote(name: str, *, uri: str | None = None, dry_run: bool = False) -> Prom
         )
     ]
     table = pd.DataFrame(rows)
-    if champion_version is None:
-        promoted, reason = True, "there is no champion yet"
-    elif old is None:
+    if champion_version is not None and old is None:
         promoted, reason = False, f"version {challenger_version.version} is already the champion"
     else:
-        mean_new = sum(new[k] for k in PROMOTION_METRICS) / len(PROMOTION_METRICS)
-        mean_old = sum(old[k] for k in PROMOTION_METRICS) / len(PROMOTION_METRICS)
-        worst = min(new[k] - old[k] for k in PROMOTION_METRICS)
-        if mean_new >= mean_old and worst >= -PROMOTION_TOLERANCE:
-            promoted = True
-            reason = (
-                f"challenger mean F1 {mean_new:.4f} >= champion {mean_old:.4f}, "
-                f"no task worse by > {PROMOTION_TOLERANCE}"
-            )
-        elif mean_new < mean_old:
-            promoted, reason = False, f"challenger mean F1 {mean_new:.4f} < champion {mean_old:.4f}"
-        else:
-            promoted = False
-            reason = f"challenger loses {-worst:.4f} F1 on one task (tolerance {PROMOTION_TOLERANCE})"
+        decision = promotion_decision(new, old, metrics=PROMOTION_METRICS, tolerance=PROMOTION_TOLERANCE)
+        promoted, reason = decision.promoted, decision.reason
     if not dry_run and (old is not None or champion_version is None):
         version = challenger_version.version
         stamp = datetime.now(UTC).isoformat(timespec="seconds")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline import schema as s
 from pipeline.config import Config, load_config
 from pipeline.corrections import cell_labels, load_log, replay_backwards
-from pipeline.errors import FORMAT_VERSION, ErrorModel, cell_metrics, choose_threshold, pooled_field_ids
+from pipeline.errors import FORMAT_VERSION, ErrorModel, cell_metrics, pooled_field_ids
 from pipeline.exceptions import ModelLoadError
 from pipeline.generate import generate
 from pipeline.ingest import read_table
@@ -265,13 +264,6 @@ def test_cell_metrics_follow_barans_definitions() -> None:
     assert m["correction_precision"] == pytest.approx(2 / 4)  # A and the empty one right; 4 made
     assert m["correction_recall"] == pytest.approx(2 / 4)
     assert m["correction_f1"] == pytest.approx(0.5)
-
-
-def test_choose_threshold_max_f1_or_min_precision() -> None:
-    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.1])
-    truth = np.array([True, True, False, True, False, False])
-    assert choose_threshold(scores, truth, None, 0.5) == pytest.approx(0.6)
-    assert choose_threshold(scores, truth, 1.0, 0.5) == pytest.approx(0.8)
 
 
 def test_assess_equals_cell_scores_and_detect(demo: dict) -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.exceptions import ModelLoadError, TrainingDataError
-from pipeline.linkage import META_FILE, SETTINGS_FILE, DuplicateModel, link_metrics
+from pipeline.linkage import META_FILE, SETTINGS_FILE, DuplicateModel
+from pipeline.metrics import link_metrics
 
 CONFIG = Config.model_validate(
     {

@@ -1,0 +1,193 @@
+"""Metrics and threshold choice: the one definition every model, the evaluation and `promote` share.
+
+A leaf module (numpy, pandas and scikit-learn only), so the models and the evaluation can both import it.
+
+- `prf`: precision, recall and F1 from counts.
+- `choose_threshold`: the cut through a score ranking with the best F1 (or the lowest reaching a wanted
+  precision), built on scikit-learn's `precision_recall_curve` so ties always fall on one side.
+- `link_metrics`: record-level duplicate figures against merge clusters.
+- `promotion_decision`: whether a challenger's figures beat a champion's.
+
+>>> prf(3, 1, 1)["f1"]
+0.75
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score, precision_recall_curve
+
+Placement = Literal["lowest", "middle"]
+
+PROMOTION_METRICS: tuple[str, ...] = ("test_duplicate_f1", "test_error_f1", "test_correction_f1")
+PROMOTION_TOLERANCE = 0.01
+
+
+def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Precision, recall and F1; 0 where undefined rather than NaN, so MLflow plots stay continuous."""
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the precision-recall curve (step-wise), 0 when there are no positives."""
+    labels = np.asarray(labels)
+    if len(scores) == 0 or labels.sum() == 0:
+        return 0.0
+    return float(average_precision_score(labels, scores))
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """A chosen threshold and the figures at it (on the data it was chosen on)."""
+
+    threshold: float
+    precision: float
+    recall: float
+    f1: float
+    tp: int
+    fp: int
+    fn: int
+    chosen: bool  # False when there was nothing to choose on and `default` was returned
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "threshold": self.threshold,
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+            "tp": self.tp,
+            "fp": self.fp,
+            "fn": self.fn,
+        }
+
+
+def choose_threshold(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    *,
+    default: float = 0.5,
+    min_precision: float | None = None,
+    f1_tolerance: float = 0.0,
+    placement: Placement = "lowest",
+    n_positive: int | None = None,
+    label_frequency: float = 1.0,
+) -> ThresholdChoice:
+    """The score threshold (flag when `score >= threshold`) with the best F1 on `(scores, labels)`.
+
+    - `min_precision`: instead, the lowest threshold whose precision reaches it (max F1 when none does).
+    - `f1_tolerance`: cuts within this much of the best F1 count as equally good; the lowest of them is
+      taken, since labels are incomplete and a "false" alarm near the top may be an error staff missed.
+    - `placement`: "lowest" returns the score of that cut; "middle" returns the midpoint between the best
+      cut's score and the next lower score, so unseen positives scored a little lower are still found.
+    - `n_positive`: the number of true positives in all, when some are absent from `scores` (a duplicate
+      with no candidate pair); recall is counted against it.
+    - `label_frequency`: the share of true positives staff labelled; precision is divided by it (capped
+      at 1), the positive-unlabelled correction.
+
+    >>> choose_threshold(np.array([0.9, 0.8, 0.3, 0.2]), np.array([1, 1, 0, 0])).threshold
+    0.8
+    """
+    scores = np.asarray(scores, dtype=float)
+    labels = np.asarray(labels).astype(bool)
+    total = int(labels.sum()) if n_positive is None else int(n_positive)
+    if len(scores) == 0 or labels.sum() == 0 or total == 0:
+        return ThresholdChoice(default, 0.0, 0.0, 0.0, 0, 0, total, chosen=False)
+    precision, recall, thresholds = precision_recall_curve(labels, scores, drop_intermediate=False)
+    # Drop the curve's closing point (recall 0, no threshold); cut i flags every score >= thresholds[i],
+    # thresholds ascending, so ties always fall on one side.
+    precision = np.minimum(precision[:-1] / max(label_frequency, 1e-9), 1.0)
+    tp = np.rint(recall[:-1] * labels.sum()).astype(int)
+    flagged = len(scores) - np.searchsorted(np.sort(scores), thresholds, side="left")
+    recall = tp / total
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros(len(tp)), where=precision + recall > 0
+    )
+    if min_precision is not None and (precision >= min_precision).any():
+        cut = lowest = int(np.flatnonzero(precision >= min_precision)[0])  # the lowest reaching it
+    else:
+        cut = int(np.flatnonzero(f1 == f1.max())[-1])  # the highest of the best cuts
+        lowest = int(np.flatnonzero(f1 >= f1.max() - f1_tolerance - 1e-12)[0])
+        if placement == "lowest":
+            cut = lowest
+    threshold = float(thresholds[cut])
+    if placement == "middle":
+        below = float(thresholds[lowest - 1]) if lowest > 0 else 0.0
+        threshold = (threshold + below) / 2
+    return ThresholdChoice(
+        threshold=threshold,
+        precision=float(precision[cut]),
+        recall=float(recall[cut]),
+        f1=float(f1[cut]),
+        tp=int(tp[cut]),
+        fp=int(flagged[cut] - tp[cut]),
+        fn=int(total - tp[cut]),
+        chosen=True,
+    )
+
+
+def link_metrics(predicted: pd.DataFrame, truth: Mapping[str, str], clusters: Mapping[str, str]) -> dict:
+    """Precision, recall and F1 of predicted links against the truth (the shared evaluation convention).
+
+    `predicted` has the record ids as index and a `duplicate_of` column ("" = no link); `truth` maps each
+    record that re-registers an earlier one to its true cluster root; `clusters` maps records (reference
+    and batch) to their roots. A link r -> m is right when m's root is r's true root.
+
+    >>> links = pd.DataFrame({"duplicate_of": ["A", "", "A"]}, index=["B", "C", "D"])
+    >>> link_metrics(links, {"B": "A", "C": "A"}, {"A": "A", "B": "A", "C": "A"})["precision"]
+    0.5
+    """
+    roots = {**clusters, **truth}
+    tp = fp = 0
+    for record_id, match in zip(predicted.index, predicted["duplicate_of"], strict=True):
+        if not match:
+            continue
+        if record_id in truth and roots.get(match, match) == truth[record_id]:
+            tp += 1
+        else:
+            fp += 1
+    return prf(tp, fp, len(truth) - tp)
+
+
+@dataclass(frozen=True)
+class PromotionVerdict:
+    """The outcome of comparing a challenger's figures with a champion's, and why."""
+
+    promoted: bool
+    reason: str
+
+
+def promotion_decision(
+    challenger: Mapping[str, float],
+    champion: Mapping[str, float] | None,
+    *,
+    metrics: Sequence[str] = PROMOTION_METRICS,
+    tolerance: float = PROMOTION_TOLERANCE,
+) -> PromotionVerdict:
+    """The challenger wins when there is no champion, or when its mean over `metrics` is not lower than
+    the champion's and it loses no more than `tolerance` on any one of them.
+
+    >>> promotion_decision({"a": 0.9, "b": 0.8}, {"a": 0.9, "b": 0.7}, metrics=("a", "b")).promoted
+    True
+    """
+    if champion is None:
+        return PromotionVerdict(True, "there is no champion yet")
+    mean_new = sum(challenger[k] for k in metrics) / len(metrics)
+    mean_old = sum(champion[k] for k in metrics) / len(metrics)
+    worst = min(challenger[k] - champion[k] for k in metrics)
+    if mean_new < mean_old:
+        return PromotionVerdict(False, f"challenger mean F1 {mean_new:.4f} < champion {mean_old:.4f}")
+    if worst < -tolerance:
+        return PromotionVerdict(
+            False, f"challenger loses {-worst:.4f} F1 on one task (tolerance {tolerance})"
+        )
+    return PromotionVerdict(
+        True, f"challenger mean F1 {mean_new:.4f} >= champion {mean_old:.4f}, no task worse by > {tolerance}"
+    )

@@ -1,0 +1,115 @@
+"""The one definition of the figures, threshold choice and the promotion rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.metrics import (
+    PROMOTION_METRICS,
+    average_precision,
+    choose_threshold,
+    link_metrics,
+    prf,
+    promotion_decision,
+)
+
+
+def test_prf_is_zero_not_nan_when_undefined() -> None:
+    assert prf(0, 0, 0) == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "tp": 0, "fp": 0, "fn": 0}
+    assert prf(3, 1, 1)["f1"] == pytest.approx(0.75)
+
+
+def test_choose_threshold_max_f1_or_lowest_reaching_min_precision() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.1])
+    truth = np.array([True, True, False, True, False, False])
+    best = choose_threshold(scores, truth)
+    assert best.threshold == pytest.approx(0.6)
+    assert (best.tp, best.fp, best.fn) == (3, 1, 0)
+    assert best.f1 == pytest.approx(2 * 0.75 / 1.75)
+    strict = choose_threshold(scores, truth, min_precision=1.0)
+    assert strict.threshold == pytest.approx(0.8)
+    assert strict.recall == pytest.approx(2 / 3)
+
+
+def test_choose_threshold_never_splits_tied_scores() -> None:
+    scores = np.array([0.9, 0.7, 0.7, 0.2])
+    truth = np.array([True, True, False, False])
+    choice = choose_threshold(scores, truth)
+    flagged = scores >= choice.threshold
+    assert flagged[1] == flagged[2]
+    assert choice.tp + choice.fp == int(flagged.sum())
+
+
+def test_choose_threshold_tolerance_takes_the_lowest_near_best_cut() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    truth = np.array([True, True, False, True])
+    # best F1 at 0.6 (p .75 r 1 -> .857); 0.8 gives p 1 r .667 -> .8
+    assert choose_threshold(scores, truth, f1_tolerance=0.0).threshold == pytest.approx(0.6)
+    scores = np.array([0.9, 0.5, 0.4, 0.3])
+    truth = np.array([True, False, False, False])
+    assert choose_threshold(scores, truth, f1_tolerance=0.0).threshold == pytest.approx(0.9)
+    assert choose_threshold(scores, truth, f1_tolerance=0.4).threshold == pytest.approx(0.5)
+
+
+def test_choose_threshold_middle_placement_and_missing_positives() -> None:
+    scores = np.array([0.9, 0.8, 0.3, 0.2])
+    truth = np.array([True, True, False, False])
+    middle = choose_threshold(scores, truth, placement="middle")
+    assert middle.threshold == pytest.approx((0.8 + 0.3) / 2)
+    # two more true positives had no score at all: recall is counted against all four
+    partial = choose_threshold(scores, truth, n_positive=4)
+    assert partial.recall == pytest.approx(0.5)
+    assert partial.fn == 2
+
+
+def test_choose_threshold_label_frequency_raises_precision() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    truth = np.array([True, False, True, False])
+    plain = choose_threshold(scores, truth, min_precision=0.9)
+    corrected = choose_threshold(scores, truth, min_precision=0.9, label_frequency=0.5)
+    assert plain.threshold == pytest.approx(0.9)
+    assert corrected.threshold == pytest.approx(0.6)  # labelled precision 1/2 / 0.5 -> 1.0 at every cut
+
+
+def test_choose_threshold_default_without_positives() -> None:
+    choice = choose_threshold(np.array([0.3, 0.2]), np.array([False, False]), default=0.42)
+    assert choice.threshold == 0.42
+    assert not choice.chosen
+
+
+def test_average_precision_zero_without_positives() -> None:
+    assert average_precision(np.array([0.1, 0.2]), np.array([0, 0])) == 0.0
+    assert average_precision(np.array([0.9, 0.1]), np.array([1, 0])) == pytest.approx(1.0)
+
+
+def test_link_metrics_counts_right_cluster_only() -> None:
+    links = pd.DataFrame({"duplicate_of": ["A", "", "X"]}, index=["B", "C", "D"])
+    figures = link_metrics(links, {"B": "A", "C": "A"}, {"A": "A", "B": "A", "C": "A"})
+    assert (figures["tp"], figures["fp"], figures["fn"]) == (1, 1, 1)
+
+
+def _figures(dup: float, err: float, corr: float) -> dict[str, float]:
+    return dict(zip(PROMOTION_METRICS, (dup, err, corr), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "promoted", "why"),
+    [
+        (_figures(0.9, 0.8, 0.7), None, True, "no champion"),
+        (_figures(0.9, 0.8, 0.7), _figures(0.9, 0.8, 0.7), True, ">="),
+        (_figures(0.95, 0.85, 0.7), _figures(0.9, 0.8, 0.7), True, ">="),
+        (_figures(0.89, 0.8, 0.7), _figures(0.9, 0.8, 0.7), False, "<"),
+        # better on average but loses 0.05 on one task: more than the tolerance
+        (_figures(1.0, 0.75, 0.8), _figures(0.9, 0.8, 0.7), False, "loses 0.0500"),
+        # loses less than the tolerance on one task, better on average
+        (_figures(0.995, 0.9, 0.7), _figures(1.0, 0.8, 0.7), True, ">="),
+    ],
+)
+def test_promotion_decision_pins_the_rule(
+    challenger: dict, champion: dict | None, promoted: bool, why: str
+) -> None:
+    verdict = promotion_decision(challenger, champion)
+    assert verdict.promoted is promoted
+    assert why in verdict.reason
