@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.exceptions import ConfigError
+from pipeline.ingest import parse_delimiter, parse_encoding
 from pipeline.schema import FieldTypeName
 
 DEFAULT_MINUTES_PER_CORRECTION = 4.0
@@ -60,6 +61,20 @@ class Config(BaseModel):
     anomaly_quantile: float = Field(0.995, gt=0.5, lt=1)
     split: SplitSpec = SplitSpec()
     seed: int = 0
+    # How input files are read (`pipeline.ingest.ReadOptions`); absent = detected from the file.
+    delimiter: str | None = None  # CSV separator: "," ";" "\t" or "|"
+    encoding: str | None = None  # CSV text encoding: utf-8 or cp1252 (Windows-1252)
+    sheet: str | None = Field(None, min_length=1)  # the .xlsx sheet to read; absent = the first
+
+    @field_validator("delimiter")
+    @classmethod
+    def _known_delimiter(cls, value: str | None) -> str | None:
+        return None if value is None else parse_delimiter(value)
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str | None) -> str | None:
+        return None if value is None else parse_encoding(value)
 
     @field_validator("fields", mode="before")
     @classmethod

@@ -16,7 +16,7 @@ import pandas as pd
 
 from pipeline import schema as s
 from pipeline.exceptions import CorrectionsLogError
-from pipeline.ingest import read_table, require_columns
+from pipeline.ingest import DETECT, ReadOptions, read_table, require_columns
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +32,9 @@ class ReplayStats:
     merges_unknown_record: int
 
 
-def load_log(path: str | Path) -> pd.DataFrame:
+def load_log(path: str | Path, *, options: ReadOptions = DETECT) -> pd.DataFrame:
     """Reads and validates a corrections log; absent optional columns are added empty."""
-    log = read_table(path)
+    log = read_table(path, options=options)
     return validate_log(log, source=str(path))
 
 

@@ -219,22 +219,25 @@ def evaluate_output(
     """Compares a `score` output folder with a batch's ground truth (a log in the contract's format),
     e.g. the demo's `batch_truth.csv`. Returns `batch_*` figures."""
     from pipeline.corrections import load_log
-    from pipeline.ingest import read_table
+    from pipeline.ingest import OUTPUT_CSV, ReadOptions, read_table
 
+    options = ReadOptions.from_config(config)
     output = Path(output)
-    columns = read_table(output / s.RECORDS_FILE)
-    flags = read_table(output / s.FLAGS_FILE)
+    columns = read_table(output / s.RECORDS_FILE, options=OUTPUT_CSV)
+    flags = read_table(output / s.FLAGS_FILE, options=OUTPUT_CSV)
     flags[s.FLAG_SCORE] = flags[s.FLAG_SCORE].astype(float)
-    batch = read_table(batch_path)
+    batch = read_table(batch_path, options=options)
     reference_ids = (
-        read_table(reference_path)[config.id_column] if reference_path else pd.Series([], dtype=object)
+        read_table(reference_path, options=options)[config.id_column]
+        if reference_path
+        else pd.Series([], dtype=object)
     )
     cell_scores = pd.DataFrame(index=batch.index, columns=[], dtype=float)
     evaluation = evaluate_scored(
         config=config,
         batch=batch,
         reference_ids=reference_ids,
-        log=load_log(truth_path),
+        log=load_log(truth_path, options=options),
         columns=columns,
         flags=flags,
         cell_scores=cell_scores,

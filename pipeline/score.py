@@ -27,6 +27,7 @@ from pipeline.bundle import ModelBundle
 from pipeline.exceptions import OutputError
 from pipeline.ingest import (
     DEFAULT_CHUNK_ROWS,
+    ReadOptions,
     check_unique_ids,
     file_digest,
     iter_table,
@@ -228,11 +229,12 @@ def run_batch(
 
     started = time.perf_counter()
     config = bundle.config
+    options = ReadOptions.from_config(config)
     staging = prepare_output(output, overwrite=overwrite)
     try:
         reference = None
         if reference_path is not None:
-            reference = read_table(reference_path)
+            reference = read_table(reference_path, options=options)
             require_columns(reference, config.required_columns(), source=reference_path, what="configured")
             check_unique_ids(reference[config.id_column], source=reference_path, id_column=config.id_column)
         matcher = bundle.duplicates.matcher(reference)
@@ -246,7 +248,7 @@ def run_batch(
         records_path = staging / s.RECORDS_FILE
         with open(records_path, "w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh, lineterminator=CSV_LINE_END)
-            for chunk in iter_table(input_path, chunk_rows=chunk_rows):
+            for chunk in iter_table(input_path, chunk_rows=chunk_rows, options=options):
                 if columns is None:
                     columns = list(chunk.columns)
                     required = [config.id_column, *config.fields]

@@ -61,10 +61,14 @@ from pipeline.bundle import ModelBundle
 from pipeline.exceptions import BadInputError, InputFileError, OutputError, SchemaError
 from pipeline.ingest import (
     DEFAULT_CHUNK_ROWS,
+    FileFormat,
+    ReadOptions,
     _check_header,
     _check_readable,
     _not_utf8,
+    detect_format,
     file_digest,
+    is_excel,
     is_parquet,
 )
 from pipeline.score import (
@@ -151,10 +155,10 @@ def score_spark(
         # Checked in run_batch's order, so a run with several faults reports the same one first.
         reference = None
         if reference_path is not None:
-            reference = _read(spark, reference_path, cached)
+            reference = _read(spark, reference_path, cached, ReadOptions.from_config(config))
             _require(reference, config.required_columns(), what="configured")
             _check_ids(reference, config.id_column, chunk_rows=None, reference=None)
-        batch = _read(spark, input_path, cached)
+        batch = _read(spark, input_path, cached, ReadOptions.from_config(config))
         _require(batch, [config.id_column, *config.fields], what="configured")
         for name in s.RECORD_COLUMNS:
             if name in batch.header:
@@ -297,21 +301,33 @@ def _digest(path: str | Path) -> str:
     return file_digest(_local(path)) if _is_local(path) else ""
 
 
-def _read(spark: SparkSession, path: str | Path, cached: list[DataFrame]) -> _Table:
-    """Reads a CSV or Parquet file as text and numbers its rows in file order (see `_Table`)."""
+def _read(spark: SparkSession, path: str | Path, cached: list[DataFrame], options: ReadOptions) -> _Table:
+    """Reads a CSV or Parquet file as text and numbers its rows in file order (see `_Table`).
+
+    A local CSV's separator and encoding are detected as `pipeline.ingest` does; a remote one is read
+    with the config's `delimiter` and `encoding`, or as comma-separated UTF-8.
+    """
     from pyspark.sql import functions as F
 
     if _is_local(path):
         _check_readable(_local(path))
         uri = str(_local(path).resolve())
+        fmt = detect_format(_local(path), options)
     else:
         uri = str(path)
+        kind = "parquet" if is_parquet(Path(str(path))) else "xlsx" if is_excel(Path(str(path))) else "csv"
+        fmt = FileFormat(kind, delimiter=options.delimiter or ",", encoding=options.encoding or "utf-8")
+    if fmt.kind == "xlsx":
+        raise InputFileError(
+            f"{path}: the Spark engine reads CSV and Parquet, not .xlsx; save the sheet as CSV or Parquet, "
+            "or score it with --engine local"
+        )
     try:
-        if is_parquet(Path(str(path))):
+        if fmt.kind == "parquet":
             raw, header = _read_parquet(spark, uri, path)
             has_bad = False
         else:
-            raw, header = _read_csv(spark, uri, path)
+            raw, header = _read_csv(spark, uri, path, fmt)
             has_bad = True
     except BadInputError:
         raise
@@ -336,7 +352,7 @@ def _read(spark: SparkSession, path: str | Path, cached: list[DataFrame]) -> _Ta
         header = [name or "" for name in stats[min(stats)]["first"]]
         header[0] = header[0].removeprefix("\ufeff")
         _check_header(Path(str(path)), header)
-        _check_cells(stats, row_of, path, header)
+        _check_cells(stats, row_of, path, header, fmt.delimiter)
     starts = F.create_map(*[F.lit(value) for item in offsets.items() for value in item])
     offset = F.element_at(starts, F.shiftright(F.col(MONO), PARTITION_BITS)) if offsets else F.lit(0)
     row = (offset + (F.col(MONO).bitwiseAND((1 << PARTITION_BITS) - 1)) - first_data).alias(ROW)
@@ -369,14 +385,17 @@ def _partition_stats(raw: DataFrame, columns: list[str], has_bad: bool) -> dict[
     return {row["p"]: row.asDict() for row in grouped.collect()}
 
 
-def _read_csv(spark: SparkSession, uri: str, path: str | Path) -> tuple[DataFrame, list[str]]:
+def _read_csv(
+    spark: SparkSession, uri: str, path: str | Path, fmt: FileFormat
+) -> tuple[DataFrame, list[str]]:
     from pyspark.sql.types import StringType, StructField, StructType
 
     reader = (
         spark.read.option("header", False)
         .option("multiLine", True)
         .option("escape", '"')
-        .option("encoding", "UTF-8")
+        .option("sep", fmt.delimiter)
+        .option("encoding", _java_charset(fmt.encoding))
         .option("inferSchema", False)
     )
     width = len(reader.csv(uri).columns)
@@ -417,7 +436,18 @@ def _arrow_as_text(batches: Iterator[Any]) -> Iterator[Any]:
         yield pa.RecordBatch.from_arrays(columns, names=[f"c{i}" for i in range(len(columns))])
 
 
-def _check_cells(stats: dict[int, dict[str, Any]], row_of: Any, path: str | Path, header: list[str]) -> None:
+def _java_charset(encoding: str) -> str:
+    """Python's codec name as Java knows it: cp1252 -> windows-1252, iso8859-15 -> ISO-8859-15."""
+    if encoding.startswith("cp125"):
+        return f"windows-{encoding[2:]}"
+    if encoding.startswith("iso8859-"):
+        return f"ISO-8859-{encoding.removeprefix('iso8859-')}"
+    return encoding.upper()
+
+
+def _check_cells(
+    stats: dict[int, dict[str, Any]], row_of: Any, path: str | Path, header: list[str], delimiter: str = ","
+) -> None:
     """The first row with too many or too few cells, or with bytes that are not UTF-8, is an error."""
     bad = min(
         ((row_of(p["bad"]), p["bad_text"]) for p in stats.values() if p["bad"] is not None), default=None
@@ -428,7 +458,7 @@ def _check_cells(stats: dict[int, dict[str, Any]], row_of: Any, path: str | Path
             raise _not_utf8(_local(path))
         raise InputFileError(f"{path}: row {replaced + 1} is not UTF-8 text; save the file as UTF-8")
     if bad is not None:
-        cells = len(next(csv.reader(io.StringIO(bad[1])), []))
+        cells = len(next(csv.reader(io.StringIO(bad[1]), delimiter=delimiter), []))
         raise InputFileError(f"{path}: row {bad[0] + 1} has {cells} cells, the header has {len(header)}")
 
 

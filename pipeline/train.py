@@ -33,7 +33,7 @@ from pipeline.corrections import (
 from pipeline.errors import ErrorModel
 from pipeline.evaluate import Evaluation, Split, evaluate_bundle, link_truth, time_split
 from pipeline.exceptions import TrainingDataError
-from pipeline.ingest import check_unique_ids, file_digest, read_table, require_columns
+from pipeline.ingest import ReadOptions, check_unique_ids, file_digest, read_table, require_columns
 from pipeline.linkage import DuplicateModel
 
 logger = logging.getLogger(__name__)
@@ -52,11 +52,12 @@ class TrainingResult:
 
 
 def load_history(config: Config, records_path: Path, log_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Reads and checks the history and its log against the config."""
-    records = read_table(records_path)
+    """Reads and checks the history and its log against the config (which may say how to read them)."""
+    options = ReadOptions.from_config(config)
+    records = read_table(records_path, options=options)
     require_columns(records, config.required_columns(), source=records_path, what="named in the config")
     check_unique_ids(records[config.id_column], source=records_path, id_column=config.id_column)
-    log = load_log(log_path)
+    log = load_log(log_path, options=options)
     return records.reset_index(drop=True), log
 
 

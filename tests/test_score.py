@@ -138,7 +138,8 @@ def bad_cases(demo, tmp: Path) -> list[tuple[str, Path, str]]:
         ("empty file", write(tmp / "empty.csv", ""), "file is empty"),
         (
             "not utf-8",
-            write(tmp / "latin1.csv", (header + lines[1]).encode() + "Caf\xe9,x\n".encode("latin-1")),
+            # 0x81 is neither UTF-8 nor Windows-1252 (a Windows-1252 file is read, see test_ingest)
+            write(tmp / "latin1.csv", (header + lines[1]).encode() + b"Caf\x81,x\n"),
             "line 3 is not UTF-8",
         ),
         (
