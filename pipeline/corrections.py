@@ -206,3 +206,50 @@ def duplicate_pairs(merge_rows: pd.DataFrame) -> set[frozenset[str]]:
             for b in group[i + 1 :]:
                 pairs.add(frozenset((a, b)))
     return pairs
+
+
+def confirmed_cells(log: pd.DataFrame) -> pd.DataFrame:
+    """The cells staff reviewed and found right: one row per (record_id, field) with the confirmed value.
+
+    These are `confirm` rows that name a field (a rejected error flag); the value is `new_value` (or
+    `old_value` when only that is given). A cell edited later than it was confirmed is not confirmed.
+    Training uses them as known negatives, so the same false alarm does not come back.
+    """
+    columns = [s.LOG_RECORD_ID, s.LOG_FIELD, "value"]
+    rows = _chronological(log[log[s.LOG_FIELD] != s.MISSING])
+    rows = rows[rows[s.LOG_ACTION].isin((s.ACTION_CONFIRM, s.ACTION_EDIT))]
+    if not len(rows):
+        return pd.DataFrame({name: pd.Series(dtype=object) for name in columns})
+    last = rows.groupby([s.LOG_RECORD_ID, s.LOG_FIELD], sort=False).tail(1)
+    last = last[last[s.LOG_ACTION] == s.ACTION_CONFIRM]
+    value = last[s.LOG_NEW_VALUE].where(last[s.LOG_NEW_VALUE] != s.MISSING, last[s.LOG_OLD_VALUE])
+    return pd.DataFrame(
+        {s.LOG_RECORD_ID: last[s.LOG_RECORD_ID], s.LOG_FIELD: last[s.LOG_FIELD], "value": value},
+        columns=columns,
+    ).reset_index(drop=True)
+
+
+def rejected_pairs(log: pd.DataFrame) -> set[frozenset[str]]:
+    """Pairs of records staff reviewed and found *not* to be duplicates: `confirm` rows with a
+    `merged_into` (a rejected duplicate flag names the record it was matched with there).
+
+    A pair that was also merged (before or after) is a duplicate after all and is left out.
+    """
+    rows = log[(log[s.LOG_ACTION] == s.ACTION_CONFIRM) & (log[s.LOG_MERGED_INTO] != s.MISSING)]
+    pairs = {
+        frozenset((a, b))
+        for a, b in zip(rows[s.LOG_RECORD_ID], rows[s.LOG_MERGED_INTO], strict=True)
+        if a != b
+    }
+    return pairs - duplicate_pairs(merges(log))
+
+
+def review_rows(log: pd.DataFrame) -> pd.DataFrame:
+    """The log rows `feedback` wrote from review decisions (`source` = `review`), with `seconds` as float
+    (0 where empty). Empty when the log has no `source` column."""
+    if s.LOG_SOURCE not in log.columns:
+        return log.iloc[0:0].assign(**{s.LOG_SECONDS: pd.Series(dtype=float)})
+    rows = log[log[s.LOG_SOURCE].astype(str).str.strip().str.lower() == s.SOURCE_REVIEW]
+    raw = rows[s.LOG_SECONDS] if s.LOG_SECONDS in rows.columns else pd.Series("", index=rows.index)
+    seconds = pd.to_numeric(raw.replace(s.MISSING, None), errors="coerce").fillna(0.0).clip(lower=0)
+    return rows.assign(**{s.LOG_SECONDS: seconds.astype(float)})

@@ -289,6 +289,7 @@ def run_batch(
             input_path=input_path,
             input_digest=file_digest(input_path),
             reference_rows=len(reference_ids),
+            reference_path=reference_path,
             seconds=time.perf_counter() - started,
         )
         write_report(summary, flags, histograms, staging)
