@@ -100,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ui", parents=[common], help="open the MLflow UI on the tracking store")
     p.add_argument("--port", type=int, default=5000)
+
+    p = sub.add_parser(
+        "check-output",
+        parents=[common],
+        help="check a score output folder against the contract (docs/CONTRACT.md section 3)",
+    )
+    p.add_argument("dir", type=Path, help="the score output folder")
+    p.add_argument("input", type=Path, help="the batch file it was scored from (CSV, .xlsx or Parquet)")
+    p.add_argument("--id-column", default="record_id")
+    p.add_argument("--delimiter", help="the input's CSV separator (default: detected)")
+    p.add_argument("--encoding", help="the input's text encoding (default: detected)")
+    p.add_argument("--sheet", help="the input's .xlsx sheet (default: the first)")
     return parser
 
 
@@ -348,6 +360,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_check_output(args: argparse.Namespace) -> int:
+    """Prints each violation on its own line and exits 1, or "ok: ..." and exits 0 (as the shared
+    `check-output` tool does); an unreadable input is exit 2 as everywhere."""
+    from pipeline.contract import check_output
+    from pipeline.ingest import ReadOptions
+
+    try:
+        options = ReadOptions(delimiter=args.delimiter, encoding=args.encoding, sheet=args.sheet)
+    except ValueError as exc:
+        raise BadInputError(f"{exc} (see --help)") from None
+    violations = check_output(args.dir, args.input, args.id_column, options=options)
+    for line in violations:
+        _out(line)
+    if violations:
+        return 1  # violations found, as the shared tool says it
+    _out(f"ok: {args.dir} keeps the output contract for {args.input}")
+    return EXIT_OK
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -381,4 +412,5 @@ COMMANDS = {
     "generate": cmd_generate,
     "demo": cmd_demo,
     "ui": cmd_ui,
+    "check-output": cmd_check_output,
 }
