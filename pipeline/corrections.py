@@ -65,8 +65,8 @@ def validate_log(log: pd.DataFrame, *, source: str = "corrections log") -> pd.Da
         raise CorrectionsLogError(f"{source}: row {empty_id[0] + 1}: empty record_id")
     if (log[s.LOG_CORRECTED_AT] != s.MISSING).any():
         stamps = pd.to_datetime(
-            log[s.LOG_CORRECTED_AT].replace(s.MISSING, None), errors="coerce", format="ISO8601"
-        )
+            log[s.LOG_CORRECTED_AT].replace(s.MISSING, None), errors="coerce", format="ISO8601", utc=True
+        )  # utc: a log may mix times with and without an offset (review rows carry one)
         bad = log.index[stamps.isna() & (log[s.LOG_CORRECTED_AT] != s.MISSING)]
         if len(bad):
             row = bad[0]
