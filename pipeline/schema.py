@@ -1,6 +1,6 @@
 """The contract's vocabulary: column names, actions, flag kinds and field types.
 
-Every string that appears in the contract (`../shared/CONTRACT.md`) lives here, so a rename is one edit
+Every string that appears in the contract (`docs/CONTRACT.md`) lives here, so a rename is one edit
 and no module spells a column by hand.
 """
 
