@@ -101,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", parents=[common], help="open the MLflow UI on the tracking store")
     p.add_argument("--port", type=int, default=5000)
 
+    p = sub.add_parser("serve", parents=[common], help="check records as they are typed (an HTTP service)")
+    p.add_argument("--model", required=True, help="models:/NAME@champion (followed as it moves) or as score")
+    p.add_argument("--reference", type=Path, help="records to find duplicates against (e.g. the history)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8780)
+    p.add_argument("--poll-seconds", type=float, default=30.0, help="how often to look for a moved alias")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger bodies are refused (413)")
+    p.add_argument("--max-records", type=int, default=1000, help="records per request at most (413)")
+
     p = sub.add_parser(
         "check-output",
         parents=[common],
@@ -404,6 +413,24 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.serve import serve
+
+    serve(
+        args.model,
+        reference_path=args.reference,
+        host=args.host,
+        port=args.port,
+        poll_seconds=args.poll_seconds,
+        max_body_bytes=args.max_body_bytes,
+        max_records=args.max_records,
+        tracking_uri=args.tracking_uri,
+        log_level="debug" if args.verbose else "warning" if args.quiet else "info",
+        on_ready=_out,
+    )
+    return EXIT_OK
+
+
 COMMANDS = {
     "train": cmd_train,
     "score": cmd_score,
@@ -412,5 +439,6 @@ COMMANDS = {
     "generate": cmd_generate,
     "demo": cmd_demo,
     "ui": cmd_ui,
+    "serve": cmd_serve,
     "check-output": cmd_check_output,
 }

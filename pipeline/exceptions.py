@@ -37,3 +37,11 @@ class OutputError(BadInputError):
 
 class TrainingDataError(BadInputError):
     """History and log that are too small or too unlabelled to learn from."""
+
+
+class RequestError(BadInputError):
+    """A request to `serve` that the service refuses; `status` is the HTTP status it answers with."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
