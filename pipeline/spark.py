@@ -395,7 +395,7 @@ def _read_csv(
         .option("multiLine", True)
         .option("escape", '"')
         .option("sep", fmt.delimiter)
-        .option("encoding", _java_charset(fmt.encoding))
+        .option("encoding", _spark_charset(path, fmt.encoding))
         .option("inferSchema", False)
     )
     width = len(reader.csv(uri).columns)
@@ -408,7 +408,10 @@ def _read_csv(
     from pyspark.sql import functions as F
 
     # The header row decides the width; an empty cell is "" (Spark reads it as null).
-    cells = [F.coalesce(F.col(f"c{i}"), F.lit(s.MISSING)).alias(f"c{i}") for i in range(width)]
+    cells = [F.coalesce(F.col(f"c{i}"), F.lit(s.MISSING)) for i in range(width)]
+    if fmt.encoding == "cp1252":
+        cells = [F.translate(cell, _LATIN1_C1, _CP1252_C1) for cell in cells]
+    cells = [cell.alias(f"c{i}") for i, cell in enumerate(cells)]
     return frame.select(*cells, BAD), [f"c{i}" for i in range(width)]
 
 
@@ -436,13 +439,23 @@ def _arrow_as_text(batches: Iterator[Any]) -> Iterator[Any]:
         yield pa.RecordBatch.from_arrays(columns, names=[f"c{i}" for i in range(len(columns))])
 
 
-def _java_charset(encoding: str) -> str:
-    """Python's codec name as Java knows it: cp1252 -> windows-1252, iso8859-15 -> ISO-8859-15."""
-    if encoding.startswith("cp125"):
-        return f"windows-{encoding[2:]}"
-    if encoding.startswith("iso8859-"):
-        return f"ISO-8859-{encoding.removeprefix('iso8859-')}"
-    return encoding.upper()
+# Spark 4 decodes CSV in a few charsets only. Windows-1252 is read as ISO-8859-1, which agrees with it on
+# every byte but 0x80-0x9F; those are then mapped to Windows-1252's characters (the five bytes it leaves
+# undefined never get this far: `detect_format` refuses them).
+_SPARK_CHARSETS = {"utf-8": "UTF-8", "utf-16": "UTF-16", "iso8859-1": "ISO-8859-1", "cp1252": "ISO-8859-1"}
+_C1_BYTES = bytes(b for b in range(0x80, 0xA0) if b not in (0x81, 0x8D, 0x8F, 0x90, 0x9D))
+_LATIN1_C1, _CP1252_C1 = _C1_BYTES.decode("latin-1"), _C1_BYTES.decode("cp1252")
+
+
+def _spark_charset(path: str | Path, encoding: str) -> str:
+    """The charset Spark reads a file in that Python reads in `encoding`."""
+    charset = _SPARK_CHARSETS.get(encoding)
+    if charset is None:
+        raise InputFileError(
+            f"{path}: the Spark engine reads CSV in UTF-8 or Windows-1252, not {encoding}; save the file as "
+            "UTF-8, or score it with --engine local"
+        )
+    return charset
 
 
 def _check_cells(
