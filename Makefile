@@ -22,6 +22,7 @@ lint: $(BIN)/.installed
 
 test: lint
 	scripts/ensure-java
+	scripts/ensure-chromium   # headless Chromium + chromedriver for the review page's browser test
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.installed

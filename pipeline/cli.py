@@ -121,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delimiter", help="the input's CSV separator (default: detected)")
     p.add_argument("--encoding", help="the input's text encoding (default: detected)")
     p.add_argument("--sheet", help="the input's .xlsx sheet (default: the first)")
+
+    p = sub.add_parser("review", parents=[common], help="serve the review page for a score output folder")
+    p.add_argument("dir", type=Path, help="the score output folder (decisions go to DIR/decisions.csv)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--reference", type=Path, help="where matched records are (default: as summary.json says)")
+
+    p = sub.add_parser("feedback", parents=[common], help="append review decisions to the corrections log")
+    p.add_argument("--decisions", required=True, type=Path)
+    p.add_argument("--corrections", required=True, type=Path)
+    p.add_argument("--output", type=Path, help="the score folder decided on (default: the decisions' folder)")
+    p.add_argument("--config", type=Path, help="minutes and cost per hour (default: as summary.json says)")
     return parser
 
 
@@ -431,6 +442,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    from pipeline.review import serve
+
+    def ready(review: Any, url: str) -> None:
+        _out(f"reviewing {len(review.flags)} flags of {args.dir}/ on {url} (Ctrl-C stops)")
+        _out(f"each decision is saved at once to {review.decisions_path}; then run `feedback`")
+
+    serve(args.dir, port=args.port, reference=args.reference, ready=ready)
+    return EXIT_OK
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.feedback import feedback
+
+    config = load_config(args.config) if args.config else None
+    result = feedback(
+        args.decisions,
+        args.corrections,
+        folder=args.output,
+        minutes_per_correction=config.minutes_per_correction if config else None,
+        cost_per_hour=config.cost_per_hour if config else None,
+    )
+    anomalies = result.anomalies_accepted
+    _out(
+        f"{result.decisions} decisions: {result.appended} rows added to {args.corrections}, "
+        f"{result.already_logged} already there"
+        + (f", {anomalies} accepted anomaly flags (no field known: no row)" if anomalies else "")
+    )
+    r = result.realised
+    if r:
+        shares = ", ".join(
+            f"{k.removeprefix('realised_accept_share_')} {v:.0%}"
+            for k, v in r.items()
+            if k.startswith("realised_accept_share_") and k.count("_") == 3
+        )
+        euros = f" (EUR {r['realised_euros_saved']:.2f})" if "realised_euros_saved" in r else ""
+        _out(
+            f"realised by the review so far (whole log): {r['realised_flags_reviewed']:.0f} flags reviewed, "
+            f"{r['realised_flags_accepted']:.0f} accepted ({shares}); "
+            f"{r['realised_minutes_reviewing']:.1f} minutes reviewing, "
+            f"{r['realised_minutes_saved']:.1f} minutes of correction saved{euros}"
+        )
+    return EXIT_OK
+
+
 COMMANDS = {
     "train": cmd_train,
     "score": cmd_score,
@@ -441,4 +498,6 @@ COMMANDS = {
     "ui": cmd_ui,
     "serve": cmd_serve,
     "check-output": cmd_check_output,
+    "review": cmd_review,
+    "feedback": cmd_feedback,
 }
