@@ -39,6 +39,9 @@ from sklearn.utils.validation import check_is_fitted
 from pipeline import detectors as d
 from pipeline import schema as s
 from pipeline.config import Config
+from pipeline.fields import date as date_type
+from pipeline.fields import number as number_type
+from pipeline.fields.base import field_label
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +199,7 @@ class AnomalyModel(BaseEstimator):
         return "unusual record: " + "; ".join(phrases)
 
     def _phrase(self, name: str, what: str, record: pd.Series) -> str:
-        label = name.replace("_", " ")
+        label = field_label(name)
         raw = record.get(name, s.MISSING)
         value = s.MISSING if raw is None or (isinstance(raw, float) and math.isnan(raw)) else str(raw)
         fp = self.profile_.fields[name]
@@ -211,11 +214,11 @@ class AnomalyModel(BaseEstimator):
         if what == "length":
             return f"{label} {value!r} is unusually {'long' if len(value) > fp.length_mean else 'short'}"
         if what in ("number", "group"):
-            number = d.parse_number(value)
+            number = number_type.plain_number(value)
             if what == "group":
                 group = self.profile_.groups[name]
                 key = str(record.get(group.group, s.MISSING))
-                return f"{label} {value} is far from the usual for {group.group.replace('_', ' ')} {key!r}"
+                return f"{label} {value} is far from the usual for {field_label(group.group)} {key!r}"
             size = (
                 "large"
                 if math.isfinite(number) and math.log10(abs(number) or 1) > fp.number_center
@@ -271,7 +274,7 @@ def _parse(values: pd.Series, fp: d.FieldProfile) -> dict[str, np.ndarray]:
         "length": np.array([len(v) for v in uniques], dtype=float)[inverse],
     }
     if fp.kind == "number":
-        numbers = np.array([d.parse_number(v) for v in uniques], dtype=float)[inverse]
+        numbers = np.array([number_type.plain_number(v) for v in uniques], dtype=float)[inverse]
         with np.errstate(divide="ignore", invalid="ignore"):
             out["log"] = np.where(numbers != 0, np.log10(np.abs(numbers)), np.nan)
     return out
@@ -281,7 +284,7 @@ def _date_outside(values: pd.Series, fp: d.FieldProfile, times: pd.Series | None
     """How far outside the usual (entry time to date) range, in units of that range's width."""
     if times is None or not fp.date_format:
         return np.zeros(len(values))
-    dates = d.parse_dates(values, fp.date_format)
+    dates = date_type.parse_dates(values, fp.date_format)
     delta = ((dates - times).dt.total_seconds() / 86400.0).to_numpy(dtype=float)
     width = max(fp.delta_high - fp.delta_low, 1.0)
     outside = np.maximum(fp.delta_low - delta, 0) + np.maximum(delta - fp.delta_high, 0)

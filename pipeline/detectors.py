@@ -31,30 +31,34 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from stdnum import ean, iban, isbn, luhn
+from stdnum.nl import bsn
 
 from pipeline import schema as s
 from pipeline.config import Config
+from pipeline.fields import date as date_type
+from pipeline.fields import number as number_type
 
 logger = logging.getLogger(__name__)
 
 MIN_DEPENDENCY_STRENGTH = 0.85
 MIN_DEPENDENCY_COVERAGE = 0.3
+# A dependency is near-certain evidence for one source value when at least CERTAIN_SUPPORT stored records
+# hold that value with the same target, at least CERTAIN_SHARE of that value's records (the stored history
+# keeps the errors staff missed), and the dependency holds for CERTAIN_STRENGTH of all rows (a VAT rate that
+# a customer's orders follow 97% of the time is a habit, not a rule: the other 3% are legitimate).
+CERTAIN_SUPPORT = 5
+CERTAIN_SHARE = 0.9
+CERTAIN_STRENGTH = 0.99
 MIN_GROUP_ROWS = 3
 MIN_GROUP_EXPLAINED = 0.2
+# An identifier check is adopted for a field when it applies to at least SCHEME_SHARE of the stored
+# values, to at least MIN_SCHEME_VALUES of them, and at least SCHEME_PASS of those pass it.
 SCHEME_SHARE = 0.5
+SCHEME_PASS = 0.98
+MIN_SCHEME_VALUES = 20
 SMOOTHING = 5.0
-DATE_FORMATS = (
-    "%Y-%m-%d",
-    "%d-%m-%Y",
-    "%d/%m/%Y",
-    "%m/%d/%Y",
-    "%Y/%m/%d",
-    "%d.%m.%Y",
-    "%Y%m%d",
-    "%d-%m-%y",
-    "%d/%m/%y",
-    "%m/%d/%y",
-)
+DATE_FORMATS = date_type.DATE_FORMATS
 
 FEATURES: tuple[str, ...] = (
     "missing",
@@ -88,6 +92,7 @@ FEATURES: tuple[str, ...] = (
     "date_delta_days",
     "date_outside",
     "checksum_invalid",
+    "dep_certain_disagree",
     "sequence_gap",
     "sequence_rows",
     "year_mismatch",
@@ -128,81 +133,19 @@ def coarse_shape(shape: str) -> str:
     return _RUNS.sub(r"\1", shape)
 
 
-_PLAIN_NUMBER = re.compile(r"^[+-]?\d+(\.\d+)?$")
-_COMMA_DECIMAL = re.compile(r"^[+-]?\d+,\d{1,2}$|^[+-]?\d+,\d{4,}$")
-_US_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(,\d{3})+(\.\d+)?$")
-_EU_THOUSANDS = re.compile(r"^[+-]?\d{1,3}(\.\d{3})+(,\d+)?$")
-_ANY_NUMBER = re.compile(r"[+-]?\d+(?:[.,]\d+)?")
-
-
-def parse_number(text: str) -> float:
-    """A number written as entered (`1250.00`, `1.250,00`, `1,250.00`, `12,5`), else NaN.
-
-    >>> parse_number("1.250,00"), parse_number("12,5"), parse_number("12 oz")
-    (1250.0, 12.5, nan)
-    """
-    t = text.strip()
-    if not t:
-        return math.nan
-    if _PLAIN_NUMBER.match(t):
-        return float(t)
-    if _US_THOUSANDS.match(t):
-        return float(t.replace(",", ""))
-    if _EU_THOUSANDS.match(t):
-        return float(t.replace(".", "").replace(",", "."))
-    if _COMMA_DECIMAL.match(t):
-        return float(t.replace(",", "."))
-    return math.nan
-
-
-def extract_number(text: str) -> float:
-    """The first number inside a text (`'12.0 oz'` -> 12.0), else NaN; for re-formatting candidates."""
-    found = _ANY_NUMBER.search(text)
-    if not found:
-        return math.nan
-    return parse_number(found.group(0))
-
-
-def decimals_of(text: str) -> int:
-    """Digits after the decimal separator as written (`'1250.00'` -> 2)."""
-    t = text.strip()
-    for sep in (".", ","):
-        if sep in t and _PLAIN_NUMBER.match(t.replace(",", ".")):
-            return len(t.rsplit(sep, 1)[1])
-    return 0
-
-
-_LEADING_NUMBER = re.compile(r"^\W*?([+-]?\d+(?:[.,]\d+)?)\D*$")
-
-
 def leading_number(text: str) -> float:
     """The value's only number when it leads the text (`'12.0 oz.'` -> 12.0, `'0.09%'` -> 0.09), else NaN:
     the number behind a unit, percent sign or note that the field does not write."""
-    found = _LEADING_NUMBER.match(text)
-    return parse_number(found.group(1)) if found else math.nan
+    reading = number_type.read_number(text)
+    if reading.value is None or any(ch.isalnum() for ch in reading.before):
+        return math.nan
+    return math.nan if any(ch.isdigit() for ch in reading.after) else reading.value
 
 
 def write_number(value: float, fp: FieldProfile) -> str:
     """A number written the way the field writes its numbers: with its fixed decimals when it has them
-    (`1250.00`), else in the shortest form (`12`, `19.2`, `0.072`, float noise such as
-    `0.07200000000000001` rounded away)."""
-    if not math.isfinite(value):
-        return ""
-    if fp.fixed_decimals:
-        return f"{value:.{fp.decimals}f}"
-    clean = float(f"{value:.10g}")
-    return str(int(clean)) if clean.is_integer() and abs(clean) < 1e15 else repr(clean)
-
-
-def format_number(value: float, decimals: int) -> str:
-    """Writes a number the way the field usually does (plain, `.` as decimal separator)."""
-    if not math.isfinite(value):
-        return ""
-    if decimals == 0:
-        if float(value).is_integer():
-            return str(int(value))
-        return repr(float(value))
-    return f"{value:.{decimals}f}"
+    (`1250.00`), else in the shortest form (`12`, `19.2`, `0.072`)."""
+    return number_type.write_number(value, fp.decimals if fp.fixed_decimals else None)
 
 
 def _case_of(value: str) -> str:
@@ -227,35 +170,45 @@ _EMAIL = re.compile(
 )
 
 
+def _digits_of_length(text: str, lengths: tuple[int, ...]) -> str | None:
+    t = text.strip()
+    return t if t.isdigit() and len(t) in lengths else None
+
+
 def iban_valid(text: str) -> bool | None:
-    """True/False when the value looks like an IBAN (mod 97 check), None when it does not."""
+    """True/False when the value looks like an IBAN (checked by `stdnum.iban`), None when it does not."""
     compact = text.replace(" ", "").upper()
-    if not _IBAN.match(compact):
-        return None
-    rearranged = compact[4:] + compact[:4]
-    digits = "".join(str(int(ch, 36)) for ch in rearranged)
-    return int(digits) % 97 == 1
+    return iban.is_valid(compact) if _IBAN.match(compact) else None
 
 
 def gtin_valid(text: str) -> bool | None:
-    """True/False for an EAN/GTIN-8/12/13/14 (check digit), None when the value does not have that shape."""
-    t = text.strip()
-    if not t.isdigit() or len(t) not in (8, 12, 13, 14):
-        return None
-    digits = [int(ch) for ch in t]
-    body, check = digits[:-1], digits[-1]
-    total = sum(d * (3 if i % 2 == 0 else 1) for i, d in enumerate(reversed(body)))
-    return (10 - total % 10) % 10 == check
+    """True/False for an EAN/GTIN-8/12/13/14 (`stdnum.ean`), None when the value does not have that shape."""
+    t = _digits_of_length(text, (8, 12, 13, 14))
+    return ean.is_valid(t) if t else None
 
 
 def bsn_valid(text: str) -> bool | None:
-    """True/False for a Dutch BSN (11-test), None when the value is not 8 or 9 digits."""
-    t = text.strip()
-    if not t.isdigit() or len(t) not in (8, 9):
+    """True/False for a Dutch BSN (11-test, `stdnum.nl.bsn`), None when the value is not 8 or 9 digits."""
+    t = _digits_of_length(text, (8, 9))
+    return bsn.is_valid(t) if t else None
+
+
+def isbn_valid(text: str) -> bool | None:
+    """True/False for an ISBN-10 or ISBN-13 written with or without hyphens (`stdnum.isbn`), else None."""
+    compact = text.replace("-", "").replace(" ", "").upper()
+    if not (len(compact) == 10 and compact[:9].isdigit() and compact[9] in "0123456789X") and not (
+        len(compact) == 13 and compact.isdigit() and compact[:3] in ("978", "979")
+    ):
         return None
-    t = t.zfill(9)
-    total = sum(int(ch) * w for ch, w in zip(t[:8], range(9, 1, -1), strict=True)) - int(t[8])
-    return total % 11 == 0
+    return isbn.is_valid(compact)
+
+
+def luhn_valid(text: str) -> bool | None:
+    """True/False for a 13-19 digit card or account number (Luhn check, `stdnum.luhn`), else None."""
+    compact = text.replace(" ", "").replace("-", "")
+    if not compact.isdigit() or not 13 <= len(compact) <= 19:
+        return None
+    return luhn.is_valid(compact)
 
 
 def email_valid(text: str) -> bool | None:
@@ -270,8 +223,44 @@ SCHEMES: dict[str, Callable[[str], bool | None]] = {
     "IBAN": iban_valid,
     "EAN": gtin_valid,
     "BSN": bsn_valid,
+    "ISBN": isbn_valid,
+    "Luhn": luhn_valid,
     "e-mail": email_valid,
 }
+SCHEME_NAMES = {"Luhn": "card number", "e-mail": "e-mail address"}
+
+
+def scheme_evidence(counts: pd.Series, scheme: str) -> tuple[float, int, float]:
+    """How a field's stored values (`counts`: value -> rows) bear out an identifier check: the share of
+    rows it applies to, how many rows that is, and the share of those that pass.
+
+    >>> scheme_evidence(pd.Series({"4006381333931": 30, "12345678": 1}), "EAN")
+    (1.0, 31, 0.967741935483871)
+    """
+    check = SCHEMES[scheme]
+    verdicts = [check(str(v)) for v in counts.index]
+    weights = counts.to_numpy(dtype=float)
+    applies = np.array([v is not None for v in verdicts])
+    passes = np.array([bool(v) for v in verdicts])
+    total = float(weights.sum())
+    applied = float(weights[applies].sum())
+    return (
+        applied / total if total else 0.0,
+        int(applied),
+        float(weights[passes].sum()) / applied if applied else 0.0,
+    )
+
+
+def adopted_schemes(counts: pd.Series) -> list[str]:
+    """The identifier checks the stored values support: each applies to at least `SCHEME_SHARE` of the
+    values (and `MIN_SCHEME_VALUES` rows), and at least `SCHEME_PASS` of those pass. Random 8-digit ids
+    have the shape of an EAN-8 and a BSN, but only about 10% pass either: they adopt neither."""
+    out = []
+    for scheme in SCHEMES:
+        share, rows, passing = scheme_evidence(counts, scheme)
+        if share >= SCHEME_SHARE and rows >= MIN_SCHEME_VALUES and passing >= SCHEME_PASS:
+            out.append(scheme)
+    return out
 
 
 # Running numbers ----------------------------------------------------------------------------------------
@@ -303,7 +292,7 @@ def _is_sequence(values: pd.Series, times: pd.Series | None) -> bool:
     filled = values[values != s.MISSING]
     if len(filled) < 20 or filled.nunique() < 0.8 * len(filled):
         return False
-    parts = _per_value(filled, split_running_number)
+    parts = per_value(filled, split_running_number)
     ok = parts.notna()
     if ok.mean() < 0.9:
         return False
@@ -326,7 +315,7 @@ def sequence_expectation(values: pd.Series, times: pd.Series | None) -> tuple[pd
     number of rows sharing its prefix. Rows are sorted by entry time (else kept in order) within each prefix;
     the expected number is the rank plus the rolling median of (number - rank) of the neighbours.
     """
-    parts = _per_value(values, split_running_number)
+    parts = per_value(values, split_running_number)
     ok = parts.notna() & (values != s.MISSING)
     expected = pd.Series(np.nan, index=values.index)
     rows = pd.Series(0.0, index=values.index)
@@ -356,7 +345,7 @@ def sequence_expectation(values: pd.Series, times: pd.Series | None) -> tuple[pd
 # Profiles
 
 
-def _per_value(values: pd.Series, fn: Callable[[str], object]) -> pd.Series:
+def per_value(values: pd.Series, fn: Callable[[str], object]) -> pd.Series:
     """Applies `fn` once per distinct value and maps the result back (the vectorisation trick)."""
     uniques = pd.unique(values.to_numpy(dtype=object))
     table = {value: fn(value) for value in uniques}
@@ -441,6 +430,7 @@ class Dependency:
     total: dict[str, int]
     implied_code: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
     weight: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    certain: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     def index(self, source_vocab: pd.Index, target_vocab: pd.Index) -> None:
         """Aligns the mapping with the fields' vocabularies, for `lookup` on value codes."""
@@ -451,6 +441,16 @@ class Dependency:
         support = np.array([self.support.get(k, 0) for k in keys], dtype=float)
         total = np.array([self.total.get(k, 1) for k in keys], dtype=float)
         self.weight = self.strength * (support / np.maximum(total, 1)) * np.log1p(support)
+        sure = (support >= CERTAIN_SUPPORT) & (support >= CERTAIN_SHARE * total)
+        sure &= (self.implied_code >= 0) & (self.strength >= CERTAIN_STRENGTH)
+        self.certain = np.where(sure, self.weight, 0.0)
+
+    def certain_weight(self, source_codes: np.ndarray) -> np.ndarray:
+        """Per source value code, the weight of the dependency where it is near-certain evidence, else 0."""
+        if not len(self.certain):
+            return np.zeros(len(source_codes))
+        has = source_codes >= 0
+        return np.where(has, self.certain[np.where(has, source_codes, 0)], 0.0)
 
     def lookup(self, source_codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The implied target code (-1 unknown) and the evidence weight per source value code."""
@@ -508,22 +508,8 @@ def entry_times(frame: pd.DataFrame, time_column: str | None) -> pd.Series | Non
     return stamps.dt.tz_localize(None)
 
 
-def parse_dates(values: pd.Series, fmt: str) -> pd.Series:
-    """Dates in the given format (NaT where the value does not fit it)."""
-    return pd.to_datetime(values.replace(s.MISSING, None), format=fmt, errors="coerce")
-
-
-def _best_date_format(values: pd.Series) -> str | None:
-    filled = values[values != s.MISSING]
-    if filled.empty:
-        return None
-    sample = filled.iloc[:2000]
-    best, best_share = None, 0.0
-    for fmt in DATE_FORMATS:
-        share = parse_dates(sample, fmt).notna().mean()
-        if share > best_share + 1e-9:
-            best, best_share = fmt, share
-    return best if best_share > 0.3 else None
+parse_dates = date_type.parse_dates
+SCHEME_VALUES = 20_000
 
 
 def profile_field(values: pd.Series, name: str, kind: str, times: pd.Series | None) -> FieldProfile:
@@ -548,14 +534,8 @@ def profile_field(values: pd.Series, name: str, kind: str, times: pd.Series | No
     )
     case = str(case_totals.idxmax()) if len(case_totals) else "none"
     case_share = float(case_totals.max() / case_totals.sum()) if len(case_totals) else 0.0
-    schemes = []
-    if len(filled):
-        head = counts.index[:500]
-        weights = counts.to_numpy()[:500]
-        for scheme, check in SCHEMES.items():
-            applies = np.array([check(v) is not None for v in head])
-            if (weights * applies).sum() / weights.sum() >= SCHEME_SHARE:
-                schemes.append(scheme)
+    # A check digit on a date is a coincidence of its shape, never a rule of the field.
+    schemes = adopted_schemes(counts.iloc[:SCHEME_VALUES]) if len(filled) and kind != "date" else []
     profile = FieldProfile(
         name=name,
         kind=kind,
@@ -573,26 +553,28 @@ def profile_field(values: pd.Series, name: str, kind: str, times: pd.Series | No
         case_share=case_share,
         schemes=schemes,
     )
-    written = [(v, n) for v, n in counts.items() if _PLAIN_NUMBER.match(v)]
+    written = [
+        (places, n) for v, n in counts.items() if (places := number_type.decimals_written(v)) is not None
+    ]
     if written:
-        places = pd.Series([decimals_of(v) for v, _ in written]).repeat([n for _, n in written])
+        places = pd.Series([p for p, _ in written]).repeat([n for _, n in written])
         usual = int(places.mode().iloc[0])
         profile.decimals = usual
         profile.fixed_decimals = usual > 0 and float((places == usual).mean()) >= 0.9
     if kind == "number":
-        numbers = _per_value(filled, parse_number).astype(float)
+        numbers = per_value(filled, number_type.plain_number).astype(float)
         logs = np.log10(numbers.abs().clip(lower=1e-9))[numbers.notna() & (numbers != 0)]
         if len(logs):
             profile.number_center = float(logs.median())
             profile.number_spread = float(max((logs - logs.median()).abs().median() * 1.4826, 0.05))
-        decimals = _per_value(filled, decimals_of)
+        decimals = per_value(filled, lambda v: number_type.decimals_written(v) or 0)
         profile.decimals = int(decimals.mode().iloc[0]) if len(decimals) else 0
     if kind == "code":
         profile.sequence = _is_sequence(values, times)
-        years = _per_value(filled.iloc[:2000], embedded_year)
+        years = per_value(filled.iloc[:2000], embedded_year)
         profile.embeds_year = bool(len(years)) and years.notna().mean() > 0.9
     if kind == "date":
-        profile.date_format = _best_date_format(filled)
+        profile.date_format = date_type.best_date_format(filled)
         if profile.date_format and times is not None:
             dates = parse_dates(values, profile.date_format)
             delta = (dates - times.reindex(values.index)).dt.total_seconds() / 86400.0
@@ -711,7 +693,7 @@ def find_dependencies(frame: pd.DataFrame, fields: dict[str, str]) -> list[tuple
 
 
 def _number_group(frame: pd.DataFrame, target: str, fields: dict[str, str]) -> NumberGroup | None:
-    numbers = _per_value(frame[target], parse_number).astype(float)
+    numbers = per_value(frame[target], number_type.plain_number).astype(float)
     ok = numbers.notna() & (numbers > 0)
     if ok.sum() < 10:
         return None
@@ -750,16 +732,21 @@ def build_profile(
     config: Config,
     *,
     pairs: Iterable[tuple[str, str]] | None = None,
+    schemes: dict[str, list[str]] | None = None,
 ) -> Profile:
     """Learns every detector family from a table of records (the history as stored).
 
     `pairs` fixes which dependencies to learn (so the profiles of cross-validation folds agree); by default
-    they are found in `frame`.
+    they are found in `frame`. `schemes` fixes each field's identifier checks likewise (by default those
+    the field's values support, `adopted_schemes`).
     """
     kinds = {name: spec.type for name, spec in config.fields.items() if name in frame.columns}
     texts = pd.DataFrame({name: text_column(frame, name) for name in kinds}, index=frame.index)
     times = entry_times(frame, config.time_column)
     profiles = {name: profile_field(texts[name], name, kind, times) for name, kind in kinds.items()}
+    if schemes is not None:
+        for name, fp in profiles.items():
+            fp.schemes = list(schemes.get(name, []))
     if pairs is None:
         pairs = find_dependencies(texts, kinds)
     pairs = list(pairs)
@@ -808,7 +795,7 @@ class EditHistory:
             values = text_column(entered, name)
             ids = set(labels.loc[labels[s.LOG_FIELD] == name, s.LOG_RECORD_ID])
             wrong = entered[id_column].isin(ids).to_numpy()
-            shapes = _per_value(values, shape_of)
+            shapes = per_value(values, shape_of)
             value_seen[name] = {str(k): int(v) for k, v in values.value_counts().items()}
             value_errors[name] = {str(k): int(v) for k, v in values[wrong].value_counts().items()}
             shape_seen[name] = {str(k): int(v) for k, v in shapes.value_counts().items()}
@@ -851,6 +838,7 @@ def _dependency_features(codes: dict[str, np.ndarray], name: str, profile: Profi
     disagree = np.zeros(n)
     agree_w = np.zeros(n)
     disagree_w = np.zeros(n)
+    certain_w = np.zeros(n)
     for dep in profile.by_target.get(name, []):
         src = codes[dep.source]
         implied, weight = dep.lookup(src)
@@ -861,6 +849,7 @@ def _dependency_features(codes: dict[str, np.ndarray], name: str, profile: Profi
         disagree += has & ~same
         agree_w += np.where(has & same, weight, 0)
         disagree_w += np.where(has & ~same, weight, 0)
+        certain_w += np.where(has & ~same, dep.certain_weight(src), 0)
     rev_known = np.zeros(n)
     rev_agree = np.zeros(n)
     rev_disagree = np.zeros(n)
@@ -879,6 +868,7 @@ def _dependency_features(codes: dict[str, np.ndarray], name: str, profile: Profi
         "dep_disagree": disagree,
         "dep_agree_weight": agree_w,
         "dep_disagree_weight": disagree_w,
+        "dep_certain_disagree": certain_w,
         "rev_known": rev_known,
         "rev_agree": rev_agree,
         "rev_disagree": rev_disagree,
@@ -890,7 +880,7 @@ def _number_features(
     texts: pd.DataFrame, name: str, fp: FieldProfile, group: NumberGroup | None, cache: dict
 ) -> dict:
     values = texts[name]
-    numbers = _per_value(values, parse_number).astype(float).to_numpy()
+    numbers = per_value(values, number_type.plain_number).astype(float).to_numpy()
     filled = (values != s.MISSING).to_numpy()
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.where(numbers > 0, np.log10(np.abs(numbers)), np.nan)
@@ -944,7 +934,7 @@ def _date_features(texts: pd.DataFrame, name: str, fp: FieldProfile, times: pd.S
 def _checksum_feature(values: pd.Series, fp: FieldProfile) -> np.ndarray:
     result = np.full(len(values), np.nan)
     for scheme in fp.schemes:
-        verdict = _per_value(values, SCHEMES[scheme]).to_numpy(dtype=object)
+        verdict = per_value(values, SCHEMES[scheme]).to_numpy(dtype=object)
         applies = np.array([v is not None for v in verdict], dtype=bool)
         invalid = np.array([v is not None and not v for v in verdict], dtype=float)
         result = np.where(applies, np.fmax(np.nan_to_num(result, nan=0.0), invalid), result)
@@ -974,14 +964,14 @@ def _sequence_features(
     if fp.sequence:
         ctx_texts, ctx_times = context if context is not None else (texts, times)
         expected, rows = sequence_expectation(ctx_texts[name], ctx_times)
-        numbers = _per_value(values, lambda v: p[1] if (p := split_running_number(v)) else math.nan).astype(
+        numbers = per_value(values, lambda v: p[1] if (p := split_running_number(v)) else math.nan).astype(
             float
         )
         gap = np.abs(numbers.to_numpy() - expected.reindex(texts.index).to_numpy())
         out["sequence_gap"] = np.log1p(gap)
         out["sequence_rows"] = rows.reindex(texts.index).to_numpy(dtype=float)
     if fp.embeds_year:
-        years = _per_value(values, embedded_year).astype(float).to_numpy()
+        years = per_value(values, embedded_year).astype(float).to_numpy()
         expected_year = record_year(texts, profile, times).to_numpy()
         known = np.isfinite(years) & np.isfinite(expected_year)
         out["year_mismatch"] = np.where(known, (years != expected_year).astype(float), np.nan)
@@ -1062,22 +1052,32 @@ def field_features(
 
 # Columns of `FEATURES` the label-free score reads.
 _CHECKSUM = FEATURES.index("checksum_invalid")
-_DEP_DISAGREE = FEATURES.index("dep_disagree_weight")
+_CERTAIN = FEATURES.index("dep_certain_disagree")
 _DEP_AGREE = FEATURES.index("dep_agree_weight")
+_MISSING = FEATURES.index("missing")
+_MISSING_WHERE_FILLED = FEATURES.index("missing_where_filled")
 CHECKSUM_SCORE = 0.9
+# An empty cell is near-certainly wrong only in a field filled in at least this share of stored records.
+CERTAIN_FILL = 0.98
 
 
 def unsupervised_score(features: np.ndarray) -> np.ndarray:
-    """An error score from evidence that needs no labelled example, for fields the log never corrected.
+    """An error score from near-certain evidence alone, for fields the log never corrected.
 
-    `features`: rows of `FEATURES`. A value failing its field's identifier checksum scores
-    `CHECKSUM_SCORE`; a value the record's other fields imply otherwise scores by the weight of that
-    evidence net of the agreeing evidence (`1 - exp(-(disagree - agree))`): a city that three other records
-    of the same brewery write differently, all alike, scores about 0.7; a tie between two records about 0.3.
+    `features`: rows of `FEATURES`. A value failing an identifier check that at least 98% of the field's
+    stored values pass (`adopted_schemes`) scores `CHECKSUM_SCORE`. A value that near-certain dependencies
+    imply otherwise (at least `CERTAIN_SUPPORT` stored records with the same source value, nearly all alike)
+    scores by that weight net of any agreeing evidence (`1 - exp(-(certain - agree))`: about 0.8 for five
+    records alike); an empty cell only in a field that is (nearly) always filled. Everything weaker (a tie
+    between two records, a rare value) scores 0: without labels it cannot be told from a legitimate value,
+    and a queue full of such guesses costs a clerk more than it finds.
     """
     checksum = np.nan_to_num(features[:, _CHECKSUM]) * CHECKSUM_SCORE
-    net = np.nan_to_num(features[:, _DEP_DISAGREE]) - np.nan_to_num(features[:, _DEP_AGREE])
-    return np.maximum(checksum, 1.0 - np.exp(-np.maximum(net, 0.0)))
+    net = np.nan_to_num(features[:, _CERTAIN]) - np.nan_to_num(features[:, _DEP_AGREE])
+    dependency = 1.0 - np.exp(-np.maximum(net, 0.0))
+    empty = features[:, _MISSING] == 1
+    dependency = np.where(empty & (features[:, _MISSING_WHERE_FILLED] < CERTAIN_FILL), 0.0, dependency)
+    return np.maximum(checksum, dependency)
 
 
 def chunk_texts(chunk: pd.DataFrame, names: Iterable[str]) -> pd.DataFrame:

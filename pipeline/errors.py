@@ -38,13 +38,15 @@ from pipeline import schema as s
 from pipeline import suggest as sg
 from pipeline.config import Config
 from pipeline.exceptions import ModelLoadError, SchemaError, TrainingDataError
+from pipeline.fields import number as number_type
+from pipeline.fields.base import field_label
 from pipeline.metrics import choose_threshold
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "error_model.joblib"
 META_FILE = "error_model.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 DEFAULT_THRESHOLD = 0.5
 MIN_FIELD_ERRORS = 20
@@ -56,9 +58,17 @@ OOF_SMALL_CELLS = 10_000
 SUGGEST_GRID = (*np.round(np.arange(0.05, 0.96, 0.05), 2).tolist(), 0.975, 0.99)
 
 F1_TOLERANCE = 0.01
+# A cell a clerk confirmed as right counts this many times as much as an uncorrected one (which is only
+# probably right: staff miss some errors).
+CONFIRMED_WEIGHT = 5.0
+# A checksum adopted from the stored values is dropped for a field the log corrected when, among the
+# field's entered values failing it (at least RULE_MIN_FAILS), fewer than RULE_MIN_PRECISION were corrected.
+RULE_MIN_FAILS = 3
+RULE_MIN_PRECISION = 0.5
 MATCHED_CONFIDENCE = 0.95
 
 FLAG_ROW = "row"
+SUGGESTION_PROBABILITY = "suggestion_probability"
 SUGGEST_EMPTY = "suggest_empty"
 DETECT_COLUMNS = (
     FLAG_ROW,
@@ -79,6 +89,7 @@ class _Fold:
     inside: np.ndarray
     X: np.ndarray
     y: np.ndarray
+    w: np.ndarray
     candidates: pd.DataFrame
     profile: d.Profile
     patterns: sg.EditPatterns
@@ -148,17 +159,27 @@ class ErrorModel(BaseEstimator):
         stored: pd.DataFrame,
         *,
         unlabelled: pd.DataFrame | None = None,
+        confirmed: pd.DataFrame | None = None,
     ) -> ErrorModel:
         """Learns the profiles, the cell classifier, the candidate ranker and (unless given) both thresholds.
 
         `entered`: the training history as entered; `labels`: its `cell_labels`; `stored`: the same history
         as stored (corrected), for the profiles. `unlabelled` (optional, as entered) only widens the profiles
-        (value frequencies, shapes, dependencies), e.g. when the history is tiny.
+        (value frequencies, shapes, dependencies), e.g. when the history is tiny. `confirmed` (optional,
+        columns record_id, field, value: `corrections.confirmed_cells`) are cells a clerk reviewed and found
+        right: sure negatives, weighted `CONFIRMED_WEIGHT` in the classifier, and an identifier check one of
+        them fails is not a rule of that field.
+
+        Rules are adopted on evidence only: an identifier check when at least 98% of the field's stored
+        values pass it (`detectors.adopted_schemes`) and, for a field the log corrected, when the entered
+        values failing it were mostly corrected (`RULE_MIN_PRECISION`).
 
         The thresholds are chosen on out-of-fold predictions of the training history (`calibrate` on a
         held-out period overrides them). A log without edits of the checked fields gives an *unlabelled*
         model (`labelled_` False): it flags only values failing an identifier checksum or contradicted by
         the record's other fields (`detectors.unsupervised_score`).
+        A log with no edits at all fits such a model too; a field the log never corrected is flagged only on
+        that near-certain evidence.
         """
         config = self.config
         fields = config.check_fields
@@ -179,12 +200,15 @@ class ErrorModel(BaseEstimator):
         profile_frame = _concat(stored, extra)
         kinds = {name: spec.type for name, spec in config.fields.items() if name in stored.columns}
         pairs = d.find_dependencies(d.chunk_texts(profile_frame, kinds), kinds)
+        confirmed = _confirmed_cells(confirmed, entered, ids, fields)
+        self.confirmed_cells_ = len(confirmed)
+        self.schemes_ = self._rules_with_evidence(profile_frame, entered, ids, labels, confirmed)
         self.labelled_ = not labels.empty
         corrected = set(labels[s.LOG_FIELD])
         self.unsupervised_fields_ = [name for name in fields if name not in corrected]
         if self.labelled_:
             self.field_ids_ = pooled_field_ids(fields, labels, self.min_field_errors)
-            self._fit_labelled(entered, ids, labels, stored, extra, pairs)
+            self._fit_labelled(entered, ids, labels, stored, extra, pairs, confirmed)
         else:
             logger.warning(
                 "error model: the log has no edits of the checked fields in the training history; the model "
@@ -201,7 +225,7 @@ class ErrorModel(BaseEstimator):
                 DEFAULT_THRESHOLD if self.suggest_threshold is None else float(self.suggest_threshold)
             )
             self.training_errors_ = 0
-        self.profile_ = d.build_profile(profile_frame, config, pairs=pairs)
+        self.profile_ = d.build_profile(profile_frame, config, pairs=pairs, schemes=self.schemes_)
         self.edits_ = d.EditHistory.learn(entered, labels, config)
         self.patterns_ = sg.EditPatterns.learn(labels)
         self.patterns_.prior = self.priors_
@@ -218,11 +242,13 @@ class ErrorModel(BaseEstimator):
         stored: pd.DataFrame,
         extra: pd.DataFrame | None,
         pairs: list[tuple[str, str]],
+        confirmed: pd.DataFrame,
     ) -> None:
         """Cross-fitted features and candidates per fold, the final classifier and ranker, the thresholds."""
         config = self.config
         fields = config.check_fields
         truth = set(zip(labels[s.LOG_RECORD_ID], labels[s.LOG_FIELD], strict=True))
+        sure = set(zip(confirmed[s.LOG_RECORD_ID], confirmed[s.LOG_FIELD], strict=True)) - truth
         rng = np.random.default_rng(self.seed)
         fold_of = rng.permutation(len(entered)) % self.folds
         folds: list[_Fold] = []
@@ -231,12 +257,16 @@ class ErrorModel(BaseEstimator):
             inside = fold_of == k
             outside_ids = set(ids[~inside])
             fold_labels = labels[labels[s.LOG_RECORD_ID].isin(outside_ids)]
-            profile = d.build_profile(_concat(stored[~inside], extra), config, pairs=pairs)
+            profile = d.build_profile(
+                _concat(stored[~inside], extra), config, pairs=pairs, schemes=self.schemes_
+            )
             edits = d.EditHistory.learn(entered[~inside], fold_labels, config)
             rows = entered[inside]
             per_field = d.cell_features(rows, profile, config, fields, edits, context=entered)
             X = self._stack(per_field, len(rows))
             y = np.array([[(r, name) in truth for name in fields] for r in ids[inside]], dtype=int)
+            w = np.array([[(r, name) in sure for name in fields] for r in ids[inside]], dtype=bool)
+            w = np.where(w, CONFIRMED_WEIGHT, 1.0).reshape(y.shape)
             patterns = sg.EditPatterns.learn(fold_labels)
             choices = sg.nearest_choices(profile)
             extras = self._cell_extras(rows, profile, entered)
@@ -253,9 +283,12 @@ class ErrorModel(BaseEstimator):
             )
             frame["cell"] += cell_offset
             cell_offset += len(cells)
-            folds.append(_Fold(inside, X, y.T.ravel(), frame, profile, patterns, choices, rows, extras))
+            folds.append(
+                _Fold(inside, X, y.T.ravel(), w.T.ravel(), frame, profile, patterns, choices, rows, extras)
+            )
         X = np.concatenate([fold.X for fold in folds])
         y = np.concatenate([fold.y for fold in folds])
+        w = np.concatenate([fold.w for fold in folds])
         logger.info(
             "error model: %d training cells, %d labelled errors, %d field ids for %d fields",
             len(X),
@@ -263,7 +296,7 @@ class ErrorModel(BaseEstimator):
             len(set(self.field_ids_.values())),
             len(fields),
         )
-        self.classifier_, self.empty_columns_ = self._fit_classifier(X, y)
+        self.classifier_, self.empty_columns_ = self._fit_classifier(X, y, w)
         ranked = pd.concat([fold.candidates for fold in folds], ignore_index=True)
         self.priors_ = sg.learn_priors(ranked) if len(ranked) else {}
         ranked = _apply_priors(ranked, self.priors_)
@@ -280,7 +313,7 @@ class ErrorModel(BaseEstimator):
         self.suggest_threshold_ = float(suggest)
 
     def _fit_classifier(
-        self, X: np.ndarray, y: np.ndarray
+        self, X: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None
     ) -> tuple[HistGradientBoostingClassifier, np.ndarray]:
         classifier = HistGradientBoostingClassifier(
             max_iter=self.max_iter,
@@ -292,8 +325,54 @@ class ErrorModel(BaseEstimator):
         )
         matrix, empty = sg.fill_empty_columns(X)
         with sg.one_thread():
-            classifier.fit(matrix, y)
+            classifier.fit(matrix, y, sample_weight=weight)
         return classifier, empty
+
+    def _rules_with_evidence(
+        self,
+        profile_frame: pd.DataFrame,
+        entered: pd.DataFrame,
+        ids: pd.Series,
+        labels: pd.DataFrame,
+        confirmed: pd.DataFrame,
+    ) -> dict[str, list[str]]:
+        """Per checked field, the identifier checks it keeps: those its stored values support
+        (`detectors.adopted_schemes`), less any a confirmed value fails and, for a field the log corrected,
+        any whose failing entered values were mostly left uncorrected (it does not find what staff fix)."""
+        out: dict[str, list[str]] = {}
+        wrong = set(zip(labels[s.LOG_RECORD_ID], labels[s.LOG_FIELD], strict=True))
+        for name in self.config.check_fields:
+            if name not in profile_frame.columns or self.config.fields[name].type == "date":
+                continue
+            values = d.text_column(profile_frame, name)
+            schemes = d.adopted_schemes(values[values != s.MISSING].value_counts().iloc[: d.SCHEME_VALUES])
+            kept = []
+            for scheme in schemes:
+                check = d.SCHEMES[scheme]
+                sure = confirmed.loc[confirmed[s.LOG_FIELD] == name, "value"]
+                if any(check(str(v)) is False for v in sure):
+                    logger.info(
+                        "error model: %s check dropped for %s: a confirmed value fails it", scheme, name
+                    )
+                    continue
+                if (labels[s.LOG_FIELD] == name).any():
+                    typed = d.text_column(entered, name)
+                    fails = d.per_value(typed, check).to_numpy(dtype=object)
+                    failing = np.array([v is False for v in fails], dtype=bool)
+                    hits = np.array([(r, name) in wrong for r in ids[failing]], dtype=bool)
+                    if failing.sum() >= RULE_MIN_FAILS and hits.mean() < RULE_MIN_PRECISION:
+                        logger.info(
+                            "error model: %s check dropped for %s: %d of %d entered values failing it were "
+                            "corrected",
+                            scheme,
+                            name,
+                            int(hits.sum()),
+                            int(failing.sum()),
+                        )
+                        continue
+                kept.append(scheme)
+            out[name] = kept
+        return out
 
     def _out_of_fold_thresholds(
         self, folds: list[_Fold], ids: pd.Series, labels: pd.DataFrame, fixed: float | None
@@ -315,7 +394,11 @@ class ErrorModel(BaseEstimator):
             y = np.concatenate([other.y for other in others])
             classifier, empty = None, self.empty_columns_
             if len(np.unique(y)) == 2:
-                classifier, empty = self._fit_classifier(np.concatenate([other.X for other in others]), y)
+                classifier, empty = self._fit_classifier(
+                    np.concatenate([other.X for other in others]),
+                    y,
+                    np.concatenate([other.w for other in others]),
+                )
             for k in members:
                 scores[k] = self._probability(folds[k].X, classifier, empty, len(folds[k].rows))
         pooled = np.concatenate(scores)
@@ -363,7 +446,7 @@ class ErrorModel(BaseEstimator):
                         "record_id": fold_ids[positions],
                         s.FLAG_FIELD: [fields[j] for j in names],
                         s.FLAG_SUGGESTION: best["candidate"].to_numpy(dtype=object),
-                        "suggestion_probability": best["probability"].to_numpy(),
+                        SUGGESTION_PROBABILITY: best["probability"].to_numpy(),
                     }
                 )
             )
@@ -539,8 +622,9 @@ class ErrorModel(BaseEstimator):
             same = (value == other) & (value != s.MISSING)
             scores.loc[same.to_numpy(), name] = 0.0
             # Missing here while the record it duplicates has the value (and the field is normally
-            # filled): the value was left out, and the duplicate says what it is.
-            if self.profile_.fields[name].fill_rate >= 0.5:
+            # filled): the value was left out, and the duplicate says what it is. Not in a field the log
+            # never corrected: there a re-registration with less in it is merged, not corrected.
+            if self.profile_.fields[name].fill_rate >= 0.5 and name not in self.unsupervised_fields_:
                 left_out = ((value == s.MISSING) & (other != s.MISSING)).to_numpy()
                 floor = max(self.threshold_, 0.5)
                 scores.loc[left_out, name] = np.maximum(scores.loc[left_out, name], floor)
@@ -559,8 +643,9 @@ class ErrorModel(BaseEstimator):
         config = self.config
         positions, names = np.nonzero(scores.to_numpy() >= threshold)
         if len(positions) == 0:
-            return pd.DataFrame({c: pd.Series(dtype=object) for c in DETECT_COLUMNS}).astype(
-                {s.FLAG_SCORE: float, SUGGEST_EMPTY: bool}
+            columns = [*DETECT_COLUMNS, SUGGESTION_PROBABILITY]
+            return pd.DataFrame({c: pd.Series(dtype=object) for c in columns}).astype(
+                {s.FLAG_SCORE: float, SUGGEST_EMPTY: bool, SUGGESTION_PROBABILITY: float}
             )
         names = [scores.columns[j] for j in names]
         texts = d.chunk_texts(chunk, [n for n in config.fields if n in self.profile_.fields])
@@ -617,7 +702,7 @@ class ErrorModel(BaseEstimator):
                 s.FLAG_SUGGESTION: suggestion,
                 s.FLAG_REASON: reasons,
                 SUGGEST_EMPTY: confident & (best["candidate"].to_numpy(dtype=object) == s.MISSING),
-                "suggestion_probability": best["probability"].to_numpy(),
+                SUGGESTION_PROBABILITY: best["probability"].to_numpy(),
             }
         )
         return flags.sort_values(s.FLAG_SCORE, ascending=False, kind="stable").reset_index(drop=True)
@@ -652,7 +737,7 @@ class ErrorModel(BaseEstimator):
         if self.labelled_:
             self.suggest_threshold_ = choose_suggest_threshold(flags, labels, self.suggest_threshold_)
         final = flags.copy()
-        low = final["suggestion_probability"] < self.suggest_threshold_
+        low = final[SUGGESTION_PROBABILITY] < self.suggest_threshold_
         final.loc[low, s.FLAG_SUGGESTION] = s.MISSING
         final.loc[low, SUGGEST_EMPTY] = False
         metrics = cell_metrics(final, labels)
@@ -687,9 +772,7 @@ class ErrorModel(BaseEstimator):
 # --------------------------------------------------------------------------------------------------- reasons
 
 
-def label_of(name: str) -> str:
-    """A field name as a clerk reads it: `customer_code` -> `customer code`."""
-    return name.replace("_", " ")
+label_of = field_label  # the field-type plugins' label, in every reason
 
 
 def _fmt_ratio(log_ratio: float) -> str:
@@ -729,7 +812,8 @@ def explain(
             return f"{text}; the record it duplicates has {suggestion}"
         return f"{text} (filled in {fp.fill_rate:.0%} of earlier records){hint()}"
     if f.get("checksum_invalid") == 1:
-        return f"{label} {value!r} fails the {'/'.join(fp.schemes)} check{hint()}"
+        failed = [d.SCHEME_NAMES.get(x, x) for x in fp.schemes if d.SCHEMES[x](value) is False]
+        return f"{label} {value!r} fails the {'/'.join(failed or fp.schemes)} check{hint()}"
     if f.get("year_mismatch") == 1:
         return f"{label} {value!r} has a different year than the record's date{hint()}"
     if f.get("sequence_gap", 0) > math.log1p(3):
@@ -738,7 +822,7 @@ def explain(
     group = profile.groups.get(name)
     if group is not None and math.isfinite(ratio) and abs(ratio) >= 0.6:
         key = cell.row.get(group.group, "")
-        usual = d.format_number(10 ** group.medians.get(key, math.nan), fp.decimals)
+        usual = number_type.write_number(10 ** group.medians.get(key, math.nan), fp.decimals)
         return f"{label} {value} is {_fmt_ratio(ratio)} the usual {label} for {key!r} (about {usual}){hint()}"
     if f.get("date_unparsed") == 1:
         return f"{label} {value!r} is not a date in the usual format{hint()}"
@@ -823,7 +907,7 @@ def choose_suggest_threshold(flags: pd.DataFrame, labels: pd.DataFrame, default:
         ]
     )
     # A coarse grid: the validation set is small, and exact probabilities would overfit it.
-    prob = flags["suggestion_probability"].to_numpy(dtype=float)
+    prob = flags[SUGGESTION_PROBABILITY].to_numpy(dtype=float)
     grid = np.asarray(SUGGEST_GRID)
     on_grid = grid[np.clip(np.searchsorted(grid, prob, side="right") - 1, 0, None)]
     on_grid = np.where(prob < grid[0], 0.0, on_grid)
@@ -921,6 +1005,31 @@ def _align(stored: pd.DataFrame, ids: pd.Series, id_column: str, entered: pd.Dat
     if absent.any():
         aligned.loc[absent] = entered.loc[absent, aligned.columns.intersection(entered.columns)]
     return aligned.fillna(s.MISSING)
+
+
+def _confirmed_cells(
+    confirmed: pd.DataFrame | None, entered: pd.DataFrame, ids: pd.Series, fields: list[str]
+) -> pd.DataFrame:
+    """The confirmed cells (record_id, field, value) of checked fields of `entered`'s records whose
+    confirmed value is the value as entered; the others say nothing about these records."""
+    columns = [s.LOG_RECORD_ID, s.LOG_FIELD, "value"]
+    if confirmed is None or confirmed.empty:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    missing = [c for c in columns if c not in confirmed.columns]
+    if missing:
+        raise SchemaError(f"confirmed cells: missing column {missing[0]!r}; expected {columns}")
+    frame = confirmed[columns].astype(object).fillna(s.MISSING)
+    frame = frame[frame[s.LOG_FIELD].isin(fields)]
+    position = pd.Series(np.arange(len(ids)), index=ids.to_numpy())
+    position = position[~position.index.duplicated()]
+    frame = frame[frame[s.LOG_RECORD_ID].isin(position.index)]
+    typed = [
+        d.text_column(entered, name).iat[int(position[r])]
+        for r, name in zip(frame[s.LOG_RECORD_ID], frame[s.LOG_FIELD], strict=True)
+    ]
+    return frame[frame["value"].to_numpy(dtype=object) == np.asarray(typed, dtype=object)].reset_index(
+        drop=True
+    )
 
 
 def _concat(first: pd.DataFrame, extra: pd.DataFrame | None) -> pd.DataFrame:

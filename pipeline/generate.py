@@ -235,6 +235,7 @@ DUPLICATE_NOTE_SHARE: Final = 0.4
 # --- Duplicates, errors, staff ---------------------------------------------------------------------------
 
 PREVIOUS_YEAR_SHARE: Final = 0.65  # orders numbered in the year before the history, per history record
+REPEAT_MIN_DAYS: Final = 20  # a repeat order copies an order at least this many days older
 DUPLICATE_RATE: Final = 0.035  # share of each segment's rows that re-register an earlier order
 DUPLICATE_SAME_DAY_SHARE: Final = 0.55  # the rest follow one to four working days later
 DUPLICATE_SAME_NUMBER_SHARE: Final = 0.4  # the rest got a new order number when registered again
@@ -286,32 +287,52 @@ class DemoPaths:
 
 
 def generate(
-    out_dir: Path, *, customers: int = 300, history: int = 4000, batch: int = 800, seed: int = 7
+    out_dir: Path,
+    *,
+    customers: int = 300,
+    history: int = 4000,
+    batch: int = 800,
+    seed: int = 7,
+    repeat_share: float = 0.0,
 ) -> DemoPaths:
     """Writes a demo order administration into `out_dir` (created if needed) and returns the file paths.
 
     `customers` is the size of the customer table, `history` the number of history records (merged-away
-    duplicates included), `batch` the number of new records to score (0 gives an empty batch). The same
+    duplicates included), `batch` the number of new records to score (0 gives an empty batch).
+    `repeat_share` is the share of new orders that repeat the amount (and VAT rate) of an order the same
+    customer placed at least `REPEAT_MIN_DAYS` earlier: standing orders, which a busy customer's history is
+    full of and which are not re-registrations (0, the default, leaves the data as without it). The same
     arguments always give byte-identical files; the history does not depend on `batch` (but see the module
     docstring for huge batches).
 
     Raises ValueError when a size or the seed is out of range.
     """
     _check_arguments(customers=customers, history=history, batch=batch, seed=seed)
+    if not 0.0 <= repeat_share <= 1.0:
+        raise ValueError(f"repeat_share must be between 0 and 1, got {repeat_share!r}")
     customers, history, batch = int(customers), int(history), int(batch)
     started = time.perf_counter()
-    customer_rng, history_rng, staff_rng, batch_rng = np.random.default_rng(seed).spawn(4)
+    # A fifth stream for repeat orders leaves the other four (and so the data without repeats) unchanged.
+    customer_rng, history_rng, staff_rng, batch_rng, repeat_rng = np.random.default_rng(seed).spawn(5)
+    repeats = (repeat_rng, float(repeat_share))
 
     table = _make_customers(customers, customer_rng)
     # The business ran before the history starts: the first year's numbering is well under way.
     year_before = int(_years(HISTORY_START)) - 1
     next_number = {year_before: round(history * PREVIOUS_YEAR_SHARE) + 1}
     history_orders = _make_segment(
-        history_rng, history, table, HISTORY_START, HISTORY_WORKING_DAYS, _Orders.empty(), next_number
+        history_rng,
+        history,
+        table,
+        HISTORY_START,
+        HISTORY_WORKING_DAYS,
+        _Orders.empty(),
+        next_number,
+        repeats,
     )
     batch_start = np.busday_offset(history_orders.entered[-1].astype("datetime64[D]"), 1, roll="forward")
     batch_orders = _make_segment(
-        batch_rng, batch, table, batch_start, BATCH_WORKING_DAYS, history_orders, next_number
+        batch_rng, batch, table, batch_start, BATCH_WORKING_DAYS, history_orders, next_number, repeats
     )
     view = _View(_Orders.concat(history_orders, batch_orders), table)
     history_rows, batch_rows = range(0, history), range(history, history + batch)
@@ -577,17 +598,21 @@ def _make_segment(
     working_days: int,
     earlier: _Orders,
     next_number: dict[int, int],
+    repeats: tuple[np.random.Generator, float] | None = None,
 ) -> _Orders:
     """`n` records entered from `first_day` on, sorted by entry time: new orders and re-registrations.
 
     Duplicates re-register a new order of this segment or, when `earlier` is not empty, a recent one of
     `earlier` (whose rows come first in the data set). `next_number` holds the next free order number per
-    year and is advanced.
+    year and is advanced. `repeats` (a generator and a share) turns that share of the new orders into
+    repeat orders (see `_repeat_amounts`).
     """
     if n == 0:
         return _Orders.empty()
     n_duplicates = round(n * DUPLICATE_RATE)
     new = _new_orders(rng, n - n_duplicates, customers, first_day, working_days)
+    if repeats is not None and repeats[1] > 0:
+        _repeat_amounts(repeats[0], new, earlier, repeats[1])
     duplicates = _re_registrations(rng, n_duplicates, new, earlier, first_day, working_days)
     merged = _Orders.concat(new, duplicates)
     order = np.argsort(merged.entered, kind="stable")
@@ -628,6 +653,37 @@ def _new_orders(
         original=np.full(n, -1, dtype=np.int64),
         same_number=np.zeros(n, dtype=bool),
     )
+
+
+def _repeat_amounts(rng: np.random.Generator, new: _Orders, earlier: _Orders, share: float) -> None:
+    """Gives `share` of the `new` orders the amount and VAT rate of a random earlier order of the same
+    customer entered at least `REPEAT_MIN_DAYS` before (when there is one): a standing order. In place.
+
+    Orders are handled in entry order, so an order repeated from a repeat carries the amount it was given.
+    """
+    n, offset = len(new), len(earlier)
+    repeat = rng.random(n) < share
+    pick = rng.random(n)
+    entered = np.concatenate([earlier.entered, new.entered]).astype(np.int64)
+    customer = np.concatenate([earlier.customer, new.customer]).astype(np.int64)
+    cents = np.concatenate([earlier.cents, new.cents])
+    vat = np.concatenate([earlier.vat, new.vat])
+    span = int(entered.max()) + 1 if len(entered) else 1
+    keys = customer * span + entered
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    group_start = np.searchsorted(sorted_keys, customer * span, side="left")
+    cutoff = entered - REPEAT_MIN_DAYS * 24 * 60
+    available = np.searchsorted(sorted_keys, customer * span + cutoff, side="right") - group_start
+    for row in np.flatnonzero(repeat).tolist():
+        count = int(available[offset + row])
+        if count <= 0:
+            continue
+        source = int(order[group_start[offset + row] + int(pick[row] * count)])
+        cents[offset + row] = cents[source]
+        vat[offset + row] = vat[source]
+    new.cents[:] = cents[offset:]
+    new.vat[:] = vat[offset:]
 
 
 def _re_registrations(

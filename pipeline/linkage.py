@@ -11,8 +11,14 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
   cover picks the keys (and combinations of a weak key such as a city with another key) that cover the
   known duplicate pairs up to the `recall` target at the fewest comparisons, and backs each pair up with a
   second rule on other fields, so that one mistyped field does not keep a new duplicate out of every block.
+* Comparisons: each field plugin's dedupe comparators, graded levels among them (days apart beyond 3, 10,
+  31 and 365; two or three slips in a code; more than 1% or 10% between numbers), plus a term-frequency
+  feature per field (Splink's adjustment): an exact agreement counts by the value's rarity among the stored
+  records, so a busy customer's name or usual amount is weak evidence and a rare one strong.
 * Labels: positives are the known pairs (merge chains closed), negatives are candidate pairs of the learned
-  blocking that were never merged (the hard ones) plus random pairs, `max_labels` in all.
+  blocking that were never merged (the hard ones), pairs a clerk rejected (`non_pairs`), pairs agreeing on
+  one field, chance agreements (an unrelated record given another's values in one to three fields: what a
+  register ten times larger produces by chance) and random pairs, `max_labels` in all.
 * Scoring: each record's candidates are cut to the `top_k` that share most keys, compared field by field,
   and scored by the classifier; the best candidate above `threshold_` is the record it duplicates.
 
@@ -48,20 +54,23 @@ from pipeline.config import Config, config_from_dict
 from pipeline.corrections import cluster_roots
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
-from pipeline.fields.base import Difference
+from pipeline.fields.base import Difference, TermFrequencies
 from pipeline.metrics import choose_threshold
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SETTINGS_FILE = "linkage_settings.json"
 META_FILE = "linkage_meta.json"
 KEY_SEPARATOR = "\x1f"
 MAX_RULES = 12
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 CV_FOLDS = 4
-LOOKALIKE_SHARE = 0.5
+LOOKALIKE_SHARE = 0.4
 FIELD_AGREEMENT_SHARE = 0.3
+CHANCE_SHARE = 0.2
+CHANCE_MAX_FIELDS = 3
+REJECTED_SHARE = 0.25
 WIDE_EXTRA_RULES = 6
 BACKUP_WEIGHT = 0.5
 MIN_RULE_GAIN = 0.001
@@ -142,11 +151,18 @@ class DuplicateModel:
 
     # ------------------------------------------------------------------ training
 
-    def fit(self, entered: pd.DataFrame, pairs: set[frozenset[str]]) -> DuplicateModel:
+    def fit(
+        self,
+        entered: pd.DataFrame,
+        pairs: set[frozenset[str]],
+        non_pairs: set[frozenset[str]] | frozenset[frozenset[str]] = frozenset(),
+    ) -> DuplicateModel:
         """Learns blocking and the pairwise classifier from the history as entered and its known pairs.
 
-        `pairs` are pairs of ids of `entered` that staff merged (chains closed); pairs with an id outside
-        `entered` are ignored. Raises `TrainingDataError` when there is too little to learn from.
+        `pairs` are pairs of ids of `entered` that staff merged (chains closed); `non_pairs` pairs a clerk
+        rejected as duplicates (review decisions), which join the labels as negatives so the same false
+        alarm is not raised again; pairs with an id outside `entered` are ignored. Term frequencies are
+        counted on `entered`. Raises `TrainingDataError` when there is too little to learn from.
         """
         started = time.perf_counter()
         self._check_columns(entered, "training history")
@@ -163,6 +179,12 @@ class DuplicateModel:
                 f"training history: {len(records)} records are too few for the duplicate model; "
                 "need at least 4"
             )
+        known_set = set(known)
+        rejected = sorted(
+            pair
+            for pair in (tuple(sorted(p)) for p in non_pairs if len(p) == 2)
+            if pair not in known_set and all(i in position.index for i in pair)
+        )
         if not known:
             return self._fit_unlabelled(records, started)
         left = position[[a for a, _ in known]].to_numpy()
@@ -177,6 +199,9 @@ class DuplicateModel:
             normalised[name] = plugin.normalise(records[name].fillna(s.MISSING).astype(str))
             plugin.fit(normalised[name])
             self.plugins_.append(plugin)
+        self.term_frequencies_ = {
+            plugin.field: plugin.term_frequencies(normalised[plugin.field]) for plugin in self.plugins_
+        }
         self._build_data_model()
 
         self.blocking_rules_, self.blocking_recall_, wide = self._learn_blocking(normalised, pair_a, pair_b)
@@ -196,17 +221,33 @@ class DuplicateModel:
         cluster = cluster_roots(known)
 
         rng = np.random.default_rng(self.seed)
+        rejected_a, rejected_b = self._rejected_positions(rejected, position, rng)
         label_a, label_b, labels = self._sample_labels(
-            rng, ids.to_numpy(), (pair_a, pair_b), (wide_a, wide_b), normalised, cluster
+            rng,
+            ids.to_numpy(),
+            (pair_a, pair_b),
+            (wide_a, wide_b),
+            normalised,
+            cluster,
+            (rejected_a, rejected_b),
         )
+        chance_a, chance_b = self._chance_agreements(
+            rng, records, ids.to_numpy(), cluster, wide_matcher, wide, self.label_counts_.pop("chance_budget")
+        )
+        self.label_counts_["chance_negative"] = len(chance_a)
+        label_a, label_b = np.concatenate([label_a, chance_a]), np.concatenate([label_b, chance_b])
+        labels = np.concatenate([labels, np.zeros(len(chance_a), dtype=int)])
         features = wide_matcher._features(label_a, label_b)
         # A thousand labels fit fastest on one thread; BLAS threads only contend on a shared machine.
         with threadpool_limits(1):
             self._fit_classifier(features, labels)
         # Staff do not find every duplicate: a "negative" the first fit scores as a near-certain match is
         # most likely an unmerged duplicate. Dropping those and refitting keeps them from teaching the
-        # classifier that look-alikes are distinct.
-        suspect = (labels == 0) & (self.probabilities(features) >= UNMERGED_SUSPECT)
+        # classifier that look-alikes are distinct. A pair a clerk rejected is known to be distinct: kept.
+        clerk_said_no = np.zeros(len(labels), dtype=bool)
+        n_pos = self.label_counts_["positive"]
+        clerk_said_no[n_pos : n_pos + len(rejected_a)] = True
+        suspect = (labels == 0) & ~clerk_said_no & (self.probabilities(features) >= UNMERGED_SUSPECT)
         if suspect.any():
             features, labels = features[~suspect], labels[~suspect]
             with threadpool_limits(1):
@@ -237,8 +278,11 @@ class DuplicateModel:
             "Add the merges staff made to the corrections log to enable the duplicate model"
         )
         self.plugins_ = [field_type(self.config.fields[name].type)(name) for name in self.config.match_fields]
+        self.term_frequencies_ = {}
         for plugin in self.plugins_:
-            plugin.fit(plugin.normalise(records[plugin.field].fillna(s.MISSING).astype(str)))
+            values = plugin.normalise(records[plugin.field].fillna(s.MISSING).astype(str))
+            plugin.fit(values)
+            self.term_frequencies_[plugin.field] = plugin.term_frequencies(values)
         self._build_data_model()
         self.blocking_rules_, self.rules_ = [], []
         self.blocking_recall_ = self.candidate_recall_ = self.candidates_per_record_ = 0.0
@@ -276,9 +320,11 @@ class DuplicateModel:
         self.data_model_ = dedupe.datamodel.DataModel(variables)
         names = [variable.name for variable in self.data_model_.field_variables]
         missing = [f"{names[i]} present" for i in self.data_model_._missing_field_indices]
-        self.feature_names_ = names + missing
-        if len(self.feature_names_) != len(self.data_model_):
+        if len(names) + len(missing) != len(self.data_model_):
             raise ValueError("field plugins must use one-column dedupe variables")
+        # One term-frequency feature per field after dedupe's: the rarity of the value two records share.
+        frequency = [f"({plugin.field}: term frequency)" for plugin in self.plugins_]
+        self.feature_names_ = names + missing + frequency
 
     def _candidate_rules(self) -> list[BlockingRule]:
         singles = [(plugin.field, key) for plugin in self.plugins_ for key in plugin.blocking]
@@ -375,15 +421,18 @@ class DuplicateModel:
         lookalikes: tuple[np.ndarray, np.ndarray],
         normalised: dict[str, pd.Series],
         cluster: dict[str, str],
+        rejected: tuple[np.ndarray, np.ndarray],
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Chooses the labelled pairs, `max_labels` in all (dedupe's classifier gains little past that).
+        """Chooses the labelled pairs, `max_labels` in all (the classifier gains little past that).
 
         Positives: the known pairs, at most half the labels. Negatives, never merged:
+        * rejected: the pairs a clerk said are not duplicates (at most a quarter of the negatives), first;
         * look-alikes: candidate pairs of a wide blocking, the records a matcher actually weighs;
         * field agreements: pairs that agree on one field (the same amount, the same date) but are not
           the same registration, spread evenly over the fields, so no single agreeing field can make a
           match on its own;
-        * random pairs, so the easy majority is represented too.
+        * random pairs, so the easy majority is represented too;
+        * chance agreements (`_chance_agreements`, made by the caller): `label_counts_["chance_budget"]`.
         """
         pair_a, pair_b = known
         n = len(ids)
@@ -402,6 +451,8 @@ class DuplicateModel:
                 index = np.sort(rng.choice(index, size=size, replace=False))
             return a[index], b[index]
 
+        n_rejected = int(n_neg * REJECTED_SHARE)
+        reject_a, reject_b = rejected[0][:n_rejected], rejected[1][:n_rejected]
         look_a, look_b = sample(*lookalikes, int(n_neg * LOOKALIKE_SHARE))
         agree_a: list[np.ndarray] = []
         agree_b: list[np.ndarray] = []
@@ -416,20 +467,74 @@ class DuplicateModel:
             agree_a.append(a)
             agree_b.append(b)
         field_a, field_b = np.concatenate(agree_a), np.concatenate(agree_b)
-        n_random = n_neg - len(look_a) - len(field_a)
+        n_chance = int(n_neg * CHANCE_SHARE)
+        n_random = max(n_neg - len(reject_a) - len(look_a) - len(field_a) - n_chance, 0)
         rand_a, rand_b = sample(
             rng.integers(0, n, size=2 * n_random), rng.integers(0, n, size=2 * n_random), n_random
         )
         self.label_counts_ = {
             "positive": int(n_pos),
+            "rejected_negative": len(reject_a),
             "lookalike_negative": len(look_a),
             "field_agreement_negative": len(field_a),
             "random_negative": len(rand_a),
+            "chance_budget": n_chance,
         }
-        label_a = np.concatenate([pair_a[pick], look_a, field_a, rand_a])
-        label_b = np.concatenate([pair_b[pick], look_b, field_b, rand_b])
+        label_a = np.concatenate([pair_a[pick], reject_a, look_a, field_a, rand_a])
+        label_b = np.concatenate([pair_b[pick], reject_b, look_b, field_b, rand_b])
         labels = np.concatenate([np.ones(n_pos), np.zeros(len(label_a) - n_pos)]).astype(int)
         return label_a, label_b, labels
+
+    @staticmethod
+    def _rejected_positions(
+        rejected: list[tuple[str, str]], position: pd.Series, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Positions (later record first) of the pairs a clerk rejected, in a seeded random order."""
+        if not rejected:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        left = position[[a for a, _ in rejected]].to_numpy()
+        right = position[[b for _, b in rejected]].to_numpy()
+        order = rng.permutation(len(rejected))
+        return np.maximum(left, right)[order], np.minimum(left, right)[order]
+
+    def _chance_agreements(
+        self,
+        rng: np.random.Generator,
+        records: pd.DataFrame,
+        ids: np.ndarray,
+        cluster: dict[str, str],
+        matcher: Matcher,
+        rules: list[BlockingRule],
+        size: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Negatives a bigger register makes by chance: two unrelated records of which the second is given
+        the first's values in one to `CHANCE_MAX_FIELDS` fields, at most a quarter of them (an amount and a
+        date, a city and a name).
+
+        A history of a few thousand records rarely shows two customers' orders with the same amount on the
+        same day; a batch twenty times denser shows thousands. Without such pairs a classifier may learn
+        that two such fields agreeing make a duplicate whatever the customer. The made-up records are added
+        to `matcher`'s index (not to its blocks); returns (real position, made-up position) pairs.
+        """
+        fields = [plugin.field for plugin in self.plugins_]
+        if size <= 0 or not fields:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        n = len(records)
+        a, b = rng.integers(0, n, 2 * size), rng.integers(0, n, 2 * size)
+        roots = np.array([cluster.get(i, i) for i in ids], dtype=object)
+        keep = np.flatnonzero((a != b) & (roots[a] != roots[b]))[:size]
+        a, b = a[keep], b[keep]
+        made = records.iloc[b].reset_index(drop=True)
+        source = records.iloc[a].reset_index(drop=True)
+        # At most a quarter of the fields, so a made-up pair stays far from a re-registration with slips.
+        count = rng.integers(1, max(1, min(CHANCE_MAX_FIELDS, len(fields) // 4)) + 1, len(a))
+        rank = np.argsort(np.argsort(rng.random((len(a), len(fields))), axis=1), axis=1)
+        for column, field in enumerate(fields):
+            copy = rank[:, column] < count
+            made.loc[copy, field] = source.loc[copy, field].to_numpy()
+        made[self.config.id_column] = [f"\x00chance-{k}" for k in range(len(a))]
+        start = matcher._add(self._encode(made, rules=rules))
+        return a.astype(np.int64), start + np.arange(len(a), dtype=np.int64)
 
     def _fit_classifier(self, features: np.ndarray, labels: np.ndarray) -> None:
         """Logistic regression on standardised features, C chosen by stratified CV on log loss.
@@ -445,6 +550,7 @@ class DuplicateModel:
         direction = np.zeros(features.shape[1])
         signs = [sign for plugin in self.plugins_ for sign in plugin.directions()]
         direction[: len(signs)] = signs
+        direction[-len(self.plugins_) :] = 1  # a rarer agreement is more alike
         active = np.ones(features.shape[1], dtype=bool)
         self.c_ = self._choose_c(scaled, labels)
         while True:
@@ -485,6 +591,8 @@ class DuplicateModel:
         weight_by_field: dict[str, float] = {plugin.field: 0.0 for plugin in self.plugins_}
         for variable, weight in zip(self.data_model_.field_variables, self.weights_, strict=False):
             weight_by_field[variable.field] += abs(float(weight))
+        for plugin, weight in zip(self.plugins_, self.weights_[-len(self.plugins_) :], strict=True):
+            weight_by_field[plugin.field] += abs(float(weight))
         self.reason_order_ = sorted(weight_by_field, key=lambda f: -weight_by_field[f])
 
     def _check_fitted(self) -> None:
@@ -527,10 +635,30 @@ class DuplicateModel:
 
     # ------------------------------------------------------------------ scoring
 
-    def matcher(self, reference: pd.DataFrame | None) -> Matcher:
-        """A matcher whose index holds the reference records (oldest first); built once per batch."""
+    def matcher(self, reference: pd.DataFrame | None, *, refresh_frequencies: bool = False) -> Matcher:
+        """A matcher whose index holds the reference records (oldest first); built once per batch.
+
+        Exact agreements count by the term frequencies counted at `fit`; with `refresh_frequencies` they
+        are counted on the reference instead (as stored today: a customer added after training is known),
+        on the same rarity scale, so a reference ten times larger does not make agreements look rarer.
+        The Spark engine uses the fitted frequencies.
+        """
         self._check_fitted()
-        return Matcher(self, reference)
+        frequencies = None
+        if refresh_frequencies and reference is not None and len(reference):
+            frequencies = self.term_frequencies(reference)
+        return Matcher(self, reference, frequencies=frequencies)
+
+    def term_frequencies(self, records: pd.DataFrame) -> dict[str, TermFrequencies]:
+        """Each match field's term frequencies counted on `records`, on the fitted rarity scale."""
+        self._check_fitted()
+        self._check_columns(records, "reference")
+        tables = {}
+        for plugin in self.plugins_:
+            values = plugin.normalise(records[plugin.field].fillna(s.MISSING).astype(str))
+            scale = self.term_frequencies_[plugin.field].scale_total
+            tables[plugin.field] = plugin.term_frequencies(values, scale_total=scale)
+        return tables
 
     def candidate_scores(self, batch: pd.DataFrame, reference: pd.DataFrame | None) -> pd.DataFrame:
         """Every scored candidate pair: record_id, candidate_id, score (for curves and plots)."""
@@ -658,6 +786,7 @@ class DuplicateModel:
             ],
             "dedupe_variables": [variable.name for variable in self.data_model_.field_variables],
             "blocking_rules": self.blocking_rules_,
+            "term_frequencies": {field: tf.to_json() for field, tf in self.term_frequencies_.items()},
             "classifier": {
                 "features": self.feature_names_,
                 "weights": [float(w) for w in self.weights_],
@@ -709,6 +838,10 @@ class DuplicateModel:
             model.plugins_ = [
                 field_type(item["type"])(item["field"], **item["params"]) for item in settings["fields"]
             ]
+            model.term_frequencies_ = {
+                field: TermFrequencies.from_json(document)
+                for field, document in settings["term_frequencies"].items()
+            }
             model._build_data_model()
             classifier = settings["classifier"]
             if classifier["features"] != model.feature_names_:
@@ -756,9 +889,14 @@ class Matcher:
     """
 
     def __init__(
-        self, model: DuplicateModel, reference: pd.DataFrame | None, rules: list[BlockingRule] | None = None
+        self,
+        model: DuplicateModel,
+        reference: pd.DataFrame | None,
+        rules: list[BlockingRule] | None = None,
+        frequencies: dict[str, TermFrequencies] | None = None,
     ) -> None:
         self._model = model
+        self._frequencies = model.term_frequencies_ if frequencies is None else frequencies
         self._fields = [plugin.field for plugin in model.plugins_]
         self._ids: list[str] = []
         self._raw: list[tuple[str, ...]] = []
@@ -769,6 +907,7 @@ class Matcher:
         self._codes: dict[str, array] = {field: array("q") for field in self._fields}
         self._code_of: dict[str, dict[str, int]] = {field: {} for field in self._fields}
         self._values: dict[str, list[Any]] = {field: [] for field in self._fields}
+        self._rarity: dict[str, list[float]] = {field: [] for field in self._fields}  # per code
         self._times: list[float] = []
         self._blocks: list[dict[str, list[int]]] = [{} for _ in (model.rules_ if rules is None else rules)]
         self._position: dict[str, int] = {}
@@ -804,6 +943,7 @@ class Matcher:
         for field in self._fields:
             self._normalised[field].extend(encoded.normalised[field])
             code_of, values, codes = self._code_of[field], self._values[field], self._codes[field]
+            rarity, frequencies = self._rarity[field], self._frequencies.get(field)
             for value, parsed in zip(encoded.normalised[field], encoded.parsed[field], strict=True):
                 if parsed is None:
                     codes.append(-1)
@@ -812,6 +952,7 @@ class Matcher:
                 if code is None:
                     code = code_of[value] = len(values)
                     values.append(parsed)
+                    rarity.append(frequencies.rarity(value) if frequencies is not None else 1.0)
                 codes.append(code)
         self._times.extend(encoded.times)
         for offset, record_id in enumerate(encoded.ids):
@@ -887,7 +1028,15 @@ class Matcher:
                 compared = np.array([compare(x, y) for x, y in zip(xs, ys, strict=True)], dtype="f4")
                 column[present] = compared[inverse]
             distances[:, start] = column
-        return data_model._add_derived_distances(distances)
+        derived = data_model._add_derived_distances(distances)
+        agreement = np.zeros((n, len(self._fields)), dtype=derived.dtype)
+        for column, field in enumerate(self._fields):
+            codes = np.array(self._codes[field], dtype=np.int64)
+            code_left, code_right = codes[left], codes[right]
+            same = (code_left >= 0) & (code_left == code_right)
+            rarity = np.asarray(self._rarity[field], dtype=derived.dtype)
+            agreement[same, column] = rarity[code_left[same]]
+        return np.hstack([derived, agreement])
 
     def _score(self, chunk: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Scores the chunk's candidates and indexes the chunk. Returns the best candidate per row (index =
@@ -966,6 +1115,7 @@ class Matcher:
                 if code_of.get(value, -1) >= size:
                     del code_of[value]
             del self._values[field][size:], self._normalised[field][start:], self._codes[field][start:]
+            del self._rarity[field][size:]
         for record_id in self._ids[start:]:
             self._position.pop(record_id, None)
             self._cluster.pop(record_id, None)

@@ -16,7 +16,6 @@ log's old -> new pairs; the best candidate is suggested only when its probabilit
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 from collections import Counter
@@ -33,6 +32,8 @@ from threadpoolctl import ThreadpoolController
 
 from pipeline import detectors as d
 from pipeline import schema as s
+from pipeline.fields import date as date_type
+from pipeline.fields import number as number_type
 
 logger = logging.getLogger(__name__)
 
@@ -179,20 +180,20 @@ def _digit_swaps(value: str) -> list[str]:
 
 
 def _decimal_shifts(value: str, fp: d.FieldProfile) -> list[str]:
-    number = d.parse_number(value)
+    number = number_type.plain_number(value)
     if not math.isfinite(number) or number == 0:
         return []
-    return [d.format_number(number * 10.0**k, fp.decimals) for k in (-3, -2, -1, 1, 2, 3)]
+    return [number_type.write_number(number * 10.0**k, fp.decimals) for k in (-3, -2, -1, 1, 2, 3)]
 
 
 def _date_variants(value: str, fp: d.FieldProfile) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"date_swap": [], "date_year": [], "date_format": []}
     if not fp.date_format:
         return out
-    parsed = _strptime(value, fp.date_format)
+    parsed = date_type.read_date(value, fp.date_format)
     if parsed is None:
-        for fmt in d.DATE_FORMATS:
-            other = _strptime(value, fmt)
+        for fmt in date_type.DATE_FORMATS:
+            other = date_type.read_date(value, fmt)
             if other is not None:
                 out["date_format"].append(other.strftime(fp.date_format))
         return out
@@ -204,14 +205,6 @@ def _date_variants(value: str, fp: d.FieldProfile) -> dict[str, list[str]]:
         except ValueError:
             continue
     return out
-
-
-def _strptime(value: str, fmt: str) -> datetime.datetime | None:
-    """The date in `value` written as `fmt`, else None (one value: much cheaper than `pd.to_datetime`)."""
-    try:
-        return datetime.datetime.strptime(value.strip(), fmt)
-    except ValueError:
-        return None
 
 
 def _nearest(value: str, fp: d.FieldProfile, choices: list[str]) -> list[str]:
@@ -332,7 +325,7 @@ def candidate_features(
 
 
 def _abs_log_ratio(value: str, median: float) -> float:
-    number = d.parse_number(value) if value else math.nan
+    number = number_type.plain_number(value) if value else math.nan
     if not math.isfinite(number) or number <= 0 or not math.isfinite(median):
         return math.nan
     return abs(math.log10(number) - median)
@@ -341,7 +334,7 @@ def _abs_log_ratio(value: str, median: float) -> float:
 def _date_outside(value: str, fp: d.FieldProfile, entry: pd.Timestamp | None) -> float:
     if fp.kind != "date" or not fp.date_format or entry is None or pd.isna(entry):
         return math.nan
-    parsed = _strptime(value, fp.date_format)
+    parsed = date_type.read_date(value, fp.date_format)
     if parsed is None or not math.isfinite(fp.delta_low):
         return math.nan
     delta = (parsed - entry).total_seconds() / 86400.0

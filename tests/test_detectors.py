@@ -70,10 +70,8 @@ def _features(profile: d.Profile, rows: list[dict]) -> dict[str, pd.DataFrame]:
 def test_parsers() -> None:
     assert d.shape_of("1234 AB") == "9999 AA"
     assert d.coarse_shape("9999 AA") == "9 A"
-    assert d.parse_number("1.250,00") == 1250.0
-    assert d.parse_number("1,250.00") == 1250.0
-    assert math.isnan(d.parse_number("12 oz"))
-    assert d.extract_number("12.0 oz") == 12.0
+    assert d.leading_number("1.250,00") == 1250.0
+    assert d.leading_number("1,250.00") == 1250.0
     assert d.split_running_number("SO-2024-004711") == ("SO-2024-", 4711, 6)
     assert d.embedded_year("SO-2024-004711") == 2024
 
@@ -89,6 +87,42 @@ def test_checksums() -> None:
     assert d.email_valid("a.b@example.nl") is True
     assert d.email_valid("a.b@@example.nl") is False
     assert d.email_valid("no at sign") is None
+    assert d.isbn_valid("978-0-306-40615-7") is True and d.isbn_valid("0306406153") is False
+    assert d.luhn_valid("4111 1111 1111 1111") is True and d.luhn_valid("4111 1111 1111 1112") is False
+
+
+def test_a_checksum_is_adopted_only_when_the_stored_values_bear_it_out() -> None:
+    from stdnum import ean
+
+    rng = np.random.default_rng(0)
+    random_ids = pd.Series([f"{v:08d}" for v in rng.integers(10_000_000, 100_000_000, 300)])
+    bodies = [f"{v:012d}" for v in rng.integers(10**11, 10**12, 300)]
+    eans = pd.Series([b + ean.calc_check_digit(b) for b in bodies])
+    # Random 8-digit ids (a date of birth, a member number) have the shape of an EAN-8 and a BSN, but
+    # about 10% pass either check.
+    assert d.adopted_schemes(random_ids.value_counts()) == []
+    assert d.profile_field(random_ids, "code", "code", None).schemes == []
+    assert d.adopted_schemes(eans.value_counts()) == ["EAN"]
+    # 98% must pass: 3 invalid EANs in 100 are too many, 1 is not.
+    assert d.adopted_schemes(pd.concat([eans[:97], pd.Series(["4006381333932"] * 3)]).value_counts()) == []
+    assert d.adopted_schemes(pd.concat([eans[:99], pd.Series(["4006381333932"])]).value_counts()) == ["EAN"]
+    # Too few values are no evidence, and a date field never adopts one.
+    assert d.adopted_schemes(eans[:10].value_counts()) == []
+    dates = pd.Series([f"2024{m:02d}{day:02d}" for m in range(1, 13) for day in range(1, 28)])
+    assert d.profile_field(dates, "when", "date", None).schemes == []
+
+
+def test_one_number_parser_for_every_model(profile: d.Profile) -> None:
+    from pipeline.fields.number import NumberField, parse_number, plain_number
+
+    assert parse_number("€ 1.234,50") == plain_number("€ 1.234,50") == 1234.5
+    assert NumberField("amount").normalise(pd.Series(["€ 1.234,50"])).tolist() == ["1234.5"]
+    assert parse_number("12.0 oz.") == 12.0 and math.isnan(plain_number("12 oz"))
+    assert parse_number("0,0725") == 0.0725
+    row = _history(1).iloc[0].to_dict()
+    f = _features(profile, [{**row, "amount": "€ 1.234,50"}, {**row, "amount": "12 oz"}])["amount"]
+    assert f["number_unparsed"].tolist() == [0.0, 1.0]
+    assert f["number_log"].iloc[0] == pytest.approx(math.log10(1234.5))
 
 
 def test_profile_learns_dependencies_groups_and_formats(profile: d.Profile) -> None:
@@ -235,6 +269,25 @@ def test_unsupervised_score_from_checksums_and_dependencies(profile: d.Profile) 
     score = d.unsupervised_score(f[list(d.FEATURES)].to_numpy())
     assert score[0] == 0
     assert score[1] > 0.9  # postcode and customer code, ten records each, imply Amsterdam
+
+
+def test_unsupervised_score_ignores_weak_evidence() -> None:
+    """Two records alike are not near-certain evidence: without labels, nothing is flagged on them."""
+    frame = pd.DataFrame(
+        {
+            "record_id": [f"R{i}" for i in range(8)],
+            "postcode": ["1012AB", "1012AB", "3511CD", "3511CD", "2511EF", "2511EF", "3011GH", "3011GH"],
+            "city": ["A", "A", "U", "U", "D", "D", "R", "R"],
+        },
+        dtype=object,
+    )
+    config = _config(postcode="code", city="category")
+    weak = d.build_profile(frame, config)
+    assert ("postcode", "city") in {(dep.source, dep.target) for dep in weak.dependencies}
+    chunk = pd.DataFrame({"record_id": ["X"], "postcode": ["1012AB"], "city": ["U"]}, dtype=object)
+    f = d.cell_features(chunk, weak, config, ["city"])["city"]
+    assert f["dep_disagree"].iloc[0] == 1 and f["dep_certain_disagree"].iloc[0] == 0
+    assert d.unsupervised_score(f[list(d.FEATURES)].to_numpy())[0] == 0
     checksum = np.zeros((1, len(d.FEATURES)))
     checksum[0, d.FEATURES.index("checksum_invalid")] = 1
     assert d.unsupervised_score(checksum)[0] == pytest.approx(d.CHECKSUM_SCORE)

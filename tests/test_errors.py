@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -284,3 +285,103 @@ def test_assess_on_an_empty_chunk(demo: dict) -> None:
     scores, flags = demo["model"].assess(demo["batch"].head(0))
     assert scores.shape == (0, len(demo["config"].check_fields))
     assert flags.empty
+
+
+def _with_random_ids(config: Config, frame: pd.DataFrame, seed: int) -> tuple[Config, pd.DataFrame]:
+    """The config and records with an added `code` field of random 8-digit ids (EAN-8/BSN-shaped)."""
+    raw = config.model_dump()
+    raw["fields"] = {**raw["fields"], "code": {"type": "code"}}
+    rng = np.random.default_rng(seed)
+    out = frame.copy()
+    out["code"] = [f"{v:08d}" for v in rng.integers(10_000_000, 100_000_000, len(frame))]
+    return Config.model_validate(raw), out
+
+
+def test_a_merge_only_log_trains_and_flags_almost_nothing(demo: dict) -> None:
+    """A log of merges only: fit and calibrate run, and an error-free batch gets (almost) no error flags,
+    none on a field of random 8-digit ids (which must not adopt the EAN or BSN check)."""
+    config, stored = _with_random_ids(demo["config"], demo["stored"], 0)
+    log = load_log(demo["paths"].corrections)
+    merges = log[log[s.LOG_ACTION] == s.ACTION_MERGE]
+    labels = cell_labels(merges, stored[config.id_column])
+    assert labels.empty
+    model = ErrorModel(config, folds=3).fit(stored.iloc[:1200], labels, stored.iloc[:1200])
+    assert model.labelled_ is False and model.profile_.fields["code"].schemes == []
+    metrics = model.calibrate(stored.iloc[1200:], labels)  # no edits: nothing to choose, nothing fails
+    assert metrics["threshold"] == 0.5 and metrics["true_errors"] == 0
+    _, batch = _with_random_ids(demo["config"], _corrected(demo["batch"], demo["truth"]), 1)
+    flags = model.detect(batch)
+    assert len(flags) <= 0.01 * len(batch)
+    assert "code" not in set(flags["field"])
+
+
+def _corrected(batch: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """The batch with every wrong cell set to its true value: an error-free batch."""
+    out = batch.set_index("record_id")
+    edits = truth[truth[s.LOG_ACTION] == s.ACTION_EDIT]
+    cells = zip(edits[s.LOG_RECORD_ID], edits[s.LOG_FIELD], edits[s.LOG_NEW_VALUE], strict=True)
+    for record_id, name, value in cells:
+        out.loc[record_id, name] = value
+    return out.reset_index()
+
+
+def test_an_error_free_batch_gets_few_flags(demo: dict) -> None:
+    batch = _corrected(demo["batch"], demo["truth"])
+    assert len(demo["model"].detect(batch)) <= 0.02 * len(batch)
+
+
+def test_confirmed_cells_are_sure_negatives() -> None:
+    """A value a clerk confirmed counts as a sure negative: an identifier check it fails is dropped, and a
+    labelled model scores the confirmed cell lower than without the confirmation."""
+    from stdnum import ean
+
+    config = Config.model_validate(
+        {
+            "name": "t",
+            "fields": {"customer": {"type": "code"}, "name": {"type": "text"}, "gtin": {"type": "code"}},
+        }
+    )
+    people = [("K1", "bakker"), ("K2", "jansen"), ("K3", "de vries"), ("K4", "visser")]
+    bodies = [f"{8710000000000 + 7919 * i:012d}"[:12] for i in range(60)]
+    stored = pd.DataFrame(
+        {
+            "record_id": [f"R{i}" for i in range(60)],
+            "customer": [people[i % 4][0] for i in range(60)],
+            "name": [people[i % 4][1] for i in range(60)],
+            "gtin": [b + ean.calc_check_digit(b) for b in bodies],
+        }
+    )
+    stored.loc[59, "gtin"] = stored.loc[59, "gtin"][:-1] + str((int(stored.loc[59, "gtin"][-1]) + 1) % 10)
+    empty = pd.DataFrame(columns=[s.LOG_RECORD_ID, s.LOG_FIELD, s.LOG_OLD_VALUE, s.LOG_NEW_VALUE])
+    assert ErrorModel(config, folds=3).fit(stored, empty, stored).schemes_["gtin"] == ["EAN"]
+    sure = pd.DataFrame({s.LOG_RECORD_ID: ["R59"], s.LOG_FIELD: ["gtin"], "value": [stored.loc[59, "gtin"]]})
+    confirmed = ErrorModel(config, folds=3).fit(stored, empty, stored, confirmed=sure)
+    assert confirmed.schemes_["gtin"] == [] and confirmed.confirmed_cells_ == 1
+    assert confirmed.cell_scores(stored.tail(1))["gtin"].iloc[0] == 0
+
+    entered = stored.copy()
+    typos = {
+        "R1": "jxnsen",
+        "R5": "jaxsen",
+        "R9": "jansxn",
+        "R13": "janxen",
+        "R17": "jxnsen",
+        "R21": "jansex",
+    }
+    for record_id, value in typos.items():
+        entered.loc[entered["record_id"] == record_id, "name"] = value
+    entered.loc[entered["record_id"] == "R25", "name"] = stored.loc[25, "name"] = "jxnsen"  # really so
+    labels = pd.DataFrame(
+        {
+            s.LOG_RECORD_ID: list(typos),
+            s.LOG_FIELD: "name",
+            s.LOG_OLD_VALUE: list(typos.values()),
+            s.LOG_NEW_VALUE: "jansen",
+        }
+    )
+    clerk = pd.DataFrame({s.LOG_RECORD_ID: ["R25"], s.LOG_FIELD: ["name"], "value": ["jxnsen"]})
+    row = entered[entered["record_id"] == "R25"]
+    plain = ErrorModel(config, folds=3, threshold=0.5).fit(entered, labels, stored)
+    taught = ErrorModel(config, folds=3, threshold=0.5).fit(entered, labels, stored, confirmed=clerk)
+    assert taught.confirmed_cells_ == 1
+    assert taught.cell_scores(row)["name"].iloc[0] < plain.cell_scores(row)["name"].iloc[0]

@@ -10,6 +10,7 @@ that state is plain JSON (`params`), so a saved model never needs a pickle.
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -78,10 +79,15 @@ class FieldType(ABC):
         """The JSON-serialisable state learned by `fit`; `type(self)(field, **params)` rebuilds the plugin."""
         return {}
 
+    def term_frequencies(self, normalised: pd.Series, scale_total: int | None = None) -> TermFrequencies:
+        """How common each normalised value is (see `TermFrequencies`): what an exact agreement on it is
+        worth. Counted on the values as normalised, so "C-1001" and "c 1001" are one value."""
+        return TermFrequencies.count(normalised, scale_total)
+
     @property
     def label(self) -> str:
         """The field's name as a clerk reads it: `customer_name` -> `customer name`."""
-        return self.field.replace("_", " ").strip()
+        return field_label(self.field)
 
     @abstractmethod
     def normalise(self, values: pd.Series) -> pd.Series:
@@ -125,6 +131,77 @@ class FieldType(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.field!r})"
+
+
+def field_label(name: str) -> str:
+    """A field's name as a clerk reads it, in every reason the product writes: `customer_name` ->
+    `customer name`."""
+    return name.replace("_", " ").strip()
+
+
+@dataclass(frozen=True)
+class TermFrequencies:
+    """How often each value of a field occurs among stored records: the u-probability of an exact match.
+
+    Two records agreeing on a value that a tenth of the register shares (a busy customer's name, a usual
+    amount) is weak evidence that they are one registration; agreeing on a value seen once is strong.
+    `rarity` turns a value's share into that strength on a fixed scale, 0 (every record has it) to 1 (at
+    most one in `scale_total`, the size of the records the model learned from), so the same value scores
+    the same against a reference ten times larger. Values seen once are not stored (they count as 1).
+
+    >>> tf = TermFrequencies.count(pd.Series(["a"] * 50 + ["b"] * 49 + ["c"]))
+    >>> round(tf.rarity("a"), 2), round(tf.rarity("c"), 2), tf.rarity("never seen")
+    (0.15, 1.0, 1.0)
+    """
+
+    total: int
+    counts: dict[str, int]
+    scale_total: int
+
+    @classmethod
+    def count(
+        cls, normalised: pd.Series, scale_total: int | None = None, max_values: int = 20_000
+    ) -> TermFrequencies:
+        """Counts the present values; `scale_total` (default: their number) fixes the rarity scale."""
+        present = normalised[normalised != MISSING]
+        counts = present.value_counts()
+        counts = counts[counts >= 2].iloc[:max_values]
+        total = max(len(present), 1)
+        return cls(total, {str(k): int(v) for k, v in counts.items()}, int(scale_total or total))
+
+    def rarity(self, value: str) -> float:
+        share = self.counts.get(value, 1) / self.total
+        scale = math.log(max(self.scale_total, 2))
+        return min(-math.log(share), scale) / scale
+
+    def to_json(self) -> dict[str, Any]:
+        return {"total": self.total, "scale_total": self.scale_total, "counts": self.counts}
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> TermFrequencies:
+        return cls(
+            int(document["total"]),
+            {str(k): int(v) for k, v in document["counts"].items()},
+            int(document["scale_total"]),
+        )
+
+
+def beyond(distance: Callable[[Any, Any], float], cut: float, name: str) -> Callable[[Any, Any], float]:
+    """A graded comparison level as a comparator: 1.0 when `distance(a, b)` exceeds `cut`, else 0.0 (NaN
+    stays NaN, i.e. missing). Several cuts of one distance let the linear classifier learn its shape: a
+    few days apart is a slip, weeks apart is another order. `name` names the comparator in the saved model.
+
+    >>> more_than_two = beyond(lambda a, b: abs(a - b), 2, "more_than_two")
+    >>> more_than_two(1, 2), more_than_two(1, 9), more_than_two.__name__
+    (0.0, 1.0, 'more_than_two')
+    """
+
+    def compare(a: Any, b: Any) -> float:
+        value = distance(a, b)
+        return value if value != value else float(value > cut)
+
+    compare.__name__ = compare.__qualname__ = name
+    return compare
 
 
 def simple_text(values: pd.Series) -> pd.Series:

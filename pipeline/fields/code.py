@@ -13,7 +13,7 @@ import dedupe
 import pandas as pd
 from rapidfuzz.distance import OSA, Levenshtein
 
-from pipeline.fields.base import BlockingKey, Difference, FieldType, map_unique
+from pipeline.fields.base import BlockingKey, Difference, FieldType, beyond, map_unique
 from pipeline.schema import MISSING
 
 MAX_EDITS = 3
@@ -26,6 +26,10 @@ def code_distance(a: str, b: str) -> float:
     (1, 1, 3)
     """
     return min(OSA.distance(a, b), MAX_EDITS)
+
+
+two_or_more_slips = beyond(code_distance, 1, "two_or_more_slips")
+three_or_more_slips = beyond(code_distance, 2, "three_or_more_slips")
 
 
 def is_transposition(a: str, b: str) -> bool:
@@ -52,6 +56,8 @@ class CodeField(FieldType):
         return [
             dedupe.variables.Exact(self.field, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=code_distance, has_missing=True),
+            dedupe.variables.Custom(self.field, comparator=two_or_more_slips, has_missing=True),
+            dedupe.variables.Custom(self.field, comparator=three_or_more_slips, has_missing=True),
         ]
 
     def keys(self, normalised: pd.Series) -> dict[str, pd.Series]:

@@ -17,7 +17,7 @@ import dedupe
 import pandas as pd
 from rapidfuzz.distance import OSA
 
-from pipeline.fields.base import BlockingKey, Difference, FieldType, map_unique
+from pipeline.fields.base import BlockingKey, Difference, FieldType, beyond, map_unique
 from pipeline.schema import MISSING
 
 MAX_DAYS = 3650
@@ -60,6 +60,53 @@ def canonical_date(text: str) -> str:
         return f"{year:04d}{month:02d}{day:02d}"
 
 
+# The formats the error detectors learn a field's usual way of writing dates from (`best_date_format`).
+DATE_FORMATS: tuple[str, ...] = (
+    "%Y-%m-%d",
+    "%d-%m-%Y",
+    "%d/%m/%Y",
+    "%m/%d/%Y",
+    "%Y/%m/%d",
+    "%d.%m.%Y",
+    "%Y%m%d",
+    "%d-%m-%y",
+    "%d/%m/%y",
+    "%m/%d/%y",
+)
+FORMAT_SHARE = 0.3
+
+
+def read_date(text: str, fmt: str) -> dt.datetime | None:
+    """The date in `text` written as `fmt` (a `DATE_FORMATS` entry), else None.
+
+    >>> read_date("05-03-2024", "%d-%m-%Y").date(), read_date("2024-03-05", "%d-%m-%Y")
+    (datetime.date(2024, 3, 5), None)
+    """
+    try:
+        return dt.datetime.strptime(text.strip(), fmt)
+    except ValueError:
+        return None
+
+
+def parse_dates(values: pd.Series, fmt: str) -> pd.Series:
+    """Vectorised `read_date`: the dates written as `fmt` (NaT where a value does not fit it)."""
+    return pd.to_datetime(values.replace(MISSING, None), format=fmt, errors="coerce")
+
+
+def best_date_format(values: pd.Series) -> str | None:
+    """The `DATE_FORMATS` entry that reads most of the field's filled values (at least `FORMAT_SHARE`)."""
+    filled = values[values != MISSING]
+    if filled.empty:
+        return None
+    sample = filled.iloc[:2000]
+    best, best_share = None, 0.0
+    for fmt in DATE_FORMATS:
+        share = parse_dates(sample, fmt).notna().mean()
+        if share > best_share + 1e-9:
+            best, best_share = fmt, share
+    return best if best_share > FORMAT_SHARE else None
+
+
 def parse_date(normalised: str) -> DateValue | None:
     if normalised == MISSING:
         return None
@@ -84,6 +131,18 @@ def days_apart(a: DateValue, b: DateValue) -> float:
         return math.nan
     days = 1 if _swapped(a, b) and a.ordinal != b.ordinal else abs(a.ordinal - b.ordinal)
     return math.log1p(min(days, MAX_DAYS)) / math.log1p(MAX_DAYS)
+
+
+def days_between(a: DateValue, b: DateValue) -> float:
+    """Days between two calendar dates (day and month swapped counts as one), NaN when either is not one."""
+    if a.ordinal is None or b.ordinal is None:
+        return math.nan
+    return float(1 if _swapped(a, b) and a.ordinal != b.ordinal else abs(a.ordinal - b.ordinal))
+
+
+# Graded levels: a re-registration keeps its date or slips a few days; weeks or years apart is another order.
+DAY_LEVELS: tuple[int, ...] = (3, 10, 31, 365)
+_DAY_LEVEL_COMPARATORS = tuple(beyond(days_between, n, f"more_than_{n}_days_apart") for n in DAY_LEVELS)
 
 
 def digit_slips(a: DateValue, b: DateValue) -> float:
@@ -114,6 +173,10 @@ class DateField(FieldType):
             dedupe.variables.Exact(self.field, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=days_apart, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=digit_slips, has_missing=True),
+            *(
+                dedupe.variables.Custom(self.field, comparator=level, has_missing=True)
+                for level in _DAY_LEVEL_COMPARATORS
+            ),
         ]
 
     def keys(self, normalised: pd.Series) -> dict[str, pd.Series]:

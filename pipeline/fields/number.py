@@ -15,10 +15,9 @@ import dedupe
 import pandas as pd
 from rapidfuzz.distance import OSA
 
-from pipeline.fields.base import BlockingKey, Difference, FieldType, map_unique
+from pipeline.fields.base import BlockingKey, Difference, FieldType, beyond, map_unique
 from pipeline.schema import MISSING
 
-_NOT_NUMERIC = re.compile(r"[^0-9,.\-]")
 MAX_DIGIT_EDITS = 3
 
 
@@ -29,30 +28,106 @@ class NumberValue(NamedTuple):
     text: str
 
 
+class NumberReading(NamedTuple):
+    """A number as read from what a clerk typed: its value (None when there is none) and the text before
+    and after it, with spaces and currency marks removed (`"12.0 oz."` -> 12.0, `""`, `"oz."`)."""
+
+    value: float | None
+    before: str
+    after: str
+
+    @property
+    def plain(self) -> bool:
+        """Only a number (and perhaps a currency mark): `"€ 1.234,50"` is plain, `"12 oz"` is not."""
+        return self.value is not None and not self.before and not self.after
+
+
+_NUMBER = re.compile(r"(?:(?<![\w.,])(?P<sign>[-+])\s*)?(?P<digits>\d(?:[\d.,]*\d)?)")
+_CURRENCY = re.compile(r"[€$£¥]|\b(?:EUR|USD|GBP)\b", re.IGNORECASE)
+_PLAIN_DECIMAL = re.compile(r"^[+-]?\d+([.,]\d+)?$")
+
+
+def _from_digits(digits: str) -> float | None:
+    """Digits with `.` and `,` in either decimal convention: the last separator of two kinds is the decimal
+    one; a lone `,` is decimal unless three digits follow it (`1,234`); repeated ones group thousands."""
+    if "," in digits and "." in digits:
+        decimal = "," if digits.rfind(",") > digits.rfind(".") else "."
+        if digits.count(decimal) > 1:
+            return None
+        digits = digits.replace("." if decimal == "," else ",", "").replace(decimal, ".")
+    elif "," in digits:
+        single = digits.count(",") == 1 and len(digits) - digits.find(",") - 1 != 3
+        digits = digits.replace(",", ".") if single else digits.replace(",", "")
+    elif digits.count(".") > 1:
+        digits = digits.replace(".", "")
+    try:
+        value = float(digits)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def read_number(text: str) -> NumberReading:
+    """The first number in a text and what surrounds it; the one number parser of the product (the
+    duplicate model, the error detectors, suggestions and the anomaly score all read numbers with it).
+
+    >>> read_number("€ 1.234,50"), read_number("12.0 oz.").after, read_number("0,0725").value
+    (NumberReading(value=1234.5, before='', after=''), 'oz.', 0.0725)
+    """
+    found = _NUMBER.search(text)
+    if found is None:
+        return NumberReading(None, _CURRENCY.sub("", text).strip(), "")
+    value = _from_digits(found["digits"])
+    before = _CURRENCY.sub("", text[: found.start()]).strip()
+    negative = found["sign"] == "-"
+    if before in ("-", "+") and not found["sign"]:  # "-€ 12"
+        negative, before = before == "-", ""
+    if value is not None and negative:
+        value = -value
+    return NumberReading(value, before, _CURRENCY.sub("", text[found.end() :]).strip())
+
+
 def parse_number(text: str) -> float | None:
-    """A number from text in either decimal convention, or None.
+    """The number in a text in either decimal convention, whatever unit or note surrounds it, or None.
 
     >>> parse_number("€ 1.234,50"), parse_number("1,234.50"), parse_number("12,5"), parse_number("abc")
     (1234.5, 1234.5, 12.5, None)
     """
-    cleaned = _NOT_NUMERIC.sub("", text)
-    negative = cleaned.startswith("-")
-    cleaned = cleaned.replace("-", "")
-    if "," in cleaned and "." in cleaned:
-        decimal = "," if cleaned.rfind(",") > cleaned.rfind(".") else "."
-        thousands = "." if decimal == "," else ","
-        cleaned = cleaned.replace(thousands, "").replace(decimal, ".")
-    elif cleaned.count(",") == 1 and len(cleaned) - cleaned.find(",") - 1 in (1, 2):
-        cleaned = cleaned.replace(",", ".")
-    elif "," in cleaned or cleaned.count(".") > 1:
-        cleaned = cleaned.replace(",", "") if "," in cleaned else cleaned.replace(".", "")
-    try:
-        value = float(cleaned)
-    except ValueError:
+    return read_number(text).value
+
+
+def plain_number(text: str) -> float:
+    """The value of a text that is only a number (`"€ 1.234,50"` -> 1234.5), else NaN (`"12 oz"`): how the
+    error detectors read a number field, where a unit or note the field does not write is itself a sign.
+
+    >>> plain_number("€ 1.234,50"), plain_number("12 oz")
+    (1234.5, nan)
+    """
+    reading = read_number(text)
+    return reading.value if reading.plain else math.nan
+
+
+def decimals_written(text: str) -> int | None:
+    """Digits after the decimal separator of a plain number as written (`"1250.00"` -> 2, `"12,5"` -> 1,
+    `"7"` -> 0); None when the text is not a plain decimal number."""
+    t = text.strip()
+    if not _PLAIN_DECIMAL.match(t):
         return None
+    for sep in (".", ","):
+        if sep in t:
+            return len(t.rsplit(sep, 1)[1])
+    return 0
+
+
+def write_number(value: float, decimals: int | None = None) -> str:
+    """A number as text: with `decimals` fixed places (`1250.00`), else in the shortest form (`12`, `19.2`,
+    float noise such as `0.07200000000000001` rounded away); `""` for NaN or infinity."""
     if not math.isfinite(value):
-        return None
-    return -value if negative else value
+        return ""
+    if decimals:
+        return f"{value:.{decimals}f}"
+    clean = float(f"{value:.10g}")
+    return str(int(clean)) if clean.is_integer() and abs(clean) < 1e15 else repr(clean)
 
 
 def _canonical(text: str) -> str:
@@ -71,6 +146,11 @@ def relative_difference(x: NumberValue, y: NumberValue) -> float:
     a, b = x.value, y.value
     scale = max(abs(a), abs(b))
     return 0.0 if scale == 0 else min(abs(a - b) / scale, 1.0)
+
+
+# Graded levels of the relative difference: a rounding or a slip, or another amount altogether.
+more_than_1pct_apart = beyond(relative_difference, 0.01, "more_than_1pct_apart")
+more_than_10pct_apart = beyond(relative_difference, 0.1, "more_than_10pct_apart")
 
 
 def decimal_slip(x: NumberValue, y: NumberValue) -> float:
@@ -122,10 +202,12 @@ class NumberField(FieldType):
             dedupe.variables.Custom(self.field, comparator=relative_difference, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=decimal_slip, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=digit_slips, has_missing=True),
+            dedupe.variables.Custom(self.field, comparator=more_than_1pct_apart, has_missing=True),
+            dedupe.variables.Custom(self.field, comparator=more_than_10pct_apart, has_missing=True),
         ]
 
     def directions(self) -> list[int]:
-        return [1, -1, 1, -1]
+        return [1, -1, 1, -1, -1, -1]
 
     def keys(self, normalised: pd.Series) -> dict[str, pd.Series]:
         present = normalised != MISSING
