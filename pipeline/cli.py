@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", type=int, default=4000)
     p.add_argument("--batch", type=int, default=800)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--repeat-share",
+        type=float,
+        default=0.0,
+        help="share of orders that repeat an earlier amount of the same customer (standing orders)",
+    )
 
     p = sub.add_parser("demo", parents=[common], help="generate, train, score and show where the results are")
     p.add_argument("--data", type=Path, default=DEMO_DATA)
@@ -325,7 +331,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pipeline.generate import generate
 
     paths = generate(
-        args.out, customers=args.customers, history=args.history, batch=args.batch, seed=args.seed
+        args.out,
+        customers=args.customers,
+        history=args.history,
+        batch=args.batch,
+        seed=args.seed,
+        repeat_share=args.repeat_share,
     )
     _out(f"wrote demo data to {args.out}/: {', '.join(Path(p).name for p in vars(paths).values())}")
     return EXIT_OK

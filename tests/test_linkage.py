@@ -307,7 +307,8 @@ STANDING_AMOUNT = "250.00"
 def register(orders: int, *, seed: int = 0, start: int = 0) -> tuple[pd.DataFrame, set[frozenset[str]]]:
     """Orders of 60 customers, two of them busy (half the orders) and reordering a standing amount, with
     about one re-registration per twelve orders (same amount, the same date or a day or two later, the old
-    or a new order number, often a typo in the name), entered a day later. `start` shifts ids, numbers and dates for a later period."""
+    or a new order number, often a typo in the name), entered a day later. `start` shifts ids, numbers and
+    dates, for a later period."""
     rng = np.random.default_rng(seed)
     customers = [
         (f"C-{10000 + 37 * k}", f"{FIRST[k % 12]} {LAST[k // 6 % 10]} {k}", CITIES[k % 6]) for k in range(60)
