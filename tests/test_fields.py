@@ -156,3 +156,29 @@ def test_category_compares_exactly_and_learns_how_many_values_it_has() -> None:
     assert len(many.variables()) == 2
     assert many.describe("amsterdam", "amsterdm").text == "is spelt differently"
     assert plugin.keys(values)["value"].tolist() == ["amsterdam", "amsterdam", "utrecht", ""]
+
+
+def test_one_number_and_date_parser_serve_every_model() -> None:
+    """The plugins are the only parsers: the detectors, suggestions and anomaly score read through them."""
+    from pipeline import anomalies, detectors, suggest
+    from pipeline.fields import date as date_type
+    from pipeline.fields import number as number_type
+    from pipeline.fields.base import field_label
+
+    reading = number_type.read_number("€ 1.234,50")
+    assert reading.plain and reading.value == 1234.5 == parse_number("€ 1.234,50")
+    assert number_type.plain_number("€ 1.234,50") == 1234.5
+    assert number_type.read_number("12.0 oz.") == number_type.NumberReading(12.0, "", "oz.")
+    assert parse_number("0,0725") == 0.0725 and parse_number("1,234") == 1234.0
+    assert math.isnan(number_type.plain_number("12 oz")) and parse_number("n/a") is None
+    assert number_type.decimals_written("1250.00") == 2 and number_type.decimals_written("12 oz") is None
+    assert (
+        number_type.write_number(1250.5, 2) == "1250.50"
+        and number_type.write_number(0.07200000000000001) == "0.072"
+    )
+    assert date_type.read_date("05-03-2024", "%d-%m-%Y").isoformat()[:10] == "2024-03-05"
+    assert date_type.best_date_format(pd.Series(["05-03-2024", "17-03-2024", ""])) == "%d-%m-%Y"
+    for module in (detectors, suggest, anomalies):
+        assert not hasattr(module, "parse_number") and not hasattr(module, "_strptime")
+    assert detectors.parse_dates is date_type.parse_dates
+    assert field_label("customer_code") == field_type("code")("customer_code").label == "customer code"
