@@ -84,10 +84,14 @@ logger = logging.getLogger("febrl")
 # --------------------------------------------------------------------------------------------- the split
 
 
-def prepare(data: Path, dataset: str, *, history_share: float, seed: int) -> Path:
+def prepare(
+    data: Path, dataset: str, *, history_share: float, seed: int, merges_in_latest: float = 1.0
+) -> Path:
     """Writes the contract's files for one data set into `data/dataset/` and returns that folder:
     records.csv (the history), corrections.csv (its merges), batch.csv, config.yaml, and split.csv (every
-    record's entry order, part, source and entity, for the baselines and the figures)."""
+    record's entry order, part, source and entity, for the baselines and the figures). With
+    `merges_in_latest` < 1 the log holds only the merges of records entered in that latest share of the
+    history (a department that started logging recently)."""
     frame = pd.read_csv(data / f"{dataset}.csv", dtype=str, keep_default_na=False)
     rng = np.random.default_rng(seed)
     n_history = round(history_share * len(frame))
@@ -126,6 +130,11 @@ def prepare(data: Path, dataset: str, *, history_share: float, seed: int) -> Pat
             merges.append((rec_id, first[entity]))
         else:
             first[entity] = rec_id
+
+    if merges_in_latest < 1.0:
+        position = dict(zip(ordered["rec_id"], ordered["order"], strict=True))
+        cut = (1.0 - merges_in_latest) * len(history)
+        merges = [(rec_id, kept) for rec_id, kept in merges if position[rec_id] >= cut]
 
     work = data / dataset
     work.mkdir(parents=True, exist_ok=True)
@@ -338,6 +347,12 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--history", type=float, default=0.65, help="share of records in the history")
+    parser.add_argument(
+        "--merges-in-latest",
+        type=float,
+        default=1.0,
+        help="log only the merges of records in this latest share of the history (e.g. 0.2)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit-gb", type=float, default=MEMORY_LIMIT_GB, help="address-space cap per run")
     parser.add_argument("--ours", type=Path, help=argparse.SUPPRESS)  # child: run ours in this work folder
@@ -357,7 +372,13 @@ def main() -> None:
         )
     rows: list[dict] = []
     for dataset in args.datasets:
-        work = prepare(args.data, dataset, history_share=args.history, seed=args.seed)
+        work = prepare(
+            args.data,
+            dataset,
+            history_share=args.history,
+            seed=args.seed,
+            merges_in_latest=args.merges_in_latest,
+        )
         for system in args.systems:
             if system == "ours":
                 command = [sys.executable, "benchmarks/febrl.py", "--ours", str(work)]
@@ -380,7 +401,8 @@ def main() -> None:
                 logger.info("%s %s: F1 %.4f", dataset, output, row["f1"])
     print(table(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"febrl-seed{args.seed}"
+    latest = "" if args.merges_in_latest >= 1.0 else f"-merges{args.merges_in_latest:g}"
+    stem = RESULTS / f"febrl-seed{args.seed}{latest}"
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str), encoding="utf-8")
     stem.with_suffix(".md").write_text(table(rows) + "\n", encoding="utf-8")
 

@@ -657,7 +657,8 @@ def _new_orders(
 
 def _repeat_amounts(rng: np.random.Generator, new: _Orders, earlier: _Orders, share: float) -> None:
     """Gives `share` of the `new` orders the amount and VAT rate of a random earlier order of the same
-    customer entered at least `REPEAT_MIN_DAYS` before (when there is one): a standing order. In place.
+    customer entered at least `REPEAT_MIN_DAYS` before (when there is one, and the customer has not ordered
+    that amount within `REPEAT_MIN_DAYS`): a standing order. In place.
 
     Orders are handled in entry order, so an order repeated from a repeat carries the amount it was given.
     """
@@ -675,13 +676,20 @@ def _repeat_amounts(rng: np.random.Generator, new: _Orders, earlier: _Orders, sh
     group_start = np.searchsorted(sorted_keys, customer * span, side="left")
     cutoff = entered - REPEAT_MIN_DAYS * 24 * 60
     available = np.searchsorted(sorted_keys, customer * span + cutoff, side="right") - group_start
-    for row in np.flatnonzero(repeat).tolist():
-        count = int(available[offset + row])
-        if count <= 0:
-            continue
-        source = int(order[group_start[offset + row] + int(pick[row] * count)])
-        cents[offset + row] = cents[source]
-        vat[offset + row] = vat[source]
+    # A standing order recurs: a customer orders one amount at most once per REPEAT_MIN_DAYS.
+    gap = REPEAT_MIN_DAYS * 24 * 60
+    last_used: dict[tuple[int, int], int] = {}
+    for row in range(offset):
+        last_used[(int(customer[row]), int(cents[row]))] = int(entered[row])
+    for row in range(n):
+        at = offset + row
+        count = int(available[at])
+        if repeat[row] and count > 0:
+            source = int(order[group_start[at] + int(pick[row] * count)])
+            if int(entered[at]) - last_used.get((int(customer[at]), int(cents[source])), -gap) >= gap:
+                cents[at] = cents[source]
+                vat[at] = vat[source]
+        last_used[(int(customer[at]), int(cents[at]))] = int(entered[at])
     new.cents[:] = cents[offset:]
     new.vat[:] = vat[offset:]
 
