@@ -73,6 +73,7 @@ def build_summary(
         },
         "input": {"path": str(input_path), "rows": rows, "sha256": input_digest},
         "id_column": config.id_column,
+        "time_column": config.time_column,
         "reference_path": str(reference_path) if reference_path is not None else None,
         "reference_rows": reference_rows,
         "flags": {"total": int(len(flags)), **kinds},

@@ -105,6 +105,8 @@ class ReviewFolder:
             "folder": str(self.folder),
             "model": self.summary.get("model", {}),
             "columns": self.columns,
+            # Always different between two registrations, so never marked as a difference.
+            "unmarked": [self.summary.get("id_column"), self.summary.get("time_column")],
             "reference": str(self.reference) if self.reference else None,
             "minutes_per_correction": basis.get("minutes_per_correction", 4.0),
             "cost_per_hour": basis.get("cost_per_hour"),

@@ -22,6 +22,7 @@ async function load() {
   const data = await response.json();
   state.flags = data.flags;
   state.columns = data.columns;
+  state.unmarked = new Set(data.unmarked || []);
   state.basis = { minutes: data.minutes_per_correction, cost: data.cost_per_hour };
   const model = data.model || {};
   $("model").textContent = model.name ? `model ${model.name} version ${model.version || "?"}` : "";
@@ -81,7 +82,7 @@ function recordTable(flag) {
     const row = el("tr", {}, el("th", {}, column), el("td", {}, a[column] ?? ""));
     if (flag.kind === "duplicate") {
       row.append(el("td", {}, b ? b[column] ?? "" : ""));
-      if (b && (a[column] ?? "") !== (b[column] ?? "")) row.classList.add("differs");
+      if (b && !state.unmarked.has(column) && (a[column] ?? "") !== (b[column] ?? "")) row.classList.add("differs");
     }
     if (flag.kind === "error" && column === flag.field) row.classList.add("flagged");
     table.append(row);
