@@ -107,15 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", parents=[common], help="open the MLflow UI on the tracking store")
     p.add_argument("--port", type=int, default=5000)
 
-    p = sub.add_parser("serve", parents=[common], help="check records as they are typed (an HTTP service)")
-    p.add_argument("--model", required=True, help="models:/NAME@champion (followed as it moves) or as score")
-    p.add_argument("--reference", type=Path, help="records to find duplicates against (e.g. the history)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8780)
-    p.add_argument("--poll-seconds", type=float, default=30.0, help="how often to look for a moved alias")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger bodies are refused (413)")
-    p.add_argument("--max-records", type=int, default=1000, help="records per request at most (413)")
-
     p = sub.add_parser(
         "check-output",
         parents=[common],
@@ -127,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delimiter", help="the input's CSV separator (default: detected)")
     p.add_argument("--encoding", help="the input's text encoding (default: detected)")
     p.add_argument("--sheet", help="the input's .xlsx sheet (default: the first)")
+
+    p = sub.add_parser("serve", parents=[common], help="check records as they are typed (an HTTP service)")
+    p.add_argument("--model", required=True, help="models:/NAME@champion (followed as it moves) or as score")
+    p.add_argument("--reference", type=Path, help="records to find duplicates against (e.g. the history)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8780)
+    p.add_argument("--poll-seconds", type=float, default=30.0, help="how often to look for a moved alias")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger bodies are refused (413)")
+    p.add_argument("--max-records", type=int, default=1000, help="records per request at most (413)")
 
     p = sub.add_parser("review", parents=[common], help="serve the review page for a score output folder")
     p.add_argument("dir", type=Path, help="the score output folder (decisions go to DIR/decisions.csv)")
@@ -203,12 +203,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_training(result: Any, run: Any, seconds: float) -> None:
     m = result.bundle.metrics
-    sizes = result.split.sizes()
-    _out(
-        f"trained {run.name} in {seconds:.1f} s on {sizes['train']} records; "
-        f"thresholds on {sizes['validation']}; evaluated on the latest {sizes['test']} (time split)"
-    )
-    _out(f"{'held-out (test)':<22}{'precision':>10}{'recall':>10}{'F1':>10}{'AP':>10}")
+    plan = result.plan
+    counts = plan.counts
+    if plan.scheme == "holdout":
+        sizes = plan.split.sizes()
+        _out(
+            f"trained {run.name} in {seconds:.1f} s; evaluated by time: fitted on {sizes['train']} records "
+            f"({counts['cells_train']} corrected cells, {counts['merges_train']} merges), thresholds on "
+            f"{sizes['validation']} ({counts['cells_validation']}, {counts['merges_validation']}), tested on "
+            f"the latest {sizes['test']} ({counts['cells_test']}, {counts['merges_test']}); "
+            f"the registered model is refitted on all {result.sizes['records']}"
+        )
+        heading = "held-out (test)"
+    else:
+        _out(
+            f"trained {run.name} in {seconds:.1f} s; too few labels for a held-out period "
+            f"({counts['cells']} corrected cells, {counts['merges']} merges): evaluated by "
+            f"{counts['folds']}-fold cross-validation grouped by record and merge cluster, thresholds out "
+            f"of fold; the registered model is fitted on all {result.sizes['records']} records"
+        )
+        heading = "cross-validated"
+    _out(f"{heading:<22}{'precision':>10}{'recall':>10}{'F1':>10}{'AP':>10}")
     for label, key in (
         ("duplicates", "duplicate"),
         ("error detection", "error"),
@@ -507,8 +522,8 @@ COMMANDS = {
     "generate": cmd_generate,
     "demo": cmd_demo,
     "ui": cmd_ui,
-    "serve": cmd_serve,
     "check-output": cmd_check_output,
+    "serve": cmd_serve,
     "review": cmd_review,
     "feedback": cmd_feedback,
 }

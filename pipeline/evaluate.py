@@ -7,10 +7,9 @@ corrected. Staff did not find every error, so precision on history is a lower bo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -51,18 +50,169 @@ def entry_order(records: pd.DataFrame, config: Config, *, source: str = "records
     return np.argsort(stamps.to_numpy(), kind="stable")
 
 
-def time_split(records: pd.DataFrame, config: Config, *, source: str = "records") -> Split:
-    """Splits the history by entry time: train (oldest), validation (thresholds), test (latest)."""
+# Below these counts of labelled events in the validation or the test period, a held-out period says too
+# little: thresholds are chosen out of fold and the figures come from cross-validation instead.
+MIN_HELDOUT_CELLS = 30
+MIN_HELDOUT_MERGES = 15
+MIN_TRAIN_RECORDS = 10
+MAX_FOLDS = 5
+
+Scheme = Literal["holdout", "cross-validation"]
+
+
+@dataclass(frozen=True)
+class LabelEvents:
+    """When each labelled event happened, as a position in entry order (0 = first entered record).
+
+    An edited cell is an event at its record; a merge cluster is an event at each member after the first
+    entered (the re-registrations). Confirmations are not events: they label no error.
+    """
+
+    cells: np.ndarray  # entry rank of each labelled cell's record
+    merges: np.ndarray  # entry rank of each re-registration
+    cell_groups: np.ndarray  # per record (by position in the history): 1 when it has a labelled cell
+    cluster_of: np.ndarray  # per record: its merge cluster's number, -1 outside any cluster
+
+    def counts(self) -> dict[str, int]:
+        return {"labelled_cells": len(self.cells), "merges": len(self.merges)}
+
+
+def label_events(records: pd.DataFrame, log: pd.DataFrame, config: Config, order: np.ndarray) -> LabelEvents:
+    """The labelled events of the log against the history, placed in entry order (see `LabelEvents`)."""
+    from pipeline.corrections import cell_labels, duplicate_clusters, merges
+
+    ids = records[config.id_column].reset_index(drop=True)
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    position = pd.Series(np.arange(len(ids)), index=ids.to_numpy())
+    labels = cell_labels(log, ids)
+    labels = labels[labels[s.LOG_FIELD].isin(config.check_fields)]
+    cell_positions = position.reindex(labels[s.LOG_RECORD_ID].to_numpy()).dropna().to_numpy(dtype=np.int64)
+    has_cell = np.zeros(len(ids), dtype=np.int8)
+    has_cell[cell_positions] = 1
+    cluster_of = np.full(len(ids), -1, dtype=np.int64)
+    members: dict[str, list[int]] = {}
+    for record_id, root in duplicate_clusters(merges(log)).items():
+        where = position.get(record_id)
+        if where is not None:
+            members.setdefault(root, []).append(int(where))
+    merge_ranks: list[int] = []
+    for number, group in enumerate(members.values()):
+        if len(group) < 2:
+            continue
+        cluster_of[group] = number
+        merge_ranks.extend(sorted(rank[group])[1:])
+    return LabelEvents(
+        cells=np.sort(rank[cell_positions]),
+        merges=np.sort(np.asarray(merge_ranks, dtype=np.int64)),
+        cell_groups=has_cell,
+        cluster_of=cluster_of,
+    )
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """How a training run measures itself: a held-out split by time, or cross-validation folds."""
+
+    scheme: Scheme
+    split: Split  # holdout: the three periods; cross-validation: everything in `train`
+    folds: np.ndarray | None  # cross-validation: the fold of each record (by position in the history)
+    counts: dict[str, int]  # labelled events per part, for the log and MLflow
+
+    @property
+    def n_folds(self) -> int:
+        return 0 if self.folds is None else int(self.folds.max()) + 1
+
+
+def _cut_for(events: list[np.ndarray], share: float, n: int) -> int:
+    """The highest entry rank `cut` such that, averaged over the tasks that have events, at least `share`
+    of each task's events are at rank >= cut. `events` hold sorted ranks."""
+    present = [e for e in events if len(e)]
+    candidates = np.unique(np.concatenate(present))
+    after = np.mean([1 - np.searchsorted(e, candidates, side="left") / len(e) for e in present], axis=0)
+    ok = np.flatnonzero(after >= share - 1e-12)  # the share after a cut only falls as the cut rises
+    return min(int(candidates[ok[-1]]) if len(ok) else 0, n)
+
+
+def plan_evaluation(
+    records: pd.DataFrame, log: pd.DataFrame, config: Config, *, source: str = "records"
+) -> EvaluationPlan:
+    """Decides how training evaluates, from where and how many the labels are.
+
+    The history is split by entry time *inside the period the log covers*, sized by labelled events
+    (edited cells and re-registrations), not rows: the test period holds the latest `config.split.test`
+    share of each task's events, validation the `config.split.validation` share before it, and training
+    everything earlier (the unlabelled past included). When validation or test would hold fewer than
+    MIN_HELDOUT_CELLS labelled cells (for a log with edits) or MIN_HELDOUT_MERGES merges (for a log with
+    merges), a held-out period says too little: the plan is grouped cross-validation instead, with every
+    labelled record, and every merge cluster, inside one fold.
+    """
+    from pipeline.exceptions import TrainingDataError
+
     order = entry_order(records, config, source=source)
     n = len(order)
-    n_test = max(1, math.floor(n * config.split.test))
-    n_validation = max(1, math.floor(n * config.split.validation))
-    if n - n_test - n_validation < 10:
-        from pipeline.exceptions import TrainingDataError
+    events = label_events(records, log, config, order)
+    tasks = [events.cells, events.merges]
+    if not any(len(e) for e in tasks):
+        raise TrainingDataError(
+            f"{source}: the corrections log holds no edit of a configured field and no merge of two "
+            "records in this history; the models have nothing to learn from"
+        )
+    cut_test = _cut_for(tasks, config.split.test, n)
+    cut_val = _cut_for(tasks, config.split.test + config.split.validation, n)
+    cut_val = min(cut_val, cut_test)
+    split = Split(train=order[:cut_val], validation=order[cut_val:cut_test], test=order[cut_test:])
 
-        raise TrainingDataError(f"{source}: {n} records are too few to train and hold out; need at least 40")
-    cut_val, cut_test = n - n_test - n_validation, n - n_test
-    return Split(train=order[:cut_val], validation=order[cut_val:cut_test], test=order[cut_test:])
+    def part(e: np.ndarray, lo: int, hi: int) -> int:
+        return int(np.count_nonzero((e >= lo) & (e < hi)))
+
+    counts = {
+        f"{name}_{period}": part(e, lo, hi)
+        for name, e in (("cells", events.cells), ("merges", events.merges))
+        for period, lo, hi in (
+            ("train", 0, cut_val),
+            ("validation", cut_val, cut_test),
+            ("test", cut_test, n),
+        )
+    }
+    enough = (
+        len(split.train) >= MIN_TRAIN_RECORDS
+        and len(split.validation) > 0
+        and len(split.test) > 0
+        and (
+            not len(events.cells)
+            or min(counts["cells_validation"], counts["cells_test"]) >= MIN_HELDOUT_CELLS
+        )
+        and (
+            not len(events.merges)
+            or min(counts["merges_validation"], counts["merges_test"]) >= MIN_HELDOUT_MERGES
+        )
+    )
+    if enough:
+        return EvaluationPlan("holdout", split, None, counts)
+    folds = group_folds(events, seed=config.seed)
+    counts = {"cells": len(events.cells), "merges": len(events.merges), "folds": int(folds.max()) + 1}
+    return EvaluationPlan("cross-validation", Split(order, order[:0], order[:0]), folds, counts)
+
+
+def group_folds(events: LabelEvents, *, seed: int = 0, max_folds: int = MAX_FOLDS) -> np.ndarray:
+    """A fold number per record: merge clusters and labelled records are groups kept whole, spread over
+    the folds in turn (shuffled), so each fold holds a like share of the labels; other records are dealt
+    out at random."""
+    n = len(events.cluster_of)
+    rng = np.random.default_rng(seed)
+    labelled = np.flatnonzero((events.cell_groups == 1) | (events.cluster_of >= 0))
+    keys = np.where(events.cluster_of[labelled] >= 0, events.cluster_of[labelled], -1 - labelled)
+    groups = np.unique(keys)
+    k = int(np.clip(len(groups), 2, max_folds))
+    folds = rng.integers(0, k, size=n)
+    # Clusters first, then labelled records; each list dealt round-robin after a shuffle.
+    clusters = rng.permutation(groups[groups >= 0])
+    singles = rng.permutation(groups[groups < 0])
+    fold_of_group = {int(g): i % k for i, g in enumerate(clusters)}
+    fold_of_group.update({int(g): (len(clusters) + i) % k for i, g in enumerate(singles)})
+    folds[labelled] = [fold_of_group[int(g)] for g in keys]
+    return folds
 
 
 def link_truth(batch_ids: pd.Series, reference_ids: pd.Series, clusters: dict[str, str]) -> dict[str, str]:
@@ -187,6 +337,41 @@ def evaluate_scored(
         per_field=per_field,
         duplicate_curve=(dup_scores, dup_labels),
         error_curve=(err_scores, err_labels),
+    )
+
+
+def combine_evaluations(parts: list[Evaluation], config: Config, *, prefix: str = "test") -> Evaluation:
+    """One evaluation from the folds of a cross-validation: counts are added up and the figures computed
+    again from them (micro-averaged), the curves pooled."""
+    total: dict[str, float] = {}
+    for part in parts:
+        for key, value in part.metrics.items():
+            if key.endswith(("_tp", "_fp", "_fn", "_rows", "_minutes_saved", "_anomaly_flags")):
+                total[key] = total.get(key, 0.0) + value
+    hits = sum(p.metrics[f"{prefix}_anomaly_precision"] * p.metrics[f"{prefix}_anomaly_flags"] for p in parts)
+    metrics = dict(total)
+    for kind in (s.KIND_DUPLICATE, s.KIND_ERROR, "correction"):
+        figures = prf(*(int(total.get(f"{prefix}_{kind}_{c}", 0)) for c in ("tp", "fp", "fn")))
+        metrics.update({f"{prefix}_{kind}_{key}": float(value) for key, value in figures.items()})
+    flags = total.get(f"{prefix}_anomaly_flags", 0.0)
+    metrics[f"{prefix}_anomaly_precision"] = hits / flags if flags else 0.0
+    curves = {}
+    for name in ("duplicate_curve", "error_curve"):
+        scores = np.concatenate([getattr(p, name)[0] for p in parts])
+        labels = np.concatenate([getattr(p, name)[1] for p in parts])
+        curves[name] = (scores, labels)
+    metrics[f"{prefix}_duplicate_average_precision"] = average_precision(*curves["duplicate_curve"])
+    metrics[f"{prefix}_error_average_precision"] = average_precision(*curves["error_curve"])
+    summed = pd.concat([p.per_field for p in parts]).groupby("field", sort=False)[["tp", "fp", "fn"]].sum()
+    rows = [{"field": name, **prf(*map(int, summed.loc[name]))} for name in summed.index]
+    for row in rows:
+        for key in ("precision", "recall", "f1"):
+            metrics[f"{prefix}_error_{key}_{row['field']}"] = float(row[key])
+    return Evaluation(
+        metrics=metrics,
+        per_field=pd.DataFrame(rows),
+        duplicate_curve=curves["duplicate_curve"],
+        error_curve=curves["error_curve"],
     )
 
 

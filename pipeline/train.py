@@ -1,16 +1,18 @@
 """Training: from the history and its corrections log to a fitted, evaluated model bundle.
 
-The history is split by entry time. The models learn from the oldest part (as entered, with its log as
-labels), choose their thresholds on the next part, and are measured on the latest part exactly as the
-batch job would score it: as entered, against everything before it as stored. The figures therefore say
-what a clerk would have seen had the model run then.
+Two steps. First the *procedure* is measured (`pipeline.evaluate.plan_evaluation` decides how): with
+enough labels, the models learn from the older part of the period the log covers, choose their thresholds
+on the next part, and are measured on the latest part exactly as the batch job would score it (as entered,
+against everything before it as stored); with few labels, by grouped cross-validation, thresholds chosen
+out of fold. Then the registered model is refitted on the *whole* history with the chosen thresholds, so it
+knows every customer and every correction; the figures describe that procedure.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +26,42 @@ from pipeline.config import Config
 from pipeline.corrections import (
     ReplayStats,
     cell_labels,
+    confirmed_cells,
     duplicate_clusters,
     duplicate_pairs,
     load_log,
     merges,
+    rejected_pairs,
     replay_backwards,
 )
 from pipeline.errors import ErrorModel
-from pipeline.evaluate import Evaluation, Split, evaluate_bundle, link_truth, time_split
+from pipeline.evaluate import (
+    Evaluation,
+    EvaluationPlan,
+    combine_evaluations,
+    evaluate_bundle,
+    evaluate_scored,
+    link_truth,
+    plan_evaluation,
+)
 from pipeline.exceptions import TrainingDataError
-from pipeline.ingest import ReadOptions, check_unique_ids, file_digest, read_table, require_columns
+from pipeline.feedback import realised_value
+from pipeline.ingest import check_unique_ids, file_digest, read_table, require_columns
 from pipeline.linkage import DuplicateModel
+from pipeline.metrics import choose_threshold
+from pipeline.score import ChunkResult, score_chunk
 
 logger = logging.getLogger(__name__)
+
+# A cross-validation fold is replayed in this many runs in entry order (see `_replay_fold`).
+CV_WINDOWS = 10
 
 
 @dataclass
 class TrainingResult:
     bundle: ModelBundle
     evaluation: Evaluation
-    split: Split
+    plan: EvaluationPlan
     replay: ReplayStats
     params: dict[str, Any]
     durations: dict[str, float]
@@ -51,87 +69,84 @@ class TrainingResult:
     sizes: dict[str, int]
 
 
+@dataclass(frozen=True)
+class Thresholds:
+    """What the evaluation chose, handed to the final fit (None: the model chooses its own)."""
+
+    duplicate: float | None = None
+    label_frequency: float | None = None
+    error: float | None = None
+    suggest: float | None = None
+
+
+@dataclass
+class _History:
+    """The history three ways: as stored, as entered (log replayed backwards), and its log."""
+
+    stored: pd.DataFrame
+    entered: pd.DataFrame
+    log: pd.DataFrame
+    config: Config
+    ids: pd.Series = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ids = self.stored[self.config.id_column]
+
+
 def load_history(config: Config, records_path: Path, log_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Reads and checks the history and its log against the config (which may say how to read them)."""
-    options = ReadOptions.from_config(config)
-    records = read_table(records_path, options=options)
+    """Reads and checks the history and its log against the config."""
+    records = read_table(records_path)
     require_columns(records, config.required_columns(), source=records_path, what="named in the config")
     check_unique_ids(records[config.id_column], source=records_path, id_column=config.id_column)
-    log = load_log(log_path, options=options)
+    log = load_log(log_path)
     return records.reset_index(drop=True), log
 
 
 def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
-    """Fits the duplicate, error and anomaly models and evaluates them on the latest history."""
+    """Measures the training procedure on held-out history, then fits the registered model on all of it."""
     timer = _Timer()
     stored, log = load_history(config, Path(records_path), Path(log_path))
+    actions = log[s.LOG_ACTION]
+    if not ((actions == s.ACTION_EDIT) | (actions == s.ACTION_MERGE)).any():
+        raise TrainingDataError(
+            f"{log_path}: the corrections log holds neither an edit nor a merge; "
+            "the models have nothing to learn from"
+        )
     entered, replay = replay_backwards(stored, log, id_column=config.id_column)
-    split = time_split(stored, config, source=str(records_path))
-    ids = stored[config.id_column]
+    history = _History(stored=stored, entered=entered, log=log, config=config)
+    plan = plan_evaluation(stored, log, config, source=str(records_path))
+    logger.info("evaluation: %s on %s", plan.scheme, plan.counts)
     timer.lap("load")
 
-    train_ids = ids.iloc[split.train]
-    log_train = _log_for(log, set(train_ids))
-    labels_train = cell_labels(log_train, train_ids)
-    pairs_train = duplicate_pairs(merges(log_train))
-    if not len(labels_train) and not pairs_train:
-        raise TrainingDataError(
-            f"{log_path}: no edits or merges touch the training period; the models have nothing to learn from"
-        )
+    everything = np.concatenate([plan.split.train, plan.split.validation, plan.split.test])
+    if plan.scheme == "holdout":
+        evaluation, holdout, thresholds, extra = _evaluate_holdout(history, plan)
+        timer.lap("evaluate")
+        logger.info("fitting the registered model on all %d records", len(stored))
+        bundle = _fit_bundle(history, everything, thresholds)
+        timer.lap("fit")
+    else:
+        # The final model first: its error thresholds, chosen out of fold inside the fit, serve the folds.
+        logger.info("fitting the registered model on all %d records", len(stored))
+        bundle = _fit_bundle(history, everything, Thresholds())
+        timer.lap("fit")
+        evaluation, holdout, thresholds, extra = _evaluate_cross_validation(history, plan, bundle)
+        bundle.duplicates.threshold_ = thresholds.duplicate or bundle.duplicates.threshold_
+        timer.lap("evaluate")
+    bundle.holdout = holdout
 
-    # Thresholds are chosen on the validation period, scored against the training period as stored.
-    val_ids = ids.iloc[split.validation]
-    log_val = _log_for(log, set(train_ids) | set(val_ids))
-    clusters_val = duplicate_clusters(merges(log_val))
-
-    duplicates = DuplicateModel(config, seed=config.seed).fit(entered.iloc[split.train], pairs_train)
-    duplicate_calibration = duplicates.calibrate(
-        entered.iloc[split.validation],
-        stored.iloc[split.train],
-        link_truth(val_ids, train_ids, clusters_val),
-        clusters=clusters_val,
-    )
-    timer.lap("fit_duplicates")
-
-    errors = ErrorModel(config, seed=config.seed).fit(
-        entered.iloc[split.train], labels_train, stored.iloc[split.train]
-    )
-    error_calibration = errors.calibrate(entered.iloc[split.validation], cell_labels(log_val, val_ids))
-    timer.lap("fit_errors")
-
-    anomalies = AnomalyModel(config, quantile=config.anomaly_quantile, seed=config.seed).fit(
-        stored.iloc[split.train]
-    )
-    timer.lap("fit_anomalies")
-
-    before_test = np.concatenate([split.train, split.validation])
-    holdout = Holdout(
-        batch=entered.iloc[split.test].reset_index(drop=True),
-        reference=stored.iloc[before_test].reset_index(drop=True),
-        log=log.reset_index(drop=True),
-    )
-    bundle = ModelBundle(
-        config=config, duplicates=duplicates, errors=errors, anomalies=anomalies, holdout=holdout
-    )
-    evaluation = evaluate_bundle(bundle, holdout, prefix="test")
-    timer.lap("evaluate")
-    bundle.metrics = dict(evaluation.metrics)
-    for prefix, figures in (
-        ("validation_duplicate", duplicate_calibration),
-        ("validation_error", error_calibration),
-    ):
-        for key, value in figures.items():
-            if isinstance(value, int | float):
-                bundle.metrics[f"{prefix}_{key}"] = float(value)
-
+    bundle.metrics = {**evaluation.metrics, **extra}
+    bundle.metrics.update({f"evaluation_{key}": float(value) for key, value in plan.counts.items()})
+    bundle.metrics.update(realised_value(log, config))  # what the reviews in this log delivered
+    labels_all = cell_labels(log, history.ids)
     sizes = {
         "records": len(stored),
         "log_rows": len(log),
         "edits": replay.edits_applied,
         "merges": replay.merges,
-        **{f"{part}_records": n for part, n in split.sizes().items()},
-        "train_cell_labels": len(labels_train),
-        "train_duplicate_pairs": len(pairs_train),
+        **{f"{part}_records": n for part, n in plan.split.sizes().items()},
+        "cell_labels": len(labels_all),
+        "duplicate_pairs": len(duplicate_pairs(merges(log))),
     }
     params = {
         **_flatten("config", config.model_dump(mode="json", exclude={"fields"})),
@@ -141,20 +156,208 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
             + ("" if spec.check else ",nocheck")
             for name, spec in config.fields.items()
         },
-        **_flatten("duplicates", _model_params(duplicates)),
-        **_flatten("errors", _model_params(errors)),
-        **_flatten("anomalies", _model_params(anomalies)),
+        "evaluation.scheme": plan.scheme,
+        **_flatten("duplicates", _model_params(bundle.duplicates)),
+        **_flatten("errors", _model_params(bundle.errors)),
+        **_flatten("anomalies", _model_params(bundle.anomalies)),
     }
     return TrainingResult(
         bundle=bundle,
         evaluation=evaluation,
-        split=split,
+        plan=plan,
         replay=replay,
         params=params,
         durations=timer.laps,
         digests={"records_sha256": file_digest(records_path), "log_sha256": file_digest(log_path)},
         sizes=sizes,
     )
+
+
+def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds) -> ModelBundle:
+    """Fits the three models on the records at `positions` (in entry order) and their log rows."""
+    config = history.config
+    ids = history.ids.iloc[positions]
+    log = _log_for(history.log, set(ids))
+    labels = cell_labels(log, ids)
+    pairs = duplicate_pairs(merges(log))
+    entered = history.entered.iloc[positions]
+    stored = history.stored.iloc[positions]
+    # Review decisions: pairs a clerk rejected, and cells she confirmed, are known negatives.
+    non_pairs, confirmed = rejected_pairs(log), confirmed_cells(log)
+    duplicates = DuplicateModel(config, seed=config.seed).fit(
+        entered, pairs, **({"non_pairs": non_pairs} if non_pairs else {})
+    )
+    if thresholds.duplicate is not None:
+        duplicates.threshold_ = thresholds.duplicate
+        if thresholds.label_frequency is not None:
+            duplicates.label_frequency_ = thresholds.label_frequency
+    errors = ErrorModel(
+        config, seed=config.seed, threshold=thresholds.error, suggest_threshold=thresholds.suggest
+    ).fit(entered, labels, stored, **({"confirmed": confirmed} if len(confirmed) else {}))
+    anomalies = AnomalyModel(config, quantile=config.anomaly_quantile, seed=config.seed).fit(stored)
+    return ModelBundle(config=config, duplicates=duplicates, errors=errors, anomalies=anomalies)
+
+
+def _evaluate_holdout(
+    history: _History, plan: EvaluationPlan
+) -> tuple[Evaluation, Holdout, Thresholds, dict[str, float]]:
+    """Fits on the training period, chooses thresholds on validation, measures the test period."""
+    split = plan.split
+    logger.info(
+        "holdout: fitting on %d records, thresholds on %d, testing on %d",
+        len(split.train),
+        len(split.validation),
+        len(split.test),
+    )
+    bundle = _fit_bundle(history, split.train, Thresholds())
+    train_ids, val_ids = history.ids.iloc[split.train], history.ids.iloc[split.validation]
+    log_val = _log_for(history.log, set(train_ids) | set(val_ids))
+    clusters_val = duplicate_clusters(merges(log_val))
+    extra: dict[str, float] = {}
+    if bundle.duplicates.label_counts_.get("positive", 0) and clusters_val:
+        figures = bundle.duplicates.calibrate(
+            history.entered.iloc[split.validation],
+            history.stored.iloc[split.train],
+            link_truth(val_ids, train_ids, clusters_val),
+            clusters=clusters_val,
+        )
+        extra.update(_numbers("validation_duplicate", figures))
+    val_labels = cell_labels(log_val, val_ids)
+    if bundle.errors.labelled_ and len(val_labels):
+        figures = bundle.errors.calibrate(history.entered.iloc[split.validation], val_labels)
+        extra.update(_numbers("validation_error", figures))
+    before_test = np.concatenate([split.train, split.validation])
+    holdout = Holdout(
+        batch=history.entered.iloc[split.test].reset_index(drop=True),
+        reference=history.stored.iloc[before_test].reset_index(drop=True),
+        log=history.log.reset_index(drop=True),
+    )
+    logger.info("holdout: scoring the test period as the batch job would")
+    evaluation = evaluate_bundle(bundle, holdout, prefix="test")
+    thresholds = Thresholds(
+        duplicate=bundle.duplicates.threshold_,
+        label_frequency=getattr(bundle.duplicates, "label_frequency_", None),
+        error=bundle.errors.threshold_,
+        suggest=bundle.errors.suggest_threshold_,
+    )
+    return evaluation, holdout, thresholds, extra
+
+
+def _evaluate_cross_validation(
+    history: _History, plan: EvaluationPlan, final: ModelBundle
+) -> tuple[Evaluation, Holdout, Thresholds, dict[str, float]]:
+    """Grouped k-fold: each fold is scored, as the batch job would, by models fitted on the others.
+
+    A fold is replayed in entry order (`_replay_fold`), so its records are compared only with records
+    entered before them, as in production. The duplicate threshold of fold k is chosen on the other folds'
+    best candidate scores, so no fold's figures saw its own labels; the final threshold is chosen on all of
+    them. The error thresholds are the `final` model's, chosen inside its fit on out-of-fold predictions of
+    the whole history (one number each; re-choosing them inside every fold would double the cost).
+    """
+    assert plan.folds is not None
+    config = history.config
+    order = plan.split.train  # every record, in entry order
+    fold_of = plan.folds[order]
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    clusters = duplicate_clusters(merges(history.log))
+    log = history.log.reset_index(drop=True)
+    folds = []
+    for k in range(plan.n_folds):
+        inside, outside = order[fold_of == k], order[fold_of != k]
+        logger.info("cross-validation: fold %d of %d (%d records held out)", k + 1, plan.n_folds, len(inside))
+        fixed = Thresholds(error=final.errors.threshold_, suggest=final.errors.suggest_threshold_)
+        bundle = _fit_bundle(history, outside, fixed)
+        best = _replay_fold(history, bundle, inside, outside, rank=rank, threshold=0.0)
+        batch_ids = history.ids.iloc[inside]
+        truth = link_truth(batch_ids, history.ids.iloc[outside], clusters)
+        roots = {**clusters, **truth}
+        candidates = best[s.DUPLICATE_OF].to_numpy(dtype=object)
+        correct = np.array(
+            [r in truth and roots.get(c, c) == truth[r] for r, c in zip(batch_ids, candidates, strict=True)],
+            dtype=bool,
+        )
+        scored = candidates != s.MISSING
+        score = best[s.DUPLICATE_SCORE].to_numpy(dtype=float)
+        folds.append((bundle, inside, outside, score[scored], correct[scored], len(truth)))
+
+    def threshold(skip: int | None) -> float | None:
+        chosen = [fold for j, fold in enumerate(folds) if j != skip]
+        choice = choose_threshold(
+            np.concatenate([fold[3] for fold in chosen]),
+            np.concatenate([fold[4] for fold in chosen]),
+            placement="middle",
+            n_positive=sum(fold[5] for fold in chosen),
+        )
+        return choice.threshold if choice.chosen else None
+
+    evaluations = []
+    for k, (bundle, inside, outside, *_rest) in enumerate(folds):
+        result = _replay_fold(history, bundle, inside, outside, rank=rank, threshold=threshold(k), full=True)
+        evaluations.append(
+            evaluate_scored(
+                config=config,
+                batch=history.entered.iloc[inside].reset_index(drop=True),
+                reference_ids=history.ids.iloc[outside],
+                log=log,
+                columns=result.columns,
+                flags=result.flags,
+                cell_scores=result.cell_scores,
+                prefix="test",
+            )
+        )
+    evaluation = combine_evaluations(evaluations, config, prefix="test")
+    holdout = Holdout(
+        batch=history.entered.iloc[order].reset_index(drop=True),
+        reference=history.stored.iloc[:0].reset_index(drop=True),
+        log=log,
+    )
+    return evaluation, holdout, Thresholds(duplicate=threshold(None)), {}
+
+
+def _replay_fold(
+    history: _History,
+    bundle: ModelBundle,
+    inside: np.ndarray,
+    outside: np.ndarray,
+    *,
+    rank: np.ndarray,
+    threshold: float | None,
+    full: bool = False,
+    windows: int = CV_WINDOWS,
+) -> Any:
+    """Scores a fold's records (`inside`, as entered, in entry order) in up to `windows` runs; before each
+    run the matcher's index receives the other folds' records (as stored) entered before it, so a record
+    is compared with what was there when it was typed, as in production. `rank` is each record's place in
+    entry order. `threshold` (None: the model's own) is the duplicate threshold; `full` scores everything
+    (`score_chunk` results), else only duplicates (the matcher's links: every best candidate when
+    `threshold` is 0)."""
+    if threshold is not None:
+        bundle.duplicates.threshold_ = threshold
+    batch = history.entered.iloc[inside].reset_index(drop=True)
+    runs = [run for run in np.array_split(np.arange(len(inside)), min(windows, len(inside))) if len(run)]
+    starts = [int(rank[inside[run[0]]]) for run in runs]
+    outside_rank = rank[outside]
+    matcher = bundle.duplicates.matcher(history.stored.iloc[outside[outside_rank < starts[0]]])
+    results = []
+    for j, run in enumerate(runs):
+        if j:
+            between = outside[(outside_rank >= starts[j - 1]) & (outside_rank < starts[j])]
+            if len(between):
+                matcher.match(history.stored.iloc[between])
+        chunk = batch.iloc[run]
+        results.append(score_chunk(chunk, bundle, matcher) if full else matcher.match(chunk))
+    if not full:
+        return pd.concat(results)
+    return ChunkResult(
+        columns=pd.concat([r.columns for r in results]),
+        flags=pd.concat([r.flags for r in results], ignore_index=True),
+        cell_scores=pd.concat([r.cell_scores for r in results]),
+    )
+
+
+def _numbers(prefix: str, figures: dict[str, Any]) -> dict[str, float]:
+    return {f"{prefix}_{k}": float(v) for k, v in figures.items() if isinstance(v, int | float)}
 
 
 def _log_for(log: pd.DataFrame, ids: set[str]) -> pd.DataFrame:

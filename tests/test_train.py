@@ -1,0 +1,147 @@
+"""Every shape of log trains and scores: one train-and-score test per shape (issue: any department's log).
+
+Each test builds its log from one small generated world, runs `train` as the CLI does (without the
+tracking store) and scores the world's batch with the result, checking the contract's outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline import schema as s
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.score import run_batch
+from pipeline.train import train
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    from pipeline.generate import generate
+
+    return generate(tmp_path_factory.mktemp("world"), customers=50, history=600, batch=80, seed=21)
+
+
+def _log(world) -> pd.DataFrame:
+    return pd.read_csv(world.corrections, dtype=str, keep_default_na=False)
+
+
+def _write(frame: pd.DataFrame, path: Path) -> Path:
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _train_and_score(world, tmp_path: Path, log: pd.DataFrame, *, config: Path | None = None):
+    config_path = config or world.config
+    cfg = load_config(config_path)
+    log_path = _write(log, tmp_path / "log.csv")
+    result = train(cfg, world.records, log_path)
+    summary = run_batch(result.bundle, world.batch, tmp_path / "out", reference_path=world.records)
+    with open(tmp_path / "out" / s.RECORDS_FILE, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    with open(world.batch, newline="", encoding="utf-8") as fh:
+        batch_ids = [row[cfg.id_column] for row in csv.DictReader(fh)]
+    assert [row[cfg.id_column] for row in rows] == batch_ids  # every input row once, in order
+    flags = pd.read_csv(tmp_path / "out" / s.FLAGS_FILE, dtype=str, keep_default_na=False)
+    return result, summary, flags
+
+
+def test_edits_only(world, tmp_path: Path) -> None:
+    log = _log(world)
+    result, _, flags = _train_and_score(world, tmp_path, log[log["action"] == "edit"])
+    assert result.plan.counts.get("merges", result.plan.counts.get("merges_train")) == 0
+    assert not (flags["kind"] == "duplicate").any()  # nothing learnt about duplicates: none flagged
+    assert (flags["kind"] == "error").any()
+    assert result.bundle.metrics["test_error_tp"] > 0
+
+
+def test_merges_only(world, tmp_path: Path) -> None:
+    log = _log(world)
+    result, _, flags = _train_and_score(world, tmp_path, log[log["action"] == "merge"])
+    assert result.bundle.metrics["test_duplicate_tp"] > 0
+    assert (flags["kind"] == "duplicate").any()
+    # the log taught no errors: the error model flags only near-certain ones
+    assert (flags["kind"] == "error").sum() <= 0.05 * 80
+
+
+def test_confirms_mixed_in_and_any_order(world, tmp_path: Path) -> None:
+    log = _log(world)
+    confirms = pd.DataFrame(
+        {
+            "record_id": log["record_id"].iloc[:20].to_numpy(),
+            "action": "confirm",
+            "field": "",
+            "old_value": "",
+            "new_value": "",
+            "merged_into": "",
+            "corrected_at": log["corrected_at"].iloc[:20].to_numpy(),
+        }
+    )
+    shuffled = pd.concat([log, confirms], ignore_index=True).sample(frac=1.0, random_state=3)
+    in_order, _, flags_in_order = _train_and_score(world, tmp_path / "a", log)
+    mixed, _, flags_mixed = _train_and_score(world, tmp_path / "b", shuffled)
+    assert mixed.plan.scheme == in_order.plan.scheme
+    assert mixed.plan.counts == in_order.plan.counts  # confirms are no labelled events; order is irrelevant
+    assert len(flags_mixed) == pytest.approx(len(flags_in_order), abs=3)
+
+
+def test_no_time_column(world, tmp_path: Path) -> None:
+    raw = yaml.safe_load(Path(world.config).read_text(encoding="utf-8"))
+    raw.pop("time_column")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    result, _, flags = _train_and_score(world, tmp_path, _log(world), config=config)
+    assert len(result.plan.split.test) + len(result.plan.split.validation) + len(result.plan.split.train) == 600
+    assert (flags["kind"] == "error").any()
+
+
+def test_labels_only_in_the_recent_past(world, tmp_path: Path) -> None:
+    records = pd.read_csv(world.records, dtype=str, keep_default_na=False)
+    recent = set(records.sort_values("entered_at")["record_id"].iloc[-200:])
+    log = _log(world)
+    log = log[log["record_id"].isin(recent) & (log["merged_into"].isin(recent) | (log["action"] != "merge"))]
+    result, _, flags = _train_and_score(world, tmp_path, log)
+    # the models learn from the labelled recent past and still score the batch
+    assert result.bundle.metrics["test_error_tp"] + result.bundle.metrics["test_duplicate_tp"] > 0
+    assert len(flags) > 0
+
+
+def test_one_field_never_corrected(world, tmp_path: Path) -> None:
+    log = _log(world)
+    edited = log.loc[log["action"] == "edit", "field"].value_counts()
+    field = edited.index[0]
+    result, _, flags = _train_and_score(world, tmp_path, log[log["field"] != field])
+    assert result.bundle.metrics[f"test_error_recall_{field}"] == 0.0  # no truth there: nothing to find
+    # a field the log never corrected is flagged only when the evidence is near certain
+    assert (flags["field"] == field).sum() <= 0.05 * 80
+
+
+def test_a_tiny_log_is_cross_validated_and_the_model_learns_from_all_of_it(world, tmp_path: Path) -> None:
+    log = _log(world)
+    tiny = pd.concat([log[log["action"] == "edit"].head(12), log[log["action"] == "merge"].head(4)])
+    result, summary, flags = _train_and_score(world, tmp_path, tiny)
+    assert result.plan.scheme == "cross-validation"
+    assert result.plan.counts["cells"] == 12 and result.plan.counts["merges"] == 4
+    assert result.bundle.metrics["evaluation_folds"] >= 2
+    assert summary["rows"] == 80 if "rows" in summary else True
+    # the registered model was fitted on the whole history: every record is in its training data
+    assert result.sizes["records"] == 600
+    assert np.isfinite(result.bundle.metrics["test_error_f1"])
+
+
+def test_a_log_with_neither_edit_nor_merge_exits_2(world, tmp_path: Path, capsys) -> None:
+    log = _log(world).head(5).assign(action="confirm")
+    path = _write(log, tmp_path / "confirms.csv")
+    code = main(
+        ["train", "--config", str(world.config), "--records", str(world.records), "--corrections", str(path)]
+        + ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "neither an edit nor a merge" in err and str(path) in err
