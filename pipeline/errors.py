@@ -65,6 +65,7 @@ CONFIRMED_WEIGHT = 5.0
 # field's entered values failing it (at least RULE_MIN_FAILS), fewer than RULE_MIN_PRECISION were corrected.
 RULE_MIN_FAILS = 3
 RULE_MIN_PRECISION = 0.5
+WEAK_RULE_PRECISION = 0.8
 MATCHED_CONFIDENCE = 0.95
 
 FLAG_ROW = "row"
@@ -216,6 +217,7 @@ class ErrorModel(BaseEstimator):
                 "record's other fields"
             )
             self.field_ids_ = dict.fromkeys(fields, 0)
+            self.weak_dependencies_ = False
             self.classifier_ = None
             self.empty_columns_ = np.zeros(len(d.FEATURES) + 1, dtype=bool)
             self.priors_ = {}
@@ -297,6 +299,15 @@ class ErrorModel(BaseEstimator):
             len(fields),
         )
         self.classifier_, self.empty_columns_ = self._fit_classifier(X, y, w)
+        # Thin dependency evidence (two or three records alike) counts for fields this log never corrected
+        # unless, on the corrected fields' cells (features out of fold), it is mostly wrong. A log with no
+        # edits at all (the unlabelled model) never uses it: there only near-certain evidence flags.
+        corrected = np.isin(
+            X[:, -1], [self.field_ids_[f] for f in fields if f not in self.unsupervised_fields_]
+        )
+        weak = (d.weak_dependency_score(X[:, :-1]) >= DEFAULT_THRESHOLD) & corrected
+        refuted = weak.sum() >= RULE_MIN_FAILS and y[weak].mean() < WEAK_RULE_PRECISION
+        self.weak_dependencies_ = not refuted
         ranked = pd.concat([fold.candidates for fold in folds], ignore_index=True)
         self.priors_ = sg.learn_priors(ranked) if len(ranked) else {}
         ranked = _apply_priors(ranked, self.priors_)
@@ -562,7 +573,9 @@ class ErrorModel(BaseEstimator):
         """The error score of stacked cells (`_stack`, `n` rows per field): the classifier's probability,
         and for the fields the log has no corrected value of, at least the label-free score
         (`detectors.unsupervised_score`); an unlabelled model has only the latter."""
-        unsupervised = d.unsupervised_score(X[:, :-1])
+        unsupervised = d.unsupervised_score(
+            X[:, :-1], weak_dependencies=getattr(self, "weak_dependencies_", False)
+        )
         if classifier is None:
             return unsupervised
         matrix, _ = sg.fill_empty_columns(X, empty)
