@@ -256,7 +256,7 @@ def _records_frame(records: list[Any], config: Config) -> tuple[pd.DataFrame, li
             if not isinstance(value, str):
                 kind = "null" if value is None else type(value).__name__
                 raise RequestError(
-                    f'record {i}: {key!r} is {kind}; every value must be a string ("" = missing)'
+                    f'record {i}: {key[:60]!r} is {kind}; every value must be a string ("" = missing)'
                 )
         missing = [name for name in config.fields if name not in record]
         if missing:
