@@ -150,7 +150,7 @@ class TermFrequencies:
     the same against a reference ten times larger. Values seen once are not stored (they count as 1).
 
     >>> tf = TermFrequencies.count(pd.Series(["a"] * 50 + ["b"] * 49 + ["c"]))
-    >>> round(tf.rarity("a"), 2), round(tf.rarity("c"), 2), tf.rarity("never seen")
+    >>> round(tf.rarity("a"), 2), round(tf.rarity("c"), 2), round(tf.rarity("never seen"), 2)
     (0.15, 1.0, 1.0)
     """
 
