@@ -224,11 +224,20 @@ def _print_training(result: Any, run: Any, seconds: float) -> None:
         )
         heading = "cross-validated"
     _out(f"{heading:<22}{'precision':>10}{'recall':>10}{'F1':>10}{'AP':>10}")
-    for label, key in (
-        ("duplicates", "duplicate"),
-        ("error detection", "error"),
-        ("corrections", "correction"),
+    labelled = {
+        kind: sum(v for k, v in counts.items() if k.startswith(kind)) for kind in ("cells", "merges")
+    }
+    for label, key, kind in (
+        ("duplicates", "duplicate", "merges"),
+        ("error detection", "error", "cells"),
+        ("corrections", "correction", "cells"),
     ):
+        if not labelled[kind]:
+            if kind == "merges":
+                _out(f"{label:<22}not learned: the log has no merges; no duplicate is flagged")
+            else:
+                _out(f"{label:<22}not learned: the log has no edits; only near-certain errors are flagged")
+            continue
         ap = m.get(f"test_{key}_average_precision")
         _out(
             f"{label:<22}{m[f'test_{key}_precision']:>10.3f}{m[f'test_{key}_recall']:>10.3f}"

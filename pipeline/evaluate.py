@@ -118,6 +118,8 @@ class EvaluationPlan:
     split: Split  # holdout: the three periods; cross-validation: everything in `train`
     folds: np.ndarray | None  # cross-validation: the fold of each record (by position in the history)
     counts: dict[str, int]  # labelled events per part, for the log and MLflow
+    order: np.ndarray  # every record's position, in entry order
+    covered: np.ndarray  # per record (by position): entered within the period the log covers
 
     @property
     def n_folds(self) -> int:
@@ -158,10 +160,17 @@ def plan_evaluation(
             f"{source}: the corrections log holds no edit of a configured field and no merge of two "
             "records in this history; the models have nothing to learn from"
         )
+    # The period the log covers: from its first labelled event to its last. Records entered before it
+    # (a log kept only lately) or after it (not reviewed yet) were never looked at: their errors are not
+    # labelled, so they serve the profiles and the reference, not as clean examples or test records.
+    ranks = np.concatenate([e for e in tasks if len(e)])
+    first, last = int(ranks.min()), int(ranks.max())
+    covered = np.zeros(n, dtype=bool)
+    covered[order[first : last + 1]] = True
     cut_test = _cut_for(tasks, config.split.test, n)
     cut_val = _cut_for(tasks, config.split.test + config.split.validation, n)
     cut_val = min(cut_val, cut_test)
-    split = Split(train=order[:cut_val], validation=order[cut_val:cut_test], test=order[cut_test:])
+    split = Split(train=order[:cut_val], validation=order[cut_val:cut_test], test=order[cut_test : last + 1])
 
     def part(e: np.ndarray, lo: int, hi: int) -> int:
         return int(np.count_nonzero((e >= lo) & (e < hi)))
@@ -188,11 +197,19 @@ def plan_evaluation(
             or min(counts["merges_validation"], counts["merges_test"]) >= MIN_HELDOUT_MERGES
         )
     )
+    counts["covered_records"] = int(covered.sum())
     if enough:
-        return EvaluationPlan("holdout", split, None, counts)
+        return EvaluationPlan("holdout", split, None, counts, order, covered)
     folds = group_folds(events, seed=config.seed)
-    counts = {"cells": len(events.cells), "merges": len(events.merges), "folds": int(folds.max()) + 1}
-    return EvaluationPlan("cross-validation", Split(order, order[:0], order[:0]), folds, counts)
+    counts = {
+        "cells": len(events.cells),
+        "merges": len(events.merges),
+        "folds": int(folds.max()) + 1,
+        "covered_records": int(covered.sum()),
+    }
+    return EvaluationPlan(
+        "cross-validation", Split(order, order[:0], order[:0]), folds, counts, order, covered
+    )
 
 
 def group_folds(events: LabelEvents, *, seed: int = 0, max_folds: int = MAX_FOLDS) -> np.ndarray:
@@ -283,6 +300,8 @@ def evaluate_scored(
     err = prf(int(hits.sum()), int((~hits).sum()), len(true_cells) - int(hits.sum()))
     suggested = error_flags[s.FLAG_SUGGESTION].to_numpy()
     made = suggested != s.MISSING
+    if s.FLAG_SUGGEST_EMPTY in error_flags.columns:  # "leave it empty" is a correction too
+        made |= error_flags[s.FLAG_SUGGEST_EMPTY].to_numpy(dtype=object) == "true"
     right = (
         np.array(
             [true_cells.get(cell) == value for cell, value in zip(flagged, suggested, strict=True)],

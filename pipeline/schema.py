@@ -59,6 +59,9 @@ FLAG_SUGGESTION: Final = "suggestion"
 FLAG_MATCH_ID: Final = "match_id"
 FLAG_SCORE: Final = "score"
 FLAG_REASON: Final = "reason"
+# Added to the contract's columns: "true" when the proposed correction is to leave the cell empty, which an
+# empty `suggestion` alone cannot tell from "no confident suggestion".
+FLAG_SUGGEST_EMPTY: Final = "suggest_empty"
 FLAG_COLUMNS: Final = (
     FLAG_RECORD_ID,
     FLAG_KIND,
@@ -68,6 +71,7 @@ FLAG_COLUMNS: Final = (
     FLAG_MATCH_ID,
     FLAG_SCORE,
     FLAG_REASON,
+    FLAG_SUGGEST_EMPTY,
 )
 
 KIND_DUPLICATE: Final = "duplicate"

@@ -110,6 +110,7 @@ def score_chunk(chunk: pd.DataFrame, bundle: ModelBundle, matcher: Any) -> Chunk
             s.FLAG_MATCH_ID: links.loc[is_duplicate, s.DUPLICATE_OF].to_numpy(),
             s.FLAG_SCORE: links.loc[is_duplicate, s.DUPLICATE_SCORE].to_numpy(dtype=float),
             s.FLAG_REASON: links.loc[is_duplicate, "reason"].to_numpy(),
+            s.FLAG_SUGGEST_EMPTY: "false",
         }
     )
     error_flags = pd.DataFrame(
@@ -123,6 +124,9 @@ def score_chunk(chunk: pd.DataFrame, bundle: ModelBundle, matcher: Any) -> Chunk
             s.FLAG_MATCH_ID: s.MISSING,
             s.FLAG_SCORE: cell_flags["score"].to_numpy(dtype=float),
             s.FLAG_REASON: cell_flags["reason"].to_numpy(),
+            s.FLAG_SUGGEST_EMPTY: np.where(
+                cell_flags[s.FLAG_SUGGEST_EMPTY].to_numpy(dtype=bool), "true", "false"
+            ).astype(object),
         }
     )
     flagged = anomalies["flagged"].astype(bool)
@@ -137,6 +141,7 @@ def score_chunk(chunk: pd.DataFrame, bundle: ModelBundle, matcher: Any) -> Chunk
             s.FLAG_MATCH_ID: s.MISSING,
             s.FLAG_SCORE: anomalies.loc[flagged, s.ANOMALY_SCORE].to_numpy(dtype=float),
             s.FLAG_REASON: anomalies.loc[flagged, "reason"].to_numpy(),
+            s.FLAG_SUGGEST_EMPTY: "false",
         }
     )
     parts = [frame for frame in (duplicate_flags, error_flags, anomaly_flags) if len(frame)]

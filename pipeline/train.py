@@ -81,12 +81,14 @@ class Thresholds:
 
 @dataclass
 class _History:
-    """The history three ways: as stored, as entered (log replayed backwards), and its log."""
+    """The history three ways: as stored, as entered (log replayed backwards), and its log; `covered`
+    marks the records entered within the period the log covers (see `plan_evaluation`)."""
 
     stored: pd.DataFrame
     entered: pd.DataFrame
     log: pd.DataFrame
     config: Config
+    covered: np.ndarray
     ids: pd.Series = field(init=False)
 
     def __post_init__(self) -> None:
@@ -113,12 +115,12 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
             "the models have nothing to learn from"
         )
     entered, replay = replay_backwards(stored, log, id_column=config.id_column)
-    history = _History(stored=stored, entered=entered, log=log, config=config)
     plan = plan_evaluation(stored, log, config, source=str(records_path))
+    history = _History(stored=stored, entered=entered, log=log, config=config, covered=plan.covered)
     logger.info("evaluation: %s on %s", plan.scheme, plan.counts)
     timer.lap("load")
 
-    everything = np.concatenate([plan.split.train, plan.split.validation, plan.split.test])
+    everything = plan.order
     if plan.scheme == "holdout":
         evaluation, holdout, thresholds, extra = _evaluate_holdout(history, plan)
         timer.lap("evaluate")
@@ -174,14 +176,21 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
 
 
 def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds) -> ModelBundle:
-    """Fits the three models on the records at `positions` (in entry order) and their log rows."""
+    """Fits the three models on the records at `positions` (in entry order) and their log rows.
+
+    The duplicate and error models learn from the records the log covers; the others (never reviewed)
+    only widen the error model's profiles. The anomaly model learns from all of them.
+    """
     config = history.config
-    ids = history.ids.iloc[positions]
+    reviewed = positions[history.covered[positions]]
+    ids = history.ids.iloc[reviewed]
     log = _log_for(history.log, set(ids))
     labels = cell_labels(log, ids)
     pairs = duplicate_pairs(merges(log))
-    entered = history.entered.iloc[positions]
-    stored = history.stored.iloc[positions]
+    entered = history.entered.iloc[reviewed]
+    stored = history.stored.iloc[reviewed]
+    unreviewed = positions[~history.covered[positions]]
+    widen = {"unlabelled": history.stored.iloc[unreviewed]} if len(unreviewed) else {}
     # Review decisions: pairs a clerk rejected, and cells she confirmed, are known negatives.
     non_pairs, confirmed = rejected_pairs(log), confirmed_cells(log)
     duplicates = DuplicateModel(config, seed=config.seed).fit(
@@ -193,8 +202,10 @@ def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds
             duplicates.label_frequency_ = thresholds.label_frequency
     errors = ErrorModel(
         config, seed=config.seed, threshold=thresholds.error, suggest_threshold=thresholds.suggest
-    ).fit(entered, labels, stored, **({"confirmed": confirmed} if len(confirmed) else {}))
-    anomalies = AnomalyModel(config, quantile=config.anomaly_quantile, seed=config.seed).fit(stored)
+    ).fit(entered, labels, stored, **widen, **({"confirmed": confirmed} if len(confirmed) else {}))
+    anomalies = AnomalyModel(config, quantile=config.anomaly_quantile, seed=config.seed).fit(
+        history.stored.iloc[positions]
+    )
     return ModelBundle(config=config, duplicates=duplicates, errors=errors, anomalies=anomalies)
 
 
@@ -263,8 +274,12 @@ def _evaluate_cross_validation(
     clusters = duplicate_clusters(merges(history.log))
     log = history.log.reset_index(drop=True)
     folds = []
+    held_out = plan.covered[order]  # only reviewed records are scored and counted
     for k in range(plan.n_folds):
-        inside, outside = order[fold_of == k], order[fold_of != k]
+        in_fold = (fold_of == k) & held_out
+        inside, outside = order[in_fold], order[~in_fold]
+        if not len(inside):
+            continue
         logger.info("cross-validation: fold %d of %d (%d records held out)", k + 1, plan.n_folds, len(inside))
         fixed = Thresholds(error=final.errors.threshold_, suggest=final.errors.suggest_threshold_)
         bundle = _fit_bundle(history, outside, fixed)

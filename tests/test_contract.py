@@ -30,8 +30,18 @@ EXTRA = [
     ["", "0.0000", "009", "", "0.0100", "0.0500", "false"],
 ]
 FLAGS = [
-    ["008", "duplicate", "", "", "", "007", "0.9700", "same name, amount and customer as 007"],
-    ["008", "error", "name", "Jansn", "Jansen", "", "0.8800", "name is a misspelling of a known name"],
+    ["008", "duplicate", "", "", "", "007", "0.9700", "same name, amount and customer as 007", "false"],
+    [
+        "008",
+        "error",
+        "name",
+        "Jansn",
+        "Jansen",
+        "",
+        "0.8800",
+        "name is a misspelling of a known name",
+        "false",
+    ],
 ]
 
 
@@ -109,9 +119,9 @@ def broken(column: str, row: int, value: str) -> list[list[str]]:
             "records.csv row 3: needs_review of '009' disagrees with flags.csv",
         ),
         ({"flags": [FLAGS[1], FLAGS[0]]}, "flags.csv row 2: not sorted by score, highest first"),
-        ({"flags": [[*FLAGS[0][:6], "-0.1", FLAGS[0][7]]]}, "flags.csv row 1: score '-0.1' is not in 0..1"),
+        ({"flags": [[*FLAGS[0][:6], "-0.1", *FLAGS[0][7:]]]}, "flags.csv row 1: score '-0.1' is not in 0..1"),
         ({"flags": [FLAGS[0], [*FLAGS[1][:3], "Jansen", *FLAGS[1][4:]]]}, "is not the input's 'name'"),
-        ({"flags": [FLAGS[0], [*FLAGS[1][:7], " "]]}, "flags.csv row 2: empty reason"),
+        ({"flags": [FLAGS[0], [*FLAGS[1][:7], " ", "false"]]}, "flags.csv row 2: empty reason"),
         (
             {"flags": [["010", *FLAGS[0][1:]], FLAGS[1]]},
             "flags.csv row 1: record_id '010' is not in the input",

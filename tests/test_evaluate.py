@@ -53,15 +53,18 @@ def test_split_is_sized_by_labelled_events_not_rows() -> None:
     assert plan.counts["cells_test"] == 60
     assert plan.counts["cells_validation"] == 45
     assert plan.counts["cells_train"] == 195
-    # the unlabelled past is all training data
+    # the unlabelled past is training data, outside the period the log covers
     assert len(plan.split.train) == 700 + 195
+    assert plan.covered.sum() == 300 and not plan.covered[:700].any()
     assert sorted(plan.split.test) == list(range(940, 1000))
 
 
 def test_split_follows_the_time_column_not_file_order() -> None:
     records = _records(600)
     # entry times run backwards through the file: the first row is the latest entry
-    records["entered_at"] = pd.date_range("2024-01-01", periods=600, freq="h")[::-1].strftime("%Y-%m-%dT%H:%M")
+    records["entered_at"] = pd.date_range("2024-01-01", periods=600, freq="h")[::-1].strftime(
+        "%Y-%m-%dT%H:%M"
+    )
     log = _edits([f"R{i:04d}" for i in range(600)])
     plan = plan_evaluation(records, log, _config("entered_at"))
     assert plan.scheme == "holdout"
@@ -82,7 +85,7 @@ def test_few_labels_fall_back_to_grouped_cross_validation() -> None:
     log = validate_log(pd.concat([_edits(ids), merge_rows], ignore_index=True).fillna(""))
     plan = plan_evaluation(records, log, _config())
     assert plan.scheme == "cross-validation"
-    assert plan.counts == {"cells": 40, "merges": 10, "folds": 5}
+    assert plan.counts == {"cells": 40, "merges": 10, "folds": 5, "covered_records": 391}
     folds = plan.folds
     assert folds is not None and len(folds) == 400
     # each merge cluster stays in one fold

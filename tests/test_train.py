@@ -97,7 +97,9 @@ def test_no_time_column(world, tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw), encoding="utf-8")
     result, _, flags = _train_and_score(world, tmp_path, _log(world), config=config)
-    assert len(result.plan.split.test) + len(result.plan.split.validation) + len(result.plan.split.train) == 600
+    assert (
+        len(result.plan.split.test) + len(result.plan.split.validation) + len(result.plan.split.train) == 600
+    )
     assert (flags["kind"] == "error").any()
 
 
