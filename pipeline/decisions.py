@@ -67,9 +67,12 @@ def load_flags(folder: Path) -> pd.DataFrame:
     if not path.exists():
         raise InputFileError(f"{folder}: not a score output folder ({s.FLAGS_FILE} is missing)")
     flags = read_csv_text(path)
-    missing = [name for name in s.FLAG_COLUMNS if name not in flags.columns]
+    optional = getattr(s, "FLAG_SUGGEST_EMPTY", None)  # added later; older folders lack it
+    missing = [name for name in s.FLAG_COLUMNS if name not in flags.columns and name != optional]
     if missing:
         raise InputFileError(f"{path}: missing column {missing[0]!r}")
+    if optional and optional not in flags.columns:
+        flags[optional] = "false"
     return flags
 
 
@@ -142,6 +145,13 @@ def decision_problem(row: Mapping[str, str], flag: Mapping[str, str]) -> str | N
         given = row.get(name, s.MISSING) or s.MISSING
         if given != flag[name]:
             return f"{name} {given!r} differs from the flag's {flag[name]!r} in {s.FLAGS_FILE}"
+    if (
+        decision == s.DECISION_ACCEPT
+        and flag[s.FLAG_KIND] == s.KIND_ERROR
+        and flag[s.FLAG_SUGGESTION] == s.MISSING
+        and flag.get("suggest_empty", "false") != "true"
+    ):
+        return "the flag has no suggestion to accept; type the right value (edit) or reject it"
     if decision == s.DECISION_EDIT:
         if flag[s.FLAG_KIND] != s.KIND_ERROR:
             return "only an error flag can be edited; accept or reject it"

@@ -19,6 +19,9 @@ from pipeline.corrections import confirmed_cells, rejected_pairs, validate_log
 from pipeline.decisions import append_decision, latest, read_decisions
 from pipeline.feedback import realised_value
 
+# The contract's flag columns (flags.csv may carry more, e.g. suggest_empty; a folder without them is read).
+CONTRACT_FLAG_COLUMNS = ("record_id", "kind", "field", "value", "suggestion", "match_id", "score", "reason")
+
 FLAGS = [
     # record_id, kind, field, value, suggestion, match_id, score, reason
     ("B1", "error", "city", "Amstredam", "Amsterdam", "", "0.9500", "city is misspelled"),
@@ -34,7 +37,7 @@ LOG_ROWS = [["H1", "edit", "city", "Utrect", "Utrecht", "", "2024-01-02T10:00:00
 
 
 def decision(flag: tuple[str, ...], verdict: str, new_value: str = "", seconds: str = "30") -> dict[str, str]:
-    row = dict(zip(s.FLAG_COLUMNS, flag, strict=True))
+    row = dict(zip(CONTRACT_FLAG_COLUMNS, flag, strict=True))
     return {
         **{k: row[k] for k in s.DECISION_COLUMNS if k in row},
         s.DECISION: verdict,
@@ -51,7 +54,7 @@ def folder(tmp_path: Path) -> Path:
     out.mkdir()
     with open(out / s.FLAGS_FILE, "w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\r\n")
-        writer.writerow(s.FLAG_COLUMNS)
+        writer.writerow(CONTRACT_FLAG_COLUMNS)
         writer.writerows(FLAGS)
     (out / s.SUMMARY_FILE).write_text(
         json.dumps({"minutes_saved_basis": {"minutes_per_correction": 4.0, "cost_per_hour": 45.0}}),
@@ -271,3 +274,12 @@ def test_review_rows_are_known_negatives_and_extra_columns_are_kept() -> None:
     assert figures["realised_minutes_saved"] == round(2 * 4 - minutes, 2)
     assert figures["realised_euros_saved"] == round((2 * 4 - minutes) / 60 * 45, 2)
     assert realised_value(log.drop(columns=[s.LOG_SOURCE])) == {}
+
+
+def test_accepting_an_error_flag_without_a_suggestion_is_refused(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = write_log(tmp_path / "log.csv")
+    append_decision(folder / s.DECISIONS_FILE, decision(FLAGS[2], "accept"))
+    assert run_feedback(folder, log) == 2
+    assert "row 9: the flag has no suggestion to accept" in capsys.readouterr().err

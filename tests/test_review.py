@@ -24,6 +24,9 @@ from pipeline import schema as s
 from pipeline.cli import main
 from pipeline.decisions import latest, read_decisions
 
+# The contract's flag columns (flags.csv may carry more, e.g. suggest_empty; a folder without them is read).
+CONTRACT_FLAG_COLUMNS = ("record_id", "kind", "field", "value", "suggestion", "match_id", "score", "reason")
+
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 HEADLESS = (
     "--headless",
@@ -84,7 +87,7 @@ def literal_folder(tmp_path: Path) -> Path:
         writer.writerow(["B2", "Utrecht", "12", "H7", "0.9", "H7", "", "0.1", "0.1", "true"])
     with open(out / s.FLAGS_FILE, "w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(s.FLAG_COLUMNS)
+        writer.writerow(CONTRACT_FLAG_COLUMNS)
         writer.writerow(["B1", "error", "city", "Amstredam", "Amsterdam", "", "0.9", "misspelled"])
         writer.writerow(["B2", "duplicate", "", "", "", "H7", "0.9", "same as H7"])
     reference = tmp_path / "history.csv"

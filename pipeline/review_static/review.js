@@ -98,7 +98,8 @@ function renderDetail() {
     el("p", { class: "reason" }, flag.reason)];
   if (flag.kind === "error") {
     parts.push(el("p", { class: "proposal" }, `${flag.field}: `, el("span", { class: "old" }, flag.value || "(empty)"),
-      " → ", el("span", { class: "new" }, flag.suggestion || "(no suggestion: type the right value)")));
+      " → ", el("span", { class: "new" }, flag.suggestion
+        || (flag.suggest_empty === "true" ? "(leave it empty)" : "(no suggestion: type the right value)"))));
   } else if (flag.kind === "duplicate") {
     parts.push(el("p", { class: "proposal" }, `same as record ${flag.match_id}? Differing fields are marked.`));
   }
@@ -161,7 +162,7 @@ function nextOpen() {
 async function decide(decision, newValue) {
   const flag = state.flags[state.current];
   if (!flag) return;
-  if (decision === "accept" && flag.kind === "error" && !flag.suggestion) {
+  if (decision === "accept" && flag.kind === "error" && !flag.suggestion && flag.suggest_empty !== "true") {
     toast("No suggestion to accept: type the right value (e), or reject (r).", true);
     $("new-value").focus();
     return;
