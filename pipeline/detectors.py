@@ -22,6 +22,7 @@ Everything is vectorised per column: values are parsed once per distinct value a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -512,8 +513,11 @@ parse_dates = date_type.parse_dates
 SCHEME_VALUES = 20_000
 
 
-def profile_field(values: pd.Series, name: str, kind: str, times: pd.Series | None) -> FieldProfile:
-    """Learns one field's profile from its values (text, `''` = missing)."""
+def profile_field(
+    values: pd.Series, name: str, kind: str, times: pd.Series | None, schemes: list[str] | None = None
+) -> FieldProfile:
+    """Learns one field's profile from its values (text, `''` = missing); `schemes` fixes its identifier
+    checks (by default those its values support, `adopted_schemes`)."""
     filled = values[values != s.MISSING]
     counts = filled.value_counts()
     shape_per_value = {v: shape_of(v) for v in counts.index}
@@ -535,7 +539,8 @@ def profile_field(values: pd.Series, name: str, kind: str, times: pd.Series | No
     case = str(case_totals.idxmax()) if len(case_totals) else "none"
     case_share = float(case_totals.max() / case_totals.sum()) if len(case_totals) else 0.0
     # A check digit on a date is a coincidence of its shape, never a rule of the field.
-    schemes = adopted_schemes(counts.iloc[:SCHEME_VALUES]) if len(filled) and kind != "date" else []
+    if schemes is None:
+        schemes = adopted_schemes(counts.iloc[:SCHEME_VALUES]) if len(filled) and kind != "date" else []
     profile = FieldProfile(
         name=name,
         kind=kind,
@@ -551,7 +556,7 @@ def profile_field(values: pd.Series, name: str, kind: str, times: pd.Series | No
         length_std=float(lengths.std(ddof=0)) if len(filled) > 1 else 0.0,
         case=case,
         case_share=case_share,
-        schemes=schemes,
+        schemes=list(schemes),
     )
     written = [
         (places, n) for v, n in counts.items() if (places := number_type.decimals_written(v)) is not None
@@ -605,6 +610,21 @@ class _Coded:
 def _dependency_stats(src: _Coded, tgt: _Coded) -> tuple[float, float, tuple[np.ndarray, ...]] | None:
     """Coverage and strength of `src` -> `tgt`, and per source value its mode target, the mode's count and
     the source value's rows; None when no source value repeats. One `np.unique` over code pairs."""
+    modes = _mode_targets(src, tgt)
+    if modes is None:
+        return None
+    best_source, best_target, best_count, best_total = modes
+    repeated = best_total >= 2
+    if not repeated.any():
+        return None
+    coverage = float(best_total[repeated].sum() / best_total.sum())
+    strength = float(best_count[repeated].sum() / best_total[repeated].sum())
+    return coverage, strength, modes
+
+
+def _mode_targets(src: _Coded, tgt: _Coded) -> tuple[np.ndarray, ...] | None:
+    """Per filled source value (code): its most frequent target (code), that count and the source value's
+    rows; None when the source is empty throughout."""
     keep = src.codes != src.missing
     if not keep.any():
         return None
@@ -619,13 +639,7 @@ def _dependency_stats(src: _Coded, tgt: _Coded) -> tuple[float, float, tuple[np.
     first = order[np.r_[True, source[order][1:] != source[order][:-1]]]
     totals = np.bincount(source, weights=counts, minlength=len(src.uniques))
     best_source, best_target, best_count = source[first], target[first], counts[first]
-    best_total = totals[best_source]
-    repeated = best_total >= 2
-    if not repeated.any():
-        return None
-    coverage = float(best_total[repeated].sum() / best_total.sum())
-    strength = float(best_count[repeated].sum() / best_total[repeated].sum())
-    return coverage, strength, (best_source, best_target, best_count, best_total)
+    return best_source, best_target, best_count, totals[best_source]
 
 
 def _accepts(stats: tuple | None, tgt: _Coded) -> bool:
@@ -743,10 +757,12 @@ def build_profile(
     kinds = {name: spec.type for name, spec in config.fields.items() if name in frame.columns}
     texts = pd.DataFrame({name: text_column(frame, name) for name in kinds}, index=frame.index)
     times = entry_times(frame, config.time_column)
-    profiles = {name: profile_field(texts[name], name, kind, times) for name, kind in kinds.items()}
-    if schemes is not None:
-        for name, fp in profiles.items():
-            fp.schemes = list(schemes.get(name, []))
+    profiles = {
+        name: profile_field(
+            texts[name], name, kind, times, None if schemes is None else list(schemes.get(name, []))
+        )
+        for name, kind in kinds.items()
+    }
     if pairs is None:
         pairs = find_dependencies(texts, kinds)
     pairs = list(pairs)
@@ -762,6 +778,86 @@ def build_profile(
         groups=groups,
         time_column=config.time_column,
         rows=len(frame),
+    )
+
+
+def extend_profile(profile: Profile, frame: pd.DataFrame) -> Profile:
+    """A copy of `profile` whose lookups also know the records of `frame` (e.g. the reference as stored):
+    the values of each field (known codes), the source values of each dependency (a customer name and its
+    code) and the group keys of each number group (a customer's usual amount) that the profile does not
+    know are added with their counts in `frame`.
+
+    What the profile knows stays as it is, and so does everything else it learned (shapes, lengths, number
+    scale, date range, identifier checks, which pairs are dependencies and how strong): a classifier was
+    fitted on those. Only the profiled columns of `frame` are read; each is counted once, vectorised.
+
+    >>> from pipeline.config import Config
+    >>> fields = {"name": {"type": "text"}, "code": {"type": "code"}}
+    >>> cfg = Config.model_validate({"name": "x", "fields": fields})
+    >>> old = build_profile(pd.DataFrame({"name": ["A", "A", "B", "B"], "code": ["1", "1", "2", "2"]}), cfg)
+    >>> new = extend_profile(old, pd.DataFrame({"name": ["C", "A"], "code": ["3", "9"]}))
+    >>> new.by_target["code"][0].implied, new.fields["code"].counts
+    ({'A': '1', 'B': '2', 'C': '3'}, {'1': 2, '2': 2, '3': 1, '9': 1})
+    """
+    names = [name for name in profile.fields if name in frame.columns]
+    texts = pd.DataFrame({name: text_column(frame, name) for name in names}, index=frame.index)
+    fields = dict(profile.fields)
+    for name in names:
+        fp = profile.fields[name]
+        values = texts[name]
+        counts = values[values != s.MISSING].value_counts()
+        new = counts[~counts.index.isin(fp.vocab)]
+        if len(new):
+            fields[name] = dataclasses.replace(
+                fp, counts={**fp.counts, **{str(k): int(v) for k, v in new.items()}}
+            )
+    coded = {name: _Coded.of(texts[name]) for name in names}
+    dependencies = []
+    for dep in profile.dependencies:
+        if dep.source not in coded or dep.target not in coded:
+            dependencies.append(dataclasses.replace(dep))
+            continue
+        src, tgt = coded[dep.source], coded[dep.target]
+        modes = _mode_targets(src, tgt)
+        implied, support, total = dict(dep.implied), dict(dep.support), dict(dep.total)
+        if modes is not None:
+            best_source, best_target, best_count, best_total = modes
+            keys = src.uniques[best_source]
+            fresh = ~pd.Index(keys).isin(pd.Index(list(dep.support), dtype=object))
+            for key, target, n, n_total in zip(
+                keys[fresh],
+                tgt.uniques[best_target[fresh]],
+                best_count[fresh],
+                best_total[fresh],
+                strict=True,
+            ):
+                if target != s.MISSING:
+                    implied[str(key)] = str(target)
+                support[str(key)] = int(n)
+                total[str(key)] = int(n_total)
+        dependencies.append(dataclasses.replace(dep, implied=implied, support=support, total=total))
+    groups = dict(profile.groups)
+    for name, group in profile.groups.items():
+        if name not in texts or group.group not in texts:
+            continue
+        numbers = per_value(texts[name], number_type.plain_number).astype(float)
+        ok = (numbers.notna() & (numbers > 0)).to_numpy()
+        keys = texts[group.group].to_numpy(dtype=object)[ok]
+        stats = np.log10(numbers[ok]).groupby(keys).agg(["median", "size"])
+        stats = stats[(stats["size"] >= MIN_GROUP_ROWS) & (stats.index != s.MISSING)]
+        stats = stats[~stats.index.isin(pd.Index(list(group.medians), dtype=object))]
+        if len(stats):
+            groups[name] = dataclasses.replace(
+                group,
+                medians={**group.medians, **{str(k): float(v) for k, v in stats["median"].items()}},
+                rows={**group.rows, **{str(k): int(v) for k, v in stats["size"].items()}},
+            )
+    return Profile(
+        fields=fields,
+        dependencies=dependencies,
+        groups=groups,
+        time_column=profile.time_column,
+        rows=profile.rows,
     )
 
 

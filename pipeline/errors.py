@@ -18,6 +18,7 @@ batch looks to the fitted model.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -54,6 +55,11 @@ MIN_FIELD_ERRORS = 20
 MIN_LIFT = 0.5
 OOF_GROUPS = 3
 OOF_SMALL_CELLS = 10_000
+# Training rows with cell features: every row holding a labelled (or confirmed) cell, and a uniform sample of
+# the others up to this many rows in all, each sampled row weighted by the inverse of its sampling rate. The
+# classifier's cost then grows with the labels, not with the history (the profiles still use every row).
+MAX_TRAINING_ROWS = 30_000
+MAX_BINS = 255
 
 SUGGEST_GRID = (*np.round(np.arange(0.05, 0.96, 0.05), 2).tolist(), 0.975, 0.99)
 
@@ -83,6 +89,82 @@ DETECT_COLUMNS = (
 
 
 @dataclass
+class BinnedClassifier:
+    """A fitted HistGradientBoostingClassifier and the quantile edges its inputs are cut at (None: as is).
+
+    scikit-learn bins weighted training data with one weighted-percentile pass per bin edge and feature,
+    minutes on a million cells. With varying sample weights, each column with more than `MAX_BINS` distinct
+    values is cut at its unweighted quantiles first (`quantile_edges`), so the booster sees at most that
+    many values and takes their midpoints: the same splits as unweighted binning, in seconds.
+    """
+
+    model: HistGradientBoostingClassifier
+    edges: list[np.ndarray | None] | None = None
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return self.model.predict_proba(cut_at_edges(X, self.edges))
+
+
+def quantile_edges(
+    X: np.ndarray, max_bins: int = MAX_BINS, skip: tuple[int, ...] = ()
+) -> list[np.ndarray | None]:
+    """Per column, `max_bins - 1` unweighted quantiles of its non-missing values when it has more distinct
+    values than `max_bins`, else None (the column is kept as it is). Columns in `skip` are kept too.
+
+    >>> [e is None for e in quantile_edges(np.c_[np.arange(300.0), np.ones(300)], max_bins=10)]
+    [False, True]
+    """
+    out: list[np.ndarray | None] = []
+    for j in range(X.shape[1]):
+        column = X[:, j]
+        column = column[~np.isnan(column)]
+        if j in skip or len(np.unique(column)) <= max_bins:
+            out.append(None)
+            continue
+        percentiles = np.linspace(0, 100, num=max_bins + 1)[1:-1]
+        out.append(np.unique(np.percentile(column, percentiles, method="averaged_inverted_cdf")))
+    return out
+
+
+def cut_at_edges(X: np.ndarray, edges: list[np.ndarray | None] | None) -> np.ndarray:
+    """Each value of a column with edges replaced by its bin number (`edges[i-1] < x <= edges[i]` -> i);
+    missing values stay missing."""
+    if edges is None or all(e is None for e in edges):
+        return X
+    X = X.copy()
+    for j, e in enumerate(edges):
+        if e is not None:
+            column = X[:, j]
+            X[:, j] = np.where(np.isnan(column), np.nan, np.searchsorted(e, column, side="left"))
+    return X
+
+
+def training_rows(
+    ids: pd.Series, labelled: set[str], max_rows: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows get cell features in training, and their weights: every row whose id is in `labelled`
+    (weight 1), and a uniform sample of the others so that at most `max_rows` rows are kept (at least as
+    many sampled rows as labelled ones), each weighted 1 / the sampling rate.
+
+    >>> keep, w = training_rows(pd.Series(list("abcdef")), {"a"}, 3, np.random.default_rng(0))
+    >>> int(keep.sum()), sorted(set(w.round(2).tolist()))
+    (3, [1.0, 2.5])
+    """
+    known = ids.isin(labelled).to_numpy()
+    others = np.flatnonzero(~known)
+    room = max(max_rows - int(known.sum()), int(known.sum()), 1)
+    keep = known.copy()
+    weight = np.ones(len(ids))
+    if len(others) <= room:
+        keep[others] = True
+        return keep, weight
+    chosen = rng.choice(others, size=room, replace=False)
+    keep[chosen] = True
+    weight[others] = len(others) / room
+    return keep, weight
+
+
+@dataclass
 class _Fold:
     """One cross-fitting fold of the training history: its cells' features and labels (field after field),
     its labelled cells' candidates, and what scoring its cells out of fold needs."""
@@ -91,6 +173,7 @@ class _Fold:
     X: np.ndarray
     y: np.ndarray
     w: np.ndarray
+    count: np.ndarray  # how many history cells each training cell stands for (1 / its sampling rate)
     candidates: pd.DataFrame
     profile: d.Profile
     patterns: sg.EditPatterns
@@ -199,6 +282,7 @@ class ErrorModel(BaseEstimator):
         if unlabelled is not None and len(unlabelled):
             extra = unlabelled[[c for c in stored.columns if c in unlabelled.columns]]
         profile_frame = _concat(stored, extra)
+        logger.info("error model: profiling %d records", len(profile_frame))
         kinds = {name: spec.type for name, spec in config.fields.items() if name in stored.columns}
         pairs = d.find_dependencies(d.chunk_texts(profile_frame, kinds), kinds)
         confirmed = _confirmed_cells(confirmed, entered, ids, fields)
@@ -253,22 +337,40 @@ class ErrorModel(BaseEstimator):
         sure = set(zip(confirmed[s.LOG_RECORD_ID], confirmed[s.LOG_FIELD], strict=True)) - truth
         rng = np.random.default_rng(self.seed)
         fold_of = rng.permutation(len(entered)) % self.folds
+        keep, row_weight = training_rows(
+            ids,
+            set(labels[s.LOG_RECORD_ID]) | set(confirmed[s.LOG_RECORD_ID]),
+            MAX_TRAINING_ROWS,
+            np.random.default_rng(self.seed + 1),
+        )
+        if not keep.all():
+            logger.info(
+                "error model: cell features for %d of %d training records (all %d with labelled cells, the "
+                "others sampled and weighted %.1f)",
+                int(keep.sum()),
+                len(keep),
+                int((row_weight == 1).sum()),
+                float(row_weight.max()),
+            )
         folds: list[_Fold] = []
         cell_offset = 0
         for k in range(self.folds):
+            logger.info("error model: cross-fitting fold %d of %d", k + 1, self.folds)
             inside = fold_of == k
+            chosen = inside & keep
             outside_ids = set(ids[~inside])
             fold_labels = labels[labels[s.LOG_RECORD_ID].isin(outside_ids)]
             profile = d.build_profile(
                 _concat(stored[~inside], extra), config, pairs=pairs, schemes=self.schemes_
             )
             edits = d.EditHistory.learn(entered[~inside], fold_labels, config)
-            rows = entered[inside]
+            rows = entered[chosen]
             per_field = d.cell_features(rows, profile, config, fields, edits, context=entered)
             X = self._stack(per_field, len(rows))
-            y = np.array([[(r, name) in truth for name in fields] for r in ids[inside]], dtype=int)
-            w = np.array([[(r, name) in sure for name in fields] for r in ids[inside]], dtype=bool)
-            w = np.where(w, CONFIRMED_WEIGHT, 1.0).reshape(y.shape)
+            y = np.array([[(r, name) in truth for name in fields] for r in ids[chosen]], dtype=int)
+            w = np.array([[(r, name) in sure for name in fields] for r in ids[chosen]], dtype=bool)
+            count = np.repeat(row_weight[chosen][:, None], len(fields), axis=1).reshape(y.shape)
+            w = np.where(w, CONFIRMED_WEIGHT, 1.0).reshape(y.shape) * count
             patterns = sg.EditPatterns.learn(fold_labels)
             choices = sg.nearest_choices(profile)
             extras = self._cell_extras(rows, profile, entered)
@@ -286,7 +388,19 @@ class ErrorModel(BaseEstimator):
             frame["cell"] += cell_offset
             cell_offset += len(cells)
             folds.append(
-                _Fold(inside, X, y.T.ravel(), w.T.ravel(), frame, profile, patterns, choices, rows, extras)
+                _Fold(
+                    inside,
+                    X,
+                    y.T.ravel(),
+                    w.T.ravel(),
+                    count.T.ravel(),
+                    frame,
+                    profile,
+                    patterns,
+                    choices,
+                    rows,
+                    extras,
+                )
             )
         X = np.concatenate([fold.X for fold in folds])
         y = np.concatenate([fold.y for fold in folds])
@@ -298,6 +412,7 @@ class ErrorModel(BaseEstimator):
             len(set(self.field_ids_.values())),
             len(fields),
         )
+        logger.info("error model: fitting the cell classifier")
         self.classifier_, self.empty_columns_ = self._fit_classifier(X, y, w)
         # Thin dependency evidence (two or three records alike) counts for fields this log never corrected
         # unless, on the corrected fields' cells (features out of fold), it is mostly wrong. A log with no
@@ -308,6 +423,7 @@ class ErrorModel(BaseEstimator):
         weak = (d.weak_dependency_score(X[:, :-1]) >= DEFAULT_THRESHOLD) & corrected
         refuted = weak.sum() >= RULE_MIN_FAILS and y[weak].mean() < WEAK_RULE_PRECISION
         self.weak_dependencies_ = not refuted
+        logger.info("error model: fitting the candidate ranker")
         ranked = pd.concat([fold.candidates for fold in folds], ignore_index=True)
         self.priors_ = sg.learn_priors(ranked) if len(ranked) else {}
         ranked = _apply_priors(ranked, self.priors_)
@@ -325,7 +441,7 @@ class ErrorModel(BaseEstimator):
 
     def _fit_classifier(
         self, X: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None
-    ) -> tuple[HistGradientBoostingClassifier, np.ndarray]:
+    ) -> tuple[BinnedClassifier, np.ndarray]:
         classifier = HistGradientBoostingClassifier(
             max_iter=self.max_iter,
             learning_rate=self.learning_rate,
@@ -335,9 +451,15 @@ class ErrorModel(BaseEstimator):
             random_state=self.seed,
         )
         matrix, empty = sg.fill_empty_columns(X)
+        edges = None
+        if weight is not None and np.all(weight == weight[0]):
+            weight = None  # uniform weights change nothing, and weighted binning is slow
+        if weight is not None:
+            edges = quantile_edges(matrix, skip=(matrix.shape[1] - 1,))
+            matrix = cut_at_edges(matrix, edges)
         with sg.one_thread():
             classifier.fit(matrix, y, sample_weight=weight)
-        return classifier, empty
+        return BinnedClassifier(classifier, edges), empty
 
     def _rules_with_evidence(
         self,
@@ -400,6 +522,7 @@ class ErrorModel(BaseEstimator):
         cells = sum(len(fold.y) for fold in folds)
         groups = len(folds) if cells <= OOF_SMALL_CELLS else min(OOF_GROUPS, len(folds))
         for g in range(groups):
+            logger.info("error model: out-of-fold scores, group %d of %d", g + 1, groups)
             members = [k for k in range(len(folds)) if k % groups == g]
             others = [fold for k, fold in enumerate(folds) if k % groups != g]
             y = np.concatenate([other.y for other in others])
@@ -414,6 +537,7 @@ class ErrorModel(BaseEstimator):
                 scores[k] = self._probability(folds[k].X, classifier, empty, len(folds[k].rows))
         pooled = np.concatenate(scores)
         truth = np.concatenate([fold.y for fold in folds]).astype(bool)
+        count = np.concatenate([fold.count for fold in folds])
         threshold = fixed
         if fixed is None:
             threshold = choose_threshold(
@@ -422,15 +546,17 @@ class ErrorModel(BaseEstimator):
                 default=DEFAULT_THRESHOLD,
                 min_precision=config.error_min_precision,
                 f1_tolerance=F1_TOLERANCE,
+                sample_weight=count,
             ).threshold
             # A few dozen labelled rows show few clean cells of each kind: never flag a cell the model
             # rates much less likely to be wrong than an average training cell.
-            threshold = max(threshold, MIN_LIFT * float(truth.mean()))
+            threshold = max(threshold, MIN_LIFT * float(np.average(truth, weights=count)))
         flags = []
         for k, fold in enumerate(folds):
             n = len(fold.rows)
             grid = scores[k].reshape(len(fields), n)
             names, positions = np.nonzero(grid >= threshold)
+            cell_count = fold.count.reshape(len(fields), n)[names, positions]
             if not len(positions):
                 continue
             texts = d.chunk_texts(fold.rows, [f for f in config.fields if f in fold.profile.fields])
@@ -458,6 +584,7 @@ class ErrorModel(BaseEstimator):
                         s.FLAG_FIELD: [fields[j] for j in names],
                         s.FLAG_SUGGESTION: best["candidate"].to_numpy(dtype=object),
                         SUGGESTION_PROBABILITY: best["probability"].to_numpy(),
+                        "count": cell_count,
                     }
                 )
             )
@@ -549,6 +676,20 @@ class ErrorModel(BaseEstimator):
             entry_time=pd.Timestamp(times[i]) if times is not None else None,
         )
 
+    def with_reference(self, stored: pd.DataFrame) -> ErrorModel:
+        """A copy whose lookups (known codes, value dependencies such as customer name -> customer code,
+        a customer's usual amount) also know the records of `stored`, the reference as stored: a customer
+        added after training is known. The classifier, the ranker and both thresholds are shared, unchanged.
+
+        Only the configured fields of `stored` are read (`detectors.extend_profile`).
+        """
+        check_is_fitted(self, "classifier_")
+        model = copy.copy(self)
+        model.profile_ = d.extend_profile(self.profile_, stored)
+        model.choices_ = sg.nearest_choices(model.profile_)
+        logger.info("error model: lookups refreshed from %d reference records", len(stored))
+        return model
+
     # -------------------------------------------------------------------------------------------- scoring
 
     def _features(self, chunk: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -568,7 +709,11 @@ class ErrorModel(BaseEstimator):
         return pd.DataFrame(probability.reshape(len(names), n).T, index=index, columns=names)
 
     def _probability(
-        self, X: np.ndarray, classifier: HistGradientBoostingClassifier | None, empty: np.ndarray, n: int
+        self,
+        X: np.ndarray,
+        classifier: BinnedClassifier | HistGradientBoostingClassifier | None,
+        empty: np.ndarray,
+        n: int,
     ) -> np.ndarray:
         """The error score of stacked cells (`_stack`, `n` rows per field): the classifier's probability,
         and for the fields the log has no corrected value of, at least the label-free score
@@ -906,7 +1051,8 @@ def _strongest_disagreement(cell: sg.CellContext, profile: d.Profile) -> d.Depen
 
 
 def choose_suggest_threshold(flags: pd.DataFrame, labels: pd.DataFrame, default: float) -> float:
-    """The probability above which a suggestion is shown, chosen for the best correction F1."""
+    """The probability above which a suggestion is shown, chosen for the best correction F1. A `count`
+    column, when present, says how many cells each flag stands for (sampled training cells)."""
     if flags.empty or labels.empty:
         return default
     truth = {
@@ -924,7 +1070,10 @@ def choose_suggest_threshold(flags: pd.DataFrame, labels: pd.DataFrame, default:
     grid = np.asarray(SUGGEST_GRID)
     on_grid = grid[np.clip(np.searchsorted(grid, prob, side="right") - 1, 0, None)]
     on_grid = np.where(prob < grid[0], 0.0, on_grid)
-    best_t = choose_threshold(on_grid, right, default=default, n_positive=len(truth)).threshold
+    weight = flags["count"].to_numpy(dtype=float) if "count" in flags.columns else None
+    best_t = choose_threshold(
+        on_grid, right, default=default, n_positive=len(truth), sample_weight=weight
+    ).threshold
     return max(best_t, 0.05)
 
 

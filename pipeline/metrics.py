@@ -79,6 +79,7 @@ def choose_threshold(
     placement: Placement = "lowest",
     n_positive: int | None = None,
     label_frequency: float = 1.0,
+    sample_weight: np.ndarray | None = None,
 ) -> ThresholdChoice:
     """The score threshold (flag when `score >= threshold`) with the best F1 on `(scores, labels)`.
 
@@ -91,21 +92,29 @@ def choose_threshold(
       with no candidate pair); recall is counted against it.
     - `label_frequency`: the share of true positives staff labelled; precision is divided by it (capped
       at 1), the positive-unlabelled correction.
+    - `sample_weight`: how many cells each score stands for (a sampled cell counts 1 / its sampling rate);
+      counts and precision are weighted.
 
     >>> choose_threshold(np.array([0.9, 0.8, 0.3, 0.2]), np.array([1, 1, 0, 0])).threshold
     0.8
     """
     scores = np.asarray(scores, dtype=float)
     labels = np.asarray(labels).astype(bool)
-    total = int(labels.sum()) if n_positive is None else int(n_positive)
+    weight = np.ones(len(scores)) if sample_weight is None else np.asarray(sample_weight, dtype=float)
+    positives = float(weight[labels].sum())
+    total = int(round(positives)) if n_positive is None else int(n_positive)
     if len(scores) == 0 or labels.sum() == 0 or total == 0:
         return ThresholdChoice(default, 0.0, 0.0, 0.0, 0, 0, total, chosen=False)
-    precision, recall, thresholds = precision_recall_curve(labels, scores, drop_intermediate=False)
+    precision, recall, thresholds = precision_recall_curve(
+        labels, scores, drop_intermediate=False, sample_weight=sample_weight
+    )
     # Drop the curve's closing point (recall 0, no threshold); cut i flags every score >= thresholds[i],
     # thresholds ascending, so ties always fall on one side.
     precision = np.minimum(precision[:-1] / max(label_frequency, 1e-9), 1.0)
-    tp = np.rint(recall[:-1] * labels.sum()).astype(int)
-    flagged = len(scores) - np.searchsorted(np.sort(scores), thresholds, side="left")
+    tp = np.rint(recall[:-1] * positives).astype(int)
+    order = np.argsort(scores, kind="stable")
+    below = np.r_[0.0, np.cumsum(weight[order])]
+    flagged = np.rint(below[-1] - below[np.searchsorted(scores[order], thresholds, side="left")]).astype(int)
     recall = tp / total
     f1 = np.divide(
         2 * precision * recall, precision + recall, out=np.zeros(len(tp)), where=precision + recall > 0

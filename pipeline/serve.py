@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,8 @@ class Checker:
             source = self.reference_path
             require_columns(reference, config.required_columns(), source=source, what="configured")
             check_unique_ids(reference[config.id_column], source=source, id_column=config.id_column)
+            # The error model's lookups also know customers added after training (as `score` does).
+            bundle = replace(bundle, errors=bundle.errors.with_reference(reference))
         with self._remember_lock:
             remembered = list(self._remembered)
         frames = [frame for frame in (reference, *remembered) if frame is not None and len(frame)]

@@ -385,3 +385,89 @@ def test_confirmed_cells_are_sure_negatives() -> None:
     taught = ErrorModel(config, folds=3, threshold=0.5).fit(entered, labels, stored, confirmed=clerk)
     assert taught.confirmed_cells_ == 1
     assert taught.cell_scores(row)["name"].iloc[0] < plain.cell_scores(row)["name"].iloc[0]
+
+
+def _new_customer(stored: pd.DataFrame) -> pd.DataFrame:
+    """Four orders of a customer the training history never saw, with all of its own contact details."""
+    new = stored.iloc[[0] * 4].copy()
+    new["record_id"] = [f"NEW{i}" for i in range(4)]
+    new["customer_name"] = "Zwanenburg Tegelhandel"
+    new["customer_code"] = "C-99999"
+    new["street"] = "Zwanenstraat 9"
+    new["postcode"] = "1011 ZZ"
+    new["city"] = "Amsterdam"
+    new["email"] = "info@zwanenburgtegelhandel.nl"
+    new["phone"] = "020-9999999"
+    return new
+
+
+def test_with_reference_knows_a_customer_added_after_training(demo: dict) -> None:
+    model, stored = demo["model"], demo["stored"]
+    new = _new_customer(stored)
+    reference = pd.concat([stored, new], ignore_index=True)
+    batch = new.iloc[[0]].assign(record_id="B1", customer_code="")
+
+    def suggested(m: ErrorModel) -> list[str]:
+        flags = m.detect(batch)
+        return flags.loc[flags["field"] == "customer_code", "suggestion"].tolist()
+
+    refreshed = model.with_reference(reference)
+    assert suggested(refreshed) == ["C-99999"]
+    assert "C-99999" not in suggested(model)
+    # A copy: the trained model, its classifier and thresholds are left as they were.
+    assert "C-99999" not in model.profile_.fields["customer_code"].counts
+    assert refreshed.classifier_ is model.classifier_
+    assert refreshed.threshold_ == model.threshold_
+
+
+def test_with_reference_keeps_what_training_knew(demo: dict) -> None:
+    model, stored = demo["model"], demo["stored"]
+    name = next(iter(model.profile_.by_target["customer_code"])).source
+    dep = next(dep for dep in model.profile_.by_target["customer_code"] if dep.source == name)
+    known, code = next(iter(dep.implied.items()))
+    # The reference says otherwise about a known customer: training's lookup stays (the classifier was
+    # fitted on it), and the counts of known values too.
+    reference = stored.iloc[:3].assign(**{name: known, "customer_code": "C-00000"})
+    refreshed = model.with_reference(reference)
+    new_dep = next(dep for dep in refreshed.profile_.by_target["customer_code"] if dep.source == name)
+    assert new_dep.implied[known] == code
+    fp, new_fp = model.profile_.fields["customer_code"], refreshed.profile_.fields["customer_code"]
+    assert all(new_fp.counts[value] == n for value, n in fp.counts.items())
+    assert new_fp.counts["C-00000"] == 3
+
+
+def test_training_samples_unlabelled_rows_with_weights(demo: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.errors as errors_module
+
+    config, stored = demo["config"], demo["stored"]
+    log = load_log(demo["paths"].corrections)
+    entered, _ = replay_backwards(stored, log, id_column=config.id_column)
+    labels = cell_labels(log, stored[config.id_column])
+    monkeypatch.setattr(errors_module, "MAX_TRAINING_ROWS", 400)
+    sampled = ErrorModel(config, folds=3).fit(entered, labels, stored)
+    metrics = cell_metrics(sampled.detect(demo["batch"]), demo["truth"], ids=demo["batch"]["record_id"])
+    assert sampled.classifier_.edges is not None  # weighted: inputs cut at unweighted quantiles
+    assert metrics["detection_f1"] > 0.6
+
+
+def test_training_rows_keeps_every_labelled_row() -> None:
+    from pipeline.errors import training_rows
+
+    ids = pd.Series([f"r{i}" for i in range(100)])
+    keep, weight = training_rows(ids, {"r1", "r2"}, 12, np.random.default_rng(0))
+    assert keep[[1, 2]].all() and weight[[1, 2]].tolist() == [1.0, 1.0]
+    assert keep.sum() == 12
+    assert np.isclose(weight[~np.isin(np.arange(100), [1, 2])][0], 98 / 10)
+    keep, weight = training_rows(ids, {"r1"}, 1000, np.random.default_rng(0))
+    assert keep.all() and (weight == 1).all()
+
+
+def test_cut_at_edges_keeps_order_and_missing_values() -> None:
+    from pipeline.errors import cut_at_edges, quantile_edges
+
+    X = np.c_[np.r_[np.arange(1000.0), np.nan], np.r_[np.ones(1000), 2.0]]
+    edges = quantile_edges(X, max_bins=16)
+    assert edges[1] is None and len(edges[0]) == 15
+    cut = cut_at_edges(X, edges)
+    assert np.isnan(cut[-1, 0]) and cut[:, 1].tolist() == X[:, 1].tolist()
+    assert np.all(np.diff(cut[:-1, 0]) >= 0) and len(np.unique(cut[:-1, 0])) == 16
