@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +242,8 @@ def run_batch(
             reference = read_table(reference_path, options=options)
             require_columns(reference, config.required_columns(), source=reference_path, what="configured")
             check_unique_ids(reference[config.id_column], source=reference_path, id_column=config.id_column)
+        if reference is not None:  # the error model's lookups also know customers added after training
+            bundle = replace(bundle, errors=bundle.errors.with_reference(reference))
         matcher = bundle.duplicates.matcher(reference)
         reference_ids = set(reference[config.id_column]) if reference is not None else set()
 
