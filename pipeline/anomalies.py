@@ -25,6 +25,7 @@ reason names the fields whose encodings are rarest in the history, in words a cl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from pathlib import Path
@@ -51,6 +52,8 @@ ANOMALY_SCORE = s.ANOMALY_SCORE
 FLAGGED = "flagged"
 REASON = s.FLAG_REASON
 TOP_FIELDS = 2
+# Records a clerk found normal raise the cutoff at most to this quantile of the history's scores.
+MAX_NORMAL_QUANTILE = 0.999
 # A field's values count as low-cardinality (value rarity is meaningful) when this share of its filled
 # rows holds a value seen at least `RECURRING` times.
 RECURRING = 3
@@ -135,8 +138,13 @@ class AnomalyModel(BaseEstimator):
 
     # ------------------------------------------------------------------------------------------------ fit
 
-    def fit(self, stored: pd.DataFrame) -> AnomalyModel:
-        """Learns the field profiles and the forest from the history (as stored)."""
+    def fit(self, stored: pd.DataFrame, *, normal: pd.DataFrame | None = None) -> AnomalyModel:
+        """Learns the field profiles and the forest from the history (as stored).
+
+        `normal`: records a clerk reviewed and found not unusual (rejected anomaly flags). The cutoff rises
+        above their scores (up to the MAX_NORMAL_QUANTILE of the history), and a record encoded exactly as
+        one of them is never flagged: the same false alarm does not come back.
+        """
         self.profile_ = d.build_profile(stored, self.config, pairs=[])
         self.owners_ = self._plan()
         X = self._encode(stored, leave_one_out=True)
@@ -144,6 +152,13 @@ class AnomalyModel(BaseEstimator):
         raw = -self.forest_.score_samples(X)
         self.reference_ = np.sort(raw)
         self.cutoff_ = float(np.quantile(raw, self.quantile))
+        self.normal_digests_: frozenset[str] = frozenset()
+        if normal is not None and len(normal):
+            encoded = self._encode(normal)
+            highest = float((-self.forest_.score_samples(encoded)).max())
+            cap = float(np.quantile(raw, MAX_NORMAL_QUANTILE))
+            self.cutoff_ = max(self.cutoff_, min(np.nextafter(highest, np.inf), cap))
+            self.normal_digests_ = frozenset(_digests(encoded))
         # Per column, the history's sorted encodings: how rare a record's value is in one field, for reasons.
         self.column_reference_ = np.sort(X, axis=0)
         logger.info(
@@ -165,6 +180,9 @@ class AnomalyModel(BaseEstimator):
         raw = -self.forest_.score_samples(X)
         rank = np.searchsorted(self.reference_, raw, side="right") / max(len(self.reference_), 1)
         flagged = raw > self.cutoff_
+        known = getattr(self, "normal_digests_", frozenset())
+        if known and flagged.any():
+            flagged &= ~np.isin(_digests(X), list(known))
         reasons = np.full(len(chunk), "", dtype=object)
         for i in np.flatnonzero(flagged):
             reasons[i] = self._reason(chunk.iloc[i], X[i])
@@ -245,6 +263,12 @@ class AnomalyModel(BaseEstimator):
         from pipeline.errors import load_model
 
         return load_model(cls, Path(folder), MODEL_FILE, META_FILE)
+
+
+def _digests(encoded: np.ndarray) -> list[str]:
+    """A short digest of each encoded record: identifies a record the model has seen, without its values."""
+    rows = np.ascontiguousarray(np.nan_to_num(encoded, nan=-1.0), dtype=np.float64)
+    return [hashlib.blake2b(row.tobytes(), digest_size=12).hexdigest() for row in rows]
 
 
 def _low_cardinality(fp: d.FieldProfile) -> bool:

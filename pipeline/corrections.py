@@ -229,6 +229,18 @@ def confirmed_cells(log: pd.DataFrame) -> pd.DataFrame:
     ).reset_index(drop=True)
 
 
+def confirmed_records(log: pd.DataFrame) -> set[str]:
+    """Records staff reviewed as a whole and found right: `confirm` rows naming neither a field nor a
+    matched record (a rejected anomaly flag). A record edited or merged later is left out."""
+    rows = log[
+        (log[s.LOG_ACTION] == s.ACTION_CONFIRM)
+        & (log[s.LOG_FIELD] == s.MISSING)
+        & (log[s.LOG_MERGED_INTO] == s.MISSING)
+    ]
+    corrected = log.loc[log[s.LOG_ACTION] != s.ACTION_CONFIRM, s.LOG_RECORD_ID]
+    return set(rows[s.LOG_RECORD_ID]) - set(corrected)
+
+
 def rejected_pairs(log: pd.DataFrame) -> set[frozenset[str]]:
     """Pairs of records staff reviewed and found *not* to be duplicates: `confirm` rows with a
     `merged_into` (a rejected duplicate flag names the record it was matched with there).

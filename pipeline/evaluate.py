@@ -70,6 +70,7 @@ class LabelEvents:
 
     cells: np.ndarray  # entry rank of each labelled cell's record
     merges: np.ndarray  # entry rank of each re-registration
+    confirms: np.ndarray  # entry rank of each record staff reviewed and confirmed (no label, but looked at)
     cell_groups: np.ndarray  # per record (by position in the history): 1 when it has a labelled cell
     cluster_of: np.ndarray  # per record: its merge cluster's number, -1 outside any cluster
 
@@ -102,7 +103,10 @@ def label_events(records: pd.DataFrame, log: pd.DataFrame, config: Config, order
             continue
         cluster_of[group] = number
         merge_ranks.extend(sorted(rank[group])[1:])
+    confirmed = log.loc[log[s.LOG_ACTION] == s.ACTION_CONFIRM, s.LOG_RECORD_ID].to_numpy()
+    confirm_positions = position.reindex(confirmed).dropna().to_numpy(dtype=np.int64)
     return LabelEvents(
+        confirms=np.sort(rank[confirm_positions]),
         cells=np.sort(rank[cell_positions]),
         merges=np.sort(np.asarray(merge_ranks, dtype=np.int64)),
         cell_groups=has_cell,
@@ -160,10 +164,10 @@ def plan_evaluation(
             f"{source}: the corrections log holds no edit of a configured field and no merge of two "
             "records in this history; the models have nothing to learn from"
         )
-    # The period the log covers: from its first labelled event to its last. Records entered before it
+    # The period the log covers: from its first labelled event (or confirmation) to its last. Records before it
     # (a log kept only lately) or after it (not reviewed yet) were never looked at: their errors are not
     # labelled, so they serve the profiles and the reference, not as clean examples or test records.
-    ranks = np.concatenate([e for e in tasks if len(e)])
+    ranks = np.concatenate([*tasks, events.confirms])
     first, last = int(ranks.min()), int(ranks.max())
     covered = np.zeros(n, dtype=bool)
     covered[order[first : last + 1]] = True

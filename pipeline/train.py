@@ -27,6 +27,7 @@ from pipeline.corrections import (
     ReplayStats,
     cell_labels,
     confirmed_cells,
+    confirmed_records,
     duplicate_clusters,
     duplicate_pairs,
     load_log,
@@ -203,8 +204,10 @@ def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds
     errors = ErrorModel(
         config, seed=config.seed, threshold=thresholds.error, suggest_threshold=thresholds.suggest
     ).fit(entered, labels, stored, **widen, **({"confirmed": confirmed} if len(confirmed) else {}))
+    everyone = history.stored.iloc[positions]
+    normal = everyone[everyone[config.id_column].isin(confirmed_records(history.log))]
     anomalies = AnomalyModel(config, quantile=config.anomaly_quantile, seed=config.seed).fit(
-        history.stored.iloc[positions]
+        everyone, normal=normal
     )
     return ModelBundle(config=config, duplicates=duplicates, errors=errors, anomalies=anomalies)
 

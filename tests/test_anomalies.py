@@ -102,3 +102,17 @@ def test_a_fresh_batch_is_flagged_at_about_one_minus_the_quantile() -> None:
     assert bool(flagged["flagged"].iloc[0])
     assert flagged["reason"].iloc[0].startswith("unusual record: ")
     assert "city 'Xyzzy-12'" in flagged["reason"].iloc[0] or "amount 9999999.00" in flagged["reason"].iloc[0]
+
+
+def test_a_record_a_clerk_found_normal_is_not_flagged_again() -> None:
+    history = _history()
+    odd = pd.DataFrame([{"city": "zzz-123", "postcode": "??", "amount": "99999999.00"}], dtype=object)
+    other = pd.DataFrame([{"city": "qqq-9", "postcode": "!!", "amount": "0.01"}], dtype=object)
+    plain = AnomalyModel(CONFIG, quantile=0.99).fit(pd.concat([history, odd], ignore_index=True))
+    assert bool(plain.score(odd)["flagged"].iloc[0])
+    taught = AnomalyModel(CONFIG, quantile=0.99).fit(pd.concat([history, odd], ignore_index=True), normal=odd)
+    assert not taught.score(odd)["flagged"].iloc[0]  # the rejected flag does not come back unchanged
+    assert taught.cutoff_ >= plain.cutoff_
+    # the cutoff rises at most to the history's 99.9% quantile: a different odd record is still flagged
+    assert bool(taught.score(other)["flagged"].iloc[0])
+    assert taught.score(history)["flagged"].mean() <= plain.score(history)["flagged"].mean()

@@ -157,3 +157,23 @@ def test_missing_action_column():
 
 def test_actions_are_case_insensitive():
     assert log([{"record_id": "1", "action": " Merge ", "merged_into": "2"}])["action"].tolist() == ["merge"]
+
+
+def test_confirmed_records_are_whole_record_confirmations_never_corrected_later() -> None:
+    from pipeline.corrections import confirmed_records
+
+    log = validate_log(
+        pd.DataFrame(
+            {
+                "record_id": ["A", "B", "C", "C", "D"],
+                "action": ["confirm", "confirm", "confirm", "edit", "confirm"],
+                "field": ["", "amount", "", "amount", ""],
+                "old_value": ["", "", "", "1", ""],
+                "new_value": ["", "", "", "2", ""],
+                "merged_into": ["", "", "", "", "A"],
+            },
+            dtype=object,
+        )
+    )
+    # B confirmed one cell, C was corrected after all, D was a rejected duplicate of A
+    assert confirmed_records(log) == {"A"}
