@@ -150,7 +150,6 @@ def score_spark(
     spark, created = None, False
     try:
         spark, created = _session(master, spark_conf)
-        model = _ship_model(spark, bundle, shipped)
         config = bundle.config
         # Checked in run_batch's order, so a run with several faults reports the same one first.
         reference = None
@@ -158,6 +157,13 @@ def score_spark(
             reference = _read(spark, reference_path, cached, ReadOptions.from_config(config))
             _require(reference, config.required_columns(), what="configured")
             _check_ids(reference, config.id_column, chunk_rows=None, reference=None)
+            # The error model's lookups also know the reference's records, as in run_batch: refreshed on
+            # the driver from the configured columns, then shipped.
+            columns = [reference.column(name) for name in config.fields if name in reference.header]
+            stored = reference.frame.select(*columns).toPandas()
+            stored.columns = [name for name in config.fields if name in reference.header]
+            bundle = dataclasses.replace(bundle, errors=bundle.errors.with_reference(stored))
+        model = _ship_model(spark, bundle, shipped)
         batch = _read(spark, input_path, cached, ReadOptions.from_config(config))
         _require(batch, [config.id_column, *config.fields], what="configured")
         for name in s.RECORD_COLUMNS:
