@@ -190,7 +190,7 @@ def file_digest(path: str | Path) -> str:
     return sha.hexdigest()
 
 
-def _check_readable(path: Path) -> None:
+def check_readable(path: Path) -> None:
     if not path.exists():
         raise InputFileError(f"{path}: file not found")
     if path.is_dir():
@@ -212,7 +212,7 @@ def detect_format(path: str | Path, options: ReadOptions = DETECT) -> FileFormat
     splits the header into most columns with every sampled row the header's width.
     """
     path = Path(path)
-    _check_readable(path)
+    check_readable(path)
     with open(path, "rb") as fh:
         head = fh.read(_SNIFF_BYTES)
     if head.startswith(_MAGIC_OLE) or path.suffix.lower() == ".xls":
@@ -382,7 +382,7 @@ def _iter_csv(path: Path, chunk_rows: int, fmt: FileFormat) -> Iterator[pd.DataF
             raise InputFileError(f"{path}: line 1: malformed CSV header ({exc}; {fmt.describe()})") from None
         except StopIteration:
             header = []
-        _check_header(path, header)
+        check_header(path, header)
         _check_single_column(path, header, fmt)
         width = len(header)
         rows: list[list[str]] = []
@@ -484,7 +484,7 @@ def _not_decodable(path: Path, fmt: FileFormat) -> InputFileError:
     return InputFileError(f"{path}: is not {label} text (encoding {label} {source}); {fix}")
 
 
-def _not_utf8(path: Path) -> InputFileError:
+def not_utf8_error(path: Path) -> InputFileError:
     """The error for a file read as UTF-8 that is not (the Spark engine's reader uses it too)."""
     return _not_decodable(path, FileFormat("csv", encoding=UTF8))
 
@@ -495,7 +495,7 @@ def _frame(rows: list[list[str]], header: list[str], start: int) -> pd.DataFrame
     return frame
 
 
-def _check_header(path: Path, header: Sequence[str]) -> None:
+def check_header(path: Path, header: Sequence[str]) -> None:
     if not header or all(not name.strip() for name in header):
         raise InputFileError(f"{path}: the first line must be a header row naming the columns")
     seen: set[str] = set()
@@ -517,7 +517,7 @@ def _iter_parquet(path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
     except (pa.ArrowException, OSError) as exc:
         raise InputFileError(f"{path}: not a readable Parquet file ({exc})") from None
     header = parquet.schema_arrow.names
-    _check_header(path, header)
+    check_header(path, header)
     start = 0
     for batch in parquet.iter_batches(batch_size=chunk_rows):
         columns = {}
@@ -582,7 +582,7 @@ def _iter_sheet(path: Path, sheet: Any, chunk_rows: int) -> Iterator[pd.DataFram
             break
     if not header:
         raise InputFileError(f"{path}: {where} is empty (expected at least a header row)")
-    _check_header(path, header)
+    check_header(path, header)
     width = len(header)
     rows: list[list[str]] = []
     start = 0

@@ -633,21 +633,30 @@ class DuplicateModel:
         keys = [_join_keys([single[part] for part in rule.parts]).tolist() for rule in rules]
         return _Encoded(ids, raw, normalised, parsed, keys, self._times(frame).tolist())
 
+    def blocking_keys(self, frame: pd.DataFrame) -> tuple[list[list[str]], np.ndarray]:
+        """Each record's key per blocking rule (`""` = none; one list per rule, in rule order) and its
+        entry time in days (NaN when unknown): what another engine needs to form the same blocks."""
+        self._check_fitted()
+        encoded = self._encode(frame)
+        return encoded.keys, np.asarray(encoded.times, dtype=float)
+
     # ------------------------------------------------------------------ scoring
 
-    def matcher(self, reference: pd.DataFrame | None, *, refresh_frequencies: bool = False) -> Matcher:
+    def matcher(
+        self, reference: pd.DataFrame | None, *, refresh_frequencies: bool = False, evict: bool = False
+    ) -> Matcher:
         """A matcher whose index holds the reference records (oldest first); built once per batch.
 
         Exact agreements count by the term frequencies counted at `fit`; with `refresh_frequencies` they
         are counted on the reference instead (as stored today: a customer added after training is known),
         on the same rarity scale, so a reference ten times larger does not make agreements look rarer.
-        The Spark engine uses the fitted frequencies.
+        The Spark engine uses the fitted frequencies. `evict`: see `Matcher` (the batch job's flat memory).
         """
         self._check_fitted()
         frequencies = None
         if refresh_frequencies and reference is not None and len(reference):
             frequencies = self.term_frequencies(reference)
-        return Matcher(self, reference, frequencies=frequencies)
+        return Matcher(self, reference, frequencies=frequencies, evict=evict)
 
     def term_frequencies(self, records: pd.DataFrame) -> dict[str, TermFrequencies]:
         """Each match field's term frequencies counted on `records`, on the fitted rarity scale."""
@@ -884,8 +893,13 @@ class Matcher:
     """The index over the reference records and the batch records seen so far.
 
     `match` scores a chunk against everything indexed, then indexes the chunk, so duplicates within a
-    batch are found across chunk borders. Memory grows with the records indexed (reference plus batch),
-    a few hundred bytes each, not with any pairwise structure.
+    batch are found across chunk borders. Each field's values are stored once (a code per record, the
+    value per code), the entry times in a flat array, a record's cluster only when it joined another's.
+
+    With `evict` (the batch job) a block keeps only its `window` latest records and its size, and a
+    record that has left the window of every block it is in is dropped from the index at the start of the
+    next chunk: candidates only ever come from those windows, so it could never be matched again. The
+    results are the same as without eviction; only `match(remember=False)` is not available then.
     """
 
     def __init__(
@@ -894,39 +908,68 @@ class Matcher:
         reference: pd.DataFrame | None,
         rules: list[BlockingRule] | None = None,
         frequencies: dict[str, TermFrequencies] | None = None,
+        *,
+        evict: bool = False,
     ) -> None:
         self._model = model
         self._frequencies = model.term_frequencies_ if frequencies is None else frequencies
         self._fields = [plugin.field for plugin in model.plugins_]
-        self._ids: list[str] = []
-        self._raw: list[tuple[str, ...]] = []
+        self._ids: list[str | None] = []
         self._raw_fields: list[str] = list(model.config.fields)
-        self._normalised: dict[str, list[str]] = {field: [] for field in self._fields}
-        # Each field's values are stored once: a code per record (-1 = missing) and the parsed value per code,
-        # so a comparator runs once per distinct pair of values rather than once per pair of records.
+        # The raw values (what `record` returns) and each match field's values are stored once per field: a
+        # code per record and the value per code, so a comparator runs once per distinct pair of values
+        # rather than once per pair of records. Code -1 = no parsed value (its normalised text, when not
+        # empty, is kept by position in `_unparsed`).
+        self._raw_codes: dict[str, array] = {field: array("q") for field in self._raw_fields}
+        self._raw_code_of: dict[str, dict[str, int]] = {field: {} for field in self._raw_fields}
+        self._raw_texts: dict[str, list[str]] = {field: [] for field in self._raw_fields}
         self._codes: dict[str, array] = {field: array("q") for field in self._fields}
         self._code_of: dict[str, dict[str, int]] = {field: {} for field in self._fields}
+        self._texts: dict[str, list[str]] = {field: [] for field in self._fields}  # normalised, per code
         self._values: dict[str, list[Any]] = {field: [] for field in self._fields}
         self._rarity: dict[str, list[float]] = {field: [] for field in self._fields}  # per code
-        self._times: list[float] = []
+        self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
+        self._times = array("d")
+        # Per rule: key -> [records in the block so far, position, position, ...] (positions oldest first).
         self._blocks: list[dict[str, list[int]]] = [{} for _ in (model.rules_ if rules is None else rules)]
         self._position: dict[str, int] = {}
-        self._cluster: dict[str, str] = {}
+        self._cluster: dict[str, str] = {}  # only records that joined another record's cluster
+        self._evict = evict
+        self._live = array("b")  # per record: blocks whose window still holds it (with `evict`)
+        self._leaving: list[int] = []  # records that left every window; dropped before the next chunk
         self._last_keys: list[list[str]] = []
+        # How common each value is in the data being matched (see `_count_density`).
+        self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.int64) for field in self._fields}
+        self._present: dict[str, int] = {field: 0 for field in self._fields}
+        self._fitted_share: dict[str, list[float]] = {field: [] for field in self._fields}  # per code
+        self._penalty: dict[str, array] = {field: array("f") for field in self._fields}  # per record
         self._lock = threading.RLock()
         if reference is not None and len(reference):
             ordered = reference.iloc[model._entry_order(reference)]
             self._candidates(model._encode(ordered), collect=False)
 
     def __len__(self) -> int:
+        """Records indexed so far (evicted ones included)."""
         return len(self._ids)
+
+    @property
+    def resident(self) -> int:
+        """Records still held in the index (not evicted)."""
+        return len(self._position)
 
     def record(self, record_id: str) -> dict[str, str] | None:
         """The raw field values of an indexed record (reference or earlier batch), or None."""
         position = self._position.get(str(record_id))
         if position is None:
             return None
-        return dict(zip(self._raw_fields, self._raw[position], strict=False))
+        return {field: self._raw_value(field, position) for field in self._raw_fields}
+
+    def _raw_value(self, field: str, position: int) -> str:
+        return self._raw_texts[field][self._raw_codes[field][position]]
+
+    def _normalised(self, field: str, position: int) -> str:
+        code = self._codes[field][position]
+        return self._texts[field][code] if code >= 0 else self._unparsed[field].get(position, s.MISSING)
 
     def _parsed_value(self, field: str, position: int) -> Any:
         """The parsed value (as the comparators see it) of a field of an indexed record; None if missing."""
@@ -939,25 +982,105 @@ class Matcher:
             present = set(self._raw_fields)
             raise SchemaError(f"records: expected the config's fields {sorted(present)} in every chunk")
         self._ids.extend(encoded.ids)
-        self._raw.extend(encoded.raw)
+        for column, field in enumerate(self._raw_fields):
+            code_of, texts, codes = self._raw_code_of[field], self._raw_texts[field], self._raw_codes[field]
+            for row in encoded.raw:
+                value = row[column]
+                code = code_of.get(value)
+                if code is None:
+                    code = code_of[value] = len(texts)
+                    texts.append(value)
+                codes.append(code)
         for field in self._fields:
-            self._normalised[field].extend(encoded.normalised[field])
             code_of, values, codes = self._code_of[field], self._values[field], self._codes[field]
+            texts, unparsed = self._texts[field], self._unparsed[field]
             rarity, frequencies = self._rarity[field], self._frequencies.get(field)
-            for value, parsed in zip(encoded.normalised[field], encoded.parsed[field], strict=True):
+            for offset, (value, parsed) in enumerate(
+                zip(encoded.normalised[field], encoded.parsed[field], strict=True)
+            ):
                 if parsed is None:
                     codes.append(-1)
+                    if value:
+                        unparsed[start + offset] = value
                     continue
                 code = code_of.get(value)
                 if code is None:
                     code = code_of[value] = len(values)
                     values.append(parsed)
+                    texts.append(value)
                     rarity.append(frequencies.rarity(value) if frequencies is not None else 1.0)
                 codes.append(code)
         self._times.extend(encoded.times)
         for offset, record_id in enumerate(encoded.ids):
             self._position[record_id] = start + offset
+        self._count_density(start)
         return start
+
+    def _count_density(self, start: int) -> None:
+        """Counts the values of the records indexed from `start` on, and notes for each record and field
+        how much more common its value is among the records indexed so far (itself included) than among
+        the records the model learned from: `max(0, ln(share now / share at fit))`, its density penalty.
+
+        The model's weights say what agreeing on a value is worth at the density of its training period;
+        a batch twenty times denser (a customer's seven orders on one day) makes agreeing on the order
+        date twenty times more likely by chance, so that agreement is worth ln 20 less (Fellegi-Sunter's
+        u-probability, counted on the data being scored). Counted in indexing order, so a record's
+        penalty does not depend on how the batch was cut into chunks; never a bonus, so a value that is
+        rarer than at fit keeps what the model learned.
+        """
+        for field in self._fields:
+            codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
+            shares = self._fitted_share[field]
+            if len(shares) < len(self._values[field]):
+                frequencies = self._frequencies.get(field)
+                shares.extend(
+                    frequencies.share(value) if frequencies is not None else 1.0
+                    for value in self._texts[field][len(shares) :]
+                )
+            seen = self._seen[field]
+            if len(seen) < len(shares):
+                seen = self._seen[field] = np.concatenate([seen, np.zeros(len(shares) - len(seen), np.int64)])
+            present = codes >= 0
+            values = codes[present]
+            count, total = _running_counts(values, seen, self._present[field])
+            penalty = np.zeros(len(codes), dtype="f4")
+            penalty[present] = density_penalty(count, total, np.asarray(shares, dtype=float)[values])
+            np.add.at(seen, values, 1)
+            self._present[field] += len(values)
+            self._penalty[field].extend(penalty.tolist())
+
+    def _uncount_density(self, start: int) -> None:
+        """Takes the records indexed from `start` on out of the value counts again (see `_rollback`)."""
+        for field in self._fields:
+            codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
+            values = codes[codes >= 0]
+            np.subtract.at(self._seen[field], values, 1)
+            self._present[field] -= len(values)
+            del self._penalty[field][start:]
+
+    def _density_offset(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        """Per pair, the density penalties of the fields on which the two agree, summed (left = the later
+        record, whose counts are as of its indexing)."""
+        offset = np.zeros(len(left))
+        for field in self._fields:
+            codes = np.frombuffer(self._codes[field], dtype=np.int64)
+            same = (codes[left] >= 0) & (codes[left] == codes[right])
+            penalty = np.frombuffer(self._penalty[field], dtype="f4")
+            offset[same] += penalty[left[same]]
+        return offset
+
+    def _drop_left(self) -> None:
+        """Drops the records that left every block window while the previous chunk was indexed."""
+        for position in self._leaving:
+            record_id = self._ids[position]
+            if record_id is None:
+                continue
+            self._ids[position] = None
+            self._position.pop(record_id, None)
+            self._cluster.pop(record_id, None)
+            for field in self._fields:
+                self._unparsed[field].pop(position, None)
+        self._leaving = []
 
     def _candidates(
         self, encoded: _Encoded, collect: bool = True
@@ -970,6 +1093,7 @@ class Matcher:
         """
         start = self._add(encoded)
         window, top_k = self._model.window, self._model.top_k
+        evict, live, leaving = self._evict, self._live, self._leaving
         query: list[int] = []
         found: list[int] = []
         shared: list[float] = []
@@ -978,19 +1102,31 @@ class Matcher:
         for offset in range(len(encoded)):
             position = start + offset
             counts: dict[int, float] = {}
+            in_blocks = 0
             for rule_keys, block_index in zip(key_columns, blocks, strict=True):
                 key = rule_keys[offset]
                 if not key:
                     continue
+                in_blocks += 1
                 block = block_index.get(key)
                 if block is None:
-                    block_index[key] = [position]
+                    block_index[key] = [1, position]
                     continue
                 if collect:
-                    weight = 1.0 / len(block)
-                    for other in block[-window:]:
+                    weight = 1.0 / block[0]
+                    for other in block[max(1, len(block) - window) :]:
                         counts[other] = counts.get(other, 0.0) + weight
+                block[0] += 1
                 block.append(position)
+                if evict and len(block) > window + 1:
+                    gone = block.pop(1)
+                    live[gone] -= 1
+                    if not live[gone]:
+                        leaving.append(gone)
+            if evict:
+                live.append(min(in_blocks, 127))
+                if not in_blocks:
+                    leaving.append(position)
             if not counts:
                 continue
             if len(counts) > top_k:
@@ -1010,9 +1146,10 @@ class Matcher:
         n = len(left)
         distances = np.empty((n, len(data_model)), dtype="f4")
         distinct: dict[str, tuple[np.ndarray, list[Any], list[Any], np.ndarray]] = {}
+        codes_of = {field: np.frombuffer(self._codes[field], dtype=np.int64) for field in self._fields}
         for field, compare, start, _stop in data_model._field_comparators:
             if field not in distinct:
-                codes = np.array(self._codes[field], dtype=np.int64)
+                codes = codes_of[field]
                 code_left, code_right = codes[left], codes[right]
                 present = (code_left >= 0) & (code_right >= 0)
                 size = max(len(self._values[field]), 1)
@@ -1031,7 +1168,7 @@ class Matcher:
         derived = data_model._add_derived_distances(distances)
         agreement = np.zeros((n, len(self._fields)), dtype=derived.dtype)
         for column, field in enumerate(self._fields):
-            codes = np.array(self._codes[field], dtype=np.int64)
+            codes = codes_of[field]
             code_left, code_right = codes[left], codes[right]
             same = (code_left >= 0) & (code_left == code_right)
             rarity = np.asarray(self._rarity[field], dtype=derived.dtype)
@@ -1041,11 +1178,16 @@ class Matcher:
     def _score(self, chunk: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Scores the chunk's candidates and indexes the chunk. Returns the best candidate per row (index =
         record id: candidate_id, score, position, candidate position) and all scored pairs."""
+        self._drop_left()
         encoded = self._model._encode(chunk)
-        self._last_keys = encoded.keys  # for `_rollback`
+        self._last_keys = [] if self._evict else encoded.keys  # for `_rollback`
         query, found, _ = self._candidates(encoded)
         start = len(self._ids) - len(encoded)
-        scores = self._model.probabilities(self._features(query, found)) if len(query) else np.zeros(0)
+        scores = (
+            self._model.probabilities(self._features(query, found), self._density_offset(query, found))
+            if len(query)
+            else np.zeros(0)
+        )
         best_score = np.zeros(len(encoded))
         best_position = np.full(len(encoded), -1, dtype=np.int64)
         if len(query):
@@ -1079,9 +1221,11 @@ class Matcher:
         remembers the chunk so later chunks are matched against it too.
 
         With `remember=False` the index is left as it was (the chunk's rows are still matched against each
-        other): a check that must not add what it checks. One chunk at a time changes the index, so threads
-        may share a matcher.
+        other): a check that must not add what it checks (not with `evict`). One chunk at a time changes
+        the index, so threads may share a matcher.
         """
+        if not remember and self._evict:
+            raise ValueError("match(remember=False) needs a matcher built without evict")
         with self._lock:
             undo = None if remember else self._checkpoint(chunk)
             try:
@@ -1095,31 +1239,42 @@ class Matcher:
         positions = {i: self._position[i] for i in ids if i in self._position}
         clusters = {i: self._cluster[i] for i in ids if i in self._cluster}
         sizes = {field: len(self._values[field]) for field in self._fields}
+        sizes.update({f"raw:{field}": len(self._raw_texts[field]) for field in self._raw_fields})
         return len(self._ids), sizes, positions, clusters
 
     def _rollback(
         self, start: int, sizes: dict[str, int], positions: dict[str, int], clusters: dict[str, str]
     ) -> None:
         """Takes the records indexed from `start` on out of the index again (see `_checkpoint`)."""
+        self._uncount_density(start)
         # Blocks are appended in position order, so the chunk's positions are at the tails of its blocks.
         for rule_keys, block_index in zip(self._last_keys, self._blocks, strict=True):
             for key in rule_keys:
                 block = block_index.get(key) if key else None
-                while block and block[-1] >= start:
+                while block is not None and len(block) > 1 and block[-1] >= start:
                     block.pop()
-                if block is not None and not block:
+                    block[0] -= 1
+                if block is not None and len(block) == 1:
                     del block_index[key]
         for field in self._fields:
             code_of, size = self._code_of[field], sizes[field]
-            for value in self._normalised[field][start:]:
-                if code_of.get(value, -1) >= size:
-                    del code_of[value]
-            del self._values[field][size:], self._normalised[field][start:], self._codes[field][start:]
+            for value in self._texts[field][size:]:
+                del code_of[value]
+            del self._values[field][size:], self._texts[field][size:], self._codes[field][start:]
             del self._rarity[field][size:]
+            unparsed = self._unparsed[field]
+            for position in [p for p in unparsed if p >= start]:
+                del unparsed[position]
+        for field in self._raw_fields:
+            code_of, size = self._raw_code_of[field], sizes[f"raw:{field}"]
+            for value in self._raw_texts[field][size:]:
+                del code_of[value]
+            del self._raw_texts[field][size:], self._raw_codes[field][start:]
         for record_id in self._ids[start:]:
-            self._position.pop(record_id, None)
-            self._cluster.pop(record_id, None)
-        del self._ids[start:], self._raw[start:], self._times[start:]
+            if record_id is not None:
+                self._position.pop(record_id, None)
+                self._cluster.pop(record_id, None)
+        del self._ids[start:], self._times[start:]
         self._position.update(positions)
         self._cluster.update(clusters)
 
@@ -1140,12 +1295,12 @@ class Matcher:
             if other >= 0 and score >= model.threshold_:
                 cluster = self._cluster.get(candidate_id, candidate_id)
                 duplicate_of.append(candidate_id)
-                reasons.append(self._reason(int(position), int(other)))
+                reasons.append(self.reason(int(position), int(other)))
+                self._cluster[record_id] = cluster
             else:
                 cluster = record_id
                 duplicate_of.append(s.MISSING)
                 reasons.append(s.MISSING)
-            self._cluster[record_id] = cluster
             cluster_ids.append(cluster)
         return pd.DataFrame(
             {
@@ -1157,11 +1312,54 @@ class Matcher:
             index=chunk.index,
         )
 
-    def _reason(self, position: int, other: int) -> str:
-        record = {field: self._normalised[field][position] for field in self._fields}
-        match = {field: self._normalised[field][other] for field in self._fields}
+    def reason(self, position: int, other: int) -> str:
+        """The clerk's sentence for indexed record `position` duplicating indexed record `other`."""
+        record = {field: self._normalised(field, position) for field in self._fields}
+        match = {field: self._normalised(field, other) for field in self._fields}
         days = self._times[position] - self._times[other]
-        return self._model.reason(record, match, self._ids[other], None if math.isnan(days) else days)
+        return self._model.reason(record, match, str(self._ids[other]), None if math.isnan(days) else days)
+
+    # ------------------------------------------------------------------ pairs given from outside
+
+    def score_pairs(self, left: pd.DataFrame, right: pd.DataFrame) -> ScoredPairs:
+        """Scores given pairs (row i of `left` against row i of `right`; same columns, text cells) with the
+        model's comparisons and classifier, without blocking: the public entry of another engine (Spark
+        finds the candidates itself and calls this per bucket). The matcher must be empty."""
+        if len(self._ids):
+            raise ValueError("score_pairs needs an empty matcher (DuplicateModel.matcher(None))")
+        if len(left) != len(right):
+            raise ValueError(f"score_pairs: {len(left)} left rows but {len(right)} right rows")
+        n = len(left)
+        self._add(self._model._encode(left))
+        self._add(self._model._encode(right))
+        positions = np.arange(n)
+        scores = self._model.probabilities(self._features(positions, positions + n)) if n else np.zeros(0)
+        return ScoredPairs(self, scores)
+
+
+class ScoredPairs:
+    """Pairs scored by `Matcher.score_pairs`: `scores[i]` for pair i, its ids, reason and matched values."""
+
+    def __init__(self, matcher: Matcher, scores: np.ndarray) -> None:
+        self._matcher = matcher
+        self.scores = scores
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def left_id(self, i: int) -> str:
+        return str(self._matcher._ids[i])
+
+    def right_id(self, i: int) -> str:
+        return str(self._matcher._ids[len(self) + i])
+
+    def reason(self, i: int) -> str:
+        """The clerk's sentence for pair i (left duplicates right)."""
+        return self._matcher.reason(i, len(self) + i)
+
+    def right_value(self, i: int, field: str) -> str:
+        """The raw value of config field `field` of pair i's right record."""
+        return self._matcher._raw_value(field, len(self) + i)
 
 
 # ---------------------------------------------------------------------- helpers

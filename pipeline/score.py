@@ -9,7 +9,9 @@ chunk so duplicates are found across chunk borders.
 from __future__ import annotations
 
 import csv
+import heapq
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -145,11 +147,11 @@ def score_chunk(chunk: pd.DataFrame, bundle: ModelBundle, matcher: Any) -> Chunk
         }
     )
     parts = [frame for frame in (duplicate_flags, error_flags, anomaly_flags) if len(frame)]
-    flags = pd.concat(parts, ignore_index=True) if parts else _empty_flags()
+    flags = pd.concat(parts, ignore_index=True) if parts else empty_flags()
     return ChunkResult(columns=columns, flags=flags, cell_scores=cell_scores)
 
 
-def _empty_flags() -> pd.DataFrame:
+def empty_flags() -> pd.DataFrame:
     return pd.DataFrame({name: pd.Series(dtype=object) for name in ("_row", *s.FLAG_COLUMNS)})
 
 
@@ -189,6 +191,66 @@ def sort_flags(flags: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------- batch job
+
+
+class FlagRuns:
+    """The batch's flags, spilled to disk one sorted run per chunk and merged at the end (k-way), so the
+    job holds one chunk's flags at a time. The order is `sort_flags`' on all flags at once: highest score
+    first, then input row, kind and field (no two flags tie on all four, so the merge is exact).
+
+    >>> # runs = FlagRuns(folder); runs.add(chunk_flags); ...; runs.merge_into(folder / "flags.csv")
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.paths: list[Path] = []
+
+    def add(self, flags: pd.DataFrame) -> None:
+        """Writes one chunk's flags (with `_row`) as a sorted run; scores keep every bit (`repr`)."""
+        if not len(flags):
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ordered = sort_flags(flags)
+        ordered = ordered.assign(**{s.FLAG_SCORE: [repr(float(v)) for v in ordered[s.FLAG_SCORE]]})
+        path = self.folder / f"run-{len(self.paths):06d}.csv"
+        with open(path, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh, lineterminator=CSV_LINE_END)
+            writer.writerows(ordered[["_row", *s.FLAG_COLUMNS]].itertuples(index=False, name=None))
+        self.paths.append(path)
+
+    def merge_into(self, path: Path) -> int:
+        """Writes flags.csv (header, then every run merged in order, scores as `fmt_score` prints them);
+        removes the runs. Returns the number of flags."""
+        score_at = 1 + s.FLAG_COLUMNS.index(s.FLAG_SCORE)
+        kind_at = 1 + s.FLAG_COLUMNS.index(s.FLAG_KIND)
+        field_at = 1 + s.FLAG_COLUMNS.index(s.FLAG_FIELD)
+
+        def key(row: list[str]) -> tuple[Any, ...]:
+            score = float(row[score_at])
+            missing = math.isnan(score)  # NaN last, as pandas sorts it
+            return (
+                missing,
+                0.0 if missing else -score,
+                int(row[0]),
+                FLAG_KIND_ORDER[row[kind_at]],
+                row[field_at],
+            )
+
+        def read(run: Path) -> Any:
+            with open(run, encoding="utf-8", newline="") as fh:
+                yield from csv.reader(fh)
+
+        count = 0
+        with open(path, "w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh, lineterminator=CSV_LINE_END)
+            writer.writerow(s.FLAG_COLUMNS)
+            for row in heapq.merge(*(read(run) for run in self.paths), key=key):
+                out = row[1:]
+                out[score_at - 1] = f"{min(max(float(out[score_at - 1]), 0.0), 1.0):.4f}"
+                writer.writerow(out)
+                count += 1
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return count
 
 
 def prepare_output(output: Path, *, overwrite: bool) -> Path:
@@ -244,11 +306,12 @@ def run_batch(
             check_unique_ids(reference[config.id_column], source=reference_path, id_column=config.id_column)
         if reference is not None:  # the error model's lookups also know customers added after training
             bundle = replace(bundle, errors=bundle.errors.with_reference(reference))
-        matcher = bundle.duplicates.matcher(reference)
-        reference_ids = set(reference[config.id_column]) if reference is not None else set()
-
-        seen_ids: set[str] = set()
-        all_flags: list[pd.DataFrame] = []
+        matcher = bundle.duplicates.matcher(reference, evict=True)
+        reference_rows = len(reference) if reference is not None else 0
+        # Ids of the reference and of every chunk so far, in one set (not a fresh union per chunk).
+        seen_ids: set[str] = set(reference[config.id_column]) if reference is not None else set()
+        del reference
+        runs = FlagRuns(staging / ".flag-runs")
         rows = 0
         columns: list[str] | None = None
         histograms = {name: np.zeros(HISTOGRAM_BINS, dtype=int) for name in SCORE_COLUMNS}
@@ -268,14 +331,14 @@ def run_batch(
                     chunk[config.id_column],
                     source=input_path,
                     id_column=config.id_column,
-                    seen=seen_ids | reference_ids if reference_ids else seen_ids,
+                    seen=seen_ids,
                 )
                 seen_ids.update(chunk[config.id_column])
                 if len(chunk):
                     result = score_chunk(chunk, bundle, matcher)
                     out = pd.concat([chunk, result.columns], axis=1)
                     writer.writerows(out.itertuples(index=False, name=None))
-                    all_flags.append(result.flags)
+                    runs.add(result.flags)
                     for name in SCORE_COLUMNS:
                         values = result.columns[name].to_numpy(dtype=float)
                         histograms[name] += np.histogram(values, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
@@ -283,8 +346,14 @@ def run_batch(
                 if progress is not None:
                     progress(len(chunk))
                 logger.info("scored %d rows", rows)
-        flags = sort_flags(pd.concat(all_flags, ignore_index=True)) if all_flags else _empty_flags()
-        _write_flags(flags, staging, output_format)
+        del seen_ids
+        runs.merge_into(staging / s.FLAGS_FILE)
+        # What the summary and report count (kinds, fields, distinct records, the top flags): read back
+        # from flags.csv as Arrow-backed text, a few bytes per flag rather than the chunks' frames.
+        flags = pd.read_csv(staging / s.FLAGS_FILE, dtype=str, keep_default_na=False)
+        if output_format == "parquet":
+            flags.to_parquet(staging / "flags.parquet", index=False)
+        flags[s.FLAG_SCORE] = flags[s.FLAG_SCORE].astype(float)
         if output_format == "parquet":
             pd.read_csv(records_path, dtype=str, keep_default_na=False).to_parquet(
                 staging / "records.parquet", index=False
@@ -295,7 +364,7 @@ def run_batch(
             rows=rows,
             input_path=input_path,
             input_digest=file_digest(input_path),
-            reference_rows=len(reference_ids),
+            reference_rows=reference_rows,
             reference_path=reference_path,
             seconds=time.perf_counter() - started,
         )
@@ -307,7 +376,7 @@ def run_batch(
     return summary
 
 
-def _write_flags(flags: pd.DataFrame, folder: Path, output_format: str) -> None:
+def write_flags(flags: pd.DataFrame, folder: Path, output_format: str) -> None:
     out = flags.drop(columns="_row").copy()
     out[s.FLAG_SCORE] = fmt_score(out[s.FLAG_SCORE]) if len(out) else out[s.FLAG_SCORE]
     out = out[list(s.FLAG_COLUMNS)]

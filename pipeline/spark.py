@@ -63,24 +63,24 @@ from pipeline.ingest import (
     DEFAULT_CHUNK_ROWS,
     FileFormat,
     ReadOptions,
-    _check_header,
-    _check_readable,
-    _not_utf8,
+    check_header,
+    check_readable,
     detect_format,
     file_digest,
     is_excel,
     is_parquet,
+    not_utf8_error,
 )
 from pipeline.score import (
     CSV_LINE_END,
     HISTOGRAM_BINS,
     SCORE_COLUMNS,
-    _empty_flags,
-    _write_flags,
+    empty_flags,
     prepare_output,
     publish,
     score_chunk,
     sort_flags,
+    write_flags,
 )
 
 if TYPE_CHECKING:
@@ -194,8 +194,8 @@ def score_spark(
         logger.info("spark: scored %d rows (%.1f s)", batch.rows, time.perf_counter() - started)
         records_path = staging / s.RECORDS_FILE
         _write_records(result, records_path, batch.header)
-        flags = sort_flags(pd.concat(flag_frames, ignore_index=True)) if flag_frames else _empty_flags()
-        _write_flags(flags, staging, output_format)
+        flags = sort_flags(pd.concat(flag_frames, ignore_index=True)) if flag_frames else empty_flags()
+        write_flags(flags, staging, output_format)
         if output_format == "parquet":
             _records_parquet(records_path, staging / "records.parquet")
         summary = build_summary(
@@ -316,7 +316,7 @@ def _read(spark: SparkSession, path: str | Path, cached: list[DataFrame], option
     from pyspark.sql import functions as F
 
     if _is_local(path):
-        _check_readable(_local(path))
+        check_readable(_local(path))
         uri = str(_local(path).resolve())
         fmt = detect_format(_local(path), options)
     else:
@@ -357,7 +357,7 @@ def _read(spark: SparkSession, path: str | Path, cached: list[DataFrame], option
     if has_bad:
         header = [name or "" for name in stats[min(stats)]["first"]]
         header[0] = header[0].removeprefix("\ufeff")
-        _check_header(Path(str(path)), header)
+        check_header(Path(str(path)), header)
         _check_cells(stats, row_of, path, header, fmt.delimiter)
     starts = F.create_map(*[F.lit(value) for item in offsets.items() for value in item])
     offset = F.element_at(starts, F.shiftright(F.col(MONO), PARTITION_BITS)) if offsets else F.lit(0)
@@ -426,7 +426,7 @@ def _read_parquet(spark: SparkSession, uri: str, path: str | Path) -> tuple[Data
 
     frame = spark.read.parquet(uri)
     header = list(frame.columns)
-    _check_header(Path(str(path)), header)
+    check_header(Path(str(path)), header)
     columns = [f"c{i}" for i in range(len(header))]
     schema = StructType([StructField(name, StringType()) for name in columns])
     return frame.mapInArrow(_arrow_as_text, schema), header
@@ -474,7 +474,7 @@ def _check_cells(
     replaced = min((row_of(p["replaced"]) for p in stats.values() if p["replaced"] is not None), default=None)
     if replaced is not None and (bad is None or replaced < bad[0]) and not _valid_utf8(path):
         if _is_local(path):
-            raise _not_utf8(_local(path))
+            raise not_utf8_error(_local(path))
         raise InputFileError(f"{path}: row {replaced + 1} is not UTF-8 text; save the file as UTF-8")
     if bad is not None:
         cells = len(next(csv.reader(io.StringIO(bad[1]), delimiter=delimiter), []))
@@ -663,14 +663,10 @@ def _keys_of(model: str, prefix: str, names: list[str], *, is_batch: bool) -> An
         for pdf in batches:
             if not len(pdf):
                 continue
-            encoded = duplicates._encode(_frame_of(pdf, prefix, names))
+            keys, times = duplicates.blocking_keys(_frame_of(pdf, prefix, names))
             rows = pdf[ROW].to_numpy(dtype=np.int64)
-            if is_batch:
-                tkey = np.full(len(rows), np.inf)
-            else:
-                times = np.asarray(encoded.times, dtype=float)
-                tkey = np.where(np.isnan(times), -np.inf, times)
-            for rule, values in enumerate(encoded.keys):
+            tkey = np.full(len(rows), np.inf) if is_batch else np.where(np.isnan(times), -np.inf, times)
+            for rule, values in enumerate(keys):
                 values = np.asarray(values, dtype=object)
                 present = values != s.MISSING
                 if present.any():
@@ -686,16 +682,12 @@ def _best_of(model: str, names: list[str]) -> Any:
     each record's best (highest score, then most recently indexed), with the model's reason when linked."""
 
     def run(pdf: pd.DataFrame) -> pd.DataFrame:
-        from pipeline.linkage import Matcher
-
         bundle = _load_bundle(model)
         duplicates = bundle.duplicates
         fields = list(bundle.config.fields)
         n = len(pdf)
-        matcher = Matcher(duplicates, None)
-        matcher._add(duplicates._encode(_frame_of(pdf, "q", names)))
-        matcher._add(duplicates._encode(_frame_of(pdf, "o", names)))
-        scores = duplicates.probabilities(matcher._features(np.arange(n), np.arange(n, 2 * n)))
+        pairs = duplicates.matcher(None).score_pairs(_frame_of(pdf, "q", names), _frame_of(pdf, "o", names))
+        scores = pairs.scores
         query = pdf["q_row"].to_numpy(dtype=np.int64)
         tkey = pdf["o_tkey"].to_numpy(dtype=float)
         other = pdf["o_row"].to_numpy(dtype=np.int64)
@@ -704,21 +696,17 @@ def _best_of(model: str, names: list[str]) -> Any:
         first[1:] = query[order][1:] != query[order][:-1]
         chosen = order[first]
         linked = scores[chosen] >= duplicates.threshold_
-        reasons = [
-            matcher._reason(int(i), n + int(i)) if ok else s.MISSING
-            for i, ok in zip(chosen, linked, strict=True)
-        ]
+        reasons = [pairs.reason(int(i)) if ok else s.MISSING for i, ok in zip(chosen, linked, strict=True)]
         out = {
             "q_row": query[chosen],
-            "record_id": [matcher._ids[int(i)] for i in chosen],
-            "candidate_id": [matcher._ids[n + int(i)] for i in chosen],
+            "record_id": [pairs.left_id(int(i)) for i in chosen],
+            "candidate_id": [pairs.right_id(int(i)) for i in chosen],
             "score": scores[chosen],
             "linked": linked,
             "reason": reasons,
         }
         for j, name in enumerate(fields):
-            column = matcher._raw_fields.index(name)  # the duplicate model's own field order
-            values = [matcher._raw[n + int(i)][column] for i in chosen]
+            values = [pairs.right_value(int(i), name) for i in chosen]
             out[f"m{j}"] = np.where(linked, np.asarray(values, dtype=object), s.MISSING)
         return pd.DataFrame(out)
 
