@@ -164,9 +164,9 @@ def plan_evaluation(
             f"{source}: the corrections log holds no edit of a configured field and no merge of two "
             "records in this history; the models have nothing to learn from"
         )
-    # The period the log covers: from its first labelled event (or confirmation) to its last. Records before it
-    # (a log kept only lately) or after it (not reviewed yet) were never looked at: their errors are not
-    # labelled, so they serve the profiles and the reference, not as clean examples or test records.
+    # The period the log covers: from its first labelled event (or confirmation) to its last. Records
+    # before it (a log kept only lately) or after it (not reviewed yet) were never looked at: their errors
+    # are not labelled, so they serve the profiles and the reference, not as clean examples or test records.
     ranks = np.concatenate([*tasks, events.confirms])
     first, last = int(ranks.min()), int(ranks.max())
     covered = np.zeros(n, dtype=bool)

@@ -134,7 +134,8 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
         bundle = _fit_bundle(history, everything, Thresholds())
         timer.lap("fit")
         evaluation, holdout, thresholds, extra = _evaluate_cross_validation(history, plan, bundle)
-        bundle.duplicates.threshold_ = thresholds.duplicate or bundle.duplicates.threshold_
+        if thresholds.duplicate is not None:
+            bundle.duplicates.threshold_ = thresholds.duplicate
         timer.lap("evaluate")
     bundle.holdout = holdout
 
@@ -179,32 +180,45 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
 def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds) -> ModelBundle:
     """Fits the three models on the records at `positions` (in entry order) and their log rows.
 
-    The duplicate and error models learn from the records the log covers; the others (never reviewed)
-    only widen the error model's profiles. The anomaly model learns from all of them.
+    The error model learns from the records the log covers; the others (never reviewed) only widen its
+    profiles. The duplicate model learns from the covered records and the records they were merged with
+    (an original may be older than the log). The anomaly model learns from all of them.
     """
     config = history.config
+    everyone = history.stored.iloc[positions]
     reviewed = positions[history.covered[positions]]
     ids = history.ids.iloc[reviewed]
     log = _log_for(history.log, set(ids))
     labels = cell_labels(log, ids)
-    pairs = duplicate_pairs(merges(log))
-    entered = history.entered.iloc[reviewed]
-    stored = history.stored.iloc[reviewed]
     unreviewed = positions[~history.covered[positions]]
     widen = {"unlabelled": history.stored.iloc[unreviewed]} if len(unreviewed) else {}
-    # Review decisions: pairs a clerk rejected, and cells she confirmed, are known negatives.
-    non_pairs, confirmed = rejected_pairs(log), confirmed_cells(log)
+    confirmed = confirmed_cells(log)  # cells a clerk confirmed: known negatives
+    errors = ErrorModel(
+        config, seed=config.seed, threshold=thresholds.error, suggest_threshold=thresholds.suggest
+    ).fit(
+        history.entered.iloc[reviewed],
+        labels,
+        history.stored.iloc[reviewed],
+        **widen,
+        **({"confirmed": confirmed} if len(confirmed) else {}),
+    )
+
+    clusters = duplicate_clusters(merges(history.log))
+    roots = {clusters[i] for i in ids if i in clusters}
+    members = history.covered[positions] | history.ids.iloc[positions].map(clusters).isin(roots).to_numpy()
+    matched = positions[members]
+    match_log = _log_for(history.log, set(history.ids.iloc[matched]))
+    non_pairs = rejected_pairs(match_log)  # pairs a clerk rejected: known non-duplicates
     duplicates = DuplicateModel(config, seed=config.seed).fit(
-        entered, pairs, **({"non_pairs": non_pairs} if non_pairs else {})
+        history.entered.iloc[matched],
+        duplicate_pairs(merges(match_log)),
+        **({"non_pairs": non_pairs} if non_pairs else {}),
     )
     if thresholds.duplicate is not None:
         duplicates.threshold_ = thresholds.duplicate
         if thresholds.label_frequency is not None:
             duplicates.label_frequency_ = thresholds.label_frequency
-    errors = ErrorModel(
-        config, seed=config.seed, threshold=thresholds.error, suggest_threshold=thresholds.suggest
-    ).fit(entered, labels, stored, **widen, **({"confirmed": confirmed} if len(confirmed) else {}))
-    everyone = history.stored.iloc[positions]
+
     normal = everyone[everyone[config.id_column].isin(confirmed_records(history.log))]
     anomalies = AnomalyModel(config, quantile=config.anomaly_quantile, seed=config.seed).fit(
         everyone, normal=normal
