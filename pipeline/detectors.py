@@ -59,6 +59,9 @@ SCHEME_SHARE = 0.5
 SCHEME_PASS = 0.98
 MIN_SCHEME_VALUES = 20
 SMOOTHING = 5.0
+# Up to this many values, look-ups go value by value through a dictionary: cheaper than building pandas
+# indexes for a one-record check.
+SMALL_CHUNK = 64
 DATE_FORMATS = date_type.DATE_FORMATS
 
 FEATURES: tuple[str, ...] = (
@@ -322,6 +325,10 @@ def sequence_expectation(values: pd.Series, times: pd.Series | None) -> tuple[pd
     rows = pd.Series(0.0, index=values.index)
     if not ok.any():
         return expected, rows
+    if int(ok.sum()) < 3:  # fewer rows than the rolling median needs (a one-record check): no expectation
+        prefixes = [p[0] for p in parts[ok]]
+        rows.loc[ok] = [float(prefixes.count(p)) for p in prefixes]
+        return expected, rows
     frame = pd.DataFrame(
         {
             "prefix": parts[ok].map(lambda p: p[0]),
@@ -356,9 +363,9 @@ def per_value(values: pd.Series, fn: Callable[[str], object]) -> pd.Series:
 def text_column(frame: pd.DataFrame, name: str) -> pd.Series:
     """The column as plain Python strings (object dtype), `''` for missing."""
     col = frame[name]
-    if col.dtype != object:
-        col = col.astype(object)
-    return col.where(col.notna(), s.MISSING)
+    # One NumPy pass (no per-element iteration of Arrow-backed strings, no pandas `where`).
+    values = col.to_numpy(dtype=object, na_value=s.MISSING)
+    return pd.Series(values, index=col.index, name=col.name, dtype=object, copy=False)
 
 
 @dataclass
@@ -403,7 +410,18 @@ class FieldProfile:
 
     def codes(self, values: np.ndarray) -> np.ndarray:
         """Each value's position in `vocab` (-1 when unseen or missing)."""
-        return self.vocab.get_indexer(values)
+        if len(values) > SMALL_CHUNK:
+            return self.vocab.get_indexer(values)
+        # A few values (a one-record check): dictionary look-ups, without building a pandas index.
+        positions = self.__dict__.get("_positions")
+        if positions is None:
+            positions = self.__dict__["_positions"] = {value: i for i, value in enumerate(self.counts)}
+        get = positions.get
+        return np.fromiter((get(v, -1) for v in values), dtype=np.intp, count=len(values))
+
+    def __getstate__(self) -> dict:
+        # The look-up dictionary is rebuilt on use.
+        return {k: v for k, v in self.__dict__.items() if k != "_positions"}
 
     def count_of(self, codes: np.ndarray) -> np.ndarray:
         self.vocab  # noqa: B018 - builds the arrays
@@ -920,6 +938,9 @@ def lookup(cache: dict, mapping: dict, keys: np.ndarray, default: float = np.nan
     """
     if not len(mapping) or not len(keys):
         return np.full(len(keys), default, dtype=float)
+    if len(keys) <= SMALL_CHUNK:
+        get = mapping.get
+        return np.fromiter((get(k, default) for k in keys), dtype=float, count=len(keys))
     codes, uniques = pd.factorize(np.asarray(keys, dtype=object), use_na_sentinel=False)
     get = mapping.get
     values = np.fromiter((get(k, default) for k in uniques), dtype=float, count=len(uniques))
@@ -1189,7 +1210,11 @@ def unsupervised_score(features: np.ndarray, *, weak_dependencies: bool = False)
 
 def chunk_texts(chunk: pd.DataFrame, names: Iterable[str]) -> pd.DataFrame:
     """The chunk's field columns as plain strings (`''` for missing), one copy made for all detectors."""
-    return pd.DataFrame({name: text_column(chunk, name) for name in names}, index=chunk.index)
+    return pd.DataFrame(
+        {name: chunk[name].to_numpy(dtype=object, na_value=s.MISSING) for name in names},
+        index=chunk.index,
+        dtype=object,
+    )
 
 
 def cell_features(

@@ -647,8 +647,8 @@ class ErrorModel(BaseEstimator):
         texts = d.chunk_texts(rows, names)
         times = d.entry_times(rows, config.time_column)
         ctx = context if context is not None else rows
-        ctx_texts = d.chunk_texts(ctx, names)
-        ctx_times = d.entry_times(ctx, config.time_column)
+        ctx_texts = d.chunk_texts(ctx, names) if context is not None else texts
+        ctx_times = d.entry_times(ctx, config.time_column) if context is not None else times
         expected = {}
         for name, fp in profile.fields.items():
             if fp.sequence:
