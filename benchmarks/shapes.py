@@ -243,8 +243,10 @@ def _febrl(folder: Path, dataset: str, *, merges_in_latest: float = 1.0, shuffle
     split = _read(work / "split.csv").sort_values("order", key=lambda c: c.astype(int))
     first: dict[str, str] = {}
     truth = []
-    for rec_id, entity, part in zip(split["rec_id"], split["entity"], split["part"], strict=True):
-        if entity in first and part == "batch":
+    # Every re-registration, the history's included: a batch record linked to any earlier record of its
+    # person is right, and the clusters must know them all.
+    for rec_id, entity in zip(split["rec_id"], split["entity"], strict=True):
+        if entity in first:
             truth.append((rec_id, first[entity]))
         first.setdefault(entity, rec_id)
     pd.DataFrame(
