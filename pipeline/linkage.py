@@ -930,19 +930,14 @@ class Matcher:
         self._rarity: dict[str, list[float]] = {field: [] for field in self._fields}  # per code
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
         self._times = array("d")
-        # Per rule: key -> [records in the block so far, position, position, ...] (positions oldest first).
-        self._blocks: list[dict[str, list[int]]] = [{} for _ in (model.rules_ if rules is None else rules)]
+        self._blocks = [_BlockIndex() for _ in (model.rules_ if rules is None else rules)]
+        for block_index in self._blocks:
+            block_index.track_leavers = evict
         self._position: dict[str, int] = {}
         self._cluster: dict[str, str] = {}  # only records that joined another record's cluster
         self._evict = evict
-        self._live = array("b")  # per record: blocks whose window still holds it (with `evict`)
+        self._live = _Growable(np.int8)  # per record: blocks whose window still holds it (with `evict`)
         self._leaving: list[int] = []  # records that left every window; dropped before the next chunk
-        self._last_keys: list[list[str]] = []
-        # How common each value is in the data being matched (see `_count_density`).
-        self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.int64) for field in self._fields}
-        self._present: dict[str, int] = {field: 0 for field in self._fields}
-        self._fitted_share: dict[str, list[float]] = {field: [] for field in self._fields}  # per code
-        self._penalty: dict[str, array] = {field: array("f") for field in self._fields}  # per record
         self._lock = threading.RLock()
         if reference is not None and len(reference):
             ordered = reference.iloc[model._entry_order(reference)]
@@ -1013,61 +1008,7 @@ class Matcher:
         self._times.extend(encoded.times)
         for offset, record_id in enumerate(encoded.ids):
             self._position[record_id] = start + offset
-        self._count_density(start)
         return start
-
-    def _count_density(self, start: int) -> None:
-        """Counts the values of the records indexed from `start` on, and notes for each record and field
-        how much more common its value is among the records indexed so far (itself included) than among
-        the records the model learned from: `max(0, ln(share now / share at fit))`, its density penalty.
-
-        The model's weights say what agreeing on a value is worth at the density of its training period;
-        a batch twenty times denser (a customer's seven orders on one day) makes agreeing on the order
-        date twenty times more likely by chance, so that agreement is worth ln 20 less (Fellegi-Sunter's
-        u-probability, counted on the data being scored). Counted in indexing order, so a record's
-        penalty does not depend on how the batch was cut into chunks; never a bonus, so a value that is
-        rarer than at fit keeps what the model learned.
-        """
-        for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
-            shares = self._fitted_share[field]
-            if len(shares) < len(self._values[field]):
-                frequencies = self._frequencies.get(field)
-                shares.extend(
-                    frequencies.share(value) if frequencies is not None else 1.0
-                    for value in self._texts[field][len(shares) :]
-                )
-            seen = self._seen[field]
-            if len(seen) < len(shares):
-                seen = self._seen[field] = np.concatenate([seen, np.zeros(len(shares) - len(seen), np.int64)])
-            present = codes >= 0
-            values = codes[present]
-            count, total = _running_counts(values, seen, self._present[field])
-            penalty = np.zeros(len(codes), dtype="f4")
-            penalty[present] = density_penalty(count, total, np.asarray(shares, dtype=float)[values])
-            np.add.at(seen, values, 1)
-            self._present[field] += len(values)
-            self._penalty[field].extend(penalty.tolist())
-
-    def _uncount_density(self, start: int) -> None:
-        """Takes the records indexed from `start` on out of the value counts again (see `_rollback`)."""
-        for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
-            values = codes[codes >= 0]
-            np.subtract.at(self._seen[field], values, 1)
-            self._present[field] -= len(values)
-            del self._penalty[field][start:]
-
-    def _density_offset(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-        """Per pair, the density penalties of the fields on which the two agree, summed (left = the later
-        record, whose counts are as of its indexing)."""
-        offset = np.zeros(len(left))
-        for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int64)
-            same = (codes[left] >= 0) & (codes[left] == codes[right])
-            penalty = np.frombuffer(self._penalty[field], dtype="f4")
-            offset[same] += penalty[left[same]]
-        return offset
 
     def _drop_left(self) -> None:
         """Drops the records that left every block window while the previous chunk was indexed."""
@@ -1088,56 +1029,62 @@ class Matcher:
         """Indexes the records in order; for each, the `top_k` earlier indexed records sharing most keys.
 
         Each shared key counts by its rarity (1 / block size), like an inverse document frequency: sharing
-        a rare amount says more than sharing a busy city-and-date. Returns (record position, candidate
-        position, pre-score) arrays.
+        a rare amount says more than sharing a busy city-and-date. A record is compared with the `window`
+        latest records of each of its blocks, those before it in the chunk included. Returns (record
+        position, candidate position, pre-score) arrays, by record; each record's candidates by most keys
+        shared (then most recent) when it has more than `top_k`, else by the first rule and position that
+        found them.
         """
         start = self._add(encoded)
         window, top_k = self._model.window, self._model.top_k
-        evict, live, leaving = self._evict, self._live, self._leaving
-        query: list[int] = []
-        found: list[int] = []
-        shared: list[float] = []
-        key_columns = encoded.keys
-        blocks = self._blocks
-        for offset in range(len(encoded)):
-            position = start + offset
-            counts: dict[int, float] = {}
-            in_blocks = 0
-            for rule_keys, block_index in zip(key_columns, blocks, strict=True):
-                key = rule_keys[offset]
-                if not key:
-                    continue
-                in_blocks += 1
-                block = block_index.get(key)
-                if block is None:
-                    block_index[key] = [1, position]
-                    continue
-                if collect:
-                    weight = 1.0 / block[0]
-                    for other in block[max(1, len(block) - window) :]:
-                        counts[other] = counts.get(other, 0.0) + weight
-                block[0] += 1
-                block.append(position)
-                if evict and len(block) > window + 1:
-                    gone = block.pop(1)
-                    live[gone] -= 1
-                    if not live[gone]:
-                        leaving.append(gone)
-            if evict:
-                live.append(min(in_blocks, 127))
-                if not in_blocks:
-                    leaving.append(position)
-            if not counts:
-                continue
-            if len(counts) > top_k:
-                best = sorted(counts.items(), key=lambda item: (-item[1], -item[0]))[:top_k]
-            else:
-                best = list(counts.items())
-            for other, count in best:
-                query.append(position)
-                found.append(other)
-                shared.append(count)
-        return np.asarray(query, dtype=np.int64), np.asarray(found, dtype=np.int64), np.asarray(shared)
+        found = [
+            index.add(keys, start, window, collect)
+            for index, keys in zip(self._blocks, encoded.keys, strict=True)
+        ]
+        if self._evict:
+            live = np.zeros(len(encoded), dtype=np.int8)
+            for keys in encoded.keys:
+                live += np.asarray(keys, dtype=object) != s.MISSING
+            self._live.extend(live)
+            counts = self._live.view()
+            leaving = [start + np.flatnonzero(live == 0)]
+            for index in self._blocks:
+                np.subtract.at(counts, index.leavers, 1)
+                leaving.append(index.leavers)
+            gone = np.unique(np.concatenate(leaving))
+            self._leaving.extend(gone[counts[gone] == 0].tolist())
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
+        if not collect or not found:
+            return empty
+        query = np.concatenate([q for q, _, _ in found])
+        if not len(query):
+            return empty
+        other = np.concatenate([o for _, o, _ in found])
+        weight = np.concatenate([w for _, _, w in found])
+        rule = np.concatenate([np.full(len(q), i) for i, (q, _, _) in enumerate(found)])
+        order = np.lexsort((rule, other, query))
+        query, other, weight, rule = query[order], other[order], weight[order], rule[order]
+        first = np.ones(len(query), dtype=bool)
+        first[1:] = (query[1:] != query[:-1]) | (other[1:] != other[:-1])
+        starts = np.flatnonzero(first)
+        terms = np.diff(np.append(starts, len(query)))
+        shared = np.zeros(len(starts))
+        for term in range(int(terms.max())):  # summed in rule order, as one record's keys are counted
+            has = terms > term
+            shared[has] += weight[starts[has] + term]
+        query, other, rule = query[starts], other[starts], rule[starts]
+        new_query = np.ones(len(query), dtype=bool)
+        new_query[1:] = query[1:] != query[:-1]
+        query_starts = np.flatnonzero(new_query)
+        per_query = np.diff(np.append(query_starts, len(query)))[np.cumsum(new_query) - 1]
+        many = per_query > top_k
+        order = np.lexsort(
+            (np.where(many, -other, other), np.where(many, -shared, rule.astype(float)), query)
+        )
+        query, other, shared = query[order], other[order], shared[order]
+        rank = np.arange(len(query)) - np.repeat(query_starts, np.diff(np.append(query_starts, len(query))))
+        keep = rank < top_k
+        return query[keep], other[keep], shared[keep]
 
     def _features(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         """dedupe's `DataModel.distances` for pairs of indexed positions (same values), computed a field at a
@@ -1180,14 +1127,9 @@ class Matcher:
         record id: candidate_id, score, position, candidate position) and all scored pairs."""
         self._drop_left()
         encoded = self._model._encode(chunk)
-        self._last_keys = [] if self._evict else encoded.keys  # for `_rollback`
         query, found, _ = self._candidates(encoded)
         start = len(self._ids) - len(encoded)
-        scores = (
-            self._model.probabilities(self._features(query, found), self._density_offset(query, found))
-            if len(query)
-            else np.zeros(0)
-        )
+        scores = self._model.probabilities(self._features(query, found)) if len(query) else np.zeros(0)
         best_score = np.zeros(len(encoded))
         best_position = np.full(len(encoded), -1, dtype=np.int64)
         if len(query):
@@ -1246,16 +1188,8 @@ class Matcher:
         self, start: int, sizes: dict[str, int], positions: dict[str, int], clusters: dict[str, str]
     ) -> None:
         """Takes the records indexed from `start` on out of the index again (see `_checkpoint`)."""
-        self._uncount_density(start)
-        # Blocks are appended in position order, so the chunk's positions are at the tails of its blocks.
-        for rule_keys, block_index in zip(self._last_keys, self._blocks, strict=True):
-            for key in rule_keys:
-                block = block_index.get(key) if key else None
-                while block is not None and len(block) > 1 and block[-1] >= start:
-                    block.pop()
-                    block[0] -= 1
-                if block is not None and len(block) == 1:
-                    del block_index[key]
+        for block_index in self._blocks:
+            block_index.rollback(start)
         for field in self._fields:
             code_of, size = self._code_of[field], sizes[field]
             for value in self._texts[field][size:]:
@@ -1360,6 +1294,172 @@ class ScoredPairs:
     def right_value(self, i: int, field: str) -> str:
         """The raw value of config field `field` of pair i's right record."""
         return self._matcher._raw_value(field, len(self) + i)
+
+
+class _Growable:
+    """A NumPy array that grows at the end (capacity doubles), for per-record columns of an index."""
+
+    def __init__(self, dtype: Any) -> None:
+        self.data = np.empty(1024, dtype=dtype)
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def extend(self, values: np.ndarray) -> None:
+        end = self.size + len(values)
+        if end > len(self.data):
+            grown = np.empty(max(end, 2 * len(self.data)), dtype=self.data.dtype)
+            grown[: self.size] = self.data[: self.size]
+            self.data = grown
+        self.data[self.size : end] = values
+        self.size = end
+
+    def view(self) -> np.ndarray:
+        return self.data[: self.size]
+
+    def truncate(self, size: int) -> None:
+        self.size = min(self.size, size)
+
+
+class _BlockIndex:
+    """One blocking rule's blocks as arrays, a chunk at a time: per key (a 64-bit hash of its text, sorted,
+    with a second hash to detect a collision) the block's size and latest record; per record the previous
+    record of its block. A record's window is found by walking back from there; ~40 bytes per distinct key
+    and 8 per record, instead of a dict entry, a key string and a list per block."""
+
+    HASH_KEY = "0123456789123456"
+    CHECK_KEY = "pipeline:blocks!"
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.uint64)
+        self.checks = np.zeros(0, dtype=np.uint64)
+        self.count = np.zeros(0, dtype=np.int64)
+        self.last = np.zeros(0, dtype=np.int64)
+        self.prev = _Growable(np.int64)
+        self.track_leavers = False
+        self.leavers = np.zeros(0, dtype=np.int64)
+        self.undo: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def add(
+        self, keys: Sequence[str], start: int, window: int, collect: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Adds records `start`, `start + 1`, ... with these keys (`""` = none) in order; returns, when
+        `collect`, (record, earlier record, 1 / block size before the record) for each record's window."""
+        values = np.asarray(keys, dtype=object)
+        prev = np.full(len(values), -1, dtype=np.int64)
+        rows = np.flatnonzero(values != s.MISSING)
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0))
+        if not len(rows):
+            self.prev.extend(prev)
+            self.undo = (np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), np.zeros(0), np.zeros(0))
+            return empty
+        hashes = pd.util.hash_array(values[rows], hash_key=self.HASH_KEY)
+        checks = pd.util.hash_array(values[rows], hash_key=self.CHECK_KEY)
+        order = np.lexsort((rows, hashes))
+        hashes, checks, rows = hashes[order], checks[order], rows[order]
+        first = np.ones(len(rows), dtype=bool)
+        first[1:] = hashes[1:] != hashes[:-1]
+        starts = np.flatnonzero(first)
+        group = np.cumsum(first) - 1
+        rank = np.arange(len(rows)) - starts[group]
+        group_keys, group_checks = hashes[starts], checks[starts]
+        at = np.searchsorted(self.keys, group_keys)
+        found = np.zeros(len(starts), dtype=bool)
+        if len(self.keys):
+            clipped = np.minimum(at, len(self.keys) - 1)
+            found = self.keys[clipped] == group_keys
+            if (found & (self.checks[clipped] != group_checks)).any():
+                logger.warning("two blocking keys share a 64-bit hash; their blocks are merged")
+        self.leavers = np.zeros(0, dtype=np.int64)
+        old_count = np.zeros(len(starts), dtype=np.int64)
+        old_last = np.full(len(starts), -1, dtype=np.int64)
+        old_count[found] = self.count[at[found]]
+        old_last[found] = self.last[at[found]]
+        positions = start + rows
+        before = np.empty(len(rows), dtype=np.int64)
+        before[1:] = positions[:-1]
+        before = np.where(rank > 0, before, old_last[group])
+        prev[rows] = before
+        self.prev.extend(prev)
+        self.undo = (group_keys[~found], group_keys[found], old_count[found], old_last[found])
+        ends = np.append(starts[1:], len(rows)) - 1
+        new_count = old_count + (ends - starts + 1)
+        new_last = positions[ends]
+        self.count[at[found]] = new_count[found]
+        self.last[at[found]] = new_last[found]
+        new = ~found
+        if new.any():
+            self.keys = np.insert(self.keys, at[new], group_keys[new])
+            self.checks = np.insert(self.checks, at[new], group_checks[new])
+            self.count = np.insert(self.count, at[new], new_count[new])
+            self.last = np.insert(self.last, at[new], new_last[new])
+        if self.track_leavers:
+            self.leavers = self._leavers(rows, rank, group, starts, ends, old_last, window, start)
+        if not collect:
+            return empty
+        size_before = old_count[group] + rank
+        has = size_before > 0
+        query, weight, other = positions[has], 1.0 / size_before[has], before[has]
+        queries, others, weights = [], [], []
+        chain = self.prev.view()
+        for _ in range(window):
+            ok = other >= 0
+            if not ok.all():
+                query, weight, other = query[ok], weight[ok], other[ok]
+            if not len(other):
+                break
+            queries.append(query)
+            others.append(other)
+            weights.append(weight)
+            other = chain[other]
+        if not queries:
+            return empty
+        return np.concatenate(queries), np.concatenate(others), np.concatenate(weights)
+
+    def _leavers(
+        self,
+        rows: np.ndarray,
+        rank: np.ndarray,
+        group: np.ndarray,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        old_last: np.ndarray,
+        window: int,
+        start: int,
+    ) -> np.ndarray:
+        """Records the last `add` pushed out of their block's window (the `window` latest of the block)."""
+        grown = ends - starts + 1  # records each block gained
+        depth = grown[group] - 1 - rank  # 0 = the newest of its block
+        leaving = [start + rows[depth >= window]]
+        other, depth_old = old_last, grown.copy()
+        chain = self.prev.view()
+        for _ in range(window):
+            ok = (other >= 0) & (depth_old < window + grown)
+            if not ok.all():
+                other, depth_old, grown = other[ok], depth_old[ok], grown[ok]
+            if not len(other):
+                break
+            gone = depth_old >= window
+            leaving.append(other[gone])
+            other, depth_old = chain[other], depth_old + 1
+        return np.concatenate(leaving)
+
+    def rollback(self, start: int) -> None:
+        """Undoes the last `add` (which indexed records from `start` on)."""
+        if self.undo is None:
+            return
+        inserted, changed, old_count, old_last = self.undo
+        if len(inserted):
+            at = np.searchsorted(self.keys, inserted)
+            self.keys, self.checks = np.delete(self.keys, at), np.delete(self.checks, at)
+            self.count, self.last = np.delete(self.count, at), np.delete(self.last, at)
+        if len(changed):
+            at = np.searchsorted(self.keys, changed)
+            self.count[at] = old_count
+            self.last[at] = old_last
+        self.prev.truncate(start)
+        self.undo = None
 
 
 # ---------------------------------------------------------------------- helpers

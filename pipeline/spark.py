@@ -646,6 +646,7 @@ def _duplicate_links(
     pairs = pairs.join(_records(bundle, batch, "q").withColumnRenamed(ROW, "q_row"), "q_row").join(
         others.withColumnRenamed(ROW, "o_row"), ["o_row", "o_batch"]
     )
+    pairs = pairs.join(_density(bundle, model, batch, reference), "q_row", "left")
     fields = list(bundle.config.fields)
     schema = (
         "q_row long, record_id string, candidate_id string, score double, linked boolean, reason string, "
@@ -653,6 +654,59 @@ def _duplicate_links(
     )
     bucket = F.floor(F.col("q_row") / PAIR_BUCKET_ROWS)
     return pairs.groupBy(bucket.alias("bucket")).applyInPandas(_best_of(model, batch_names), schema)
+
+
+def _density(bundle: ModelBundle, model: str, batch: _Table, reference: _Table | None) -> DataFrame:
+    """Per batch row, for each match field i: `dn{i}`, how many records indexed up to it (the reference
+    oldest first, then the batch in input order; itself included) hold its value, and `dt{i}`, how many
+    hold any value: the counts the in-process `Matcher` keeps for its density penalty."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    schema = f"{TKEY} double, {ROW} long, {RULE} int, {KEY} string"
+    names = _model_columns(bundle, batch)
+    values = _records(bundle, batch, "v").mapInPandas(_values_of(model, "v", names, is_batch=True), schema)
+    if reference is not None:
+        reference_names = _model_columns(bundle, reference)
+        values = values.unionByName(
+            _records(bundle, reference, "v").mapInPandas(
+                _values_of(model, "v", reference_names, is_batch=False), schema
+            )
+        )
+    counted = (
+        values.withColumn("n", F.row_number().over(Window.partitionBy(RULE, KEY).orderBy(TKEY, ROW)))
+        .withColumn("t", F.row_number().over(Window.partitionBy(RULE).orderBy(TKEY, ROW)))
+        .filter(F.col(TKEY) == float("inf"))
+    )
+    fields = range(len(bundle.duplicates.plugins_))
+    return counted.groupBy(F.col(ROW).alias("q_row")).agg(
+        *[F.max(F.when(F.col(RULE) == i, F.col("n"))).alias(f"dn{i}") for i in fields],
+        *[F.max(F.when(F.col(RULE) == i, F.col("t"))).alias(f"dt{i}") for i in fields],
+    )
+
+
+def _values_of(model: str, prefix: str, names: list[str], *, is_batch: bool) -> Any:
+    """Executor side: each record's match-field values as the matcher counts them, one row per field
+    (`_rule` = the field's index), with its order key."""
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        duplicates = _load_bundle(model).duplicates
+        for pdf in batches:
+            if not len(pdf):
+                continue
+            frame = _frame_of(pdf, prefix, names)
+            rows = pdf[ROW].to_numpy(dtype=np.int64)
+            _, times = duplicates.blocking_keys(frame)
+            tkey = np.full(len(rows), np.inf) if is_batch else np.where(np.isnan(times), -np.inf, times)
+            for field, values in enumerate(duplicates.match_values(frame).values()):
+                values = np.asarray(values, dtype=object)
+                present = values != s.MISSING
+                if present.any():
+                    yield pd.DataFrame(
+                        {TKEY: tkey[present], ROW: rows[present], RULE: field, KEY: values[present]}
+                    )
+
+    return run
 
 
 def _keys_of(model: str, prefix: str, names: list[str], *, is_batch: bool) -> Any:
@@ -686,7 +740,14 @@ def _best_of(model: str, names: list[str]) -> Any:
         duplicates = bundle.duplicates
         fields = list(bundle.config.fields)
         n = len(pdf)
-        pairs = duplicates.matcher(None).score_pairs(_frame_of(pdf, "q", names), _frame_of(pdf, "o", names))
+        width = len(duplicates.plugins_)
+        density = tuple(
+            pdf[[f"{prefix}{i}" for i in range(width)]].fillna(0).to_numpy(dtype=np.int64)
+            for prefix in ("dn", "dt")
+        )
+        pairs = duplicates.matcher(None).score_pairs(
+            _frame_of(pdf, "q", names), _frame_of(pdf, "o", names), density
+        )
         scores = pairs.scores
         query = pdf["q_row"].to_numpy(dtype=np.int64)
         tkey = pdf["o_tkey"].to_numpy(dtype=float)

@@ -186,7 +186,7 @@ def test_a_matcher_without_reference_only_matches_within_the_batch(trained) -> N
     rows = [order(3) | {"record_id": "X"}, order(3) | {"record_id": "Y"}]
     links = model.matcher(None).match(batch(rows))
     assert links["duplicate_of"].tolist() == ["", "X"]
-    assert links["reason"].iloc[1] == "same order date, amount and city; entered the same day as X"
+    assert links["reason"].iloc[1] == "same amount, order date and city; entered the same day as X"
 
 
 def test_calibrate_chooses_the_threshold_on_held_out_records(trained) -> None:
@@ -204,6 +204,24 @@ def test_calibrate_chooses_the_threshold_on_held_out_records(trained) -> None:
     scores = copy.candidate_scores(batch(held_out), records)
     assert set(scores.columns) == {"record_id", "candidate_id", "score"}
     assert scores.groupby("record_id")["score"].max()["H1"] >= copy.threshold_
+
+
+def test_calibrate_does_not_link_below_the_models_own_boundary(trained) -> None:
+    # A held-out period as sparse as the history: its weakest duplicate (the amount retyped 3% off) is
+    # the only pair between 0.05 and 0.99, and the best F1 would put the threshold at 0.05, where a batch
+    # twenty times denser holds many more look-alikes than the held-out period showed.
+    model, records = trained
+    held_out = [
+        order(2) | {"record_id": "H1", "amount": "179.00"},
+        order(5) | {"record_id": "H2", "customer_name": "Pieters & Zn"},
+    ]
+    copy = DuplicateModel(CONFIG, seed=0)
+    copy.__dict__.update(model.__dict__)
+    scores = copy.candidate_scores(batch(held_out), records).groupby("record_id")["score"].max()
+    assert scores["H1"] < 0.5 <= scores["H2"]
+    figures = copy.calibrate(batch(held_out), records, {"H1": "R0002", "H2": "R0005"})
+    assert copy.threshold_ == 0.5
+    assert figures["tp"] == 1 and figures["fn"] == 1 and figures["recall"] == 0.5
 
 
 def test_save_and_load_give_identical_scores(trained, tmp_path: Path) -> None:
@@ -304,7 +322,9 @@ CITIES = ("Amsterdam", "Utrecht", "Zwolle", "Leiden", "Arnhem", "Delft")
 STANDING_AMOUNT = "250.00"
 
 
-def register(orders: int, *, seed: int = 0, start: int = 0) -> tuple[pd.DataFrame, set[frozenset[str]]]:
+def register(
+    orders: int, *, seed: int = 0, start: int = 0, far_numbers: bool = True
+) -> tuple[pd.DataFrame, set[frozenset[str]]]:
     """Orders of 60 customers, two of them busy (half the orders) and reordering a standing amount, with
     about one re-registration per twelve orders (same amount, the same date or a day or two later, the old
     or a new order number, often a typo in the name), entered a day later. `start` shifts ids, numbers and
@@ -338,8 +358,10 @@ def register(orders: int, *, seed: int = 0, start: int = 0) -> tuple[pd.DataFram
             again = dict(row, record_id=f"D{i:06d}")
             again["entered_at"] = (day + pd.Timedelta(days=1, hours=9)).isoformat()
             if rng.random() < 0.5:
+                # A new number is the running number when it is entered again: in a busy register
+                # thousands of orders later, nothing like the original's (`far_numbers`), else the next.
                 number += 1
-                again["order_number"] = f"SO-{number}"
+                again["order_number"] = f"SO-{900000 + 7 * i if far_numbers else number}"
             if rng.random() < 0.3:
                 slipped = day + pd.Timedelta(days=int(rng.integers(1, 3)))
                 again["order_date"] = slipped.date().isoformat()
@@ -407,7 +429,7 @@ def test_a_repeat_order_is_not_a_duplicate_but_a_re_registration_is(standing_ord
 
 
 def test_rejected_pairs_become_negatives_and_the_false_alarm_is_not_raised_again() -> None:
-    records, pairs = register(480, seed=1)
+    records, pairs = register(480, seed=1, far_numbers=False)
     # An order delivered in two parts is entered twice with every field the same; a clerk looked at each
     # such pair the model flagged and said they are two records, not a re-registration.
     originals = records[records["record_id"].str.startswith("R")].iloc[10:460:15].to_dict("records")
@@ -471,3 +493,123 @@ def test_a_log_without_merges_flags_nothing_and_says_so(caplog) -> None:
     assert "duplicates will not be flagged" in caplog.text
     links = model.matcher(records).match(records.iloc[:20])
     assert (links["duplicate_of"] == "").all()
+
+
+def dense_day(
+    first: int, *, orders: int = 400, customers: int = 20, seed: int = 5
+) -> tuple[pd.DataFrame, set[str]]:
+    """One busy day after `register`'s history: `customers` customers place about twenty orders each on
+    it, every order another amount (1-16% apart) under its own number, and one order in ten is entered
+    again an hour later (same date and amount, the old or a new number). Returns the rows in entry order
+    and the ids of the re-registrations."""
+    rng = np.random.default_rng(seed)
+    day = pd.Timestamp("2023-01-02") + pd.Timedelta(days=first // 4 + 1)
+    rows, again_ids = [], set()
+    for i in range(orders):
+        k = int(rng.integers(0, customers))
+        usual = 100.0 + 40.0 * k
+        row = {
+            "record_id": f"B{i:06d}",
+            "entered_at": (day + pd.Timedelta(hours=8, seconds=60 * i)).isoformat(),
+            "customer_code": f"C-{10000 + 37 * k}",
+            "customer_name": f"{FIRST[k % 12]} {LAST[k // 6 % 10]} {k}",
+            "city": CITIES[k % 6],
+            "order_number": f"SO-{700000 + i}",
+            "order_date": day.date().isoformat(),
+            "amount": f"{usual * (1 + rng.uniform(0.01, 0.16) * rng.choice([-1, 1])):.2f}",
+        }
+        rows.append(row)
+        if i % 10 == 3:
+            again = row | {"record_id": f"A{i:06d}"}
+            again["entered_at"] = (day + pd.Timedelta(hours=9, seconds=60 * i)).isoformat()
+            if rng.random() < 0.5:
+                again["order_number"] = f"SO-{800000 + i}"
+            rows.append(again)
+            again_ids.add(again["record_id"])
+    frame = pd.DataFrame(rows, dtype=object)
+    return frame.sort_values("entered_at", kind="stable").reset_index(drop=True), again_ids
+
+
+def test_a_batch_far_denser_than_the_history_does_not_link_a_customers_orders_of_one_day(
+    standing_orders,
+) -> None:
+    # The history has about four orders a day; the batch puts twenty orders of one customer on one day.
+    # Agreeing on the customer and the date is what re-registrations do in the history, and what every
+    # second order of the day does in the batch: the date's agreement must count for less there.
+    # The price: a busy customer's order entered again under a new number on such a day has only its
+    # amount to tell it from her other orders, and some of those fall below the threshold.
+    model, records = standing_orders
+    assert model.label_counts_["denser_negative"] > 0
+    day, again = dense_day(len(records), orders=100, customers=5)
+    links = model.matcher(records).match(day)
+    linked = links["duplicate_of"].to_numpy() != ""
+    is_again = day["record_id"].isin(again).to_numpy()
+    assert linked[~is_again].mean() <= 0.02
+    assert linked[is_again].mean() >= 0.7
+    same_number = (day["order_number"].isin(day.loc[~is_again, "order_number"])).to_numpy()
+    assert linked[is_again & same_number].all()
+
+
+def test_agreeing_on_a_date_counts_less_where_the_batch_crowds_it(standing_orders) -> None:
+    # An order and the same order under a new number (a re-registration, or a second order of the same
+    # amount): scored right after the history, and again after that day's other orders (twenty per
+    # customer) have been indexed. Same pair, same model; only how common the date is in the data being
+    # matched differs, and with it how much agreeing on it says.
+    model, records = standing_orders
+    day, _ = dense_day(len(records))
+    late = pd.Timestamp(day["entered_at"].iloc[-1])
+    first = day.iloc[0].to_dict() | {
+        "record_id": "X1",
+        "entered_at": (late + pd.Timedelta(hours=1)).isoformat(),
+    }
+    second = first | {"record_id": "X2", "order_number": "SO-999999"}
+    second["entered_at"] = (late + pd.Timedelta(hours=2)).isoformat()
+
+    def pair_score(matcher) -> float:
+        # What `match` computes for the pair (second, first), whichever candidates the blocks offer.
+        start = matcher._add(model._encode(batch_of([first, second])))
+        left, right = np.array([start + 1]), np.array([start])
+        features, offset = matcher._features(left, right), matcher._density_offset(left, right)
+        return float(model.probabilities(features, offset)[0])
+
+    sparse = pair_score(model.matcher(records))
+    crowded_matcher = model.matcher(records)
+    crowded_matcher.match(day)
+    crowded = pair_score(crowded_matcher)
+    assert sparse >= 0.5 > crowded, (sparse, crowded)
+
+
+def test_density_does_not_depend_on_chunks_and_another_engine_can_count_it(standing_orders) -> None:
+    model, records = standing_orders
+    day, _ = dense_day(len(records), orders=120)
+    whole = model.matcher(records).match(day)
+    chunked = model.matcher(records)
+    parts = pd.concat(
+        [chunked.match(day.iloc[:37]), chunked.match(day.iloc[37:90]), chunked.match(day.iloc[90:])]
+    )
+    assert parts["duplicate_score"].tolist() == whole["duplicate_score"].tolist()
+    # A check that does not remember leaves the counts as they were.
+    probe = model.matcher(records)
+    probe.match(day.iloc[:60])
+    probe.match(day.iloc[60:], remember=False)
+    again = probe.match(day.iloc[60:])
+    assert again["duplicate_score"].tolist() == whole["duplicate_score"].iloc[60:].tolist()
+    # `score_pairs` with the counts another engine made gives the in-process scores of the same pairs.
+    matcher = model.matcher(records)
+    best, _ = matcher._score(day)
+    linked = best[best["candidate_position"] >= 0]
+    every = pd.concat([records, day], ignore_index=True).set_index("record_id")
+    values = model.match_values(pd.concat([records.iloc[model._entry_order(records)], day]))
+    counts, totals = [], []
+    for column in values.values():
+        column = pd.Series(column)
+        present = column != ""
+        count = column.groupby(column).cumcount() + 1
+        counts.append(np.where(present, count, 0)[len(records) :])
+        totals.append(np.cumsum(present.to_numpy())[len(records) :])
+    rows = linked["position"].to_numpy() - len(records)
+    density = (np.column_stack(counts)[rows], np.column_stack(totals)[rows])
+    left = every.loc[linked.index].reset_index()
+    right = every.loc[linked["candidate_id"]].reset_index()
+    pairs = model.matcher(None).score_pairs(left, right, density)
+    assert pairs.scores.tolist() == pytest.approx(linked["score"].tolist(), abs=1e-12)

@@ -169,6 +169,25 @@ class TermFrequencies:
         total = max(len(present), 1)
         return cls(total, {str(k): int(v) for k, v in counts.items()}, int(scale_total or total))
 
+    @property
+    def typical_share(self) -> float:
+        """The share of the value a random record holds (the chance two random records agree: Splink's
+        u-probability of an exact match), counting each value seen once as one record."""
+        stored = sum(self.counts.values())
+        squares = sum(count * count for count in self.counts.values())
+        return (squares + max(self.total - stored, 0)) / (self.total * self.total)
+
+    def share(self, value: str) -> float:
+        """The share of the records holding `value`; a value not stored (seen once or never) gets the
+        typical share, since nothing says it is rarer or more common than most.
+
+        >>> tf = TermFrequencies.count(pd.Series(["a"] * 6 + ["b", "c", "d", "e"]))
+        >>> tf.share("a"), tf.share("never seen")
+        (0.6, 0.4)
+        """
+        count = self.counts.get(value)
+        return count / self.total if count is not None else self.typical_share
+
     def rarity(self, value: str) -> float:
         share = self.counts.get(value, 1) / self.total
         scale = math.log(max(self.scale_total, 2))
