@@ -55,7 +55,7 @@ from pipeline.corrections import cluster_roots
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import Difference, TermFrequencies
-from pipeline.metrics import choose_threshold
+from pipeline.metrics import choose_threshold, prf
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ LOOKALIKE_SHARE = 0.4
 FIELD_AGREEMENT_SHARE = 0.3
 CHANCE_SHARE = 0.2
 CHANCE_MAX_FIELDS = 3
+DENSER_SHARE = 0.2
+DENSITY_Z = 2.0
+MIN_THRESHOLD = 0.5  # `calibrate` never links below the classifier's own decision boundary
 REJECTED_SHARE = 0.25
 WIDE_EXTRA_RULES = 6
 BACKUP_WEIGHT = 0.5
@@ -235,8 +238,25 @@ class DuplicateModel:
             rng, records, ids.to_numpy(), cluster, wide_matcher, wide, self.label_counts_.pop("chance_budget")
         )
         self.label_counts_["chance_negative"] = len(chance_a)
-        label_a, label_b = np.concatenate([label_a, chance_a]), np.concatenate([label_b, chance_b])
-        labels = np.concatenate([labels, np.zeros(len(chance_a), dtype=int)])
+        dense_a, dense_b = self._denser_agreements(
+            rng,
+            records,
+            ids.to_numpy(),
+            normalised,
+            cluster,
+            (wide_a, wide_b),
+            wide_matcher,
+            wide,
+            self.label_counts_.pop("denser_budget"),
+        )
+        self.label_counts_["denser_negative"] = len(dense_a)
+        # The random negatives (last in the labels) make room for them; a shortfall stays random.
+        keep = len(labels) - min(len(dense_a), self.label_counts_["random_negative"])
+        self.label_counts_["random_negative"] -= len(labels) - keep
+        label_a, label_b, labels = label_a[:keep], label_b[:keep], labels[:keep]
+        label_a = np.concatenate([label_a, chance_a, dense_a])
+        label_b = np.concatenate([label_b, chance_b, dense_b])
+        labels = np.concatenate([labels, np.zeros(len(chance_a) + len(dense_a), dtype=int)])
         features = wide_matcher._features(label_a, label_b)
         # A thousand labels fit fastest on one thread; BLAS threads only contend on a shared machine.
         with threadpool_limits(1):
@@ -431,8 +451,11 @@ class DuplicateModel:
         * field agreements: pairs that agree on one field (the same amount, the same date) but are not
           the same registration, spread evenly over the fields, so no single agreeing field can make a
           match on its own;
-        * random pairs, so the easy majority is represented too;
-        * chance agreements (`_chance_agreements`, made by the caller): `label_counts_["chance_budget"]`.
+        * random pairs, so the easy majority is represented too (the last labels: the caller replaces
+          as many of them as it makes denser look-alikes);
+        * chance agreements (`_chance_agreements`, made by the caller): `label_counts_["chance_budget"]`;
+        * look-alikes made to agree by a denser register (`_denser_agreements`, made by the caller):
+          `label_counts_["denser_budget"]`.
         """
         pair_a, pair_b = known
         n = len(ids)
@@ -468,6 +491,7 @@ class DuplicateModel:
             agree_b.append(b)
         field_a, field_b = np.concatenate(agree_a), np.concatenate(agree_b)
         n_chance = int(n_neg * CHANCE_SHARE)
+        n_denser = int(n_neg * DENSER_SHARE)
         n_random = max(n_neg - len(reject_a) - len(look_a) - len(field_a) - n_chance, 0)
         rand_a, rand_b = sample(
             rng.integers(0, n, size=2 * n_random), rng.integers(0, n, size=2 * n_random), n_random
@@ -479,6 +503,7 @@ class DuplicateModel:
             "field_agreement_negative": len(field_a),
             "random_negative": len(rand_a),
             "chance_budget": n_chance,
+            "denser_budget": n_denser,
         }
         label_a = np.concatenate([pair_a[pick], reject_a, look_a, field_a, rand_a])
         label_b = np.concatenate([pair_b[pick], reject_b, look_b, field_b, rand_b])
@@ -533,6 +558,61 @@ class DuplicateModel:
             copy = rank[:, column] < count
             made.loc[copy, field] = source.loc[copy, field].to_numpy()
         made[self.config.id_column] = [f"\x00chance-{k}" for k in range(len(a))]
+        start = matcher._add(self._encode(made, rules=rules))
+        return a.astype(np.int64), start + np.arange(len(a), dtype=np.int64)
+
+    def _denser_agreements(
+        self,
+        rng: np.random.Generator,
+        records: pd.DataFrame,
+        ids: np.ndarray,
+        normalised: dict[str, pd.Series],
+        cluster: dict[str, str],
+        lookalikes: tuple[np.ndarray, np.ndarray],
+        matcher: Matcher,
+        rules: list[BlockingRule],
+        size: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Negatives a denser batch makes by chance among look-alikes: two records that are not one
+        registration but share much (a customer's two orders, weeks apart), of which the second is given
+        the first's value in one field where they differ (its order date, its amount).
+
+        A history of a few thousand records holds a busy customer's orders days or weeks apart; a batch
+        twenty times denser holds several of them on one day, or two with one amount. A re-registration
+        keeps nearly everything of the order it copies; a second order of the same customer that happens
+        to share one more value still differs where orders differ. Without such pairs the classifier only
+        ever sees look-alikes that differ in several order fields at once, and takes the second order of
+        the day for a re-registration. Returns (real position, made-up position) pairs, as
+        `_chance_agreements` does.
+        """
+        look_a, look_b = lookalikes
+        fields = [plugin.field for plugin in self.plugins_]
+        if size <= 0 or not len(look_a) or not fields:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        roots = np.array([cluster.get(i, i) for i in ids], dtype=object)
+        keep = np.flatnonzero((look_a != look_b) & (roots[look_a] != roots[look_b]))
+        keep = rng.permutation(keep)[: 2 * size]
+        a, b = look_a[keep], look_b[keep]
+        values = {field: normalised[field].to_numpy(dtype=object) for field in fields}
+        differs = np.column_stack(
+            [
+                (values[f][a] != values[f][b]) & (values[f][a] != s.MISSING) & (values[f][b] != s.MISSING)
+                for f in fields
+            ]
+        )
+        count = differs.sum(axis=1)
+        # One more agreement must still leave the pair apart somewhere: at least two fields differ.
+        usable = np.flatnonzero(count >= 2)[:size]
+        a, b, differs = a[usable], b[usable], differs[usable]
+        if not len(a):
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        pick = np.argmax(np.where(differs, rng.random(differs.shape), -1.0), axis=1)
+        made = records.iloc[b].reset_index(drop=True)
+        source = records.iloc[a].reset_index(drop=True)
+        for column, field in enumerate(fields):
+            copy = pick == column
+            made.loc[copy, field] = source.loc[copy, field].to_numpy()
+        made[self.config.id_column] = [f"\x00denser-{k}" for k in range(len(a))]
         start = matcher._add(self._encode(made, rules=rules))
         return a.astype(np.int64), start + np.arange(len(a), dtype=np.int64)
 
@@ -599,11 +679,14 @@ class DuplicateModel:
         if not hasattr(self, "weights_"):
             raise NotFittedError("this DuplicateModel is not fitted yet; call fit() or load() first")
 
-    def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """The classifier's match probability for rows of comparison features."""
+    def probabilities(self, features: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
+        """The classifier's match probability for rows of comparison features; `offset` (log-odds, per row)
+        is subtracted first: the density penalty of the agreeing values (`Matcher._count_density`)."""
         # Column by column rather than a matrix product, whose rounding depends on the number of rows:
         # a record's score must not depend on how the batch was cut into chunks.
         logits = np.full(len(features), self.intercept_, dtype=np.float64)
+        if offset is not None:
+            logits -= offset
         for column, weight in zip(features.T, self.weights_, strict=True):
             logits += column.astype(np.float64) * weight
         return 1.0 / (1.0 + np.exp(-np.clip(logits, -50, 50)))
@@ -639,6 +722,21 @@ class DuplicateModel:
         self._check_fitted()
         encoded = self._encode(frame)
         return encoded.keys, np.asarray(encoded.times, dtype=float)
+
+    def match_values(self, frame: pd.DataFrame) -> dict[str, list[str]]:
+        """Each match field's values as the matcher counts them (normalised; `""` where the field has no
+        usable value): what another engine needs to count how common a value is (`Matcher`'s density)."""
+        self._check_fitted()
+        encoded = self._encode(frame, rules=[])
+        return {
+            field: [
+                value if parsed is not None else s.MISSING
+                for value, parsed in zip(values, parsed_values, strict=True)
+            ]
+            for field, values, parsed_values in (
+                (f, encoded.normalised[f], encoded.parsed[f]) for f in (p.field for p in self.plugins_)
+            )
+        }
 
     # ------------------------------------------------------------------ scoring
 
@@ -737,10 +835,20 @@ class DuplicateModel:
         if wanted is not None and choice.precision < wanted:
             logger.warning("calibration: no threshold reaches precision %.3f; maximising F1 instead", wanted)
         self.threshold_ = choice.threshold if choice.chosen else 0.5
+        figures = choice.as_dict()
+        if self.threshold_ < MIN_THRESHOLD:
+            # A held-out period as sparse as the history leaves a wide gap between its lowest duplicate
+            # and its highest look-alike; a batch twenty times denser fills it. Below 0.5 the model itself
+            # rates a pair more likely two records than one, so no link is made there.
+            flagged = score[order][scored] >= MIN_THRESHOLD
+            tp = int((correct[order][scored] & flagged).sum())
+            figures = prf(tp, int(flagged.sum()) - tp, len(truth) - tp)
+            figures["precision"] = min(figures["precision"] / frequency, 1.0)
+            self.threshold_ = MIN_THRESHOLD
         result = {
-            **choice.as_dict(),
+            **figures,
             "threshold": self.threshold_,
-            "labelled_precision": choice.tp / max(choice.tp + choice.fp, 1),
+            "labelled_precision": figures["tp"] / max(figures["tp"] + figures["fp"], 1),
             "label_frequency": frequency,
         }
         logger.info("duplicate threshold %.3f: %s", self.threshold_, result)
@@ -938,6 +1046,11 @@ class Matcher:
         self._evict = evict
         self._live = _Growable(np.int8)  # per record: blocks whose window still holds it (with `evict`)
         self._leaving: list[int] = []  # records that left every window; dropped before the next chunk
+        # How common each value is in the data being matched (see `_count_density`).
+        self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.int64) for field in self._fields}
+        self._present: dict[str, int] = {field: 0 for field in self._fields}
+        self._fitted_share: dict[str, list[float]] = {field: [] for field in self._fields}  # per code
+        self._penalty: dict[str, array] = {field: array("f") for field in self._fields}  # per record
         self._lock = threading.RLock()
         if reference is not None and len(reference):
             ordered = reference.iloc[model._entry_order(reference)]
@@ -1008,7 +1121,64 @@ class Matcher:
         self._times.extend(encoded.times)
         for offset, record_id in enumerate(encoded.ids):
             self._position[record_id] = start + offset
+        self._count_density(start)
         return start
+
+    def _count_density(self, start: int) -> None:
+        """Counts the values of the records indexed from `start` on, and notes for each record and field
+        how much more common its value is among the records indexed so far (itself included) than among
+        the records the model learned from: `max(0, ln(share now / share at fit))`, its density penalty.
+
+        The model's weights say what agreeing on a value is worth at the density of its training period;
+        a batch twenty times denser (a customer's seven orders on one day) makes agreeing on the order
+        date twenty times more likely by chance, so that agreement is worth ln 20 less (Fellegi-Sunter's
+        u-probability, counted on the data being scored). Counted in indexing order, so a record's
+        penalty does not depend on how the batch was cut into chunks; never a bonus, so a value that is
+        rarer than at fit keeps what the model learned.
+        """
+        for field in self._fields:
+            codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
+            shares = self._fitted_share[field]
+            if len(shares) < len(self._values[field]):
+                frequencies = self._frequencies.get(field)
+                shares.extend(
+                    frequencies.share(value) if frequencies is not None else 1.0
+                    for value in self._texts[field][len(shares) :]
+                )
+            seen = self._seen[field]
+            if len(seen) < len(shares):
+                seen = self._seen[field] = np.concatenate([seen, np.zeros(len(shares) - len(seen), np.int64)])
+            present = codes >= 0
+            values = codes[present]
+            count, total = _running_counts(values, seen, self._present[field])
+            penalty = np.zeros(len(codes), dtype="f4")
+            fitted = self._frequencies.get(field)
+            penalty[present] = density_penalty(
+                count, total, np.asarray(shares, dtype=float)[values], fitted.total if fitted else 1
+            )
+            np.add.at(seen, values, 1)
+            self._present[field] += len(values)
+            self._penalty[field].extend(penalty.tolist())
+
+    def _uncount_density(self, start: int) -> None:
+        """Takes the records indexed from `start` on out of the value counts again (see `_rollback`)."""
+        for field in self._fields:
+            codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
+            values = codes[codes >= 0]
+            np.subtract.at(self._seen[field], values, 1)
+            self._present[field] -= len(values)
+            del self._penalty[field][start:]
+
+    def _density_offset(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        """Per pair, the density penalties of the fields on which the two agree, summed (left = the later
+        record, whose counts are as of its indexing)."""
+        offset = np.zeros(len(left))
+        for field in self._fields:
+            codes = np.frombuffer(self._codes[field], dtype=np.int64)
+            same = (codes[left] >= 0) & (codes[left] == codes[right])
+            penalty = np.frombuffer(self._penalty[field], dtype="f4")
+            offset[same] += penalty[left[same]]
+        return offset
 
     def _drop_left(self) -> None:
         """Drops the records that left every block window while the previous chunk was indexed."""
@@ -1129,7 +1299,11 @@ class Matcher:
         encoded = self._model._encode(chunk)
         query, found, _ = self._candidates(encoded)
         start = len(self._ids) - len(encoded)
-        scores = self._model.probabilities(self._features(query, found)) if len(query) else np.zeros(0)
+        scores = (
+            self._model.probabilities(self._features(query, found), self._density_offset(query, found))
+            if len(query)
+            else np.zeros(0)
+        )
         best_score = np.zeros(len(encoded))
         best_position = np.full(len(encoded), -1, dtype=np.int64)
         if len(query):
@@ -1188,6 +1362,7 @@ class Matcher:
         self, start: int, sizes: dict[str, int], positions: dict[str, int], clusters: dict[str, str]
     ) -> None:
         """Takes the records indexed from `start` on out of the index again (see `_checkpoint`)."""
+        self._uncount_density(start)
         for block_index in self._blocks:
             block_index.rollback(start)
         for field in self._fields:
@@ -1255,10 +1430,19 @@ class Matcher:
 
     # ------------------------------------------------------------------ pairs given from outside
 
-    def score_pairs(self, left: pd.DataFrame, right: pd.DataFrame) -> ScoredPairs:
+    def score_pairs(
+        self,
+        left: pd.DataFrame,
+        right: pd.DataFrame,
+        density: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> ScoredPairs:
         """Scores given pairs (row i of `left` against row i of `right`; same columns, text cells) with the
         model's comparisons and classifier, without blocking: the public entry of another engine (Spark
-        finds the candidates itself and calls this per bucket). The matcher must be empty."""
+        finds the candidates itself and calls this per bucket). The matcher must be empty.
+
+        `density` = (counts, totals), arrays of shape (pairs, match fields): for each left record and
+        match field (`DuplicateModel.match_values` order), how many records indexed up to it (itself
+        included) hold its value and hold any value, as `Matcher` counts them (see `_count_density`)."""
         if len(self._ids):
             raise ValueError("score_pairs needs an empty matcher (DuplicateModel.matcher(None))")
         if len(left) != len(right):
@@ -1267,7 +1451,25 @@ class Matcher:
         self._add(self._model._encode(left))
         self._add(self._model._encode(right))
         positions = np.arange(n)
-        scores = self._model.probabilities(self._features(positions, positions + n)) if n else np.zeros(0)
+        offset = None
+        if density is not None and n:
+            counts, totals = density
+            for column, field in enumerate(self._fields):
+                codes = np.frombuffer(self._codes[field], dtype=np.int64)[:n]
+                present = codes >= 0
+                fitted = self._frequencies.get(field)
+                penalty = np.frombuffer(self._penalty[field], dtype="f4")
+                shares = np.asarray(self._fitted_share[field], dtype=float)
+                penalty[:n][present] = density_penalty(
+                    counts[present, column],
+                    totals[present, column],
+                    shares[codes[present]],
+                    fitted.total if fitted else 1,
+                )
+            offset = self._density_offset(positions, positions + n)
+        scores = (
+            self._model.probabilities(self._features(positions, positions + n), offset) if n else np.zeros(0)
+        )
         return ScoredPairs(self, scores)
 
 
@@ -1463,6 +1665,40 @@ class _BlockIndex:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _running_counts(codes: np.ndarray, seen: np.ndarray, present: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each value code in order: how many records held it so far (`seen` before, then earlier in
+    `codes`, then itself) and how many records held any value so far (`present` before, itself included)."""
+    order = np.argsort(codes, kind="stable")
+    ranked = codes[order]
+    index = np.arange(len(codes))
+    first = np.ones(len(codes), dtype=bool)
+    first[1:] = ranked[1:] != ranked[:-1]
+    rank = np.empty(len(codes), dtype=np.int64)
+    rank[order] = index - np.maximum.accumulate(np.where(first, index, 0))
+    return seen[codes] + rank + 1, present + index + 1
+
+
+def density_penalty(
+    count: np.ndarray, total: np.ndarray, fitted_share: np.ndarray, fitted_total: int
+) -> np.ndarray:
+    """`max(0, ln(share now / share at fit))` per value, in log-odds (see `Matcher._count_density`), only
+    where the counts show it: the share now at its lower and the share at fit at its upper bound
+    (`DENSITY_Z` Poisson standard deviations), so that a customer's few orders in a small history, or
+    the first records of a batch, do not pass for a change in density.
+
+    >>> density_penalty(np.array([400, 3]), np.array([10_000, 10_000]), np.array([0.002, 0.0002]), 10_000)
+    array([2.1, 0. ], dtype=float32)
+    """
+    count = np.asarray(count, dtype=float)
+    expected = np.asarray(fitted_share, dtype=float) * fitted_total
+    now = np.maximum(count - DENSITY_Z * np.sqrt(count), 0.0) / np.maximum(
+        np.asarray(total, dtype=float), 1.0
+    )
+    then = (expected + DENSITY_Z * np.sqrt(expected) + 1.0) / max(fitted_total, 1)
+    with np.errstate(divide="ignore"):
+        return np.maximum(np.log(now / then), 0.0).astype("f4")
 
 
 def _join_keys(parts: Sequence[np.ndarray]) -> np.ndarray:
