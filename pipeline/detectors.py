@@ -152,6 +152,11 @@ def write_number(value: float, fp: FieldProfile) -> str:
     return number_type.write_number(value, fp.decimals if fp.fixed_decimals else None)
 
 
+# Pure per-value functions that the profiles of cross-fitting folds apply to the same values again: cached.
+PER_VALUE_CACHE = 2**18
+
+
+@functools.lru_cache(maxsize=PER_VALUE_CACHE)
 def _case_of(value: str) -> str:
     letters = [ch for ch in value if ch.isalpha()]
     if not letters:
@@ -273,6 +278,7 @@ _LAST_DIGITS = re.compile(r"^(.*?)(\d+)(\D*)$")
 _YEAR = re.compile(r"(?<!\d)(19\d\d|20\d\d)(?!\d)")
 
 
+@functools.lru_cache(maxsize=PER_VALUE_CACHE)
 def split_running_number(text: str) -> tuple[str, int, int] | None:
     """A code's prefix, running number (its last digit group) and the group's width, or None.
 
@@ -351,6 +357,9 @@ def sequence_expectation(values: pd.Series, times: pd.Series | None) -> tuple[pd
 
 # ---------------------------------------------------------------------------------------------------------
 # Profiles
+
+
+_plain_number = functools.lru_cache(maxsize=PER_VALUE_CACHE)(number_type.plain_number)
 
 
 def per_value(values: pd.Series, fn: Callable[[str], object]) -> pd.Series:
@@ -585,7 +594,7 @@ def profile_field(
         profile.decimals = usual
         profile.fixed_decimals = usual > 0 and float((places == usual).mean()) >= 0.9
     if kind == "number":
-        numbers = per_value(filled, number_type.plain_number).astype(float)
+        numbers = per_value(filled, _plain_number).astype(float)
         logs = np.log10(numbers.abs().clip(lower=1e-9))[numbers.notna() & (numbers != 0)]
         if len(logs):
             profile.number_center = float(logs.median())
@@ -725,7 +734,7 @@ def find_dependencies(frame: pd.DataFrame, fields: dict[str, str]) -> list[tuple
 
 
 def _number_group(frame: pd.DataFrame, target: str, fields: dict[str, str]) -> NumberGroup | None:
-    numbers = per_value(frame[target], number_type.plain_number).astype(float)
+    numbers = per_value(frame[target], _plain_number).astype(float)
     ok = numbers.notna() & (numbers > 0)
     if ok.sum() < 10:
         return None
@@ -819,17 +828,16 @@ def extend_profile(profile: Profile, frame: pd.DataFrame) -> Profile:
     """
     names = [name for name in profile.fields if name in frame.columns]
     texts = pd.DataFrame({name: text_column(frame, name) for name in names}, index=frame.index)
+    coded = {name: _Coded.of(texts[name]) for name in names}
     fields = dict(profile.fields)
     for name in names:
-        fp = profile.fields[name]
-        values = texts[name]
-        counts = values[values != s.MISSING].value_counts()
-        new = counts[~counts.index.isin(fp.vocab)]
-        if len(new):
-            fields[name] = dataclasses.replace(
-                fp, counts={**fp.counts, **{str(k): int(v) for k, v in new.items()}}
-            )
-    coded = {name: _Coded.of(texts[name]) for name in names}
+        fp, column = profile.fields[name], coded[name]
+        counts = np.bincount(column.codes, minlength=len(column.uniques))
+        new = ~pd.Index(column.uniques).isin(fp.vocab) & (column.uniques != s.MISSING)
+        if new.any():
+            order = np.flatnonzero(new)[np.argsort(-counts[new], kind="stable")]  # most frequent first
+            added = dict(zip([str(v) for v in column.uniques[order]], counts[order].tolist(), strict=True))
+            fields[name] = dataclasses.replace(fp, counts={**fp.counts, **added})
     dependencies = []
     for dep in profile.dependencies:
         if dep.source not in coded or dep.target not in coded:
@@ -837,22 +845,20 @@ def extend_profile(profile: Profile, frame: pd.DataFrame) -> Profile:
             continue
         src, tgt = coded[dep.source], coded[dep.target]
         modes = _mode_targets(src, tgt)
-        implied, support, total = dict(dep.implied), dict(dep.support), dict(dep.total)
+        implied, support, total = dep.implied, dep.support, dep.total
         if modes is not None:
             best_source, best_target, best_count, best_total = modes
             keys = src.uniques[best_source]
             fresh = ~pd.Index(keys).isin(pd.Index(list(dep.support), dtype=object))
-            for key, target, n, n_total in zip(
-                keys[fresh],
-                tgt.uniques[best_target[fresh]],
-                best_count[fresh],
-                best_total[fresh],
-                strict=True,
-            ):
-                if target != s.MISSING:
-                    implied[str(key)] = str(target)
-                support[str(key)] = int(n)
-                total[str(key)] = int(n_total)
+            keys = [str(k) for k in keys[fresh]]
+            targets = [str(v) for v in tgt.uniques[best_target[fresh]]]
+            # Source values new to the profile only: what it knew stays, in its order.
+            implied = {
+                **implied,
+                **{k: v for k, v in zip(keys, targets, strict=True) if v != s.MISSING},
+            }
+            support = {**support, **dict(zip(keys, best_count[fresh].tolist(), strict=True))}
+            total = {**total, **dict(zip(keys, best_total[fresh].astype(int).tolist(), strict=True))}
         dependencies.append(dataclasses.replace(dep, implied=implied, support=support, total=total))
     groups = dict(profile.groups)
     for name, group in profile.groups.items():
