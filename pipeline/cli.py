@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--chunk-rows", type=int, default=50_000)
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes scoring errors and anomalies while this one matches duplicates (e.g. 2 on 2 cores)",
+    )
+    p.add_argument(
         "--engine",
         choices=("local", "spark"),
         default="local",
@@ -257,6 +263,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     if args.chunk_rows < 1:
         raise BadInputError(f"--chunk-rows {args.chunk_rows}: must be at least 1")
+    if args.workers < 1:
+        raise BadInputError(f"--workers {args.workers}: must be at least 1")
     # Fail on an unusable output folder before loading anything.
     import shutil
 
@@ -275,6 +283,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                 chunk_rows=args.chunk_rows,
                 output_format=args.output_format,
                 progress=bar,
+                workers=args.workers,
             )
     flags = summary["flags"]
     _out(

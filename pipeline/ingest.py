@@ -650,9 +650,15 @@ def _column_letter(index: int) -> str:
 # ------------------------------------------------------------------------------------------------ tables
 
 
-def read_table(path: str | Path, *, options: ReadOptions = DETECT) -> pd.DataFrame:
-    """Reads a whole (history-sized) file as text; see `iter_table`."""
-    chunks = list(iter_table(path, options=options))
+def read_table(
+    path: str | Path, *, options: ReadOptions = DETECT, columns: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """Reads a whole (history-sized) file as text; see `iter_table`. With `columns`, only those of them
+    the file has are kept, chunk by chunk (a large reference costs what the models use of it)."""
+    chunks = [
+        chunk if columns is None else chunk[[name for name in columns if name in chunk.columns]]
+        for chunk in iter_table(path, options=options)
+    ]
     frame = pd.concat(chunks) if len(chunks) > 1 else chunks[0]
     logger.info("read %s: %d rows, %d columns", path, len(frame), frame.shape[1])
     return frame

@@ -16,7 +16,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,27 @@ def score_chunk(chunk: pd.DataFrame, bundle: ModelBundle, matcher: Any) -> Chunk
     """Scores one chunk of a batch (text cells, "" = missing) with a loaded model.
 
     `matcher` is `bundle.duplicates.matcher(reference)`; it remembers the chunk afterwards so the next
-    chunk is compared with this one too.
+    chunk is compared with this one too. Equal to `assess_chunk(chunk, bundle, *link_chunk(...))`.
     """
+    return assess_chunk(chunk, bundle, *link_chunk(chunk, bundle, matcher))
+
+
+def link_chunk(
+    chunk: pd.DataFrame, bundle: ModelBundle, matcher: Any
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The duplicate part of `score_chunk`, the only one with state (the matcher's index): the links and
+    the field values of each linked row's match (None when no row is linked)."""
+    links = matcher.match(chunk)
+    return links, _matched_values(chunk, links, matcher, bundle.config.check_fields)
+
+
+def assess_chunk(
+    chunk: pd.DataFrame, bundle: ModelBundle, links: pd.DataFrame, matched: pd.DataFrame | None
+) -> ChunkResult:
+    """The stateless rest of `score_chunk`: errors and anomalies of the chunk, given its links; what worker
+    processes run while the parent matches the next chunk."""
     config = bundle.config
     id_column = config.id_column
-    links = matcher.match(chunk)
-    matched = _matched_values(chunk, links, matcher, config.check_fields)
     cell_scores, cell_flags = bundle.errors.assess(chunk, matched)
     anomalies = bundle.anomalies.score(chunk)
 
@@ -193,6 +209,68 @@ def sort_flags(flags: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------- batch job
 
 
+_WORKER_BUNDLE: ModelBundle | None = None
+
+
+def _start_worker(bundle: ModelBundle) -> None:
+    global _WORKER_BUNDLE
+    from threadpoolctl import threadpool_limits
+
+    _WORKER_BUNDLE = bundle
+    threadpool_limits(1)  # one core per process; the processes are the parallelism
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def _assess_in_worker(chunk: pd.DataFrame, links: pd.DataFrame, matched: pd.DataFrame | None) -> ChunkResult:
+    assert _WORKER_BUNDLE is not None
+    return assess_chunk(chunk, _WORKER_BUNDLE, links, matched)
+
+
+class _Scorer:
+    """Scores chunks in input order: in this process (`workers` = 1), or with the duplicate links made here
+    (the matcher's index is sequential state) and errors and anomalies in `workers` processes, at most
+    `workers + 1` chunks in flight so memory stays bounded. Results come back in submission order."""
+
+    def __init__(self, bundle: ModelBundle, matcher: Any, workers: int) -> None:
+        self.bundle, self.matcher, self.workers = bundle, matcher, workers
+        self.pool: Any = None
+        self.pending: deque[tuple[pd.DataFrame, Any]] = deque()
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                # The duplicate model stays here (its dedupe comparators do not pickle; workers need none).
+                initargs=(replace(bundle, duplicates=None),),
+            )
+
+    def submit(self, chunk: pd.DataFrame) -> Iterator[tuple[pd.DataFrame, ChunkResult]]:
+        """Takes a chunk; yields the chunks (with results) that are done, oldest first."""
+        if self.pool is None:
+            yield chunk, score_chunk(chunk, self.bundle, self.matcher)
+            return
+        links, matched = link_chunk(chunk, self.bundle, self.matcher)
+        self.pending.append((chunk, self.pool.submit(_assess_in_worker, chunk, links, matched)))
+        while len(self.pending) > self.workers:
+            done, future = self.pending.popleft()
+            yield done, future.result()
+
+    def finish(self) -> Iterator[tuple[pd.DataFrame, ChunkResult]]:
+        while self.pending:
+            done, future = self.pending.popleft()
+            yield done, future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for _, future in self.pending:
+                future.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
 class FlagRuns:
     """The batch's flags, spilled to disk one sorted run per chunk and merged at the end (k-way), so the
     job holds one chunk's flags at a time. The order is `sort_flags`' on all flags at once: highest score
@@ -290,18 +368,24 @@ def run_batch(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     output_format: str = "csv",
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Scores a batch file into `output` (records, flags, summary), atomically. Returns the summary."""
+    """Scores a batch file into `output` (records, flags, summary), atomically. Returns the summary.
+
+    With `workers` > 1, errors and anomalies are scored in that many worker processes while this process
+    matches duplicates (the index is sequential), the same output byte for byte.
+    """
     from pipeline.report import build_summary, write_report
 
     started = time.perf_counter()
     config = bundle.config
     options = ReadOptions.from_config(config)
     staging = prepare_output(output, overwrite=overwrite)
+    scorer: _Scorer | None = None
     try:
         reference = None
         if reference_path is not None:
-            reference = read_table(reference_path, options=options)
+            reference = read_table(reference_path, options=options, columns=config.required_columns())
             require_columns(reference, config.required_columns(), source=reference_path, what="configured")
             check_unique_ids(reference[config.id_column], source=reference_path, id_column=config.id_column)
         if reference is not None:  # the error model's lookups also know customers added after training
@@ -312,6 +396,7 @@ def run_batch(
         seen_ids: set[str] = set(reference[config.id_column]) if reference is not None else set()
         del reference
         runs = FlagRuns(staging / ".flag-runs")
+        scorer = _Scorer(bundle, matcher, workers)
         rows = 0
         columns: list[str] | None = None
         histograms = {name: np.zeros(HISTOGRAM_BINS, dtype=int) for name in SCORE_COLUMNS}
@@ -335,17 +420,11 @@ def run_batch(
                 )
                 seen_ids.update(chunk[config.id_column])
                 if len(chunk):
-                    result = score_chunk(chunk, bundle, matcher)
-                    out = pd.concat([chunk, result.columns], axis=1)
-                    writer.writerows(out.itertuples(index=False, name=None))
-                    runs.add(result.flags)
-                    for name in SCORE_COLUMNS:
-                        values = result.columns[name].to_numpy(dtype=float)
-                        histograms[name] += np.histogram(values, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
-                rows += len(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-                logger.info("scored %d rows", rows)
+                    for done, result in scorer.submit(chunk):
+                        rows += _write_chunk(done, result, writer, runs, histograms, progress)
+            for done, result in scorer.finish():
+                rows += _write_chunk(done, result, writer, runs, histograms, progress)
+        scorer.close()
         del seen_ids
         runs.merge_into(staging / s.FLAGS_FILE)
         # What the summary and report count (kinds, fields, distinct records, the top flags): read back
@@ -371,9 +450,32 @@ def run_batch(
         write_report(summary, flags, histograms, staging)
         publish(staging, output)
     except BaseException:
+        if scorer is not None:
+            scorer.close()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return summary
+
+
+def _write_chunk(
+    chunk: pd.DataFrame,
+    result: ChunkResult,
+    writer: Any,
+    runs: FlagRuns,
+    histograms: dict[str, np.ndarray],
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Appends a scored chunk to records.csv, its flags to the runs and its scores to the histograms."""
+    out = pd.concat([chunk, result.columns], axis=1)
+    writer.writerows(out.itertuples(index=False, name=None))
+    runs.add(result.flags)
+    for name in SCORE_COLUMNS:
+        values = result.columns[name].to_numpy(dtype=float)
+        histograms[name] += np.histogram(values, bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
+    if progress is not None:
+        progress(len(chunk))
+    logger.info("scored %d rows", int(chunk.index[-1]) + 1)
+    return len(chunk)
 
 
 def write_flags(flags: pd.DataFrame, folder: Path, output_format: str) -> None:

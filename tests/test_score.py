@@ -399,3 +399,18 @@ def test_evicting_matcher_links_as_the_full_index(demo, model_folder):
         for match_id in expected.loc[expected[s.DUPLICATE_OF] != "", s.DUPLICATE_OF]:
             assert lean.record(match_id) == full.record(match_id)
     assert lean.resident < len(lean) / 2
+
+
+def test_worker_processes_write_what_one_process_writes(demo, model_folder, tmp_path):
+    """Errors and anomalies in two worker processes, duplicates here: the same files byte for byte."""
+    common = ("--reference", str(demo.records), "--chunk-rows", "50")
+    assert score(model_folder, demo.batch, tmp_path / "one", *common) == 0
+    assert score(model_folder, demo.batch, tmp_path / "two", *common, "--workers", "2") == 0
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_workers_below_one_is_refused(demo, model_folder, tmp_path, capsys):
+    assert score(model_folder, demo.batch, tmp_path / "out", "--workers", "0") == 2
+    assert "--workers 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,195 @@
+"""Issue 11 at scale: wall time, rows/s and peak memory of the whole process tree, in one table.
+
+Every measured step runs the product's CLI (`python -m pipeline ...`) in a child process; a sampler
+(psutil, every 0.2 s) sums the resident memory of the child and all its descendants (worker processes,
+Spark's JVM) and kills the tree when it passes `--max-mb` or `--timeout`, so no run can take the machine
+down. Data: the demo generator with 20,000 customers (seed 1), as issue 11 asks.
+
+    benchmarks/.venv-bench/bin/python benchmarks/scale.py                      # 200k and 2M vs 10k
+    benchmarks/.venv-bench/bin/python benchmarks/scale.py --cases score-200k --workers 1 2
+    benchmarks/.venv-bench/bin/python benchmarks/scale.py --cases train-200k big-reference
+
+The harness needs psutil (the bench venv has it); the product runs in `.venv` (`--python`).
+Cases: `score-200k` (200,000 rows against a 10,000-row reference), `score-2m` (2,000,000 rows against it),
+`train-200k` (`train` on a 200,000-row history), `big-reference` (5,000 rows against a 1,000,000-row
+reference), `spark-1m` (`--engine spark`, local[2], 1,000,000 rows, against the in-process job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+CUSTOMERS = 20_000
+SEED = 1
+CASES = ("score-200k", "score-2m", "train-200k", "big-reference", "spark-1m")
+
+
+@dataclass
+class Run:
+    case: str
+    what: str
+    rows: int
+    seconds: float
+    peak_mb: float
+    status: str = "ok"
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds if self.seconds else 0.0
+
+
+def measure(command: list[str], *, timeout: float, max_mb: float, log: Path) -> tuple[float, float, str]:
+    """Runs `command`; returns wall seconds, peak MB of its process tree, and "ok" or why it was stopped."""
+    peak = 0.0
+    status = "ok"
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        child = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        parent = psutil.Process(child.pid)
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak, status
+            while not stop.is_set():
+                try:
+                    tree = [parent, *parent.children(recursive=True)]
+                    total = 0
+                    for proc in tree:
+                        with contextlib.suppress(psutil.Error):
+                            total += proc.memory_info().rss
+                except psutil.Error:
+                    break
+                peak = max(peak, total / 2**20)
+                elapsed = time.perf_counter() - started
+                if peak > max_mb or elapsed > timeout:
+                    status = f"stopped: {'memory' if peak > max_mb else 'time'} limit"
+                    for proc in reversed(tree):
+                        with contextlib.suppress(psutil.Error):
+                            proc.kill()
+                    break
+                stop.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = child.wait()
+        stop.set()
+        sampler.join()
+    seconds = time.perf_counter() - started
+    if status == "ok" and code != 0:
+        status = f"exit {code} (see {log})"
+    return seconds, peak, status
+
+
+def cli(python: str, *args: str) -> list[str]:
+    return [python, "-m", "pipeline", *args]
+
+
+def generate(python: str, out: Path, history: int, batch: int) -> Path:
+    if not (out / "config.yaml").exists():
+        sizes = ["--customers", str(CUSTOMERS), "--history", str(history), "--batch", str(batch)]
+        command = cli(python, "generate", "--out", str(out), *sizes, "--seed", str(SEED), "-q")
+        subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+TRAIN_TO_FOLDER = (
+    "import sys\n"
+    "from pipeline.config import load_config\n"
+    "from pipeline.train import train\n"
+    "d = sys.argv[1]\n"
+    "r = train(load_config(d + '/config.yaml'), d + '/records.csv', d + '/corrections.csv')\n"
+    "r.bundle.save(sys.argv[2])\n"
+)
+
+
+def main() -> None:  # noqa: C901
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=["score-200k", "score-2m"])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="score --workers values")
+    parser.add_argument("--python", default=str(ROOT / ".venv" / "bin" / "python"))
+    parser.add_argument("--work", type=Path, default=None, help="keep data here (default: a temp folder)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    parser.add_argument("--max-mb", type=float, default=6000.0, help="kill a run whose tree passes this")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    py = args.python
+    runs: list[Run] = []
+
+    def run(case: str, what: str, rows: int, command: list[str]) -> Run:
+        seconds, peak, status = measure(
+            command, timeout=args.timeout, max_mb=args.max_mb, log=work / f"{case}-{len(runs)}.log"
+        )
+        result = Run(case, what, rows, seconds, peak, status)
+        runs.append(result)
+        print(
+            f"{case}: {what}: {seconds:.1f} s, {result.rate:,.0f} rows/s, {peak:,.0f} MB, {status}",
+            flush=True,
+        )
+        return result
+
+    model = work / "model-10k"
+    scoring = [c for c in args.cases if c.startswith("score") or c in ("big-reference", "spark-1m")]
+    if scoring and not (model / "bundle.json").exists():
+        base = generate(py, work / "data-10k", 10_000, 0)
+        run("train-10k", "train on 10,000 rows (model for the scoring cases)", 10_000,
+            [py, "-c", TRAIN_TO_FOLDER, str(base), str(model)])  # fmt: skip
+
+    def score(case: str, data: Path, rows: int, reference: Path, *extra: str, what: str = "") -> Run:
+        out = work / f"out-{case}-{len(runs)}"
+        files = ["--input", str(data / "batch.csv"), "--reference", str(reference), "--output", str(out)]
+        command = cli(py, "score", "--model", str(model), *files, "--overwrite", "-q", *extra)
+        result = run(case, what, rows, command)
+        if result.status == "ok":
+            summary = json.loads((out / "summary.json").read_text())
+            result.what += f"; {summary['flags']['duplicate']:,} duplicate flags"
+        return result
+
+    for case, rows in (("score-200k", 200_000), ("score-2m", 2_000_000)):
+        if case in args.cases:
+            data = generate(py, work / f"data-{case}", 10_000, rows)
+            for workers in args.workers:
+                score(case, data, rows, data / "records.csv", "--workers", str(workers),
+                      what=f"{rows:,} rows vs 10,000, --workers {workers}")  # fmt: skip
+    if "train-200k" in args.cases:
+        data = generate(py, work / "data-train-200k", 200_000, 0)
+        run("train-200k", "train on a 200,000-row history", 200_000,
+            [py, "-c", TRAIN_TO_FOLDER, str(data), str(work / "model-200k")])  # fmt: skip
+    if "big-reference" in args.cases:
+        data = generate(py, work / "data-ref-1m", 1_000_000, 5_000)
+        for attempt in ("first", "again"):
+            score(
+                "big-reference",
+                data,
+                5_000,
+                data / "records.csv",
+                what=f"5,000 rows vs 1,000,000 ({attempt})",
+            )
+    if "spark-1m" in args.cases:
+        data = generate(py, work / "data-spark-1m", 10_000, 1_000_000)
+        score("spark-1m", data, 1_000_000, data / "records.csv", what="in-process, 1,000,000 rows")
+        spark = ("--engine", "spark", "--spark-master", "local[2]")
+        score("spark-1m", data, 1_000_000, data / "records.csv", *spark, what="spark local[2], 1M rows")
+
+    print(f"\nwork folder: {work}\n")
+    print("| case | run | rows | seconds | rows/s | peak MB (process tree) | status |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    for r in runs:
+        figures = f"{r.rows:,} | {r.seconds:.1f} | {r.rate:,.0f} | {r.peak_mb:,.0f}"
+        print(f"| {r.case} | {r.what} | {figures} | {r.status} |")
+    (work / "scale.json").write_text(json.dumps([r.__dict__ for r in runs], indent=2))
+
+
+if __name__ == "__main__":
+    main()
