@@ -475,11 +475,16 @@ def best_candidates(frame: pd.DataFrame, probabilities: np.ndarray, n_cells: int
     )
     if frame.empty:
         return out
-    ranked = frame.assign(probability=probabilities).sort_values(
-        ["cell", "probability"], ascending=[True, False]
-    )
-    top = ranked.drop_duplicates("cell")
-    out.loc[top["cell"].to_numpy(), "candidate"] = top["candidate"].to_numpy()
-    out.loc[top["cell"].to_numpy(), "probability"] = top["probability"].to_numpy()
-    out.loc[top["cell"].to_numpy(), "via"] = top["via"].to_numpy()
-    return out
+    cells = frame["cell"].to_numpy()
+    probability = np.asarray(probabilities, dtype=float)
+    # By cell, most probable first, ties in frame order (a stable sort); the first row of each cell wins.
+    order = np.lexsort((-probability, cells))
+    first = order[np.r_[True, cells[order][1:] != cells[order][:-1]]]
+    top = cells[first]
+    candidate = out["candidate"].to_numpy(dtype=object).copy()
+    best = out["probability"].to_numpy(dtype=float).copy()
+    via = out["via"].to_numpy(dtype=object).copy()
+    candidate[top] = frame["candidate"].to_numpy(dtype=object)[first]
+    best[top] = probability[first]
+    via[top] = frame["via"].to_numpy(dtype=object)[first]
+    return pd.DataFrame({"candidate": candidate, "probability": best, "via": via})
