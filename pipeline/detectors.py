@@ -152,12 +152,19 @@ def write_number(value: float, fp: FieldProfile) -> str:
     return number_type.write_number(value, fp.decimals if fp.fixed_decimals else None)
 
 
-# Pure per-value functions that the profiles of cross-fitting folds apply to the same values again: cached.
-PER_VALUE_CACHE = 2**18
-
-
-@functools.lru_cache(maxsize=PER_VALUE_CACHE)
 def _case_of(value: str) -> str:
+    if value.isascii():  # the same answer from C string methods: every ASCII letter is cased
+        if value.upper() == value.lower():
+            return "none"
+        return (
+            "upper"
+            if value.isupper()
+            else "lower"
+            if value.islower()
+            else "title"
+            if value.istitle()
+            else "mixed"
+        )
     letters = [ch for ch in value if ch.isalpha()]
     if not letters:
         return "none"
@@ -278,7 +285,6 @@ _LAST_DIGITS = re.compile(r"^(.*?)(\d+)(\D*)$")
 _YEAR = re.compile(r"(?<!\d)(19\d\d|20\d\d)(?!\d)")
 
 
-@functools.lru_cache(maxsize=PER_VALUE_CACHE)
 def split_running_number(text: str) -> tuple[str, int, int] | None:
     """A code's prefix, running number (its last digit group) and the group's width, or None.
 
@@ -297,9 +303,14 @@ def embedded_year(text: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+SEQUENCE_SAMPLE = 20_000
+
+
 def _is_sequence(values: pd.Series, times: pd.Series | None) -> bool:
     """A field of nearly unique codes whose running number grows with entry time (order numbers)."""
     filled = values[values != s.MISSING]
+    if len(filled) > SEQUENCE_SAMPLE:  # evenly spaced rows decide it as well as all of them
+        filled = filled.iloc[:: -(-len(filled) // SEQUENCE_SAMPLE)]
     if len(filled) < 20 or filled.nunique() < 0.8 * len(filled):
         return False
     parts = per_value(filled, split_running_number)
@@ -357,9 +368,6 @@ def sequence_expectation(values: pd.Series, times: pd.Series | None) -> tuple[pd
 
 # ---------------------------------------------------------------------------------------------------------
 # Profiles
-
-
-_plain_number = functools.lru_cache(maxsize=PER_VALUE_CACHE)(number_type.plain_number)
 
 
 def per_value(values: pd.Series, fn: Callable[[str], object]) -> pd.Series:
@@ -594,7 +602,7 @@ def profile_field(
         profile.decimals = usual
         profile.fixed_decimals = usual > 0 and float((places == usual).mean()) >= 0.9
     if kind == "number":
-        numbers = per_value(filled, _plain_number).astype(float)
+        numbers = per_value(filled, number_type.plain_number).astype(float)
         logs = np.log10(numbers.abs().clip(lower=1e-9))[numbers.notna() & (numbers != 0)]
         if len(logs):
             profile.number_center = float(logs.median())
@@ -734,7 +742,7 @@ def find_dependencies(frame: pd.DataFrame, fields: dict[str, str]) -> list[tuple
 
 
 def _number_group(frame: pd.DataFrame, target: str, fields: dict[str, str]) -> NumberGroup | None:
-    numbers = per_value(frame[target], _plain_number).astype(float)
+    numbers = per_value(frame[target], number_type.plain_number).astype(float)
     ok = numbers.notna() & (numbers > 0)
     if ok.sum() < 10:
         return None
