@@ -116,3 +116,14 @@ def test_a_record_a_clerk_found_normal_is_not_flagged_again() -> None:
     # the cutoff rises at most to the history's 99.9% quantile: a different odd record is still flagged
     assert bool(taught.score(other)["flagged"].iloc[0])
     assert taught.score(history)["flagged"].mean() <= plain.score(history)["flagged"].mean()
+
+
+def test_the_flattened_forest_scores_exactly_as_scikit_learn(model: AnomalyModel) -> None:
+    from pipeline.anomalies import FlatForest
+
+    rng = np.random.default_rng(1)
+    X = np.abs(rng.normal(0, 2, size=(300, len(model.owners_))))
+    X[:5] = 0.0
+    flat = FlatForest(model.forest_)
+    assert np.array_equal(flat.anomaly(X), -model.forest_.score_samples(X))
+    assert np.array_equal(flat.anomaly(X[:1]), -model.forest_.score_samples(X[:1]))

@@ -291,3 +291,49 @@ def test_unsupervised_score_ignores_weak_evidence() -> None:
     checksum = np.zeros((1, len(d.FEATURES)))
     checksum[0, d.FEATURES.index("checksum_invalid")] = 1
     assert d.unsupervised_score(checksum)[0] == pytest.approx(d.CHECKSUM_SCORE)
+
+
+def test_a_one_record_chunk_gets_the_features_it_gets_inside_a_large_chunk(profile: d.Profile) -> None:
+    # Small chunks take dictionary look-ups and skip the rolling median; large ones use pandas indexes.
+    rows = _history(200).assign(
+        customer_code=lambda f: np.where(np.arange(200) % 7 == 0, "C-99999", f.customer_code)
+    )
+    rows.loc[3, "city"] = None  # a missing cell, as pandas hands it over
+    rows["city"] = rows["city"].astype("string")  # Arrow-backed strings, as ingest reads them
+    whole = d.cell_features(rows, profile, CONFIG, list(CONFIG.fields))
+    for i in (0, 3, 7):
+        one = d.cell_features(rows.iloc[[i]], profile, CONFIG, list(CONFIG.fields))
+        for name, frame in one.items():
+            expected = whole[name].iloc[[i]].drop(columns=["sequence_gap", "sequence_rows"])
+            pd.testing.assert_frame_equal(frame.drop(columns=["sequence_gap", "sequence_rows"]), expected)
+            assert frame["sequence_gap"].isna().all()
+
+
+def test_text_column_gives_plain_strings_with_empty_for_missing() -> None:
+    frame = pd.DataFrame({"a": pd.array(["x", None, "z"], dtype="string"), "b": ["1", np.nan, None]})
+    assert d.text_column(frame, "a").tolist() == ["x", "", "z"]
+    assert d.text_column(frame, "b").tolist() == ["1", "", ""]
+    assert d.chunk_texts(frame, ["a", "b"]).to_numpy().tolist() == [["x", "1"], ["", ""], ["z", ""]]
+
+
+def test_extend_profile_adds_what_the_reference_knows_and_keeps_the_rest(profile: d.Profile) -> None:
+    reference = pd.DataFrame(
+        {
+            "customer_code": ["C-20000"] * 3 + ["C-10001"],
+            "postcode": ["9999 ZZ"] * 3 + ["0000 AA"],
+            "city": ["Groningen"] * 4,
+            "amount": ["10.00", "11.00", "12.00", "1.00"],
+        },
+        dtype=object,
+    )
+    extended = d.extend_profile(profile, reference)
+    assert extended.fields["customer_code"].counts["C-20000"] == 3
+    assert (
+        extended.fields["customer_code"].counts["C-10001"]
+        == profile.fields["customer_code"].counts["C-10001"]
+    )
+    by_pair = {(dep.source, dep.target): dep for dep in extended.dependencies}
+    assert by_pair["customer_code", "postcode"].implied["C-20000"] == "9999 ZZ"
+    assert by_pair["customer_code", "postcode"].implied["C-10001"] == "1012 AB"  # training's lookup stays
+    assert extended.groups["amount"].medians["C-20000"] == pytest.approx(np.log10(11.0))
+    assert "C-20000" not in profile.fields["customer_code"].counts  # the original is left as it was

@@ -124,3 +124,19 @@ def test_number_candidate_drops_the_unit_the_field_does_not_write() -> None:
 
 def _ounces_config() -> Config:
     return Config.model_validate({"name": "t", "fields": {"ounces": {"type": "category"}}})
+
+
+def test_best_candidates_takes_the_most_probable_per_cell_first_on_ties() -> None:
+    from pipeline.suggest import best_candidates
+
+    frame = pd.DataFrame(
+        {
+            "cell": [1, 1, 1, 0, 3],
+            "candidate": ["a", "b", "c", "d", "e"],
+            "via": ["x", "y", "z", "w", "v"],
+        }
+    )
+    best = best_candidates(frame, np.array([0.2, 0.7, 0.7, 0.1, 0.9]), 4)
+    assert best["candidate"].tolist() == ["d", "b", "", "e"]
+    assert best["probability"].tolist() == [0.1, 0.7, 0.0, 0.9]
+    assert best["via"].tolist() == ["w", "y", "", "v"]
