@@ -46,6 +46,7 @@ CSV_LINE_END = "\r\n"
 SCORE_COLUMNS = (s.DUPLICATE_SCORE, s.ERROR_SCORE, s.ANOMALY_SCORE)
 HISTOGRAM_BINS = 20
 FLAG_KIND_ORDER = {s.KIND_DUPLICATE: 0, s.KIND_ERROR: 1, s.KIND_ANOMALY: 2}
+LINK_ROWS = 10_000  # rows the duplicate matcher takes at a time (its pair arrays grow with them)
 
 
 @dataclass
@@ -76,9 +77,28 @@ def link_chunk(
     chunk: pd.DataFrame, bundle: ModelBundle, matcher: Any
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """The duplicate part of `score_chunk`, the only one with state (the matcher's index): the links and
-    the field values of each linked row's match (None when no row is linked)."""
-    links = matcher.match(chunk)
-    return links, _matched_values(chunk, links, matcher, bundle.config.check_fields)
+    the field values of each linked row's match (None when no row is linked).
+
+    The matcher takes the chunk `LINK_ROWS` rows at a time: its links do not depend on where chunks are
+    cut (tested), and its comparison arrays then stay small whatever the chunk size.
+    """
+    fields = bundle.config.check_fields
+    parts = [chunk.iloc[start : start + LINK_ROWS] for start in range(0, len(chunk), LINK_ROWS)] or [chunk]
+    links, matched = [], []
+    for part in parts:
+        part_links = matcher.match(part)
+        links.append(part_links)
+        # Right after its match: the matcher may drop records no longer matchable at the next call.
+        matched.append(_matched_values(part, part_links, matcher, fields))
+    if len(parts) == 1:
+        return links[0], matched[0]
+    if all(values is None for values in matched):
+        return pd.concat(links), None
+    filled = [
+        pd.DataFrame(s.MISSING, index=part.index, columns=fields, dtype=object) if values is None else values
+        for part, values in zip(parts, matched, strict=True)
+    ]
+    return pd.concat(links), pd.concat(filled)
 
 
 def assess_chunk(
