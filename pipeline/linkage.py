@@ -18,9 +18,14 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
 * Labels: positives are the known pairs (merge chains closed), negatives are candidate pairs of the learned
   blocking that were never merged (the hard ones), pairs a clerk rejected (`non_pairs`), pairs agreeing on
   one field, chance agreements (an unrelated record given another's values in one to three fields: what a
-  register ten times larger produces by chance) and random pairs, `max_labels` in all.
+  register ten times larger produces by chance), denser look-alikes (a never-merged look-alike given the
+  other's value in one field where they differ: a customer's second order of the day) and random pairs,
+  `max_labels` in all.
 * Scoring: each record's candidates are cut to the `top_k` that share most keys, compared field by field,
-  and scored by the classifier; the best candidate above `threshold_` is the record it duplicates.
+  and scored by the classifier, less the density penalty of the values they agree on (a value more common
+  among the records matched so far than among those the model learned from counts less: Fellegi-Sunter's
+  u-probability counted on the data being scored); the best candidate above `threshold_` (never below
+  0.5 when `calibrate` chooses it) is the record it duplicates.
 
 >>> # model = DuplicateModel(config).fit(entered_history, known_pairs)
 >>> # links = model.matcher(reference).match(batch)   # duplicate_of, duplicate_score, cluster_id, reason
