@@ -1693,8 +1693,10 @@ def density_penalty(
     (`DENSITY_Z` Poisson standard deviations), so that a customer's few orders in a small history, or
     the first records of a batch, do not pass for a change in density.
 
-    >>> density_penalty(np.array([400, 3]), np.array([10_000, 10_000]), np.array([0.002, 0.0002]), 10_000)
-    array([2.1, 0. ], dtype=float32)
+    >>> now, total, then = np.array([400, 3]), np.array([10_000] * 2), np.array([0.002, 0.0002])
+    >>> penalty = density_penalty(now, total, then, 10_000)
+    >>> penalty.round(1).tolist()  # 20x as common now: ln 20 = 3.0, less the bounds; 3 of 10,000: nothing
+    [2.5, 0.0]
     """
     count = np.asarray(count, dtype=float)
     expected = np.asarray(fitted_share, dtype=float) * fitted_total
