@@ -1095,13 +1095,15 @@ def _sequence_features(
     fp: FieldProfile,
     profile: Profile,
     times: pd.Series | None,
-    context: tuple[pd.DataFrame, pd.Series | None] | None,
+    context: Context | None,
 ) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     values = texts[name]
     if fp.sequence:
-        ctx_texts, ctx_times = context if context is not None else (texts, times)
-        expected, rows = sequence_expectation(ctx_texts[name], ctx_times)
+        if context is not None:
+            expected, rows = context.expectation(name)
+        else:
+            expected, rows = sequence_expectation(texts[name], times)
         numbers = per_value(values, lambda v: p[1] if (p := split_running_number(v)) else math.nan).astype(
             float
         )
@@ -1122,7 +1124,7 @@ def field_features(
     profile: Profile,
     edits: EditHistory | None,
     times: pd.Series | None,
-    context: tuple[pd.DataFrame, pd.Series | None] | None = None,
+    context: Context | None = None,
     codes: dict[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """The feature frame (columns `FEATURES`) for one field of a chunk; `texts` holds the chunk's fields,
@@ -1229,6 +1231,27 @@ def unsupervised_score(features: np.ndarray, *, weak_dependencies: bool = False)
     return np.maximum(checksum, dependency)
 
 
+@dataclass
+class Context:
+    """A larger frame holding a chunk's rows (the training history around a fold), where running numbers
+    find their neighbours: its texts and entry times, and each field's expected running numbers, computed
+    once however many folds ask."""
+
+    texts: pd.DataFrame
+    times: pd.Series | None
+    expected: dict[str, tuple[pd.Series, pd.Series]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, names: Iterable[str], time_column: str | None) -> Context:
+        return cls(chunk_texts(frame, names), entry_times(frame, time_column))
+
+    def expectation(self, name: str) -> tuple[pd.Series, pd.Series]:
+        """`sequence_expectation` of the field over the whole context (cached)."""
+        if name not in self.expected:
+            self.expected[name] = sequence_expectation(self.texts[name], self.times)
+        return self.expected[name]
+
+
 def chunk_texts(chunk: pd.DataFrame, names: Iterable[str]) -> pd.DataFrame:
     """The chunk's field columns as plain strings (`''` for missing), one copy made for all detectors."""
     return pd.DataFrame(
@@ -1244,7 +1267,7 @@ def cell_features(
     config: Config,
     fields: Iterable[str],
     edits: EditHistory | None = None,
-    context: pd.DataFrame | None = None,
+    context: pd.DataFrame | Context | None = None,
 ) -> dict[str, pd.DataFrame]:
     """One feature frame per field in `fields` (same index as `chunk`, columns `FEATURES`).
 
@@ -1255,7 +1278,9 @@ def cell_features(
     texts = chunk_texts(chunk, names)
     times = entry_times(chunk, config.time_column)
     ctx = None
-    if context is not None:
-        ctx = (chunk_texts(context, names), entry_times(context, config.time_column))
+    if isinstance(context, Context):
+        ctx = context
+    elif context is not None:
+        ctx = Context.of(context, names, config.time_column)
     codes = {name: profile.fields[name].codes(texts[name].to_numpy(dtype=object)) for name in names}
     return {name: field_features(texts, name, profile, edits, times, ctx, codes) for name in fields}

@@ -354,6 +354,10 @@ class ErrorModel(BaseEstimator):
             )
         folds: list[_Fold] = []
         cell_offset = 0
+        # Running numbers find their neighbours in the whole history, computed once for all folds.
+        context = d.Context.of(
+            entered, [n for n in config.fields if n in entered.columns], config.time_column
+        )
         for k in range(self.folds):
             logger.info("error model: cross-fitting fold %d of %d", k + 1, self.folds)
             inside = fold_of == k
@@ -365,7 +369,7 @@ class ErrorModel(BaseEstimator):
             )
             edits = d.EditHistory.learn(entered[~inside], fold_labels, config)
             rows = entered[chosen]
-            per_field = d.cell_features(rows, profile, config, fields, edits, context=entered)
+            per_field = d.cell_features(rows, profile, config, fields, edits, context=context)
             X = self._stack(per_field, len(rows))
             y = np.array([[(r, name) in truth for name in fields] for r in ids[chosen]], dtype=int)
             w = np.array([[(r, name) in sure for name in fields] for r in ids[chosen]], dtype=bool)
@@ -373,7 +377,7 @@ class ErrorModel(BaseEstimator):
             w = np.where(w, CONFIRMED_WEIGHT, 1.0).reshape(y.shape) * count
             patterns = sg.EditPatterns.learn(fold_labels)
             choices = sg.nearest_choices(profile)
-            extras = self._cell_extras(rows, profile, entered)
+            extras = self._cell_extras(rows, profile, context)
             held = labels[labels[s.LOG_RECORD_ID].isin(set(ids[inside]))]
             cells, answers = self._labelled_cells(rows, held, extras)
             frame = sg.candidate_frame(cells, profile, patterns, self.field_ids_, choices)
@@ -638,21 +642,18 @@ class ErrorModel(BaseEstimator):
             answers.append(new)
         return cells, answers
 
-    def _cell_extras(
-        self, rows: pd.DataFrame, profile: d.Profile, context: pd.DataFrame | None = None
-    ) -> dict:
-        """Per-row facts candidate generation needs: expected running numbers, record years, entry times."""
+    def _cell_extras(self, rows: pd.DataFrame, profile: d.Profile, context: d.Context | None = None) -> dict:
+        """Per-row facts candidate generation needs: expected running numbers, record years, entry times.
+        `context` (training folds) holds `rows`; by default `rows` are their own context."""
         config = self.config
         names = [n for n in config.fields if n in profile.fields]
         texts = d.chunk_texts(rows, names)
         times = d.entry_times(rows, config.time_column)
-        ctx = context if context is not None else rows
-        ctx_texts = d.chunk_texts(ctx, names) if context is not None else texts
-        ctx_times = d.entry_times(ctx, config.time_column) if context is not None else times
+        ctx = context if context is not None else d.Context(texts, times)
         expected = {}
         for name, fp in profile.fields.items():
             if fp.sequence:
-                values, _ = d.sequence_expectation(ctx_texts[name], ctx_times)
+                values, _ = ctx.expectation(name)
                 expected[name] = values.reindex(rows.index).to_numpy()
         return {
             "expected": expected,
