@@ -48,7 +48,7 @@ from pipeline.evaluate import (
 from pipeline.exceptions import TrainingDataError
 from pipeline.feedback import realised_value
 from pipeline.ingest import check_unique_ids, file_digest, read_table, require_columns
-from pipeline.linkage import DuplicateModel
+from pipeline.linkage import MIN_THRESHOLD, DuplicateModel
 from pipeline.metrics import choose_threshold
 from pipeline.score import ChunkResult, score_chunk
 
@@ -321,7 +321,7 @@ def _evaluate_cross_validation(
             placement="middle",
             n_positive=sum(fold[5] for fold in chosen),
         )
-        return choice.threshold if choice.chosen else None
+        return max(choice.threshold, MIN_THRESHOLD) if choice.chosen else None
 
     evaluations = []
     for k, (bundle, inside, outside, *_rest) in enumerate(folds):
