@@ -656,7 +656,7 @@ class DuplicateModel:
         self._importance_order()
 
     def _choose_c(self, scaled: np.ndarray, labels: np.ndarray) -> float:
-        """The regularisation strength with the best cross-validated log loss (1.0 with too few labels)."""
+        """The regularisation strength chosen by cross-validated log loss (1.0 with too few labels)."""
         folds = int(min(CV_FOLDS, np.bincount(labels).min()))
         if folds < 2:
             return 1.0
@@ -669,7 +669,14 @@ class DuplicateModel:
             refit=False,
         )
         search.fit(scaled, labels)
-        return float(search.best_params_["C"])
+        # The one-standard-error rule: the strongest regularisation whose log loss is within one standard
+        # error of the best. Merge labels are often separable (a log without edits gives records as stored),
+        # and the best C then grows weights without bound: every agreement on a rare value scores 1.0.
+        results = search.cv_results_
+        mean, error = results["mean_test_score"], results["std_test_score"] / np.sqrt(folds)
+        best = int(np.argmax(mean))
+        good = np.flatnonzero(mean >= mean[best] - error[best])
+        return float(min(results["param_C"][i] for i in good))
 
     def _importance_order(self) -> None:
         """Field order for reasons: fields whose comparisons move the score most come first."""
@@ -1078,7 +1085,8 @@ class Matcher:
         return {field: self._raw_value(field, position) for field in self._raw_fields}
 
     def _raw_value(self, field: str, position: int) -> str:
-        return self._raw_texts[field][self._raw_codes[field][position]]
+        code = self._raw_codes[field][position]
+        return self._raw_texts[field][code] if code >= 0 else self._texts[field][-2 - code]
 
     def _normalised(self, field: str, position: int) -> str:
         code = self._codes[field][position]
@@ -1095,15 +1103,6 @@ class Matcher:
             present = set(self._raw_fields)
             raise SchemaError(f"records: expected the config's fields {sorted(present)} in every chunk")
         self._ids.extend(encoded.ids)
-        for column, field in enumerate(self._raw_fields):
-            code_of, texts, codes = self._raw_code_of[field], self._raw_texts[field], self._raw_codes[field]
-            for row in encoded.raw:
-                value = row[column]
-                code = code_of.get(value)
-                if code is None:
-                    code = code_of[value] = len(texts)
-                    texts.append(value)
-                codes.append(code)
         for field in self._fields:
             code_of, values, codes = self._code_of[field], self._values[field], self._codes[field]
             texts, unparsed = self._texts[field], self._unparsed[field]
@@ -1122,6 +1121,26 @@ class Matcher:
                     values.append(parsed)
                     texts.append(value)
                     rarity.append(frequencies.rarity(value) if frequencies is not None else 1.0)
+                codes.append(code)
+        # A raw value equal to its field's normalised one (an order number, an amount) is stored as that
+        # value's code, -2 - code, so near-unique values are not held twice.
+        for column, field in enumerate(self._raw_fields):
+            code_of, texts, codes = self._raw_code_of[field], self._raw_texts[field], self._raw_codes[field]
+            normalised = encoded.normalised.get(field)
+            match_codes = self._codes[field] if normalised is not None else None
+            for offset, row in enumerate(encoded.raw):
+                value = row[column]
+                if (
+                    match_codes is not None
+                    and normalised[offset] == value
+                    and match_codes[start + offset] >= 0
+                ):
+                    codes.append(-2 - match_codes[start + offset])
+                    continue
+                code = code_of.get(value)
+                if code is None:
+                    code = code_of[value] = len(texts)
+                    texts.append(value)
                 codes.append(code)
         self._times.extend(encoded.times)
         for offset, record_id in enumerate(encoded.ids):
@@ -1375,7 +1394,8 @@ class Matcher:
             for value in self._texts[field][size:]:
                 del code_of[value]
             del self._values[field][size:], self._texts[field][size:], self._codes[field][start:]
-            del self._rarity[field][size:]
+            del self._rarity[field][size:], self._fitted_share[field][size:]
+            self._seen[field] = self._seen[field][:size]  # the new values' counts are back at 0
             unparsed = self._unparsed[field]
             for position in [p for p in unparsed if p >= start]:
                 del unparsed[position]

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import train_argv
@@ -261,8 +262,22 @@ def test_matching_without_remembering_leaves_the_index_as_it_was(demo, store):
     reference, batch = read_table(demo.records), read_table(demo.batch)
     matcher = bundle.duplicates.matcher(reference)
 
+    def plain(value: object) -> object:
+        """The matcher's state as comparable Python values (its arrays and block indexes unpacked)."""
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        if hasattr(value, "view") and hasattr(value, "truncate"):  # a growable array
+            return value.view().tolist()
+        if hasattr(value, "prev") and hasattr(value, "keys"):  # one blocking rule's index
+            return [plain(getattr(value, name)) for name in ("keys", "checks", "count", "last", "prev")]
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return copy.deepcopy(value)
+
     def state() -> dict:
-        return copy.deepcopy({k: v for k, v in vars(matcher).items() if k not in ("_model", "_lock")})
+        return {k: plain(v) for k, v in vars(matcher).items() if k not in ("_model", "_lock")}
 
     before = state()
     checked = matcher.match(batch, remember=False)
@@ -270,7 +285,6 @@ def test_matching_without_remembering_leaves_the_index_as_it_was(demo, store):
     again = batch.iloc[:20].assign(record_id=reference["record_id"].iloc[:20].to_numpy())
     matcher.match(again, remember=False)
     after = state()
-    after["_last_keys"] = before["_last_keys"]
     assert after == before
     assert checked.equals(bundle.duplicates.matcher(reference).match(batch))
     assert (checked["duplicate_of"] != "").sum() > 0
