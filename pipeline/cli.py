@@ -230,9 +230,7 @@ def _print_training(result: Any, run: Any, seconds: float) -> None:
         )
         heading = "cross-validated"
     _out(f"{heading:<22}{'precision':>10}{'recall':>10}{'F1':>10}{'AP':>10}")
-    labelled = {
-        kind: sum(v for k, v in counts.items() if k.startswith(kind)) for kind in ("cells", "merges")
-    }
+    labelled = {kind: sum(v for k, v in counts.items() if k.startswith(kind)) for kind in ("cells", "merges")}
     for label, key, kind in (
         ("duplicates", "duplicate", "merges"),
         ("error detection", "error", "cells"),
