@@ -229,6 +229,7 @@ def browser() -> Iterator[object]:
 def test_a_clerk_accepts_edits_and_rejects_with_the_keyboard(
     browser, review_server: str, scored: Path, demo, tmp_path: Path
 ) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -237,7 +238,8 @@ def test_a_clerk_accepts_edits_and_rejects_with_the_keyboard(
     flags = pd.read_csv(scored / s.FLAGS_FILE, dtype=str, keep_default_na=False)
     errors = flags[flags[s.FLAG_KIND] == s.KIND_ERROR]
     assert (flags[s.FLAG_KIND] == s.KIND_DUPLICATE).any() and len(errors) >= 2
-    wait = WebDriverWait(browser, 15)
+    # The page re-renders the detail pane after each key: an element found a moment ago may be gone.
+    wait = WebDriverWait(browser, 15, ignored_exceptions=(StaleElementReferenceException,))
 
     def press(key: str) -> None:
         ActionChains(browser).send_keys(key).perform()
@@ -250,7 +252,7 @@ def test_a_clerk_accepts_edits_and_rejects_with_the_keyboard(
 
     browser.get(review_server)
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#queue li")) == len(flags))
-    assert "0 done" in browser.find_element(By.ID, "progress-text").text
+    wait.until(lambda d: "0 done" in d.find_element(By.ID, "progress-text").text)
 
     # Accept the first duplicate with `a`.
     Select(browser.find_element(By.ID, "filter-kind")).select_by_value("duplicate")
@@ -273,8 +275,12 @@ def test_a_clerk_accepts_edits_and_rejects_with_the_keyboard(
 
     browser.refresh()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#queue li")) == len(flags))
-    done = browser.find_elements(By.CSS_SELECTOR, "#queue li.accept, #queue li.edit, #queue li.reject")
-    assert sorted(li.get_attribute("class").split()[0] for li in done) == ["accept", "edit", "reject"]
+
+    def decided_classes(d) -> list[str]:
+        done = d.find_elements(By.CSS_SELECTOR, "#queue li.accept, #queue li.edit, #queue li.reject")
+        return sorted(li.get_attribute("class").split()[0] for li in done)
+
+    wait.until(lambda d: decided_classes(d) == ["accept", "edit", "reject"])
     wait.until(lambda d: "3 done" in d.find_element(By.ID, "progress-text").text)
 
     chosen = latest(read_decisions(decisions))
