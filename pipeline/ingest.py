@@ -384,31 +384,44 @@ def _iter_csv(path: Path, chunk_rows: int, fmt: FileFormat) -> Iterator[pd.DataF
             header = []
         check_header(path, header)
         _check_single_column(path, header, fmt)
-        width = len(header)
-        rows: list[list[str]] = []
-        start = 0
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except UnicodeDecodeError:
-                raise _not_decodable(path, fmt) from None
-            except csv.Error as exc:
-                raise InputFileError(
-                    f"{path}: line {reader.line_num}: malformed CSV ({exc}; {fmt.describe()})"
-                ) from None
-            if len(row) != width:
-                if not row:  # a blank line is not a row
-                    continue
-                raise _ragged(path, start + len(rows) + 1, reader.line_num, row, header, fmt)
-            rows.append(row)
-            if len(rows) == chunk_rows:
-                yield _frame(rows, header, start)
-                start += len(rows)
-                rows = []
-        if rows or start == 0:
-            yield _frame(rows, header, start)
+        yield from _chunks(_csv_rows(path, reader, header, fmt), header, chunk_rows)
+
+
+def _csv_rows(path: Path, reader: Any, header: list[str], fmt: FileFormat) -> Iterator[list[str]]:
+    """The data rows of a CSV reader past its header, each as wide as the header (blank lines skipped)."""
+    width = len(header)
+    count = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except UnicodeDecodeError:
+            raise _not_decodable(path, fmt) from None
+        except csv.Error as exc:
+            raise InputFileError(
+                f"{path}: line {reader.line_num}: malformed CSV ({exc}; {fmt.describe()})"
+            ) from None
+        if len(row) != width:
+            if not row:  # a blank line is not a row
+                continue
+            raise _ragged(path, count + 1, reader.line_num, row, header, fmt)
+        count += 1
+        yield row
+
+
+def _chunks(rows: Iterator[list[str]], header: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """Rows grouped into frames of `chunk_rows`; at least one (possibly empty) frame, with the header."""
+    chunk: list[list[str]] = []
+    start = 0
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == chunk_rows:
+            yield _frame(chunk, header, start)
+            start += len(chunk)
+            chunk = []
+    if chunk or start == 0:
+        yield _frame(chunk, header, start)
 
 
 def _check_single_column(path: Path, header: list[str], fmt: FileFormat) -> None:
@@ -583,9 +596,12 @@ def _iter_sheet(path: Path, sheet: Any, chunk_rows: int) -> Iterator[pd.DataFram
     if not header:
         raise InputFileError(f"{path}: {where} is empty (expected at least a header row)")
     check_header(path, header)
-    width = len(header)
-    rows: list[list[str]] = []
-    start = 0
+    yield from _chunks(_sheet_rows(path, where, values, len(header)), header, chunk_rows)
+
+
+def _sheet_rows(path: Path, where: str, values: Iterator, width: int) -> Iterator[list[str]]:
+    """The data rows of a sheet past its header, as text, each as wide as the header (empty rows skipped)."""
+    count = 0
     for excel_row, cells in values:
         if all(cell is None for cell in cells):
             continue
@@ -594,20 +610,15 @@ def _iter_sheet(path: Path, sheet: Any, chunk_rows: int) -> Iterator[pd.DataFram
             beyond = next((i for i in range(width, len(row)) if row[i] != ""), None)
             if beyond is not None:
                 raise InputFileError(
-                    f"{path}: row {start + len(rows) + 1} ({where} row {excel_row}) has a value in column "
+                    f"{path}: row {count + 1} ({where} row {excel_row}) has a value in column "
                     f"{_column_letter(beyond)}, beyond the header's {width} columns; name that column "
                     "in the header row or clear the cell"
                 )
             del row[width:]
         elif len(row) < width:
             row.extend([""] * (width - len(row)))
-        rows.append(row)
-        if len(rows) == chunk_rows:
-            yield _frame(rows, header, start)
-            start += len(rows)
-            rows = []
-    if rows or start == 0:
-        yield _frame(rows, header, start)
+        count += 1
+        yield row
 
 
 def cell_text(value: object) -> str:
