@@ -191,7 +191,6 @@ def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds
     log = _log_for(history.log, set(ids))
     labels = cell_labels(log, ids)
     unreviewed = positions[~history.covered[positions]]
-    widen = {"unlabelled": history.stored.iloc[unreviewed]} if len(unreviewed) else {}
     confirmed = confirmed_cells(log)  # cells a clerk confirmed: known negatives
     errors = ErrorModel(
         config, seed=config.seed, threshold=thresholds.error, suggest_threshold=thresholds.suggest
@@ -199,8 +198,8 @@ def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds
         history.entered.iloc[reviewed],
         labels,
         history.stored.iloc[reviewed],
-        **widen,
-        **({"confirmed": confirmed} if len(confirmed) else {}),
+        unlabelled=history.stored.iloc[unreviewed],
+        confirmed=confirmed,
     )
 
     clusters = duplicate_clusters(merges(history.log))
@@ -212,7 +211,7 @@ def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds
     duplicates = DuplicateModel(config, seed=config.seed).fit(
         history.entered.iloc[matched],
         duplicate_pairs(merges(match_log)),
-        **({"non_pairs": non_pairs} if non_pairs else {}),
+        non_pairs=non_pairs,
     )
     if thresholds.duplicate is not None:
         duplicates.threshold_ = thresholds.duplicate
