@@ -452,3 +452,16 @@ def evaluate_output(
         prefix="batch",
     )
     return evaluation.metrics
+
+
+def review_labelled(holdout: Holdout, config: Config) -> int:
+    """How many records of the held-out batch a review decision labelled (`source = review` log rows).
+
+    Such a label exists because some model flagged the record, usually the champion that scored that
+    batch: scored on these labels, the flagging model's recall is 1 by construction, so they cannot judge
+    it against another model.
+    """
+    from pipeline.corrections import review_rows
+
+    reviewed = set(review_rows(holdout.log)[s.LOG_RECORD_ID])
+    return int(holdout.batch[config.id_column].isin(reviewed).sum())

@@ -6,7 +6,9 @@ A leaf module (numpy, pandas and scikit-learn only), so the models and the evalu
 - `choose_threshold`: the cut through a score ranking with the best F1 (or the lowest reaching a wanted
   precision), built on scikit-learn's `precision_recall_curve` so ties always fall on one side.
 - `link_metrics`: record-level duplicate figures against merge clusters.
-- `promotion_decision`: whether a challenger's figures beat a champion's.
+- `promotion_decision`: whether a challenger's figures beat a champion's, both measured on the same data.
+- `non_inferiority_decision`: whether a challenger measured on other held-out data than the champion is
+  no worse than it, beyond the noise of the two measurements.
 
 >>> prf(3, 1, 1)["f1"]
 0.75
@@ -26,6 +28,9 @@ Placement = Literal["lowest", "middle"]
 
 PROMOTION_METRICS: tuple[str, ...] = ("test_duplicate_f1", "test_error_f1", "test_correction_f1")
 PROMOTION_TOLERANCE = 0.01
+# One-sided 95%: a challenger measured on other held-out data than the champion is "worse" on a task only
+# when the gap exceeds this many standard errors of the difference.
+NON_INFERIORITY_Z = 1.645
 
 
 def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
@@ -199,4 +204,64 @@ def promotion_decision(
         )
     return PromotionVerdict(
         True, f"challenger mean F1 {mean_new:.4f} >= champion {mean_old:.4f}, no task worse by > {tolerance}"
+    )
+
+
+def f1_standard_error(f1: float, positives: float) -> float:
+    """The binomial standard error of an F1 measured on `positives` labelled positives (tp + fn), with the
+    F1 kept half a label away from 0 and 1 so a perfect score on few labels is not taken as certain.
+
+    >>> round(f1_standard_error(0.9, 100), 3)
+    0.03
+    """
+    if positives <= 0:
+        return float("inf")
+    edge = 0.5 / positives
+    f = min(max(f1, edge), 1.0 - edge)
+    return float(np.sqrt(f * (1.0 - f) / positives))
+
+
+def non_inferiority_decision(
+    challenger: Mapping[str, float],
+    champion: Mapping[str, float],
+    *,
+    metrics: Sequence[str] = PROMOTION_METRICS,
+    tolerance: float = PROMOTION_TOLERANCE,
+    z: float = NON_INFERIORITY_Z,
+) -> PromotionVerdict:
+    """For figures measured on different held-out data (each model's own held-out period): the challenger
+    wins unless it is worse than the champion on some task by more than `z` standard errors of the
+    difference (and at least `tolerance`). A task is judged only where both sides had labelled positives:
+    `<prefix>_<task>_tp` + `_fn` for a metric named `<prefix>_<task>_f1`.
+
+    >>> old = {"test_error_f1": 0.95, "test_error_tp": 95, "test_error_fn": 5}
+    >>> non_inferiority_decision({"test_error_f1": 0.90, "test_error_tp": 27, "test_error_fn": 3},
+    ...                          old, metrics=("test_error_f1",)).promoted
+    True
+    >>> non_inferiority_decision({"test_error_f1": 0.70, "test_error_tp": 210, "test_error_fn": 90},
+    ...                          old, metrics=("test_error_f1",)).promoted
+    False
+    """
+    judged, worst = [], None
+    for key in metrics:
+        stem = key.removesuffix("_f1")
+        n_new = challenger.get(f"{stem}_tp", 0.0) + challenger.get(f"{stem}_fn", 0.0)
+        n_old = champion.get(f"{stem}_tp", 0.0) + champion.get(f"{stem}_fn", 0.0)
+        if n_new <= 0 or n_old <= 0:
+            continue
+        noise = np.hypot(f1_standard_error(challenger[key], n_new), f1_standard_error(champion[key], n_old))
+        margin = max(tolerance, z * float(noise))
+        gap = champion[key] - challenger[key]
+        judged.append(key)
+        if gap > margin and (worst is None or gap - margin > worst[1] - worst[2]):
+            worst = (key, gap, margin)
+    if not judged:
+        return PromotionVerdict(False, "no task has labelled positives on both sides: the champion stays")
+    if worst is not None:
+        key, gap, margin = worst
+        return PromotionVerdict(
+            False, f"challenger is worse on {key} by {gap:.4f}, beyond the measurement noise ({margin:.4f})"
+        )
+    return PromotionVerdict(
+        True, f"challenger no worse than the champion beyond the measurement noise on {len(judged)} task(s)"
     )

@@ -27,11 +27,20 @@ from pipeline import __version__
 from pipeline import schema as s
 from pipeline.bundle import ModelBundle, find_bundle
 from pipeline.exceptions import BadInputError, ModelLoadError
-from pipeline.metrics import PROMOTION_METRICS, PROMOTION_TOLERANCE, promotion_decision
+from pipeline.metrics import (
+    PROMOTION_METRICS,
+    PROMOTION_TOLERANCE,
+    non_inferiority_decision,
+    promotion_decision,
+)
 
 logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+# What `promote` compares on (the `promotion.basis` tag): both models on the challenger's held-out period,
+# or each model's own held-out figures when review decisions labelled that period.
+BASIS_SAME_PERIOD = "same_period"
+BASIS_OWN_FIGURES = "own_figures"
 CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
 DEFAULT_STORE = "mlruns"
@@ -405,11 +414,19 @@ class PromotionDecision:
 
 
 def promote(name: str, *, uri: str | None = None, dry_run: bool = False) -> PromotionDecision:
-    """Compares the challenger's held-out figures with the champion scored on the same held-out data and
-    moves `champion` when the challenger is at least as good (`pipeline.metrics.promotion_decision`: its
-    mean F1 over duplicates, error detection and corrections is not lower, and it loses no more than
-    PROMOTION_TOLERANCE on any one of them)."""
-    from pipeline.evaluate import evaluate_bundle
+    """Moves `champion` to the challenger when it is at least as good, on one of two bases:
+
+    - **the same held-out period** (the usual case): the champion is scored on the challenger's held-out
+      period and compared with the challenger's figures there (`pipeline.metrics.promotion_decision`:
+      mean F1 over duplicates, error detection and corrections not lower, no task worse by more than
+      PROMOTION_TOLERANCE);
+    - **each model's own held-out figures**, when review decisions labelled part of that period: those
+      labels exist because the champion flagged the records, so its recall there is 1 by construction and
+      no challenger could win. Each model's figures from its own training are compared instead, and the
+      challenger wins unless it is worse on a task beyond the noise of the two measurements
+      (`pipeline.metrics.non_inferiority_decision`).
+    """
+    from pipeline.evaluate import evaluate_bundle, review_labelled
 
     client = _client(uri)
     challenger_version = _alias_version(client, name, CHALLENGER)
@@ -428,9 +445,16 @@ def promote(name: str, *, uri: str | None = None, dry_run: bool = False) -> Prom
     if new is None:
         new = evaluate_bundle(challenger, challenger.holdout).metrics
     old = None
+    basis, described = BASIS_SAME_PERIOD, "the challenger's held-out period"
+    reviewed = review_labelled(challenger.holdout, challenger.config)
     if champion_version is not None and champion_version.version != challenger_version.version:
         champion = load_bundle(f"models:/{name}@{CHAMPION}", uri=uri)
-        old = evaluate_bundle(champion, challenger.holdout).metrics
+        if reviewed and PROMOTION_METRICS[0] in champion.metrics:
+            basis = BASIS_OWN_FIGURES
+            described = f"each model's own held-out figures: review labelled {reviewed} held-out records"
+            old = champion.metrics
+        else:
+            old = evaluate_bundle(champion, challenger.holdout).metrics
     rows = [
         {"metric": key, "champion": (old or {}).get(key, float("nan")), "challenger": new[key]}
         for key in (
@@ -444,8 +468,12 @@ def promote(name: str, *, uri: str | None = None, dry_run: bool = False) -> Prom
     if champion_version is not None and old is None:
         promoted, reason = False, f"version {challenger_version.version} is already the champion"
     else:
-        decision = promotion_decision(new, old, metrics=PROMOTION_METRICS, tolerance=PROMOTION_TOLERANCE)
-        promoted, reason = decision.promoted, decision.reason
+        if basis == BASIS_OWN_FIGURES:
+            decision = non_inferiority_decision(new, old, metrics=PROMOTION_METRICS)
+        else:
+            decision = promotion_decision(new, old, metrics=PROMOTION_METRICS, tolerance=PROMOTION_TOLERANCE)
+        promoted = decision.promoted
+        reason = decision.reason if old is None else f"{decision.reason} (compared on {described})"
     if not dry_run and (old is not None or champion_version is None):
         version = challenger_version.version
         stamp = datetime.now(UTC).isoformat(timespec="seconds")
@@ -453,6 +481,7 @@ def promote(name: str, *, uri: str | None = None, dry_run: bool = False) -> Prom
             name, version, "promotion.decision", "promoted" if promoted else "rejected"
         )
         client.set_model_version_tag(name, version, "promotion.reason", reason)
+        client.set_model_version_tag(name, version, "promotion.basis", basis)
         client.set_model_version_tag(name, version, "promotion.at", stamp)
         if champion_version is not None:
             client.set_model_version_tag(

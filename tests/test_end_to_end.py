@@ -276,3 +276,33 @@ def test_promote_explains_and_records_its_decision(demo, trained, tmp_path):
     assert tags["promotion.decision"] in {"promoted", "rejected"}
     champion = str(client.get_model_version_by_alias("orders", "champion").version)
     assert champion == ("2" if tags["promotion.decision"] == "promoted" else "1")
+    assert tags["promotion.basis"] == "same_period"
+
+
+def test_promote_does_not_judge_the_champion_on_labels_its_own_flags_made(demo, trained, tmp_path):
+    """When review decisions labelled the challenger's held-out period, the champion (whose flags those
+    decisions answered) is not re-scored on it: each model's own held-out figures are compared."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    uri, _ = trained
+    log = pd.read_csv(demo.corrections, dtype=str, keep_default_na=False)
+    # The newest third of the log came from the review page, as `feedback` writes it.
+    log["source"] = ["review" if i >= 2 * len(log) // 3 else "" for i in range(len(log))]
+    log["seconds"] = ["20" if i >= 2 * len(log) // 3 else "" for i in range(len(log))]
+    reviewed = tmp_path / "corrections.csv"
+    log.to_csv(reviewed, index=False)
+    argv = train_argv(demo, uri)
+    argv[argv.index("--corrections") + 1] = str(reviewed)
+    assert _run_cli(argv, tmp_path / "train.txt") == 0, (tmp_path / "train.txt").read_text()
+
+    client = MlflowClient(tracking_uri=uri)
+    challenger = client.get_model_version_by_alias("orders", "challenger").version
+    champion = client.get_model_version_by_alias("orders", "champion").version
+    assert challenger != champion
+    out = tmp_path / "promote.txt"
+    assert _run_cli(["promote", "--name", "orders", "--tracking-uri", uri], out) == 0
+    tags = client.get_model_version("orders", challenger).tags
+    assert tags["promotion.basis"] == "own_figures"
+    assert "review labelled" in tags["promotion.reason"]
+    assert "measurement noise" in tags["promotion.reason"] or "champion stays" in tags["promotion.reason"]

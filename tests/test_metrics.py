@@ -10,7 +10,9 @@ from pipeline.metrics import (
     PROMOTION_METRICS,
     average_precision,
     choose_threshold,
+    f1_standard_error,
     link_metrics,
+    non_inferiority_decision,
     prf,
     promotion_decision,
 )
@@ -113,3 +115,35 @@ def test_promotion_decision_pins_the_rule(
     verdict = promotion_decision(challenger, champion)
     assert verdict.promoted is promoted
     assert why in verdict.reason
+
+
+def _counted(f1: float, positives: int) -> dict[str, float]:
+    tp = round(f1 * positives)
+    return {"test_error_f1": f1, "test_error_tp": tp, "test_error_fn": positives - tp}
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "promoted", "why"),
+    [
+        # 0.05 lower on 30 labels against 100: within the noise of two small held-out periods
+        (_counted(0.90, 30), _counted(0.95, 100), True, "no worse"),
+        # 0.05 lower on 3,000 labels against 3,000: a real loss
+        (_counted(0.90, 3000), _counted(0.95, 3000), False, "worse on test_error_f1"),
+        # better is always fine
+        (_counted(0.99, 10), _counted(0.95, 100), True, "no worse"),
+        # the champion measured nothing on this task: nothing to judge, it stays
+        (_counted(0.90, 30), _counted(0.0, 0), False, "champion stays"),
+    ],
+)
+def test_non_inferiority_decision_allows_the_noise_of_two_held_out_periods(
+    challenger: dict, champion: dict, promoted: bool, why: str
+) -> None:
+    verdict = non_inferiority_decision(challenger, champion, metrics=("test_error_f1",))
+    assert verdict.promoted is promoted
+    assert why in verdict.reason
+
+
+def test_f1_standard_error_shrinks_with_labels_and_never_claims_certainty() -> None:
+    assert f1_standard_error(0.9, 1000) < f1_standard_error(0.9, 100) < f1_standard_error(0.9, 10)
+    assert f1_standard_error(1.0, 20) > 0
+    assert f1_standard_error(0.5, 0) == float("inf")
