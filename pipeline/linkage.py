@@ -840,7 +840,7 @@ class DuplicateModel:
             score[order][scored],
             correct[order][scored],
             min_precision=wanted,
-            placement="middle",
+            placement="calibrated",
             n_positive=len(truth),
             label_frequency=frequency,
         )

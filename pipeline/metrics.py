@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score, precision_recall_curve
 
-Placement = Literal["lowest", "middle"]
+Placement = Literal["lowest", "middle", "calibrated"]
 
 PROMOTION_METRICS: tuple[str, ...] = ("test_duplicate_f1", "test_error_f1", "test_correction_f1")
 PROMOTION_TOLERANCE = 0.01
@@ -92,7 +92,10 @@ def choose_threshold(
     - `f1_tolerance`: cuts within this much of the best F1 count as equally good; the lowest of them is
       taken, since labels are incomplete and a "false" alarm near the top may be an error staff missed.
     - `placement`: "lowest" returns the score of that cut; "middle" returns the midpoint between the best
-      cut's score and the next lower score, so unseen positives scored a little lower are still found.
+      cut's score and the next lower score, so unseen positives scored a little lower are still found;
+      "calibrated", for scores that are probabilities, the point of that gap nearest half the best F1: the
+      F1-optimal threshold of a calibrated classifier (Lipton, Elkan & Naryanaswamy 2014), which a gap
+      between few held-out scores only brackets.
     - `n_positive`: the number of true positives in all, when some are absent from `scores` (a duplicate
       with no candidate pair); recall is counted against it.
     - `label_frequency`: the share of true positives staff labelled; precision is divided by it (capped
@@ -102,6 +105,9 @@ def choose_threshold(
 
     >>> choose_threshold(np.array([0.9, 0.8, 0.3, 0.2]), np.array([1, 1, 0, 0])).threshold
     0.8
+    >>> scores, labels = np.array([0.9, 0.8, 0.3, 0.2]), np.array([1, 1, 0, 0])
+    >>> choose_threshold(scores, labels, placement="calibrated").threshold
+    0.5
     """
     scores = np.asarray(scores, dtype=float)
     labels = np.asarray(labels).astype(bool)
@@ -132,9 +138,12 @@ def choose_threshold(
         if placement == "lowest":
             cut = lowest
     threshold = float(thresholds[cut])
-    if placement == "middle":
+    if placement in ("middle", "calibrated"):
         below = float(thresholds[lowest - 1]) if lowest > 0 else 0.0
-        threshold = (threshold + below) / 2
+        if placement == "middle":
+            threshold = (threshold + below) / 2
+        else:  # anywhere in (below, threshold] flags the same held-out scores
+            threshold = float(np.clip(f1[cut] / 2, np.nextafter(below, np.inf), threshold))
     return ThresholdChoice(
         threshold=threshold,
         precision=float(precision[cut]),

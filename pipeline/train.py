@@ -316,7 +316,7 @@ def _evaluate_cross_validation(
         choice = choose_threshold(
             np.concatenate([fold[3] for fold in chosen]),
             np.concatenate([fold[4] for fold in chosen]),
-            placement="middle",
+            placement="calibrated",
             n_positive=sum(fold[5] for fold in chosen),
         )
         return max(choice.threshold, MIN_THRESHOLD) if choice.chosen else None

@@ -147,3 +147,15 @@ def test_f1_standard_error_shrinks_with_labels_and_never_claims_certainty() -> N
     assert f1_standard_error(0.9, 1000) < f1_standard_error(0.9, 100) < f1_standard_error(0.9, 10)
     assert f1_standard_error(1.0, 20) > 0
     assert f1_standard_error(0.5, 0) == float("inf")
+
+
+def test_calibrated_placement_takes_half_the_best_f1_inside_the_gap() -> None:
+    """Any threshold between the lowest positive and the highest negative scores the same; for probabilities
+    the F1-optimal one is half the best F1, kept inside that gap."""
+    truth = np.array([1, 1, 1, 0, 0])
+    wide = choose_threshold(np.array([0.95, 0.9, 0.7, 0.2, 0.1]), truth, placement="calibrated")
+    assert wide.threshold == pytest.approx(0.5) and wide.f1 == pytest.approx(1.0)
+    high = choose_threshold(np.array([0.95, 0.9, 0.8, 0.6, 0.1]), truth, placement="calibrated")
+    assert 0.6 < high.threshold <= 0.6 + 1e-9  # the gap (0.6, 0.8] lies above 0.5: its lowest point
+    low = choose_threshold(np.array([0.45, 0.4, 0.35, 0.2, 0.1]), truth, placement="calibrated")
+    assert low.threshold == pytest.approx(0.35)  # the gap (0.2, 0.35] lies below 0.5: its top
