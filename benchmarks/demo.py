@@ -45,7 +45,9 @@ def main() -> None:
         trained = time.perf_counter()
         run_batch(result.bundle, paths.batch, work / "out", reference_path=paths.records)
         scored = time.perf_counter()
-        batch = evaluate_output(config, work / "out", paths.batch, paths.batch_truth, paths.records)
+        batch = evaluate_output(
+            config, work / "out", paths.batch, paths.batch_truth, paths.records, paths.history_truth
+        )
         for key, label in TASKS:
             m = result.bundle.metrics
             rows.append(

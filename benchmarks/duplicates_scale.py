@@ -130,7 +130,12 @@ def main() -> None:
         score_s, score_mb = measure(score, env)
         config = load_config(data / "config.yaml")
         figures = evaluate_output(
-            config, work / "out", data / "batch.csv", data / "batch_truth.csv", data / "records.csv"
+            config,
+            work / "out",
+            data / "batch.csv",
+            data / "batch_truth.csv",
+            data / "records.csv",
+            data / "history_truth.csv",
         )
         kinds = false_alarm_kinds(work, data / "config.yaml", data / "batch_truth.csv", data / "records.csv")
         rows.append((seed, figures, kinds, train_s, train_mb, score_s, score_mb))

@@ -398,7 +398,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary = run_batch(
             bundle, paths.batch, args.output, reference_path=paths.records, overwrite=True, progress=bar
         )
-    figures = evaluate_output(config, args.output, paths.batch, paths.batch_truth, paths.records)
+    figures = evaluate_output(
+        config, args.output, paths.batch, paths.batch_truth, paths.records, paths.history_truth
+    )
     _out(
         f"batch of {summary['input']['rows']} rows: {summary['flags']['total']} flags "
         f"({summary['flags']['duplicate']} duplicate, {summary['flags']['error']} error, "

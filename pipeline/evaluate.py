@@ -423,9 +423,15 @@ def evaluate_output(
     batch_path: str | Path,
     truth_path: str | Path,
     reference_path: str | Path | None,
+    history_truth_path: str | Path | None = None,
 ) -> dict[str, float]:
     """Compares a `score` output folder with a batch's ground truth (a log in the contract's format),
-    e.g. the demo's `batch_truth.csv`. Returns `batch_*` figures."""
+    e.g. the demo's `batch_truth.csv`. Returns `batch_*` figures.
+
+    `history_truth_path` (e.g. the demo's `history_truth.csv`): the merges among the reference's own
+    records, so a batch record linked to any record of its true cluster counts as right, not only to the
+    one record the batch's truth names (the reference may hold an earlier re-registration of it).
+    """
     from pipeline.corrections import load_log
     from pipeline.ingest import OUTPUT_CSV, ReadOptions, read_table
 
@@ -441,11 +447,17 @@ def evaluate_output(
         else pd.Series([], dtype=object)
     )
     cell_scores = pd.DataFrame(index=batch.index, columns=[], dtype=float)
+    log = load_log(truth_path, options=options)
+    if history_truth_path is not None:
+        earlier = load_log(history_truth_path, options=options)
+        merge_rows = earlier[s.LOG_ACTION] == s.ACTION_MERGE
+        earlier = earlier.loc[merge_rows, [s.LOG_RECORD_ID, s.LOG_ACTION, s.LOG_MERGED_INTO]]
+        log = pd.concat([earlier, log], ignore_index=True).fillna(s.MISSING)
     evaluation = evaluate_scored(
         config=config,
         batch=batch,
         reference_ids=reference_ids,
-        log=load_log(truth_path, options=options),
+        log=log,
         columns=columns,
         flags=flags,
         cell_scores=cell_scores,

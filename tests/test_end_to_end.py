@@ -165,11 +165,45 @@ def test_demo_quality_on_the_batch_ground_truth(demo, scored):
     from pipeline.config import load_config
     from pipeline.evaluate import evaluate_output
 
-    figures = evaluate_output(load_config(demo.config), scored, demo.batch, demo.batch_truth, demo.records)
+    figures = evaluate_output(
+        load_config(demo.config), scored, demo.batch, demo.batch_truth, demo.records, demo.history_truth
+    )
     # Loose floors for this small data set; the full figures are in BENCHMARKS.md.
     assert figures["batch_duplicate_f1"] >= 0.8, figures
     assert figures["batch_error_f1"] >= 0.6, figures
     assert figures["batch_correction_precision"] >= 0.6, figures
+
+
+def test_a_link_to_any_record_of_the_true_cluster_counts_as_right(demo, scored, tmp_path):
+    """The reference may hold an earlier re-registration of the entity (merged in the history): linking a
+    new record to it is right, once the history's merges are given."""
+    import shutil
+
+    import pandas as pd
+
+    from pipeline.config import load_config
+    from pipeline.evaluate import evaluate_output
+
+    truth = pd.read_csv(demo.batch_truth, dtype=str, keep_default_na=False)
+    reference_ids = set(pd.read_csv(demo.records, dtype=str, keep_default_na=False)["record_id"])
+    merged = truth[(truth["action"] == "merge") & truth["merged_into"].isin(reference_ids)].iloc[0]
+    partner = sorted(reference_ids - {merged["merged_into"]})[0]
+    out = tmp_path / "out"
+    shutil.copytree(scored, out)
+    records = pd.read_csv(out / s.RECORDS_FILE, dtype=str, keep_default_na=False)
+    records.loc[records["record_id"] == merged["record_id"], s.DUPLICATE_OF] = partner
+    records.to_csv(out / s.RECORDS_FILE, index=False)
+    history = tmp_path / "history_truth.csv"
+    history.write_text(
+        "record_id,action,field,old_value,new_value,merged_into,corrected_at\n"
+        f"{partner},merge,,,,{merged['merged_into']},\n",
+        encoding="utf-8",
+    )
+    config = load_config(demo.config)
+    alone = evaluate_output(config, out, demo.batch, demo.batch_truth, demo.records)
+    joined = evaluate_output(config, out, demo.batch, demo.batch_truth, demo.records, history)
+    assert joined["batch_duplicate_tp"] == alone["batch_duplicate_tp"] + 1
+    assert joined["batch_duplicate_fp"] == alone["batch_duplicate_fp"] - 1
 
 
 def test_rerun_is_byte_identical_and_export_scores_the_same(demo, trained, scored, tmp_path):
