@@ -174,7 +174,14 @@ def main() -> None:
         reference = write_csv(read(history), work / f"reference{r}.csv")  # the history as this round saw it
         out = work / f"out{r}"
         flags = score(f"models:/{config.name}@{args.score_with}", part_path, out, reference, uri=uri)
-        figures = evaluate_output(config, out, part_path, part_truth, reference)
+        earlier_ids = truth[s.LOG_RECORD_ID].isin(set(batch[id_column].iloc[: (r - 1) * args.part]))
+        # The merges among the reference's records (the history's, and the earlier parts'): a link to any
+        # record of the true cluster is right.
+        earlier_truth = write_csv(
+            pd.concat([read(data / "history_truth.csv"), truth[earlier_ids]], ignore_index=True),
+            work / f"reference_truth{r}.csv",
+        )
+        figures = evaluate_output(config, out, part_path, part_truth, reference, earlier_truth)
         summary = json.loads((out / s.SUMMARY_FILE).read_text(encoding="utf-8"))
 
         came_back = ""

@@ -1181,7 +1181,11 @@ def field_features(
         prior = edits.field_rate[name]
         ecache = edits.cache
         out["edit_value_rate"] = _rate(ecache, keys, edits.value_errors[name], edits.value_seen[name], prior)
-        out["edit_value_count"] = np.log1p(lookup(ecache, edits.value_errors[name], keys, 0.0))
+        # A value is evidence against itself only where staff corrected it more often than they kept it: a
+        # typo corrected each time it was typed, not a date or an amount that one edit happened to fix.
+        corrected = lookup(ecache, edits.value_errors[name], keys, 0.0)
+        kept = lookup(ecache, edits.value_seen[name], keys, 0.0) - corrected
+        out["edit_value_count"] = np.where(corrected > kept, np.log1p(corrected), 0.0)
         out["edit_shape_rate"] = _rate(
             ecache, shapes, edits.shape_errors[name], edits.shape_seen[name], prior
         )
