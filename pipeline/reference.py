@@ -50,7 +50,14 @@ from typing import Any, BinaryIO
 
 from pipeline.bundle import ModelBundle
 from pipeline.errors import ErrorModel
-from pipeline.ingest import DETECT, ReadOptions, check_unique_ids, read_table, require_columns
+from pipeline.ingest import (
+    DETECT,
+    ReadOptions,
+    check_readable,
+    check_unique_ids,
+    read_table,
+    require_columns,
+)
 from pipeline.linkage import Matcher
 
 logger = logging.getLogger(__name__)
@@ -99,6 +106,7 @@ def prepare_reference(
     if cache is None or not bundle.digest:
         return build_reference(bundle, path, options=options)
     started = time.perf_counter()
+    check_readable(Path(path))  # a missing or empty file is bad input (exit 2), as without the cache
     key = reference_key(bundle, path, options)
     prepared = cache.load(key, bundle)
     if prepared is not None:

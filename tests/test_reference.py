@@ -175,3 +175,17 @@ def test_only_the_most_recently_used_entries_are_kept(tmp_path):
         os.utime(path, (1_000_000 - age * 1000, 1_000_000 - age * 1000))
     cache.prune()
     assert [p.stem[0] for p in entries(tmp_path)] == ["b", "c"]
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "repeated id"])
+def test_a_bad_reference_is_bad_input_with_the_cache_too(demo, model_folder, tmp_path, capsys, problem):
+    reference = tmp_path / "reference.csv"
+    if problem == "empty":
+        reference.write_bytes(b"")
+    elif problem == "repeated id":
+        lines = demo.records.read_text(encoding="utf-8").splitlines(keepends=True)
+        reference.write_text("".join([*lines, lines[1]]), encoding="utf-8")
+    args = ("--cache-dir", str(tmp_path / "cache"))
+    assert score(model_folder, demo.batch, reference, tmp_path / "out", *args) == 2
+    assert str(reference) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not entries(tmp_path / "cache")
