@@ -13,6 +13,7 @@ A bundle is what `train` logs to MLflow (as the artifact of a pyfunc model), wha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ logger = logging.getLogger(__name__)
 BUNDLE_FORMAT = 1
 BUNDLE_FILE = "bundle.json"
 HOLDOUT_FILES = ("batch.parquet", "reference.parquet", "log.parquet")
+MODEL_PARTS = (BUNDLE_FILE, "duplicates", "errors", "anomalies")  # what `digest` covers (not the holdout)
 
 
 @dataclass
@@ -54,6 +56,8 @@ class ModelBundle:
     holdout: Holdout | None = None
     # Where it came from; filled by whoever loads it (registry or exported folder).
     source: dict[str, Any] = field(default_factory=dict)
+    # SHA-256 of the saved model's files (`folder_digest`), set by `load`; "" for a bundle never saved.
+    digest: str = ""
 
     def save(self, folder: Path) -> Path:
         folder = Path(folder)
@@ -103,7 +107,27 @@ class ModelBundle:
             anomalies=AnomalyModel.load(folder / "anomalies"),
             metrics=meta.get("metrics", {}),
             holdout=holdout,
+            digest=folder_digest(folder),
         )
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over the names and bytes of the model's files (`MODEL_PARTS`, not the holdout): the same
+    digest for the same model wherever it was loaded from (an exported folder, a registry download), a
+    different one after any retraining. What the reference cache keys a prepared reference by."""
+    folder = Path(folder)
+    sha = hashlib.sha256()
+    for part in MODEL_PARTS:
+        path = folder / part
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if not file.is_file():
+                continue
+            sha.update(file.relative_to(folder).as_posix().encode() + b"\0")
+            sha.update(file.stat().st_size.to_bytes(8, "little"))
+            with open(file, "rb") as fh:
+                sha.update(hashlib.file_digest(fh, "sha256").digest())
+    return sha.hexdigest()
 
 
 def find_bundle(folder: Path) -> Path:

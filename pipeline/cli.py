@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--spark-master", default="local[*]", help="Spark master URL for --engine spark")
     p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where the reference's prepared index is kept for the next run with the same model and "
+        "reference (default: $PIPELINE_CACHE_DIR, else ~/.cache/pipeline/references)",
+    )
+    p.add_argument(
+        "--no-cache", action="store_true", help="build the reference's index afresh and keep no copy"
+    )
+    p.add_argument(
         "--output-format",
         choices=("csv", "parquet"),
         default="csv",
@@ -256,6 +265,7 @@ def _print_training(result: Any, run: Any, seconds: float) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline.reference import ReferenceCache, default_cache_dir
     from pipeline.registry import load_bundle
     from pipeline.score import prepare_output, run_batch
 
@@ -282,6 +292,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                 output_format=args.output_format,
                 progress=bar,
                 workers=args.workers,
+                cache=None if args.no_cache else ReferenceCache(args.cache_dir or default_cache_dir()),
             )
     flags = summary["flags"]
     _out(

@@ -1068,6 +1068,21 @@ class Matcher:
             ordered = reference.iloc[model._entry_order(reference)]
             self._candidates(model._encode(ordered), collect=False)
 
+    def export_state(self) -> dict[str, Any]:
+        """The index as plain picklable data: everything but the model (dedupe's comparators do not
+        pickle) and the lock. `from_state` with the same model restores an equal matcher; the reference
+        cache stores it so a large reference is indexed once per model."""
+        return {name: value for name, value in self.__dict__.items() if name not in ("_model", "_lock")}
+
+    @classmethod
+    def from_state(cls, model: DuplicateModel, state: dict[str, Any]) -> Matcher:
+        """The matcher `export_state` was taken from, on `model` (the model it was built with)."""
+        matcher = cls.__new__(cls)
+        matcher.__dict__.update(state)
+        matcher._model = model
+        matcher._lock = threading.RLock()
+        return matcher
+
     def __len__(self) -> int:
         """Records indexed so far (evicted ones included)."""
         return len(self._ids)

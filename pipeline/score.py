@@ -34,9 +34,9 @@ from pipeline.ingest import (
     check_unique_ids,
     file_digest,
     iter_table,
-    read_table,
     require_columns,
 )
+from pipeline.reference import ReferenceCache, prepare_reference
 
 logger = logging.getLogger(__name__)
 
@@ -389,11 +389,14 @@ def run_batch(
     output_format: str = "csv",
     progress: Callable[[int], None] | None = None,
     workers: int = 1,
+    cache: ReferenceCache | None = None,
 ) -> dict[str, Any]:
     """Scores a batch file into `output` (records, flags, summary), atomically. Returns the summary.
 
     With `workers` > 1, errors and anomalies are scored in that many worker processes while this process
-    matches duplicates (the index is sequential), the same output byte for byte.
+    matches duplicates (the index is sequential), the same output byte for byte. With `cache`, the
+    reference's prepared state (`pipeline.reference`) is loaded from there when this model scored against
+    the same reference bytes before, and stored there otherwise; the output is the same byte for byte.
     """
     from pipeline.report import build_summary, write_report
 
@@ -403,18 +406,19 @@ def run_batch(
     staging = prepare_output(output, overwrite=overwrite)
     scorer: _Scorer | None = None
     try:
-        reference = None
-        if reference_path is not None:
-            reference = read_table(reference_path, options=options, columns=config.required_columns())
-            require_columns(reference, config.required_columns(), source=reference_path, what="configured")
-            check_unique_ids(reference[config.id_column], source=reference_path, id_column=config.id_column)
-        if reference is not None:  # the error model's lookups also know customers added after training
-            bundle = replace(bundle, errors=bundle.errors.with_reference(reference))
-        matcher = bundle.duplicates.matcher(reference, evict=True)
-        reference_rows = len(reference) if reference is not None else 0
+        reference_rows = 0
         # Ids of the reference and of every chunk so far, in one set (not a fresh union per chunk).
-        seen_ids: set[str] = set(reference[config.id_column]) if reference is not None else set()
-        del reference
+        seen_ids: set[str] = set()
+        if reference_path is not None:
+            # The error model's lookups also know customers added after training; the matcher indexes
+            # the reference. Both are loaded from `cache` when this model saw these reference bytes.
+            prepared = prepare_reference(bundle, reference_path, options=options, cache=cache)
+            bundle = replace(bundle, errors=prepared.errors)
+            matcher, reference_rows = prepared.matcher, prepared.rows
+            seen_ids.update(prepared.ids)
+            del prepared
+        else:
+            matcher = bundle.duplicates.matcher(None, evict=True)
         runs = FlagRuns(staging / ".flag-runs")
         scorer = _Scorer(bundle, matcher, workers)
         rows = 0

@@ -15,6 +15,14 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
     return generate(tmp_path_factory.mktemp("demo"), customers=120, history=1500, batch=300, seed=11)
 
 
+@pytest.fixture(autouse=True)
+def reference_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`score`'s reference cache in a folder of this test session, never the user's own."""
+    folder = tmp_path_factory.getbasetemp() / "reference-cache"
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh SQLite MLflow store in a temporary folder."""
