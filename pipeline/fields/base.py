@@ -15,6 +15,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar, Literal
 
 import pandas as pd
@@ -169,10 +170,11 @@ class TermFrequencies:
         total = max(len(present), 1)
         return cls(total, {str(k): int(v) for k, v in counts.items()}, int(scale_total or total))
 
-    @property
+    @cached_property
     def typical_share(self) -> float:
         """The share of the value a random record holds (the chance two random records agree: Splink's
-        u-probability of an exact match), counting each value seen once as one record."""
+        u-probability of an exact match), counting each value seen once as one record. Counted once: the
+        counts do not change, and `share` asks for it for every value not stored."""
         stored = sum(self.counts.values())
         squares = sum(count * count for count in self.counts.values())
         return (squares + max(self.total - stored, 0)) / (self.total * self.total)
