@@ -12,7 +12,12 @@ down. Data: the demo generator with 20,000 customers (seed 1), as issue 11 asks.
 The harness needs psutil (the bench venv has it); the product runs in `.venv` (`--python`).
 Cases: `score-200k` (200,000 rows against a 10,000-row reference), `score-2m` (2,000,000 rows against it),
 `train-200k` (`train` on a 200,000-row history), `big-reference` (5,000 rows against a 1,000,000-row
-reference), `spark-1m` (`--engine spark`, local[2], 1,000,000 rows, against the in-process job).
+reference), `spark-1m` (`--engine spark`, local[2], 1,000,000 rows, against the in-process job),
+`duplicates-200k` (the duplicate work of `score-200k` alone: our duplicate stage, and Splink 5 on DuckDB
+trained unsupervised and predicting on the same reference and batch; see `scale_children.py`; Splink
+runs in this harness's own python, so the bench venv needs `requirements-bench.txt`).
+
+    benchmarks/.venv-bench/bin/python benchmarks/scale.py --cases score-200k duplicates-200k --workers 1
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import contextlib
 import json
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -32,7 +38,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOMERS = 20_000
 SEED = 1
-CASES = ("score-200k", "score-2m", "train-200k", "big-reference", "spark-1m")
+CASES = ("score-200k", "score-2m", "train-200k", "big-reference", "spark-1m", "duplicates-200k")
+CHILDREN = Path(__file__).resolve().parent / "scale_children.py"
 
 
 @dataclass
@@ -43,6 +50,7 @@ class Run:
     seconds: float
     peak_mb: float
     status: str = "ok"
+    phases: dict[str, float] | None = None  # what a duplicate-only child reports (seconds per phase)
 
     @property
     def rate(self) -> float:
@@ -140,7 +148,11 @@ def main() -> None:  # noqa: C901
         return result
 
     model = work / "model-10k"
-    scoring = [c for c in args.cases if c.startswith("score") or c in ("big-reference", "spark-1m")]
+    scoring = [
+        c
+        for c in args.cases
+        if c.startswith("score") or c in ("big-reference", "spark-1m", "duplicates-200k")
+    ]
     if scoring and not (model / "bundle.json").exists():
         base = generate(py, work / "data-10k", 10_000, 0)
         run("train-10k", "train on 10,000 rows (model for the scoring cases)", 10_000,
@@ -162,6 +174,18 @@ def main() -> None:  # noqa: C901
             for workers in args.workers:
                 score(case, data, rows, data / "records.csv", "--workers", str(workers),
                       what=f"{rows:,} rows vs 10,000, --workers {workers}")  # fmt: skip
+    if "duplicates-200k" in args.cases:
+        data = generate(py, work / "data-score-200k", 10_000, 200_000)
+        files = ["--reference", str(data / "records.csv"), "--batch", str(data / "batch.csv")]
+        for system, python, extra in (("ours", py, ["--model", str(model)]), ("splink", sys.executable, [])):
+            result = run("duplicates-200k", f"duplicate stage only: {system}", 200_000,
+                         [python, str(CHILDREN), system, *files, *extra])  # fmt: skip
+            if result.status == "ok":
+                log = (work / f"duplicates-200k-{len(runs) - 1}.log").read_text().splitlines()
+                result.phases = json.loads(next(line for line in reversed(log) if line.startswith("{")))
+                phases = ", ".join(f"{k} {v:.1f}" for k, v in result.phases.items() if k.endswith("_s"))
+                result.what += f" ({phases}; {result.phases['links']:,} batch records linked)"
+                print(f"  {result.what}", flush=True)
     if "train-200k" in args.cases:
         data = generate(py, work / "data-train-200k", 200_000, 0)
         run("train-200k", "train on a 200,000-row history", 200_000,
