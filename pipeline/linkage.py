@@ -335,10 +335,13 @@ class DuplicateModel:
         column = self.config.time_column
         if not column or column not in frame.columns:
             return np.full(len(frame), np.nan)
-        raw = frame[column].fillna(s.MISSING).astype(str).replace(s.MISSING, None)
+        # Parsed once per distinct text: entry times repeat (a batch entered in the same hours).
+        codes, texts = pd.factorize(frame[column].fillna(s.MISSING).astype(str))
+        raw = pd.Series(texts, dtype=object).replace(s.MISSING, None)
         stamps = pd.to_datetime(raw, errors="coerce", format="ISO8601", utc=True)
         seconds = (stamps - pd.Timestamp("1970-01-01", tz="UTC")).dt.total_seconds()
-        return (seconds / 86400.0).to_numpy(dtype=float, na_value=np.nan)
+        days = (seconds / 86400.0).to_numpy(dtype=float, na_value=np.nan)
+        return days[codes] if len(days) else np.full(len(frame), np.nan)
 
     def _build_data_model(self) -> None:
         variables = [variable for plugin in self.plugins_ for variable in plugin.variables()]
@@ -710,7 +713,9 @@ class DuplicateModel:
         ids = frame[self.config.id_column].astype(str).tolist()
         all_fields = [name for name in self.config.fields if name in frame.columns]
         raw_frame = frame[all_fields].fillna(s.MISSING).astype(str)
-        raw = list(raw_frame.itertuples(index=False, name=None))
+        # Column by column as NumPy object arrays: iterating Arrow-backed text element by element is slow.
+        raw_columns = [raw_frame[name].to_numpy(dtype=object) for name in all_fields]
+        raw = list(zip(*raw_columns, strict=True)) if all_fields else [() for _ in range(len(frame))]
         normalised: dict[str, list[str]] = {}
         parsed: dict[str, list[Any]] = {}
         single: dict[tuple[str, str], np.ndarray] = {}
@@ -721,9 +726,12 @@ class DuplicateModel:
             normalised[plugin.field] = values.tolist()
             cache = {value: plugin.parse(value) for value in pd.unique(values.to_numpy())}
             parsed[plugin.field] = [cache[value] for value in normalised[plugin.field]]
-            if any(field == plugin.field for field, _ in needed):
+            wanted = {key for field, key in needed if field == plugin.field}
+            if wanted == {"value"}:  # every plugin's `value` key is the normalised value itself
+                single[(plugin.field, "value")] = values.to_numpy(dtype=object)
+            elif wanted:
                 for key_name, key_values in plugin.keys(values).items():
-                    if (plugin.field, key_name) in needed:
+                    if key_name in wanted:
                         single[(plugin.field, key_name)] = key_values.to_numpy(dtype=object)
         keys = [_join_keys([single[part] for part in rule.parts]).tolist() for rule in rules]
         return _Encoded(ids, raw, normalised, parsed, keys, self._times(frame).tolist())
@@ -1104,49 +1112,75 @@ class Matcher:
             raise SchemaError(f"records: expected the config's fields {sorted(present)} in every chunk")
         self._ids.extend(encoded.ids)
         for field in self._fields:
-            code_of, values, codes = self._code_of[field], self._values[field], self._codes[field]
-            texts, unparsed = self._texts[field], self._unparsed[field]
-            rarity, frequencies = self._rarity[field], self._frequencies.get(field)
-            for offset, (value, parsed) in enumerate(
-                zip(encoded.normalised[field], encoded.parsed[field], strict=True)
-            ):
-                if parsed is None:
-                    codes.append(-1)
-                    if value:
-                        unparsed[start + offset] = value
-                    continue
-                code = code_of.get(value)
-                if code is None:
-                    code = code_of[value] = len(values)
-                    values.append(parsed)
-                    texts.append(value)
-                    rarity.append(frequencies.rarity(value) if frequencies is not None else 1.0)
-                codes.append(code)
+            texts = encoded.normalised[field]
+            inverse, first = _first_seen(texts)
+            # A value's parsed form depends on the value only: one per distinct value, where first seen.
+            parsed = [encoded.parsed[field][i] for i in first.tolist()]
+            distinct = [texts[i] for i in first.tolist()]
+            code_of, values = self._code_of[field], self._values[field]
+            found = [code_of.get(value) for value in distinct]
+            fresh = [
+                i
+                for i, (code, item) in enumerate(zip(found, parsed, strict=True))
+                if code is None and item is not None
+            ]
+            if fresh:
+                for i, code in enumerate(range(len(values), len(values) + len(fresh))):
+                    found[fresh[i]] = code
+                    code_of[distinct[fresh[i]]] = code
+                values.extend(parsed[i] for i in fresh)
+                self._texts[field].extend(distinct[i] for i in fresh)
+                self._rarity[field].extend(self._rarities(field, [distinct[i] for i in fresh]))
+            code_per_value = np.array([-1 if code is None else code for code in found], dtype=np.int64)
+            codes = code_per_value[inverse] if len(texts) else np.zeros(0, dtype=np.int64)
+            self._codes[field].frombytes(codes.tobytes())
+            unparsed = self._unparsed[field]
+            for offset in np.flatnonzero(codes < 0).tolist():
+                if texts[offset]:
+                    unparsed[start + offset] = texts[offset]
         # A raw value equal to its field's normalised one (an order number, an amount) is stored as that
         # value's code, -2 - code, so near-unique values are not held twice.
         for column, field in enumerate(self._raw_fields):
-            code_of, texts, codes = self._raw_code_of[field], self._raw_texts[field], self._raw_codes[field]
+            raw_values = np.array([row[column] for row in encoded.raw], dtype=object)
+            codes = np.empty(len(raw_values), dtype=np.int64)
+            own = np.ones(len(raw_values), dtype=bool)
             normalised = encoded.normalised.get(field)
-            match_codes = self._codes[field] if normalised is not None else None
-            for offset, row in enumerate(encoded.raw):
-                value = row[column]
-                if (
-                    match_codes is not None
-                    and normalised[offset] == value
-                    and match_codes[start + offset] >= 0
-                ):
-                    codes.append(-2 - match_codes[start + offset])
-                    continue
-                code = code_of.get(value)
-                if code is None:
-                    code = code_of[value] = len(texts)
-                    texts.append(value)
-                codes.append(code)
+            if normalised is not None and len(raw_values):
+                match_codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
+                shared = (np.asarray(normalised, dtype=object) == raw_values) & (match_codes >= 0)
+                codes[shared] = -2 - match_codes[shared]
+                own = ~shared
+            rows = np.flatnonzero(own)
+            if len(rows):
+                texts = raw_values[rows].tolist()
+                inverse, first = _first_seen(texts)
+                code_of, stored = self._raw_code_of[field], self._raw_texts[field]
+                found = []
+                for i in first.tolist():
+                    code = code_of.get(texts[i])
+                    if code is None:
+                        code = code_of[texts[i]] = len(stored)
+                        stored.append(texts[i])
+                    found.append(code)
+                codes[rows] = np.asarray(found, dtype=np.int64)[inverse]
+            self._raw_codes[field].frombytes(codes.tobytes())
         self._times.extend(encoded.times)
         for offset, record_id in enumerate(encoded.ids):
             self._position[record_id] = start + offset
         self._count_density(start)
         return start
+
+    def _rarities(self, field: str, values: list[str]) -> list[float]:
+        """`TermFrequencies.rarity` of each value (1.0 without a table), computed once per distinct count."""
+        frequencies = self._frequencies.get(field)
+        if frequencies is None:
+            return [1.0] * len(values)
+        counts = [frequencies.counts.get(value, 1) for value in values]
+        by_count: dict[int, float] = {}
+        for count, value in zip(counts, values, strict=True):
+            if count not in by_count:
+                by_count[count] = frequencies.rarity(value)
+        return [by_count[count] for count in counts]
 
     def _count_density(self, start: int) -> None:
         """Counts the values of the records indexed from `start` on, and notes for each record and field
@@ -1690,6 +1724,16 @@ class _BlockIndex:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _first_seen(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each value's number among the distinct values in order of first appearance, and where each distinct
+    value first appears: `(["b", "a", "b"])` -> `([0, 1, 0], [0, 1])`."""
+    if not len(values):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    inverse, _ = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=False)
+    _, first = np.unique(inverse, return_index=True)
+    return inverse.astype(np.int64), first
 
 
 def _running_counts(codes: np.ndarray, seen: np.ndarray, present: int) -> tuple[np.ndarray, np.ndarray]:
