@@ -80,7 +80,7 @@ class _Encoded:
     blocking keys per rule, entry times (days, NaN when unknown), and the raw values of all config fields."""
 
     ids: list[str]
-    raw: list[tuple[str, ...]]
+    raw: list[np.ndarray]  # per config field present, in config order: the values as text (object arrays)
     normalised: dict[str, list[str]]
     parsed: dict[str, list[Any]]
     keys: list[list[str]]
@@ -341,9 +341,8 @@ class DuplicateModel:
         ids = frame[self.config.id_column].astype(str).tolist()
         all_fields = [name for name in self.config.fields if name in frame.columns]
         raw_frame = frame[all_fields].fillna(s.MISSING).astype(str)
-        # Column by column as NumPy object arrays: iterating Arrow-backed text element by element is slow.
-        raw_columns = [raw_frame[name].to_numpy(dtype=object) for name in all_fields]
-        raw = list(zip(*raw_columns, strict=True)) if all_fields else [() for _ in range(len(frame))]
+        # As NumPy object arrays: iterating Arrow-backed text element by element is slow.
+        raw = [raw_frame[name].to_numpy(dtype=object) for name in all_fields]
         normalised: dict[str, list[str]] = {}
         parsed: dict[str, list[Any]] = {}
         single: dict[tuple[str, str], np.ndarray] = {}
@@ -671,7 +670,7 @@ class Matcher:
 
     def _add(self, encoded: _Encoded) -> int:
         start = len(self._ids)
-        if encoded.raw and len(encoded.raw[0]) != len(self._raw_fields):
+        if len(encoded) and len(encoded.raw) != len(self._raw_fields):
             present = set(self._raw_fields)
             raise SchemaError(f"records: expected the config's fields {sorted(present)} in every chunk")
         self._ids.extend(encoded.ids)
@@ -705,7 +704,7 @@ class Matcher:
         # A raw value equal to its field's normalised one (an order number, an amount) is stored as that
         # value's code, -2 - code, so near-unique values are not held twice.
         for column, field in enumerate(self._raw_fields):
-            raw_values = np.array([row[column] for row in encoded.raw], dtype=object)
+            raw_values = encoded.raw[column]
             codes = np.empty(len(raw_values), dtype=np.int64)
             own = np.ones(len(raw_values), dtype=bool)
             normalised = encoded.normalised.get(field)
@@ -885,6 +884,7 @@ class Matcher:
         n = len(left)
         distances = np.empty((n, len(data_model)), dtype="f4")
         distinct: dict[str, tuple[np.ndarray, list[Any], list[Any], np.ndarray]] = {}
+        computed: dict[tuple[str, Any], np.ndarray] = {}  # (field, distance function) -> per distinct pair
         codes_of = {field: np.frombuffer(self._codes[field], dtype=np.int64) for field in self._fields}
         for field, compare, start, _stop in data_model._field_comparators:
             if field not in distinct:
@@ -901,8 +901,16 @@ class Matcher:
             present, xs, ys, inverse = distinct[field]
             column = np.full(n, np.nan, dtype="f4")
             if len(xs):
-                compared = np.array([compare(x, y) for x, y in zip(xs, ys, strict=True)], dtype="f4")
-                column[present] = compared[inverse]
+                # A graded level (`fields.base.beyond`) reuses its distance, computed once per field.
+                distance = getattr(compare, "distance", compare)
+                if (field, distance) not in computed:
+                    computed[(field, distance)] = np.array(
+                        [distance(x, y) for x, y in zip(xs, ys, strict=True)], dtype=np.float64
+                    )
+                values = computed[(field, distance)]
+                if distance is not compare:
+                    values = np.where(np.isnan(values), np.nan, values > compare.cut)
+                column[present] = values.astype("f4")[inverse]
             distances[:, start] = column
         derived = data_model._add_derived_distances(distances)
         agreement = np.zeros((n, len(self._fields)), dtype=derived.dtype)
