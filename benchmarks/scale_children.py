@@ -9,7 +9,8 @@ work, unsupervised: the reference and the batch linked against each other and de
 (`link_and_dedupe`), the probability two random records match from deterministic rules, u by random
 sampling, m by expectation maximisation on two blocking rules, then `predict`.
 
-Each prints one JSON line: seconds per phase, and links found.
+Each prints one JSON line: wall seconds per phase, CPU seconds of the duplicate work (user + system, all
+threads: comparable when other jobs share the machine), and links found with their precision and recall.
 
     python benchmarks/scale_children.py ours --model M --reference R --batch B
     benchmarks/.venv-bench/bin/python benchmarks/scale_children.py splink --reference R --batch B
@@ -19,10 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from pathlib import Path
 
 SPLINK_THRESHOLD = 0.5
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far, all threads (DuckDB's included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_ours(model: Path, reference_path: Path, batch_path: Path) -> dict[str, float]:
@@ -34,7 +42,7 @@ def run_ours(model: Path, reference_path: Path, batch_path: Path) -> dict[str, f
     bundle = ModelBundle.load(model)
     config = bundle.config
     options = ReadOptions.from_config(config)
-    loaded = time.perf_counter()
+    loaded, cpu_loaded = time.perf_counter(), cpu_seconds()
     reference = read_table(reference_path, options=options, columns=config.required_columns())
     matcher = bundle.duplicates.matcher(reference, evict=True)
     del reference
@@ -55,6 +63,7 @@ def run_ours(model: Path, reference_path: Path, batch_path: Path) -> dict[str, f
         "index_s": indexed - loaded,
         "match_s": matched - indexed,
         "duplicate_stage_s": matched - loaded,
+        "duplicate_stage_cpu_s": cpu_seconds() - cpu_loaded,
         "rows": rows,
         **quality(links, batch_path),
     }
@@ -70,7 +79,7 @@ def run_splink(reference_path: Path, batch_path: Path) -> dict[str, float]:
     for path in (reference_path, batch_path):
         frame = pd.read_csv(path, dtype=str, keep_default_na=False).drop(columns=["notes"], errors="ignore")
         frames.append(frame.replace("", None))
-    read = time.perf_counter()
+    read, cpu_read = time.perf_counter(), cpu_seconds()
     db_api = DuckDBAPI()
     tables = [
         db_api.register(frame, dataset_display_name=name)
@@ -130,6 +139,7 @@ def run_splink(reference_path: Path, batch_path: Path) -> dict[str, float]:
         "train_s": trained - read,
         "predict_s": predicted - trained,
         "duplicate_stage_s": predicted - read,
+        "duplicate_stage_cpu_s": cpu_seconds() - cpu_read,
         "rows": len(frames[1]),
         "pairs": len(pairs),
         **quality(dict(zip(best["a"], best["b"], strict=True)), batch_path),
