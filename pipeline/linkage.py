@@ -349,17 +349,21 @@ class DuplicateModel:
         rules = self.rules_ if rules is None else rules
         needed = {part for rule in rules for part in rule.parts}
         for plugin in self.plugins_:
-            values = plugin.normalise(raw_frame[plugin.field])
-            normalised[plugin.field] = values.tolist()
-            cache = {value: plugin.parse(value) for value in pd.unique(values.to_numpy())}
+            # Normalising, parsing and keys work value by value: done once per distinct raw value (a
+            # customer's name, street and city repeat on each of their orders), then spread to the rows.
+            inverse, first = _first_seen(raw[all_fields.index(plugin.field)])
+            values = plugin.normalise(raw_frame[plugin.field].iloc[first])
+            distinct = values.to_numpy(dtype=object)
+            normalised[plugin.field] = distinct[inverse].tolist()
+            cache = {value: plugin.parse(value) for value in pd.unique(distinct)}
             parsed[plugin.field] = [cache[value] for value in normalised[plugin.field]]
             wanted = {key for field, key in needed if field == plugin.field}
             if wanted == {"value"}:  # every plugin's `value` key is the normalised value itself
-                single[(plugin.field, "value")] = values.to_numpy(dtype=object)
+                single[(plugin.field, "value")] = distinct[inverse]
             elif wanted:
                 for key_name, key_values in plugin.keys(values).items():
                     if key_name in wanted:
-                        single[(plugin.field, key_name)] = key_values.to_numpy(dtype=object)
+                        single[(plugin.field, key_name)] = key_values.to_numpy(dtype=object)[inverse]
         keys = [join_keys([single[part] for part in rule.parts]).tolist() for rule in rules]
         return _Encoded(ids, raw, normalised, parsed, keys, self._times(frame).tolist())
 
