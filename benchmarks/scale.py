@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -50,6 +52,7 @@ class Run:
     seconds: float
     peak_mb: float
     status: str = "ok"
+    cpu_s: float = 0.0  # user + system CPU seconds of the child and the descendants it waited for
     phases: dict[str, float] | None = None  # what a duplicate-only child reports (seconds per phase)
 
     @property
@@ -57,8 +60,17 @@ class Run:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-def measure(command: list[str], *, timeout: float, max_mb: float, log: Path) -> tuple[float, float, str]:
-    """Runs `command`; returns wall seconds, peak MB of its process tree, and "ok" or why it was stopped."""
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(
+    command: list[str], *, timeout: float, max_mb: float, log: Path
+) -> tuple[float, float, str, float]:
+    """Runs `command`; returns wall seconds, peak MB of its process tree, "ok" or why it was stopped, and
+    the CPU seconds of the tree (comparable when other jobs share the machine, unlike wall time)."""
+    cpu_before = children_cpu()
     peak = 0.0
     status = "ok"
     started = time.perf_counter()
@@ -96,7 +108,7 @@ def measure(command: list[str], *, timeout: float, max_mb: float, log: Path) -> 
     seconds = time.perf_counter() - started
     if status == "ok" and code != 0:
         status = f"exit {code} (see {log})"
-    return seconds, peak, status
+    return seconds, peak, status, children_cpu() - cpu_before
 
 
 def cli(python: str, *args: str) -> list[str]:
@@ -136,13 +148,14 @@ def main() -> None:  # noqa: C901
     runs: list[Run] = []
 
     def run(case: str, what: str, rows: int, command: list[str]) -> Run:
-        seconds, peak, status = measure(
+        seconds, peak, status, cpu = measure(
             command, timeout=args.timeout, max_mb=args.max_mb, log=work / f"{case}-{len(runs)}.log"
         )
-        result = Run(case, what, rows, seconds, peak, status)
+        result = Run(case, what, rows, seconds, peak, status, cpu)
         runs.append(result)
         print(
-            f"{case}: {what}: {seconds:.1f} s, {result.rate:,.0f} rows/s, {peak:,.0f} MB, {status}",
+            f"{case}: {what}: {seconds:.1f} s ({cpu:.1f} CPU s), {result.rate:,.0f} rows/s, "
+            f"{peak:,.0f} MB, {status}",
             flush=True,
         )
         return result
@@ -207,10 +220,11 @@ def main() -> None:  # noqa: C901
         score("spark-1m", data, 1_000_000, data / "records.csv", *spark, what="spark local[2], 1M rows")
 
     print(f"\nwork folder: {work}\n")
-    print("| case | run | rows | seconds | rows/s | peak MB (process tree) | status |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    print("| case | run | rows | seconds | CPU s | rows/s | peak MB (process tree) | status |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in runs:
-        figures = f"{r.rows:,} | {r.seconds:.1f} | {r.rate:,.0f} | {r.peak_mb:,.0f}"
+        figures = f"{r.rows:,} | {r.seconds:.1f} | {r.cpu_s:.1f} | {r.rate:,.0f} | {r.peak_mb:,.0f}"
         print(f"| {r.case} | {r.what} | {figures} | {r.status} |")
     (work / "scale.json").write_text(json.dumps([r.__dict__ for r in runs], indent=2))
 
