@@ -4,7 +4,7 @@ Runs in its own virtualenv, because recordlinkage holds pandas below 3 (keep the
 product's dependencies):
 
     python3 -m venv benchmarks/.venv-bench
-    benchmarks/.venv-bench/bin/pip install recordlinkage "pandas<3" splink duckdb psutil
+    benchmarks/.venv-bench/bin/pip install -r benchmarks/requirements-bench.txt
     benchmarks/.venv-bench/bin/python benchmarks/febrl_baselines.py export --out DIR
     benchmarks/.venv-bench/bin/python benchmarks/febrl_baselines.py splink --work DIR/febrl3
     benchmarks/.venv-bench/bin/python benchmarks/febrl_baselines.py recordlinkage --work DIR/febrl3

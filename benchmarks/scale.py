@@ -12,7 +12,12 @@ down. Data: the demo generator with 20,000 customers (seed 1), as issue 11 asks.
 The harness needs psutil (the bench venv has it); the product runs in `.venv` (`--python`).
 Cases: `score-200k` (200,000 rows against a 10,000-row reference), `score-2m` (2,000,000 rows against it),
 `train-200k` (`train` on a 200,000-row history), `big-reference` (5,000 rows against a 1,000,000-row
-reference), `spark-1m` (`--engine spark`, local[2], 1,000,000 rows, against the in-process job).
+reference), `spark-1m` (`--engine spark`, local[2], 1,000,000 rows, against the in-process job),
+`duplicates-200k` (the duplicate work of `score-200k` alone: our duplicate stage, and Splink 5 on DuckDB
+trained unsupervised and predicting on the same reference and batch; see `scale_children.py`; Splink
+runs in this harness's own python, so the bench venv needs `requirements-bench.txt`).
+
+    benchmarks/.venv-bench/bin/python benchmarks/scale.py --cases score-200k duplicates-200k --workers 1
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -33,7 +41,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOMERS = 20_000
 SEED = 1
-CASES = ("score-200k", "score-2m", "train-200k", "big-reference", "spark-1m")
+CASES = ("score-200k", "score-2m", "train-200k", "big-reference", "spark-1m", "duplicates-200k")
+CHILDREN = Path(__file__).resolve().parent / "scale_children.py"
 
 
 @dataclass
@@ -44,14 +53,25 @@ class Run:
     seconds: float
     peak_mb: float
     status: str = "ok"
+    cpu_s: float = 0.0  # user + system CPU seconds of the child and the descendants it waited for
+    phases: dict[str, float] | None = None  # what a duplicate-only child reports (seconds per phase)
 
     @property
     def rate(self) -> float:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-def measure(command: list[str], *, timeout: float, max_mb: float, log: Path) -> tuple[float, float, str]:
-    """Runs `command`; returns wall seconds, peak MB of its process tree, and "ok" or why it was stopped."""
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(
+    command: list[str], *, timeout: float, max_mb: float, log: Path
+) -> tuple[float, float, str, float]:
+    """Runs `command`; returns wall seconds, peak MB of its process tree, "ok" or why it was stopped, and
+    the CPU seconds of the tree (comparable when other jobs share the machine, unlike wall time)."""
+    cpu_before = children_cpu()
     peak = 0.0
     status = "ok"
     started = time.perf_counter()
@@ -89,7 +109,7 @@ def measure(command: list[str], *, timeout: float, max_mb: float, log: Path) -> 
     seconds = time.perf_counter() - started
     if status == "ok" and code != 0:
         status = f"exit {code} (see {log})"
-    return seconds, peak, status
+    return seconds, peak, status, children_cpu() - cpu_before
 
 
 def cli(python: str, *args: str) -> list[str]:
@@ -129,19 +149,24 @@ def main() -> None:  # noqa: C901
     runs: list[Run] = []
 
     def run(case: str, what: str, rows: int, command: list[str]) -> Run:
-        seconds, peak, status = measure(
+        seconds, peak, status, cpu = measure(
             command, timeout=args.timeout, max_mb=args.max_mb, log=work / f"{case}-{len(runs)}.log"
         )
-        result = Run(case, what, rows, seconds, peak, status)
+        result = Run(case, what, rows, seconds, peak, status, cpu)
         runs.append(result)
         print(
-            f"{case}: {what}: {seconds:.1f} s, {result.rate:,.0f} rows/s, {peak:,.0f} MB, {status}",
+            f"{case}: {what}: {seconds:.1f} s ({cpu:.1f} CPU s), {result.rate:,.0f} rows/s, "
+            f"{peak:,.0f} MB, {status}",
             flush=True,
         )
         return result
 
     model = work / "model-10k"
-    scoring = [c for c in args.cases if c.startswith("score") or c in ("big-reference", "spark-1m")]
+    scoring = [
+        c
+        for c in args.cases
+        if c.startswith("score") or c in ("big-reference", "spark-1m", "duplicates-200k")
+    ]
     if scoring and not (model / "bundle.json").exists():
         base = generate(py, work / "data-10k", 10_000, 0)
         run("train-10k", "train on 10,000 rows (model for the scoring cases)", 10_000,
@@ -164,6 +189,18 @@ def main() -> None:  # noqa: C901
             for workers in args.workers:
                 score(case, data, rows, data / "records.csv", "--workers", str(workers),
                       what=f"{rows:,} rows vs 10,000, --workers {workers}")  # fmt: skip
+    if "duplicates-200k" in args.cases:
+        data = generate(py, work / "data-score-200k", 10_000, 200_000)
+        files = ["--reference", str(data / "records.csv"), "--batch", str(data / "batch.csv")]
+        for system, python, extra in (("ours", py, ["--model", str(model)]), ("splink", sys.executable, [])):
+            result = run("duplicates-200k", f"duplicate stage only: {system}", 200_000,
+                         [python, str(CHILDREN), system, *files, *extra])  # fmt: skip
+            if result.status == "ok":
+                log = (work / f"duplicates-200k-{len(runs) - 1}.log").read_text().splitlines()
+                result.phases = json.loads(next(line for line in reversed(log) if line.startswith("{")))
+                phases = ", ".join(f"{k} {v:.1f}" for k, v in result.phases.items() if k.endswith("_s"))
+                result.what += f" ({phases}; {result.phases['links']:,} batch records linked)"
+                print(f"  {result.what}", flush=True)
     if "train-200k" in args.cases:
         data = generate(py, work / "data-train-200k", 200_000, 0)
         run("train-200k", "train on a 200,000-row history", 200_000,
@@ -187,10 +224,11 @@ def main() -> None:  # noqa: C901
         score("spark-1m", data, 1_000_000, data / "records.csv", *spark, what="spark local[2], 1M rows")
 
     print(f"\nwork folder: {work}\n")
-    print("| case | run | rows | seconds | rows/s | peak MB (process tree) | status |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    print("| case | run | rows | seconds | CPU s | rows/s | peak MB (process tree) | status |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in runs:
-        figures = f"{r.rows:,} | {r.seconds:.1f} | {r.rate:,.0f} | {r.peak_mb:,.0f}"
+        figures = f"{r.rows:,} | {r.seconds:.1f} | {r.cpu_s:.1f} | {r.rate:,.0f} | {r.peak_mb:,.0f}"
         print(f"| {r.case} | {r.what} | {figures} | {r.status} |")
     (work / "scale.json").write_text(json.dumps([r.__dict__ for r in runs], indent=2))
 

@@ -49,61 +49,29 @@ import dedupe
 import numpy as np
 import pandas as pd
 from sklearn.exceptions import NotFittedError
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 from pipeline import __version__
 from pipeline import schema as s
 from pipeline.config import Config, config_from_dict
 from pipeline.corrections import cluster_roots
+from pipeline.duplicates.blocking import BlockingLearner, BlockingRule, join_keys
+from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold  # noqa: F401 (train's)
+from pipeline.duplicates.classifier import PairClassifier, probabilities
+from pipeline.duplicates.labels import LabelSampler
+from pipeline.duplicates.reasons import ReasonWriter, importance_order
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
-from pipeline.fields.base import Difference, TermFrequencies
-from pipeline.metrics import choose_threshold, prf
+from pipeline.fields.base import TermFrequencies
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 SETTINGS_FILE = "linkage_settings.json"
 META_FILE = "linkage_meta.json"
-KEY_SEPARATOR = "\x1f"
-MAX_RULES = 12
-C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
-CV_FOLDS = 4
-LOOKALIKE_SHARE = 0.4
-FIELD_AGREEMENT_SHARE = 0.3
-CHANCE_SHARE = 0.2
-CHANCE_MAX_FIELDS = 3
-DENSER_SHARE = 0.2
 DENSITY_Z = 2.0
-MIN_THRESHOLD = 0.5  # `calibrate` never links below the classifier's own decision boundary
-REJECTED_SHARE = 0.25
-WIDE_EXTRA_RULES = 6
-BACKUP_WEIGHT = 0.5
-MIN_RULE_GAIN = 0.001
 UNMERGED_SUSPECT = 0.9
-CONFIDENT_SCORE = 0.6  # links the model rates clearly likely; their labelled share estimates the merge rate
-MIN_CONFIDENT_LINKS = 10
-MIN_LABEL_FREQUENCY = 0.5
-MAX_SAME_IN_REASON = 3
-MAX_DIFFERENT_IN_REASON = 3
 DEDUPE_VERSION = metadata.version("dedupe")
-
-
-@dataclass(frozen=True)
-class BlockingRule:
-    """Records share a block when all parts agree: `(("customer_name", "metaphone"), ("city", "value"))`."""
-
-    parts: tuple[tuple[str, str], ...]
-
-    @property
-    def name(self) -> str:
-        return "&".join(f"{field}:{key}" for field, key in self.parts)
-
-    @classmethod
-    def parse(cls, name: str) -> BlockingRule:
-        return cls(tuple(tuple(part.split(":", 1)) for part in name.split("&")))  # type: ignore[misc]
 
 
 @dataclass
@@ -112,7 +80,7 @@ class _Encoded:
     blocking keys per rule, entry times (days, NaN when unknown), and the raw values of all config fields."""
 
     ids: list[str]
-    raw: list[tuple[str, ...]]
+    raw: list[np.ndarray]  # per config field present, in config order: the values as text (object arrays)
     normalised: dict[str, list[str]]
     parsed: dict[str, list[Any]]
     keys: list[list[str]]
@@ -212,8 +180,10 @@ class DuplicateModel:
         }
         self._build_data_model()
 
-        self.blocking_rules_, self.blocking_recall_, wide = self._learn_blocking(normalised, pair_a, pair_b)
-        self.rules_ = [BlockingRule.parse(name) for name in self.blocking_rules_]
+        blocking = BlockingLearner(self.plugins_, window=self.window, recall=self.recall)
+        blocking.fit(normalised, pair_a, pair_b)
+        self.rules_, self.blocking_recall_, wide = blocking.rules_, blocking.recall_, blocking.wide_rules_
+        self.blocking_rules_ = [rule.name for rule in self.rules_]
         self.threshold_ = 0.5
 
         matcher = Matcher(self, None)
@@ -228,40 +198,21 @@ class DuplicateModel:
         wide_a, wide_b, _ = wide_matcher._candidates(self._encode(records, rules=wide))
         cluster = cluster_roots(known)
 
-        rng = np.random.default_rng(self.seed)
-        rejected_a, rejected_b = self._rejected_positions(rejected, position, rng)
-        label_a, label_b, labels = self._sample_labels(
-            rng,
-            ids.to_numpy(),
+        sampler = LabelSampler(
+            [plugin.field for plugin in self.plugins_], self.config.id_column, max_labels=self.max_labels
+        )
+        label_a, label_b, labels = sampler.sample(
+            np.random.default_rng(self.seed),
+            records,
             (pair_a, pair_b),
             (wide_a, wide_b),
             normalised,
             cluster,
-            (rejected_a, rejected_b),
+            rejected,
+            position,
+            lambda made: wide_matcher._add(self._encode(made, rules=wide)),
         )
-        chance_a, chance_b = self._chance_agreements(
-            rng, records, ids.to_numpy(), cluster, wide_matcher, wide, self.label_counts_.pop("chance_budget")
-        )
-        self.label_counts_["chance_negative"] = len(chance_a)
-        dense_a, dense_b = self._denser_agreements(
-            rng,
-            records,
-            ids.to_numpy(),
-            normalised,
-            cluster,
-            (wide_a, wide_b),
-            wide_matcher,
-            wide,
-            self.label_counts_.pop("denser_budget"),
-        )
-        self.label_counts_["denser_negative"] = len(dense_a)
-        # The random negatives (last in the labels) make room for them; a shortfall stays random.
-        keep = len(labels) - min(len(dense_a), self.label_counts_["random_negative"])
-        self.label_counts_["random_negative"] -= len(labels) - keep
-        label_a, label_b, labels = label_a[:keep], label_b[:keep], labels[:keep]
-        label_a = np.concatenate([label_a, chance_a, dense_a])
-        label_b = np.concatenate([label_b, chance_b, dense_b])
-        labels = np.concatenate([labels, np.zeros(len(chance_a) + len(dense_a), dtype=int)])
+        self.label_counts_ = sampler.counts_
         features = wide_matcher._features(label_a, label_b)
         # A thousand labels fit fastest on one thread; BLAS threads only contend on a shared machine.
         with threadpool_limits(1):
@@ -271,7 +222,7 @@ class DuplicateModel:
         # classifier that look-alikes are distinct. A pair a clerk rejected is known to be distinct: kept.
         clerk_said_no = np.zeros(len(labels), dtype=bool)
         n_pos = self.label_counts_["positive"]
-        clerk_said_no[n_pos : n_pos + len(rejected_a)] = True
+        clerk_said_no[n_pos : n_pos + sampler.rejected_given_] = True
         suspect = (labels == 0) & ~clerk_said_no & (self.probabilities(features) >= UNMERGED_SUSPECT)
         if suspect.any():
             features, labels = features[~suspect], labels[~suspect]
@@ -335,10 +286,13 @@ class DuplicateModel:
         column = self.config.time_column
         if not column or column not in frame.columns:
             return np.full(len(frame), np.nan)
-        raw = frame[column].fillna(s.MISSING).astype(str).replace(s.MISSING, None)
+        # Parsed once per distinct text: entry times repeat (a batch entered in the same hours).
+        codes, texts = pd.factorize(frame[column].fillna(s.MISSING).astype(str))
+        raw = pd.Series(texts, dtype=object).replace(s.MISSING, None)
         stamps = pd.to_datetime(raw, errors="coerce", format="ISO8601", utc=True)
         seconds = (stamps - pd.Timestamp("1970-01-01", tz="UTC")).dt.total_seconds()
-        return (seconds / 86400.0).to_numpy(dtype=float, na_value=np.nan)
+        days = (seconds / 86400.0).to_numpy(dtype=float, na_value=np.nan)
+        return days[codes] if len(days) else np.full(len(frame), np.nan)
 
     def _build_data_model(self) -> None:
         variables = [variable for plugin in self.plugins_ for variable in plugin.variables()]
@@ -351,341 +305,25 @@ class DuplicateModel:
         frequency = [f"({plugin.field}: term frequency)" for plugin in self.plugins_]
         self.feature_names_ = names + missing + frequency
 
-    def _candidate_rules(self) -> list[BlockingRule]:
-        singles = [(plugin.field, key) for plugin in self.plugins_ for key in plugin.blocking]
-        strong = [(field, key.name) for field, key in singles if not key.weak]
-        weak = [(field, key.name) for field, key in singles if key.weak]
-        rules = [BlockingRule(((field, key),)) for field, key in strong]
-        rules += [BlockingRule((w, other)) for w in weak for other in strong if other[0] != w[0]]
-        return rules
-
-    def _learn_blocking(
-        self, normalised: dict[str, pd.Series], pair_a: np.ndarray, pair_b: np.ndarray
-    ) -> tuple[list[str], float, list[BlockingRule]]:
-        """Greedy set cover: keys that cover the known pairs to `recall` at the fewest comparisons.
-
-        A rule's cost is the comparisons it makes (each record against up to `window` earlier records of
-        its block); its gain the known pairs it newly covers, plus half the covered pairs it backs up with
-        fields that none of their rules uses yet. It stops when both reach `recall` or no rule gains 0.1% of
-        the pairs. Smoothing the cost by the record count keeps
-        the number of rules (each a lookup per record) small. Also returns a wider set of rules (the chosen
-        ones plus the single keys that cover most pairs) whose candidates serve as hard negatives.
-        """
-        single_keys: dict[tuple[str, str], np.ndarray] = {}
-        for plugin in self.plugins_:
-            for key_name, values in plugin.keys(normalised[plugin.field]).items():
-                single_keys[(plugin.field, key_name)] = values.to_numpy(dtype=object)
-        n = len(next(iter(normalised.values())))
-        coverage: list[np.ndarray] = []
-        costs: list[float] = []
-        rules: list[BlockingRule] = []
-        seen: set[bytes] = set()
-        for rule in self._candidate_rules():
-            keys = _join_keys([single_keys[part] for part in rule.parts])
-            codes, _ = pd.factorize(keys)
-            codes[keys == s.MISSING] = -1
-            # Two keys that cut the records the same way (a numeric code's value and its digits) are one rule.
-            partition = codes.tobytes()
-            if partition in seen:
-                continue
-            seen.add(partition)
-            rules.append(rule)
-            present = codes >= 0
-            rank = pd.Series(codes).groupby(codes).cumcount().to_numpy()
-            costs.append(float(np.minimum(rank[present], self.window).sum()))
-            same = (codes[pair_a] == codes[pair_b]) & present[pair_a]
-            coverage.append(same & (np.abs(rank[pair_a] - rank[pair_b]) <= self.window))
-        # A known pair should also share a block under a second rule on other fields: a pair that only
-        # one key (or keys of one field) put together in the history stands for new pairs that a single
-        # typo keeps apart. `fields` holds, per pair, the fields of the rules that cover it so far.
-        field_bit = {plugin.field: 1 << i for i, plugin in enumerate(self.plugins_)}
-        masks = np.array([sum(field_bit[f] for f in {f for f, _ in rule.parts}) for rule in rules])
-        covered = np.zeros(len(pair_a), dtype=bool)
-        backed = np.zeros(len(pair_a), dtype=bool)
-        fields = np.zeros(len(pair_a), dtype=np.int64)
-        chosen: list[int] = []
-        target = self.recall * len(pair_a)
-        while len(chosen) < MAX_RULES and (covered.sum() < target or backed.sum() < target):
-            unbacked = covered & ~backed
-            gains = np.array(
-                [
-                    (cov & ~covered).sum() + BACKUP_WEIGHT * (cov & unbacked & (fields & mask == 0)).sum()
-                    for cov, mask in zip(coverage, masks, strict=True)
-                ],
-                dtype=float,
-            )
-            gains[chosen] = 0.0
-            if gains.max() < MIN_RULE_GAIN * len(pair_a):
-                break
-            best = int(np.argmax(gains / (np.asarray(costs) + n)))
-            backed |= coverage[best] & covered & (fields & masks[best] == 0)
-            covered |= coverage[best]
-            fields[coverage[best]] |= masks[best]
-            chosen.append(best)
-            logger.debug("rule %s: recall %.3f, backed %.3f", rules[best].name, covered.mean(), backed.mean())
-        if not chosen:
-            raise TrainingDataError(
-                "training history: no blocking key puts any known duplicate pair together; "
-                "check that the config's field types fit the columns"
-            )
-        recall = float(covered.mean())
-        if recall < self.recall:
-            logger.warning(
-                "blocking covers %.3f of the known pairs, below the target %.3f", recall, self.recall
-            )
-        by_recall = np.lexsort((np.asarray(costs), -np.array([cov.sum() for cov in coverage])))
-        extra = [rules[i] for i in by_recall if i not in chosen and len(rules[i].parts) == 1]
-        wide = [rules[i] for i in chosen] + extra[:WIDE_EXTRA_RULES]
-        return [rules[i].name for i in chosen], recall, wide
-
-    def _sample_labels(
-        self,
-        rng: np.random.Generator,
-        ids: np.ndarray,
-        known: tuple[np.ndarray, np.ndarray],
-        lookalikes: tuple[np.ndarray, np.ndarray],
-        normalised: dict[str, pd.Series],
-        cluster: dict[str, str],
-        rejected: tuple[np.ndarray, np.ndarray],
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Chooses the labelled pairs, `max_labels` in all (the classifier gains little past that).
-
-        Positives: the known pairs, at most half the labels. Negatives, never merged:
-        * rejected: the pairs a clerk said are not duplicates (at most a quarter of the negatives), first;
-        * look-alikes: candidate pairs of a wide blocking, the records a matcher actually weighs;
-        * field agreements: pairs that agree on one field (the same amount, the same date) but are not
-          the same registration, spread evenly over the fields, so no single agreeing field can make a
-          match on its own;
-        * random pairs, so the easy majority is represented too (the last labels: the caller replaces
-          as many of them as it makes denser look-alikes);
-        * chance agreements (`_chance_agreements`, made by the caller): `label_counts_["chance_budget"]`;
-        * look-alikes made to agree by a denser register (`_denser_agreements`, made by the caller):
-          `label_counts_["denser_budget"]`.
-        """
-        pair_a, pair_b = known
-        n = len(ids)
-        n_pos = min(len(pair_a), self.max_labels // 2)
-        pick = np.sort(rng.choice(len(pair_a), size=n_pos, replace=False))
-        n_neg = max(self.max_labels - n_pos, n_pos)
-
-        def distinct(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-            roots_a = [cluster.get(i, i) for i in ids[a]]
-            roots_b = [cluster.get(i, i) for i in ids[b]]
-            return (a != b) & np.array([x != y for x, y in zip(roots_a, roots_b, strict=True)], dtype=bool)
-
-        def sample(a: np.ndarray, b: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-            index = np.flatnonzero(distinct(a, b)) if len(a) else np.zeros(0, dtype=np.int64)
-            if len(index) > size:
-                index = np.sort(rng.choice(index, size=size, replace=False))
-            return a[index], b[index]
-
-        n_rejected = int(n_neg * REJECTED_SHARE)
-        reject_a, reject_b = rejected[0][:n_rejected], rejected[1][:n_rejected]
-        look_a, look_b = sample(*lookalikes, int(n_neg * LOOKALIKE_SHARE))
-        agree_a: list[np.ndarray] = []
-        agree_b: list[np.ndarray] = []
-        per_field = int(n_neg * FIELD_AGREEMENT_SHARE) // max(len(normalised), 1)
-        for values in normalised.values():
-            codes, _ = pd.factorize(values.to_numpy(dtype=object))
-            codes[values.to_numpy(dtype=object) == s.MISSING] = -1
-            order = np.lexsort((rng.random(n), codes))
-            same = (codes[order][1:] == codes[order][:-1]) & (codes[order][1:] >= 0)
-            first, second = order[1:][same], order[:-1][same]
-            a, b = sample(np.maximum(first, second), np.minimum(first, second), per_field)
-            agree_a.append(a)
-            agree_b.append(b)
-        field_a, field_b = np.concatenate(agree_a), np.concatenate(agree_b)
-        n_chance = int(n_neg * CHANCE_SHARE)
-        n_denser = int(n_neg * DENSER_SHARE)
-        n_random = max(n_neg - len(reject_a) - len(look_a) - len(field_a) - n_chance, 0)
-        rand_a, rand_b = sample(
-            rng.integers(0, n, size=2 * n_random), rng.integers(0, n, size=2 * n_random), n_random
-        )
-        self.label_counts_ = {
-            "positive": int(n_pos),
-            "rejected_negative": len(reject_a),
-            "lookalike_negative": len(look_a),
-            "field_agreement_negative": len(field_a),
-            "random_negative": len(rand_a),
-            "chance_budget": n_chance,
-            "denser_budget": n_denser,
-        }
-        label_a = np.concatenate([pair_a[pick], reject_a, look_a, field_a, rand_a])
-        label_b = np.concatenate([pair_b[pick], reject_b, look_b, field_b, rand_b])
-        labels = np.concatenate([np.ones(n_pos), np.zeros(len(label_a) - n_pos)]).astype(int)
-        return label_a, label_b, labels
-
-    @staticmethod
-    def _rejected_positions(
-        rejected: list[tuple[str, str]], position: pd.Series, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Positions (later record first) of the pairs a clerk rejected, in a seeded random order."""
-        if not rejected:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        left = position[[a for a, _ in rejected]].to_numpy()
-        right = position[[b for _, b in rejected]].to_numpy()
-        order = rng.permutation(len(rejected))
-        return np.maximum(left, right)[order], np.minimum(left, right)[order]
-
-    def _chance_agreements(
-        self,
-        rng: np.random.Generator,
-        records: pd.DataFrame,
-        ids: np.ndarray,
-        cluster: dict[str, str],
-        matcher: Matcher,
-        rules: list[BlockingRule],
-        size: int,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Negatives a bigger register makes by chance: two unrelated records of which the second is given
-        the first's values in one to `CHANCE_MAX_FIELDS` fields, at most a quarter of them (an amount and a
-        date, a city and a name).
-
-        A history of a few thousand records rarely shows two customers' orders with the same amount on the
-        same day; a batch twenty times denser shows thousands. Without such pairs a classifier may learn
-        that two such fields agreeing make a duplicate whatever the customer. The made-up records are added
-        to `matcher`'s index (not to its blocks); returns (real position, made-up position) pairs.
-        """
-        fields = [plugin.field for plugin in self.plugins_]
-        if size <= 0 or not fields:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        n = len(records)
-        a, b = rng.integers(0, n, 2 * size), rng.integers(0, n, 2 * size)
-        roots = np.array([cluster.get(i, i) for i in ids], dtype=object)
-        keep = np.flatnonzero((a != b) & (roots[a] != roots[b]))[:size]
-        a, b = a[keep], b[keep]
-        made = records.iloc[b].reset_index(drop=True)
-        source = records.iloc[a].reset_index(drop=True)
-        # At most a quarter of the fields, so a made-up pair stays far from a re-registration with slips.
-        count = rng.integers(1, max(1, min(CHANCE_MAX_FIELDS, len(fields) // 4)) + 1, len(a))
-        rank = np.argsort(np.argsort(rng.random((len(a), len(fields))), axis=1), axis=1)
-        for column, field in enumerate(fields):
-            copy = rank[:, column] < count
-            made.loc[copy, field] = source.loc[copy, field].to_numpy()
-        made[self.config.id_column] = [f"\x00chance-{k}" for k in range(len(a))]
-        start = matcher._add(self._encode(made, rules=rules))
-        return a.astype(np.int64), start + np.arange(len(a), dtype=np.int64)
-
-    def _denser_agreements(
-        self,
-        rng: np.random.Generator,
-        records: pd.DataFrame,
-        ids: np.ndarray,
-        normalised: dict[str, pd.Series],
-        cluster: dict[str, str],
-        lookalikes: tuple[np.ndarray, np.ndarray],
-        matcher: Matcher,
-        rules: list[BlockingRule],
-        size: int,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Negatives a denser batch makes by chance among look-alikes: two records that are not one
-        registration but share much (a customer's two orders, weeks apart), of which the second is given
-        the first's value in one field where they differ (its order date, its amount).
-
-        A history of a few thousand records holds a busy customer's orders days or weeks apart; a batch
-        twenty times denser holds several of them on one day, or two with one amount. A re-registration
-        keeps nearly everything of the order it copies; a second order of the same customer that happens
-        to share one more value still differs where orders differ. Without such pairs the classifier only
-        ever sees look-alikes that differ in several order fields at once, and takes the second order of
-        the day for a re-registration. Returns (real position, made-up position) pairs, as
-        `_chance_agreements` does.
-        """
-        look_a, look_b = lookalikes
-        fields = [plugin.field for plugin in self.plugins_]
-        if size <= 0 or not len(look_a) or not fields:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        roots = np.array([cluster.get(i, i) for i in ids], dtype=object)
-        keep = np.flatnonzero((look_a != look_b) & (roots[look_a] != roots[look_b]))
-        keep = rng.permutation(keep)[: 2 * size]
-        a, b = look_a[keep], look_b[keep]
-        values = {field: normalised[field].to_numpy(dtype=object) for field in fields}
-        differs = np.column_stack(
-            [
-                (values[f][a] != values[f][b]) & (values[f][a] != s.MISSING) & (values[f][b] != s.MISSING)
-                for f in fields
-            ]
-        )
-        count = differs.sum(axis=1)
-        # One more agreement must still leave the pair apart somewhere: at least two fields differ.
-        usable = np.flatnonzero(count >= 2)[:size]
-        a, b, differs = a[usable], b[usable], differs[usable]
-        if not len(a):
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        pick = np.argmax(np.where(differs, rng.random(differs.shape), -1.0), axis=1)
-        made = records.iloc[b].reset_index(drop=True)
-        source = records.iloc[a].reset_index(drop=True)
-        for column, field in enumerate(fields):
-            copy = pick == column
-            made.loc[copy, field] = source.loc[copy, field].to_numpy()
-        made[self.config.id_column] = [f"\x00denser-{k}" for k in range(len(a))]
-        start = matcher._add(self._encode(made, rules=rules))
-        return a.astype(np.int64), start + np.arange(len(a), dtype=np.int64)
-
     def _fit_classifier(self, features: np.ndarray, labels: np.ndarray) -> None:
-        """Logistic regression on standardised features, C chosen by stratified CV on log loss.
-
-        A comparison whose weight comes out with the wrong sign (a distance that makes a match more
-        likely) is dropped and the rest refitted, until all agree with the plugins' `directions`. The
-        scaling is folded into `weights_` and `intercept_`, so scoring is one dot product.
-        """
-        mean = features.mean(axis=0)
-        scale = features.std(axis=0)
-        scale[scale == 0] = 1.0
-        scaled = (features - mean) / scale
-        direction = np.zeros(features.shape[1])
+        """The pair classifier (`PairClassifier`) with each comparison's sign fixed by its plugin's
+        `directions` and a rarer agreement counting as more alike; its weights become the model's."""
         signs = [sign for plugin in self.plugins_ for sign in plugin.directions()]
+        direction = np.zeros(features.shape[1], dtype=int)
         direction[: len(signs)] = signs
         direction[-len(self.plugins_) :] = 1  # a rarer agreement is more alike
-        active = np.ones(features.shape[1], dtype=bool)
-        self.c_ = self._choose_c(scaled, labels)
-        while True:
-            classifier = LogisticRegression(C=self.c_, max_iter=1000).fit(scaled[:, active], labels)
-            coef, intercept = classifier.coef_[0], float(classifier.intercept_[0])
-            full = np.zeros(features.shape[1])
-            full[active] = coef
-            wrong = active & (full * direction < 0)
-            if not wrong.any():
-                break
-            active &= ~wrong
-        weights = full / scale
-        self.weights_ = weights
-        self.intercept_ = float(intercept - (weights * mean).sum())
+        classifier = PairClassifier(direction.tolist(), seed=self.seed).fit(features, labels)
+        self.weights_, self.intercept_, self.c_ = classifier.weights_, classifier.intercept_, classifier.c_
         self.dropped_features_ = [
-            name for name, kept in zip(self.feature_names_, active, strict=True) if not kept
+            name for name, kept in zip(self.feature_names_, classifier.active_, strict=True) if not kept
         ]
         self._importance_order()
 
-    def _choose_c(self, scaled: np.ndarray, labels: np.ndarray) -> float:
-        """The regularisation strength chosen by cross-validated log loss (1.0 with too few labels)."""
-        folds = int(min(CV_FOLDS, np.bincount(labels).min()))
-        if folds < 2:
-            return 1.0
-        search = GridSearchCV(
-            LogisticRegression(max_iter=1000),
-            param_grid={"C": list(C_GRID)},
-            scoring="neg_log_loss",
-            cv=StratifiedKFold(folds, shuffle=True, random_state=self.seed),
-            n_jobs=1,
-            refit=False,
-        )
-        search.fit(scaled, labels)
-        # The one-standard-error rule: the strongest regularisation whose log loss is within one standard
-        # error of the best. Merge labels are often separable (a log without edits gives records as stored),
-        # and the best C then grows weights without bound: every agreement on a rare value scores 1.0.
-        results = search.cv_results_
-        mean, error = results["mean_test_score"], results["std_test_score"] / np.sqrt(folds)
-        best = int(np.argmax(mean))
-        good = np.flatnonzero(mean >= mean[best] - error[best])
-        return float(min(results["param_C"][i] for i in good))
-
     def _importance_order(self) -> None:
         """Field order for reasons: fields whose comparisons move the score most come first."""
-        weight_by_field: dict[str, float] = {plugin.field: 0.0 for plugin in self.plugins_}
-        for variable, weight in zip(self.data_model_.field_variables, self.weights_, strict=False):
-            weight_by_field[variable.field] += abs(float(weight))
-        for plugin, weight in zip(self.plugins_, self.weights_[-len(self.plugins_) :], strict=True):
-            weight_by_field[plugin.field] += abs(float(weight))
-        self.reason_order_ = sorted(weight_by_field, key=lambda f: -weight_by_field[f])
+        fields = [variable.field for variable in self.data_model_.field_variables]
+        self.reason_order_ = importance_order(self.plugins_, fields, self.weights_)
+        self.reasons_ = ReasonWriter(self.plugins_, self.reason_order_)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "weights_"):
@@ -694,14 +332,7 @@ class DuplicateModel:
     def probabilities(self, features: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
         """The classifier's match probability for rows of comparison features; `offset` (log-odds, per row)
         is subtracted first: the density penalty of the agreeing values (`Matcher._count_density`)."""
-        # Column by column rather than a matrix product, whose rounding depends on the number of rows:
-        # a record's score must not depend on how the batch was cut into chunks.
-        logits = np.full(len(features), self.intercept_, dtype=np.float64)
-        if offset is not None:
-            logits -= offset
-        for column, weight in zip(features.T, self.weights_, strict=True):
-            logits += column.astype(np.float64) * weight
-        return 1.0 / (1.0 + np.exp(-np.clip(logits, -50, 50)))
+        return probabilities(features, self.weights_, self.intercept_, offset)
 
     # ------------------------------------------------------------------ encoding
 
@@ -710,22 +341,30 @@ class DuplicateModel:
         ids = frame[self.config.id_column].astype(str).tolist()
         all_fields = [name for name in self.config.fields if name in frame.columns]
         raw_frame = frame[all_fields].fillna(s.MISSING).astype(str)
-        raw = list(raw_frame.itertuples(index=False, name=None))
+        # As NumPy object arrays: iterating Arrow-backed text element by element is slow.
+        raw = [raw_frame[name].to_numpy(dtype=object) for name in all_fields]
         normalised: dict[str, list[str]] = {}
         parsed: dict[str, list[Any]] = {}
         single: dict[tuple[str, str], np.ndarray] = {}
         rules = self.rules_ if rules is None else rules
         needed = {part for rule in rules for part in rule.parts}
         for plugin in self.plugins_:
-            values = plugin.normalise(raw_frame[plugin.field])
-            normalised[plugin.field] = values.tolist()
-            cache = {value: plugin.parse(value) for value in pd.unique(values.to_numpy())}
+            # Normalising, parsing and keys work value by value: done once per distinct raw value (a
+            # customer's name, street and city repeat on each of their orders), then spread to the rows.
+            inverse, first = _first_seen(raw[all_fields.index(plugin.field)])
+            values = plugin.normalise(raw_frame[plugin.field].iloc[first])
+            distinct = values.to_numpy(dtype=object)
+            normalised[plugin.field] = distinct[inverse].tolist()
+            cache = {value: plugin.parse(value) for value in pd.unique(distinct)}
             parsed[plugin.field] = [cache[value] for value in normalised[plugin.field]]
-            if any(field == plugin.field for field, _ in needed):
+            wanted = {key for field, key in needed if field == plugin.field}
+            if wanted == {"value"}:  # every plugin's `value` key is the normalised value itself
+                single[(plugin.field, "value")] = distinct[inverse]
+            elif wanted:
                 for key_name, key_values in plugin.keys(values).items():
-                    if (plugin.field, key_name) in needed:
-                        single[(plugin.field, key_name)] = key_values.to_numpy(dtype=object)
-        keys = [_join_keys([single[part] for part in rule.parts]).tolist() for rule in rules]
+                    if key_name in wanted:
+                        single[(plugin.field, key_name)] = key_values.to_numpy(dtype=object)[inverse]
+        keys = [join_keys([single[part] for part in rule.parts]).tolist() for rule in rules]
         return _Encoded(ids, raw, normalised, parsed, keys, self._times(frame).tolist())
 
     def blocking_keys(self, frame: pd.DataFrame) -> tuple[list[list[str]], np.ndarray]:
@@ -802,66 +441,18 @@ class DuplicateModel:
         """
         self._check_fitted()
         best, _ = self.matcher(reference)._score(batch)
-        roots = {**(clusters or {}), **truth}
-        candidate = best["candidate_id"].to_numpy(dtype=object)
-        score = best["score"].to_numpy(dtype=float)
-        record_ids = best.index.to_numpy(dtype=object)
-        correct = np.array(
-            [
-                bool(c) and r in truth and roots.get(c, c) == truth[r]
-                for r, c in zip(record_ids, candidate, strict=True)
-            ]
-        )
-        order = np.argsort(-score, kind="stable")
-        has_candidate = candidate[order] != s.MISSING
-        # Staff merge only part of the duplicates, so some "false" positives are unmerged duplicates. The
-        # share of near-certain links that are labelled estimates how often a duplicate gets merged (the
-        # label frequency of positive-unlabelled learning); precision is corrected by it.
-        confident = has_candidate & (score[order] >= CONFIDENT_SCORE)
-        frequency = 1.0
-        if confident.sum() >= MIN_CONFIDENT_LINKS:
-            frequency = float(np.clip(correct[order][confident].mean(), MIN_LABEL_FREQUENCY, 1.0))
-        self.label_frequency_ = frequency
-        scored = has_candidate & (score[order] > 0)
-        if not scored.any():
-            self.threshold_ = 0.5
-            logger.warning("calibration: no candidate pairs in the held-out batch; threshold stays 0.5")
-            return {
-                "threshold": 0.5,
-                "precision": 0.0,
-                "recall": 0.0,
-                "f1": 0.0,
-                "tp": 0,
-                "fp": 0,
-                "fn": len(truth),
-            }
         wanted = self.config.duplicate_min_precision
-        choice = choose_threshold(
-            score[order][scored],
-            correct[order][scored],
-            min_precision=wanted,
-            placement="calibrated",
-            n_positive=len(truth),
-            label_frequency=frequency,
-        )
-        if wanted is not None and choice.precision < wanted:
-            logger.warning("calibration: no threshold reaches precision %.3f; maximising F1 instead", wanted)
-        self.threshold_ = choice.threshold if choice.chosen else 0.5
-        figures = choice.as_dict()
-        if self.threshold_ < MIN_THRESHOLD:
-            # A held-out period as sparse as the history leaves a wide gap between its lowest duplicate
-            # and its highest look-alike; a batch twenty times denser fills it. Below 0.5 the model itself
-            # rates a pair more likely two records than one, so no link is made there.
-            flagged = score[order][scored] >= MIN_THRESHOLD
-            tp = int((correct[order][scored] & flagged).sum())
-            figures = prf(tp, int(flagged.sum()) - tp, len(truth) - tp)
-            figures["precision"] = min(figures["precision"] / frequency, 1.0)
-            self.threshold_ = MIN_THRESHOLD
+        calibration = choose_link_threshold(best, truth, clusters, wanted)
+        self.label_frequency_ = calibration.label_frequency
+        self.threshold_ = calibration.threshold
+        if not calibration.scored:
+            return {"threshold": self.threshold_, **calibration.figures}
         result = {
-            **figures,
+            **calibration.figures,
             "threshold": self.threshold_,
-            "labelled_precision": figures["tp"] / max(figures["tp"] + figures["fp"], 1),
-            "label_frequency": frequency,
+            "labelled_precision": calibration.figures["tp"]
+            / max(calibration.figures["tp"] + calibration.figures["fp"], 1),
+            "label_frequency": calibration.label_frequency,
         }
         logger.info("duplicate threshold %.3f: %s", self.threshold_, result)
         return result
@@ -876,25 +467,9 @@ class DuplicateModel:
         days_after: float | None,
     ) -> str:
         """One sentence for the clerk from the normalised values of a record and the record it duplicates,
-        e.g. "same order number and amount; customer name differs by one letter; entered 2 days after R1"."""
-        same: list[str] = []
-        different: list[tuple[int, str]] = []
-        plugins = {plugin.field: plugin for plugin in self.plugins_}
-        for field in self.reason_order_:
-            plugin = plugins[field]
-            difference: Difference = plugin.describe(record[field], match[field])
-            if difference.agreement == "same":
-                same.append(plugin.label)
-            elif difference.agreement != "missing":
-                rank = 0 if difference.agreement == "near" else 1
-                different.append((rank, f"{plugin.label} {difference.text}"))
-        parts: list[str] = []
-        if same:
-            parts.append("same " + _enumerate(same[:MAX_SAME_IN_REASON]))
-        different.sort(key=lambda item: item[0])
-        parts.extend(text for _, text in different[:MAX_DIFFERENT_IN_REASON])
-        parts.append(_when(days_after, match_id))
-        return "; ".join(parts)
+        e.g. "same order number and amount; customer name differs by one letter; entered 2 days after R1"
+        (`ReasonWriter`)."""
+        return self.reasons_.reason(record, match, match_id, days_after)
 
     # ------------------------------------------------------------------ persistence
 
@@ -1114,54 +689,80 @@ class Matcher:
 
     def _add(self, encoded: _Encoded) -> int:
         start = len(self._ids)
-        if encoded.raw and len(encoded.raw[0]) != len(self._raw_fields):
+        if len(encoded) and len(encoded.raw) != len(self._raw_fields):
             present = set(self._raw_fields)
             raise SchemaError(f"records: expected the config's fields {sorted(present)} in every chunk")
         self._ids.extend(encoded.ids)
         for field in self._fields:
-            code_of, values, codes = self._code_of[field], self._values[field], self._codes[field]
-            texts, unparsed = self._texts[field], self._unparsed[field]
-            rarity, frequencies = self._rarity[field], self._frequencies.get(field)
-            for offset, (value, parsed) in enumerate(
-                zip(encoded.normalised[field], encoded.parsed[field], strict=True)
-            ):
-                if parsed is None:
-                    codes.append(-1)
-                    if value:
-                        unparsed[start + offset] = value
-                    continue
-                code = code_of.get(value)
-                if code is None:
-                    code = code_of[value] = len(values)
-                    values.append(parsed)
-                    texts.append(value)
-                    rarity.append(frequencies.rarity(value) if frequencies is not None else 1.0)
-                codes.append(code)
+            texts = encoded.normalised[field]
+            inverse, first = _first_seen(texts)
+            # A value's parsed form depends on the value only: one per distinct value, where first seen.
+            parsed = [encoded.parsed[field][i] for i in first.tolist()]
+            distinct = [texts[i] for i in first.tolist()]
+            code_of, values = self._code_of[field], self._values[field]
+            found = [code_of.get(value) for value in distinct]
+            fresh = [
+                i
+                for i, (code, item) in enumerate(zip(found, parsed, strict=True))
+                if code is None and item is not None
+            ]
+            if fresh:
+                for i, code in enumerate(range(len(values), len(values) + len(fresh))):
+                    found[fresh[i]] = code
+                    code_of[distinct[fresh[i]]] = code
+                values.extend(parsed[i] for i in fresh)
+                self._texts[field].extend(distinct[i] for i in fresh)
+                self._rarity[field].extend(self._rarities(field, [distinct[i] for i in fresh]))
+            code_per_value = np.array([-1 if code is None else code for code in found], dtype=np.int64)
+            codes = code_per_value[inverse] if len(texts) else np.zeros(0, dtype=np.int64)
+            self._codes[field].frombytes(codes.tobytes())
+            unparsed = self._unparsed[field]
+            for offset in np.flatnonzero(codes < 0).tolist():
+                if texts[offset]:
+                    unparsed[start + offset] = texts[offset]
         # A raw value equal to its field's normalised one (an order number, an amount) is stored as that
         # value's code, -2 - code, so near-unique values are not held twice.
         for column, field in enumerate(self._raw_fields):
-            code_of, texts, codes = self._raw_code_of[field], self._raw_texts[field], self._raw_codes[field]
+            raw_values = encoded.raw[column]
+            codes = np.empty(len(raw_values), dtype=np.int64)
+            own = np.ones(len(raw_values), dtype=bool)
             normalised = encoded.normalised.get(field)
-            match_codes = self._codes[field] if normalised is not None else None
-            for offset, row in enumerate(encoded.raw):
-                value = row[column]
-                if (
-                    match_codes is not None
-                    and normalised[offset] == value
-                    and match_codes[start + offset] >= 0
-                ):
-                    codes.append(-2 - match_codes[start + offset])
-                    continue
-                code = code_of.get(value)
-                if code is None:
-                    code = code_of[value] = len(texts)
-                    texts.append(value)
-                codes.append(code)
+            if normalised is not None and len(raw_values):
+                match_codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
+                shared = (np.asarray(normalised, dtype=object) == raw_values) & (match_codes >= 0)
+                codes[shared] = -2 - match_codes[shared]
+                own = ~shared
+            rows = np.flatnonzero(own)
+            if len(rows):
+                texts = raw_values[rows].tolist()
+                inverse, first = _first_seen(texts)
+                code_of, stored = self._raw_code_of[field], self._raw_texts[field]
+                found = []
+                for i in first.tolist():
+                    code = code_of.get(texts[i])
+                    if code is None:
+                        code = code_of[texts[i]] = len(stored)
+                        stored.append(texts[i])
+                    found.append(code)
+                codes[rows] = np.asarray(found, dtype=np.int64)[inverse]
+            self._raw_codes[field].frombytes(codes.tobytes())
         self._times.extend(encoded.times)
         for offset, record_id in enumerate(encoded.ids):
             self._position[record_id] = start + offset
         self._count_density(start)
         return start
+
+    def _rarities(self, field: str, values: list[str]) -> list[float]:
+        """`TermFrequencies.rarity` of each value (1.0 without a table), computed once per distinct count."""
+        frequencies = self._frequencies.get(field)
+        if frequencies is None:
+            return [1.0] * len(values)
+        counts = [frequencies.counts.get(value, 1) for value in values]
+        by_count: dict[int, float] = {}
+        for count, value in zip(counts, values, strict=True):
+            if count not in by_count:
+                by_count[count] = frequencies.rarity(value)
+        return [by_count[count] for count in counts]
 
     def _count_density(self, start: int) -> None:
         """Counts the values of the records indexed from `start` on, and notes for each record and field
@@ -1302,6 +903,7 @@ class Matcher:
         n = len(left)
         distances = np.empty((n, len(data_model)), dtype="f4")
         distinct: dict[str, tuple[np.ndarray, list[Any], list[Any], np.ndarray]] = {}
+        computed: dict[tuple[str, Any], np.ndarray] = {}  # (field, distance function) -> per distinct pair
         codes_of = {field: np.frombuffer(self._codes[field], dtype=np.int64) for field in self._fields}
         for field, compare, start, _stop in data_model._field_comparators:
             if field not in distinct:
@@ -1318,8 +920,16 @@ class Matcher:
             present, xs, ys, inverse = distinct[field]
             column = np.full(n, np.nan, dtype="f4")
             if len(xs):
-                compared = np.array([compare(x, y) for x, y in zip(xs, ys, strict=True)], dtype="f4")
-                column[present] = compared[inverse]
+                # A graded level (`fields.base.beyond`) reuses its distance, computed once per field.
+                distance = getattr(compare, "distance", compare)
+                if (field, distance) not in computed:
+                    computed[(field, distance)] = np.array(
+                        [distance(x, y) for x, y in zip(xs, ys, strict=True)], dtype=np.float64
+                    )
+                values = computed[(field, distance)]
+                if distance is not compare:
+                    values = np.where(np.isnan(values), np.nan, values > compare.cut)
+                column[present] = values.astype("f4")[inverse]
             distances[:, start] = column
         derived = data_model._add_derived_distances(distances)
         agreement = np.zeros((n, len(self._fields)), dtype=derived.dtype)
@@ -1707,6 +1317,16 @@ class _BlockIndex:
 # ---------------------------------------------------------------------- helpers
 
 
+def _first_seen(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each value's number among the distinct values in order of first appearance, and where each distinct
+    value first appears: `(["b", "a", "b"])` -> `([0, 1, 0], [0, 1])`."""
+    if not len(values):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    inverse, _ = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=False)
+    _, first = np.unique(inverse, return_index=True)
+    return inverse.astype(np.int64), first
+
+
 def _running_counts(codes: np.ndarray, seen: np.ndarray, present: int) -> tuple[np.ndarray, np.ndarray]:
     """For each value code in order: how many records held it so far (`seen` before, then earlier in
     `codes`, then itself) and how many records held any value so far (`present` before, itself included)."""
@@ -1741,33 +1361,6 @@ def density_penalty(
     then = (expected + DENSITY_Z * np.sqrt(expected) + 1.0) / max(fitted_total, 1)
     with np.errstate(divide="ignore"):
         return np.maximum(np.log(now / then), 0.0).astype("f4")
-
-
-def _join_keys(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """Combines key columns; empty when any part is empty (no key, no block)."""
-    if len(parts) == 1:
-        return parts[0]
-    joined = parts[0].astype(object)
-    empty = parts[0] == s.MISSING
-    for part in parts[1:]:
-        joined = joined + KEY_SEPARATOR + part
-        empty |= part == s.MISSING
-    joined[empty] = s.MISSING
-    return joined
-
-
-def _enumerate(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def _when(days_after: float | None, match_id: str) -> str:
-    if days_after is None:
-        return f"looks like {match_id}"
-    days = round(abs(days_after))
-    if days == 0:
-        return f"entered the same day as {match_id}"
-    unit = "day" if days == 1 else "days"
-    return f"entered {days} {unit} {'after' if days_after >= 0 else 'before'} {match_id}"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -222,6 +222,8 @@ def beyond(distance: Callable[[Any, Any], float], cut: float, name: str) -> Call
         return value if value != value else float(value > cut)
 
     compare.__name__ = compare.__qualname__ = name
+    # So a caller comparing many pairs can compute the distance once for all of its levels.
+    compare.distance, compare.cut = distance, cut  # type: ignore[attr-defined]
     return compare
 
 
