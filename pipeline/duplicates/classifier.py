@@ -73,14 +73,18 @@ class PairClassifier:
             refit=False,
         )
         search.fit(scaled, labels)
-        # The one-standard-error rule: the strongest regularisation whose log loss is within one standard
-        # error of the best. Merge labels are often separable (a log without edits gives records as stored),
-        # and the best C then grows weights without bound: every agreement on a rare value scores 1.0.
         results = search.cv_results_
         mean, error = results["mean_test_score"], results["std_test_score"] / np.sqrt(folds)
+        values = np.asarray(results["param_C"], dtype=float)
         best = int(np.argmax(mean))
+        if values[best] < values.max():
+            return float(values[best])
+        # The log loss still falls at the weakest regularisation: the labels are separable (merge labels
+        # often are: a log without edits gives the records as stored, corrected), the maximum-likelihood
+        # weights do not exist and the best C only grows them (every agreement on a rare value scores 1.0).
+        # Then the one-standard-error rule: the strongest regularisation within one standard error of it.
         good = np.flatnonzero(mean >= mean[best] - error[best])
-        return float(min(results["param_C"][i] for i in good))
+        return float(values[good].min())
 
     def predict_proba(self, features: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
         """The match probability per row; `offset` (log-odds, per row) is subtracted first."""
