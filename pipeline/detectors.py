@@ -386,8 +386,8 @@ def _expect_after(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Per row (rows in entry order, all with a running number, entered on `days`): the number it should
     have given the earlier rows of its prefix (`tails`' last rows per prefix, each a 2 x k array of numbers
-    and entry days, then the rows before it here) entered at most `horizon` days before it, how many
-    earlier rows that rests on, and the tails after these rows.
+    and entry days, then the rows before it here) entered at most `horizon` days before it (and not after
+    it), how many earlier rows that rests on, and the tails after these rows.
 
     The expectation is robust to slips among the earlier rows and to a step other than 1 (a batch holding
     every k-th number): the median slope of all pairs of earlier rows (Theil-Sen), then the median of the
@@ -411,7 +411,8 @@ def _expect_after(
     earlier = index >= group_start[at, None]
     safe = np.maximum(index, 0)
     with np.errstate(invalid="ignore"):
-        earlier &= ~(ordered[1, at][:, None] - ordered[1, safe] > horizon)  # unknown times count as recent
+        age = ordered[1, at][:, None] - ordered[1, safe]
+        earlier &= ~((age > horizon) | (age < 0))  # unknown times count as recent
     window = np.where(earlier, ordered[0, safe], np.nan)
     rows = earlier.sum(axis=1)
     left, right = np.triu_indices(width, k=1)

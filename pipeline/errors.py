@@ -91,6 +91,17 @@ DETECT_COLUMNS = (
 )
 
 
+# What came before a chunk's rows, for running numbers: the state the batch's earlier chunks left, or a
+# table holding the rows among the records entered around them (training).
+Before = d.RunningNumbers | d.Context | None
+
+
+def _split_before(before: Before) -> tuple[d.Context | None, d.RunningNumbers | None]:
+    if isinstance(before, d.Context):
+        return before, None
+    return None, before
+
+
 @dataclass
 class BinnedClassifier:
     """A fitted HistGradientBoostingClassifier and the quantile edges its inputs are cut at (None: as is).
@@ -703,20 +714,25 @@ class ErrorModel(BaseEstimator):
         model = copy.copy(self)
         model.profile_ = d.extend_profile(self.profile_, stored)
         model.choices_ = sg.nearest_choices(model.profile_)
-        # A batch follows the reference: its running numbers continue the reference's latest ones.
-        model.running_start_ = self.running_start_.then(
-            d.RunningNumbers.of_table(stored, self.running_start_.names, self.config.time_column)
-        )
+        model.running_start_ = self.numbers_after(stored)
         logger.info("error model: lookups refreshed from %d reference records", len(stored))
         return model
 
     # -------------------------------------------------------------------------------------------- scoring
 
-    def _features(
-        self, chunk: pd.DataFrame, numbers: d.RunningNumbers | None = None
-    ) -> dict[str, pd.DataFrame]:
+    def _features(self, chunk: pd.DataFrame, numbers: Before = None) -> dict[str, pd.DataFrame]:
         fields = self.config.check_fields
-        return d.cell_features(chunk, self.profile_, self.config, fields, self.edits_, numbers=numbers)
+        context, running = _split_before(numbers)
+        return d.cell_features(
+            chunk, self.profile_, self.config, fields, self.edits_, context=context, numbers=running
+        )
+
+    def numbers_after(self, stored: pd.DataFrame) -> d.RunningNumbers:
+        """The running-number state of a batch that follows the records of `stored` (a reference, as
+        stored): its running numbers continue their latest ones (in entry time order)."""
+        check_is_fitted(self, "classifier_")
+        names = self.running_start_.names
+        return self.running_start_.then(d.RunningNumbers.of_table(stored, names, self.config.time_column))
 
     def running_numbers(self, chunk: pd.DataFrame | None = None) -> d.RunningNumbers:
         """The running-number state (`detectors.RunningNumbers`) a batch starts from: the latest numbers
@@ -769,16 +785,18 @@ class ErrorModel(BaseEstimator):
         chunk: pd.DataFrame,
         matched: pd.DataFrame | None = None,
         *,
-        numbers: d.RunningNumbers | None = None,
+        numbers: Before = None,
     ) -> tuple[pd.DataFrame, pd.DataFrame]:
         """`(cell_scores(chunk), detect(chunk, matched))` with the features computed once.
 
         The cell scores are the classifier's, as `cell_scores` returns them; the flags' scores also take
         `matched` into account (see `detect`). Candidates and reasons are made for flagged cells only.
         `numbers`: the running-number state the batch's earlier chunks left (`running_numbers`; by default
-        the chunk is the batch's start). A cell's result depends on its row, the model, its matched record
-        and the rows before it only, so a batch gives the same flags wherever it is cut into chunks; the
-        chunk is taken `ASSESS_ROWS` rows at a time, so memory does not grow with the chunk.
+        the chunk is the batch's start), or a `detectors.Context` holding the chunk's rows among every
+        record entered around them (a cross-validation fold replayed within its history). A cell's result
+        depends on its row, the model, its matched record and the rows before it only, so a batch gives
+        the same flags wherever it is cut into chunks; the chunk is taken `ASSESS_ROWS` rows at a time, so
+        memory does not grow with the chunk.
         """
         return self._assess(chunk, matched, numbers, with_flags=True)
 
@@ -786,7 +804,7 @@ class ErrorModel(BaseEstimator):
         self,
         chunk: pd.DataFrame,
         matched: pd.DataFrame | None,
-        numbers: d.RunningNumbers | None,
+        numbers: Before,
         *,
         with_flags: bool,
     ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
@@ -807,7 +825,7 @@ class ErrorModel(BaseEstimator):
                 if len(found) or not flags:
                     flags.append(found)
             del per_field
-            if start + ASSESS_ROWS < len(chunk):
+            if start + ASSESS_ROWS < len(chunk) and isinstance(numbers, d.RunningNumbers):
                 numbers = numbers.advance(part, self.config.time_column)
         whole = scores[0] if len(scores) == 1 else pd.concat(scores)
         if not with_flags:
@@ -817,7 +835,7 @@ class ErrorModel(BaseEstimator):
             flags = [found.sort_values(s.FLAG_SCORE, ascending=False, kind="stable").reset_index(drop=True)]
         return whole, flags[0]
 
-    def cell_scores(self, chunk: pd.DataFrame, *, numbers: d.RunningNumbers | None = None) -> pd.DataFrame:
+    def cell_scores(self, chunk: pd.DataFrame, *, numbers: Before = None) -> pd.DataFrame:
         """Error probability per checked field (columns = `config.check_fields`, same index as `chunk`)."""
         return self._assess(chunk, None, numbers, with_flags=False)[0]
 
@@ -826,7 +844,7 @@ class ErrorModel(BaseEstimator):
         chunk: pd.DataFrame,
         matched: pd.DataFrame | None = None,
         *,
-        numbers: d.RunningNumbers | None = None,
+        numbers: Before = None,
     ) -> pd.DataFrame:
         """The flags for a chunk: one row per flagged cell (columns `DETECT_COLUMNS`), highest score first.
 
@@ -866,7 +884,7 @@ class ErrorModel(BaseEstimator):
         threshold: float,
         *,
         suggest_threshold: float | None = None,
-        numbers: d.RunningNumbers | None = None,
+        numbers: Before = None,
     ) -> pd.DataFrame:
         config = self.config
         positions, names = np.nonzero(scores.to_numpy() >= threshold)
@@ -879,7 +897,7 @@ class ErrorModel(BaseEstimator):
         texts = d.chunk_texts(chunk, [n for n in config.fields if n in self.profile_.fields])
         flagged_rows = np.unique(positions)
         records = dict(zip(flagged_rows, texts.iloc[flagged_rows].to_dict("records"), strict=True))
-        extras = self._cell_extras(chunk, self.profile_, numbers=numbers)
+        extras = self._cell_extras(chunk, self.profile_, *_split_before(numbers))
         matched_texts = None
         if matched is not None:
             matched_texts = d.chunk_texts(
