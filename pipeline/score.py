@@ -28,7 +28,7 @@ import pandas as pd
 
 from pipeline import schema as s
 from pipeline.bundle import ModelBundle
-from pipeline.detectors import RunningNumbers
+from pipeline.detectors import Context, RunningNumbers
 from pipeline.exceptions import OutputError
 from pipeline.ingest import (
     DEFAULT_CHUNK_ROWS,
@@ -67,14 +67,18 @@ def fmt_score(values: pd.Series | np.ndarray) -> np.ndarray:
 
 
 def score_chunk(
-    chunk: pd.DataFrame, bundle: ModelBundle, matcher: Any, numbers: RunningNumbers | None = None
+    chunk: pd.DataFrame,
+    bundle: ModelBundle,
+    matcher: Any,
+    numbers: RunningNumbers | Context | None = None,
 ) -> ChunkResult:
     """Scores one chunk of a batch (text cells, "" = missing) with a loaded model.
 
     `matcher` is `bundle.duplicates.matcher(reference)`; it remembers the chunk afterwards so the next
     chunk is compared with this one too. `numbers` is the running-number state the batch's earlier chunks
     left (`bundle.errors.running_numbers()` then `.then(bundle.errors.running_numbers(chunk))` per chunk;
-    None: the chunk is the batch's start). Equal to `assess_chunk(chunk, bundle, *link_chunk(...))`.
+    None: the chunk is the batch's start; a `Context` in training, see `ErrorModel.assess`). Equal to
+    `assess_chunk(chunk, bundle, *link_chunk(...))`.
     """
     return assess_chunk(chunk, bundle, *link_chunk(chunk, bundle, matcher), numbers)
 
@@ -112,7 +116,7 @@ def assess_chunk(
     bundle: ModelBundle,
     links: pd.DataFrame,
     matched: pd.DataFrame | None,
-    numbers: RunningNumbers | None = None,
+    numbers: RunningNumbers | Context | None = None,
 ) -> ChunkResult:
     """The stateless rest of `score_chunk`: errors and anomalies of the chunk, given its links and the
     running-number state before it; what worker processes run while the parent matches the next chunk."""
