@@ -61,6 +61,8 @@ RECURRING_SHARE = 0.8
 # A field is named in a reason when at most this share of history records is as unusual in it.
 REASON_TAIL = 0.02
 CLIP = 10.0
+# `score` walks the forest this many records at a time (its node arrays are records x trees).
+SCORE_ROWS = 5_000
 
 
 class AnomalyModel(BaseEstimator):
@@ -177,7 +179,10 @@ class AnomalyModel(BaseEstimator):
         if len(chunk) == 0:
             return pd.DataFrame({ANOMALY_SCORE: [], FLAGGED: [], REASON: []}, index=chunk.index)
         X = self._encode(chunk)
-        raw = self._flat_forest().anomaly(X)
+        forest = self._flat_forest()
+        raw = np.concatenate(
+            [forest.anomaly(X[start : start + SCORE_ROWS]) for start in range(0, len(X), SCORE_ROWS)]
+        )
         rank = np.searchsorted(self.reference_, raw, side="right") / max(len(self.reference_), 1)
         flagged = raw > self.cutoff_
         known = getattr(self, "normal_digests_", frozenset())

@@ -328,42 +328,238 @@ def _is_sequence(values: pd.Series, times: pd.Series | None) -> bool:
     return bool(correlations) and float(np.nanmedian(correlations)) > 0.9
 
 
-SEQUENCE_WINDOW = 9
+# The running number a row should have comes from the rows entered before it with the same prefix (at most
+# SEQUENCE_WINDOW of them, at least SEQUENCE_MIN_ROWS, none entered more than the field's
+# `sequence_horizon` before it), never from rows after it: so a batch scored chunk by chunk, carrying the
+# last rows of each prefix over (`RunningNumbers`), gets the same expectations as in one piece, wherever
+# the chunks are cut.
+SEQUENCE_WINDOW = 8
+SEQUENCE_MIN_ROWS = 3
+# A window of earlier rows is trusted up to this many times the age (entry time of the row less that of
+# its SEQUENCE_WINDOW-th earlier row) that 99% of the history's windows stay within: a batch that follows
+# its reference after a gap does not take the reference's last numbers as its neighbours.
+SEQUENCE_HORIZON_FACTOR = 2.0
 
 
-def sequence_expectation(values: pd.Series, times: pd.Series | None) -> tuple[pd.Series, pd.Series]:
-    """For running numbers: the number each row should have given its neighbours in entry order, and the
-    number of rows sharing its prefix. Rows are sorted by entry time (else kept in order) within each prefix;
-    the expected number is the rank plus the rolling median of (number - rank) of the neighbours.
+def running_parts(values: pd.Series | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each value's prefix and running number (`split_running_number`; parsed once per distinct value),
+    and whether it has one (filled and parsed).
+
+    >>> prefix, number, ok = running_parts(pd.Series(["SO-2024-000007", "", "x"]))
+    >>> prefix.tolist(), number.tolist()[:1], ok.tolist()
+    (['SO-2024-', '', ''], [7.0], [True, False, False])
     """
-    parts = per_value(values, split_running_number)
-    ok = parts.notna() & (values != s.MISSING)
-    expected = pd.Series(np.nan, index=values.index)
-    rows = pd.Series(0.0, index=values.index)
-    if not ok.any():
-        return expected, rows
-    if int(ok.sum()) < 3:  # fewer rows than the rolling median needs (a one-record check): no expectation
-        prefixes = [p[0] for p in parts[ok]]
-        rows.loc[ok] = [float(prefixes.count(p)) for p in prefixes]
-        return expected, rows
-    frame = pd.DataFrame(
-        {
-            "prefix": parts[ok].map(lambda p: p[0]),
-            "number": parts[ok].map(lambda p: p[1]).astype(float),
-            "when": times[ok].to_numpy() if times is not None else np.arange(int(ok.sum())),
-            "pos": np.arange(int(ok.sum())),
-        },
-        index=values.index[ok],
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=False)
+    parts = [split_running_number(v) if v != s.MISSING else None for v in uniques]
+    prefix = np.array([p[0] if p else "" for p in parts], dtype=object)
+    number = np.array([p[1] if p else math.nan for p in parts], dtype=float)
+    ok = np.array([p is not None for p in parts], dtype=bool)
+    if not len(uniques):
+        return prefix, number, ok
+    return prefix[codes], number[codes], ok[codes]
+
+
+def entry_days(times: pd.Series | None, n: int) -> np.ndarray:
+    """Entry times as days since 1970 (float), NaN where unknown (all of them without a time column)."""
+    if times is None:
+        return np.full(n, np.nan)
+    stamps = times.to_numpy(dtype="datetime64[ns]")
+    return np.where(np.isnat(stamps), np.nan, stamps.astype(np.int64) / 86_400e9)
+
+
+def _row_median(values: np.ndarray) -> np.ndarray:
+    """The median of each row's non-NaN values (NaN for a row without any)."""
+    ordered = np.sort(values, axis=1)  # NaN last
+    count = (~np.isnan(values)).sum(axis=1)
+    rows = np.arange(len(values))
+    low = ordered[rows, np.maximum(count - 1, 0) // 2]
+    high = ordered[rows, np.maximum(count, 1) // 2]
+    return np.where(count > 0, (low + high) / 2, np.nan)
+
+
+def _expect_after(
+    tails: dict[str, np.ndarray],
+    prefix: np.ndarray,
+    number: np.ndarray,
+    days: np.ndarray,
+    horizon: float = math.inf,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Per row (rows in entry order, all with a running number, entered on `days`): the number it should
+    have given the earlier rows of its prefix (`tails`' last rows per prefix, each a 2 x k array of numbers
+    and entry days, then the rows before it here) entered at most `horizon` days before it (and not after
+    it), how many earlier rows that rests on, and the tails after these rows.
+
+    The expectation is robust to slips among the earlier rows and to a step other than 1 (a batch holding
+    every k-th number): the median slope of all pairs of earlier rows (Theil-Sen), then the median of the
+    earlier numbers carried forward by it.
+    """
+    width = SEQUENCE_WINDOW
+    carried = [p for p in dict.fromkeys(prefix.tolist()) if p in tails]
+    before = [tails[p] for p in carried]
+    every_prefix = np.concatenate(
+        [*(np.full(t.shape[1], p, dtype=object) for p, t in zip(carried, before, strict=True)), prefix]
     )
-    frame = frame.sort_values(["prefix", "when", "pos"], kind="stable")
-    rank = frame.groupby("prefix", sort=False).cumcount().astype(float)
-    offset = frame["number"] - rank
-    median = offset.groupby(frame["prefix"], sort=False).transform(
-        lambda o: o.rolling(SEQUENCE_WINDOW, center=True, min_periods=3).median()
+    every = np.concatenate([*before, np.vstack([number, days])], axis=1).astype(float)
+    first_row = every.shape[1] - len(number)
+    codes, uniques = pd.factorize(every_prefix)
+    order = np.argsort(codes, kind="stable")  # by prefix, each in entry order (carried rows first)
+    ordered = every[:, order]
+    group_start = np.searchsorted(codes[order], codes[order], side="left")
+    group_end = np.searchsorted(codes[order], codes[order], side="right")
+    at = np.flatnonzero(order >= first_row)
+    index = at[:, None] - width + np.arange(width)  # the earlier rows, oldest first
+    earlier = index >= group_start[at, None]
+    safe = np.maximum(index, 0)
+    with np.errstate(invalid="ignore"):
+        age = ordered[1, at][:, None] - ordered[1, safe]
+        earlier &= ~((age > horizon) | (age < 0))  # unknown times count as recent
+    window = np.where(earlier, ordered[0, safe], np.nan)
+    rows = earlier.sum(axis=1)
+    left, right = np.triu_indices(width, k=1)
+    with np.errstate(invalid="ignore"):
+        slope = _row_median((window[:, right] - window[:, left]) / (right - left))
+        guess = window + slope[:, None] * (width - np.arange(width))
+    expected_sorted = np.where(rows >= SEQUENCE_MIN_ROWS, _row_median(guess), np.nan)
+    expected = np.full(len(number), np.nan)
+    count = np.zeros(len(number))
+    expected[order[at] - first_row] = expected_sorted
+    count[order[at] - first_row] = rows
+    last = np.flatnonzero(np.arange(len(order)) >= group_end - width)
+    after = dict(tails)
+    for code in np.unique(codes[order[last]]):
+        after[str(uniques[code])] = ordered[:, last[codes[order[last]] == code]]
+    return expected, count, after
+
+
+def sequence_horizon(values: pd.Series, times: pd.Series | None) -> float:
+    """How long before a row its earlier rows may have been entered and still be its neighbours, in days:
+    `SEQUENCE_HORIZON_FACTOR` times the 99th percentile of the history's window ages (inf without times)."""
+    if times is None:
+        return math.inf
+    prefix, _, ok = running_parts(values)
+    days = entry_days(times, len(values))
+    order = _entry_order(times, len(values))
+    frame = pd.DataFrame({"prefix": prefix[order], "days": days[order]})[ok[order]]
+    ages = frame.groupby("prefix", sort=False)["days"].diff(SEQUENCE_WINDOW).dropna()
+    if ages.empty:
+        return math.inf
+    return float(max(SEQUENCE_HORIZON_FACTOR * ages.quantile(0.99), 1.0))
+
+
+@dataclass(frozen=True)
+class RunningNumbers:
+    """Where each running-number field stands after the rows seen so far: per field and prefix, the last
+    `SEQUENCE_WINDOW` numbers (with their entry days) in input order. The only state the error model
+    carries from chunk to chunk.
+
+    `expect` reads a chunk's expectations from the state before it; `advance` (or `of` then `then`, which
+    compose: `a.then(b).then(c) == a.then(b.then(c))`) gives the state after it. A state is small (a few
+    numbers per prefix) and can cross processes: `to_dict`/`from_dict`.
+
+    >>> values = pd.Series([f"SO-{n:04d}" for n in (1, 2, 3, 4, 50, 6, 7)])
+    >>> start = RunningNumbers(("no",))
+    >>> expected, _ = start.advance(pd.DataFrame({"no": values[:5]})).expect("no", values[5:])
+    >>> expected.tolist()
+    [6.0, 7.0]
+    """
+
+    names: tuple[str, ...] = ()
+    tails: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def expect(
+        self,
+        name: str,
+        values: pd.Series | np.ndarray,
+        times: pd.Series | None = None,
+        horizon: float = math.inf,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per value (in input order, after the rows this state has seen; entered at `times`): the running
+        number it should have (NaN when it has none or too few earlier rows share its prefix within
+        `horizon` days) and the number of earlier rows that rests on."""
+        prefix, number, ok = running_parts(values)
+        days = entry_days(times, len(prefix))
+        expected = np.full(len(prefix), np.nan)
+        rows = np.zeros(len(prefix))
+        if ok.any():
+            tails = self.tails.get(name, {})
+            expected[ok], rows[ok], _ = _expect_after(tails, prefix[ok], number[ok], days[ok], horizon)
+        return expected, rows
+
+    @classmethod
+    def of(cls, chunk: pd.DataFrame, names: Iterable[str], time_column: str | None = None) -> RunningNumbers:
+        """What a chunk adds: per field in `names` and prefix, its own last numbers and entry days."""
+        names = tuple(names)
+        days = entry_days(entry_times(chunk, time_column), len(chunk))
+        tails = {}
+        for name in names:
+            prefix, number, ok = running_parts(text_column(chunk, name))
+            tails[name] = _expect_after({}, prefix[ok], number[ok], days[ok])[2] if ok.any() else {}
+        return cls(names, tails)
+
+    @classmethod
+    def of_table(cls, frame: pd.DataFrame, names: Iterable[str], time_column: str | None) -> RunningNumbers:
+        """What a table of stored records adds (the history, a reference), its rows taken in entry time
+        order when it has a time column (ties and missing times in table order)."""
+        names = tuple(name for name in names if name in frame.columns)
+        columns = [*names, *([time_column] if time_column in frame.columns else [])]
+        texts = pd.DataFrame({name: text_column(frame, name) for name in columns}, index=frame.index)
+        order = _entry_order(entry_times(frame, time_column), len(frame))
+        return cls.of(texts.iloc[order], names, time_column)
+
+    def then(self, later: RunningNumbers) -> RunningNumbers:
+        """The state after this one's rows and then `later`'s."""
+        tails = {}
+        for name in dict.fromkeys((*self.names, *later.names)):
+            mine, theirs = self.tails.get(name, {}), later.tails.get(name, {})
+            merged = dict(mine)
+            for prefix, rows in theirs.items():
+                if prefix in mine and rows.shape[1] < SEQUENCE_WINDOW:
+                    rows = np.concatenate([mine[prefix], rows], axis=1)[:, -SEQUENCE_WINDOW:]
+                merged[prefix] = rows
+            tails[name] = merged
+        return RunningNumbers(tuple(dict.fromkeys((*self.names, *later.names))), tails)
+
+    def advance(self, chunk: pd.DataFrame, time_column: str | None = None) -> RunningNumbers:
+        """The state after `chunk`'s rows."""
+        return self.then(RunningNumbers.of(chunk, self.names, time_column))
+
+    def to_dict(self) -> dict[str, dict[str, list[list[float]]]]:
+        return {name: {p: v.tolist() for p, v in self.tails.get(name, {}).items()} for name in self.names}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, dict[str, list[list[float]]]]) -> RunningNumbers:
+        tails = {
+            name: {p: np.asarray(v, dtype=float).reshape(2, -1) for p, v in t.items()}
+            for name, t in data.items()
+        }
+        return cls(tuple(data), tails)
+
+
+def _entry_order(times: pd.Series | None, n: int) -> np.ndarray:
+    """Row positions in entry time order (ties and missing times in table order), or as they come."""
+    if times is None:
+        return np.arange(n)
+    when = pd.DataFrame({"when": times.to_numpy(), "pos": np.arange(n)})
+    return when.sort_values(["when", "pos"], kind="stable", na_position="last")["pos"].to_numpy()
+
+
+def sequence_expectation(
+    values: pd.Series, times: pd.Series | None, horizon: float = math.inf
+) -> tuple[pd.Series, pd.Series]:
+    """For running numbers of a whole table (the training history): the number each row should have given
+    the rows entered before it (`RunningNumbers`), and how many earlier rows that rests on. Rows are taken
+    in entry time order when `times` is given (ties and missing times in table order), else as they come.
+    """
+    order = _entry_order(times, len(values))
+    ordered_times = times.iloc[order] if times is not None else None
+    expected, rows = RunningNumbers(("_",)).expect(
+        "_", values.to_numpy(dtype=object)[order], ordered_times, horizon
     )
-    expected.loc[frame.index] = (rank + median).to_numpy()
-    rows.loc[frame.index] = frame.groupby("prefix", sort=False)["number"].transform("size").to_numpy()
-    return expected, rows
+    out_expected = np.empty(len(values))
+    out_rows = np.empty(len(values))
+    out_expected[order] = expected
+    out_rows[order] = rows
+    return pd.Series(out_expected, index=values.index), pd.Series(out_rows, index=values.index)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -417,6 +613,7 @@ class FieldProfile:
     delta_high: float = math.nan
     delta_median: float = math.nan
     sequence: bool = False
+    sequence_horizon: float = math.inf
     embeds_year: bool = False
     fixed_decimals: bool = False
 
@@ -618,6 +815,8 @@ def profile_field(
         profile.decimals = int(decimals.mode().iloc[0]) if len(decimals) else 0
     if kind == "code":
         profile.sequence = _is_sequence(values, times)
+        if profile.sequence:
+            profile.sequence_horizon = sequence_horizon(values, times)
         years = per_value(filled.iloc[:2000], embedded_year)
         profile.embeds_year = bool(len(years)) and years.notna().mean() > 0.9
     if kind == "date":
@@ -1096,20 +1295,20 @@ def _sequence_features(
     profile: Profile,
     times: pd.Series | None,
     context: Context | None,
+    numbers: RunningNumbers | None,
 ) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     values = texts[name]
     if fp.sequence:
         if context is not None:
             expected, rows = context.expectation(name)
+            expected = expected.reindex(texts.index).to_numpy(dtype=float)
+            rows = rows.reindex(texts.index).to_numpy(dtype=float)
         else:
-            expected, rows = sequence_expectation(texts[name], times)
-        numbers = per_value(values, lambda v: p[1] if (p := split_running_number(v)) else math.nan).astype(
-            float
-        )
-        gap = np.abs(numbers.to_numpy() - expected.reindex(texts.index).to_numpy())
-        out["sequence_gap"] = np.log1p(gap)
-        out["sequence_rows"] = rows.reindex(texts.index).to_numpy(dtype=float)
+            expected, rows = (numbers or RunningNumbers()).expect(name, values, times, fp.sequence_horizon)
+        _, number, _ = running_parts(values)
+        out["sequence_gap"] = np.log1p(np.abs(number - expected))
+        out["sequence_rows"] = rows
     if fp.embeds_year:
         years = per_value(values, embedded_year).astype(float).to_numpy()
         expected_year = record_year(texts, profile, times).to_numpy()
@@ -1126,12 +1325,14 @@ def field_features(
     times: pd.Series | None,
     context: Context | None = None,
     codes: dict[str, np.ndarray] | None = None,
+    numbers: RunningNumbers | None = None,
 ) -> pd.DataFrame:
     """The feature frame (columns `FEATURES`) for one field of a chunk; `texts` holds the chunk's fields,
     `codes` their value codes (`FieldProfile.codes`; computed when not given).
 
-    `context` (texts and entry times of a larger frame holding the chunk) is where running numbers find
-    their neighbours; by default the chunk itself.
+    Running numbers are judged against the rows entered before them: those of `context` (texts and entry
+    times of a larger frame holding the chunk, the training history) when given, else the rows before
+    them in the chunk after those `numbers` has seen (the batch's earlier chunks; none by default).
     """
     fp = profile.fields[name]
     values = texts[name]
@@ -1176,7 +1377,7 @@ def field_features(
     if fp.kind == "date":
         out.update(_date_features(texts, name, fp, times))
     out["checksum_invalid"] = _checksum_feature(values, fp) if fp.schemes else nan
-    out.update(_sequence_features(texts, name, fp, profile, times, context))
+    out.update(_sequence_features(texts, name, fp, profile, times, context, numbers))
     if edits is not None and name in edits.field_rate:
         prior = edits.field_rate[name]
         ecache = edits.cache
@@ -1238,8 +1439,8 @@ def unsupervised_score(features: np.ndarray, *, weak_dependencies: bool = False)
 @dataclass
 class Context:
     """A larger frame holding a chunk's rows (the training history around a fold), where running numbers
-    find their neighbours: its texts and entry times, and each field's expected running numbers, computed
-    once however many folds ask."""
+    find the rows entered before them: its texts and entry times, and each field's expected running
+    numbers, computed once however many folds ask."""
 
     texts: pd.DataFrame
     times: pd.Series | None
@@ -1250,9 +1451,12 @@ class Context:
         return cls(chunk_texts(frame, names), entry_times(frame, time_column))
 
     def expectation(self, name: str) -> tuple[pd.Series, pd.Series]:
-        """`sequence_expectation` of the field over the whole context (cached)."""
+        """`sequence_expectation` of the field over the whole context, within the horizon its own rows
+        give (`sequence_horizon`; cached)."""
         if name not in self.expected:
-            self.expected[name] = sequence_expectation(self.texts[name], self.times)
+            values = self.texts[name]
+            horizon = sequence_horizon(values, self.times)
+            self.expected[name] = sequence_expectation(values, self.times, horizon)
         return self.expected[name]
 
 
@@ -1272,11 +1476,14 @@ def cell_features(
     fields: Iterable[str],
     edits: EditHistory | None = None,
     context: pd.DataFrame | Context | None = None,
+    numbers: RunningNumbers | None = None,
 ) -> dict[str, pd.DataFrame]:
     """One feature frame per field in `fields` (same index as `chunk`, columns `FEATURES`).
 
-    `context`: a larger frame holding the chunk's rows (training folds), where running numbers find their
-    neighbours; by default the chunk itself.
+    Every feature of a row depends on that row, the profile and the rows entered before it only, so a
+    batch cut into chunks gets the features it gets in one piece. `context`: a larger frame holding the
+    chunk's rows (training folds), where running numbers find the rows entered before them; else they are
+    the chunk's earlier rows after those `numbers` (the state the batch's earlier chunks left) has seen.
     """
     names = [name for name in config.fields if name in profile.fields]
     texts = chunk_texts(chunk, names)
@@ -1287,4 +1494,4 @@ def cell_features(
     elif context is not None:
         ctx = Context.of(context, names, config.time_column)
     codes = {name: profile.fields[name].codes(texts[name].to_numpy(dtype=object)) for name in names}
-    return {name: field_features(texts, name, profile, edits, times, ctx, codes) for name in fields}
+    return {name: field_features(texts, name, profile, edits, times, ctx, codes, numbers) for name in fields}

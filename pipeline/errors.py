@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "error_model.joblib"
 META_FILE = "error_model.json"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 DEFAULT_THRESHOLD = 0.5
 MIN_FIELD_ERRORS = 20
@@ -60,6 +60,9 @@ OOF_SMALL_CELLS = 10_000
 # classifier's cost then grows with the labels, not with the history (the profiles still use every row).
 MAX_TRAINING_ROWS = 30_000
 MAX_BINS = 255
+# `assess` takes a chunk this many rows at a time: the stacked cell features of 50,000 rows and their
+# copies for the classifier were the batch job's largest transient (~550 MB).
+ASSESS_ROWS = 5_000
 
 SUGGEST_GRID = (*np.round(np.arange(0.05, 0.96, 0.05), 2).tolist(), 0.975, 0.99)
 
@@ -86,6 +89,17 @@ DETECT_COLUMNS = (
     s.FLAG_REASON,
     SUGGEST_EMPTY,
 )
+
+
+# What came before a chunk's rows, for running numbers: the state the batch's earlier chunks left, or a
+# table holding the rows among the records entered around them (training).
+Before = d.RunningNumbers | d.Context | None
+
+
+def _split_before(before: Before) -> tuple[d.Context | None, d.RunningNumbers | None]:
+    if isinstance(before, d.Context):
+        return before, None
+    return None, before
 
 
 @dataclass
@@ -312,6 +326,10 @@ class ErrorModel(BaseEstimator):
             )
             self.training_errors_ = 0
         self.profile_ = d.build_profile(profile_frame, config, pairs=pairs, schemes=self.schemes_)
+        sequences = [name for name, fp in self.profile_.fields.items() if fp.sequence]
+        self.running_start_ = d.RunningNumbers(tuple(sequences)).then(
+            d.RunningNumbers.of_table(stored, sequences, config.time_column)
+        )
         self.edits_ = d.EditHistory.learn(entered, labels, config)
         self.patterns_ = sg.EditPatterns.learn(labels)
         self.patterns_.prior = self.priors_
@@ -642,19 +660,27 @@ class ErrorModel(BaseEstimator):
             answers.append(new)
         return cells, answers
 
-    def _cell_extras(self, rows: pd.DataFrame, profile: d.Profile, context: d.Context | None = None) -> dict:
+    def _cell_extras(
+        self,
+        rows: pd.DataFrame,
+        profile: d.Profile,
+        context: d.Context | None = None,
+        numbers: d.RunningNumbers | None = None,
+    ) -> dict:
         """Per-row facts candidate generation needs: expected running numbers, record years, entry times.
-        `context` (training folds) holds `rows`; by default `rows` are their own context."""
+        `context` (training folds) holds `rows`; else running numbers follow the rows `numbers` has seen
+        (`detectors.cell_features`)."""
         config = self.config
         names = [n for n in config.fields if n in profile.fields]
         texts = d.chunk_texts(rows, names)
         times = d.entry_times(rows, config.time_column)
-        ctx = context if context is not None else d.Context(texts, times)
         expected = {}
         for name, fp in profile.fields.items():
-            if fp.sequence:
-                values, _ = ctx.expectation(name)
-                expected[name] = values.reindex(rows.index).to_numpy()
+            if fp.sequence and context is not None:
+                expected[name] = context.expectation(name)[0].reindex(rows.index).to_numpy()
+            elif fp.sequence:
+                state = numbers or d.RunningNumbers()
+                expected[name] = state.expect(name, texts[name], times, fp.sequence_horizon)[0]
         return {
             "expected": expected,
             "year": d.record_year(texts, profile, times).to_numpy(),
@@ -688,14 +714,35 @@ class ErrorModel(BaseEstimator):
         model = copy.copy(self)
         model.profile_ = d.extend_profile(self.profile_, stored)
         model.choices_ = sg.nearest_choices(model.profile_)
+        model.running_start_ = self.numbers_after(stored)
         logger.info("error model: lookups refreshed from %d reference records", len(stored))
         return model
 
     # -------------------------------------------------------------------------------------------- scoring
 
-    def _features(self, chunk: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    def _features(self, chunk: pd.DataFrame, numbers: Before = None) -> dict[str, pd.DataFrame]:
         fields = self.config.check_fields
-        return d.cell_features(chunk, self.profile_, self.config, fields, self.edits_)
+        context, running = _split_before(numbers)
+        return d.cell_features(
+            chunk, self.profile_, self.config, fields, self.edits_, context=context, numbers=running
+        )
+
+    def numbers_after(self, stored: pd.DataFrame) -> d.RunningNumbers:
+        """The running-number state of a batch that follows the records of `stored` (a reference, as
+        stored): its running numbers continue their latest ones (in entry time order)."""
+        check_is_fitted(self, "classifier_")
+        names = self.running_start_.names
+        return self.running_start_.then(d.RunningNumbers.of_table(stored, names, self.config.time_column))
+
+    def running_numbers(self, chunk: pd.DataFrame | None = None) -> d.RunningNumbers:
+        """The running-number state (`detectors.RunningNumbers`) a batch starts from: the latest numbers
+        of the stored history (the reference's, after `with_reference`), which a new batch continues. Given
+        a chunk, what that chunk adds instead: `state.then(model.running_numbers(chunk))` is the state
+        after it. The only thing `assess` needs to know about a batch's earlier chunks."""
+        check_is_fitted(self, "classifier_")
+        if chunk is None:
+            return self.running_start_
+        return d.RunningNumbers(self.running_start_.names).advance(chunk, self.config.time_column)
 
     def _scores(self, per_field: dict[str, pd.DataFrame], index: pd.Index) -> pd.DataFrame:
         """One classifier call for all fields: the per-field frames stacked, the field id as last column.
@@ -734,38 +781,77 @@ class ErrorModel(BaseEstimator):
         return probability
 
     def assess(
-        self, chunk: pd.DataFrame, matched: pd.DataFrame | None = None
+        self,
+        chunk: pd.DataFrame,
+        matched: pd.DataFrame | None = None,
+        *,
+        numbers: Before = None,
     ) -> tuple[pd.DataFrame, pd.DataFrame]:
         """`(cell_scores(chunk), detect(chunk, matched))` with the features computed once.
 
         The cell scores are the classifier's, as `cell_scores` returns them; the flags' scores also take
         `matched` into account (see `detect`). Candidates and reasons are made for flagged cells only.
+        `numbers`: the running-number state the batch's earlier chunks left (`running_numbers`; by default
+        the chunk is the batch's start), or a `detectors.Context` holding the chunk's rows among every
+        record entered around them (a cross-validation fold replayed within its history). A cell's result
+        depends on its row, the model, its matched record and the rows before it only, so a batch gives
+        the same flags wherever it is cut into chunks; the chunk is taken `ASSESS_ROWS` rows at a time, so
+        memory does not grow with the chunk.
         """
-        return self._assess(chunk, matched, with_flags=True)
+        return self._assess(chunk, matched, numbers, with_flags=True)
 
     def _assess(
-        self, chunk: pd.DataFrame, matched: pd.DataFrame | None, *, with_flags: bool
+        self,
+        chunk: pd.DataFrame,
+        matched: pd.DataFrame | None,
+        numbers: Before,
+        *,
+        with_flags: bool,
     ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
         check_is_fitted(self, "classifier_")
         _require(chunk, self.config.check_fields, "batch")
-        per_field = self._features(chunk)
-        scores = self._scores(per_field, chunk.index)
+        numbers = numbers if numbers is not None else self.running_numbers()
+        scores, flags = [], []
+        for start in range(0, max(len(chunk), 1), ASSESS_ROWS):
+            part = chunk.iloc[start : start + ASSESS_ROWS]
+            per_field = self._features(part, numbers)
+            part_scores = self._scores(per_field, part.index)
+            scores.append(part_scores)
+            if with_flags:
+                adjusted = part_scores
+                if matched is not None:
+                    adjusted = self._adjust_for_matched(part, part_scores, matched)
+                found = self._flags(part, adjusted, per_field, matched, self.threshold_, numbers=numbers)
+                if len(found) or not flags:
+                    flags.append(found)
+            del per_field
+            if start + ASSESS_ROWS < len(chunk) and isinstance(numbers, d.RunningNumbers):
+                numbers = numbers.advance(part, self.config.time_column)
+        whole = scores[0] if len(scores) == 1 else pd.concat(scores)
         if not with_flags:
-            return scores, None
-        adjusted = self._adjust_for_matched(chunk, scores, matched) if matched is not None else scores
-        return scores, self._flags(chunk, adjusted, per_field, matched, self.threshold_)
+            return whole, None
+        if len(flags) > 1:  # each part's flags are sorted; one stable sort orders them as in one piece
+            found = pd.concat([f for f in flags if len(f)], ignore_index=True)
+            flags = [found.sort_values(s.FLAG_SCORE, ascending=False, kind="stable").reset_index(drop=True)]
+        return whole, flags[0]
 
-    def cell_scores(self, chunk: pd.DataFrame) -> pd.DataFrame:
+    def cell_scores(self, chunk: pd.DataFrame, *, numbers: Before = None) -> pd.DataFrame:
         """Error probability per checked field (columns = `config.check_fields`, same index as `chunk`)."""
-        return self._assess(chunk, None, with_flags=False)[0]
+        return self._assess(chunk, None, numbers, with_flags=False)[0]
 
-    def detect(self, chunk: pd.DataFrame, matched: pd.DataFrame | None = None) -> pd.DataFrame:
+    def detect(
+        self,
+        chunk: pd.DataFrame,
+        matched: pd.DataFrame | None = None,
+        *,
+        numbers: Before = None,
+    ) -> pd.DataFrame:
         """The flags for a chunk: one row per flagged cell (columns `DETECT_COLUMNS`), highest score first.
 
         `matched` (optional, same index as `chunk`, the config's fields) holds the field values of the record
         each row duplicates (`''` where none); they are candidates, e.g. a missing customer code.
         """
-        return self.assess(chunk, matched)[1]
+        return self.assess(chunk, matched, numbers=numbers)[1]
 
     def _adjust_for_matched(
         self, chunk: pd.DataFrame, scores: pd.DataFrame, matched: pd.DataFrame
@@ -798,6 +884,7 @@ class ErrorModel(BaseEstimator):
         threshold: float,
         *,
         suggest_threshold: float | None = None,
+        numbers: Before = None,
     ) -> pd.DataFrame:
         config = self.config
         positions, names = np.nonzero(scores.to_numpy() >= threshold)
@@ -810,7 +897,7 @@ class ErrorModel(BaseEstimator):
         texts = d.chunk_texts(chunk, [n for n in config.fields if n in self.profile_.fields])
         flagged_rows = np.unique(positions)
         records = dict(zip(flagged_rows, texts.iloc[flagged_rows].to_dict("records"), strict=True))
-        extras = self._cell_extras(chunk, self.profile_)
+        extras = self._cell_extras(chunk, self.profile_, *_split_before(numbers))
         matched_texts = None
         if matched is not None:
             matched_texts = d.chunk_texts(
@@ -976,7 +1063,7 @@ def explain(
     if f.get("year_mismatch") == 1:
         return f"{label} {value!r} has a different year than the record's date{hint()}"
     if f.get("sequence_gap", 0) > math.log1p(3):
-        return f"{label} {value!r} is out of sequence with the records entered around it{hint()}"
+        return f"{label} {value!r} is out of sequence with the records entered before it{hint()}"
     ratio = f.get("group_log_ratio", math.nan)
     group = profile.groups.get(name)
     if group is not None and math.isfinite(ratio) and abs(ratio) >= 0.6:

@@ -404,7 +404,7 @@ def evaluate_bundle(bundle: ModelBundle, holdout: Holdout, *, prefix: str = "tes
 
     config = bundle.config
     matcher = bundle.duplicates.matcher(holdout.reference)
-    result = score_chunk(holdout.batch, bundle, matcher)
+    result = score_chunk(holdout.batch, bundle, matcher, bundle.errors.numbers_after(holdout.reference))
     return evaluate_scored(
         config=config,
         batch=holdout.batch,

@@ -3,7 +3,8 @@
 `score_chunk` is the core: one pandas chunk and the loaded model in, the contract's record columns and the
 chunk's flags out. The same function serves the in-process batch job below, the MLflow pyfunc model and a
 Spark `mapInPandas`. The only state it touches is the duplicate matcher's index, which grows by each
-chunk so duplicates are found across chunk borders.
+chunk so duplicates are found across chunk borders; the error model's running numbers take the state
+the batch's earlier chunks left (`ErrorModel.running_numbers`) as an argument.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pandas as pd
 
 from pipeline import schema as s
 from pipeline.bundle import ModelBundle
+from pipeline.detectors import Context, RunningNumbers
 from pipeline.exceptions import OutputError
 from pipeline.ingest import (
     DEFAULT_CHUNK_ROWS,
@@ -64,13 +66,21 @@ def fmt_score(values: pd.Series | np.ndarray) -> np.ndarray:
     return np.char.mod("%.4f", np.clip(np.asarray(values, dtype=float), 0.0, 1.0)).astype(object)
 
 
-def score_chunk(chunk: pd.DataFrame, bundle: ModelBundle, matcher: Any) -> ChunkResult:
+def score_chunk(
+    chunk: pd.DataFrame,
+    bundle: ModelBundle,
+    matcher: Any,
+    numbers: RunningNumbers | Context | None = None,
+) -> ChunkResult:
     """Scores one chunk of a batch (text cells, "" = missing) with a loaded model.
 
     `matcher` is `bundle.duplicates.matcher(reference)`; it remembers the chunk afterwards so the next
-    chunk is compared with this one too. Equal to `assess_chunk(chunk, bundle, *link_chunk(...))`.
+    chunk is compared with this one too. `numbers` is the running-number state the batch's earlier chunks
+    left (`bundle.errors.running_numbers()` then `.then(bundle.errors.running_numbers(chunk))` per chunk;
+    None: the chunk is the batch's start; a `Context` in training, see `ErrorModel.assess`). Equal to
+    `assess_chunk(chunk, bundle, *link_chunk(...))`.
     """
-    return assess_chunk(chunk, bundle, *link_chunk(chunk, bundle, matcher))
+    return assess_chunk(chunk, bundle, *link_chunk(chunk, bundle, matcher), numbers)
 
 
 def link_chunk(
@@ -102,13 +112,17 @@ def link_chunk(
 
 
 def assess_chunk(
-    chunk: pd.DataFrame, bundle: ModelBundle, links: pd.DataFrame, matched: pd.DataFrame | None
+    chunk: pd.DataFrame,
+    bundle: ModelBundle,
+    links: pd.DataFrame,
+    matched: pd.DataFrame | None,
+    numbers: RunningNumbers | Context | None = None,
 ) -> ChunkResult:
-    """The stateless rest of `score_chunk`: errors and anomalies of the chunk, given its links; what worker
-    processes run while the parent matches the next chunk."""
+    """The stateless rest of `score_chunk`: errors and anomalies of the chunk, given its links and the
+    running-number state before it; what worker processes run while the parent matches the next chunk."""
     config = bundle.config
     id_column = config.id_column
-    cell_scores, cell_flags = bundle.errors.assess(chunk, matched)
+    cell_scores, cell_flags = bundle.errors.assess(chunk, matched, numbers=numbers)
     anomalies = bundle.anomalies.score(chunk)
 
     error_fields = pd.Series(s.MISSING, index=chunk.index, dtype=object)
@@ -241,18 +255,22 @@ def _start_worker(bundle: ModelBundle) -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
-def _assess_in_worker(chunk: pd.DataFrame, links: pd.DataFrame, matched: pd.DataFrame | None) -> ChunkResult:
+def _assess_in_worker(
+    chunk: pd.DataFrame, links: pd.DataFrame, matched: pd.DataFrame | None, numbers: RunningNumbers
+) -> ChunkResult:
     assert _WORKER_BUNDLE is not None
-    return assess_chunk(chunk, _WORKER_BUNDLE, links, matched)
+    return assess_chunk(chunk, _WORKER_BUNDLE, links, matched, numbers)
 
 
 class _Scorer:
     """Scores chunks in input order: in this process (`workers` = 1), or with the duplicate links made here
-    (the matcher's index is sequential state) and errors and anomalies in `workers` processes, at most
-    `workers + 1` chunks in flight so memory stays bounded. Results come back in submission order."""
+    (the matcher's index and the running numbers are sequential state) and errors and anomalies in
+    `workers` processes, at most `workers + 1` chunks in flight so memory stays bounded. Results come back
+    in submission order."""
 
     def __init__(self, bundle: ModelBundle, matcher: Any, workers: int) -> None:
         self.bundle, self.matcher, self.workers = bundle, matcher, workers
+        self.numbers = bundle.errors.running_numbers()
         self.pool: Any = None
         self.pending: deque[tuple[pd.DataFrame, Any]] = deque()
         if workers > 1:
@@ -269,11 +287,13 @@ class _Scorer:
 
     def submit(self, chunk: pd.DataFrame) -> Iterator[tuple[pd.DataFrame, ChunkResult]]:
         """Takes a chunk; yields the chunks (with results) that are done, oldest first."""
+        before = self.numbers
+        self.numbers = before.then(self.bundle.errors.running_numbers(chunk))
         if self.pool is None:
-            yield chunk, score_chunk(chunk, self.bundle, self.matcher)
+            yield chunk, score_chunk(chunk, self.bundle, self.matcher, before)
             return
         links, matched = link_chunk(chunk, self.bundle, self.matcher)
-        self.pending.append((chunk, self.pool.submit(_assess_in_worker, chunk, links, matched)))
+        self.pending.append((chunk, self.pool.submit(_assess_in_worker, chunk, links, matched, before)))
         while len(self.pending) > self.workers:
             done, future = self.pending.popleft()
             yield done, future.result()

@@ -18,7 +18,9 @@ over a Spark cluster:
   match's cluster), as the `Matcher` does. The result is the same as in-process, candidate for candidate.
 * Errors and anomalies: row-parallel, `mapInPandas` over contiguous ranges of rows, calling
   `pipeline.score.score_chunk` itself with the duplicate links computed above, so the error model gets the
-  matched record's values exactly as in-process.
+  matched record's values exactly as in-process, and with the running-number state before each range
+  (`ErrorModel.running_numbers`: what each range adds is computed in parallel, then folded in order on the
+  driver, a few numbers per prefix and range).
 * Writing: executors format their rows as CSV text (the same `csv` writer settings as `run_batch`); the
   driver streams the ranges in order into records.csv and writes flags, summary and report with the
   helpers of `pipeline.score` and `pipeline.report`, in a staging folder that is moved into place at the end.
@@ -58,6 +60,7 @@ import pandas as pd
 
 from pipeline import schema as s
 from pipeline.bundle import ModelBundle
+from pipeline.detectors import RunningNumbers
 from pipeline.exceptions import BadInputError, InputFileError, OutputError, SchemaError
 from pipeline.ingest import (
     DEFAULT_CHUNK_ROWS,
@@ -159,9 +162,9 @@ def score_spark(
             _check_ids(reference, config.id_column, chunk_rows=None, reference=None)
             # The error model's lookups also know the reference's records, as in run_batch: refreshed on
             # the driver from the configured columns, then shipped.
-            columns = [reference.column(name) for name in config.fields if name in reference.header]
-            stored = reference.frame.select(*columns).toPandas()
-            stored.columns = [name for name in config.fields if name in reference.header]
+            names = [name for name in config.required_columns() if name in reference.header]
+            stored = reference.frame.select(*[reference.column(name) for name in names]).toPandas()
+            stored.columns = names
             bundle = dataclasses.replace(bundle, errors=bundle.errors.with_reference(stored))
         model = _ship_model(spark, bundle, shipped)
         batch = _read(spark, input_path, cached, ReadOptions.from_config(config))
@@ -181,7 +184,8 @@ def score_spark(
         cached.append(links)
         clusters = _clusters(links)
         logger.info("spark: %d duplicate links (%.1f s)", len(clusters), time.perf_counter() - started)
-        result = _score_rows(spark, bundle, model, batch, links, clusters, chunk_rows).persist()
+        numbers = _running_numbers(bundle, batch, chunk_rows)
+        result = _score_rows(spark, bundle, model, batch, links, clusters, chunk_rows, numbers).persist()
         cached.append(result)
 
         parts = result.filter(result.part != "records").select("part", "payload").collect()
@@ -813,15 +817,17 @@ def _score_rows(
     links: DataFrame,
     clusters: dict[int, str],
     chunk_rows: int,
+    numbers: dict[int, dict],
 ) -> DataFrame:
-    """Row-parallel scoring with `score_chunk`, one `chunk_rows` chunk of input rows at a time, cut where
-    `run_batch` cuts its chunks: the error model's running-number check compares a row with its neighbours
-    within the chunk, so the same cuts give the same flags. One output row per piece, in input order:
-    ("records", first row, CSV text), ("flags", first row, JSON), ("hist", first row, JSON)."""
+    """Row-parallel scoring with `score_chunk`, one `chunk_rows` chunk of input rows at a time, each with
+    the running-number state before it (`numbers`, by chunk; `_running_numbers`). One output row per
+    piece, in input order: ("records", first row, CSV text), ("flags", first row, JSON), ("hist", first
+    row, JSON)."""
     from pyspark.sql import functions as F
 
     config = bundle.config
     cluster_of = spark.sparkContext.broadcast(clusters)
+    numbers_of = spark.sparkContext.broadcast(numbers)
     joined = batch.frame.join(links.withColumnRenamed("q_row", ROW), ROW, "left")
     header = batch.header
     fields = list(config.fields)
@@ -857,7 +863,9 @@ def _score_rows(
             for k, candidate in enumerate(duplicate_of)
             if linked[k]
         }
-        result = score_chunk(chunk, bundle, _LinkedMatcher(frame, matched))
+        state = numbers_of.value.get(int(rows[0]) // chunk_rows)
+        before = RunningNumbers.from_dict(state) if state is not None else None
+        result = score_chunk(chunk, bundle, _LinkedMatcher(frame, matched), before)
         out = pd.concat([chunk, result.columns], axis=1)
         text = io.StringIO()
         csv.writer(text, lineterminator=CSV_LINE_END).writerows(out.itertuples(index=False, name=None))
@@ -875,6 +883,38 @@ def _score_rows(
 
     chunks = joined.groupBy(F.floor(F.col(ROW) / chunk_rows).alias("chunk"))
     return chunks.applyInPandas(run, "part string, start long, payload string").orderBy("start", "part")
+
+
+def _running_numbers(bundle: ModelBundle, batch: _Table, chunk_rows: int) -> dict[int, dict]:
+    """The error model's running-number state before each `chunk_rows` chunk (`RunningNumbers.to_dict`),
+    as `run_batch` carries it from chunk to chunk: what each chunk adds, computed in parallel from the
+    running-number fields alone, folded in chunk order on the driver. Empty when the model has none."""
+    from pyspark.sql import functions as F
+
+    start = bundle.errors.running_numbers()
+    if not start.names:
+        return {}
+    names = start.names
+    columns = {name: batch.column(name) for name in names}
+
+    def adds(pdf: pd.DataFrame) -> pd.DataFrame:
+        pdf = pdf.sort_values(ROW, kind="stable")
+        chunk = pd.DataFrame({name: pdf[column].to_numpy(dtype=object) for name, column in columns.items()})
+        payload = json.dumps(RunningNumbers.of(chunk, names).to_dict())
+        return pd.DataFrame({"chunk": [int(pdf[ROW].iloc[0]) // chunk_rows], "payload": [payload]})
+
+    frame = batch.frame.select(ROW, *columns.values())
+    parts = (
+        frame.groupBy(F.floor(F.col(ROW) / chunk_rows).alias("chunk"))
+        .applyInPandas(adds, "chunk long, payload string")
+        .collect()
+    )
+    added = {int(row.chunk): RunningNumbers.from_dict(json.loads(row.payload)) for row in parts}
+    before, state = {}, start
+    for chunk in sorted(added):
+        before[chunk] = state.to_dict()
+        state = state.then(added[chunk])
+    return before
 
 
 def _flags_to_json(flags: pd.DataFrame) -> str:

@@ -6,7 +6,7 @@ Candidates come from three places, as in Baran, but learned from this administra
   and the value of the record it duplicates (`matched`);
 - **edit patterns**: value-to-value mappings seen in the log, and transformations such as moving the
   decimal point, swapping adjacent digits, swapping day and month, fixing the year, the running number a
-  code should have given its neighbours;
+  code should have given the records entered before it;
 - **the field's usual format**: the value re-written in the field's most common shape or case, and the
   nearest frequent value of the field (typos).
 

@@ -35,6 +35,7 @@ from pipeline.corrections import (
     rejected_pairs,
     replay_backwards,
 )
+from pipeline.detectors import Context
 from pipeline.errors import ErrorModel
 from pipeline.evaluate import (
     Evaluation,
@@ -369,6 +370,9 @@ def _replay_fold(
     starts = [int(rank[inside[run[0]]]) for run in runs]
     outside_rank = rank[outside]
     matcher = bundle.duplicates.matcher(history.stored.iloc[outside[outside_rank < starts[0]]])
+    # Running numbers are judged against every record entered before them, as in production: the other
+    # folds' as stored and this fold's as entered, in entry order (the fold alone holds every k-th number).
+    around = _around(history, inside, outside, rank) if full else None
     results = []
     for j, run in enumerate(runs):
         if j:
@@ -376,7 +380,7 @@ def _replay_fold(
             if len(between):
                 matcher.match(history.stored.iloc[between])
         chunk = batch.iloc[run]
-        results.append(score_chunk(chunk, bundle, matcher) if full else matcher.match(chunk))
+        results.append(score_chunk(chunk, bundle, matcher, around) if full else matcher.match(chunk))
     if not full:
         return pd.concat(results)
     return ChunkResult(
@@ -384,6 +388,19 @@ def _replay_fold(
         flags=pd.concat([r.flags for r in results], ignore_index=True),
         cell_scores=pd.concat([r.cell_scores for r in results]),
     )
+
+
+def _around(history: _History, inside: np.ndarray, outside: np.ndarray, rank: np.ndarray) -> Context:
+    """The whole history in entry order around a fold (`_replay_fold`'s batch, labelled 0..n-1, as
+    entered; the other records as stored), where the fold's running numbers find the records before them."""
+    config = history.config
+    names = [name for name in config.fields if name in history.entered.columns]
+    columns = [*names, *([config.time_column] if config.time_column in history.entered.columns else [])]
+    fold = history.entered.iloc[inside][columns].set_axis(np.arange(len(inside)))
+    others = history.stored.iloc[outside][columns].set_axis(-1 - np.arange(len(outside)))
+    in_entry_order = np.argsort(rank[np.concatenate([inside, outside])], kind="stable")
+    every = pd.concat([fold, others]).iloc[in_entry_order]
+    return Context.of(every, names, config.time_column)
 
 
 def _numbers(prefix: str, figures: dict[str, Any]) -> dict[str, float]:

@@ -127,3 +127,12 @@ def test_the_flattened_forest_scores_exactly_as_scikit_learn(model: AnomalyModel
     flat = FlatForest(model.forest_)
     assert np.array_equal(flat.anomaly(X), -model.forest_.score_samples(X))
     assert np.array_equal(flat.anomaly(X[:1]), -model.forest_.score_samples(X[:1]))
+
+
+def test_records_scored_in_parts_score_as_in_one_piece(model: AnomalyModel, monkeypatch) -> None:
+    import pipeline.anomalies
+
+    history = _history()
+    whole = model.score(history)
+    monkeypatch.setattr(pipeline.anomalies, "SCORE_ROWS", 7)
+    pd.testing.assert_frame_equal(model.score(history), whole)

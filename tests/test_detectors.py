@@ -194,9 +194,49 @@ def test_running_number_sequence_and_year(profile: d.Profile) -> None:
     rows[3]["order_number"] = "SO-2042-000004"  # year digits swapped
     f = _features(profile, rows)["order_number"]
     assert f["sequence_gap"].iloc[6] == pytest.approx(math.log1p(63), abs=0.01)
-    assert f["sequence_gap"].iloc[5] == 0
+    # Row 5 follows 1, 2, 3, 5 (row 3 left the prefix): within one number of the 6 it has; row 7 follows
+    # the slip too, and is still well within what a reason calls out of sequence.
+    assert f["sequence_gap"].iloc[5] < math.log1p(1)
+    assert f["sequence_gap"].iloc[7] < math.log1p(2)
+    assert f["sequence_rows"].tolist()[:8] == [0, 1, 2, 0, 3, 4, 5, 6]
+    assert np.isnan(f["sequence_gap"].iloc[:3]).all()  # fewer than three earlier rows: no expectation
     assert f["year_mismatch"].iloc[3] == 1.0
     assert f["year_mismatch"].iloc[4] == 0.0
+
+
+def test_running_numbers_carried_over_chunks_give_the_expectations_of_one_piece() -> None:
+    # Every third number, with noise, a slip and a second prefix: cut anywhere, the same expectations.
+    rng = np.random.default_rng(0)
+    numbers = np.arange(1, 301) * 3 + rng.integers(0, 3, 300)
+    values = pd.Series([f"SO-{2023 + (i % 7 == 0)}-{n:06d}" for i, n in enumerate(numbers)], dtype=object)
+    values[10], values[11] = "SO-2023-009999", ""
+    start = d.RunningNumbers(("order_number",))
+    whole, rows = start.expect("order_number", values)
+    assert np.nanmax(np.abs(whole - numbers)[12:]) <= 5  # a step of 3 is followed, the slip ignored
+    assert np.isnan(whole[11]) and rows[11] == 0
+    for cut in (1, 2, 7, 299):
+        state, parts = start, []
+        for first in range(0, len(values), cut):
+            part = values.iloc[first : first + cut]
+            parts.append(state.expect("order_number", part)[0])
+            state = state.then(d.RunningNumbers.of(pd.DataFrame({"order_number": part}), state.names))
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
+        back = d.RunningNumbers.from_dict(state.to_dict())
+        np.testing.assert_array_equal(
+            back.tails["order_number"]["SO-2023-"], state.tails["order_number"]["SO-2023-"]
+        )
+
+
+def test_running_numbers_do_not_lean_on_rows_entered_long_before() -> None:
+    # A batch that follows its reference after a gap: the reference's last numbers are no neighbours.
+    days = pd.date_range("2024-01-01", periods=8, freq="D")
+    old = pd.DataFrame({"no": [f"SO-{n:04d}" for n in range(1, 9)], "at": days.strftime("%Y-%m-%d")})
+    state = d.RunningNumbers(("no",)).advance(old, "at")
+    soon = pd.Series(pd.to_datetime(["2024-01-09"]))
+    assert state.expect("no", ["SO-0100"], soon, horizon=30.0)[0].tolist() == [9.0]
+    late = pd.Series(pd.to_datetime(["2024-06-01"]))
+    expected, rows = state.expect("no", ["SO-0100"], late, horizon=30.0)
+    assert np.isnan(expected[0]) and rows[0] == 0
 
 
 def test_edit_history() -> None:
@@ -306,7 +346,7 @@ def test_a_one_record_chunk_gets_the_features_it_gets_inside_a_large_chunk(profi
         for name, frame in one.items():
             expected = whole[name].iloc[[i]].drop(columns=["sequence_gap", "sequence_rows"])
             pd.testing.assert_frame_equal(frame.drop(columns=["sequence_gap", "sequence_rows"]), expected)
-            assert frame["sequence_gap"].isna().all()
+            assert frame["sequence_gap"].isna().all()  # no earlier rows given: no expectation
 
 
 def test_text_column_gives_plain_strings_with_empty_for_missing() -> None:

@@ -471,3 +471,19 @@ def test_cut_at_edges_keeps_order_and_missing_values() -> None:
     cut = cut_at_edges(X, edges)
     assert np.isnan(cut[-1, 0]) and cut[:, 1].tolist() == X[:, 1].tolist()
     assert np.all(np.diff(cut[:-1, 0]) >= 0) and len(np.unique(cut[:-1, 0])) == 16
+
+
+def test_a_chunk_assessed_in_parts_gives_the_result_of_one_piece(demo: dict, monkeypatch) -> None:
+    """`assess` takes a chunk `ASSESS_ROWS` rows at a time (memory); scores and flags, their order, reasons
+    and suggestions, with and without matched records, are those of the chunk in one piece."""
+    import pipeline.errors
+
+    model, batch = demo["model"], demo["batch"]
+    matched = batch.iloc[::-1].set_axis(batch.index)  # any other record's values, as a duplicate would give
+    whole = [model.assess(batch), model.assess(batch, matched)]
+    monkeypatch.setattr(pipeline.errors, "ASSESS_ROWS", 7)
+    for (scores, flags), matched_with in zip(whole, (None, matched), strict=True):
+        parts = model.assess(batch, matched_with)
+        pd.testing.assert_frame_equal(parts[0], scores)
+        pd.testing.assert_frame_equal(parts[1], flags)
+        assert len(flags) > 7

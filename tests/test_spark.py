@@ -16,8 +16,8 @@ from pipeline.cli import main
 from pipeline.exceptions import InputFileError, SchemaError
 from pipeline.score import run_batch
 
-# Small chunks, so both engines cut the batch into several chunks and the Spark path has to cut it at the
-# same rows as the in-process job.
+# Small chunks, so Spark cuts the batch into several chunks scored in parallel; the in-process job takes it
+# in one piece, and each Spark chunk has to start from the running numbers the chunks before it left.
 CHUNK_ROWS = 128
 
 
@@ -47,9 +47,7 @@ def bundle(demo, tmp_path_factory) -> ModelBundle:
 def test_spark_writes_what_the_in_process_job_writes(spark, demo, bundle, tmp_path):
     from pipeline.spark import score_spark
 
-    local = run_batch(
-        bundle, demo.batch, tmp_path / "local", reference_path=demo.records, chunk_rows=CHUNK_ROWS
-    )
+    local = run_batch(bundle, demo.batch, tmp_path / "local", reference_path=demo.records)
     distributed = score_spark(
         bundle,
         demo.batch,
