@@ -5,7 +5,12 @@ a *later* period encodes like a normal record of the history (nothing drifts wit
 
 - **value rarity**, only for low-cardinality fields (most rows hold a value that recurs: cities, VAT rates,
   customer codes). In near-unique fields (order numbers, amounts) every new value is unseen, which says
-  nothing; the fields whose values move with time (dates, numbers, running numbers) never use it;
+  nothing; the fields whose values move with time (dates, numbers, running numbers) never use it. Rarity
+  follows the chain rule: a field is judged *given the fields before it* where a dependency of the history
+  says what it should be (customer code -> street). A street that is what the earlier records of its
+  customer code hold is as rare as that customer, which the code's own rarity already counts; a customer
+  with few orders is counted rare once, not once per field, and is not an anomaly for being a small
+  customer. A street that differs from what its customer code implies keeps its own rarity;
 - **shape rarity** (character classes; runs collapsed for free text and numbers), and for high-cardinality
   text and codes the length against the usual;
 - **missing** where the field is normally filled;
@@ -28,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import joblib
@@ -96,6 +102,41 @@ class AnomalyModel(BaseEstimator):
                 plan.append((name, "date"))
         return plan
 
+    def _givens(self) -> dict[str, list[Given]]:
+        """Per field with a value-rarity column, the dependencies that judge it given an earlier field which
+        has one too (the chain rule's order is the config's)."""
+        rated = [name for name, what in self.owners_ if what == "value"]
+        givens: dict[str, list[Given]] = {}
+        for position, name in enumerate(rated):
+            earlier = set(rated[:position])
+            for dep in self.profile_.by_target.get(name, []):
+                if dep.source in earlier:
+                    givens.setdefault(name, []).append(Given.of(dep, self.profile_.fields[dep.source]))
+        return givens
+
+    def _given_rarity(
+        self, name: str, codes: dict[str, np.ndarray], rarity: np.ndarray, own: float
+    ) -> np.ndarray:
+        """`rarity` of field `name`, lowered to its rarity given an earlier field where the record holds
+        the value that field implies in the history: -log of the share of the earlier field's other records
+        that agree (0 when all do). `own` takes the record itself out of the counts (leave-one-out)."""
+        out = rarity
+        for given in getattr(self, "givens_", {}).get(name, []):
+            if given.source not in codes:
+                continue
+            key = codes[given.source]
+            has = key >= 0
+            at = np.where(has, key, 0)
+            agrees = has & (given.implied[at] == codes[name]) & (codes[name] >= 0)
+            if not agrees.any():
+                continue
+            total = given.total[at] - own
+            agreeing = np.maximum(given.support[at] - own, 0.0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                conditional = -np.log((agreeing + 1) / np.maximum(total + 1, 1.0))
+            out = np.where(agrees & (total >= 1), np.minimum(out, conditional), out)
+        return out
+
     def _encode(self, chunk: pd.DataFrame, *, leave_one_out: bool = False) -> np.ndarray:
         """One column per `owners_` entry, higher = rarer. `leave_one_out` for the history itself: each
         record's own value is taken out of the counts it is judged by."""
@@ -104,6 +145,7 @@ class AnomalyModel(BaseEstimator):
         texts = d.chunk_texts(chunk, [n for n in profile.fields if n in chunk.columns])
         times = d.entry_times(chunk, self.config.time_column)
         parsed: dict[str, dict[str, np.ndarray]] = {}
+        codes: dict[str, np.ndarray] = {}  # value codes of the fields with a value-rarity column so far
         columns = []
         for name, what in self.owners_:
             fp = profile.fields[name]
@@ -113,8 +155,10 @@ class AnomalyModel(BaseEstimator):
             missing = p["missing"]
             filled = max(fp.filled - own, 1.0)
             if what == "value":
-                counts = np.maximum(fp.count_of(fp.codes(p["values"])) - own, 0.0)
+                codes[name] = fp.codes(p["values"])
+                counts = np.maximum(fp.count_of(codes[name]) - own, 0.0)
                 col = np.where(missing, 0.0, -np.log((counts + 1) / (filled + 1)))
+                col = self._given_rarity(name, codes, col, own)
             elif what == "shape":
                 table = fp.coarse if _coarse(fp) else fp.shapes
                 counts = np.maximum(d.lookup(profile.cache, table, p["shape"], 0.0) - own, 0.0)
@@ -145,8 +189,11 @@ class AnomalyModel(BaseEstimator):
         above their scores (up to the MAX_NORMAL_QUANTILE of the history), and a record encoded exactly as
         one of them is never flagged: the same false alarm does not come back.
         """
-        self.profile_ = d.build_profile(stored, self.config, pairs=[])
+        kinds = {name: spec.type for name, spec in self.config.fields.items() if name in stored.columns}
+        pairs = d.find_dependencies(d.chunk_texts(stored, kinds), kinds)
+        self.profile_ = d.build_profile(stored, self.config, pairs=pairs)
         self.owners_ = self._plan()
+        self.givens_ = self._givens()
         X = self._encode(stored, leave_one_out=True)
         self.forest_ = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed).fit(X)
         raw = -self.forest_.score_samples(X)
@@ -273,6 +320,29 @@ class AnomalyModel(BaseEstimator):
         from pipeline.errors import load_model
 
         return load_model(cls, Path(folder), MODEL_FILE, META_FILE)
+
+
+@dataclass(frozen=True)
+class Given:
+    """A dependency `source` -> `target` as arrays over the source's value codes: the implied target code
+    (-1 none), how many history records of each source value hold it (`support`) and how many there are."""
+
+    source: str
+    target: str
+    implied: np.ndarray
+    support: np.ndarray
+    total: np.ndarray
+
+    @classmethod
+    def of(cls, dep: d.Dependency, source: d.FieldProfile) -> Given:
+        keys = source.vocab.to_numpy(dtype=object)
+        return cls(
+            source=dep.source,
+            target=dep.target,
+            implied=np.asarray(dep.implied_code, dtype=np.int64),
+            support=np.array([dep.support.get(k, 0) for k in keys], dtype=float),
+            total=np.array([dep.total.get(k, 0) for k in keys], dtype=float),
+        )
 
 
 def _digests(encoded: np.ndarray) -> list[str]:
