@@ -313,7 +313,7 @@ class ErrorModel(BaseEstimator):
             self.training_errors_ = 0
         self.profile_ = d.build_profile(profile_frame, config, pairs=pairs, schemes=self.schemes_)
         self.edits_ = d.EditHistory.learn(entered, labels, config)
-        self.patterns_ = sg.EditPatterns.learn(labels)
+        self.patterns_ = sg.EditPatterns.learn(labels, profile=self.profile_, edits=self.edits_)
         self.patterns_.prior = self.priors_
         self.choices_ = sg.nearest_choices(self.profile_)
         self.training_rows_ = len(entered)
@@ -375,7 +375,7 @@ class ErrorModel(BaseEstimator):
             w = np.array([[(r, name) in sure for name in fields] for r in ids[chosen]], dtype=bool)
             count = np.repeat(row_weight[chosen][:, None], len(fields), axis=1).reshape(y.shape)
             w = np.where(w, CONFIRMED_WEIGHT, 1.0).reshape(y.shape) * count
-            patterns = sg.EditPatterns.learn(fold_labels)
+            patterns = sg.EditPatterns.learn(fold_labels, profile=profile, edits=edits)
             choices = sg.nearest_choices(profile)
             extras = self._cell_extras(rows, profile, context)
             held = labels[labels[s.LOG_RECORD_ID].isin(set(ids[inside]))]
