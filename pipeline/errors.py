@@ -287,6 +287,9 @@ class ErrorModel(BaseEstimator):
         pairs = d.find_dependencies(d.chunk_texts(profile_frame, kinds), kinds)
         confirmed = _confirmed_cells(confirmed, entered, ids, fields)
         self.confirmed_cells_ = len(confirmed)
+        self.confirmed_values_ = frozenset(
+            zip(confirmed[s.LOG_RECORD_ID], confirmed[s.LOG_FIELD], confirmed["value"], strict=True)
+        )
         self.schemes_ = self._rules_with_evidence(profile_frame, entered, ids, labels, confirmed)
         self.labelled_ = not labels.empty
         corrected = set(labels[s.LOG_FIELD])
@@ -749,7 +752,7 @@ class ErrorModel(BaseEstimator):
         check_is_fitted(self, "classifier_")
         _require(chunk, self.config.check_fields, "batch")
         per_field = self._features(chunk)
-        scores = self._scores(per_field, chunk.index)
+        scores = self._known_right(chunk, self._scores(per_field, chunk.index))
         if not with_flags:
             return scores, None
         adjusted = self._adjust_for_matched(chunk, scores, matched) if matched is not None else scores
@@ -766,6 +769,24 @@ class ErrorModel(BaseEstimator):
         each row duplicates (`''` where none); they are candidates, e.g. a missing customer code.
         """
         return self.assess(chunk, matched)[1]
+
+    def _known_right(self, chunk: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+        """The scores with 0 for each cell a clerk reviewed and confirmed (`fit(confirmed=)`) while it still
+        holds the confirmed value: the same false alarm on the same record does not come back."""
+        known = getattr(self, "confirmed_values_", frozenset())
+        if not known or self.config.id_column not in chunk.columns:
+            return scores
+        ids = d.text_column(chunk, self.config.id_column).to_numpy(dtype=object)
+        rows = np.flatnonzero(np.isin(ids, list({record for record, _, _ in known})))
+        if not len(rows):
+            return scores
+        scores = scores.copy()
+        for j, name in enumerate(scores.columns):
+            values = d.text_column(chunk, name).to_numpy(dtype=object)
+            right = [i for i in rows if (ids[i], name, values[i]) in known]
+            if right:
+                scores.iloc[right, j] = 0.0
+        return scores
 
     def _adjust_for_matched(
         self, chunk: pd.DataFrame, scores: pd.DataFrame, matched: pd.DataFrame
