@@ -102,39 +102,48 @@ class AnomalyModel(BaseEstimator):
                 plan.append((name, "date"))
         return plan
 
-    def _givens(self) -> dict[str, list[Given]]:
+    def _givens(self, stored: pd.DataFrame) -> dict[str, list[Given]]:
         """Per field with a value-rarity column, the dependencies that judge it given an earlier field which
         has one too (the chain rule's order is the config's)."""
         rated = [name for name, what in self.owners_ if what == "value"]
+        texts = d.chunk_texts(stored, rated)
         givens: dict[str, list[Given]] = {}
         for position, name in enumerate(rated):
             earlier = set(rated[:position])
             for dep in self.profile_.by_target.get(name, []):
                 if dep.source in earlier:
-                    givens.setdefault(name, []).append(Given.of(dep, self.profile_.fields[dep.source]))
+                    givens.setdefault(name, []).append(Given.of(dep, self.profile_, texts))
         return givens
 
     def _given_rarity(
-        self, name: str, codes: dict[str, np.ndarray], rarity: np.ndarray, own: float
+        self, name: str, seen: dict[str, tuple[np.ndarray, np.ndarray]], rarity: np.ndarray, own: float
     ) -> np.ndarray:
-        """`rarity` of field `name`, lowered to its rarity given an earlier field where the record holds
-        the value that field implies in the history: -log of the share of the earlier field's other records
-        that agree (0 when all do). `own` takes the record itself out of the counts (leave-one-out)."""
+        """`rarity` of field `name` lowered to its rarity given an earlier field (`seen`: value codes and
+        counts of the fields encoded so far; `own` takes the record itself out of the counts):
+
+        - where the record holds the value the earlier field implies in the history, -log of the share of
+          the earlier field's other records that agree (0 when all do);
+        - where the earlier field's value and this one are both new to the history (a new customer with its
+          own street), -log of how often a new value of the earlier field came with a new value of this one
+          in the history (`Given.novel`).
+        """
         out = rarity
+        code, count = seen[name]
+        new_value = (count - own <= 0) & (rarity > 0)
         for given in getattr(self, "givens_", {}).get(name, []):
-            if given.source not in codes:
+            if given.source not in seen:
                 continue
-            key = codes[given.source]
+            key, key_count = seen[given.source]
             has = key >= 0
             at = np.where(has, key, 0)
-            agrees = has & (given.implied[at] == codes[name]) & (codes[name] >= 0)
-            if not agrees.any():
-                continue
+            agrees = has & (given.implied[at] == code) & (code >= 0)
             total = given.total[at] - own
             agreeing = np.maximum(given.support[at] - own, 0.0)
             with np.errstate(divide="ignore", invalid="ignore"):
                 conditional = -np.log((agreeing + 1) / np.maximum(total + 1, 1.0))
             out = np.where(agrees & (total >= 1), np.minimum(out, conditional), out)
+            new_key = (key_count - own <= 0) & ~np.isnan(key_count)
+            out = np.where(new_key & new_value, np.minimum(out, given.novel), out)
         return out
 
     def _encode(self, chunk: pd.DataFrame, *, leave_one_out: bool = False) -> np.ndarray:
@@ -145,7 +154,7 @@ class AnomalyModel(BaseEstimator):
         texts = d.chunk_texts(chunk, [n for n in profile.fields if n in chunk.columns])
         times = d.entry_times(chunk, self.config.time_column)
         parsed: dict[str, dict[str, np.ndarray]] = {}
-        codes: dict[str, np.ndarray] = {}  # value codes of the fields with a value-rarity column so far
+        seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # value codes and counts, value-rarity fields
         columns = []
         for name, what in self.owners_:
             fp = profile.fields[name]
@@ -155,10 +164,12 @@ class AnomalyModel(BaseEstimator):
             missing = p["missing"]
             filled = max(fp.filled - own, 1.0)
             if what == "value":
-                codes[name] = fp.codes(p["values"])
-                counts = np.maximum(fp.count_of(codes[name]) - own, 0.0)
+                code = fp.codes(p["values"])
+                # NaN count: missing, neither new nor known.
+                seen[name] = (code, np.where(missing, np.nan, fp.count_of(code)))
+                counts = np.maximum(fp.count_of(code) - own, 0.0)
                 col = np.where(missing, 0.0, -np.log((counts + 1) / (filled + 1)))
-                col = self._given_rarity(name, codes, col, own)
+                col = self._given_rarity(name, seen, col, own)
             elif what == "shape":
                 table = fp.coarse if _coarse(fp) else fp.shapes
                 counts = np.maximum(d.lookup(profile.cache, table, p["shape"], 0.0) - own, 0.0)
@@ -193,7 +204,7 @@ class AnomalyModel(BaseEstimator):
         pairs = d.find_dependencies(d.chunk_texts(stored, kinds), kinds)
         self.profile_ = d.build_profile(stored, self.config, pairs=pairs)
         self.owners_ = self._plan()
-        self.givens_ = self._givens()
+        self.givens_ = self._givens(stored)
         X = self._encode(stored, leave_one_out=True)
         self.forest_ = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed).fit(X)
         raw = -self.forest_.score_samples(X)
@@ -325,23 +336,32 @@ class AnomalyModel(BaseEstimator):
 @dataclass(frozen=True)
 class Given:
     """A dependency `source` -> `target` as arrays over the source's value codes: the implied target code
-    (-1 none), how many history records of each source value hold it (`support`) and how many there are."""
+    (-1 none), how many history records of each source value hold it (`support`) and how many there are;
+    and `novel`, the target's rarity given that the source value is new: -log of the share of history
+    records whose source value occurs nowhere else that hold a target value occurring nowhere else."""
 
     source: str
     target: str
     implied: np.ndarray
     support: np.ndarray
     total: np.ndarray
+    novel: float
 
     @classmethod
-    def of(cls, dep: d.Dependency, source: d.FieldProfile) -> Given:
+    def of(cls, dep: d.Dependency, profile: d.Profile, texts: pd.DataFrame) -> Given:
+        source, target = profile.fields[dep.source], profile.fields[dep.target]
         keys = source.vocab.to_numpy(dtype=object)
+        key_count = source.count_of(source.codes(texts[dep.source].to_numpy(dtype=object)))
+        value_count = target.count_of(target.codes(texts[dep.target].to_numpy(dtype=object)))
+        new_key = (key_count == 1) & (texts[dep.target] != s.MISSING).to_numpy()
+        both = new_key & (value_count == 1)
         return cls(
             source=dep.source,
             target=dep.target,
             implied=np.asarray(dep.implied_code, dtype=np.int64),
             support=np.array([dep.support.get(k, 0) for k in keys], dtype=float),
             total=np.array([dep.total.get(k, 0) for k in keys], dtype=float),
+            novel=float(-np.log((both.sum() + 1) / (new_key.sum() + 2))),
         )
 
 

@@ -168,12 +168,19 @@ def test_a_small_customer_is_rare_once_not_once_per_field() -> None:
     assert X[1, street] > 4
 
 
-def test_the_history_is_judged_given_other_records_only() -> None:
-    # Leave-one-out: a customer's only record is not explained by itself.
+def test_a_new_customer_is_rare_once_too() -> None:
+    # In the history a customer seen once has its own street and phone nowhere else; so does a new one.
     orders = _customer_orders()
     single = {"customer_code": "C-777", "street": "Laan 7", "phone": "06-77770000", "city": "Breda"}
     frame = pd.concat([orders, pd.DataFrame([single], dtype=object)], ignore_index=True)
     model = AnomalyModel(CUSTOMERS, quantile=0.99).fit(frame)
-    street = [j for j, owner in enumerate(model.owners_) if owner == ("street", "value")][0]
-    X = model._encode(frame.tail(1), leave_one_out=True)
-    assert X[0, street] > 5
+    columns = {owner: j for j, owner in enumerate(model.owners_)}
+    code, street = columns[("customer_code", "value")], columns[("street", "value")]
+    new = {"customer_code": "C-555", "street": "Plein 5", "phone": "06-55550000", "city": "Breda"}
+    wrong = {**new, "street": "Dorpsstraat 1"}  # a new code with a regular customer's street
+    X = model._encode(pd.DataFrame([new, wrong], dtype=object))
+    history = model._encode(frame.tail(1), leave_one_out=True)
+    assert X[0, code] > 5 and history[0, code] > 5
+    assert X[0, street] < 1 and history[0, street] < 1
+    # Only a new value comes with a new customer: a known street under a new code is judged as it is.
+    assert X[1, street] > 2
