@@ -5,7 +5,12 @@ a *later* period encodes like a normal record of the history (nothing drifts wit
 
 - **value rarity**, only for low-cardinality fields (most rows hold a value that recurs: cities, VAT rates,
   customer codes). In near-unique fields (order numbers, amounts) every new value is unseen, which says
-  nothing; the fields whose values move with time (dates, numbers, running numbers) never use it;
+  nothing; the fields whose values move with time (dates, numbers, running numbers) never use it. Rarity
+  follows the chain rule: a field is judged *given the fields before it* where a dependency of the history
+  says what it should be (customer code -> street). A street that is what the earlier records of its
+  customer code hold is as rare as that customer, which the code's own rarity already counts; a customer
+  with few orders is counted rare once, not once per field, and is not an anomaly for being a small
+  customer. A street that differs from what its customer code implies keeps its own rarity;
 - **shape rarity** (character classes; runs collapsed for free text and numbers), and for high-cardinality
   text and codes the length against the usual;
 - **missing** where the field is normally filled;
@@ -28,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import joblib
@@ -98,6 +104,50 @@ class AnomalyModel(BaseEstimator):
                 plan.append((name, "date"))
         return plan
 
+    def _givens(self, stored: pd.DataFrame) -> dict[str, list[Given]]:
+        """Per field with a value-rarity column, the dependencies that judge it given an earlier field which
+        has one too (the chain rule's order is the config's)."""
+        rated = [name for name, what in self.owners_ if what == "value"]
+        texts = d.chunk_texts(stored, rated)
+        givens: dict[str, list[Given]] = {}
+        for position, name in enumerate(rated):
+            earlier = set(rated[:position])
+            for dep in self.profile_.by_target.get(name, []):
+                if dep.source in earlier:
+                    givens.setdefault(name, []).append(Given.of(dep, self.profile_, texts))
+        return givens
+
+    def _given_rarity(
+        self, name: str, seen: dict[str, tuple[np.ndarray, np.ndarray]], rarity: np.ndarray, own: float
+    ) -> np.ndarray:
+        """`rarity` of field `name` lowered to its rarity given an earlier field (`seen`: value codes and
+        counts of the fields encoded so far; `own` takes the record itself out of the counts):
+
+        - where the record holds the value the earlier field implies in the history, -log of the share of
+          the earlier field's other records that agree (0 when all do);
+        - where the earlier field's value and this one are both new to the history (a new customer with its
+          own street), -log of how often a new value of the earlier field came with a new value of this one
+          in the history (`Given.novel`).
+        """
+        out = rarity
+        code, count = seen[name]
+        new_value = (count - own <= 0) & (rarity > 0)
+        for given in getattr(self, "givens_", {}).get(name, []):
+            if given.source not in seen:
+                continue
+            key, key_count = seen[given.source]
+            has = key >= 0
+            at = np.where(has, key, 0)
+            agrees = has & (given.implied[at] == code) & (code >= 0)
+            total = given.total[at] - own
+            agreeing = np.maximum(given.support[at] - own, 0.0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                conditional = -np.log((agreeing + 1) / np.maximum(total + 1, 1.0))
+            out = np.where(agrees & (total >= 1), np.minimum(out, conditional), out)
+            new_key = (key_count - own <= 0) & ~np.isnan(key_count)
+            out = np.where(new_key & new_value, np.minimum(out, given.novel), out)
+        return out
+
     def _encode(self, chunk: pd.DataFrame, *, leave_one_out: bool = False) -> np.ndarray:
         """One column per `owners_` entry, higher = rarer. `leave_one_out` for the history itself: each
         record's own value is taken out of the counts it is judged by."""
@@ -106,6 +156,7 @@ class AnomalyModel(BaseEstimator):
         texts = d.chunk_texts(chunk, [n for n in profile.fields if n in chunk.columns])
         times = d.entry_times(chunk, self.config.time_column)
         parsed: dict[str, dict[str, np.ndarray]] = {}
+        seen: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # value codes and counts, value-rarity fields
         columns = []
         for name, what in self.owners_:
             fp = profile.fields[name]
@@ -115,8 +166,12 @@ class AnomalyModel(BaseEstimator):
             missing = p["missing"]
             filled = max(fp.filled - own, 1.0)
             if what == "value":
-                counts = np.maximum(fp.count_of(fp.codes(p["values"])) - own, 0.0)
+                code = fp.codes(p["values"])
+                # NaN count: missing, neither new nor known.
+                seen[name] = (code, np.where(missing, np.nan, fp.count_of(code)))
+                counts = np.maximum(fp.count_of(code) - own, 0.0)
                 col = np.where(missing, 0.0, -np.log((counts + 1) / (filled + 1)))
+                col = self._given_rarity(name, seen, col, own)
             elif what == "shape":
                 table = fp.coarse if _coarse(fp) else fp.shapes
                 counts = np.maximum(d.lookup(profile.cache, table, p["shape"], 0.0) - own, 0.0)
@@ -147,8 +202,11 @@ class AnomalyModel(BaseEstimator):
         above their scores (up to the MAX_NORMAL_QUANTILE of the history), and a record encoded exactly as
         one of them is never flagged: the same false alarm does not come back.
         """
-        self.profile_ = d.build_profile(stored, self.config, pairs=[])
+        kinds = {name: spec.type for name, spec in self.config.fields.items() if name in stored.columns}
+        pairs = d.find_dependencies(d.chunk_texts(stored, kinds), kinds)
+        self.profile_ = d.build_profile(stored, self.config, pairs=pairs)
         self.owners_ = self._plan()
+        self.givens_ = self._givens(stored)
         X = self._encode(stored, leave_one_out=True)
         self.forest_ = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed).fit(X)
         raw = -self.forest_.score_samples(X)
@@ -278,6 +336,38 @@ class AnomalyModel(BaseEstimator):
         from pipeline.errors import load_model
 
         return load_model(cls, Path(folder), MODEL_FILE, META_FILE)
+
+
+@dataclass(frozen=True)
+class Given:
+    """A dependency `source` -> `target` as arrays over the source's value codes: the implied target code
+    (-1 none), how many history records of each source value hold it (`support`) and how many there are;
+    and `novel`, the target's rarity given that the source value is new: -log of the share of history
+    records whose source value occurs nowhere else that hold a target value occurring nowhere else."""
+
+    source: str
+    target: str
+    implied: np.ndarray
+    support: np.ndarray
+    total: np.ndarray
+    novel: float
+
+    @classmethod
+    def of(cls, dep: d.Dependency, profile: d.Profile, texts: pd.DataFrame) -> Given:
+        source, target = profile.fields[dep.source], profile.fields[dep.target]
+        keys = source.vocab.to_numpy(dtype=object)
+        key_count = source.count_of(source.codes(texts[dep.source].to_numpy(dtype=object)))
+        value_count = target.count_of(target.codes(texts[dep.target].to_numpy(dtype=object)))
+        new_key = (key_count == 1) & (texts[dep.target] != s.MISSING).to_numpy()
+        both = new_key & (value_count == 1)
+        return cls(
+            source=dep.source,
+            target=dep.target,
+            implied=np.asarray(dep.implied_code, dtype=np.int64),
+            support=np.array([dep.support.get(k, 0) for k in keys], dtype=float),
+            total=np.array([dep.total.get(k, 0) for k in keys], dtype=float),
+            novel=float(-np.log((both.sum() + 1) / (new_key.sum() + 2))),
+        )
 
 
 def _digests(encoded: np.ndarray) -> list[str]:

@@ -1391,8 +1391,18 @@ def field_features(
             ecache, shapes, edits.shape_errors[name], edits.shape_seen[name], prior
         )
         out["edit_field_rate"] = np.full(n, prior)
+    if fp.kind == "date":
+        # How often a date occurs depends on when it was entered, not on whether it is right (a date just
+        # after the history's end is rare in it): a date is judged by its format and its distance to the
+        # entry time, and the value-frequency features say nothing.
+        for key in DATE_NEUTRAL:
+            out.pop(key, None)
     matrix = np.column_stack([out.get(key, nan) for key in FEATURES]).astype(float)
     return pd.DataFrame(matrix, index=texts.index, columns=list(FEATURES))
+
+
+# Value-frequency features, neutral (NaN) for date fields.
+DATE_NEUTRAL = ("value_log_count", "value_share", "value_unseen", "edit_value_rate", "edit_value_count")
 
 
 # Columns of `FEATURES` the label-free score reads.

@@ -301,6 +301,9 @@ class ErrorModel(BaseEstimator):
         pairs = d.find_dependencies(d.chunk_texts(profile_frame, kinds), kinds)
         confirmed = _confirmed_cells(confirmed, entered, ids, fields)
         self.confirmed_cells_ = len(confirmed)
+        self.confirmed_values_ = frozenset(
+            zip(confirmed[s.LOG_RECORD_ID], confirmed[s.LOG_FIELD], confirmed["value"], strict=True)
+        )
         self.schemes_ = self._rules_with_evidence(profile_frame, entered, ids, labels, confirmed)
         self.labelled_ = not labels.empty
         corrected = set(labels[s.LOG_FIELD])
@@ -331,7 +334,7 @@ class ErrorModel(BaseEstimator):
             d.RunningNumbers.of_table(stored, sequences, config.time_column)
         )
         self.edits_ = d.EditHistory.learn(entered, labels, config)
-        self.patterns_ = sg.EditPatterns.learn(labels)
+        self.patterns_ = sg.EditPatterns.learn(labels, profile=self.profile_, edits=self.edits_)
         self.patterns_.prior = self.priors_
         self.choices_ = sg.nearest_choices(self.profile_)
         self.training_rows_ = len(entered)
@@ -393,7 +396,7 @@ class ErrorModel(BaseEstimator):
             w = np.array([[(r, name) in sure for name in fields] for r in ids[chosen]], dtype=bool)
             count = np.repeat(row_weight[chosen][:, None], len(fields), axis=1).reshape(y.shape)
             w = np.where(w, CONFIRMED_WEIGHT, 1.0).reshape(y.shape) * count
-            patterns = sg.EditPatterns.learn(fold_labels)
+            patterns = sg.EditPatterns.learn(fold_labels, profile=profile, edits=edits)
             choices = sg.nearest_choices(profile)
             extras = self._cell_extras(rows, profile, context)
             held = labels[labels[s.LOG_RECORD_ID].isin(set(ids[inside]))]
@@ -815,7 +818,7 @@ class ErrorModel(BaseEstimator):
         for start in range(0, max(len(chunk), 1), ASSESS_ROWS):
             part = chunk.iloc[start : start + ASSESS_ROWS]
             per_field = self._features(part, numbers)
-            part_scores = self._scores(per_field, part.index)
+            part_scores = self._known_right(part, self._scores(per_field, part.index))
             scores.append(part_scores)
             if with_flags:
                 adjusted = part_scores
@@ -852,6 +855,24 @@ class ErrorModel(BaseEstimator):
         each row duplicates (`''` where none); they are candidates, e.g. a missing customer code.
         """
         return self.assess(chunk, matched, numbers=numbers)[1]
+
+    def _known_right(self, chunk: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+        """The scores with 0 for each cell a clerk reviewed and confirmed (`fit(confirmed=)`) while it still
+        holds the confirmed value: the same false alarm on the same record does not come back."""
+        known = getattr(self, "confirmed_values_", frozenset())
+        if not known or self.config.id_column not in chunk.columns:
+            return scores
+        ids = d.text_column(chunk, self.config.id_column).to_numpy(dtype=object)
+        rows = np.flatnonzero(np.isin(ids, list({record for record, _, _ in known})))
+        if not len(rows):
+            return scores
+        scores = scores.copy()
+        for j, name in enumerate(scores.columns):
+            values = d.text_column(chunk, name).to_numpy(dtype=object)
+            right = [i for i in rows if (ids[i], name, values[i]) in known]
+            if right:
+                scores.iloc[right, j] = 0.0
+        return scores
 
     def _adjust_for_matched(
         self, chunk: pd.DataFrame, scores: pd.DataFrame, matched: pd.DataFrame

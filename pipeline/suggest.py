@@ -42,6 +42,12 @@ NEAREST_LIMIT = 3
 # Per cell, at most this many value-to-value mappings from the log (the most frequent): a missing customer
 # code was filled with hundreds of different codes, and only the record's other fields say which.
 LOG_MAPPING_LIMIT = 5
+# A field's values recur (so a value-to-value mapping from the log can apply to another record) when at
+# least this share of its filled rows holds a value seen more than once.
+RECURRING_SHARE = 0.5
+# A mapping old -> new is adopted when the log holds it at least this often (or staff corrected the old
+# value more often than they kept it).
+MAPPING_MIN_COUNT = 2
 SOURCES: tuple[str, ...] = (
     "dependency",
     "matched",
@@ -91,15 +97,41 @@ class EditPatterns:
     to_empty: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
-    def learn(cls, labels: pd.DataFrame) -> EditPatterns:
-        """Learns the mappings from `cell_labels` rows; `prior` is filled by `learn_priors`."""
+    def learn(
+        cls,
+        labels: pd.DataFrame,
+        *,
+        profile: d.Profile | None = None,
+        edits: d.EditHistory | None = None,
+    ) -> EditPatterns:
+        """Learns the mappings from `cell_labels` rows; `prior` is filled by `learn_priors`.
+
+        A mapping old -> new is a rule about a *value*, so it is adopted on evidence only (`adopt_mapping`):
+        never in a field whose values do not recur (`values_recur` on the field's `profile`: dates, amounts,
+        running numbers, where one edit says nothing about the next record holding that value), and
+        elsewhere when the log holds it at least `MAPPING_MIN_COUNT` times or when staff corrected the old
+        value more often than they kept it (`edits`, the entered history's counts; without them the count
+        alone decides). Without `profile` every field counts as one whose values recur.
+
+        >>> labels = pd.DataFrame({"field": ["city"] * 3, "old_value": ["Adam", "Adam", "Utrecht"],
+        ...                        "new_value": ["Amsterdam", "Amsterdam", "Utrecht C"]})
+        >>> EditPatterns.learn(labels).mapping["city"]
+        {'Adam': {'Amsterdam': 2}}
+        """
         mapping: dict[str, dict[str, dict[str, int]]] = {}
         to_empty: dict[str, dict[str, int]] = {}
         for name, rows in labels.groupby(s.LOG_FIELD, sort=False):
+            fp = profile.fields.get(str(name)) if profile is not None else None
+            recur = fp is None or values_recur(fp)
+            seen = edits.value_seen.get(str(name), {}) if edits is not None else None
+            errors = edits.value_errors.get(str(name), {}) if edits is not None else {}
             pairs = Counter(zip(rows[s.LOG_OLD_VALUE], rows[s.LOG_NEW_VALUE], strict=True))
             table: dict[str, dict[str, int]] = {}
             for (old, new), n in pairs.items():
-                table.setdefault(old, {})[new] = n
+                corrected = errors.get(old, 0)
+                kept = None if seen is None else seen.get(old, 0) - corrected
+                if recur and adopt_mapping(n, corrected, kept):
+                    table.setdefault(old, {})[new] = n
             mapping[str(name)] = table
             empties = rows.loc[rows[s.LOG_NEW_VALUE] == s.MISSING, s.LOG_OLD_VALUE].map(d.shape_of)
             to_empty[str(name)] = {str(k): int(v) for k, v in empties.value_counts().items()}
@@ -119,6 +151,30 @@ class EditPatterns:
             found = sorted(table.items(), key=lambda item: -item[1])[:LOG_MAPPING_LIMIT]
             cache[key] = found
         return found
+
+
+def adopt_mapping(count: int, corrected: int, kept: int | None) -> bool:
+    """Whether a value-to-value mapping seen `count` times in the log is evidence for the next record with
+    that value: seen at least `MAPPING_MIN_COUNT` times, or its old value corrected (`corrected` times in
+    the entered history) more often than kept (`kept`; None when unknown, then the count alone decides).
+
+    >>> adopt_mapping(1, 1, 0), adopt_mapping(1, 1, 40), adopt_mapping(2, 2, 40), adopt_mapping(1, 0, None)
+    (True, False, True, False)
+    """
+    if count >= MAPPING_MIN_COUNT:
+        return True
+    return kept is not None and corrected > kept
+
+
+def values_recur(fp: d.FieldProfile) -> bool:
+    """Whether a field's values recur, so that what the log teaches about one value applies to other
+    records: not dates or running numbers (their values move with time), and at least `RECURRING_SHARE`
+    of the filled rows hold a value seen more than once (not amounts or free text that is mostly unique).
+    """
+    if fp.kind == "date" or fp.sequence or not fp.filled:
+        return False
+    recurring = sum(n for n in fp.counts.values() if n >= 2)
+    return recurring / fp.filled >= RECURRING_SHARE
 
 
 @dataclass

@@ -136,3 +136,60 @@ def test_records_scored_in_parts_score_as_in_one_piece(model: AnomalyModel, monk
     whole = model.score(history)
     monkeypatch.setattr(pipeline.anomalies, "SCORE_ROWS", 7)
     pd.testing.assert_frame_equal(model.score(history), whole)
+
+
+CUSTOMERS = Config.model_validate(
+    {
+        "name": "t",
+        "fields": {
+            "customer_code": {"type": "code"},
+            "street": {"type": "text"},
+            "phone": {"type": "code"},
+            "city": {"type": "category"},
+        },
+    }
+)
+
+
+def _customer_orders() -> pd.DataFrame:
+    """Orders of 20 regular customers (30 orders each) and 30 small ones (3 orders each, 15% of orders)."""
+    rows = []
+    for i in range(50):
+        customer = {"customer_code": f"C-{100 + i}", "street": f"Dorpsstraat {i + 1}",
+                    "phone": f"06-1000{i:04d}", "city": ["Utrecht", "Breda"][i % 2]}  # fmt: skip
+        rows += [customer] * (30 if i < 20 else 3)
+    small = {"customer_code": "C-999", "street": "Kerkweg 9", "phone": "06-99990000", "city": "Utrecht"}
+    return pd.DataFrame([*rows, small, small, small], dtype=object)
+
+
+def test_a_small_customer_is_rare_once_not_once_per_field() -> None:
+    model = AnomalyModel(CUSTOMERS, quantile=0.99).fit(_customer_orders())
+    columns = {owner: j for j, owner in enumerate(model.owners_)}
+    small = {"customer_code": "C-999", "street": "Kerkweg 9", "phone": "06-99990000", "city": "Utrecht"}
+    moved = {**small, "street": "Kerkweg 11"}
+    X = model._encode(pd.DataFrame([small, moved], dtype=object))
+    code, street, phone = (columns[(name, "value")] for name in ("customer_code", "street", "phone"))
+    # The customer code is as rare as the customer; its street and phone are what its earlier orders hold:
+    # given the code, not rare at all.
+    assert X[0, code] > 4
+    assert X[0, street] == pytest.approx(0.0) and X[0, phone] == pytest.approx(0.0)
+    # A street its earlier orders do not hold keeps its own rarity.
+    assert X[1, street] > 4
+
+
+def test_a_new_customer_is_rare_once_too() -> None:
+    # In the history a customer seen once has its own street and phone nowhere else; so does a new one.
+    orders = _customer_orders()
+    single = {"customer_code": "C-777", "street": "Laan 7", "phone": "06-77770000", "city": "Breda"}
+    frame = pd.concat([orders, pd.DataFrame([single], dtype=object)], ignore_index=True)
+    model = AnomalyModel(CUSTOMERS, quantile=0.99).fit(frame)
+    columns = {owner: j for j, owner in enumerate(model.owners_)}
+    code, street = columns[("customer_code", "value")], columns[("street", "value")]
+    new = {"customer_code": "C-555", "street": "Plein 5", "phone": "06-55550000", "city": "Breda"}
+    wrong = {**new, "street": "Dorpsstraat 1"}  # a new code with a regular customer's street
+    X = model._encode(pd.DataFrame([new, wrong], dtype=object))
+    history = model._encode(frame.tail(1), leave_one_out=True)
+    assert X[0, code] > 5 and history[0, code] > 5
+    assert X[0, street] < 1 and history[0, street] < 1
+    # Only a new value comes with a new customer: a known street under a new code is judged as it is.
+    assert X[1, street] > 2

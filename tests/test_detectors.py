@@ -175,6 +175,19 @@ def test_dates_against_entry_time(profile: d.Profile) -> None:
     assert f["date_other_format"].iloc[2] == 1.0
 
 
+def test_a_dates_frequency_says_nothing(profile: d.Profile) -> None:
+    # The day after the history's end is unseen in it, the history's first day is not: a date is judged by
+    # its format and its distance to the entry time, its frequency features are neutral.
+    row = _history(1).iloc[0].to_dict()
+    next_day = {**row, "entered_at": "2024-01-11T10:00:00", "order_date": "2024-01-11"}
+    f = _features(profile, [row, next_day])["order_date"]
+    for key in ("value_log_count", "value_share", "value_unseen"):
+        assert f[key].isna().all(), key
+    assert (f["date_outside"] < 0.01).all()
+    # Other fields keep them.
+    assert _features(profile, [row])["city"]["value_unseen"].tolist() == [0.0]
+
+
 def test_missing_where_normally_filled(profile: d.Profile) -> None:
     row = _history(1).iloc[0].to_dict()
     f = _features(profile, [row, {**row, "customer_code": ""}])["customer_code"]

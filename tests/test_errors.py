@@ -385,6 +385,12 @@ def test_confirmed_cells_are_sure_negatives() -> None:
     taught = ErrorModel(config, folds=3, threshold=0.5).fit(entered, labels, stored, confirmed=clerk)
     assert taught.confirmed_cells_ == 1
     assert taught.cell_scores(row)["name"].iloc[0] < plain.cell_scores(row)["name"].iloc[0]
+    # The confirmed cell itself is known right while it holds the confirmed value: that false alarm does not
+    # come back. The same value on another record, or another value on that record, is judged as before.
+    assert taught.cell_scores(row)["name"].iloc[0] == 0
+    assert taught.detect(row).empty
+    assert taught.cell_scores(row.assign(record_id="R99"))["name"].iloc[0] > 0
+    assert taught.cell_scores(row.assign(name="jansxn"))["name"].iloc[0] > 0
 
 
 def _new_customer(stored: pd.DataFrame) -> pd.DataFrame:

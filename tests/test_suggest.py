@@ -94,11 +94,52 @@ def test_log_mapping_and_empty_candidates() -> None:
             "new_value": ["Bakker B.V.", ""],
         }
     )
-    patterns = sg.EditPatterns.learn(labels)
+    entered = pd.DataFrame({"record_id": ["1", "2"], "customer_name": ["BAKKER", "N/A"]})
+    edits = d.EditHistory.learn(entered, labels, CONFIG)
+    patterns = sg.EditPatterns.learn(labels, profile=PROFILE, edits=edits)
     cell = sg.CellContext(field="customer_name", value="BAKKER", row=ROW)
     assert sg.generate_candidates(cell, PROFILE, patterns, {})["Bakker B.V."]["log_mapping"] == 1.0
     cell = sg.CellContext(field="customer_name", value="N/A", row=ROW)
     assert "empty" in sg.generate_candidates(cell, PROFILE, patterns, {})[""]
+
+
+def _patterns(edits: list[tuple[str, str, str, str]], entered: dict[str, list[str]]) -> sg.EditPatterns:
+    """Patterns learned from (record, field, old, new) edits of an entered history."""
+    labels = pd.DataFrame(edits, columns=["record_id", "field", "old_value", "new_value"])
+    frame = pd.DataFrame(entered, dtype=object)
+    frame["record_id"] = [str(i) for i in range(len(frame))]
+    return sg.EditPatterns.learn(labels, profile=PROFILE, edits=d.EditHistory.learn(frame, labels, CONFIG))
+
+
+def test_a_mapping_of_a_value_staff_usually_keep_needs_two_edits() -> None:
+    names = ["Bakker"] * 10 + ["De Vries"] * 10
+    # One edit of a value kept nine times is no rule for the next record with that value ...
+    once = _patterns([("0", "customer_name", "Bakker", "Bakker B.V.")], {"customer_name": names})
+    assert once.top("customer_name", "Bakker") == []
+    # ... the same edit made twice is ...
+    twice = _patterns(
+        [("0", "customer_name", "Bakker", "Bakker B.V."), ("1", "customer_name", "Bakker", "Bakker B.V.")],
+        {"customer_name": names},
+    )
+    assert twice.top("customer_name", "Bakker") == [("Bakker B.V.", 2)]
+    # ... and so is one edit of a value staff corrected every time they saw it (a typo).
+    typo = _patterns(
+        [("10", "customer_name", "De Vires", "De Vries")], {"customer_name": ["Bakker"] * 10 + ["De Vires"]}
+    )
+    assert typo.top("customer_name", "De Vires") == [("De Vries", 1)]
+
+
+def test_no_mapping_in_a_field_whose_values_do_not_recur() -> None:
+    # A date (values move with time) or an amount (mostly unique): not even a twice-seen mapping of a value
+    # that was corrected each time it was entered applies to the next record holding it.
+    edits = [(str(i), "order_date", "2024-07-06", "2024-07-05") for i in range(2)]
+    edits += [(str(i), "amount", "130.00", "13.00") for i in range(2)]
+    patterns = _patterns(edits, {"order_date": ["2024-07-06"] * 2, "amount": ["130.00"] * 2})
+    assert patterns.top("order_date", "2024-07-06") == []
+    assert patterns.top("amount", "130.00") == []
+    assert not sg.values_recur(PROFILE.fields["order_date"])
+    assert not sg.values_recur(PROFILE.fields["amount"])
+    assert sg.values_recur(PROFILE.fields["customer_name"])
 
 
 def test_ranker_prefers_what_the_log_taught() -> None:
