@@ -62,7 +62,7 @@ from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
-from pipeline.fields.base import TermFrequencies
+from pipeline.fields.base import TermFrequencies, compare_many
 
 logger = logging.getLogger(__name__)
 
@@ -905,7 +905,19 @@ class Matcher:
         distinct: dict[str, tuple[np.ndarray, list[Any], list[Any], np.ndarray]] = {}
         computed: dict[tuple[str, Any], np.ndarray] = {}  # (field, distance function) -> per distinct pair
         codes_of = {field: np.frombuffer(self._codes[field], dtype=np.int64) for field in self._fields}
+        exact = {
+            id(variable.comparator) for variable in data_model.field_variables if variable.type == "Exact"
+        }
         for field, compare, start, _stop in data_model._field_comparators:
+            if id(compare) in exact:
+                # Equal parsed values <=> equal codes (a code per distinct normalised value; each plugin's
+                # parsing tells distinct values apart): dedupe's Exact without a call per pair.
+                codes = codes_of[field]
+                column = np.full(n, np.nan, dtype="f4")
+                present = (codes[left] >= 0) & (codes[right] >= 0)
+                column[present] = codes[left][present] == codes[right][present]
+                distances[:, start] = column
+                continue
             if field not in distinct:
                 codes = codes_of[field]
                 code_left, code_right = codes[left], codes[right]
@@ -923,9 +935,7 @@ class Matcher:
                 # A graded level (`fields.base.beyond`) reuses its distance, computed once per field.
                 distance = getattr(compare, "distance", compare)
                 if (field, distance) not in computed:
-                    computed[(field, distance)] = np.array(
-                        [distance(x, y) for x, y in zip(xs, ys, strict=True)], dtype=np.float64
-                    )
+                    computed[(field, distance)] = compare_many(distance, xs, ys)
                 values = computed[(field, distance)]
                 if distance is not compare:
                     values = np.where(np.isnan(values), np.nan, values > compare.cut)
