@@ -62,7 +62,7 @@ from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
-from pipeline.fields.base import TermFrequencies
+from pipeline.fields.base import TermFrequencies, compare_many
 
 logger = logging.getLogger(__name__)
 
@@ -793,9 +793,11 @@ class Matcher:
             count, total = _running_counts(values, seen, self._present[field])
             penalty = np.zeros(len(codes), dtype="f4")
             fitted = self._frequencies.get(field)
-            penalty[present] = density_penalty(
-                count, total, np.asarray(shares, dtype=float)[values], fitted.total if fitted else 1
+            # Looked up per record: converting the list of every value's share would grow with the index.
+            fitted_shares = np.fromiter(
+                map(shares.__getitem__, values.tolist()), dtype=float, count=len(values)
             )
+            penalty[present] = density_penalty(count, total, fitted_shares, fitted.total if fitted else 1)
             np.add.at(seen, values, 1)
             self._present[field] += len(values)
             self._penalty[field].extend(penalty.tolist())
@@ -898,48 +900,65 @@ class Matcher:
 
     def _features(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         """dedupe's `DataModel.distances` for pairs of indexed positions (same values), computed a field at a
-        time and once per distinct pair of values: registers repeat their cities, dates and amounts."""
+        time and once per distinct pair of values (registers repeat their cities, dates and amounts), then
+        one term-frequency column per field; all written into one array."""
         data_model = self._model.data_model_
-        n = len(left)
-        distances = np.empty((n, len(data_model)), dtype="f4")
-        distinct: dict[str, tuple[np.ndarray, list[Any], list[Any], np.ndarray]] = {}
+        n, width = len(left), len(data_model)
+        features = np.empty((n, width + len(self._fields)), dtype="f4")
+        distances = features[:, :width]
+        pair_codes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        distinct: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
         computed: dict[tuple[str, Any], np.ndarray] = {}  # (field, distance function) -> per distinct pair
-        codes_of = {field: np.frombuffer(self._codes[field], dtype=np.int64) for field in self._fields}
+        exact = {
+            id(variable.comparator) for variable in data_model.field_variables if variable.type == "Exact"
+        }
         for field, compare, start, _stop in data_model._field_comparators:
-            if field not in distinct:
-                codes = codes_of[field]
+            if field not in pair_codes:
+                codes = np.frombuffer(self._codes[field], dtype=np.int64)
                 code_left, code_right = codes[left], codes[right]
-                present = (code_left >= 0) & (code_right >= 0)
+                pair_codes[field] = (code_left, code_right, (code_left >= 0) & (code_right >= 0))
+            code_left, code_right, present = pair_codes[field]
+            column = distances[:, start]
+            column[:] = np.nan
+            if id(compare) in exact:
+                # Equal parsed values <=> equal codes (a code per distinct normalised value; each plugin's
+                # parsing tells distinct values apart): dedupe's Exact without a call per pair.
+                column[present] = code_left[present] == code_right[present]
+                continue
+            if field not in distinct:
                 size = max(len(self._values[field]), 1)
                 keys = code_left[present] * size + code_right[present]
                 pairs, inverse = np.unique(keys, return_inverse=True)
                 values = self._values[field]
-                xs = [values[i] for i in (pairs // size).tolist()]
-                ys = [values[i] for i in (pairs % size).tolist()]
-                distinct[field] = (present, xs, ys, inverse)
-            present, xs, ys, inverse = distinct[field]
-            column = np.full(n, np.nan, dtype="f4")
+                xs = list(map(values.__getitem__, (pairs // size).tolist()))
+                ys = list(map(values.__getitem__, (pairs % size).tolist()))
+                distinct[field] = (xs, ys, inverse)
+            xs, ys, inverse = distinct[field]
             if len(xs):
                 # A graded level (`fields.base.beyond`) reuses its distance, computed once per field.
                 distance = getattr(compare, "distance", compare)
                 if (field, distance) not in computed:
-                    computed[(field, distance)] = np.array(
-                        [distance(x, y) for x, y in zip(xs, ys, strict=True)], dtype=np.float64
-                    )
+                    computed[(field, distance)] = compare_many(distance, xs, ys)
                 values = computed[(field, distance)]
                 if distance is not compare:
                     values = np.where(np.isnan(values), np.nan, values > compare.cut)
                 column[present] = values.astype("f4")[inverse]
-            distances[:, start] = column
-        derived = data_model._add_derived_distances(distances)
-        agreement = np.zeros((n, len(self._fields)), dtype=derived.dtype)
+        derived = data_model._add_derived_distances(distances)  # in place (it returns its argument)
+        if derived is not distances:
+            features[:, :width] = derived
+        features[:, width:] = 0
         for column, field in enumerate(self._fields):
-            codes = codes_of[field]
-            code_left, code_right = codes[left], codes[right]
-            same = (code_left >= 0) & (code_left == code_right)
-            rarity = np.asarray(self._rarity[field], dtype=derived.dtype)
-            agreement[same, column] = rarity[code_left[same]]
-        return np.hstack([derived, agreement])
+            if field not in pair_codes:
+                codes = np.frombuffer(self._codes[field], dtype=np.int64)
+                pair_codes[field] = (codes[left], codes[right], np.zeros(0, dtype=bool))
+            code_left, code_right, _ = pair_codes[field]
+            same = np.flatnonzero((code_left >= 0) & (code_left == code_right))
+            # Looked up per agreeing pair: all values' rarities make a far longer list than a chunk's pairs.
+            rarity = self._rarity[field].__getitem__
+            features[same, width + column] = np.fromiter(
+                map(rarity, code_left[same].tolist()), dtype=features.dtype, count=len(same)
+            )
+        return features
 
     def _score(self, chunk: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Scores the chunk's candidates and indexes the chunk. Returns the best candidate per row (index =

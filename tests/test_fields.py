@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 
 import dedupe
+import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline.exceptions import ConfigError
 from pipeline.fields import FIELD_TYPES, field_type
+from pipeline.fields.base import compare_many
 from pipeline.fields.code import code_distance, is_transposition
 from pipeline.fields.date import canonical_date, days_apart, digit_slips, parse_date
 from pipeline.fields.number import decimal_slip, parse_number, relative_difference
@@ -182,3 +184,40 @@ def test_one_number_and_date_parser_serve_every_model() -> None:
         assert not hasattr(module, "parse_number") and not hasattr(module, "_strptime")
     assert detectors.parse_dates is date_type.parse_dates
     assert field_label("customer_code") == field_type("code")("customer_code").label == "customer code"
+
+
+def _every_pair(values: list) -> tuple[list, list]:
+    return [x for x in values for _ in values], [y for _ in values for y in values]
+
+
+@pytest.mark.parametrize(
+    ("plugin", "texts"),
+    [
+        ("code", ["123456", "124356", "123457", "1", "999999", "AB12", "BA12", "NL1234AB", "0012"]),
+        ("text", ["jan de vries", "de vries jan", "jan vries", "anna smit", "a", "van den berg straat 12"]),
+        (
+            "number",
+            ["1200", "120", "12", "0", "-120", "-12", "100", "101", "81.81", "81.18", "0.1", "1e+20", "3"],
+        ),
+        (
+            "date",
+            ["2024-03-05", "2024-05-03", "2024-03-06", "2023-03-05", "20241305", "20240535", "2014-03-05"],
+        ),
+    ],
+)
+def test_vectorised_comparators_give_the_scalar_values_bit_for_bit(plugin: str, texts: list[str]) -> None:
+    field = field_type(plugin)("f")
+    normalised = field.normalise(pd.Series(texts)).tolist()
+    xs, ys = _every_pair([field.parse(value) for value in normalised if value])
+    vectorised = 0
+    for variable in field.variables():
+        compare = getattr(variable.comparator, "distance", variable.comparator)
+        if not hasattr(compare, "many"):
+            continue
+        vectorised += 1
+        scalar = np.array([compare(x, y) for x, y in zip(xs, ys, strict=True)], dtype=np.float64)
+        many = compare_many(compare, xs, ys)
+        assert many.dtype == np.float64
+        assert np.array_equal(many, scalar, equal_nan=True), variable.name
+        assert compare_many(compare, [], []).shape == (0,)
+    assert vectorised >= 1

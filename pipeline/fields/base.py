@@ -13,12 +13,15 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import pandas as pd
+from rapidfuzz import process
+from rapidfuzz.distance import OSA
 
 from pipeline.schema import MISSING
 
@@ -205,6 +208,47 @@ class TermFrequencies:
             {str(k): int(v) for k, v in document["counts"].items()},
             int(document["scale_total"]),
         )
+
+
+Comparator = Callable[[Any, Any], float]
+ManyComparator = Callable[[Sequence[Any], Sequence[Any]], np.ndarray]
+
+
+def vectorised(many: ManyComparator) -> Callable[[Comparator], Comparator]:
+    """Gives a comparator its vectorised form: `many(xs, ys)` compares `xs[i]` with `ys[i]` (present
+    values) for all i at once and returns float64 values bit for bit equal to `compare(xs[i], ys[i])`, so
+    a caller comparing many pairs (the matcher, once per distinct pair of values) may use either.
+
+    >>> @vectorised(lambda xs, ys: np.abs(np.subtract(xs, ys), dtype=float))
+    ... def gap(a, b):
+    ...     return float(abs(a - b))
+    >>> gap(1, 4), gap.many([1, 2], [4, 2]).tolist()
+    (3.0, [3.0, 0.0])
+    """
+
+    def attach(compare: Comparator) -> Comparator:
+        compare.many = many  # type: ignore[attr-defined]
+        return compare
+
+    return attach
+
+
+def compare_many(compare: Comparator, xs: Sequence[Any], ys: Sequence[Any]) -> np.ndarray:
+    """`compare(xs[i], ys[i])` for all i as float64: by its vectorised form when it has one (`vectorised`),
+    else one call per pair."""
+    many = getattr(compare, "many", None)
+    if many is not None:
+        return np.asarray(many(xs, ys), dtype=np.float64)
+    return np.array([compare(x, y) for x, y in zip(xs, ys, strict=True)], dtype=np.float64)
+
+
+def capped_slips(xs: Sequence[str], ys: Sequence[str], cap: int) -> np.ndarray:
+    """`min(OSA.distance(x, y), cap)` for each pair, in C (rapidfuzz's `cpdist`, which stops counting at
+    the cap); the vectorised form of every "slips, capped" comparator."""
+    if not len(xs):
+        return np.zeros(0)
+    found = process.cpdist(xs, ys, scorer=OSA.distance, score_cutoff=cap, workers=1)
+    return np.minimum(found, cap).astype(np.float64)
 
 
 def beyond(distance: Callable[[Any, Any], float], cut: float, name: str) -> Callable[[Any, Any], float]:

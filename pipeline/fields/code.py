@@ -13,12 +13,21 @@ import dedupe
 import pandas as pd
 from rapidfuzz.distance import OSA, Levenshtein
 
-from pipeline.fields.base import BlockingKey, Difference, FieldType, beyond, map_unique
+from pipeline.fields.base import (
+    BlockingKey,
+    Difference,
+    FieldType,
+    beyond,
+    capped_slips,
+    map_unique,
+    vectorised,
+)
 from pipeline.schema import MISSING
 
 MAX_EDITS = 3
 
 
+@vectorised(lambda xs, ys: capped_slips(xs, ys, MAX_EDITS))
 def code_distance(a: str, b: str) -> float:
     """Slips between two codes (a swap of neighbours is one), capped at 3.
 

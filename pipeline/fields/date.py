@@ -11,13 +11,23 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import dedupe
+import numpy as np
 import pandas as pd
 from rapidfuzz.distance import OSA
 
-from pipeline.fields.base import BlockingKey, Difference, FieldType, beyond, map_unique
+from pipeline.fields.base import (
+    BlockingKey,
+    Difference,
+    FieldType,
+    beyond,
+    capped_slips,
+    map_unique,
+    vectorised,
+)
 from pipeline.schema import MISSING
 
 MAX_DAYS = 3650
@@ -119,6 +129,35 @@ def _swapped(a: DateValue, b: DateValue) -> bool:
     return a.digits[:4] == b.digits[:4] and a.digits[4:6] == b.digits[6:8] and a.digits[6:8] == b.digits[4:6]
 
 
+def _days_between_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
+    """`days_between` per pair: the day numbers' difference, 1 where day and month are swapped (compared
+    as the numbers YYYYMMDD of two calendar dates, whose digit positions are fixed), NaN where either is
+    not a calendar date."""
+    a = np.array([np.nan if x.ordinal is None else x.ordinal for x in xs], dtype=np.float64)
+    b = np.array([np.nan if y.ordinal is None else y.ordinal for y in ys], dtype=np.float64)
+    ymd_a = np.array([int(x.digits) if x.ordinal is not None else -1 for x in xs], dtype=np.int64)
+    ymd_b = np.array([int(y.digits) if y.ordinal is not None else -1 for y in ys], dtype=np.int64)
+    year_a, month_a, day_a = ymd_a // 10_000, ymd_a // 100 % 100, ymd_a % 100
+    year_b, month_b, day_b = ymd_b // 10_000, ymd_b // 100 % 100, ymd_b % 100
+    both = ~np.isnan(a) & ~np.isnan(b)
+    swapped = both & (year_a == year_b) & (month_a == day_b) & (day_a == month_b) & (a != b)
+    return np.where(swapped, 1.0, np.abs(a - b))
+
+
+# log1p(days) / log1p(MAX_DAYS) for 0..MAX_DAYS days, computed by `math` as `days_apart` does (NumPy's log1p
+# may differ in the last bit), so a table lookup gives the same values.
+_LOG_DAYS = np.array([math.log1p(days) / math.log1p(MAX_DAYS) for days in range(MAX_DAYS + 1)])
+
+
+def _days_apart_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
+    days = _days_between_many(xs, ys)
+    known = ~np.isnan(days)
+    result = np.full(len(days), np.nan)
+    result[known] = _LOG_DAYS[np.minimum(days[known], MAX_DAYS).astype(np.int64)]
+    return result
+
+
+@vectorised(_days_apart_many)
 def days_apart(a: DateValue, b: DateValue) -> float:
     """Days between the dates on a log scale, 0 (same day) to 1 (ten years or more); day and month swapped
     counts as one day. NaN (treated as missing) when either is not a calendar date.
@@ -133,6 +172,7 @@ def days_apart(a: DateValue, b: DateValue) -> float:
     return math.log1p(min(days, MAX_DAYS)) / math.log1p(MAX_DAYS)
 
 
+@vectorised(_days_between_many)
 def days_between(a: DateValue, b: DateValue) -> float:
     """Days between two calendar dates (day and month swapped counts as one), NaN when either is not one."""
     if a.ordinal is None or b.ordinal is None:
@@ -145,6 +185,7 @@ DAY_LEVELS: tuple[int, ...] = (3, 10, 31, 365)
 _DAY_LEVEL_COMPARATORS = tuple(beyond(days_between, n, f"more_than_{n}_days_apart") for n in DAY_LEVELS)
 
 
+@vectorised(lambda xs, ys: capped_slips([x.digits for x in xs], [y.digits for y in ys], MAX_DIGIT_EDITS))
 def digit_slips(a: DateValue, b: DateValue) -> float:
     """Typing slips between the two dates' digits (a swap of neighbours is one), capped at 3."""
     return min(OSA.distance(a.digits, b.digits), MAX_DIGIT_EDITS)

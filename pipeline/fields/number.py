@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import dedupe
+import numpy as np
 import pandas as pd
 from rapidfuzz.distance import OSA
 
-from pipeline.fields.base import BlockingKey, Difference, FieldType, beyond, map_unique
+from pipeline.fields.base import (
+    BlockingKey,
+    Difference,
+    FieldType,
+    beyond,
+    capped_slips,
+    map_unique,
+    vectorised,
+)
 from pipeline.schema import MISSING
 
 MAX_DIGIT_EDITS = 3
@@ -137,6 +147,33 @@ def _canonical(text: str) -> str:
     return format(value + 0.0, ".12g")
 
 
+def _values(numbers: Sequence[NumberValue]) -> np.ndarray:
+    return np.fromiter((number.value for number in numbers), dtype=np.float64, count=len(numbers))
+
+
+def _relative_differences(xs: Sequence[NumberValue], ys: Sequence[NumberValue]) -> np.ndarray:
+    a, b = _values(xs), _values(ys)
+    scale = np.maximum(np.abs(a), np.abs(b))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.minimum(np.abs(a - b) / scale, 1.0)
+    return np.where(scale == 0, 0.0, relative)
+
+
+def _decimal_slips(xs: Sequence[NumberValue], ys: Sequence[NumberValue]) -> np.ndarray:
+    """`decimal_slip` per pair. NumPy's log10 may differ from `math.log10` in the last bit, so it only
+    picks the pairs within 1e-6 of a power of ten (a margin far wider than that bit); those are decided
+    by the scalar function, with `math.log10`, as before."""
+    a, b = _values(xs), _values(ys)
+    slips = np.zeros(len(a))
+    maybe = np.flatnonzero((a != 0) & (b != 0) & (a != b) & ((a < 0) == (b < 0)))
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        exponent = np.log10(np.abs(a[maybe]) / np.abs(b[maybe]))
+        near = maybe[np.abs(exponent - np.round(exponent)) < 1e-6]
+    slips[near] = [_is_decimal_slip(x, y) for x, y in zip(a[near].tolist(), b[near].tolist(), strict=True)]
+    return slips
+
+
+@vectorised(_relative_differences)
 def relative_difference(x: NumberValue, y: NumberValue) -> float:
     """|a - b| relative to the larger magnitude, 0 (equal) to 1 (opposite or one of them zero).
 
@@ -153,11 +190,13 @@ more_than_1pct_apart = beyond(relative_difference, 0.01, "more_than_1pct_apart")
 more_than_10pct_apart = beyond(relative_difference, 0.1, "more_than_10pct_apart")
 
 
+@vectorised(_decimal_slips)
 def decimal_slip(x: NumberValue, y: NumberValue) -> float:
     """1 when the two differ by a power of ten (a misplaced decimal point or an extra zero), else 0."""
     return _is_decimal_slip(x.value, y.value)
 
 
+@vectorised(lambda xs, ys: capped_slips([x.text for x in xs], [y.text for y in ys], MAX_DIGIT_EDITS))
 def digit_slips(x: NumberValue, y: NumberValue) -> float:
     """Typing slips between the two numbers' digits (a swap of neighbours is one), capped at 3."""
     return min(OSA.distance(x.text, y.text), MAX_DIGIT_EDITS)

@@ -6,20 +6,37 @@ a lot) plus a token-set similarity, so "de Vries, Jan" and "Jan de Vries" are ne
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import dedupe
+import numpy as np
 import pandas as pd
 from doublemetaphone import doublemetaphone
-from rapidfuzz import fuzz
+from rapidfuzz import fuzz, process
 from rapidfuzz.distance import Levenshtein
 
-from pipeline.fields.base import BlockingKey, Difference, FieldType, first_chars, map_unique, simple_text
+from pipeline.fields.base import (
+    BlockingKey,
+    Difference,
+    FieldType,
+    first_chars,
+    map_unique,
+    simple_text,
+    vectorised,
+)
 from pipeline.schema import MISSING
 
 _NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 
 
+def _token_distances(xs: Sequence[str], ys: Sequence[str]) -> np.ndarray:
+    if not len(xs):
+        return np.zeros(0)
+    return 1.0 - process.cpdist(xs, ys, scorer=fuzz.token_set_ratio, dtype=np.float64, workers=1) / 100.0
+
+
+@vectorised(_token_distances)
 def token_distance(a: str, b: str) -> float:
     """0 when both hold the same words in any order, up to 1 when they share nothing."""
     return 1.0 - fuzz.token_set_ratio(a, b) / 100.0
