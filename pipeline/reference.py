@@ -55,6 +55,7 @@ from pipeline.ingest import (
     ReadOptions,
     check_readable,
     check_unique_ids,
+    file_digest,
     read_table,
     require_columns,
 )
@@ -126,8 +127,7 @@ def prepare_reference(
 def reference_key(bundle: ModelBundle, path: Path, options: ReadOptions) -> str:
     """The cache key of `bundle` scoring against the reference file `path` (see the module docstring)."""
     path = Path(path)
-    with open(path, "rb") as fh:
-        content = hashlib.file_digest(fh, "sha256").hexdigest()
+    content = file_digest(path)
     parts = {
         "format": CACHE_FORMAT,
         "code": code_digest(),
