@@ -443,8 +443,7 @@ def _low_cardinality(fp: d.FieldProfile) -> bool:
     """Whether value rarity means something: most rows hold a recurring value, and values do not drift."""
     if fp.kind in ("number", "date") or fp.sequence or not fp.filled:
         return False
-    recurring = sum(n for n in fp.counts.values() if n >= RECURRING)
-    return recurring / fp.filled >= RECURRING_SHARE
+    return fp.recurring_share(RECURRING) >= RECURRING_SHARE
 
 
 def _coarse(fp: d.FieldProfile) -> bool:

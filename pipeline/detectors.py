@@ -644,6 +644,13 @@ class FieldProfile:
         # The look-up dictionary is rebuilt on use.
         return {k: v for k, v in self.__dict__.items() if k != "_positions"}
 
+    def recurring_share(self, min_count: int) -> float:
+        """The share of filled rows holding a value that occurs at least `min_count` times (0 when none is
+        filled): how far one value's history speaks for the next record holding it."""
+        if not self.filled:
+            return 0.0
+        return sum(n for n in self.counts.values() if n >= min_count) / self.filled
+
     def count_of(self, codes: np.ndarray) -> np.ndarray:
         self.vocab  # noqa: B018 - builds the arrays
         counts = self.__dict__["_count_array"]

@@ -173,8 +173,7 @@ def values_recur(fp: d.FieldProfile) -> bool:
     """
     if fp.kind == "date" or fp.sequence or not fp.filled:
         return False
-    recurring = sum(n for n in fp.counts.values() if n >= 2)
-    return recurring / fp.filled >= RECURRING_SHARE
+    return fp.recurring_share(2) >= RECURRING_SHARE
 
 
 @dataclass
