@@ -888,19 +888,24 @@ def _score_rows(
 def _running_numbers(bundle: ModelBundle, batch: _Table, chunk_rows: int) -> dict[int, dict]:
     """The error model's running-number state before each `chunk_rows` chunk (`RunningNumbers.to_dict`),
     as `run_batch` carries it from chunk to chunk: what each chunk adds, computed in parallel from the
-    running-number fields alone, folded in chunk order on the driver. Empty when the model has none."""
+    running-number fields and the entry time alone, folded in chunk order on the driver. Empty when the
+    model has none."""
     from pyspark.sql import functions as F
 
     start = bundle.errors.running_numbers()
     if not start.names:
         return {}
-    names = start.names
-    columns = {name: batch.column(name) for name in names}
+    # The running-number fields and the entry time (the state keeps each number's entry day, which the
+    # horizon of a later chunk's expectations reads), as `run_batch` gives them.
+    names, time_column = start.names, bundle.config.time_column
+    wanted = [*names, *([time_column] if time_column in batch.header else [])]
+    columns = {name: batch.column(name) for name in wanted}
 
     def adds(pdf: pd.DataFrame) -> pd.DataFrame:
         pdf = pdf.sort_values(ROW, kind="stable")
         chunk = pd.DataFrame({name: pdf[column].to_numpy(dtype=object) for name, column in columns.items()})
-        payload = json.dumps(RunningNumbers.of(chunk, names).to_dict())
+        # `ErrorModel.running_numbers(chunk)`, without shipping the model to the executors.
+        payload = json.dumps(RunningNumbers(names).advance(chunk, time_column).to_dict())
         return pd.DataFrame({"chunk": [int(pdf[ROW].iloc[0]) // chunk_rows], "payload": [payload]})
 
     frame = batch.frame.select(ROW, *columns.values())

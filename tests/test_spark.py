@@ -175,3 +175,20 @@ def test_cli_engine_spark_exits_2_on_bad_input(spark, demo, bundle, tmp_path, ca
     assert code == 2
     assert "missing column 'record_id'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_each_spark_chunk_starts_from_the_running_numbers_run_batch_carries(spark, demo, bundle):
+    """The state before each chunk, entry days included (a later chunk's horizon reads them), is the one
+    the in-process job builds chunk by chunk."""
+    from pipeline.ingest import ReadOptions, iter_table
+    from pipeline.spark import _read, _running_numbers
+
+    options = ReadOptions.from_config(bundle.config)
+    states = _running_numbers(bundle, _read(spark, demo.batch, [], options), CHUNK_ROWS)
+    assert states, "the demo model checks running numbers"
+    state = bundle.errors.running_numbers()
+    chunks = list(iter_table(demo.batch, chunk_rows=CHUNK_ROWS, options=options))
+    assert sorted(states) == list(range(len(chunks)))
+    for k, chunk in enumerate(chunks):
+        assert json.dumps(states[k], sort_keys=True) == json.dumps(state.to_dict(), sort_keys=True), k
+        state = state.then(bundle.errors.running_numbers(chunk))
