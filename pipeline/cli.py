@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=1,
-        help="processes scoring errors and anomalies while this one matches duplicates (e.g. 2 on 2 cores)",
+        help="processes scoring, this one included: it matches duplicates, all share errors and anomalies "
+        "(2 on 2 cores)",
     )
     p.add_argument(
         "--engine",

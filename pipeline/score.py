@@ -29,6 +29,7 @@ import pandas as pd
 from pipeline import schema as s
 from pipeline.bundle import ModelBundle
 from pipeline.detectors import Context, RunningNumbers
+from pipeline.errors import ASSESS_ROWS
 from pipeline.exceptions import OutputError
 from pipeline.ingest import (
     DEFAULT_CHUNK_ROWS,
@@ -49,6 +50,8 @@ SCORE_COLUMNS = (s.DUPLICATE_SCORE, s.ERROR_SCORE, s.ANOMALY_SCORE)
 HISTOGRAM_BINS = 20
 FLAG_KIND_ORDER = {s.KIND_DUPLICATE: 0, s.KIND_ERROR: 1, s.KIND_ANOMALY: 2}
 LINK_ROWS = 10_000  # rows the duplicate matcher takes at a time (its pair arrays grow with them)
+# Rows of a chunk assessed at a time with `--workers` > 1: the parts `ErrorModel.assess` takes anyway.
+PIECE_ROWS = ASSESS_ROWS
 
 
 @dataclass
@@ -262,51 +265,151 @@ def _assess_in_worker(
     return assess_chunk(chunk, _WORKER_BUNDLE, links, matched, numbers)
 
 
+class _Piece:
+    """Rows of a linked chunk to assess (what `assess_chunk` takes after the model) and, once handed to a
+    helper process, its future."""
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        self.args = args
+        self.future: Any = None
+        self.result: ChunkResult | None = None
+
+    def done(self) -> bool:
+        return self.result is not None or (self.future is not None and self.future.done())
+
+    def queued(self) -> bool:
+        """Handed to a helper and not finished (perhaps not started)."""
+        return self.result is None and self.future is not None and not self.future.done()
+
+    def get(self) -> ChunkResult:
+        return self.result if self.result is not None else self.future.result()
+
+
+class _Pending:
+    """A linked chunk and its pieces, in row order."""
+
+    def __init__(self, chunk: pd.DataFrame, pieces: list[_Piece]) -> None:
+        self.chunk, self.pieces = chunk, pieces
+
+    def done(self) -> bool:
+        return all(piece.done() for piece in self.pieces)
+
+    def result(self) -> ChunkResult:
+        parts = [piece.get() for piece in self.pieces]
+        if len(parts) == 1:
+            return parts[0]
+        flags = [part.flags for part in parts if len(part.flags)]
+        return ChunkResult(
+            columns=pd.concat([part.columns for part in parts]),
+            flags=pd.concat(flags, ignore_index=True) if flags else empty_flags(),
+            cell_scores=pd.concat([part.cell_scores for part in parts]),
+        )
+
+
 class _Scorer:
-    """Scores chunks in input order: in this process (`workers` = 1), or with the duplicate links made here
-    (the matcher's index and the running numbers are sequential state) and errors and anomalies in
-    `workers` processes, at most `workers + 1` chunks in flight so memory stays bounded. Results come back
-    in submission order."""
+    """Scores chunks in input order, with `workers` processes in all (this one included).
+
+    This process matches duplicates (the matcher's index and the running numbers are sequential state).
+    Errors and anomalies need neither: each linked chunk is cut into `PIECE_ROWS`-row pieces, each with
+    the running-number state before it, and the pieces go to `workers - 1` helper processes and to this
+    one, which assesses pieces itself while more are queued than the helpers finish while it matches the
+    next chunk (timed as it goes). So both cores stay busy, and only one model copy is loaded per extra
+    core. A piece scores as it would within its chunk (a row's result depends on its row, its match and
+    the running numbers before it only), so the output is the same byte for byte. Results come back in
+    submission order.
+    """
 
     def __init__(self, bundle: ModelBundle, matcher: Any, workers: int) -> None:
         self.bundle, self.matcher, self.workers = bundle, matcher, workers
         self.numbers = bundle.errors.running_numbers()
         self.pool: Any = None
-        self.pending: deque[tuple[pd.DataFrame, Any]] = deque()
+        self.chunks: deque[_Pending] = deque()  # in submission order, not yet yielded
+        self.todo: deque[_Piece] = deque()  # pieces not started, oldest first
+        self.link_seconds = 0.0  # this process's CPU seconds to match the latest chunk
+        self.piece_seconds = 0.0  # and to assess one piece (a running mean)
         if workers > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             self.pool = ProcessPoolExecutor(
-                workers,
+                workers - 1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_worker,
-                # The duplicate model stays here (its dedupe comparators do not pickle; workers need none).
+                # The duplicate model stays here (its dedupe comparators do not pickle; helpers need none).
                 initargs=(replace(bundle, duplicates=None),),
             )
 
     def submit(self, chunk: pd.DataFrame) -> Iterator[tuple[pd.DataFrame, ChunkResult]]:
         """Takes a chunk; yields the chunks (with results) that are done, oldest first."""
         before = self.numbers
-        self.numbers = before.then(self.bundle.errors.running_numbers(chunk))
         if self.pool is None:
+            self.numbers = before.then(self.bundle.errors.running_numbers(chunk))
             yield chunk, score_chunk(chunk, self.bundle, self.matcher, before)
             return
+        started = time.process_time()
         links, matched = link_chunk(chunk, self.bundle, self.matcher)
-        self.pending.append((chunk, self.pool.submit(_assess_in_worker, chunk, links, matched, before)))
-        while len(self.pending) > self.workers:
-            done, future = self.pending.popleft()
-            yield done, future.result()
+        self.link_seconds = time.process_time() - started
+        pieces = []
+        for start in range(0, len(chunk), PIECE_ROWS):
+            rows = slice(start, start + PIECE_ROWS)
+            part = chunk.iloc[rows]
+            parted = None if matched is None else matched.iloc[rows]
+            pieces.append(_Piece((part, links.iloc[rows], parted, self.numbers)))
+            self.numbers = self.numbers.then(self.bundle.errors.running_numbers(part))
+        self.chunks.append(_Pending(chunk, pieces))
+        self.todo.extend(pieces)
+        # Help while more is queued than the helpers finish during the next chunk's matching.
+        while self.todo and len(self.todo) + self._queued() > self._reserve():
+            self._feed()
+            if self.todo:
+                self._assess_here(self.todo.popleft())
+        self._feed(everything=True)
+        while self.chunks and self.chunks[0].done():
+            done = self.chunks.popleft()
+            yield done.chunk, done.result()
+
+    def _queued(self) -> int:
+        return sum(piece.queued() for pending in self.chunks for piece in pending.pieces)
+
+    def _reserve(self) -> int:
+        """Pieces to leave to the helpers: what they assess while this process matches a chunk."""
+        if not self.piece_seconds:
+            return 0
+        pieces = self.link_seconds / self.piece_seconds * (self.workers - 1)
+        return min(math.ceil(pieces), 2 * math.ceil(DEFAULT_CHUNK_ROWS / PIECE_ROWS))
+
+    def _feed(self, *, everything: bool = False) -> None:
+        """Hands queued pieces to the helpers: up to two each (so none waits for the next), or all."""
+        queued = self._queued()
+        while self.todo and (everything or queued < 2 * (self.workers - 1)):
+            piece = self.todo.popleft()
+            piece.future = self.pool.submit(_assess_in_worker, *piece.args)
+            queued += 1
+
+    def _assess_here(self, piece: _Piece) -> None:
+        started = time.process_time()
+        piece.result = assess_chunk(piece.args[0], self.bundle, *piece.args[1:])
+        seconds = time.process_time() - started
+        self.piece_seconds = 0.8 * self.piece_seconds + 0.2 * seconds if self.piece_seconds else seconds
 
     def finish(self) -> Iterator[tuple[pd.DataFrame, ChunkResult]]:
-        while self.pending:
-            done, future = self.pending.popleft()
-            yield done, future.result()
+        """Yields the chunks still in flight. With nothing left to match, this process takes back the
+        pieces no helper has started, newest first, while the helpers work from the oldest."""
+        queued = [piece for pending in self.chunks for piece in pending.pieces if piece.queued()]
+        for piece in reversed(queued):
+            if piece.future.cancel():
+                piece.future = None
+                self._assess_here(piece)
+        while self.chunks:
+            done = self.chunks.popleft()
+            yield done.chunk, done.result()
 
     def close(self) -> None:
         if self.pool is not None:
-            for _, future in self.pending:
-                future.cancel()
+            for pending in self.chunks:
+                for piece in pending.pieces:
+                    if piece.future is not None:
+                        piece.future.cancel()
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
@@ -413,9 +516,9 @@ def run_batch(
 ) -> dict[str, Any]:
     """Scores a batch file into `output` (records, flags, summary), atomically. Returns the summary.
 
-    With `workers` > 1, errors and anomalies are scored in that many worker processes while this process
-    matches duplicates (the index is sequential), the same output byte for byte. With `cache`, the
-    reference's prepared state (`pipeline.reference`) is loaded from there when this model scored against
+    With `workers` > 1, this process matches duplicates (the index is sequential) and shares errors and
+    anomalies with `workers - 1` helper processes (`_Scorer`), the same output byte for byte. With `cache`,
+    the reference's prepared state (`pipeline.reference`) is loaded from there when this model scored against
     the same reference bytes before, and stored there otherwise; the output is the same byte for byte.
     """
     from pipeline.report import build_summary, write_report

@@ -425,6 +425,19 @@ def test_worker_processes_write_what_one_process_writes(demo, model_folder, tmp_
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
+def test_pieces_across_helpers_write_what_one_process_writes(demo, model_folder, tmp_path, monkeypatch):
+    """Chunks cut into 7-row pieces shared between this process and two helpers (each piece with the
+    running numbers of the rows before it): the same files byte for byte as one process in one piece."""
+    from pipeline import score as score_module
+
+    assert score(model_folder, demo.batch, tmp_path / "one", "--reference", str(demo.records)) == 0
+    monkeypatch.setattr(score_module, "PIECE_ROWS", 7)
+    common = ("--reference", str(demo.records), "--chunk-rows", "60", "--workers", "3")
+    assert score(model_folder, demo.batch, tmp_path / "pieces", *common) == 0
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "pieces" / name).read_bytes(), name
+
+
 def test_workers_below_one_is_refused(demo, model_folder, tmp_path, capsys):
     assert score(model_folder, demo.batch, tmp_path / "out", "--workers", "0") == 2
     assert "--workers 0" in capsys.readouterr().err
