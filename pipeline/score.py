@@ -212,15 +212,16 @@ def _matched_values(
     chunk: pd.DataFrame, links: pd.DataFrame, matcher: Any, fields: list[str]
 ) -> pd.DataFrame | None:
     """The field values of the record each row duplicates ("" where none), for the error model."""
-    has_match = links[s.DUPLICATE_OF] != s.MISSING
+    has_match = (links[s.DUPLICATE_OF] != s.MISSING).to_numpy()
     if not has_match.any():
         return None
-    matched = pd.DataFrame(s.MISSING, index=chunk.index, columns=fields, dtype=object)
-    for row, match_id in links.loc[has_match, s.DUPLICATE_OF].items():
-        record = matcher.record(match_id) or {}
-        for name in fields:
-            matched.at[row, name] = record.get(name, s.MISSING)
-    return matched
+    records = [matcher.record(match_id) or {} for match_id in links[s.DUPLICATE_OF].to_numpy()[has_match]]
+    columns = {}
+    for name in fields:
+        column = np.full(len(chunk), s.MISSING, dtype=object)
+        column[has_match] = [record.get(name, s.MISSING) for record in records]
+        columns[name] = column
+    return pd.DataFrame(columns, index=chunk.index, columns=fields, dtype=object)
 
 
 def score_frame(
