@@ -153,6 +153,29 @@ def cut_at_edges(X: np.ndarray, edges: list[np.ndarray | None] | None) -> np.nda
     return X
 
 
+def distinct_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The position of each distinct row of `X` (equal bit for bit) where it first occurs, and each row's
+    index into those: `X[first][inverse]` is `X`, so a model that scores rows one by one can score each
+    distinct row once. Rows are grouped by a 64-bit hash and then compared bit for bit; should two
+    different rows share a hash, every row is kept as it is.
+
+    >>> first, inverse = distinct_rows(np.array([[1.0, np.nan], [2.0, 0.0], [1.0, np.nan]]))
+    >>> first.tolist(), inverse.tolist()
+    ([0, 1], [0, 1, 0])
+    """
+    bits = np.ascontiguousarray(X).view(np.uint64)
+    if not len(bits) or bits.ndim != 2:
+        return np.arange(len(X)), np.arange(len(X))
+    hashed = np.zeros(len(bits), dtype=np.uint64)
+    for j in range(bits.shape[1]):
+        hashed = hashed * np.uint64(1_000_003) ^ pd.util.hash_array(bits[:, j])
+    inverse, _ = pd.factorize(hashed)
+    _, first = np.unique(inverse, return_index=True)
+    if not (bits[first][inverse] == bits).all():
+        return np.arange(len(X)), np.arange(len(X))
+    return first, inverse
+
+
 def training_rows(
     ids: pd.Series, labelled: set[str], max_rows: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -775,8 +798,10 @@ class ErrorModel(BaseEstimator):
         if classifier is None:
             return unsupervised
         matrix, _ = sg.fill_empty_columns(X, empty)
+        # Each distinct row once: a register's cells repeat (a city, a VAT rate and their evidence).
+        first, inverse = distinct_rows(matrix)
         with sg.one_thread():
-            probability = classifier.predict_proba(matrix)[:, 1]
+            probability = classifier.predict_proba(matrix[first])[:, 1][inverse]
         for j, name in enumerate(self.config.check_fields):
             if name in self.unsupervised_fields_:
                 part = slice(j * n, (j + 1) * n)

@@ -12,7 +12,7 @@ import pytest
 from pipeline import schema as s
 from pipeline.config import Config, load_config
 from pipeline.corrections import cell_labels, load_log, replay_backwards
-from pipeline.errors import FORMAT_VERSION, ErrorModel, cell_metrics, pooled_field_ids
+from pipeline.errors import FORMAT_VERSION, ErrorModel, cell_metrics, distinct_rows, pooled_field_ids
 from pipeline.exceptions import ModelLoadError
 from pipeline.generate import generate
 from pipeline.ingest import read_table
@@ -493,3 +493,15 @@ def test_a_chunk_assessed_in_parts_gives_the_result_of_one_piece(demo: dict, mon
         pd.testing.assert_frame_equal(parts[0], scores)
         pd.testing.assert_frame_equal(parts[1], flags)
         assert len(flags) > 7
+
+
+def test_distinct_rows_scores_each_distinct_row_once_and_survives_hash_collisions(monkeypatch):
+    """Bit-equal rows (NaN included) share one position; rows that only share a hash are kept apart."""
+    X = np.array([[1.0, np.nan], [2.0, 0.0], [1.0, np.nan], [2.0, -0.0], [2.0, 0.0]])
+    first, inverse = distinct_rows(X)
+    assert first.tolist() == [0, 1, 3]
+    assert inverse.tolist() == [0, 1, 0, 2, 1]
+    assert np.array_equal(X[first][inverse], X, equal_nan=True)
+    monkeypatch.setattr(pd.util, "hash_array", lambda values: np.zeros(len(values), dtype=np.uint64))
+    first, inverse = distinct_rows(X)
+    assert first.tolist() == inverse.tolist() == [0, 1, 2, 3, 4]
