@@ -960,9 +960,10 @@ class Matcher:
             )
         return features
 
-    def _score(self, chunk: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """Scores the chunk's candidates and indexes the chunk. Returns the best candidate per row (index =
-        record id: candidate_id, score, position, candidate position) and all scored pairs."""
+    def _best(self, chunk: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, tuple]:
+        """Scores the chunk's candidates and indexes the chunk. Returns its record ids; per row the best
+        candidate's score and position (-1: none) and the row's own position; and all scored pairs
+        (record positions, candidate positions, scores), as arrays."""
         self._drop_left()
         encoded = self._model._encode(chunk)
         query, found, _ = self._candidates(encoded)
@@ -981,15 +982,22 @@ class Matcher:
             chosen = order[first]
             best_score[query[chosen] - start] = scores[chosen]
             best_position[query[chosen] - start] = found[chosen]
+        positions = np.arange(start, start + len(encoded))
+        return encoded.ids, best_score, best_position, positions, (query, found, scores)
+
+    def _score(self, chunk: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Scores the chunk's candidates and indexes the chunk. Returns the best candidate per row (index =
+        record id: candidate_id, score, position, candidate position) and all scored pairs."""
+        record_ids, best_score, best_position, positions, (query, found, scores) = self._best(chunk)
         ids = self._ids
         best = pd.DataFrame(
             {
                 "candidate_id": [ids[p] if p >= 0 else s.MISSING for p in best_position],
                 "score": best_score,
-                "position": np.arange(start, start + len(encoded)),
+                "position": positions,
                 "candidate_position": best_position,
             },
-            index=pd.Index(encoded.ids, dtype=object),
+            index=pd.Index(record_ids, dtype=object),
         )
         pairs = pd.DataFrame(
             {
@@ -1057,33 +1065,23 @@ class Matcher:
         self._cluster.update(clusters)
 
     def _match(self, chunk: pd.DataFrame) -> pd.DataFrame:
-        best, _ = self._score(chunk)
-        model = self._model
-        duplicate_of: list[str] = []
-        cluster_ids: list[str] = []
-        reasons: list[str] = []
-        for record_id, candidate_id, score, position, other in zip(
-            best.index,
-            best["candidate_id"],
-            best["score"],
-            best["position"],
-            best["candidate_position"],
-            strict=True,
-        ):
-            if other >= 0 and score >= model.threshold_:
-                cluster = self._cluster.get(candidate_id, candidate_id)
-                duplicate_of.append(candidate_id)
-                reasons.append(self.reason(int(position), int(other)))
-                self._cluster[record_id] = cluster
-            else:
-                cluster = record_id
-                duplicate_of.append(s.MISSING)
-                reasons.append(s.MISSING)
-            cluster_ids.append(cluster)
+        record_ids, scores, others, positions, _ = self._best(chunk)
+        ids = self._ids
+        duplicate_of = [s.MISSING] * len(record_ids)
+        cluster_ids = list(record_ids)
+        reasons = [s.MISSING] * len(record_ids)
+        # In row order: a row's cluster is that of its match, which may be an earlier row of the chunk.
+        for i in np.flatnonzero((others >= 0) & (scores >= self._model.threshold_)).tolist():
+            candidate_id, record_id = ids[others[i]], record_ids[i]
+            cluster = self._cluster.get(candidate_id, candidate_id)
+            duplicate_of[i] = candidate_id
+            reasons[i] = self.reason(int(positions[i]), int(others[i]))
+            self._cluster[record_id] = cluster
+            cluster_ids[i] = cluster
         return pd.DataFrame(
             {
                 s.DUPLICATE_OF: duplicate_of,
-                s.DUPLICATE_SCORE: best["score"].to_numpy(dtype=float),
+                s.DUPLICATE_SCORE: scores,
                 s.CLUSTER_ID: cluster_ids,
                 "reason": reasons,
             },
