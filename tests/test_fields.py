@@ -186,6 +186,21 @@ def test_one_number_and_date_parser_serve_every_model() -> None:
     assert field_label("customer_code") == field_type("code")("customer_code").label == "customer code"
 
 
+def test_plain_digits_read_without_the_general_parser_as_it_reads_them() -> None:
+    """The shortcut for cells of ASCII digits (with one decimal point) gives what `read_number` gives,
+    overflow to infinity (no number) and leading zeros included; anything else takes the general path."""
+    from pipeline.fields import number as number_type
+
+    texts = ["0", "007.50", "275.05", "1.234", "21", "9" * 400, "12.", ".5", "1..2", "1e5", "\u0661\u0662"]
+    texts += [f"{i * 7.31:.2f}" for i in range(2000)]
+    for text in texts:
+        reading = number_type.read_number(text)
+        assert parse_number(text) == reading.value or parse_number(text) is reading.value is None, text
+        expected = reading.value if reading.plain else math.nan
+        got = number_type.plain_number(text)
+        assert got == expected or (math.isnan(got) and math.isnan(expected)), text
+
+
 def _every_pair(values: list) -> tuple[list, list]:
     return [x for x in values for _ in values], [y for _ in values for y in values]
 

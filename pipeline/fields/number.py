@@ -55,6 +55,8 @@ class NumberReading(NamedTuple):
 _NUMBER = re.compile(r"(?:(?<![\w.,])(?P<sign>[-+])\s*)?(?P<digits>\d(?:[\d.,]*\d)?)")
 _CURRENCY = re.compile(r"[€$£¥]|\b(?:EUR|USD|GBP)\b", re.IGNORECASE)
 _PLAIN_DECIMAL = re.compile(r"^[+-]?\d+([.,]\d+)?$")
+# What most cells hold ("275.05", "21"): `read_number` reads it as `float` does, read here without it.
+_ASCII_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 def _from_digits(digits: str) -> float | None:
@@ -103,6 +105,9 @@ def parse_number(text: str) -> float | None:
     >>> parse_number("€ 1.234,50"), parse_number("1,234.50"), parse_number("12,5"), parse_number("abc")
     (1234.5, 1234.5, 12.5, None)
     """
+    if _ASCII_DECIMAL.fullmatch(text):
+        value = float(text)
+        return value if math.isfinite(value) else None
     return read_number(text).value
 
 
@@ -113,6 +118,9 @@ def plain_number(text: str) -> float:
     >>> plain_number("€ 1.234,50"), plain_number("12 oz")
     (1234.5, nan)
     """
+    if _ASCII_DECIMAL.fullmatch(text):
+        value = float(text)
+        return value if math.isfinite(value) else math.nan
     reading = read_number(text)
     return reading.value if reading.plain else math.nan
 
