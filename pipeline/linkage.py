@@ -81,8 +81,8 @@ class _Encoded:
 
     ids: list[str]
     raw: list[np.ndarray]  # per config field present, in config order: the values as text (object arrays)
-    normalised: dict[str, list[str]]
-    parsed: dict[str, list[Any]]
+    normalised: dict[str, np.ndarray]  # object arrays, one value per record
+    parsed: dict[str, np.ndarray]
     keys: list[list[str]]
     times: list[float]
 
@@ -343,8 +343,8 @@ class DuplicateModel:
         raw_frame = frame[all_fields].fillna(s.MISSING).astype(str)
         # As NumPy object arrays: iterating Arrow-backed text element by element is slow.
         raw = [raw_frame[name].to_numpy(dtype=object) for name in all_fields]
-        normalised: dict[str, list[str]] = {}
-        parsed: dict[str, list[Any]] = {}
+        normalised: dict[str, np.ndarray] = {}
+        parsed: dict[str, np.ndarray] = {}
         single: dict[tuple[str, str], np.ndarray] = {}
         rules = self.rules_ if rules is None else rules
         needed = {part for rule in rules for part in rule.parts}
@@ -354,9 +354,12 @@ class DuplicateModel:
             inverse, first = _first_seen(raw[all_fields.index(plugin.field)])
             values = plugin.normalise(raw_frame[plugin.field].iloc[first])
             distinct = values.to_numpy(dtype=object)
-            normalised[plugin.field] = distinct[inverse].tolist()
+            normalised[plugin.field] = distinct[inverse]
+            # Parsed once per distinct value, spread to the rows as an object array (no per-row Python).
             cache = {value: plugin.parse(value) for value in pd.unique(distinct)}
-            parsed[plugin.field] = [cache[value] for value in normalised[plugin.field]]
+            parsed_distinct = np.empty(len(distinct), dtype=object)
+            parsed_distinct[:] = [cache[value] for value in distinct]
+            parsed[plugin.field] = parsed_distinct[inverse]
             wanted = {key for field, key in needed if field == plugin.field}
             if wanted == {"value"}:  # every plugin's `value` key is the normalised value itself
                 single[(plugin.field, "value")] = distinct[inverse]
