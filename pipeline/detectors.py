@@ -1349,7 +1349,7 @@ def field_features(
         codes = {f: profile.fields[f].codes(texts[f].to_numpy(dtype=object)) for f in texts.columns}
     missing = keys == s.MISSING
     counts = fp.count_of(codes[name])
-    uniques, inverse = np.unique(keys.astype(str), return_inverse=True)
+    inverse, uniques = pd.factorize(keys, use_na_sentinel=False)  # a hash table: no sort, no copy to str
     shapes_u = np.array([shape_of(v) for v in uniques], dtype=object)
     coarse_u = np.array([coarse_shape(v) for v in shapes_u], dtype=object)
     cases_u = np.array([_case_of(v) for v in uniques], dtype=object)
