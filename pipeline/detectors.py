@@ -1354,7 +1354,6 @@ def field_features(
     coarse_u = np.array([coarse_shape(v) for v in shapes_u], dtype=object)
     cases_u = np.array([_case_of(v) for v in uniques], dtype=object)
     odd_u = np.array([v != v.strip() or "  " in v for v in uniques], dtype=float)
-    shapes = shapes_u[inverse]
     filled_n = max(fp.filled, 1)
     lengths = np.array([len(v) for v in uniques], dtype=float)[inverse]
     cases = cases_u[inverse]
@@ -1370,7 +1369,7 @@ def field_features(
         "value_log_count": unless_missing(np.log1p(counts)),
         "value_share": unless_missing(counts / filled_n),
         "value_unseen": unless_missing((counts == 0).astype(float)),
-        "shape_share": unless_missing(lookup(cache, fp.shapes, shapes, 0.0) / filled_n),
+        "shape_share": unless_missing(lookup(cache, fp.shapes, shapes_u, 0.0)[inverse] / filled_n),
         "coarse_shape_share": unless_missing(lookup(cache, fp.coarse, coarse_u, 0.0)[inverse] / filled_n),
         "length_z": unless_missing((lengths - fp.length_mean) / max(fp.length_std, 1.0)),
         "case_unusual": unless_missing(
@@ -1388,15 +1387,17 @@ def field_features(
     if edits is not None and name in edits.field_rate:
         prior = edits.field_rate[name]
         ecache = edits.cache
-        out["edit_value_rate"] = _rate(ecache, keys, edits.value_errors[name], edits.value_seen[name], prior)
+        # Looked up once per distinct value (and shape), then spread to the rows.
+        value_errors = edits.value_errors[name]
+        out["edit_value_rate"] = _rate(ecache, uniques, value_errors, edits.value_seen[name], prior)[inverse]
         # A value is evidence against itself only where staff corrected it more often than they kept it: a
         # typo corrected each time it was typed, not a date or an amount that one edit happened to fix.
-        corrected = lookup(ecache, edits.value_errors[name], keys, 0.0)
-        kept = lookup(ecache, edits.value_seen[name], keys, 0.0) - corrected
+        corrected = lookup(ecache, value_errors, uniques, 0.0)[inverse]
+        kept = lookup(ecache, edits.value_seen[name], uniques, 0.0)[inverse] - corrected
         out["edit_value_count"] = np.where(corrected > kept, np.log1p(corrected), 0.0)
         out["edit_shape_rate"] = _rate(
-            ecache, shapes, edits.shape_errors[name], edits.shape_seen[name], prior
-        )
+            ecache, shapes_u, edits.shape_errors[name], edits.shape_seen[name], prior
+        )[inverse]
         out["edit_field_rate"] = np.full(n, prior)
     if fp.kind == "date":
         # How often a date occurs depends on when it was entered, not on whether it is right (a date just
