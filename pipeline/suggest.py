@@ -262,14 +262,44 @@ def _date_variants(value: str, fp: d.FieldProfile) -> dict[str, list[str]]:
     return out
 
 
+def _nearest_cutoff(value: str) -> int:
+    return max(1, min(3, len(value) // 5))
+
+
 def _nearest(value: str, fp: d.FieldProfile, choices: list[str]) -> list[str]:
     if not value or not choices:
         return []
-    cutoff = max(1, min(3, len(value) // 5))
     found = process.extract(
-        value, choices, scorer=Levenshtein.distance, limit=NEAREST_LIMIT, score_cutoff=cutoff
+        value, choices, scorer=Levenshtein.distance, limit=NEAREST_LIMIT, score_cutoff=_nearest_cutoff(value)
     )
     return [choice for choice, dist, _ in found if dist > 0]
+
+
+NEAREST_BLOCK = 256  # values compared with all choices at a time (a block x choices matrix of distances)
+
+
+def nearest_many(values: list[str], choices: list[str]) -> dict[str, list[str]]:
+    """`_nearest` of many values of one field, once per distinct value: the distances to every choice in
+    one rapidfuzz `cdist` call (C, capped at 3 edits) per block of values, then per value the
+    `NEAREST_LIMIT` nearest within its cutoff, ties in choice order as `process.extract` gives them.
+
+    >>> nearest_many(["Utrect", "Utrecht", ""], ["Utrecht", "Amsterdam", "Utrechts"])
+    {'Utrect': ['Utrecht'], 'Utrecht': ['Utrechts']}
+    """
+    distinct = [value for value in dict.fromkeys(values) if value]
+    out: dict[str, list[str]] = {}
+    if not distinct or not choices:
+        return out
+    for start in range(0, len(distinct), NEAREST_BLOCK):
+        block = distinct[start : start + NEAREST_BLOCK]
+        distances = process.cdist(
+            block, choices, scorer=Levenshtein.distance, score_cutoff=3, dtype=np.int32, workers=1
+        )
+        for value, row in zip(block, distances, strict=True):
+            hits = np.flatnonzero(row <= _nearest_cutoff(value))
+            nearest = hits[np.lexsort((hits, row[hits]))][:NEAREST_LIMIT]
+            out[value] = [choices[j] for j in nearest.tolist() if row[j] > 0]
+    return out
 
 
 def generate_candidates(
@@ -277,8 +307,10 @@ def generate_candidates(
     profile: d.Profile,
     patterns: EditPatterns,
     choices: dict[str, list[str]],
+    nearest: dict[str, list[str]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Candidate values for one cell: value -> {source: strength}. The cell's own value is never one."""
+    """Candidate values for one cell: value -> {source: strength}. The cell's own value is never one.
+    `nearest`: the field's `nearest_many` when the caller computed it for many cells at once."""
     fp = profile.fields[cell.field]
     value = cell.value
     found: dict[str, dict[str, float]] = {}
@@ -326,7 +358,8 @@ def generate_candidates(
         for candidate in _format_like(value, fp):
             add(candidate, "format")
         add(_recase(value, fp.case), "case")
-        for candidate in _nearest(value, fp, choices.get(cell.field, [])):
+        near = _nearest(value, fp, choices.get(cell.field, [])) if nearest is None else nearest.get(value, [])
+        for candidate in near:
             add(candidate, "nearest")
         if patterns.to_empty.get(cell.field, {}).get(d.shape_of(value)):
             add(s.MISSING, "empty")
@@ -502,8 +535,13 @@ def candidate_frame(
     """All candidates of `cells`, one row each: `cell` (position in `cells`), `field`, `candidate`, the
     sources as text, and `RANK_FEATURES`."""
     rows: list[dict[str, object]] = []
+    fields = dict.fromkeys(cell.field for cell in cells)
+    nearest = {
+        name: nearest_many([cell.value for cell in cells if cell.field == name], choices.get(name, []))
+        for name in fields
+    }
     for position, cell in enumerate(cells):
-        candidates = generate_candidates(cell, profile, patterns, choices)
+        candidates = generate_candidates(cell, profile, patterns, choices, nearest[cell.field])
         for (candidate, sources), features in zip(
             candidates.items(),
             candidate_features(cell, candidates, profile, patterns, field_ids),

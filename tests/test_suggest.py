@@ -181,3 +181,22 @@ def test_best_candidates_takes_the_most_probable_per_cell_first_on_ties() -> Non
     assert best["candidate"].tolist() == ["d", "b", "", "e"]
     assert best["probability"].tolist() == [0.1, 0.7, 0.0, 0.9]
     assert best["via"].tolist() == ["w", "y", "", "v"]
+
+
+def test_nearest_many_gives_each_value_what_nearest_gives_it_ties_included() -> None:
+    """Many values at once (one distance matrix) against the one-value search, on short words of five
+    letters so that many choices tie at the same distance, and with more values than one block holds."""
+    import random
+
+    rng = random.Random(1)
+
+    def word() -> str:
+        return "".join(rng.choice("abcde") for _ in range(rng.randint(1, 12)))
+
+    for _ in range(20):
+        choices = list(dict.fromkeys(word() for _ in range(rng.randint(1, 400))))
+        values = [word() for _ in range(sg.NEAREST_BLOCK + 40)] + choices[:5] + [""]
+        many = sg.nearest_many(values, choices)
+        assert any(len(found) == sg.NEAREST_LIMIT for found in many.values())
+        for value in values:
+            assert many.get(value, []) == sg._nearest(value, None, choices), value
