@@ -472,11 +472,13 @@ class RunningNumbers:
         values: pd.Series | np.ndarray,
         times: pd.Series | None = None,
         horizon: float = math.inf,
+        parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Per value (in input order, after the rows this state has seen; entered at `times`): the running
         number it should have (NaN when it has none or too few earlier rows share its prefix within
-        `horizon` days) and the number of earlier rows that rests on."""
-        prefix, number, ok = running_parts(values)
+        `horizon` days) and the number of earlier rows that rests on. `parts`: `running_parts(values)`,
+        when the caller has it already."""
+        prefix, number, ok = running_parts(values) if parts is None else parts
         days = entry_days(times, len(prefix))
         expected = np.full(len(prefix), np.nan)
         rows = np.zeros(len(prefix))
@@ -1307,13 +1309,16 @@ def _sequence_features(
     out: dict[str, np.ndarray] = {}
     values = texts[name]
     if fp.sequence:
+        parts = running_parts(values)
         if context is not None:
             expected, rows = context.expectation(name)
             expected = expected.reindex(texts.index).to_numpy(dtype=float)
             rows = rows.reindex(texts.index).to_numpy(dtype=float)
         else:
-            expected, rows = (numbers or RunningNumbers()).expect(name, values, times, fp.sequence_horizon)
-        _, number, _ = running_parts(values)
+            expected, rows = (numbers or RunningNumbers()).expect(
+                name, values, times, fp.sequence_horizon, parts=parts
+            )
+        _, number, _ = parts
         out["sequence_gap"] = np.log1p(np.abs(number - expected))
         out["sequence_rows"] = rows
     if fp.embeds_year:
@@ -1388,12 +1393,12 @@ def field_features(
         prior = edits.field_rate[name]
         ecache = edits.cache
         # Looked up once per distinct value (and shape), then spread to the rows.
-        value_errors = edits.value_errors[name]
-        out["edit_value_rate"] = _rate(ecache, uniques, value_errors, edits.value_seen[name], prior)[inverse]
+        corrected = lookup(ecache, edits.value_errors[name], uniques, 0.0)
+        seen = lookup(ecache, edits.value_seen[name], uniques, 0.0)
+        out["edit_value_rate"] = ((corrected + prior * SMOOTHING) / (seen + SMOOTHING))[inverse]  # `_rate`
         # A value is evidence against itself only where staff corrected it more often than they kept it: a
         # typo corrected each time it was typed, not a date or an amount that one edit happened to fix.
-        corrected = lookup(ecache, value_errors, uniques, 0.0)[inverse]
-        kept = lookup(ecache, edits.value_seen[name], uniques, 0.0)[inverse] - corrected
+        corrected, kept = corrected[inverse], seen[inverse] - corrected[inverse]
         out["edit_value_count"] = np.where(corrected > kept, np.log1p(corrected), 0.0)
         out["edit_shape_rate"] = _rate(
             ecache, shapes_u, edits.shape_errors[name], edits.shape_seen[name], prior
