@@ -8,6 +8,7 @@ ten, the decimal slip that a relative difference alone calls far.
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -156,7 +157,10 @@ def _canonical(text: str) -> str:
 
 
 def _values(numbers: Sequence[NumberValue]) -> np.ndarray:
-    return np.fromiter((number.value for number in numbers), dtype=np.float64, count=len(numbers))
+    return np.fromiter(map(_VALUE, numbers), dtype=np.float64, count=len(numbers))
+
+
+_VALUE = operator.itemgetter(0)  # NumberValue.value, read in C
 
 
 def _relative_differences(xs: Sequence[NumberValue], ys: Sequence[NumberValue]) -> np.ndarray:
