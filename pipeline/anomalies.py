@@ -454,7 +454,7 @@ def _coarse(fp: d.FieldProfile) -> bool:
 def _parse(values: pd.Series, fp: d.FieldProfile) -> dict[str, np.ndarray]:
     """Per-value facts of one field, computed once per distinct value."""
     keys = values.to_numpy(dtype=object)
-    uniques, inverse = np.unique(keys.astype(str), return_inverse=True)
+    inverse, uniques = pd.factorize(keys, use_na_sentinel=False)  # a hash table: no sort, no str copy
     shapes = [d.shape_of(v) for v in uniques]
     if _coarse(fp):
         shapes = [d.coarse_shape(v) for v in shapes]
