@@ -340,9 +340,8 @@ class DuplicateModel:
         self._check_columns(frame, "records")
         ids = frame[self.config.id_column].astype(str).tolist()
         all_fields = [name for name in self.config.fields if name in frame.columns]
-        raw_frame = frame[all_fields].fillna(s.MISSING).astype(str)
         # As NumPy object arrays: iterating Arrow-backed text element by element is slow.
-        raw = [raw_frame[name].to_numpy(dtype=object) for name in all_fields]
+        raw = [_text_values(frame[name]) for name in all_fields]
         normalised: dict[str, np.ndarray] = {}
         parsed: dict[str, np.ndarray] = {}
         single: dict[tuple[str, str], np.ndarray] = {}
@@ -351,8 +350,9 @@ class DuplicateModel:
         for plugin in self.plugins_:
             # Normalising, parsing and keys work value by value: done once per distinct raw value (a
             # customer's name, street and city repeat on each of their orders), then spread to the rows.
-            inverse, first = _first_seen(raw[all_fields.index(plugin.field)])
-            values = plugin.normalise(raw_frame[plugin.field].iloc[first])
+            column = raw[all_fields.index(plugin.field)]
+            inverse, first = _first_seen(column)
+            values = plugin.normalise(pd.Series(column[first], dtype=object).astype(str))
             distinct = values.to_numpy(dtype=object)
             normalised[plugin.field] = distinct[inverse]
             # Parsed once per distinct value, spread to the rows as an object array (no per-row Python).
@@ -1335,6 +1335,15 @@ class _BlockIndex:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _text_values(column: pd.Series) -> np.ndarray:
+    """The column as an object array of text, `""` for missing: `fillna("").astype(str)`, without the
+    round trip through Arrow when it holds text only (as read)."""
+    values = column.to_numpy(dtype=object)
+    if pd.api.types.infer_dtype(values, skipna=False) == "string":
+        return values
+    return column.fillna(s.MISSING).astype(str).to_numpy(dtype=object)
 
 
 def _first_seen(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
