@@ -76,7 +76,11 @@ def measure(
     status = "ok"
     started = time.perf_counter()
     with open(log, "w") as out:
-        child = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        # This checkout's package first: a script outside it (scale_children.py) would otherwise import the
+        # package the venv was installed from (an editable install may point at another checkout).
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
+        child = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
         parent = psutil.Process(child.pid)
         stop = threading.Event()
 
