@@ -122,7 +122,7 @@ def assess_chunk(
     numbers: RunningNumbers | Context | None = None,
 ) -> ChunkResult:
     """The stateless rest of `score_chunk`: errors and anomalies of the chunk, given its links and the
-    running-number state before it; what worker processes run while the parent matches the next chunk."""
+    running-number state before it; what `--workers` processes share, piece by piece (`_Scorer`)."""
     config = bundle.config
     id_column = config.id_column
     cell_scores, cell_flags = bundle.errors.assess(chunk, matched, numbers=numbers)
