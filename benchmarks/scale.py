@@ -11,7 +11,8 @@ down. Data: the demo generator with 20,000 customers (seed 1), as issue 11 asks.
 
 The harness needs psutil (the bench venv has it); the product runs in `.venv` (`--python`).
 Cases: `score-200k` (200,000 rows against a 10,000-row reference), `score-2m` (2,000,000 rows against it),
-`train-200k` (`train` on a 200,000-row history), `big-reference` (5,000 rows against a 1,000,000-row
+`train-200k` (`train` on a 200,000-row history, about 25,000 log rows), `train-1m` (`train` on a
+1,000,000-row history, about 125,000 log rows), `big-reference` (5,000 rows against a 1,000,000-row
 reference), `spark-1m` (`--engine spark`, local[2], 1,000,000 rows, against the in-process job),
 `duplicates-200k` (the duplicate work of `score-200k` alone: our duplicate stage, and Splink 5 on DuckDB
 trained unsupervised and predicting on the same reference and batch; see `scale_children.py`; Splink
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import json
 import os
 import resource
@@ -41,7 +43,15 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOMERS = 20_000
 SEED = 1
-CASES = ("score-200k", "score-2m", "train-200k", "big-reference", "spark-1m", "duplicates-200k")
+CASES = (
+    "score-200k",
+    "score-2m",
+    "train-200k",
+    "train-1m",
+    "big-reference",
+    "spark-1m",
+    "duplicates-200k",
+)
 CHILDREN = Path(__file__).resolve().parent / "scale_children.py"
 
 
@@ -152,9 +162,12 @@ def main() -> None:  # noqa: C901
     py = args.python
     runs: list[Run] = []
 
-    def run(case: str, what: str, rows: int, command: list[str]) -> Run:
+    def run(case: str, what: str, rows: int, command: list[str], timeout: float | None = None) -> Run:
         seconds, peak, status, cpu = measure(
-            command, timeout=args.timeout, max_mb=args.max_mb, log=work / f"{case}-{len(runs)}.log"
+            command,
+            timeout=timeout or args.timeout,
+            max_mb=args.max_mb,
+            log=work / f"{case}-{len(runs)}.log",
         )
         result = Run(case, what, rows, seconds, peak, status, cpu)
         runs.append(result)
@@ -205,10 +218,16 @@ def main() -> None:  # noqa: C901
                 phases = ", ".join(f"{k} {v:.1f}" for k, v in result.phases.items() if k.endswith("_s"))
                 result.what += f" ({phases}; {result.phases['links']:,} batch records linked)"
                 print(f"  {result.what}", flush=True)
-    if "train-200k" in args.cases:
-        data = generate(py, work / "data-train-200k", 200_000, 0)
-        run("train-200k", "train on a 200,000-row history", 200_000,
-            [py, "-c", TRAIN_TO_FOLDER, str(data), str(work / "model-200k")])  # fmt: skip
+    for case, rows in (("train-200k", 200_000), ("train-1m", 1_000_000)):
+        if case in args.cases:
+            data = generate(py, work / f"data-{case}", rows, 0)
+            with open(data / "corrections.csv", newline="") as log:
+                log_rows = sum(1 for _ in csv.reader(log)) - 1
+            model_out = work / f"model-{case.removeprefix('train-')}"
+            # The 1M case may take longer than a scoring run: a whole hour before it is stopped.
+            run(case, f"train on a {rows:,}-row history, {log_rows:,} log rows", rows,
+                [py, "-c", TRAIN_TO_FOLDER, str(data), str(model_out)],
+                timeout=max(args.timeout, 3600.0) if rows > 200_000 else None)  # fmt: skip
     if "big-reference" in args.cases:
         data = generate(py, work / "data-ref-1m", 1_000_000, 5_000)
         # First: the reference read, prepared and cached; again: the same model and reference, loaded.

@@ -195,16 +195,33 @@ class AnomalyModel(BaseEstimator):
 
     # ------------------------------------------------------------------------------------------------ fit
 
-    def fit(self, stored: pd.DataFrame, *, normal: pd.DataFrame | None = None) -> AnomalyModel:
+    def fit(
+        self,
+        stored: pd.DataFrame,
+        *,
+        normal: pd.DataFrame | None = None,
+        pairs: list[tuple[str, str]] | None = None,
+        profile: d.Profile | None = None,
+    ) -> AnomalyModel:
         """Learns the field profiles and the forest from the history (as stored).
 
         `normal`: records a clerk reviewed and found not unusual (rejected anomaly flags). The cutoff rises
         above their scores (up to the MAX_NORMAL_QUANTILE of the history), and a record encoded exactly as
         one of them is never flagged: the same false alarm does not come back.
+
+        `pairs` (the dependencies `detectors.find_dependencies` finds in `stored`) and `profile` (a profile
+        of `stored`, row for row in this order, e.g. the error model's `profile_`) spare learning them a
+        second time from the same records; the model reads neither profile's identifier checks.
         """
-        kinds = {name: spec.type for name, spec in self.config.fields.items() if name in stored.columns}
-        pairs = d.find_dependencies(d.chunk_texts(stored, kinds), kinds)
-        self.profile_ = d.build_profile(stored, self.config, pairs=pairs)
+        if profile is not None:
+            if profile.rows != len(stored):
+                raise ValueError(f"profile of {profile.rows} rows given for {len(stored)} records")
+            self.profile_ = profile
+        else:
+            if pairs is None:
+                kinds = {n: spec.type for n, spec in self.config.fields.items() if n in stored.columns}
+                pairs = d.find_dependencies(d.chunk_texts(stored, kinds), kinds)
+            self.profile_ = d.build_profile(stored, self.config, pairs=pairs)
         self.owners_ = self._plan()
         self.givens_ = self._givens(stored)
         X = self._encode(stored, leave_one_out=True)

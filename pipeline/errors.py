@@ -322,6 +322,7 @@ class ErrorModel(BaseEstimator):
         logger.info("error model: profiling %d records", len(profile_frame))
         kinds = {name: spec.type for name, spec in config.fields.items() if name in stored.columns}
         pairs = d.find_dependencies(d.chunk_texts(profile_frame, kinds), kinds)
+        self.dependency_pairs_ = pairs
         confirmed = _confirmed_cells(confirmed, entered, ids, fields)
         self.confirmed_cells_ = len(confirmed)
         self.confirmed_values_ = frozenset(

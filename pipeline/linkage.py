@@ -71,6 +71,10 @@ SETTINGS_FILE = "linkage_settings.json"
 META_FILE = "linkage_meta.json"
 DENSITY_Z = 2.0
 UNMERGED_SUSPECT = 0.9
+# `fit` draws candidate pairs (the candidate recall figure, the look-alike negatives) from at most this many
+# of the latest records: the matcher's index of a whole history is its largest cost in time and memory, and
+# a few hundred look-alikes need no more. Every label's features come from an index of the records it names.
+CANDIDATE_RECORDS = 50_000
 DEDUPE_VERSION = metadata.version("dedupe")
 
 
@@ -186,16 +190,26 @@ class DuplicateModel:
         self.blocking_rules_ = [rule.name for rule in self.rules_]
         self.threshold_ = 0.5
 
-        matcher = Matcher(self, None)
-        cand_a, cand_b, _ = matcher._candidates(self._encode(records))
-        found = {(int(a), int(b)) for a, b in zip(cand_a, cand_b, strict=True)}
-        hits = sum((int(a), int(b)) in found for a, b in zip(pair_a, pair_b, strict=True))
-        self.candidate_recall_ = hits / len(pair_a)
-        self.candidates_per_record_ = len(cand_a) / len(records)
+        # Candidates among the latest CANDIDATE_RECORDS records (all of a smaller history), as positions
+        # into `records`; the recall figure counts the known pairs inside them.
+        tail = max(len(records) - CANDIDATE_RECORDS, 0)
+        latest = records.iloc[tail:]
+        cand_a, cand_b, _ = Matcher(self, None)._candidates(self._encode(latest))
+        found = {(int(a) + tail, int(b) + tail) for a, b in zip(cand_a, cand_b, strict=True)}
+        inside = pair_b >= tail  # the earlier record of the pair is among the latest
+        hits = sum((int(a), int(b)) in found for a, b in zip(pair_a[inside], pair_b[inside], strict=True))
+        self.candidate_recall_ = hits / int(inside.sum()) if inside.any() else self.blocking_recall_
+        self.candidates_per_record_ = len(cand_a) / len(latest)
         # Hard negatives come from a wider blocking than the one scoring uses, so the classifier also sees
         # look-alikes that the chosen keys happen to keep apart in this history.
-        wide_matcher = Matcher(self, None, rules=wide)
-        wide_a, wide_b, _ = wide_matcher._candidates(self._encode(records, rules=wide))
+        wide_a, wide_b, _ = Matcher(self, None, rules=wide)._candidates(self._encode(latest, rules=wide))
+        wide_a, wide_b = wide_a + tail, wide_b + tail
+        made: list[pd.DataFrame] = []  # made-up negatives' records, numbered after the history's
+
+        def add_records(frame: pd.DataFrame) -> int:
+            made.append(frame)
+            return len(records) + sum(len(part) for part in made[:-1])
+
         cluster = cluster_roots(known)
 
         sampler = LabelSampler(
@@ -210,10 +224,10 @@ class DuplicateModel:
             cluster,
             rejected,
             position,
-            lambda made: wide_matcher._add(self._encode(made, rules=wide)),
+            add_records,
         )
         self.label_counts_ = sampler.counts_
-        features = wide_matcher._features(label_a, label_b)
+        features = self._label_features(records, made, label_a, label_b)
         # A thousand labels fit fastest on one thread; BLAS threads only contend on a shared machine.
         with threadpool_limits(1):
             self._fit_classifier(features, labels)
@@ -244,6 +258,24 @@ class DuplicateModel:
             self.train_seconds_,
         )
         return self
+
+    def _label_features(
+        self, records: pd.DataFrame, made: list[pd.DataFrame], left: np.ndarray, right: np.ndarray
+    ) -> np.ndarray:
+        """The comparison features of labelled pairs, given as positions into `records` followed by the
+        `made` records, from an index of only the records the pairs name: a pair's features depend on its
+        two records' values and the fitted term frequencies, never on what else is indexed."""
+        n = len(records)
+        real = np.unique(np.concatenate([left[left < n], right[right < n]]))
+        matcher = Matcher(self, None, rules=[])
+        matcher._add(self._encode(records.iloc[real], rules=[]))
+        for frame in made:
+            matcher._add(self._encode(frame, rules=[]))
+
+        def indexed(positions: np.ndarray) -> np.ndarray:
+            return np.where(positions < n, np.searchsorted(real, positions), len(real) + positions - n)
+
+        return matcher._features(indexed(left), indexed(right))
 
     def _fit_unlabelled(self, records: pd.DataFrame, started: float) -> DuplicateModel:
         """A model that links nothing, for a log without merges: with no labelled duplicate there is nothing

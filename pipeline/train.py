@@ -220,8 +220,13 @@ def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds
             duplicates.label_frequency_ = thresholds.label_frequency
 
     normal = everyone[everyone[config.id_column].isin(confirmed_records(history.log))]
+    # The error model profiled the same records (the reviewed ones first): its dependency search serves
+    # the anomaly model, and so does its profile when no record was left out of the review (same order).
     anomalies = AnomalyModel(config, quantile=config.anomaly_quantile, seed=config.seed).fit(
-        everyone, normal=normal
+        everyone,
+        normal=normal,
+        pairs=errors.dependency_pairs_,
+        profile=None if len(unreviewed) else errors.profile_,
     )
     return ModelBundle(config=config, duplicates=duplicates, errors=errors, anomalies=anomalies)
 

@@ -193,3 +193,26 @@ def test_a_new_customer_is_rare_once_too() -> None:
     assert X[0, street] < 1 and history[0, street] < 1
     # Only a new value comes with a new customer: a known street under a new code is judged as it is.
     assert X[1, street] > 2
+
+
+def test_given_dependencies_and_profile_score_alike(model: AnomalyModel) -> None:
+    """The error model's dependency search and profile of the same records, handed over, give the same
+    model as learning them again (train.py shares them instead of profiling the history twice)."""
+    from pipeline import detectors as d
+
+    history = _history()
+    kinds = {name: spec.type for name, spec in CONFIG.fields.items()}
+    pairs = d.find_dependencies(d.chunk_texts(history, kinds), kinds)
+    assert pairs  # city <-> postcode: something to share
+    profile = d.build_profile(history, CONFIG, pairs=pairs, schemes={})
+    chunk = pd.concat(
+        [_history(30), pd.DataFrame([{"city": "Utrecht", "postcode": "1000 AB", "amount": "1"}])]
+    )
+    for given in (
+        AnomalyModel(CONFIG, quantile=0.99).fit(history, pairs=pairs),
+        AnomalyModel(CONFIG, quantile=0.99).fit(history, profile=profile),
+    ):
+        assert given.cutoff_ == model.cutoff_
+        pd.testing.assert_frame_equal(given.score(chunk), model.score(chunk))
+    with pytest.raises(ValueError, match="profile of 400 rows"):
+        AnomalyModel(CONFIG, quantile=0.99).fit(history.head(10), profile=profile)

@@ -613,3 +613,35 @@ def test_density_does_not_depend_on_chunks_and_another_engine_can_count_it(stand
     right = every.loc[linked["candidate_id"]].reset_index()
     pairs = model.matcher(None).score_pairs(left, right, density)
     assert pairs.scores.tolist() == pytest.approx(linked["score"].tolist(), abs=1e-12)
+
+
+def test_label_features_need_only_the_records_they_name(trained) -> None:
+    """`fit` computes its labels' features from an index of just the labelled records: equal, pair for
+    pair, to the features an index of the whole history gives."""
+    from pipeline.linkage import Matcher
+
+    model, records = trained
+    made = records.iloc[[5]].assign(record_id="\x00made-0", amount="1.00")
+    whole = Matcher(model, None)  # how fit indexed them before: the history, then the made-up records
+    whole._add(model._encode(records))
+    whole._add(model._encode(made))
+    left, right = np.array([25, 3, 30, 33, len(records)]), np.array([0, 2, 7, 24, 5])
+    alone = model._label_features(records, [made], left, right)
+    np.testing.assert_array_equal(alone, whole._features(left, right))
+    assert alone.shape == (5, model.n_features_)
+
+
+def test_candidates_come_from_the_latest_records_only(monkeypatch) -> None:
+    """Above `CANDIDATE_RECORDS` the look-alikes and the candidate figures come from the latest records;
+    the model still learns from every known pair."""
+    import pipeline.linkage as linkage
+
+    records, pairs = history()
+    monkeypatch.setattr(linkage, "CANDIDATE_RECORDS", 20)
+    model = DuplicateModel(CONFIG, seed=0).fit(records, pairs)
+    assert model.label_counts_["positive"] == len(SLIPS)
+    assert model.label_counts_["lookalike_negative"] > 0
+    assert 0.0 < model.candidates_per_record_ <= model.top_k
+    assert model.candidate_recall_ >= 0.9
+    scores = model.matcher(records).match(batch([dict(order(3), record_id="N1", amount="211.00")]))
+    assert scores["duplicate_of"].iloc[0] == "R0003"
