@@ -49,6 +49,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,13 +78,12 @@ from pipeline.score import (
     CSV_LINE_END,
     HISTOGRAM_BINS,
     SCORE_COLUMNS,
+    FlagRuns,
     assess_chunk,
     empty_flags,
     link_chunk,
     prepare_output,
     publish,
-    sort_flags,
-    write_flags,
 )
 
 if TYPE_CHECKING:
@@ -180,26 +180,27 @@ def score_spark(
             time.perf_counter() - started,
         )
 
-        linked = _link_on_driver(spark, bundle, batch, stored, chunk_rows)
-        del stored  # the matcher holds what it needs of the reference
-        logger.info("spark: linked on the driver (%.1f s)", time.perf_counter() - started)
-        result = _score_rows(spark, model, batch, linked, chunk_rows, config.check_fields).persist()
-        cached.append(result)
-
-        parts = result.filter(result.part != "records").select("part", "payload").collect()
-        flag_frames = [_flags_from_json(row.payload) for row in parts if row.part == "flags"]
+        runs = FlagRuns(staging / ".flag-runs")
         histograms = {name: np.zeros(HISTOGRAM_BINS, dtype=int) for name in SCORE_COLUMNS}
-        for row in parts:
-            if row.part == "hist":
-                for name, counts in json.loads(row.payload).items():
-                    histograms[name] += np.asarray(counts, dtype=int)
-        logger.info("spark: scored %d rows (%.1f s)", batch.rows, time.perf_counter() - started)
         records_path = staging / s.RECORDS_FILE
-        _write_records(result, records_path, batch.header)
-        flags = sort_flags(pd.concat(flag_frames, ignore_index=True)) if flag_frames else empty_flags()
-        write_flags(flags, staging, output_format)
+        with open(records_path, "w", encoding="utf-8", newline="") as fh:
+            csv.writer(fh, lineterminator=CSV_LINE_END).writerow([*batch.header, *s.RECORD_COLUMNS])
+            for text, chunk_flags, chunk_histograms in _scored_chunks(
+                spark, bundle, model, batch, stored, chunk_rows
+            ):
+                fh.write(text)
+                runs.add(chunk_flags)
+                for name, counts in chunk_histograms.items():
+                    histograms[name] += np.asarray(counts, dtype=int)
+        del stored
+        logger.info("spark: scored %d rows (%.1f s)", batch.rows, time.perf_counter() - started)
+        # From here on as `run_batch`: flags merged from the sorted runs, read back for summary and report.
+        runs.merge_into(staging / s.FLAGS_FILE)
+        flags = pd.read_csv(staging / s.FLAGS_FILE, dtype=str, keep_default_na=False)
         if output_format == "parquet":
+            flags.to_parquet(staging / "flags.parquet", index=False)
             _records_parquet(records_path, staging / "records.parquet")
+        flags[s.FLAG_SCORE] = flags[s.FLAG_SCORE].astype(float)
         summary = build_summary(
             bundle,
             flags=flags,
@@ -207,6 +208,7 @@ def score_spark(
             input_path=input_path,  # type: ignore[arg-type] # a URI stays as given
             input_digest=_digest(input_path),
             reference_rows=reference.rows if reference is not None else 0,
+            reference_path=reference_path,  # type: ignore[arg-type] # a URI stays as given
             seconds=time.perf_counter() - started,
         )
         summary["engine"] = {"name": "spark", "master": spark.sparkContext.master}
@@ -555,23 +557,19 @@ def _check_ids(table: _Table, id_column: str, *, chunk_rows: int | None, referen
     raise SchemaError(f"{table.path}: row {row + 1}: {id_column} {value!r} appears more than once")
 
 
-# ------------------------------------------------------------------------------------------------ duplicates
-
-
-LINK_SCORE = "_score"
-LINK_OF = "_duplicate_of"
-LINK_CLUSTER = "_cluster"  # null: the row is its own cluster
-LINK_REASON = "_reason"
-LINK_MATCHED = "_matched"  # whether link_chunk gave the chunk matched values (m0..: "" where unlinked)
+# ------------------------------------------------------------------------------------ duplicates, then rows
 
 
 @dataclass
-class _Linked:
-    """What the driver's pass over the batch hands the executors: the links (`links`, a Spark frame by
-    `_row`) and the running-number state before each chunk (`numbers`, by chunk; empty without any)."""
+class _LinkedChunk:
+    """One chunk of input rows (`start` to `stop`) after the driver's pass: what `link_chunk` gave for it
+    and the running-number state before it (`RunningNumbers.to_dict`)."""
 
-    links: DataFrame
-    numbers: dict[int, dict]
+    start: int
+    stop: int
+    links: pd.DataFrame
+    matched: pd.DataFrame | None
+    numbers: dict[str, Any]
 
 
 def _driver_columns(bundle: ModelBundle, batch: _Table) -> list[str]:
@@ -587,13 +585,12 @@ def _driver_columns(bundle: ModelBundle, batch: _Table) -> list[str]:
 def _batch_chunks(batch: _Table, names: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The batch's `names` columns, `chunk_rows` rows at a time in input order, indexed by row number as
     `pipeline.ingest.iter_table` indexes them: one small Arrow collect per chunk (the frame is cached with
-    its rows sorted within each partition, so a chunk's range reads few of its column batches)."""
+    its rows in contiguous sorted ranges, so a chunk reads few of its column batches)."""
     from pyspark.sql import functions as F
 
     columns = [F.col(batch.column(name)).alias(f"k{i}") for i, name in enumerate(names)]
     for start in range(0, batch.rows, chunk_rows):
-        wanted = (F.col(ROW) >= start) & (F.col(ROW) < start + chunk_rows)
-        pdf = batch.frame.filter(wanted).select(ROW, *columns).toPandas()
+        pdf = batch.frame.filter(_rows_between(start, start + chunk_rows)).select(ROW, *columns).toPandas()
         pdf = pdf.sort_values(ROW, kind="stable")
         yield pd.DataFrame(
             {name: pdf[f"k{i}"].to_numpy(dtype=object) for i, name in enumerate(names)},
@@ -601,101 +598,89 @@ def _batch_chunks(batch: _Table, names: list[str], chunk_rows: int) -> Iterator[
         )
 
 
-def _link_on_driver(
+def _rows_between(start: int, stop: int) -> Any:
+    from pyspark.sql import functions as F
+
+    return (F.col(ROW) >= start) & (F.col(ROW) < stop)
+
+
+def _linked_chunks(
+    bundle: ModelBundle, batch: _Table, reference: pd.DataFrame | None, chunk_rows: int
+) -> Iterator[_LinkedChunk]:
+    """The driver's pass: the duplicate links of every chunk, made by the in-process job's own code (the
+    batch streamed here in input order, each chunk given to `pipeline.score.link_chunk` with the matcher
+    `pipeline.reference.build_reference` builds), and the running numbers carried from chunk to chunk as
+    `run_batch` carries them. The index is sequential state (each record is matched against every earlier
+    one), so it lives in one place: here, not on the executors."""
+    matcher = bundle.duplicates.matcher(reference, evict=True)
+    state = bundle.errors.running_numbers()
+    for chunk in _batch_chunks(batch, _driver_columns(bundle, batch), chunk_rows):
+        before = state
+        state = state.then(bundle.errors.running_numbers(chunk))
+        links, matched = link_chunk(chunk, bundle, matcher)
+        yield _LinkedChunk(int(chunk.index[0]), int(chunk.index[-1]) + 1, links, matched, before.to_dict())
+
+
+def _scored_chunks(
     spark: SparkSession,
     bundle: ModelBundle,
+    model: str,
     batch: _Table,
     reference: pd.DataFrame | None,
     chunk_rows: int,
-) -> _Linked:
-    """The duplicate links of every batch row, made on the driver by the in-process job's own code: the
-    batch streamed here chunk by chunk in input order, each chunk given to `pipeline.score.link_chunk` with
-    the matcher `pipeline.reference.build_reference` builds, and the running numbers carried from chunk to
-    chunk as `run_batch` carries them. The index is sequential state (each record is matched against every
-    earlier one), so it lives in one place: here, not on the executors."""
-    config = bundle.config
-    matcher = bundle.duplicates.matcher(reference, evict=True)
-    state = bundle.errors.running_numbers()
-    numbers: dict[int, dict] = {}
-    fields = config.check_fields
-    parts: list[pd.DataFrame] = []
-    for k, chunk in enumerate(_batch_chunks(batch, _driver_columns(bundle, batch), chunk_rows)):
-        if state.names:
-            numbers[k] = state.to_dict()
-            state = state.then(bundle.errors.running_numbers(chunk))
-        links, matched = link_chunk(chunk, bundle, matcher)
-        ids = chunk[config.id_column].to_numpy(dtype=object)
-        cluster = links[s.CLUSTER_ID].to_numpy(dtype=object)
-        part = {
-            ROW: chunk.index.to_numpy(dtype=np.int64),
-            LINK_SCORE: links[s.DUPLICATE_SCORE].to_numpy(dtype=float),
-            LINK_OF: links[s.DUPLICATE_OF].to_numpy(dtype=object),
-            LINK_CLUSTER: np.where(cluster == ids, None, cluster),
-            LINK_REASON: links["reason"].to_numpy(dtype=object),
-            LINK_MATCHED: matched is not None,
-        }
-        for j, name in enumerate(fields):
-            part[f"m{j}"] = None if matched is None else matched[name].to_numpy(dtype=object)
-        parts.append(pd.DataFrame(part))
-        logger.info("spark: linked %d rows on the driver", int(chunk.index[-1]) + 1)
-    types = {ROW: "long", LINK_SCORE: "double", LINK_OF: "string", LINK_CLUSTER: "string"}
-    types |= {LINK_REASON: "string", LINK_MATCHED: "boolean"} | {
-        f"m{j}": "string" for j in range(len(fields))
-    }
-    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(types))
-    schema = ", ".join(f"{name} {kind}" for name, kind in types.items())
-    return _Linked(links=spark.createDataFrame(frame, schema=schema), numbers=numbers)
+) -> Iterator[tuple[str, pd.DataFrame, dict[str, list[int]]]]:
+    """Each chunk's records (CSV text), flags (with `_row`) and score histograms, in input order.
+
+    While the driver links chunk after chunk, the executors assess the chunks already linked: one Spark
+    job of one task per chunk, at most the cluster's parallelism plus one in flight (as `run_batch` keeps
+    its worker processes busy while it matches), so memory stays bounded and no stage waits for another.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    in_flight = max(spark.sparkContext.defaultParallelism, 1) + 1
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(in_flight, thread_name_prefix="pipeline-spark") as pool:
+        try:
+            for linked in _linked_chunks(bundle, batch, reference, chunk_rows):
+                pending.append(pool.submit(_assess_on_executor, model, batch, linked))
+                while len(pending) > in_flight:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
-# ----------------------------------------------------------------------------------------- scoring rows
+def _assess_on_executor(
+    model: str, batch: _Table, linked: _LinkedChunk
+) -> tuple[str, pd.DataFrame, dict[str, list[int]]]:
+    """One chunk scored by `pipeline.score.assess_chunk` in one executor task: its rows read from the
+    cached batch there, its links and running-number state shipped with the task."""
+    frame = batch.frame.filter(_rows_between(linked.start, linked.stop)).coalesce(1)
+    pieces = frame.mapInPandas(_assess(model, batch.header, linked), "part string, payload string").collect()
+    by_part = {row.part: row.payload for row in pieces}
+    flags = _flags_from_json(by_part["flags"]) if "flags" in by_part else empty_flags()
+    return by_part["records"], flags, json.loads(by_part["hist"])
 
 
-def _score_rows(
-    spark: SparkSession,
-    model: str,
-    batch: _Table,
-    linked: _Linked,
-    chunk_rows: int,
-    check_fields: list[str],
-) -> DataFrame:
-    """Row-parallel scoring with `pipeline.score.assess_chunk` (errors and anomalies), one `chunk_rows`
-    chunk of input rows at a time, with the chunk's links from the driver and the running-number state
-    before it. One output row per piece, in input order: ("records", first row, CSV text), ("flags", first
-    row, JSON), ("hist", first row, JSON)."""
-    from pyspark.sql import functions as F
+def _assess(model: str, header: list[str], linked: _LinkedChunk) -> Any:
+    """Executor side of `_assess_on_executor`."""
 
-    numbers_of = spark.sparkContext.broadcast(linked.numbers)
-    joined = batch.frame.join(linked.links, ROW, "left")
-    header = batch.header
-    fields = list(enumerate(check_fields))
-
-    def run(pdf: pd.DataFrame) -> pd.DataFrame:
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        parts = [pdf for pdf in batches if len(pdf)]
+        if not parts:
+            return
         bundle = _load_bundle(model)
-        id_column = bundle.config.id_column
-        pdf = pdf.sort_values(ROW, kind="stable").reset_index(drop=True)
-        rows = pdf[ROW].to_numpy(dtype=np.int64)
+        pdf = pd.concat(parts, ignore_index=True).sort_values(ROW, kind="stable")
         chunk = pd.DataFrame(
             {name: pdf[f"c{i}"].to_numpy(dtype=object) for i, name in enumerate(header)},
-            index=pd.Index(rows),
+            index=pd.Index(pdf[ROW].to_numpy(dtype=np.int64)),
         )
-        ids = chunk[id_column].to_numpy(dtype=object)
-        cluster = pdf[LINK_CLUSTER].to_numpy(dtype=object)
-        links = pd.DataFrame(
-            {
-                s.DUPLICATE_OF: pdf[LINK_OF].fillna(s.MISSING).to_numpy(dtype=object),
-                s.DUPLICATE_SCORE: pdf[LINK_SCORE].fillna(0.0).to_numpy(dtype=float),
-                s.CLUSTER_ID: np.where(pd.isna(cluster), ids, cluster),
-                "reason": pdf[LINK_REASON].fillna(s.MISSING).to_numpy(dtype=object),
-            },
-            index=chunk.index,
-        )
-        matched = None
-        if pdf[LINK_MATCHED].fillna(False).any():
-            values = {name: pdf[f"m{j}"].fillna(s.MISSING).to_numpy(dtype=object) for j, name in fields}
-            matched = pd.DataFrame(values, index=chunk.index, columns=check_fields)
-        state = numbers_of.value.get(int(rows[0]) // chunk_rows)
-        before = RunningNumbers.from_dict(state) if state is not None else None
-        result = assess_chunk(chunk, bundle, links, matched, before)
+        if not chunk.index.equals(linked.links.index):
+            raise RuntimeError(f"spark: rows {linked.start}-{linked.stop} did not arrive whole")
+        numbers = RunningNumbers.from_dict(linked.numbers)
+        result = assess_chunk(chunk, bundle, linked.links, linked.matched, numbers)
         out = pd.concat([chunk, result.columns], axis=1)
         text = io.StringIO()
         csv.writer(text, lineterminator=CSV_LINE_END).writerows(out.itertuples(index=False, name=None))
@@ -705,14 +690,12 @@ def _score_rows(
             )[0].tolist()
             for name in SCORE_COLUMNS
         }
-        start = int(rows[0])
-        pieces = [("records", start, text.getvalue()), ("hist", start, json.dumps(histograms))]
+        pieces = [("records", text.getvalue()), ("hist", json.dumps(histograms))]
         if len(result.flags):
-            pieces.append(("flags", start, _flags_to_json(result.flags)))
-        return pd.DataFrame(pieces, columns=["part", "start", "payload"])
+            pieces.append(("flags", _flags_to_json(result.flags)))
+        yield pd.DataFrame(pieces, columns=["part", "payload"])
 
-    chunks = joined.groupBy(F.floor(F.col(ROW) / chunk_rows).alias("chunk"))
-    return chunks.applyInPandas(run, "part string, start long, payload string").orderBy("start", "part")
+    return run
 
 
 def _flags_to_json(flags: pd.DataFrame) -> str:
@@ -732,21 +715,6 @@ def _flags_from_json(payload: str) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-
-
-def _write_records(result: DataFrame, path: Path, header: list[str]) -> None:
-    """Streams the executors' CSV text into records.csv, range by range in input order."""
-    from pyspark.sql import functions as F
-
-    last = -1
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        csv.writer(fh, lineterminator=CSV_LINE_END).writerow([*header, *s.RECORD_COLUMNS])
-        pieces = result.filter(F.col("part") == "records").select("start", "payload")
-        for start, text in pieces.toLocalIterator(prefetchPartitions=True):
-            if start <= last:
-                raise RuntimeError(f"spark: records arrived out of order (row {start} after {last})")
-            last = start
-            fh.write(text)
 
 
 def _records_parquet(records_path: Path, target: Path) -> None:

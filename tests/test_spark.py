@@ -63,6 +63,7 @@ def test_spark_writes_what_the_in_process_job_writes(spark, demo, bundle, tmp_pa
     assert distributed["flags"][s.KIND_DUPLICATE] > 0 and distributed["flags"][s.KIND_ERROR] > 0
     assert distributed["input"] == local["input"]
     assert distributed["reference_rows"] == local["reference_rows"] == 1500
+    assert distributed["reference_path"] == local["reference_path"] == str(demo.records)
     assert distributed["engine"]["name"] == "spark"
     summary = json.loads((tmp_path / "spark" / s.SUMMARY_FILE).read_text(encoding="utf-8"))
     assert summary["flags"] == local["flags"]
@@ -181,12 +182,12 @@ def test_each_spark_chunk_starts_from_the_running_numbers_run_batch_carries(spar
     """The state before each chunk, entry days included (a later chunk's horizon reads them), is the one
     the in-process job builds chunk by chunk."""
     from pipeline.ingest import ReadOptions, iter_table
-    from pipeline.spark import _link_on_driver, _read
+    from pipeline.spark import _linked_chunks, _read
 
     options = ReadOptions.from_config(bundle.config)
     batch = _read(spark, demo.batch, [], options)
-    states = _link_on_driver(spark, bundle, batch, None, CHUNK_ROWS).numbers
-    assert states, "the demo model checks running numbers"
+    states = {k: linked.numbers for k, linked in enumerate(_linked_chunks(bundle, batch, None, CHUNK_ROWS))}
+    assert bundle.errors.running_numbers().names, "the demo model checks running numbers"
     state = bundle.errors.running_numbers()
     chunks = list(iter_table(demo.batch, chunk_rows=CHUNK_ROWS, options=options))
     assert sorted(states) == list(range(len(chunks)))
