@@ -15,14 +15,16 @@ over a Spark cluster:
   sequential state (each record is compared with every record indexed before it), so it lives in one
   process: the driver holds the reference's index (the `window` latest records of each block and the
   values they need, as in-process), no executor does. The running-number state before each chunk is
-  carried in the same pass, as `run_batch` carries it. The links (a score per row; the match, cluster,
-  reason and matched values for linked rows) go to the executors as a Spark frame joined by row.
-* Errors and anomalies: row-parallel, one `chunk_rows` chunk of rows per task, calling
-  `pipeline.score.assess_chunk` itself with the chunk's links and matched values and the running-number
-  state before it, so every chunk is judged exactly as in-process.
+  carried in the same pass, as `run_batch` carries it. The duplicate stage therefore runs at one core's
+  speed whatever the cluster, and the driver needs the memory the in-process job needs for the index.
+* Errors and anomalies: on the executors, one Spark job of one task per `chunk_rows` chunk, calling
+  `pipeline.score.assess_chunk` itself with the chunk's links, matched values and running-number state
+  (shipped with the task), so every chunk is judged exactly as in-process. The driver links the next
+  chunks meanwhile, at most the cluster's parallelism plus one chunk ahead, as `run_batch --workers` does.
 * Writing: executors format their rows as CSV text (the same `csv` writer settings as `run_batch`); the
-  driver streams the ranges in order into records.csv and writes flags, summary and report with the
-  helpers of `pipeline.score` and `pipeline.report`, in a staging folder that is moved into place at the end.
+  driver appends the chunks in input order to records.csv, spills their flags as sorted runs
+  (`pipeline.score.FlagRuns`) merged into flags.csv, and writes summary and report with the helpers of
+  `pipeline.report`, in a staging folder that is moved into place at the end.
 
 How the model reaches the executors: the loaded bundle is saved to a temporary folder on the driver and
 shipped with `SparkContext.addFile(folder, recursive=True)`; each executor's Python worker loads it once
