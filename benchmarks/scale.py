@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import resource
@@ -65,10 +66,19 @@ class Run:
     status: str = "ok"
     cpu_s: float = 0.0  # user + system CPU seconds of the child and the descendants it waited for
     phases: dict[str, float] | None = None  # what a duplicate-only child reports (seconds per phase)
+    output: Path | None = None  # the output folder of a `score` run
 
     @property
     def rate(self) -> float:
         return self.rows / self.seconds if self.seconds else 0.0
+
+
+def digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def children_cpu() -> float:
@@ -195,6 +205,7 @@ def main() -> None:  # noqa: C901
         files += ["--cache-dir", str(work / "reference-cache")]  # never a cache of another run or user
         command = cli(py, "score", "--model", str(model), *files, "--overwrite", "-q", *extra)
         result = run(case, what, rows, command)
+        result.output = out
         if result.status == "ok":
             summary = json.loads((out / "summary.json").read_text())
             result.what += f"; {summary['flags']['duplicate']:,} duplicate flags"
@@ -242,9 +253,18 @@ def main() -> None:  # noqa: C901
             )
     if "spark-1m" in args.cases:
         data = generate(py, work / "data-spark-1m", 10_000, 1_000_000)
-        score("spark-1m", data, 1_000_000, data / "records.csv", what="in-process, 1,000,000 rows")
         spark = ("--engine", "spark", "--spark-master", "local[2]")
-        score("spark-1m", data, 1_000_000, data / "records.csv", *spark, what="spark local[2], 1M rows")
+        local = score("spark-1m", data, 1_000_000, data / "records.csv", what="in-process, 1,000,000 rows")
+        on_spark = score(
+            "spark-1m", data, 1_000_000, data / "records.csv", *spark, what="spark local[2], 1M rows"
+        )
+        if local.status == on_spark.status == "ok":
+            same = all(
+                digest(local.output / name) == digest(on_spark.output / name)
+                for name in ("records.csv", "flags.csv")
+            )
+            on_spark.what += "; records.csv and flags.csv " + ("byte-identical" if same else "DIFFER")
+            print(f"  {on_spark.what}", flush=True)
 
     print(f"\nwork folder: {work}\n")
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
@@ -253,7 +273,7 @@ def main() -> None:  # noqa: C901
     for r in runs:
         figures = f"{r.rows:,} | {r.seconds:.1f} | {r.cpu_s:.1f} | {r.rate:,.0f} | {r.peak_mb:,.0f}"
         print(f"| {r.case} | {r.what} | {figures} | {r.status} |")
-    (work / "scale.json").write_text(json.dumps([r.__dict__ for r in runs], indent=2))
+    (work / "scale.json").write_text(json.dumps([r.__dict__ for r in runs], indent=2, default=str))
 
 
 if __name__ == "__main__":

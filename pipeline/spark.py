@@ -7,23 +7,24 @@ over a Spark cluster:
 * Reading: the batch (and reference) are read by Spark, every cell as text, "" for an empty cell, and
   numbered in file order (`_row`, 0-based data rows) so the output keeps input order and messages can name
   rows. Bad input is refused with the same one-line messages as the in-process path.
-* Duplicates: each record's blocking keys (the duplicate model's own `_encode`) are exploded into
-  (rule, key) rows, and only keys that occur in the batch are kept, so no executor holds the whole
-  reference. Within a (rule, key) block, ordered as the in-process `Matcher` indexes records (the
-  reference oldest first, then the batch in input order), a window over the `window` preceding rows gives
-  each batch record its block's earlier members; their shared-key weights (1 / block size) are summed in
-  rule order, the `top_k` kept, and the pairs scored with the model's comparison features and classifier,
-  a bucket of records at a time. The best candidate at or above `threshold_` is the link; its reason is the
-  model's reason. Cluster ids are resolved on the driver from the links (a matched record joins its
-  match's cluster), as the `Matcher` does. The result is the same as in-process, candidate for candidate.
-* Errors and anomalies: row-parallel, `mapInPandas` over contiguous ranges of rows, calling
-  `pipeline.score.score_chunk` itself with the duplicate links computed above, so the error model gets the
-  matched record's values exactly as in-process, and with the running-number state before each range
-  (`ErrorModel.running_numbers`: what each range adds is computed in parallel, then folded in order on the
-  driver, a few numbers per prefix and range).
+* Duplicates: on the driver, by the in-process job's own code. The batch's id, field, time and
+  running-number columns are streamed to the driver chunk by chunk in input order (one Arrow collect per
+  `chunk_rows` chunk of the cached batch) and given to `pipeline.score.link_chunk` with the matcher
+  `DuplicateModel.matcher(reference, evict=True)`, as `run_batch` does: the same candidates, scores,
+  tie-breaks, clusters and reasons by construction, not by a second implementation. The matcher's index is
+  sequential state (each record is compared with every record indexed before it), so it lives in one
+  process: the driver holds the reference's index (the `window` latest records of each block and the
+  values they need, as in-process), no executor does. The running-number state before each chunk is
+  carried in the same pass, as `run_batch` carries it. The duplicate stage therefore runs at one core's
+  speed whatever the cluster, and the driver needs the memory the in-process job needs for the index.
+* Errors and anomalies: on the executors, one Spark job of one task per `chunk_rows` chunk, calling
+  `pipeline.score.assess_chunk` itself with the chunk's links, matched values and running-number state
+  (shipped with the task), so every chunk is judged exactly as in-process. The driver links the next
+  chunks meanwhile, at most the cluster's parallelism plus one chunk ahead, as `run_batch --workers` does.
 * Writing: executors format their rows as CSV text (the same `csv` writer settings as `run_batch`); the
-  driver streams the ranges in order into records.csv and writes flags, summary and report with the
-  helpers of `pipeline.score` and `pipeline.report`, in a staging folder that is moved into place at the end.
+  driver appends the chunks in input order to records.csv, spills their flags as sorted runs
+  (`pipeline.score.FlagRuns`) merged into flags.csv, and writes summary and report with the helpers of
+  `pipeline.report`, in a staging folder that is moved into place at the end.
 
 How the model reaches the executors: the loaded bundle is saved to a temporary folder on the driver and
 shipped with `SparkContext.addFile(folder, recursive=True)`; each executor's Python worker loads it once
@@ -50,6 +51,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +80,12 @@ from pipeline.score import (
     CSV_LINE_END,
     HISTOGRAM_BINS,
     SCORE_COLUMNS,
+    FlagRuns,
+    assess_chunk,
     empty_flags,
+    link_chunk,
     prepare_output,
     publish,
-    score_chunk,
-    sort_flags,
-    write_flags,
 )
 
 if TYPE_CHECKING:
@@ -155,7 +157,7 @@ def score_spark(
         spark, created = _session(master, spark_conf)
         config = bundle.config
         # Checked in run_batch's order, so a run with several faults reports the same one first.
-        reference = None
+        reference, stored = None, None
         if reference_path is not None:
             reference = _read(spark, reference_path, cached, ReadOptions.from_config(config))
             _require(reference, config.required_columns(), what="configured")
@@ -180,28 +182,27 @@ def score_spark(
             time.perf_counter() - started,
         )
 
-        links = _duplicate_links(spark, bundle, model, batch, reference).persist()
-        cached.append(links)
-        clusters = _clusters(links)
-        logger.info("spark: %d duplicate links (%.1f s)", len(clusters), time.perf_counter() - started)
-        numbers = _running_numbers(bundle, batch, chunk_rows)
-        result = _score_rows(spark, bundle, model, batch, links, clusters, chunk_rows, numbers).persist()
-        cached.append(result)
-
-        parts = result.filter(result.part != "records").select("part", "payload").collect()
-        flag_frames = [_flags_from_json(row.payload) for row in parts if row.part == "flags"]
+        runs = FlagRuns(staging / ".flag-runs")
         histograms = {name: np.zeros(HISTOGRAM_BINS, dtype=int) for name in SCORE_COLUMNS}
-        for row in parts:
-            if row.part == "hist":
-                for name, counts in json.loads(row.payload).items():
-                    histograms[name] += np.asarray(counts, dtype=int)
-        logger.info("spark: scored %d rows (%.1f s)", batch.rows, time.perf_counter() - started)
         records_path = staging / s.RECORDS_FILE
-        _write_records(result, records_path, batch.header)
-        flags = sort_flags(pd.concat(flag_frames, ignore_index=True)) if flag_frames else empty_flags()
-        write_flags(flags, staging, output_format)
+        with open(records_path, "w", encoding="utf-8", newline="") as fh:
+            csv.writer(fh, lineterminator=CSV_LINE_END).writerow([*batch.header, *s.RECORD_COLUMNS])
+            for text, chunk_flags, chunk_histograms in _scored_chunks(
+                spark, bundle, model, batch, stored, chunk_rows
+            ):
+                fh.write(text)
+                runs.add(chunk_flags)
+                for name, counts in chunk_histograms.items():
+                    histograms[name] += np.asarray(counts, dtype=int)
+        del stored
+        logger.info("spark: scored %d rows (%.1f s)", batch.rows, time.perf_counter() - started)
+        # From here on as `run_batch`: flags merged from the sorted runs, read back for summary and report.
+        runs.merge_into(staging / s.FLAGS_FILE)
+        flags = pd.read_csv(staging / s.FLAGS_FILE, dtype=str, keep_default_na=False)
         if output_format == "parquet":
+            flags.to_parquet(staging / "flags.parquet", index=False)
             _records_parquet(records_path, staging / "records.parquet")
+        flags[s.FLAG_SCORE] = flags[s.FLAG_SCORE].astype(float)
         summary = build_summary(
             bundle,
             flags=flags,
@@ -209,6 +210,7 @@ def score_spark(
             input_path=input_path,  # type: ignore[arg-type] # a URI stays as given
             input_digest=_digest(input_path),
             reference_rows=reference.rows if reference is not None else 0,
+            reference_path=reference_path,  # type: ignore[arg-type] # a URI stays as given
             seconds=time.perf_counter() - started,
         )
         summary["engine"] = {"name": "spark", "master": spark.sparkContext.master}
@@ -369,7 +371,8 @@ def _read(spark: SparkSession, path: str | Path, cached: list[DataFrame], option
     numbered = raw.select(row, *columns).filter(F.col(ROW) >= 0)
     rows = total - first_data
     partitions = max(spark.sparkContext.defaultParallelism, math.ceil(rows / ROWS_PER_PARTITION), 1)
-    frame = numbered.repartition(partitions, ROW).persist()
+    # Contiguous ranges of rows, sorted: the driver's pass over the batch reads one chunk at a time.
+    frame = numbered.repartitionByRange(partitions, ROW).sortWithinPartitions(ROW).persist()
     cached.append(frame)
     frame.count()
     raw.unpersist()
@@ -556,316 +559,130 @@ def _check_ids(table: _Table, id_column: str, *, chunk_rows: int | None, referen
     raise SchemaError(f"{table.path}: row {row + 1}: {id_column} {value!r} appears more than once")
 
 
-# ------------------------------------------------------------------------------------------------ duplicates
+# ------------------------------------------------------------------------------------ duplicates, then rows
 
 
-def _model_columns(bundle: ModelBundle, table: _Table) -> list[str]:
-    """The columns the duplicate model reads: the id, all config fields, and the time column if present."""
+@dataclass
+class _LinkedChunk:
+    """One chunk of input rows (`start` to `stop`) after the driver's pass: what `link_chunk` gave for it
+    and the running-number state before it (`RunningNumbers.to_dict`)."""
+
+    start: int
+    stop: int
+    links: pd.DataFrame
+    matched: pd.DataFrame | None
+    numbers: dict[str, Any]
+
+
+def _driver_columns(bundle: ModelBundle, batch: _Table) -> list[str]:
+    """The columns the driver's pass reads: what the matcher reads (the id, every config field, the time
+    column) and the running-number fields."""
     config = bundle.config
-    names = [config.id_column, *config.fields]
-    if config.time_column and config.time_column in table.header:
+    names = [config.id_column, *config.fields, *bundle.errors.running_numbers().names]
+    if config.time_column:
         names.append(config.time_column)
-    return [name for name in names if name in table.header]
+    return [name for name in dict.fromkeys(names) if name in batch.header]
 
 
-def _records(bundle: ModelBundle, table: _Table, prefix: str) -> DataFrame:
-    """The model's columns of a table, named `<prefix><real name index>` (see `_frame_of`)."""
+def _batch_chunks(batch: _Table, names: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The batch's `names` columns, `chunk_rows` rows at a time in input order, indexed by row number as
+    `pipeline.ingest.iter_table` indexes them: one small Arrow collect per chunk (the frame is cached with
+    its rows in contiguous sorted ranges, so a chunk reads few of its column batches)."""
     from pyspark.sql import functions as F
 
-    names = _model_columns(bundle, table)
-    return table.frame.select(
-        F.col(ROW), *[F.col(table.column(name)).alias(f"{prefix}{i}") for i, name in enumerate(names)]
-    )
+    columns = [F.col(batch.column(name)).alias(f"k{i}") for i, name in enumerate(names)]
+    for start in range(0, batch.rows, chunk_rows):
+        pdf = batch.frame.filter(_rows_between(start, start + chunk_rows)).select(ROW, *columns).toPandas()
+        pdf = pdf.sort_values(ROW, kind="stable")
+        yield pd.DataFrame(
+            {name: pdf[f"k{i}"].to_numpy(dtype=object) for i, name in enumerate(names)},
+            index=pd.Index(pdf[ROW].to_numpy(dtype=np.int64)),
+        )
 
 
-def _frame_of(pdf: pd.DataFrame, prefix: str, names: list[str]) -> pd.DataFrame:
-    frame = pd.DataFrame({name: pdf[f"{prefix}{i}"].to_numpy(dtype=object) for i, name in enumerate(names)})
-    return frame.fillna(s.MISSING)
-
-
-def _duplicate_links(
-    spark: SparkSession, bundle: ModelBundle, model: str, batch: _Table, reference: _Table | None
-) -> DataFrame:
-    """Per batch row with any candidate: its best candidate, score, link flag, reason, matched values."""
-    from pyspark.sql import Window
+def _rows_between(start: int, stop: int) -> Any:
     from pyspark.sql import functions as F
 
-    duplicates = bundle.duplicates
-    window, top_k = int(duplicates.window), int(duplicates.top_k)
-    batch_names = _model_columns(bundle, batch)
-    keys = _records(bundle, batch, "b").mapInPandas(
-        _keys_of(model, "b", batch_names, is_batch=True),
-        f"{TKEY} double, {ROW} long, {RULE} int, {KEY} string",
-    )
-    others = _records(bundle, batch, "o").withColumn("o_batch", F.lit(True))
-    if reference is not None:
-        reference_names = _model_columns(bundle, reference)
-        reference_keys = _records(bundle, reference, "r").mapInPandas(
-            _keys_of(model, "r", reference_names, is_batch=False),
-            f"{TKEY} double, {ROW} long, {RULE} int, {KEY} string",
-        )
-        in_batch = keys.select(RULE, KEY).distinct()
-        keys = keys.unionByName(reference_keys.join(in_batch, [RULE, KEY], "left_semi"))
-        # The reference rows as "other" records, with the batch's column layout ("" where it lacks one).
-        layout = [
-            F.col(reference.column(name)).alias(f"o{i}")
-            if name in reference.header
-            else F.lit("").alias(f"o{i}")
-            for i, name in enumerate(batch_names)
-        ]
-        others = others.unionByName(
-            reference.frame.select(F.col(ROW), *layout).withColumn("o_batch", F.lit(False))
-        )
-    # Each block in the Matcher's indexing order: the reference oldest first (unknown time first, then
-    # file order), then the batch in input order (its _tkey is +inf).
-    block = Window.partitionBy(RULE, KEY).orderBy(TKEY, ROW)
-    preceding = F.collect_list(F.struct(TKEY, ROW)).over(block.rowsBetween(-window, -1))
-    queries = (
-        keys.withColumn("n_before", F.row_number().over(block) - 1)
-        .withColumn("preceding", preceding)
-        .filter((F.col(TKEY) == float("inf")) & (F.col("n_before") > 0))
-        .select(
-            F.col(ROW).alias("q_row"),
-            RULE,
-            (F.lit(1.0) / F.col("n_before")).alias("weight"),
-            F.explode("preceding").alias("other"),
-        )
-    )
-    # Summed in rule order, as the Matcher adds them, so ties between candidates break the same way.
-    # Partitioned by record once: the sum per candidate and the top_k per record need no further shuffle.
-    shared = (
-        queries.repartition("q_row")
-        .groupBy("q_row", F.col("other." + TKEY).alias("o_tkey"), F.col("other." + ROW).alias("o_row"))
-        .agg(
-            F.aggregate(
-                F.array_sort(F.collect_list(F.struct(RULE, "weight"))),
-                F.lit(0.0),
-                lambda total, item: total + item["weight"],
-            ).alias("shared")
-        )
-    )
-    rank = Window.partitionBy("q_row").orderBy(F.desc("shared"), F.desc("o_tkey"), F.desc("o_row"))
-    pairs = shared.withColumn("rank", F.row_number().over(rank)).filter(F.col("rank") <= top_k)
-    pairs = pairs.withColumn("o_batch", F.col("o_tkey") == float("inf")).drop("rank", "shared")
-    pairs = pairs.join(_records(bundle, batch, "q").withColumnRenamed(ROW, "q_row"), "q_row").join(
-        others.withColumnRenamed(ROW, "o_row"), ["o_row", "o_batch"]
-    )
-    pairs = pairs.join(_density(bundle, model, batch, reference), "q_row", "left")
-    fields = list(bundle.config.fields)
-    schema = (
-        "q_row long, record_id string, candidate_id string, score double, linked boolean, reason string, "
-        + ", ".join(f"m{i} string" for i in range(len(fields)))
-    )
-    bucket = F.floor(F.col("q_row") / PAIR_BUCKET_ROWS)
-    return pairs.groupBy(bucket.alias("bucket")).applyInPandas(_best_of(model, batch_names), schema)
+    return (F.col(ROW) >= start) & (F.col(ROW) < stop)
 
 
-def _density(bundle: ModelBundle, model: str, batch: _Table, reference: _Table | None) -> DataFrame:
-    """Per batch row, for each match field i: `dn{i}`, how many records indexed up to it (the reference
-    oldest first, then the batch in input order; itself included) hold its value, and `dt{i}`, how many
-    hold any value: the counts the in-process `Matcher` keeps for its density penalty."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    schema = f"{TKEY} double, {ROW} long, {RULE} int, {KEY} string"
-    names = _model_columns(bundle, batch)
-    values = _records(bundle, batch, "v").mapInPandas(_values_of(model, "v", names, is_batch=True), schema)
-    if reference is not None:
-        reference_names = _model_columns(bundle, reference)
-        values = values.unionByName(
-            _records(bundle, reference, "v").mapInPandas(
-                _values_of(model, "v", reference_names, is_batch=False), schema
-            )
-        )
-    counted = (
-        values.withColumn("n", F.row_number().over(Window.partitionBy(RULE, KEY).orderBy(TKEY, ROW)))
-        .withColumn("t", F.row_number().over(Window.partitionBy(RULE).orderBy(TKEY, ROW)))
-        .filter(F.col(TKEY) == float("inf"))
-    )
-    fields = range(len(bundle.duplicates.plugins_))
-    return counted.groupBy(F.col(ROW).alias("q_row")).agg(
-        *[F.max(F.when(F.col(RULE) == i, F.col("n"))).alias(f"dn{i}") for i in fields],
-        *[F.max(F.when(F.col(RULE) == i, F.col("t"))).alias(f"dt{i}") for i in fields],
-    )
+def _linked_chunks(
+    bundle: ModelBundle, batch: _Table, reference: pd.DataFrame | None, chunk_rows: int
+) -> Iterator[_LinkedChunk]:
+    """The driver's pass: the duplicate links of every chunk, made by the in-process job's own code (the
+    batch streamed here in input order, each chunk given to `pipeline.score.link_chunk` with the matcher
+    `pipeline.reference.build_reference` builds), and the running numbers carried from chunk to chunk as
+    `run_batch` carries them. The index is sequential state (each record is matched against every earlier
+    one), so it lives in one place: here, not on the executors."""
+    matcher = bundle.duplicates.matcher(reference, evict=True)
+    state = bundle.errors.running_numbers()
+    for chunk in _batch_chunks(batch, _driver_columns(bundle, batch), chunk_rows):
+        before = state
+        state = state.then(bundle.errors.running_numbers(chunk))
+        links, matched = link_chunk(chunk, bundle, matcher)
+        yield _LinkedChunk(int(chunk.index[0]), int(chunk.index[-1]) + 1, links, matched, before.to_dict())
 
 
-def _values_of(model: str, prefix: str, names: list[str], *, is_batch: bool) -> Any:
-    """Executor side: each record's match-field values as the matcher counts them, one row per field
-    (`_rule` = the field's index), with its order key."""
-
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        duplicates = _load_bundle(model).duplicates
-        for pdf in batches:
-            if not len(pdf):
-                continue
-            frame = _frame_of(pdf, prefix, names)
-            rows = pdf[ROW].to_numpy(dtype=np.int64)
-            _, times = duplicates.blocking_keys(frame)
-            tkey = np.full(len(rows), np.inf) if is_batch else np.where(np.isnan(times), -np.inf, times)
-            for field, values in enumerate(duplicates.match_values(frame).values()):
-                values = np.asarray(values, dtype=object)
-                present = values != s.MISSING
-                if present.any():
-                    yield pd.DataFrame(
-                        {TKEY: tkey[present], ROW: rows[present], RULE: field, KEY: values[present]}
-                    )
-
-    return run
-
-
-def _keys_of(model: str, prefix: str, names: list[str], *, is_batch: bool) -> Any:
-    """Executor side: each record's non-empty blocking keys, one row per rule, with its order key."""
-
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        duplicates = _load_bundle(model).duplicates
-        for pdf in batches:
-            if not len(pdf):
-                continue
-            keys, times = duplicates.blocking_keys(_frame_of(pdf, prefix, names))
-            rows = pdf[ROW].to_numpy(dtype=np.int64)
-            tkey = np.full(len(rows), np.inf) if is_batch else np.where(np.isnan(times), -np.inf, times)
-            for rule, values in enumerate(keys):
-                values = np.asarray(values, dtype=object)
-                present = values != s.MISSING
-                if present.any():
-                    yield pd.DataFrame(
-                        {TKEY: tkey[present], ROW: rows[present], RULE: rule, KEY: values[present]}
-                    )
-
-    return run
-
-
-def _best_of(model: str, names: list[str]) -> Any:
-    """Executor side: scores a bucket of candidate pairs with the model's features and classifier and keeps
-    each record's best (highest score, then most recently indexed), with the model's reason when linked."""
-
-    def run(pdf: pd.DataFrame) -> pd.DataFrame:
-        bundle = _load_bundle(model)
-        duplicates = bundle.duplicates
-        fields = list(bundle.config.fields)
-        n = len(pdf)
-        width = len(duplicates.plugins_)
-        density = tuple(
-            pdf[[f"{prefix}{i}" for i in range(width)]].fillna(0).to_numpy(dtype=np.int64)
-            for prefix in ("dn", "dt")
-        )
-        pairs = duplicates.matcher(None).score_pairs(
-            _frame_of(pdf, "q", names), _frame_of(pdf, "o", names), density
-        )
-        scores = pairs.scores
-        query = pdf["q_row"].to_numpy(dtype=np.int64)
-        tkey = pdf["o_tkey"].to_numpy(dtype=float)
-        other = pdf["o_row"].to_numpy(dtype=np.int64)
-        order = np.lexsort((-other, -tkey, -scores, query))
-        first = np.ones(n, dtype=bool)
-        first[1:] = query[order][1:] != query[order][:-1]
-        chosen = order[first]
-        linked = scores[chosen] >= duplicates.threshold_
-        reasons = [pairs.reason(int(i)) if ok else s.MISSING for i, ok in zip(chosen, linked, strict=True)]
-        out = {
-            "q_row": query[chosen],
-            "record_id": [pairs.left_id(int(i)) for i in chosen],
-            "candidate_id": [pairs.right_id(int(i)) for i in chosen],
-            "score": scores[chosen],
-            "linked": linked,
-            "reason": reasons,
-        }
-        for j, name in enumerate(fields):
-            values = [pairs.right_value(int(i), name) for i in chosen]
-            out[f"m{j}"] = np.where(linked, np.asarray(values, dtype=object), s.MISSING)
-        return pd.DataFrame(out)
-
-    return run
-
-
-def _clusters(links: DataFrame) -> dict[int, str]:
-    """Cluster ids of the linked rows, resolved on the driver in input order as the Matcher does: a linked
-    record joins its match's cluster (an earlier linked batch record's) or the match's own id. The links
-    are few (one per flagged duplicate); unlinked rows are their own cluster."""
-    from pyspark.sql import functions as F
-
-    linked = links.filter(F.col("linked")).select("q_row", "record_id", "candidate_id").collect()
-    cluster: dict[str, str] = {}
-    by_row: dict[int, str] = {}
-    for row, record_id, candidate_id in sorted(linked):
-        cluster[record_id] = by_row[row] = cluster.get(candidate_id, candidate_id)
-    return by_row
-
-
-# ----------------------------------------------------------------------------------------- scoring rows
-
-
-class _LinkedMatcher:
-    """Stands in for `Matcher` in `score_chunk`: the links and matched values computed by Spark."""
-
-    def __init__(self, links: pd.DataFrame, matched: dict[str, dict[str, str]]) -> None:
-        self._links = links
-        self._matched = matched
-
-    def match(self, chunk: pd.DataFrame) -> pd.DataFrame:
-        return self._links.loc[chunk.index]
-
-    def record(self, record_id: str) -> dict[str, str] | None:
-        return self._matched.get(record_id)
-
-
-def _score_rows(
+def _scored_chunks(
     spark: SparkSession,
     bundle: ModelBundle,
     model: str,
     batch: _Table,
-    links: DataFrame,
-    clusters: dict[int, str],
+    reference: pd.DataFrame | None,
     chunk_rows: int,
-    numbers: dict[int, dict],
-) -> DataFrame:
-    """Row-parallel scoring with `score_chunk`, one `chunk_rows` chunk of input rows at a time, each with
-    the running-number state before it (`numbers`, by chunk; `_running_numbers`). One output row per
-    piece, in input order: ("records", first row, CSV text), ("flags", first row, JSON), ("hist", first
-    row, JSON)."""
-    from pyspark.sql import functions as F
+) -> Iterator[tuple[str, pd.DataFrame, dict[str, list[int]]]]:
+    """Each chunk's records (CSV text), flags (with `_row`) and score histograms, in input order.
 
-    config = bundle.config
-    cluster_of = spark.sparkContext.broadcast(clusters)
-    numbers_of = spark.sparkContext.broadcast(numbers)
-    joined = batch.frame.join(links.withColumnRenamed("q_row", ROW), ROW, "left")
-    header = batch.header
-    fields = list(config.fields)
-    id_position = header.index(config.id_column)
+    While the driver links chunk after chunk, the executors assess the chunks already linked: one Spark
+    job of one task per chunk, at most the cluster's parallelism plus one in flight (as `run_batch` keeps
+    its worker processes busy while it matches), so memory stays bounded and no stage waits for another.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
 
-    def run(pdf: pd.DataFrame) -> pd.DataFrame:
+    in_flight = max(spark.sparkContext.defaultParallelism, 1) + 1
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(in_flight, thread_name_prefix="pipeline-spark") as pool:
+        try:
+            for linked in _linked_chunks(bundle, batch, reference, chunk_rows):
+                pending.append(pool.submit(_assess_on_executor, model, batch, linked))
+                while len(pending) > in_flight:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _assess_on_executor(
+    model: str, batch: _Table, linked: _LinkedChunk
+) -> tuple[str, pd.DataFrame, dict[str, list[int]]]:
+    """One chunk scored by `pipeline.score.assess_chunk` in one executor task: its rows read from the
+    cached batch there, its links and running-number state shipped with the task."""
+    frame = batch.frame.filter(_rows_between(linked.start, linked.stop)).coalesce(1)
+    pieces = frame.mapInPandas(_assess(model, batch.header, linked), "part string, payload string").collect()
+    by_part = {row.part: row.payload for row in pieces}
+    flags = _flags_from_json(by_part["flags"]) if "flags" in by_part else empty_flags()
+    return by_part["records"], flags, json.loads(by_part["hist"])
+
+
+def _assess(model: str, header: list[str], linked: _LinkedChunk) -> Any:
+    """Executor side of `_assess_on_executor`."""
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        parts = [pdf for pdf in batches if len(pdf)]
+        if not parts:
+            return
         bundle = _load_bundle(model)
-        clusters_by_row = cluster_of.value
-        pdf = pdf.sort_values(ROW, kind="stable").reset_index(drop=True)
-        rows = pdf[ROW].to_numpy(dtype=np.int64)
+        pdf = pd.concat(parts, ignore_index=True).sort_values(ROW, kind="stable")
         chunk = pd.DataFrame(
             {name: pdf[f"c{i}"].to_numpy(dtype=object) for i, name in enumerate(header)},
-            index=pd.Index(rows),
+            index=pd.Index(pdf[ROW].to_numpy(dtype=np.int64)),
         )
-        ids = chunk.iloc[:, id_position].to_numpy(dtype=object)
-        linked = pdf["linked"].fillna(False).to_numpy(dtype=bool)
-        duplicate_of = np.where(linked, pdf["candidate_id"].fillna(s.MISSING).to_numpy(dtype=object), "")
-        cluster = np.array(
-            [clusters_by_row.get(int(r), i) if ok else i for r, i, ok in zip(rows, ids, linked, strict=True)],
-            dtype=object,
-        )
-        frame = pd.DataFrame(
-            {
-                s.DUPLICATE_OF: duplicate_of.astype(object),
-                s.DUPLICATE_SCORE: pdf["score"].fillna(0.0).to_numpy(dtype=float),
-                s.CLUSTER_ID: cluster,
-                "reason": pdf["reason"].fillna(s.MISSING).to_numpy(dtype=object),
-            },
-            index=chunk.index,
-        )
-        matched = {
-            candidate: {name: pdf[f"m{j}"].iloc[k] for j, name in enumerate(fields)}
-            for k, candidate in enumerate(duplicate_of)
-            if linked[k]
-        }
-        state = numbers_of.value.get(int(rows[0]) // chunk_rows)
-        before = RunningNumbers.from_dict(state) if state is not None else None
-        result = score_chunk(chunk, bundle, _LinkedMatcher(frame, matched), before)
+        if not chunk.index.equals(linked.links.index):
+            raise RuntimeError(f"spark: rows {linked.start}-{linked.stop} did not arrive whole")
+        numbers = RunningNumbers.from_dict(linked.numbers)
+        result = assess_chunk(chunk, bundle, linked.links, linked.matched, numbers)
         out = pd.concat([chunk, result.columns], axis=1)
         text = io.StringIO()
         csv.writer(text, lineterminator=CSV_LINE_END).writerows(out.itertuples(index=False, name=None))
@@ -875,51 +692,12 @@ def _score_rows(
             )[0].tolist()
             for name in SCORE_COLUMNS
         }
-        start = int(rows[0])
-        pieces = [("records", start, text.getvalue()), ("hist", start, json.dumps(histograms))]
+        pieces = [("records", text.getvalue()), ("hist", json.dumps(histograms))]
         if len(result.flags):
-            pieces.append(("flags", start, _flags_to_json(result.flags)))
-        return pd.DataFrame(pieces, columns=["part", "start", "payload"])
+            pieces.append(("flags", _flags_to_json(result.flags)))
+        yield pd.DataFrame(pieces, columns=["part", "payload"])
 
-    chunks = joined.groupBy(F.floor(F.col(ROW) / chunk_rows).alias("chunk"))
-    return chunks.applyInPandas(run, "part string, start long, payload string").orderBy("start", "part")
-
-
-def _running_numbers(bundle: ModelBundle, batch: _Table, chunk_rows: int) -> dict[int, dict]:
-    """The error model's running-number state before each `chunk_rows` chunk (`RunningNumbers.to_dict`),
-    as `run_batch` carries it from chunk to chunk: what each chunk adds, computed in parallel from the
-    running-number fields and the entry time alone, folded in chunk order on the driver. Empty when the
-    model has none."""
-    from pyspark.sql import functions as F
-
-    start = bundle.errors.running_numbers()
-    if not start.names:
-        return {}
-    # The running-number fields and the entry time (the state keeps each number's entry day, which the
-    # horizon of a later chunk's expectations reads), as `run_batch` gives them.
-    names, time_column = start.names, bundle.config.time_column
-    wanted = [*names, *([time_column] if time_column in batch.header else [])]
-    columns = {name: batch.column(name) for name in wanted}
-
-    def adds(pdf: pd.DataFrame) -> pd.DataFrame:
-        pdf = pdf.sort_values(ROW, kind="stable")
-        chunk = pd.DataFrame({name: pdf[column].to_numpy(dtype=object) for name, column in columns.items()})
-        # `ErrorModel.running_numbers(chunk)`, without shipping the model to the executors.
-        payload = json.dumps(RunningNumbers(names).advance(chunk, time_column).to_dict())
-        return pd.DataFrame({"chunk": [int(pdf[ROW].iloc[0]) // chunk_rows], "payload": [payload]})
-
-    frame = batch.frame.select(ROW, *columns.values())
-    parts = (
-        frame.groupBy(F.floor(F.col(ROW) / chunk_rows).alias("chunk"))
-        .applyInPandas(adds, "chunk long, payload string")
-        .collect()
-    )
-    added = {int(row.chunk): RunningNumbers.from_dict(json.loads(row.payload)) for row in parts}
-    before, state = {}, start
-    for chunk in sorted(added):
-        before[chunk] = state.to_dict()
-        state = state.then(added[chunk])
-    return before
+    return run
 
 
 def _flags_to_json(flags: pd.DataFrame) -> str:
@@ -939,21 +717,6 @@ def _flags_from_json(payload: str) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------- writing
-
-
-def _write_records(result: DataFrame, path: Path, header: list[str]) -> None:
-    """Streams the executors' CSV text into records.csv, range by range in input order."""
-    from pyspark.sql import functions as F
-
-    last = -1
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        csv.writer(fh, lineterminator=CSV_LINE_END).writerow([*header, *s.RECORD_COLUMNS])
-        pieces = result.filter(F.col("part") == "records").select("start", "payload")
-        for start, text in pieces.toLocalIterator(prefetchPartitions=True):
-            if start <= last:
-                raise RuntimeError(f"spark: records arrived out of order (row {start} after {last})")
-            last = start
-            fh.write(text)
 
 
 def _records_parquet(records_path: Path, target: Path) -> None:

@@ -63,6 +63,7 @@ def test_spark_writes_what_the_in_process_job_writes(spark, demo, bundle, tmp_pa
     assert distributed["flags"][s.KIND_DUPLICATE] > 0 and distributed["flags"][s.KIND_ERROR] > 0
     assert distributed["input"] == local["input"]
     assert distributed["reference_rows"] == local["reference_rows"] == 1500
+    assert distributed["reference_path"] == local["reference_path"] == str(demo.records)
     assert distributed["engine"]["name"] == "spark"
     summary = json.loads((tmp_path / "spark" / s.SUMMARY_FILE).read_text(encoding="utf-8"))
     assert summary["flags"] == local["flags"]
@@ -181,14 +182,65 @@ def test_each_spark_chunk_starts_from_the_running_numbers_run_batch_carries(spar
     """The state before each chunk, entry days included (a later chunk's horizon reads them), is the one
     the in-process job builds chunk by chunk."""
     from pipeline.ingest import ReadOptions, iter_table
-    from pipeline.spark import _read, _running_numbers
+    from pipeline.spark import _linked_chunks, _read
 
     options = ReadOptions.from_config(bundle.config)
-    states = _running_numbers(bundle, _read(spark, demo.batch, [], options), CHUNK_ROWS)
-    assert states, "the demo model checks running numbers"
+    batch = _read(spark, demo.batch, [], options)
+    states = {k: linked.numbers for k, linked in enumerate(_linked_chunks(bundle, batch, None, CHUNK_ROWS))}
+    assert bundle.errors.running_numbers().names, "the demo model checks running numbers"
     state = bundle.errors.running_numbers()
     chunks = list(iter_table(demo.batch, chunk_rows=CHUNK_ROWS, options=options))
     assert sorted(states) == list(range(len(chunks)))
     for k, chunk in enumerate(chunks):
         assert json.dumps(states[k], sort_keys=True) == json.dumps(state.to_dict(), sort_keys=True), k
         state = state.then(bundle.errors.running_numbers(chunk))
+
+
+def test_links_across_chunk_borders_and_chains_match_the_in_process_job(spark, demo, bundle, tmp_path):
+    """A record copied twice into later chunks of the batch: the copies link across chunk borders and join
+    the original's cluster (the second copy through the first), the same bytes as the in-process job's."""
+    from pipeline.spark import score_spark
+
+    with open(demo.batch, newline="", encoding="utf-8") as fh:
+        header, *rows = list(csv.reader(fh))
+    id_at = header.index("record_id")
+    first, second = list(rows[5]), list(rows[5])
+    first[id_at], second[id_at] = "COPY-1", "COPY-2"
+    rows = [*rows[:130], first, *rows[130:260], second, *rows[260:]]
+    batch = tmp_path / "copies.csv"
+    with open(batch, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh, lineterminator="\n").writerows([header, *rows])
+
+    run_batch(bundle, batch, tmp_path / "local", reference_path=demo.records, chunk_rows=CHUNK_ROWS)
+    score_spark(bundle, batch, tmp_path / "spark", reference_path=demo.records, chunk_rows=CHUNK_ROWS)
+
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        assert (tmp_path / "spark" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    with open(tmp_path / "spark" / s.RECORDS_FILE, newline="", encoding="utf-8") as fh:
+        out = {r["record_id"]: r for r in csv.DictReader(fh)}
+    original = out[rows[5][id_at]]
+    assert out["COPY-1"][s.DUPLICATE_OF] != "" and out["COPY-2"][s.DUPLICATE_OF] != ""
+    assert out["COPY-1"][s.CLUSTER_ID] == out["COPY-2"][s.CLUSTER_ID] == original[s.CLUSTER_ID]
+
+
+def test_spark_imports_no_private_name_of_another_module():
+    """One matcher, two engines: Spark reaches the other modules through their public API only."""
+    import ast
+
+    import pipeline.spark
+
+    tree = ast.parse(Path(pipeline.spark.__file__).read_text(encoding="utf-8"))
+    imported = [
+        (node.module, alias.name)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline")
+        for alias in node.names
+    ]
+    assert ("pipeline.score", "link_chunk") in imported and ("pipeline.score", "assess_chunk") in imported
+    assert [name for _, name in imported if name.startswith("_")] == []
+    private = [
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+    ]
+    assert private == []
