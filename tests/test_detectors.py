@@ -188,6 +188,24 @@ def test_a_dates_frequency_says_nothing(profile: d.Profile) -> None:
     assert _features(profile, [row])["city"]["value_unseen"].tolist() == [0.0]
 
 
+def test_an_amounts_or_running_numbers_frequency_says_nothing(profile: d.Profile) -> None:
+    # Amounts that are mostly unique and running numbers are new in nearly every record, right or wrong: how
+    # often the value occurred, or was corrected, is neutral for them as for dates (`values_recur`).
+    history = _history()
+    assert d.values_recur(profile.fields["amount"])  # these customers repeat three amounts each
+    history["amount"] = [f"{float(a) + i / 100:.2f}" for i, a in enumerate(history["amount"])]
+    profile = d.build_profile(history, CONFIG)
+    row = history.iloc[0].to_dict()
+    new = {**row, "amount": "123.45", "order_number": "SO-2024-000999"}
+    per_field = _features(profile, [row, new])
+    assert not d.values_recur(profile.fields["amount"]) and not d.values_recur(profile.fields["order_number"])
+    for name in ("amount", "order_number"):
+        for key in d.VALUE_FREQUENCY:
+            assert per_field[name][key].isna().all(), (name, key)
+    assert d.values_recur(profile.fields["postcode"])
+    assert per_field["postcode"]["value_unseen"].tolist() == [0.0, 0.0]
+
+
 def test_missing_where_normally_filled(profile: d.Profile) -> None:
     row = _history(1).iloc[0].to_dict()
     f = _features(profile, [row, {**row, "customer_code": ""}])["customer_code"]
