@@ -1314,7 +1314,9 @@ def _sequence_features(
         else:
             expected, rows = (numbers or RunningNumbers()).expect(name, values, times, fp.sequence_horizon)
         _, number, _ = running_parts(values)
-        out["sequence_gap"] = np.log1p(np.abs(number - expected))
+        # Whole numbers apart: the expectation is a median, halfway between two numbers when the window
+        # holds a slip or a re-registered number, and a row right after them is no further off than one.
+        out["sequence_gap"] = np.log1p(np.floor(np.abs(number - expected)))
         out["sequence_rows"] = rows
     if fp.embeds_year:
         years = per_value(values, embedded_year).astype(float).to_numpy()

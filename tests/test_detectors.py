@@ -224,11 +224,11 @@ def test_running_number_sequence_and_year(profile: d.Profile) -> None:
     rows[6]["order_number"] = "SO-2024-000070"  # digits slipped: 000007 -> 000070
     rows[3]["order_number"] = "SO-2042-000004"  # year digits swapped
     f = _features(profile, rows)["order_number"]
-    assert f["sequence_gap"].iloc[6] == pytest.approx(math.log1p(63), abs=0.01)
+    assert f["sequence_gap"].iloc[6] == pytest.approx(math.log1p(63), abs=0.02)
     # Row 5 follows 1, 2, 3, 5 (row 3 left the prefix): within one number of the 6 it has; row 7 follows
-    # the slip too, and is still well within what a reason calls out of sequence.
+    # the slip too, and is still within one number of its own.
     assert f["sequence_gap"].iloc[5] < math.log1p(1)
-    assert f["sequence_gap"].iloc[7] < math.log1p(2)
+    assert f["sequence_gap"].iloc[7] <= math.log1p(1)
     assert f["sequence_rows"].tolist()[:8] == [0, 1, 2, 0, 3, 4, 5, 6]
     assert np.isnan(f["sequence_gap"].iloc[:3]).all()  # fewer than three earlier rows: no expectation
     assert f["year_mismatch"].iloc[3] == 1.0
