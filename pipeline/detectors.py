@@ -1400,7 +1400,7 @@ def field_features(
             ecache, shapes, edits.shape_errors[name], edits.shape_seen[name], prior
         )
         out["edit_field_rate"] = np.full(n, prior)
-    if not values_recur(fp):
+    if fp.filled and not values_recur(fp):
         # How often a date occurs depends on when it was entered, not on whether it is right (a date just
         # after the history's end is rare in it); a running number or an amount is new in nearly every
         # record, right or wrong: such a field is judged by its format, its distance to the entry time, its
@@ -1411,7 +1411,8 @@ def field_features(
     return pd.DataFrame(matrix, index=texts.index, columns=list(FEATURES))
 
 
-# Value-frequency features, neutral (NaN) for fields whose values do not recur (`values_recur`).
+# Value-frequency features, neutral (NaN) for filled fields whose values do not recur (`values_recur`; in a
+# field never filled they describe the empty value, and stay).
 VALUE_FREQUENCY = ("value_log_count", "value_share", "value_unseen", "edit_value_rate", "edit_value_count")
 # A field's values recur when at least this share of its filled rows hold a value seen more than once.
 RECURRING_SHARE = 0.5
