@@ -1319,7 +1319,9 @@ def _sequence_features(
                 name, values, times, fp.sequence_horizon, parts=parts
             )
         _, number, _ = parts
-        out["sequence_gap"] = np.log1p(np.abs(number - expected))
+        # Whole numbers apart: the expectation is a median, halfway between two numbers when the window
+        # holds a slip or a re-registered number, and a row right after them is no further off than one.
+        out["sequence_gap"] = np.log1p(np.floor(np.abs(number - expected)))
         out["sequence_rows"] = rows
     if fp.embeds_year:
         years = per_value(values, embedded_year).astype(float).to_numpy()
@@ -1404,18 +1406,32 @@ def field_features(
             ecache, shapes_u, edits.shape_errors[name], edits.shape_seen[name], prior
         )[inverse]
         out["edit_field_rate"] = np.full(n, prior)
-    if fp.kind == "date":
+    if fp.filled and not values_recur(fp):
         # How often a date occurs depends on when it was entered, not on whether it is right (a date just
-        # after the history's end is rare in it): a date is judged by its format and its distance to the
-        # entry time, and the value-frequency features say nothing.
-        for key in DATE_NEUTRAL:
+        # after the history's end is rare in it); a running number or an amount is new in nearly every
+        # record, right or wrong: such a field is judged by its format, its distance to the entry time, its
+        # neighbours in the sequence or its group, and the value-frequency features say nothing.
+        for key in VALUE_FREQUENCY:
             out.pop(key, None)
     matrix = np.column_stack([out.get(key, nan) for key in FEATURES]).astype(float)
     return pd.DataFrame(matrix, index=texts.index, columns=list(FEATURES))
 
 
-# Value-frequency features, neutral (NaN) for date fields.
-DATE_NEUTRAL = ("value_log_count", "value_share", "value_unseen", "edit_value_rate", "edit_value_count")
+# Value-frequency features, neutral (NaN) for filled fields whose values do not recur (`values_recur`; in a
+# field never filled they describe the empty value, and stay).
+VALUE_FREQUENCY = ("value_log_count", "value_share", "value_unseen", "edit_value_rate", "edit_value_count")
+# A field's values recur when at least this share of its filled rows hold a value seen more than once.
+RECURRING_SHARE = 0.5
+
+
+def values_recur(fp: FieldProfile) -> bool:
+    """Whether a field's values recur, so that how often a value occurred, or was corrected, says something
+    about the next record holding it: not dates or running numbers (their values move with time), and at
+    least `RECURRING_SHARE` of the filled rows hold a value seen more than once (not amounts or free text
+    that is mostly unique)."""
+    if fp.kind == "date" or fp.sequence or not fp.filled:
+        return False
+    return fp.recurring_share(2) >= RECURRING_SHARE
 
 
 # Columns of `FEATURES` the label-free score reads.

@@ -281,6 +281,7 @@ class ErrorModel(BaseEstimator):
         *,
         unlabelled: pd.DataFrame | None = None,
         confirmed: pd.DataFrame | None = None,
+        matched: pd.DataFrame | None = None,
     ) -> ErrorModel:
         """Learns the profiles, the cell classifier, the candidate ranker and (unless given) both thresholds.
 
@@ -289,7 +290,12 @@ class ErrorModel(BaseEstimator):
         (value frequencies, shapes, dependencies), e.g. when the history is tiny. `confirmed` (optional,
         columns record_id, field, value: `corrections.confirmed_cells`) are cells a clerk reviewed and found
         right: sure negatives, weighted `CONFIRMED_WEIGHT` in the classifier, and an identifier check one of
-        them fails is not a rule of that field.
+        them fails is not a rule of that field. `matched` (optional, same rows as `entered`, the config's
+        fields; `''` where none) holds the values of the record each training record was merged into, as
+        `assess(matched=)` takes them: a cell entered alike in its duplicate is not judged at scoring (it
+        scores 0 there), so it does not teach the classifier either (a re-registration keeping its
+        original's order number is far from its neighbours' numbers, and would teach that a number far
+        from the sequence is usually right).
 
         Rules are adopted on evidence only: an identifier check when at least 98% of the field's stored
         values pass it (`detectors.adopted_schemes`) and, for a field the log corrected, when the entered
@@ -334,7 +340,8 @@ class ErrorModel(BaseEstimator):
         self.unsupervised_fields_ = [name for name in fields if name not in corrected]
         if self.labelled_:
             self.field_ids_ = pooled_field_ids(fields, labels, self.min_field_errors)
-            self._fit_labelled(entered, ids, labels, stored, extra, pairs, confirmed)
+            twins = _entered_alike(entered, matched, fields)
+            self._fit_labelled(entered, ids, labels, stored, extra, pairs, confirmed, twins)
         else:
             logger.warning(
                 "error model: the log has no edits of the checked fields in the training history; the model "
@@ -374,6 +381,7 @@ class ErrorModel(BaseEstimator):
         extra: pd.DataFrame | None,
         pairs: list[tuple[str, str]],
         confirmed: pd.DataFrame,
+        twins: np.ndarray,
     ) -> None:
         """Cross-fitted features and candidates per fold, the final classifier and ranker, the thresholds."""
         config = self.config
@@ -419,6 +427,7 @@ class ErrorModel(BaseEstimator):
             y = np.array([[(r, name) in truth for name in fields] for r in ids[chosen]], dtype=int)
             w = np.array([[(r, name) in sure for name in fields] for r in ids[chosen]], dtype=bool)
             count = np.repeat(row_weight[chosen][:, None], len(fields), axis=1).reshape(y.shape)
+            count = np.where(twins[chosen] & (y == 0), 0.0, count)
             w = np.where(w, CONFIRMED_WEIGHT, 1.0).reshape(y.shape) * count
             patterns = sg.EditPatterns.learn(fold_labels, profile=profile, edits=edits)
             choices = sg.nearest_choices(profile)
@@ -1327,6 +1336,20 @@ def _confirmed_cells(
     return frame[frame["value"].to_numpy(dtype=object) == np.asarray(typed, dtype=object)].reset_index(
         drop=True
     )
+
+
+def _entered_alike(entered: pd.DataFrame, matched: pd.DataFrame | None, fields: list[str]) -> np.ndarray:
+    """(rows of `entered`, `fields`): True where the value equals that of the record the row was merged
+    into (`matched`, same rows; `''` where none), as `ErrorModel._adjust_for_matched` finds them."""
+    twins = np.zeros((len(entered), len(fields)), dtype=bool)
+    if matched is None or not len(matched):
+        return twins
+    for j, name in enumerate(fields):
+        if name in matched.columns:
+            value = d.text_column(entered, name).to_numpy(dtype=object)
+            other = d.text_column(matched, name).to_numpy(dtype=object)
+            twins[:, j] = (value == other) & (value != s.MISSING)
+    return twins
 
 
 def _concat(first: pd.DataFrame, extra: pd.DataFrame | None) -> pd.DataFrame:

@@ -42,9 +42,6 @@ NEAREST_LIMIT = 3
 # Per cell, at most this many value-to-value mappings from the log (the most frequent): a missing customer
 # code was filled with hundreds of different codes, and only the record's other fields say which.
 LOG_MAPPING_LIMIT = 5
-# A field's values recur (so a value-to-value mapping from the log can apply to another record) when at
-# least this share of its filled rows holds a value seen more than once.
-RECURRING_SHARE = 0.5
 # A mapping old -> new is adopted when the log holds it at least this often (or staff corrected the old
 # value more often than they kept it).
 MAPPING_MIN_COUNT = 2
@@ -168,12 +165,8 @@ def adopt_mapping(count: int, corrected: int, kept: int | None) -> bool:
 
 def values_recur(fp: d.FieldProfile) -> bool:
     """Whether a field's values recur, so that what the log teaches about one value applies to other
-    records: not dates or running numbers (their values move with time), and at least `RECURRING_SHARE`
-    of the filled rows hold a value seen more than once (not amounts or free text that is mostly unique).
-    """
-    if fp.kind == "date" or fp.sequence or not fp.filled:
-        return False
-    return fp.recurring_share(2) >= RECURRING_SHARE
+    records (`detectors.values_recur`): not dates, running numbers, amounts or mostly unique free text."""
+    return d.values_recur(fp)
 
 
 @dataclass

@@ -106,6 +106,18 @@ def load_history(config: Config, records_path: Path, log_path: Path) -> tuple[pd
     return records.reset_index(drop=True), log
 
 
+def _merged_into_values(history: _History, records: pd.DataFrame) -> pd.DataFrame:
+    """The stored values of the record each of `records` was merged into (`''` where none), same rows: what
+    `score` passes the error model as `matched` for a duplicate it links."""
+    config = history.config
+    pairs = merges(history.log)
+    target = dict(zip(pairs[s.LOG_RECORD_ID], pairs[s.LOG_MERGED_INTO], strict=True))
+    stored = history.stored.set_index(config.id_column)[list(config.fields)]
+    wanted = records[config.id_column].map(target)
+    values = stored.reindex(wanted.where(wanted.isin(stored.index)).to_numpy())
+    return values.fillna(s.MISSING).reset_index(drop=True)
+
+
 def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
     """Measures the training procedure on held-out history, then fits the registered model on all of it."""
     timer = _Timer()
@@ -201,6 +213,7 @@ def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds
         history.stored.iloc[reviewed],
         unlabelled=history.stored.iloc[unreviewed],
         confirmed=confirmed,
+        matched=_merged_into_values(history, history.entered.iloc[reviewed]),
     )
 
     clusters = duplicate_clusters(merges(history.log))

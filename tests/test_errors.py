@@ -505,3 +505,43 @@ def test_distinct_rows_scores_each_distinct_row_once_and_survives_hash_collision
     monkeypatch.setattr(pd.util, "hash_array", lambda values: np.zeros(len(values), dtype=np.uint64))
     first, inverse = distinct_rows(X)
     assert first.tolist() == inverse.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_cells_entered_alike_in_their_duplicate_do_not_teach_the_classifier(
+    demo: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A merged record's cell equal to its original's is never judged at scoring (`_adjust_for_matched`
+    scores it 0), so in training it weighs nothing; its other cells, and every labelled error, still count."""
+    from pipeline.errors import _entered_alike
+
+    config, stored = demo["config"], demo["stored"].iloc[:600].reset_index(drop=True)
+    log = load_log(demo["paths"].corrections)
+    entered, _ = replay_backwards(stored, log, id_column=config.id_column)
+    labels = cell_labels(log, stored[config.id_column])
+    fields = config.check_fields
+    matched = pd.DataFrame(s.MISSING, index=entered.index, columns=list(config.fields))
+    twins = np.arange(0, 600, 3)  # every third record "duplicates" a record holding its amount and number
+    matched.loc[twins, ["amount", "order_number"]] = entered.loc[twins, ["amount", "order_number"]].to_numpy()
+    matched.loc[twins, "city"] = "Elsewhere"
+    alike = _entered_alike(entered, matched, fields)
+    assert alike[twins][:, [fields.index("amount"), fields.index("order_number")]].all()
+    assert alike.sum() == 2 * len(twins) and not alike[:, fields.index("city")].any()
+
+    seen = []
+    original = ErrorModel._fit_classifier
+
+    def spy(self, X, y, weight=None):  # noqa: ANN001, ANN202
+        seen.append((y, weight))
+        return original(self, X, y, weight)
+
+    monkeypatch.setattr(ErrorModel, "_fit_classifier", spy)
+    ErrorModel(config, folds=3).fit(entered, labels, stored, matched=matched)
+    y, weight = seen[0]  # the final classifier: every fold's cells, field after field
+    assert weight is not None and (weight == 0).sum() >= 2 * len(twins) * 0.9
+    assert (weight[y == 1] > 0).all()
+    plain = []
+    monkeypatch.setattr(
+        ErrorModel, "_fit_classifier", lambda self, X, y, w=None: plain.append(w) or original(self, X, y, w)
+    )
+    ErrorModel(config, folds=3).fit(entered, labels, stored)
+    assert plain[0] is None or (plain[0] > 0).all()
