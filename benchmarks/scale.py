@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import hashlib
 import json
 import os
 import resource
@@ -42,6 +41,10 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.ingest import file_digest  # noqa: E402  (the product's one file hash; needs only pandas)
+
 CUSTOMERS = 20_000
 SEED = 1
 CASES = (
@@ -71,14 +74,6 @@ class Run:
     @property
     def rate(self) -> float:
         return self.rows / self.seconds if self.seconds else 0.0
-
-
-def digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def children_cpu() -> float:
@@ -260,7 +255,7 @@ def main() -> None:  # noqa: C901
         )
         if local.status == on_spark.status == "ok":
             same = all(
-                digest(local.output / name) == digest(on_spark.output / name)
+                file_digest(local.output / name) == file_digest(on_spark.output / name)
                 for name in ("records.csv", "flags.csv")
             )
             on_spark.what += "; records.csv and flags.csv " + ("byte-identical" if same else "DIFFER")

@@ -13,7 +13,6 @@ with `--driver-memory` (default 2g). Also checks that both engines wrote byte-id
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -27,13 +26,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
+from pipeline.ingest import file_digest  # noqa: E402
 
 
 def run(command: list[str], env: dict[str, str]) -> dict[str, float]:
@@ -127,7 +120,8 @@ def main() -> None:
         if engine == "spark":
             command += ["--spark-master", args.master]
         results[engine] = run(command, env)
-        results[engine]["digests"] = tuple(digest(output / name) for name in ("records.csv", "flags.csv"))
+        outputs = ("records.csv", "flags.csv")
+        results[engine]["digests"] = tuple(file_digest(output / name) for name in outputs)
 
     print(f"model and data (generate + train): {prepare_seconds:.1f} s; {os.cpu_count()} cores")
     print(
