@@ -1150,9 +1150,12 @@ class EditHistory:
 def _rate(
     cache: dict, keys: np.ndarray, errors: dict[str, int], seen: dict[str, int], prior: float
 ) -> np.ndarray:
-    err = lookup(cache, errors, keys, 0.0)
-    n = lookup(cache, seen, keys, 0.0)
-    return (err + prior * SMOOTHING) / (n + SMOOTHING)
+    return _smoothed(lookup(cache, errors, keys, 0.0), lookup(cache, seen, keys, 0.0), prior)
+
+
+def _smoothed(errors: np.ndarray, seen: np.ndarray, prior: float) -> np.ndarray:
+    """Error rates pulled towards `prior` by `SMOOTHING` pseudo-observations."""
+    return (errors + prior * SMOOTHING) / (seen + SMOOTHING)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1397,7 +1400,7 @@ def field_features(
         # Looked up once per distinct value (and shape), then spread to the rows.
         corrected = lookup(ecache, edits.value_errors[name], uniques, 0.0)
         seen = lookup(ecache, edits.value_seen[name], uniques, 0.0)
-        out["edit_value_rate"] = ((corrected + prior * SMOOTHING) / (seen + SMOOTHING))[inverse]  # `_rate`
+        out["edit_value_rate"] = _smoothed(corrected, seen, prior)[inverse]
         # A value is evidence against itself only where staff corrected it more often than they kept it: a
         # typo corrected each time it was typed, not a date or an amount that one edit happened to fix.
         corrected, kept = corrected[inverse], seen[inverse] - corrected[inverse]

@@ -104,7 +104,7 @@ class EditPatterns:
         """Learns the mappings from `cell_labels` rows; `prior` is filled by `learn_priors`.
 
         A mapping old -> new is a rule about a *value*, so it is adopted on evidence only (`adopt_mapping`):
-        never in a field whose values do not recur (`values_recur` on the field's `profile`: dates, amounts,
+        never in a field whose values do not recur (`d.values_recur` on the field's `profile`: dates, amounts,
         running numbers, where one edit says nothing about the next record holding that value), and
         elsewhere when the log holds it at least `MAPPING_MIN_COUNT` times or when staff corrected the old
         value more often than they kept it (`edits`, the entered history's counts; without them the count
@@ -119,7 +119,7 @@ class EditPatterns:
         to_empty: dict[str, dict[str, int]] = {}
         for name, rows in labels.groupby(s.LOG_FIELD, sort=False):
             fp = profile.fields.get(str(name)) if profile is not None else None
-            recur = fp is None or values_recur(fp)
+            recur = fp is None or d.values_recur(fp)
             seen = edits.value_seen.get(str(name), {}) if edits is not None else None
             errors = edits.value_errors.get(str(name), {}) if edits is not None else {}
             pairs = Counter(zip(rows[s.LOG_OLD_VALUE], rows[s.LOG_NEW_VALUE], strict=True))
@@ -161,12 +161,6 @@ def adopt_mapping(count: int, corrected: int, kept: int | None) -> bool:
     if count >= MAPPING_MIN_COUNT:
         return True
     return kept is not None and corrected > kept
-
-
-def values_recur(fp: d.FieldProfile) -> bool:
-    """Whether a field's values recur, so that what the log teaches about one value applies to other
-    records (`detectors.values_recur`): not dates, running numbers, amounts or mostly unique free text."""
-    return d.values_recur(fp)
 
 
 @dataclass

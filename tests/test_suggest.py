@@ -137,9 +137,9 @@ def test_no_mapping_in_a_field_whose_values_do_not_recur() -> None:
     patterns = _patterns(edits, {"order_date": ["2024-07-06"] * 2, "amount": ["130.00"] * 2})
     assert patterns.top("order_date", "2024-07-06") == []
     assert patterns.top("amount", "130.00") == []
-    assert not sg.values_recur(PROFILE.fields["order_date"])
-    assert not sg.values_recur(PROFILE.fields["amount"])
-    assert sg.values_recur(PROFILE.fields["customer_name"])
+    assert not d.values_recur(PROFILE.fields["order_date"])
+    assert not d.values_recur(PROFILE.fields["amount"])
+    assert d.values_recur(PROFILE.fields["customer_name"])
 
 
 def test_ranker_prefers_what_the_log_taught() -> None:
