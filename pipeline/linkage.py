@@ -650,14 +650,17 @@ class Matcher:
         # code per record and the value per code, so a comparator runs once per distinct pair of values
         # rather than once per pair of records. Code -1 = no parsed value (its normalised text, when not
         # empty, is kept by position in `_unparsed`).
+        # The value -> code maps are sorted hash arrays (`_CodeTable`) and the raw texts one UTF-8 buffer
+        # (`_TextList`): a batch adds a near-unique order number and amount per record, and dicts and str
+        # objects made those tables most of the index.
         self._raw_codes: dict[str, array] = {field: array("q") for field in self._raw_fields}
-        self._raw_code_of: dict[str, dict[str, int]] = {field: {} for field in self._raw_fields}
-        self._raw_texts: dict[str, list[str]] = {field: [] for field in self._raw_fields}
+        self._raw_code_of: dict[str, _CodeTable] = {field: _CodeTable() for field in self._raw_fields}
+        self._raw_texts: dict[str, _TextList] = {field: _TextList() for field in self._raw_fields}
         self._codes: dict[str, array] = {field: array("q") for field in self._fields}
-        self._code_of: dict[str, dict[str, int]] = {field: {} for field in self._fields}
+        self._code_of: dict[str, _CodeTable] = {field: _CodeTable() for field in self._fields}
         self._texts: dict[str, list[str]] = {field: [] for field in self._fields}  # normalised, per code
         self._values: dict[str, list[Any]] = {field: [] for field in self._fields}
-        self._rarity: dict[str, list[float]] = {field: [] for field in self._fields}  # per code
+        self._rarity: dict[str, array] = {field: array("d") for field in self._fields}  # per code
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
         self._times = array("d")
         self._blocks = [_BlockIndex() for _ in (model.rules_ if rules is None else rules)]
@@ -671,7 +674,7 @@ class Matcher:
         # How common each value is in the data being matched (see `_count_density`).
         self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.int64) for field in self._fields}
         self._present: dict[str, int] = {field: 0 for field in self._fields}
-        self._fitted_share: dict[str, list[float]] = {field: [] for field in self._fields}  # per code
+        self._fitted_share: dict[str, array] = {field: array("d") for field in self._fields}  # per code
         self._penalty: dict[str, array] = {field: array("f") for field in self._fields}  # per record
         self._lock = threading.RLock()
         if reference is not None and len(reference):
@@ -733,23 +736,19 @@ class Matcher:
             inverse, first = _first_seen(texts)
             # A value's parsed form depends on the value only: one per distinct value, where first seen.
             parsed = [encoded.parsed[field][i] for i in first.tolist()]
-            distinct = [texts[i] for i in first.tolist()]
-            code_of, values = self._code_of[field], self._values[field]
-            found = [code_of.get(value) for value in distinct]
-            fresh = [
-                i
-                for i, (code, item) in enumerate(zip(found, parsed, strict=True))
-                if code is None and item is not None
-            ]
-            if fresh:
-                for i, code in enumerate(range(len(values), len(values) + len(fresh))):
-                    found[fresh[i]] = code
-                    code_of[distinct[fresh[i]]] = code
-                values.extend(parsed[i] for i in fresh)
-                self._texts[field].extend(distinct[i] for i in fresh)
-                self._rarity[field].extend(self._rarities(field, [distinct[i] for i in fresh]))
-            code_per_value = np.array([-1 if code is None else code for code in found], dtype=np.int64)
-            codes = code_per_value[inverse] if len(texts) else np.zeros(0, dtype=np.int64)
+            distinct = np.asarray(texts, dtype=object)[first] if len(texts) else np.zeros(0, dtype=object)
+            values = self._values[field]
+            found = self._code_of[field].find(distinct, self._texts[field])
+            usable = np.fromiter((item is not None for item in parsed), dtype=bool, count=len(parsed))
+            fresh = np.flatnonzero((found < 0) & usable)
+            if len(fresh):
+                found[fresh] = np.arange(len(values), len(values) + len(fresh))
+                self._code_of[field].insert(distinct[fresh], found[fresh])
+                values.extend(parsed[i] for i in fresh.tolist())
+                new_texts = distinct[fresh].tolist()
+                self._texts[field].extend(new_texts)
+                self._rarity[field].extend(self._rarities(field, new_texts))
+            codes = found[inverse] if len(texts) else np.zeros(0, dtype=np.int64)
             self._codes[field].frombytes(codes.tobytes())
             unparsed = self._unparsed[field]
             for offset in np.flatnonzero(codes < 0).tolist():
@@ -769,17 +768,17 @@ class Matcher:
                 own = ~shared
             rows = np.flatnonzero(own)
             if len(rows):
-                texts = raw_values[rows].tolist()
-                inverse, first = _first_seen(texts)
-                code_of, stored = self._raw_code_of[field], self._raw_texts[field]
-                found = []
-                for i in first.tolist():
-                    code = code_of.get(texts[i])
-                    if code is None:
-                        code = code_of[texts[i]] = len(stored)
-                        stored.append(texts[i])
-                    found.append(code)
-                codes[rows] = np.asarray(found, dtype=np.int64)[inverse]
+                own_values = raw_values[rows]
+                inverse, first = _first_seen(own_values)
+                distinct = own_values[first]
+                stored = self._raw_texts[field]
+                found = self._raw_code_of[field].find(distinct, stored)
+                fresh = np.flatnonzero(found < 0)
+                if len(fresh):
+                    found[fresh] = np.arange(len(stored), len(stored) + len(fresh))
+                    self._raw_code_of[field].insert(distinct[fresh], found[fresh])
+                    stored.extend(distinct[fresh].tolist())
+                codes[rows] = found[inverse]
             self._raw_codes[field].frombytes(codes.tobytes())
         self._times.extend(encoded.times)
         for offset, record_id in enumerate(encoded.ids):
@@ -1077,9 +1076,8 @@ class Matcher:
         for block_index in self._blocks:
             block_index.rollback(start)
         for field in self._fields:
-            code_of, size = self._code_of[field], sizes[field]
-            for value in self._texts[field][size:]:
-                del code_of[value]
+            size = sizes[field]
+            self._code_of[field].truncate(size)
             del self._values[field][size:], self._texts[field][size:], self._codes[field][start:]
             del self._rarity[field][size:], self._fitted_share[field][size:]
             self._seen[field] = self._seen[field][:size]  # the new values' counts are back at 0
@@ -1087,10 +1085,10 @@ class Matcher:
             for position in [p for p in unparsed if p >= start]:
                 del unparsed[position]
         for field in self._raw_fields:
-            code_of, size = self._raw_code_of[field], sizes[f"raw:{field}"]
-            for value in self._raw_texts[field][size:]:
-                del code_of[value]
-            del self._raw_texts[field][size:], self._raw_codes[field][start:]
+            size = sizes[f"raw:{field}"]
+            self._raw_code_of[field].truncate(size)
+            self._raw_texts[field].truncate(size)
+            del self._raw_codes[field][start:]
         for record_id in self._ids[start:]:
             if record_id is not None:
                 self._position.pop(record_id, None)
@@ -1224,6 +1222,117 @@ class _Growable:
 
     def truncate(self, size: int) -> None:
         self.size = min(self.size, size)
+
+
+class _TextList:
+    """An append-only list of texts stored as one UTF-8 buffer and end offsets: ~8 bytes per text beyond
+    its characters, instead of a str object and a list slot (~60 bytes). For raw values that are not the
+    normalised ones (an order number as typed), which a batch adds one per record."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ends = array("q")
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _TextList) and self.ends == other.ends and self.data == other.data
+
+    def __getitem__(self, index: int) -> str:
+        if index < 0:
+            index += len(self.ends)
+        end = self.ends[index]  # IndexError past the end, as a list
+        start = self.ends[index - 1] if index else 0
+        return self.data[start:end].decode("utf-8", "surrogatepass")
+
+    def extend(self, texts: Sequence[str]) -> None:
+        encoded = [text.encode("utf-8", "surrogatepass") for text in texts]
+        if not encoded:
+            return
+        sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        ends = np.cumsum(sizes) + len(self.data)
+        self.data += b"".join(encoded)
+        self.ends.frombytes(ends.tobytes())
+
+    def truncate(self, size: int) -> None:
+        """Keeps the first `size` texts."""
+        if size < len(self.ends):
+            del self.data[(self.ends[size - 1] if size else 0) :]
+            del self.ends[size:]
+
+
+class _CodeTable:
+    """A value -> code map of distinct texts (code = the text's place in a list kept beside it), looked up
+    a chunk at a time: the texts' 64-bit hashes sorted, with their codes, searched with `np.searchsorted`
+    and every hit checked against the stored text (two texts sharing a hash: the later one is kept in a
+    small dict). About 16 bytes per value instead of a dict entry and an int object (~80 bytes): a batch's
+    near-unique order numbers and amounts are most of an index's values."""
+
+    HASH_KEY = "pipeline:values!"
+
+    def __init__(self) -> None:
+        self.hashes = np.zeros(0, dtype=np.uint64)
+        self.codes = np.zeros(0, dtype=np.int64)
+        self.clashes: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.codes) + len(self.clashes)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _CodeTable)
+            and np.array_equal(self.hashes, other.hashes)
+            and np.array_equal(self.codes, other.codes)
+            and self.clashes == other.clashes
+        )
+
+    def _hash(self, values: np.ndarray) -> np.ndarray:
+        return pd.util.hash_array(values, hash_key=self.HASH_KEY, categorize=False)  # distinct values
+
+    def find(self, values: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+        """The code of each of these distinct texts (an object array), -1 where it has none; `texts` = the
+        text of each code."""
+        found = np.full(len(values), -1, dtype=np.int64)
+        if not len(values) or not len(self):
+            return found
+        if len(self.hashes):
+            hashes = self._hash(values)
+            at = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
+            hit = np.flatnonzero(self.hashes[at] == hashes)
+            codes = self.codes[at[hit]]
+            stored = np.empty(len(hit), dtype=object)
+            stored[:] = list(map(texts.__getitem__, codes.tolist()))
+            same = stored == values[hit]
+            found[hit[same]] = codes[same]
+        if self.clashes:
+            for i in np.flatnonzero(found < 0).tolist():
+                found[i] = self.clashes.get(values[i], -1)
+        return found
+
+    def insert(self, values: np.ndarray, codes: np.ndarray) -> None:
+        """Adds distinct texts that `find` did not find, with their codes."""
+        if not len(values):
+            return
+        hashes = self._hash(values)
+        order = np.argsort(hashes, kind="stable")
+        hashes, values, codes = hashes[order], values[order], codes[order]
+        at = np.searchsorted(self.hashes, hashes)
+        taken = np.zeros(len(hashes), dtype=bool)
+        if len(self.hashes):
+            taken = self.hashes[np.minimum(at, len(self.hashes) - 1)] == hashes
+        taken[1:] |= hashes[1:] == hashes[:-1]
+        for i in np.flatnonzero(taken).tolist():
+            self.clashes[values[i]] = int(codes[i])
+        keep = ~taken
+        self.hashes = np.insert(self.hashes, at[keep], hashes[keep])
+        self.codes = np.insert(self.codes, at[keep], codes[keep])
+
+    def truncate(self, size: int) -> None:
+        """Forgets the texts with codes from `size` on."""
+        keep = self.codes < size
+        self.hashes, self.codes = self.hashes[keep], self.codes[keep]
+        self.clashes = {value: code for value, code in self.clashes.items() if code < size}
 
 
 class _BlockIndex:

@@ -34,6 +34,7 @@ from pipeline.exceptions import OutputError
 from pipeline.ingest import (
     DEFAULT_CHUNK_ROWS,
     ReadOptions,
+    SeenIds,
     check_unique_ids,
     file_digest,
     iter_table,
@@ -531,15 +532,16 @@ def run_batch(
     scorer: _Scorer | None = None
     try:
         reference_rows = 0
-        # Ids of the reference and of every chunk so far, in one set (not a fresh union per chunk).
-        seen_ids: set[str] = set()
+        # Ids of the reference and of every chunk so far, as hashes (a batch of millions of ids as
+        # strings in a set was a few hundred MB).
+        seen_ids = SeenIds()
         if reference_path is not None:
             # The error model's lookups also know customers added after training; the matcher indexes
             # the reference. Both are loaded from `cache` when this model saw these reference bytes.
             prepared = prepare_reference(bundle, reference_path, options=options, cache=cache)
             bundle = replace(bundle, errors=prepared.errors)
             matcher, reference_rows = prepared.matcher, prepared.rows
-            seen_ids.update(prepared.ids)
+            seen_ids.add(prepared.ids)
             del prepared
         else:
             matcher = bundle.duplicates.matcher(None, evict=True)
@@ -566,7 +568,7 @@ def run_batch(
                     id_column=config.id_column,
                     seen=seen_ids,
                 )
-                seen_ids.update(chunk[config.id_column])
+                seen_ids.add(chunk[config.id_column])
                 if len(chunk):
                     for done, result in scorer.submit(chunk):
                         rows += _write_chunk(done, result, writer, runs, histograms, progress)

@@ -359,3 +359,28 @@ def test_cell_text_examples():
         "08:30:00",
         "5",
     ]
+
+
+@pytest.mark.parametrize("clash", [False, True])
+def test_seen_ids_find_exactly_the_ids_added_even_when_one_hash_clashes(monkeypatch, clash) -> None:
+    import numpy as np
+
+    from pipeline.ingest import SeenIds, check_unique_ids
+
+    if clash:  # every id the same first hash: only the second tells them apart
+        real = SeenIds._hashes
+
+        def one_key(self, ids):
+            keys, checks = real(self, ids)
+            return np.zeros(len(keys), dtype=np.uint64), checks
+
+        monkeypatch.setattr(SeenIds, "_hashes", one_key)
+    seen = SeenIds()
+    assert seen.contains(["a"]).tolist() == [False]
+    seen.add(["b", "a"])
+    seen.add(pd.Series(["c"]))
+    assert len(seen) == 3
+    assert seen.contains(["c", "x", "a", "b", "y"]).tolist() == [True, False, True, True, False]
+    check_unique_ids(pd.Series(["x", "y"]), source="batch.csv", id_column="id", seen=seen)
+    with pytest.raises(SchemaError, match=r"batch.csv: row 2: id 'c' appears more than once"):
+        check_unique_ids(pd.Series(["x", "c"]), source="batch.csv", id_column="id", seen=seen)

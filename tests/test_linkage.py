@@ -645,3 +645,41 @@ def test_candidates_come_from_the_latest_records_only(monkeypatch) -> None:
     assert model.candidate_recall_ >= 0.9
     scores = model.matcher(records).match(batch([dict(order(3), record_id="N1", amount="211.00")]))
     assert scores["duplicate_of"].iloc[0] == "R0003"
+
+
+@pytest.mark.parametrize("clash", [False, True])
+def test_the_value_code_table_finds_each_text_exactly_even_when_hashes_clash(monkeypatch, clash) -> None:
+    from pipeline.linkage import _CodeTable
+
+    if clash:  # every text the same 64-bit hash: only the stored text can tell them apart
+        monkeypatch.setattr(_CodeTable, "_hash", lambda self, values: np.zeros(len(values), np.uint64))
+    table, texts = _CodeTable(), ["b", "a"]
+    table.insert(np.array(texts, dtype=object), np.array([0, 1]))
+    found = table.find(np.array(["a", "c", "b"], dtype=object), texts)
+    assert found.tolist() == [1, -1, 0]
+    texts.append("c")
+    table.insert(np.array(["c"], dtype=object), np.array([2]))
+    assert table.find(np.array(["c", "a"], dtype=object), texts).tolist() == [2, 1]
+    table.truncate(1)
+    del texts[1:]
+    assert table.find(np.array(["a", "b", "c"], dtype=object), texts).tolist() == [-1, 0, -1]
+    assert len(table) == 1
+
+
+def test_the_text_list_gives_back_each_text_as_stored_and_truncates() -> None:
+    from pipeline.linkage import _TextList
+
+    texts = _TextList()
+    stored = ["SO-2023-000001", "", "Ünïcode ß", "\udcff lone surrogate", "x"]
+    texts.extend(stored[:2])
+    texts.extend(stored[2:])
+    assert [texts[i] for i in range(len(texts))] == stored
+    assert texts[-1] == "x"
+    texts.truncate(3)
+    assert len(texts) == 3 and texts[2] == "Ünïcode ß"
+    with pytest.raises(IndexError):
+        texts[3]
+    texts.extend(["y"])
+    assert [texts[i] for i in range(len(texts))] == [*stored[:3], "y"]
+    texts.truncate(0)
+    assert len(texts) == 0 and not texts.data
