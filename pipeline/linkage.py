@@ -644,7 +644,10 @@ class Matcher:
         self._model = model
         self._frequencies = model.term_frequencies_ if frequencies is None else frequencies
         self._fields = [plugin.field for plugin in model.plugins_]
-        self._ids: list[str | None] = []
+        # Each record's id (one UTF-8 buffer) and, for the records held, id -> position as a hash table
+        # checked against that buffer: a str, a list slot and a dict entry per record were ~170 bytes.
+        self._ids = _TextList()
+        self._position = _CodeTable()
         self._raw_fields: list[str] = list(model.config.fields)
         # The raw values (what `record` returns) and each match field's values are stored once per field: a
         # code per record and the value per code, so a comparator runs once per distinct pair of values
@@ -666,7 +669,6 @@ class Matcher:
         self._blocks = [_BlockIndex() for _ in (model.rules_ if rules is None else rules)]
         for block_index in self._blocks:
             block_index.track_leavers = evict
-        self._position: dict[str, int] = {}
         self._cluster: dict[str, str] = {}  # only records that joined another record's cluster
         self._evict = evict
         self._live = _Growable(np.int8)  # per record: blocks whose window still holds it (with `evict`)
@@ -707,10 +709,14 @@ class Matcher:
 
     def record(self, record_id: str) -> dict[str, str] | None:
         """The raw field values of an indexed record (reference or earlier batch), or None."""
-        position = self._position.get(str(record_id))
-        if position is None:
+        position = self._positions([str(record_id)])[0]
+        if position < 0:
             return None
         return {field: self._raw_value(field, position) for field in self._raw_fields}
+
+    def _positions(self, record_ids: Sequence[str]) -> np.ndarray:
+        """The position of each of these distinct record ids in the index, -1 where it is not held."""
+        return self._position.find(np.asarray(record_ids, dtype=object), self._ids)
 
     def _raw_value(self, field: str, position: int) -> str:
         code = self._raw_codes[field][position]
@@ -781,8 +787,10 @@ class Matcher:
                 codes[rows] = found[inverse]
             self._raw_codes[field].frombytes(codes.tobytes())
         self._times.extend(encoded.times)
-        for offset, record_id in enumerate(encoded.ids):
-            self._position[record_id] = start + offset
+        ids = np.asarray(encoded.ids, dtype=object)
+        # A repeated id is found at its last row, as a dict assigned in row order would leave it.
+        last = ~pd.Series(ids, dtype=object).duplicated(keep="last").to_numpy()
+        self._position.assign(ids[last], np.arange(start, start + len(ids))[last], self._ids)
         self._count_density(start)
         return start
 
@@ -858,15 +866,14 @@ class Matcher:
 
     def _drop_left(self) -> None:
         """Drops the records that left every block window while the previous chunk was indexed."""
-        for position in self._leaving:
-            record_id = self._ids[position]
-            if record_id is None:
-                continue
-            self._ids[position] = None
-            self._position.pop(record_id, None)
-            self._cluster.pop(record_id, None)
+        if not self._leaving:
+            return
+        leaving = np.asarray(self._leaving, dtype=np.int64)
+        for position in leaving.tolist():
+            self._cluster.pop(self._ids[position], None)
             for field in self._fields:
                 self._unparsed[field].pop(position, None)
+        self._position.remove(leaving)
         self._leaving = []
 
     def _candidates(
@@ -1061,8 +1068,9 @@ class Matcher:
                     self._rollback(*undo)
 
     def _checkpoint(self, chunk: pd.DataFrame) -> tuple[int, dict[str, int], dict[str, int], dict[str, str]]:
-        ids = chunk[self._model.config.id_column].astype(str)
-        positions = {i: self._position[i] for i in ids if i in self._position}
+        ids = pd.unique(chunk[self._model.config.id_column].astype(str).to_numpy(dtype=object))
+        held = self._positions(ids)
+        positions = {i: p for i, p in zip(ids.tolist(), held.tolist(), strict=True) if p >= 0}
         clusters = {i: self._cluster[i] for i in ids if i in self._cluster}
         sizes = {field: len(self._values[field]) for field in self._fields}
         sizes.update({f"raw:{field}": len(self._raw_texts[field]) for field in self._raw_fields})
@@ -1089,12 +1097,15 @@ class Matcher:
             self._raw_code_of[field].truncate(size)
             self._raw_texts[field].truncate(size)
             del self._raw_codes[field][start:]
-        for record_id in self._ids[start:]:
-            if record_id is not None:
-                self._position.pop(record_id, None)
-                self._cluster.pop(record_id, None)
-        del self._ids[start:], self._times[start:]
-        self._position.update(positions)
+        for position in range(start, len(self._ids)):
+            self._cluster.pop(self._ids[position], None)
+        self._position.truncate(start)
+        self._ids.truncate(start)
+        del self._times[start:]
+        if positions:
+            restored = np.empty(len(positions), dtype=object)
+            restored[:] = list(positions)
+            self._position.assign(restored, np.fromiter(positions.values(), np.int64), self._ids)
         self._cluster.update(clusters)
 
     def _match(self, chunk: pd.DataFrame) -> pd.DataFrame:
@@ -1293,9 +1304,14 @@ class _CodeTable:
     def find(self, values: np.ndarray, texts: Sequence[str]) -> np.ndarray:
         """The code of each of these distinct texts (an object array), -1 where it has none; `texts` = the
         text of each code."""
+        return self._find(values, texts)[0]
+
+    def _find(self, values: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`find`, and where each code found is held: its place in `hashes`, -1 in `clashes` or none."""
         found = np.full(len(values), -1, dtype=np.int64)
+        slots = np.full(len(values), -1, dtype=np.int64)
         if not len(values) or not len(self):
-            return found
+            return found, slots
         if len(self.hashes):
             hashes = self._hash(values)
             at = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
@@ -1305,10 +1321,28 @@ class _CodeTable:
             stored[:] = list(map(texts.__getitem__, codes.tolist()))
             same = stored == values[hit]
             found[hit[same]] = codes[same]
+            slots[hit[same]] = at[hit[same]]
         if self.clashes:
             for i in np.flatnonzero(found < 0).tolist():
                 found[i] = self.clashes.get(values[i], -1)
-        return found
+        return found, slots
+
+    def assign(self, values: np.ndarray, codes: np.ndarray, texts: Sequence[str]) -> None:
+        """Gives these distinct texts these codes, whether held before (then `texts` must still hold
+        the old code's text) or not."""
+        found, slots = self._find(values, texts)
+        held = slots >= 0
+        self.codes[slots[held]] = codes[held]
+        for i in np.flatnonzero((found >= 0) & ~held).tolist():
+            self.clashes[values[i]] = int(codes[i])
+        self.insert(values[found < 0], codes[found < 0])
+
+    def remove(self, codes: np.ndarray) -> None:
+        """Forgets the texts with these codes."""
+        keep = ~np.isin(self.codes, codes)
+        self.hashes, self.codes = self.hashes[keep], self.codes[keep]
+        gone = set(codes.tolist())
+        self.clashes = {value: code for value, code in self.clashes.items() if code not in gone}
 
     def insert(self, values: np.ndarray, codes: np.ndarray) -> None:
         """Adds distinct texts that `find` did not find, with their codes."""
