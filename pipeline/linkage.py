@@ -75,6 +75,9 @@ UNMERGED_SUSPECT = 0.9
 # of the latest records: the matcher's index of a whole history is its largest cost in time and memory, and
 # a few hundred look-alikes need no more. Every label's features come from an index of the records it names.
 CANDIDATE_RECORDS = 50_000
+# Positions and block sizes are stored as 32-bit integers: a batch's index holds one value per record and
+# rule, and no process holds two billion records anyway.
+MAX_RECORDS = 2**31 - 1
 DEDUPE_VERSION = metadata.version("dedupe")
 
 
@@ -656,7 +659,8 @@ class Matcher:
         # The value -> code maps are sorted hash arrays (`_CodeTable`) and the raw texts one UTF-8 buffer
         # (`_TextList`): a batch adds a near-unique order number and amount per record, and dicts and str
         # objects made those tables most of the index.
-        self._raw_codes: dict[str, array] = {field: array("q") for field in self._raw_fields}
+        # Raw codes, block sizes and positions in blocks as 32-bit integers (`MAX_RECORDS`).
+        self._raw_codes: dict[str, array] = {field: array("i") for field in self._raw_fields}
         self._raw_code_of: dict[str, _CodeTable] = {field: _CodeTable() for field in self._raw_fields}
         self._raw_texts: dict[str, _TextList] = {field: _TextList() for field in self._raw_fields}
         self._codes: dict[str, array] = {field: array("q") for field in self._fields}
@@ -733,6 +737,8 @@ class Matcher:
 
     def _add(self, encoded: _Encoded) -> int:
         start = len(self._ids)
+        if start + len(encoded) > MAX_RECORDS:
+            raise ValueError(f"a matcher indexes at most {MAX_RECORDS:,} records")
         if len(encoded) and len(encoded.raw) != len(self._raw_fields):
             present = set(self._raw_fields)
             raise SchemaError(f"records: expected the config's fields {sorted(present)} in every chunk")
@@ -785,7 +791,7 @@ class Matcher:
                     self._raw_code_of[field].insert(distinct[fresh], found[fresh])
                     stored.extend(distinct[fresh].tolist())
                 codes[rows] = found[inverse]
-            self._raw_codes[field].frombytes(codes.tobytes())
+            self._raw_codes[field].frombytes(codes.astype(np.int32).tobytes())
         self._times.extend(encoded.times)
         ids = np.asarray(encoded.ids, dtype=object)
         # A repeated id is found at its last row, as a dict assigned in row order would leave it.
@@ -1381,9 +1387,9 @@ class _BlockIndex:
     def __init__(self) -> None:
         self.keys = np.zeros(0, dtype=np.uint64)
         self.checks = np.zeros(0, dtype=np.uint64)
-        self.count = np.zeros(0, dtype=np.int64)
-        self.last = np.zeros(0, dtype=np.int64)
-        self.prev = _Growable(np.int64)
+        self.count = np.zeros(0, dtype=np.int32)
+        self.last = np.zeros(0, dtype=np.int32)
+        self.prev = _Growable(np.int32)
         self.track_leavers = False
         self.leavers = np.zeros(0, dtype=np.int64)
         self.undo: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
