@@ -40,6 +40,7 @@ import threading
 import time
 from array import array
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -951,11 +952,8 @@ class Matcher:
         features = np.empty((width + len(self._fields), n), dtype="f4").T
         if pair_codes is None:
             pair_codes = self._pair_codes(left, right)
-        distinct: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
-        computed: dict[tuple[str, Any], np.ndarray] = {}  # (field, distance function) -> per distinct pair
-        exact = {
-            id(variable.comparator) for variable in data_model.field_variables if variable.type == "Exact"
-        }
+        exact = self._exact_comparators()
+        distinct, computed = self._compare_distinct(pair_codes, exact)
         for field, compare, start, _stop in data_model._field_comparators:
             code_left, code_right, present = pair_codes[field]
             column = features[:, start]
@@ -965,18 +963,13 @@ class Matcher:
                 # parsing tells distinct values apart): dedupe's Exact without a call per pair.
                 column[present] = code_left[present] == code_right[present]
                 continue
-            if field not in distinct:
-                distinct[field] = self._distinct_pairs(field, code_left[present], code_right[present])
-            xs, ys, inverse = distinct[field]
-            if len(xs):
+            if len(distinct[field][0]):
                 # A graded level (`fields.base.beyond`) reuses its distance, computed once per field.
                 distance = getattr(compare, "distance", compare)
-                if (field, distance) not in computed:
-                    computed[(field, distance)] = compare_many(distance, xs, ys)
                 values = computed[(field, distance)]
                 if distance is not compare:
                     values = np.where(np.isnan(values), np.nan, values > compare.cut)
-                column[present] = values.astype("f4")[inverse]
+                column[present] = values.astype("f4")[distinct[field][2]]
         self._add_derived_distances(features[:, :width])
         for column, field in enumerate(self._fields):
             code_left, code_right, _ = pair_codes[field]
@@ -989,6 +982,43 @@ class Matcher:
             )
             features[same, width + column] = rarity[where]
         return features
+
+    def _exact_comparators(self) -> set[int]:
+        """The ids of the data model's Exact comparators (compared by value codes, without a call)."""
+        variables = self._model.data_model_.field_variables
+        return {id(variable.comparator) for variable in variables if variable.type == "Exact"}
+
+    def _compare_distinct(
+        self, pair_codes: _PairCodes, exact: set[int]
+    ) -> tuple[dict[str, tuple[list[Any], list[Any], np.ndarray]], dict[tuple[str, Any], np.ndarray]]:
+        """Per non-exact field, its distinct pairs of values (`_distinct_pairs`); per (field, distance
+        function), the distance of each distinct pair, computed once for all graded levels of a distance.
+
+        Comparators with a vectorised form (rapidfuzz, NumPy: mostly outside the GIL) run on a second
+        thread while the per-pair ones (dedupe's affine gap, which holds the GIL) run on this one, so a
+        chunk's comparisons use two cores; each result is the same whichever thread computes it."""
+        distinct: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
+        wanted: dict[tuple[str, Any], None] = {}  # in the data model's order
+        for field, compare, _start, _stop in self._model.data_model_._field_comparators:
+            if id(compare) in exact:
+                continue
+            if field not in distinct:
+                code_left, code_right, present = pair_codes[field]
+                distinct[field] = self._distinct_pairs(field, code_left[present], code_right[present])
+            if len(distinct[field][0]):
+                wanted[(field, getattr(compare, "distance", compare))] = None
+        computed: dict[tuple[str, Any], np.ndarray] = {}
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            background = {
+                (field, distance): pool.submit(compare_many, distance, *distinct[field][:2])
+                for field, distance in wanted
+                if hasattr(distance, "many")  # `fields.base.vectorised`
+            }
+            for field, distance in wanted:
+                if (field, distance) not in background:
+                    computed[(field, distance)] = compare_many(distance, *distinct[field][:2])
+            computed.update((key, future.result()) for key, future in background.items())
+        return distinct, computed
 
     def _pair_codes(self, left: np.ndarray, right: np.ndarray) -> _PairCodes:
         """Per match field, the pairs' value codes (left, right) and where both records hold a value."""
