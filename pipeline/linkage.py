@@ -398,9 +398,8 @@ class DuplicateModel:
             if wanted == {"value"}:  # every plugin's `value` key is the normalised value itself
                 single[(plugin.field, "value")] = distinct[inverse]
             elif wanted:
-                for key_name, key_values in plugin.keys(values).items():
-                    if key_name in wanted:
-                        single[(plugin.field, key_name)] = key_values.to_numpy(dtype=object)[inverse]
+                for key_name, key_values in plugin.keys(values, wanted).items():
+                    single[(plugin.field, key_name)] = key_values.to_numpy(dtype=object)[inverse]
         keys = [join_keys([single[part] for part in rule.parts]).tolist() for rule in rules]
         return _Encoded(ids, raw, normalised, parsed, keys, self._times(frame).tolist())
 
