@@ -939,24 +939,36 @@ class Matcher:
         return query[keep], other[keep], shared[keep]
 
     def _features(
-        self, left: np.ndarray, right: np.ndarray, pair_codes: _PairCodes | None = None
+        self,
+        left: np.ndarray,
+        right: np.ndarray,
+        pair_codes: _PairCodes | None = None,
+        *,
+        scoring: bool = False,
     ) -> np.ndarray:
         """dedupe's `DataModel.distances` for pairs of indexed positions (same values), computed a field at a
         time and once per distinct pair of values (registers repeat their cities, dates and amounts), then
         one term-frequency column per field; all written into one array, column by column (a column is
         contiguous in memory: the array is the transpose of a row-major one). `pair_codes`: `_pair_codes`
-        of these pairs, if known."""
+        of these pairs, if known.
+
+        `scoring`: the features only feed the fitted classifier, so a comparison it weighs 0 (`_unweighed`)
+        is not computed; its column holds 0 where both values are present, which scores the same."""
         data_model = self._model.data_model_
         n, width = len(left), len(data_model)
         features = np.empty((width + len(self._fields), n), dtype="f4").T
         if pair_codes is None:
             pair_codes = self._pair_codes(left, right)
         exact = self._exact_comparators()
-        distinct, computed = self._compare_distinct(pair_codes, exact)
+        skip = self._unweighed() if scoring else set()
+        distinct, computed = self._compare_distinct(pair_codes, exact, skip)
         for field, compare, start, _stop in data_model._field_comparators:
             code_left, code_right, present = pair_codes[field]
             column = features[:, start]
             column[:] = np.nan
+            if start in skip:
+                column[present] = 0
+                continue
             if id(compare) in exact:
                 # Equal parsed values <=> equal codes (a code per distinct normalised value; each plugin's
                 # parsing tells distinct values apart): dedupe's Exact without a call per pair.
@@ -987,19 +999,35 @@ class Matcher:
         variables = self._model.data_model_.field_variables
         return {id(variable.comparator) for variable in variables if variable.type == "Exact"}
 
+    def _unweighed(self) -> set[int]:
+        """The data model's comparison columns that cannot change a score: the classifier weighs them 0,
+        and their "both present" column too (or they have none). A weight of exactly 0 adds exactly 0 to
+        the log-odds whatever the (finite) comparison, and the sign constraints often drop whole fields."""
+        data_model, weights = self._model.data_model_, self._model.weights_
+        indicator = {
+            column: data_model._derived_start + offset
+            for offset, column in enumerate(data_model._missing_field_indices)
+        }
+        return {
+            start
+            for _field, _compare, start, _stop in data_model._field_comparators
+            if weights[start] == 0 and (start not in indicator or weights[indicator[start]] == 0)
+        }
+
     def _compare_distinct(
-        self, pair_codes: _PairCodes, exact: set[int]
+        self, pair_codes: _PairCodes, exact: set[int], skip: set[int]
     ) -> tuple[dict[str, tuple[list[Any], list[Any], np.ndarray]], dict[tuple[str, Any], np.ndarray]]:
         """Per non-exact field, its distinct pairs of values (`_distinct_pairs`); per (field, distance
         function), the distance of each distinct pair, computed once for all graded levels of a distance.
 
-        Comparators with a vectorised form (rapidfuzz, NumPy: mostly outside the GIL) run on a second
-        thread while the per-pair ones (dedupe's affine gap, which holds the GIL) run on this one, so a
-        chunk's comparisons use two cores; each result is the same whichever thread computes it."""
+        Columns in `skip` are not compared. Comparators with a vectorised form (rapidfuzz, NumPy: mostly
+        outside the GIL) run on a second thread while the per-pair ones (dedupe's affine gap, which holds
+        the GIL) run on this one, so a chunk's comparisons use two cores; each result is the same whichever
+        thread computes it."""
         distinct: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
         wanted: dict[tuple[str, Any], None] = {}  # in the data model's order
-        for field, compare, _start, _stop in self._model.data_model_._field_comparators:
-            if id(compare) in exact:
+        for field, compare, start, _stop in self._model.data_model_._field_comparators:
+            if id(compare) in exact or start in skip:
                 continue
             if field not in distinct:
                 code_left, code_right, present = pair_codes[field]
@@ -1070,7 +1098,7 @@ class Matcher:
         scores = np.zeros(0)
         if len(query):
             pair_codes = self._pair_codes(query, found)
-            features = self._features(query, found, pair_codes)
+            features = self._features(query, found, pair_codes, scoring=True)
             scores = self._model.probabilities(features, self._density_offset(query, found, pair_codes))
         best_score = np.zeros(len(encoded))
         best_position = np.full(len(encoded), -1, dtype=np.int64)
@@ -1234,7 +1262,9 @@ class Matcher:
                 )
             offset = self._density_offset(positions, positions + n)
         scores = (
-            self._model.probabilities(self._features(positions, positions + n), offset) if n else np.zeros(0)
+            self._model.probabilities(self._features(positions, positions + n, scoring=True), offset)
+            if n
+            else np.zeros(0)
         )
         return ScoredPairs(self, scores)
 
