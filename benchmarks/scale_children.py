@@ -1,8 +1,9 @@
 """The two duplicate-only runs of `scale.py`, each in its own child process so its memory is its own.
 
 `ours` (run with the product's python): the duplicate stage of `score` alone, as `run_batch` runs it:
-read the reference (configured columns), index it, then match the batch in `LINK_ROWS` parts of
-50,000-row chunks (`Matcher(evict=True)`), no error model, anomaly model or writing.
+read the reference (configured columns), index it, then `link_chunk` on each 50,000-row chunk (matched in
+`LINK_ROWS` parts by `Matcher(evict=True)`, with the linked records' values for the error model), no error
+model, anomaly model or writing.
 
 `splink` (run with the bench venv's python, which has splink and duckdb): Splink on DuckDB on the same
 work, unsupervised: the reference and the batch linked against each other and deduplicated within
@@ -36,7 +37,7 @@ def cpu_seconds() -> float:
 def run_ours(model: Path, reference_path: Path, batch_path: Path) -> dict[str, float]:
     from pipeline.bundle import ModelBundle
     from pipeline.ingest import ReadOptions, iter_table, read_table
-    from pipeline.score import DEFAULT_CHUNK_ROWS, LINK_ROWS
+    from pipeline.score import DEFAULT_CHUNK_ROWS, link_chunk
 
     started = time.perf_counter()
     bundle = ModelBundle.load(model)
@@ -51,12 +52,11 @@ def run_ours(model: Path, reference_path: Path, batch_path: Path) -> dict[str, f
     links: dict[str, str] = {}
     id_column = config.id_column
     for chunk in iter_table(batch_path, chunk_rows=DEFAULT_CHUNK_ROWS, options=options):
-        for start in range(0, len(chunk), LINK_ROWS):
-            part = chunk.iloc[start : start + LINK_ROWS]
-            found = matcher.match(part)["duplicate_of"].to_numpy()
-            linked = found != ""
-            links.update(zip(part[id_column].to_numpy()[linked], found[linked], strict=True))
-            rows += len(part)
+        # What `score` runs per chunk for duplicates: the links and the linked records' values.
+        found = link_chunk(chunk, bundle, matcher)[0]["duplicate_of"].to_numpy()
+        linked = found != ""
+        links.update(zip(chunk[id_column].to_numpy()[linked], found[linked], strict=True))
+        rows += len(chunk)
     matched = time.perf_counter()
     return {
         "load_s": loaded - started,

@@ -40,6 +40,7 @@ import threading
 import time
 from array import array
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -79,6 +80,10 @@ CANDIDATE_RECORDS = 50_000
 # rule, and no process holds two billion records anyway.
 MAX_RECORDS = 2**31 - 1
 DEDUPE_VERSION = metadata.version("dedupe")
+
+
+# Per match field: the value codes of pairs' left and right records, and where both hold a value.
+_PairCodes = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -278,7 +283,8 @@ class DuplicateModel:
         def indexed(positions: np.ndarray) -> np.ndarray:
             return np.where(positions < n, np.searchsorted(real, positions), len(real) + positions - n)
 
-        return matcher._features(indexed(left), indexed(right))
+        # Row-major, as the classifier's fit sums it (the sums' rounding depends on the layout).
+        return np.ascontiguousarray(matcher._features(indexed(left), indexed(right)))
 
     def _fit_unlabelled(self, records: pd.DataFrame, started: float) -> DuplicateModel:
         """A model that links nothing, for a log without merges: with no labelled duplicate there is nothing
@@ -390,18 +396,13 @@ class DuplicateModel:
             values = plugin.normalise(pd.Series(column[first], dtype=object).astype(str))
             distinct = values.to_numpy(dtype=object)
             normalised[plugin.field] = distinct[inverse]
-            # Parsed once per distinct value, spread to the rows as an object array (no per-row Python).
-            cache = {value: plugin.parse(value) for value in pd.unique(distinct)}
-            parsed_distinct = np.empty(len(distinct), dtype=object)
-            parsed_distinct[:] = [cache[value] for value in distinct]
-            parsed[plugin.field] = parsed_distinct[inverse]
+            parsed[plugin.field] = _parse_distinct(plugin, distinct)[inverse]
             wanted = {key for field, key in needed if field == plugin.field}
             if wanted == {"value"}:  # every plugin's `value` key is the normalised value itself
                 single[(plugin.field, "value")] = distinct[inverse]
             elif wanted:
-                for key_name, key_values in plugin.keys(values).items():
-                    if key_name in wanted:
-                        single[(plugin.field, key_name)] = key_values.to_numpy(dtype=object)[inverse]
+                for key_name, key_values in plugin.keys(values, wanted).items():
+                    single[(plugin.field, key_name)] = key_values.to_numpy(dtype=object)[inverse]
         keys = [join_keys([single[part] for part in rule.parts]).tolist() for rule in rules]
         return _Encoded(ids, raw, normalised, parsed, keys, self._times(frame).tolist())
 
@@ -859,13 +860,17 @@ class Matcher:
             self._present[field] -= len(values)
             del self._penalty[field][start:]
 
-    def _density_offset(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    def _density_offset(
+        self, left: np.ndarray, right: np.ndarray, pair_codes: _PairCodes | None = None
+    ) -> np.ndarray:
         """Per pair, the density penalties of the fields on which the two agree, summed (left = the later
-        record, whose counts are as of its indexing)."""
+        record, whose counts are as of its indexing). `pair_codes`: `_pair_codes` of these pairs, if known."""
+        if pair_codes is None:
+            pair_codes = self._pair_codes(left, right)
         offset = np.zeros(len(left))
         for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int64)
-            same = (codes[left] >= 0) & (codes[left] == codes[right])
+            code_left, code_right, _ = pair_codes[field]
+            same = (code_left >= 0) & (code_left == code_right)
             penalty = np.frombuffer(self._penalty[field], dtype="f4")
             offset[same] += penalty[left[same]]
         return offset
@@ -921,7 +926,7 @@ class Matcher:
         other = np.concatenate([o for _, o, _ in found])
         weight = np.concatenate([w for _, _, w in found])
         rule = np.concatenate([np.full(len(q), i) for i, (q, _, _) in enumerate(found)])
-        order = np.lexsort((rule, other, query))
+        order = _lexsort_positions(query, other, rule, len(self._ids), len(found))
         query, other, weight, rule = query[order], other[order], weight[order], rule[order]
         first = np.ones(len(query), dtype=bool)
         first[1:] = (query[1:] != query[:-1]) | (other[1:] != other[:-1])
@@ -945,67 +950,154 @@ class Matcher:
         keep = rank < top_k
         return query[keep], other[keep], shared[keep]
 
-    def _features(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    def _features(
+        self,
+        left: np.ndarray,
+        right: np.ndarray,
+        pair_codes: _PairCodes | None = None,
+        *,
+        scoring: bool = False,
+    ) -> np.ndarray:
         """dedupe's `DataModel.distances` for pairs of indexed positions (same values), computed a field at a
         time and once per distinct pair of values (registers repeat their cities, dates and amounts), then
-        one term-frequency column per field; all written into one array."""
+        one term-frequency column per field; all written into one array, column by column (a column is
+        contiguous in memory: the array is the transpose of a row-major one). `pair_codes`: `_pair_codes`
+        of these pairs, if known.
+
+        `scoring`: the features only feed the fitted classifier, so a comparison it weighs 0 (`_unweighed`)
+        is not computed; its column holds 0 where both values are present, which scores the same."""
         data_model = self._model.data_model_
         n, width = len(left), len(data_model)
-        features = np.empty((n, width + len(self._fields)), dtype="f4")
-        distances = features[:, :width]
-        pair_codes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        distinct: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
-        computed: dict[tuple[str, Any], np.ndarray] = {}  # (field, distance function) -> per distinct pair
-        exact = {
-            id(variable.comparator) for variable in data_model.field_variables if variable.type == "Exact"
-        }
+        features = np.empty((width + len(self._fields), n), dtype="f4").T
+        if pair_codes is None:
+            pair_codes = self._pair_codes(left, right)
+        exact = self._exact_comparators()
+        skip = self._unweighed() if scoring else set()
+        distinct, computed = self._compare_distinct(pair_codes, exact, skip)
         for field, compare, start, _stop in data_model._field_comparators:
-            if field not in pair_codes:
-                codes = np.frombuffer(self._codes[field], dtype=np.int64)
-                code_left, code_right = codes[left], codes[right]
-                pair_codes[field] = (code_left, code_right, (code_left >= 0) & (code_right >= 0))
             code_left, code_right, present = pair_codes[field]
-            column = distances[:, start]
+            column = features[:, start]
             column[:] = np.nan
+            if start in skip:
+                column[present] = 0
+                continue
             if id(compare) in exact:
                 # Equal parsed values <=> equal codes (a code per distinct normalised value; each plugin's
                 # parsing tells distinct values apart): dedupe's Exact without a call per pair.
                 column[present] = code_left[present] == code_right[present]
                 continue
-            if field not in distinct:
-                size = max(len(self._values[field]), 1)
-                keys = code_left[present] * size + code_right[present]
-                pairs, inverse = np.unique(keys, return_inverse=True)
-                values = self._values[field]
-                xs = list(map(values.__getitem__, (pairs // size).tolist()))
-                ys = list(map(values.__getitem__, (pairs % size).tolist()))
-                distinct[field] = (xs, ys, inverse)
-            xs, ys, inverse = distinct[field]
-            if len(xs):
+            if len(distinct[field][0]):
                 # A graded level (`fields.base.beyond`) reuses its distance, computed once per field.
                 distance = getattr(compare, "distance", compare)
-                if (field, distance) not in computed:
-                    computed[(field, distance)] = compare_many(distance, xs, ys)
                 values = computed[(field, distance)]
                 if distance is not compare:
                     values = np.where(np.isnan(values), np.nan, values > compare.cut)
-                column[present] = values.astype("f4")[inverse]
-        derived = data_model._add_derived_distances(distances)  # in place (it returns its argument)
-        if derived is not distances:
-            features[:, :width] = derived
-        features[:, width:] = 0
+                column[present] = values.astype("f4")[distinct[field][2]]
+        self._add_derived_distances(features[:, :width])
         for column, field in enumerate(self._fields):
-            if field not in pair_codes:
-                codes = np.frombuffer(self._codes[field], dtype=np.int64)
-                pair_codes[field] = (codes[left], codes[right], np.zeros(0, dtype=bool))
             code_left, code_right, _ = pair_codes[field]
+            features[:, width + column] = 0
             same = np.flatnonzero((code_left >= 0) & (code_left == code_right))
-            # Looked up per agreeing pair: all values' rarities make a far longer list than a chunk's pairs.
-            rarity = self._rarity[field].__getitem__
-            features[same, width + column] = np.fromiter(
-                map(rarity, code_left[same].tolist()), dtype=features.dtype, count=len(same)
+            agreed, where = np.unique(code_left[same], return_inverse=True)
+            # Looked up per agreed value: all values' rarities make a far longer list than a chunk's pairs.
+            rarity = np.fromiter(
+                map(self._rarity[field].__getitem__, agreed.tolist()), dtype=features.dtype, count=len(agreed)
             )
+            features[same, width + column] = rarity[where]
         return features
+
+    def _exact_comparators(self) -> set[int]:
+        """The ids of the data model's Exact comparators (compared by value codes, without a call)."""
+        variables = self._model.data_model_.field_variables
+        return {id(variable.comparator) for variable in variables if variable.type == "Exact"}
+
+    def _unweighed(self) -> set[int]:
+        """The data model's comparison columns that cannot change a score: the classifier weighs them 0,
+        and their "both present" column too (or they have none). A weight of exactly 0 adds exactly 0 to
+        the log-odds whatever the (finite) comparison, and the sign constraints often drop whole fields."""
+        data_model, weights = self._model.data_model_, self._model.weights_
+        indicator = {
+            column: data_model._derived_start + offset
+            for offset, column in enumerate(data_model._missing_field_indices)
+        }
+        return {
+            start
+            for _field, _compare, start, _stop in data_model._field_comparators
+            if weights[start] == 0 and (start not in indicator or weights[indicator[start]] == 0)
+        }
+
+    def _compare_distinct(
+        self, pair_codes: _PairCodes, exact: set[int], skip: set[int]
+    ) -> tuple[dict[str, tuple[list[Any], list[Any], np.ndarray]], dict[tuple[str, Any], np.ndarray]]:
+        """Per non-exact field, its distinct pairs of values (`_distinct_pairs`); per (field, distance
+        function), the distance of each distinct pair, computed once for all graded levels of a distance.
+
+        Columns in `skip` are not compared. Comparators with a vectorised form (rapidfuzz, NumPy: mostly
+        outside the GIL) run on a second thread while the per-pair ones (dedupe's affine gap, which holds
+        the GIL) run on this one, so a chunk's comparisons use two cores; each result is the same whichever
+        thread computes it."""
+        distinct: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
+        wanted: dict[tuple[str, Any], None] = {}  # in the data model's order
+        for field, compare, start, _stop in self._model.data_model_._field_comparators:
+            if id(compare) in exact or start in skip:
+                continue
+            if field not in distinct:
+                code_left, code_right, present = pair_codes[field]
+                distinct[field] = self._distinct_pairs(field, code_left[present], code_right[present])
+            if len(distinct[field][0]):
+                wanted[(field, getattr(compare, "distance", compare))] = None
+        computed: dict[tuple[str, Any], np.ndarray] = {}
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            background = {
+                (field, distance): pool.submit(compare_many, distance, *distinct[field][:2])
+                for field, distance in wanted
+                if hasattr(distance, "many")  # `fields.base.vectorised`
+            }
+            for field, distance in wanted:
+                if (field, distance) not in background:
+                    computed[(field, distance)] = compare_many(distance, *distinct[field][:2])
+            computed.update((key, future.result()) for key, future in background.items())
+        return distinct, computed
+
+    def _pair_codes(self, left: np.ndarray, right: np.ndarray) -> _PairCodes:
+        """Per match field, the pairs' value codes (left, right) and where both records hold a value."""
+        pair_codes = {}
+        for field in self._fields:
+            codes = np.frombuffer(self._codes[field], dtype=np.int64)
+            code_left, code_right = codes[left], codes[right]
+            pair_codes[field] = (code_left, code_right, (code_left >= 0) & (code_right >= 0))
+        return pair_codes
+
+    def _distinct_pairs(
+        self, field: str, code_left: np.ndarray, code_right: np.ndarray
+    ) -> tuple[list[Any], list[Any], np.ndarray]:
+        """The distinct pairs of values among these pairs of codes (both present), as two lists of parsed
+        values, and each pair's number among them: a comparator runs once per distinct pair."""
+        size = max(len(self._values[field]), 1)
+        # Hashed, not sorted: the order of the distinct pairs does not change what each one compares to.
+        inverse, pairs = pd.factorize(code_left * size + code_right)
+        values = self._values[field]
+        xs = list(map(values.__getitem__, (pairs // size).tolist()))
+        ys = list(map(values.__getitem__, (pairs % size).tolist()))
+        return xs, ys, inverse
+
+    def _add_derived_distances(self, distances: np.ndarray) -> None:
+        """dedupe's `DataModel._add_derived_distances` in place, a column at a time (its boolean masks over
+        the whole row-major array cost more than the comparisons of a chunk): a missing comparison (NaN)
+        becomes 0, and each field with `has_missing` gets a 1/0 column "both values present"."""
+        data_model = self._model.data_model_
+        if data_model._interaction_indices:  # no field plugin makes interactions; dedupe's own way then
+            distances[:] = data_model._add_derived_distances(np.ascontiguousarray(distances))
+            return
+        derived = data_model._derived_start
+        present = {}
+        for index in range(derived):
+            column = distances[:, index]
+            missing = np.isnan(column)
+            column[missing] = 0
+            present[index] = ~missing
+        for offset, index in enumerate(data_model._missing_field_indices):
+            distances[:, derived + offset] = present[index]
 
     def _best(self, chunk: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, tuple]:
         """Scores the chunk's candidates and indexes the chunk. Returns its record ids; per row the best
@@ -1015,11 +1107,11 @@ class Matcher:
         encoded = self._model._encode(chunk)
         query, found, _ = self._candidates(encoded)
         start = len(self._ids) - len(encoded)
-        scores = (
-            self._model.probabilities(self._features(query, found), self._density_offset(query, found))
-            if len(query)
-            else np.zeros(0)
-        )
+        scores = np.zeros(0)
+        if len(query):
+            pair_codes = self._pair_codes(query, found)
+            features = self._features(query, found, pair_codes, scoring=True)
+            scores = self._model.probabilities(features, self._density_offset(query, found, pair_codes))
         best_score = np.zeros(len(encoded))
         best_position = np.full(len(encoded), -1, dtype=np.int64)
         if len(query):
@@ -1185,7 +1277,9 @@ class Matcher:
                 )
             offset = self._density_offset(positions, positions + n)
         scores = (
-            self._model.probabilities(self._features(positions, positions + n), offset) if n else np.zeros(0)
+            self._model.probabilities(self._features(positions, positions + n, scoring=True), offset)
+            if n
+            else np.zeros(0)
         )
         return ScoredPairs(self, scores)
 
@@ -1527,14 +1621,41 @@ def _text_values(column: pd.Series) -> np.ndarray:
     return column.fillna(s.MISSING).astype(str).to_numpy(dtype=object)
 
 
+def _parse_distinct(plugin: FieldType, distinct: np.ndarray) -> np.ndarray:
+    """`plugin.parse` of each value as an object array, once per distinct value; text plugins keep the
+    default (the value itself, None when missing), which needs no call per value."""
+    if type(plugin).parse is FieldType.parse:
+        parsed = distinct.copy()
+        parsed[distinct == s.MISSING] = None
+        return parsed
+    cache = {value: plugin.parse(value) for value in pd.unique(distinct)}
+    parsed = np.empty(len(distinct), dtype=object)
+    parsed[:] = [cache[value] for value in distinct]
+    return parsed
+
+
+def _lexsort_positions(
+    query: np.ndarray, other: np.ndarray, rule: np.ndarray, records: int, rules: int
+) -> np.ndarray:
+    """`np.lexsort((rule, other, query))` for record positions below `records` and rule numbers below
+    `rules`, as one stable sort of a combined 64-bit key when it fits (a tenth of lexsort's time)."""
+    if records * records * max(rules, 1) >= 2**62:
+        return np.lexsort((rule, other, query))
+    return np.argsort((query * records + other) * rules + rule, kind="stable")
+
+
 def _first_seen(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Each value's number among the distinct values in order of first appearance, and where each distinct
     value first appears: `(["b", "a", "b"])` -> `([0, 1, 0], [0, 1])`."""
     if not len(values):
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     inverse, _ = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=False)
-    _, first = np.unique(inverse, return_index=True)
-    return inverse.astype(np.int64), first
+    inverse = inverse.astype(np.int64)
+    # `factorize` numbers values in order of first appearance, so a value first appears where its number
+    # exceeds every number before it: no sort needed.
+    new = np.ones(len(inverse), dtype=bool)
+    new[1:] = inverse[1:] > np.maximum.accumulate(inverse)[:-1]
+    return inverse, np.flatnonzero(new)
 
 
 def _running_counts(codes: np.ndarray, seen: np.ndarray, present: int) -> tuple[np.ndarray, np.ndarray]:

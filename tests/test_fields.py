@@ -236,3 +236,17 @@ def test_vectorised_comparators_give_the_scalar_values_bit_for_bit(plugin: str, 
         assert np.array_equal(many, scalar, equal_nan=True), variable.name
         assert compare_many(compare, [], []).shape == (0,)
     assert vectorised >= 1
+
+
+@pytest.mark.parametrize("name", sorted(FIELD_TYPES))
+def test_keys_asked_for_by_name_are_the_ones_made_for_all(name: str) -> None:
+    # Scoring asks only for the keys its blocking rules use; they must be the very keys training made.
+    plugin = field_type(name)("f")
+    values = plugin.normalise(pd.Series(["Jan de Vries", "2024-03-05", "1.234,50", "AB-1234", "", "x"]))
+    every = plugin.keys(values)
+    assert sorted(every) == sorted(key.name for key in plugin.blocking)
+    for key_name in every:
+        asked = plugin.keys(values, [key_name])
+        assert list(asked) == [key_name]
+        assert asked[key_name].tolist() == every[key_name].tolist()
+    assert plugin.keys(values, []) == {}

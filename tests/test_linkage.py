@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -138,6 +139,32 @@ def test_features_are_dedupes_own_distances(trained) -> None:
             same = records.loc[a, field] == records.loc[b, field] != ""
             expected = model.term_frequencies_[field].rarity(matcher._normalised[field][a]) if same else 0.0
             assert features[row, dedupes + column] == pytest.approx(expected, abs=1e-6)
+
+
+def test_scoring_skips_comparisons_the_classifier_weighs_zero_and_scores_the_same(trained) -> None:
+    model, records = trained
+    data_model = model.data_model_
+    text_column = next(  # the name's affine-gap distance, dedupe's String
+        start
+        for (field, _, start, _), variable in zip(
+            data_model._field_comparators, data_model.field_variables, strict=True
+        )
+        if field == "customer_name" and variable.type == "String"
+    )
+    indicator = data_model._derived_start + list(data_model._missing_field_indices).index(text_column)
+    zeroed = copy.copy(model)
+    zeroed.weights_ = model.weights_.copy()
+    zeroed.weights_[[text_column, indicator]] = [0.0, 1.0]
+    # Its "both present" column still counts, and a NaN distance would turn it off: compared then.
+    assert text_column not in zeroed.matcher(None)._unweighed()
+    zeroed.weights_[indicator] = 0.0
+    matcher = zeroed.matcher(records)
+    assert text_column in matcher._unweighed()
+    left, right = np.arange(1, len(records)), np.arange(0, len(records) - 1)
+    full = matcher._features(left, right)
+    scored = matcher._features(left, right, scoring=True)
+    assert not np.array_equal(full[:, text_column], scored[:, text_column])  # not computed when scoring
+    assert np.array_equal(zeroed.probabilities(full), zeroed.probabilities(scored))  # bit for bit
 
 
 def test_a_new_registration_is_matched_to_the_reference_with_a_reason(trained) -> None:

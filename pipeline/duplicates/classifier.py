@@ -97,10 +97,12 @@ def probabilities(
     features: np.ndarray, weights: np.ndarray, intercept: float, offset: np.ndarray | None = None
 ) -> np.ndarray:
     """`sigmoid(intercept + features @ weights - offset)`, summed column by column rather than as a matrix
-    product, whose rounding depends on the number of rows: a pair scores the same in any chunk."""
+    product, whose rounding depends on the number of rows: a pair scores the same in any chunk. A column
+    weighed 0 is left out: it would add exactly 0 (features are finite; a missing comparison is 0)."""
     logits = np.full(len(features), intercept, dtype=np.float64)
     if offset is not None:
         logits -= offset
     for column, weight in zip(features.T, weights, strict=True):
-        logits += column.astype(np.float64) * weight
+        if weight != 0:
+            logits += column.astype(np.float64) * weight
     return 1.0 / (1.0 + np.exp(-np.clip(logits, -50, 50)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Literal
@@ -113,8 +113,9 @@ class FieldType(ABC):
         return [1 if variable.type == "Exact" else -1 for variable in self.variables()]
 
     @abstractmethod
-    def keys(self, normalised: pd.Series) -> dict[str, pd.Series]:
-        """Vectorised blocking keys, one text Series per name in `blocking`; `""` means no key."""
+    def keys(self, normalised: pd.Series, names: Collection[str] | None = None) -> dict[str, pd.Series]:
+        """Vectorised blocking keys, one text Series per name in `blocking` (only those in `names` when
+        given: scoring makes only the keys its blocking rules use); `""` means no key."""
 
     @abstractmethod
     def _describe(self, a: str, b: str) -> Difference:
@@ -231,6 +232,14 @@ def vectorised(many: ManyComparator) -> Callable[[Comparator], Comparator]:
         return compare
 
     return attach
+
+
+def made_keys(
+    makers: dict[str, Callable[[], pd.Series]], names: Collection[str] | None
+) -> dict[str, pd.Series]:
+    """`FieldType.keys` from one maker per key name: the keys in `names` (all when None), each made only
+    when asked for."""
+    return {name: make() for name, make in makers.items() if names is None or name in names}
 
 
 def compare_many(compare: Comparator, xs: Sequence[Any], ys: Sequence[Any]) -> np.ndarray:

@@ -6,13 +6,14 @@ dedupe's affine-gap distance, so a misspelt city is still near its right spellin
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import dedupe
 import pandas as pd
 from rapidfuzz.distance import Levenshtein
 
-from pipeline.fields.base import BlockingKey, Difference, FieldType, simple_text
+from pipeline.fields.base import BlockingKey, Difference, FieldType, made_keys, simple_text
 from pipeline.schema import MISSING
 
 MANY_VALUES = 20
@@ -43,8 +44,8 @@ class CategoryField(FieldType):
             variables.append(dedupe.variables.String(self.field, has_missing=True))
         return variables
 
-    def keys(self, normalised: pd.Series) -> dict[str, pd.Series]:
-        return {"value": normalised}
+    def keys(self, normalised: pd.Series, names: Collection[str] | None = None) -> dict[str, pd.Series]:
+        return made_keys({"value": lambda: normalised}, names)
 
     def _describe(self, a: str, b: str) -> Difference:
         if self.distinct > MANY_VALUES and Levenshtein.distance(a, b) <= 2:

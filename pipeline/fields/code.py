@@ -7,6 +7,7 @@ Compared exactly and by an edit distance in which two swapped neighbouring chara
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import dedupe
@@ -19,6 +20,7 @@ from pipeline.fields.base import (
     FieldType,
     beyond,
     capped_slips,
+    made_keys,
     map_unique,
     vectorised,
 )
@@ -69,29 +71,28 @@ class CodeField(FieldType):
             dedupe.variables.Custom(self.field, comparator=three_or_more_slips, has_missing=True),
         ]
 
-    def keys(self, normalised: pd.Series) -> dict[str, pd.Series]:
+    def keys(self, normalised: pd.Series, names: Collection[str] | None = None) -> dict[str, pd.Series]:
         length = normalised.str.len()
         half = length // 2
         long_enough = length >= 4
+
         # One slip leaves either the first or the second half intact; a transposition keeps the sorted chars.
-        first = pd.Series(
-            [value[:n] for value, n in zip(normalised, half, strict=True)],
-            index=normalised.index,
-            dtype=object,
-        )
-        second = pd.Series(
-            [value[n:] for value, n in zip(normalised, half, strict=True)],
-            index=normalised.index,
-            dtype=object,
-        )
-        digits = normalised.str.replace(r"\D+", "", regex=True).str.lstrip("0")
-        return {
-            "value": normalised,
-            "sorted_chars": map_unique(normalised, lambda v: "".join(sorted(v))),
-            "first_half": ("<" + first).where(long_enough, MISSING),
-            "second_half": (">" + second).where(long_enough, MISSING),
-            "digits": digits.where(digits.str.len() >= 3, MISSING),
+        def halves(second: bool) -> pd.Series:
+            parts = [value[n:] if second else value[:n] for value, n in zip(normalised, half, strict=True)]
+            return pd.Series(parts, index=normalised.index, dtype=object)
+
+        def digits() -> pd.Series:
+            found = normalised.str.replace(r"\D+", "", regex=True).str.lstrip("0")
+            return found.where(found.str.len() >= 3, MISSING)
+
+        makers = {
+            "value": lambda: normalised,
+            "sorted_chars": lambda: map_unique(normalised, lambda v: "".join(sorted(v))),
+            "first_half": lambda: ("<" + halves(second=False)).where(long_enough, MISSING),
+            "second_half": lambda: (">" + halves(second=True)).where(long_enough, MISSING),
+            "digits": digits,
         }
+        return made_keys(makers, names)
 
     def _describe(self, a: str, b: str) -> Difference:
         if is_transposition(a, b):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
 
 import dedupe
@@ -25,6 +25,7 @@ from pipeline.fields.base import (
     FieldType,
     beyond,
     capped_slips,
+    made_keys,
     map_unique,
     vectorised,
 )
@@ -220,19 +221,20 @@ class DateField(FieldType):
             ),
         ]
 
-    def keys(self, normalised: pd.Series) -> dict[str, pd.Series]:
+    def keys(self, normalised: pd.Series, names: Collection[str] | None = None) -> dict[str, pd.Series]:
         digits = normalised.str.replace("-", "", regex=False)
         valid = normalised.str.len() == 10
         year, month, day = digits.str.slice(0, 4), digits.str.slice(4, 6), digits.str.slice(6, 8)
         low = month.where(month <= day, day)
         high = day.where(month <= day, month)
-        return {
-            "value": normalised,
-            "day_month_swapped": (year + "/" + low + "/" + high).where(valid, MISSING),
-            "sorted_digits": map_unique(digits, lambda v: "".join(sorted(v))),
-            "month_day": (month + day).where(valid, MISSING),
-            "year_month": (year + month).where(valid, MISSING),
+        makers = {
+            "value": lambda: normalised,
+            "day_month_swapped": lambda: (year + "/" + low + "/" + high).where(valid, MISSING),
+            "sorted_digits": lambda: map_unique(digits, lambda v: "".join(sorted(v))),
+            "month_day": lambda: (month + day).where(valid, MISSING),
+            "year_month": lambda: (year + month).where(valid, MISSING),
         }
+        return made_keys(makers, names)
 
     def _describe(self, a: str, b: str) -> Difference:
         x, y = parse_date(a), parse_date(b)

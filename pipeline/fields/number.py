@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
 
 import dedupe
@@ -24,6 +24,7 @@ from pipeline.fields.base import (
     FieldType,
     beyond,
     capped_slips,
+    made_keys,
     map_unique,
     vectorised,
 )
@@ -260,13 +261,14 @@ class NumberField(FieldType):
     def directions(self) -> list[int]:
         return [1, -1, 1, -1, -1, -1]
 
-    def keys(self, normalised: pd.Series) -> dict[str, pd.Series]:
+    def keys(self, normalised: pd.Series, names: Collection[str] | None = None) -> dict[str, pd.Series]:
         present = normalised != MISSING
-        return {
-            "value": normalised,
-            "significant_digits": map_unique(normalised, _significant_digits),
-            "rounded": map_unique(normalised.where(present, "0"), _rounded).where(present, MISSING),
+        makers = {
+            "value": lambda: normalised,
+            "significant_digits": lambda: map_unique(normalised, _significant_digits),
+            "rounded": lambda: map_unique(normalised.where(present, "0"), _rounded).where(present, MISSING),
         }
+        return made_keys(makers, names)
 
     def _describe(self, a: str, b: str) -> Difference:
         x, y = float(a), float(b)

@@ -6,7 +6,8 @@ a lot) plus a token-set similarity, so "de Vries, Jan" and "Jan de Vries" are ne
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import dedupe
@@ -21,6 +22,7 @@ from pipeline.fields.base import (
     Difference,
     FieldType,
     first_chars,
+    made_keys,
     map_unique,
     simple_text,
     vectorised,
@@ -70,18 +72,19 @@ class TextField(FieldType):
             dedupe.variables.Custom(self.field, comparator=token_distance, has_missing=True),
         ]
 
-    def keys(self, normalised: pd.Series) -> dict[str, pd.Series]:
-        tokens = normalised.str.split()
+    def keys(self, normalised: pd.Series, names: Collection[str] | None = None) -> dict[str, pd.Series]:
         present = normalised != MISSING
-        return {
-            "value": normalised,
-            "first_token": tokens.str[0].where(present, MISSING),
-            "last_token": tokens.str[-1].where(present, MISSING),
-            "prefix4": first_chars(normalised, 4),
-            "suffix4": normalised.str.slice(-4).where(normalised.str.len() >= 4, MISSING),
-            "sorted_tokens": map_unique(normalised, lambda v: " ".join(sorted(v.split()))),
-            "metaphone": map_unique(normalised, _metaphone),
+        tokens = functools.cache(lambda: normalised.str.split())  # split once for the first and last token
+        makers = {
+            "value": lambda: normalised,
+            "first_token": lambda: tokens().str[0].where(present, MISSING),
+            "last_token": lambda: tokens().str[-1].where(present, MISSING),
+            "prefix4": lambda: first_chars(normalised, 4),
+            "suffix4": lambda: normalised.str.slice(-4).where(normalised.str.len() >= 4, MISSING),
+            "sorted_tokens": lambda: map_unique(normalised, lambda v: " ".join(sorted(v.split()))),
+            "metaphone": lambda: map_unique(normalised, _metaphone),
         }
+        return made_keys(makers, names)
 
     def _describe(self, a: str, b: str) -> Difference:
         if sorted(a.split()) == sorted(b.split()):
