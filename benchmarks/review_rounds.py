@@ -25,7 +25,14 @@ cells: one miss moves recall by 0.01 to 0.12), so a second table scores the last
 version that scored a round, with each of those versions against the same reference: there the
 differences are the models' alone.
 
+One 800-row part holds 1 to 9 false alarms, so one flag moves "false alarms per 100 rows" by 0.125 and a
+single seed cannot show whether they fall round on round. `--seeds 7 3 11` runs the rounds on each seed's
+own data set, one after the other, and adds a table pooled over the seeds: each round's true and false
+positives and misses summed over the seeds before precision, recall and F1 are taken (2,400 rows per round
+for three seeds), beside every seed's own table.
+
     .venv/bin/python benchmarks/review_rounds.py             # seed 7, history 4000, 3 x 800 batch rows
+    .venv/bin/python benchmarks/review_rounds.py --seeds 7 3 11 --work /tmp/rounds
     .venv/bin/python benchmarks/review_rounds.py --score-with challenger
 """
 
@@ -50,6 +57,7 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.corrections import duplicate_clusters, load_log, merges  # noqa: E402
 from pipeline.decisions import append_decision  # noqa: E402
 from pipeline.evaluate import evaluate_output  # noqa: E402
+from pipeline.metrics import prf  # noqa: E402
 
 SECONDS = {s.DECISION_ACCEPT: 20, s.DECISION_EDIT: 45, s.DECISION_REJECT: 15}
 ROUNDS = 3
@@ -127,7 +135,15 @@ def load_log_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--seed",
+        "--seeds",
+        dest="seeds",
+        type=int,
+        nargs="+",
+        default=[7],
+        help="demo seeds, run one after the other; with several, a table pooled over them",
+    )
     parser.add_argument("--history", type=int, default=4000)
     parser.add_argument("--customers", type=int, default=300)
     parser.add_argument("--part", type=int, default=800, help="batch rows per round")
@@ -141,12 +157,29 @@ def main() -> None:
     args = parser.parse_args()
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-review-"))
+    rounds, fixed = [], []
+    for seed in args.seeds:
+        folder = work if len(args.seeds) == 1 else work / f"seed-{seed}"
+        seed_rounds, seed_fixed = run_seed(args, seed, folder)
+        rounds.append(seed_rounds)
+        fixed.append(seed_fixed)
+    if len(args.seeds) > 1:
+        seeds = " ".join(map(str, args.seeds))
+        print(f"pooled over seeds {seeds} (each round's counts summed over the seeds, then the rates):")
+        print_table(pool_rounds(rounds))
+        print(f"pooled over seeds {seeds}, the model each round scored with, all on round {ROUNDS}'s part:")
+        print_table(pool_rounds(fixed))
+
+
+def run_seed(args: argparse.Namespace, seed: int, work: Path) -> tuple[list[dict], list[dict]]:
+    """The three rounds on one seed's demo data in `work`; prints its tables and returns the counts behind
+    them (`round_counts`, for pooling over seeds): per round, and per round's model on the last part."""
     work.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"
     (work / "mlruns").mkdir(exist_ok=True)
     started = time.perf_counter()
     data = work / "data"
-    cli("generate", "--out", str(data), "--seed", str(args.seed), "--history", str(args.history),
+    cli("generate", "--out", str(data), "--seed", str(seed), "--history", str(args.history),
         "--customers", str(args.customers), "--batch", str(ROUNDS * args.part), uri=uri)  # fmt: skip
     config = load_config(data / "config.yaml")
     challenger = f"models:/{config.name}@challenger"  # the version trained on the latest decisions
@@ -168,7 +201,7 @@ def main() -> None:
         uri=uri,
     )
 
-    rows = []
+    rows, counts = [], []
     previous: tuple[Path, Path, set[tuple[str, ...]]] | None = None  # part, its reference, rejected flags
     for r in range(1, ROUNDS + 1):
         part = batch.iloc[(r - 1) * args.part : r * args.part].reset_index(drop=True)
@@ -214,13 +247,14 @@ def main() -> None:
             "--corrections", str(log), uri=uri)  # fmt: skip
         promoted = cli("promote", "--name", config.name, uri=uri).strip().splitlines()[-1]
 
+        counts.append({**round_counts(figures), "rejected": len(rejected), "came back": came_back or 0})
         rows.append(
             {
                 "round": r,
                 "model": summary["model"]["version"],
                 "rows": len(part),
                 "flags": len(flags),
-                **task_figures(figures, len(part)),
+                **task_figures(counts[-1]),
                 "rejected": len(rejected),
                 "prev. rejected back unchanged": came_back,
                 "promoted after": "yes" if promoted.startswith("moved") else "no",
@@ -233,14 +267,15 @@ def main() -> None:
     # One fixed part for every round's model: the last round's part is new to each version that scored a
     # round (none was trained on it), so scored by each against the same reference, the differences are
     # the model's alone, not those between parts with different records and errors.
-    fixed = []
+    fixed, fixed_counts = [], []
     for row in rows:
         version = row["model"]
         out = work / f"fixed_v{version}"
         found = score(f"models:/{config.name}/{version}", evaluation[0], out, evaluation[2], uri=uri)
         figures = evaluate_output(config, out, *evaluation)
+        fixed_counts.append(round_counts(figures))
         fixed.append({"round": row["round"], "model": version, "rows": row["rows"], "flags": len(found),
-                      **task_figures(figures, row["rows"])})  # fmt: skip
+                      **task_figures(fixed_counts[-1])})  # fmt: skip
 
     # The last round's rejected flags, re-scored by the model trained on them.
     rescored = score(challenger, previous[0], work / f"rescore{ROUNDS}", previous[1], uri=uri)
@@ -248,7 +283,7 @@ def main() -> None:
     realised = _latest_realised(uri, config.name)
 
     print(
-        f"review rounds: demo seed {args.seed}, history {args.history}, {ROUNDS} x {args.part} batch rows; "
+        f"review rounds: demo seed {seed}, history {args.history}, {ROUNDS} x {args.part} batch rows; "
         f"{time.perf_counter() - started:.0f} s; work folder {work}"
     )
     print_table(rows)
@@ -256,24 +291,52 @@ def main() -> None:
     print_table(fixed)
     print(f"rejected flags of round {ROUNDS} back unchanged after the final retraining: {last_back}")
     print("realised-value metrics of the last training run: " + json.dumps(realised))
+    return counts, fixed_counts
 
 
-def task_figures(figures: dict[str, float], rows: int) -> dict[str, float]:
-    """The table's quality columns from `evaluate_output`'s figures."""
-    false_alarms = (
-        figures["batch_duplicate_fp"]
-        + figures["batch_error_fp"]
-        + figures["batch_anomaly_flags"] * (1 - figures["batch_anomaly_precision"])
-    )
-    return {
-        "dup P": figures["batch_duplicate_precision"],
-        "dup R": figures["batch_duplicate_recall"],
-        "err P": figures["batch_error_precision"],
-        "err R": figures["batch_error_recall"],
-        "err F1": figures["batch_error_f1"],
-        "corr F1": figures["batch_correction_f1"],
-        "false alarms /100 rows": 100 * false_alarms / rows,
+def round_counts(figures: dict[str, float]) -> dict[str, int]:
+    """The counts behind a round's figures (`evaluate_output`'s): true and false positives and misses per
+    task, false anomaly flags and rows. Counts, not rates, so that rounds of several seeds add up."""
+    counts = {
+        f"{task} {c}": int(figures[f"batch_{task}_{c}"])
+        for task in ("duplicate", "error", "correction")
+        for c in ("tp", "fp", "fn")
     }
+    flags = figures["batch_anomaly_flags"]
+    counts["anomaly fp"] = int(round(flags * (1 - figures["batch_anomaly_precision"])))
+    counts["rows"] = int(figures["batch_rows"])
+    return counts
+
+
+def task_figures(counts: dict[str, int]) -> dict[str, float | str]:
+    """The table's quality columns from a round's counts (`round_counts`, or their sum over seeds)."""
+    dup, err, corr = (prf(*(counts[f"{task} {c}"] for c in ("tp", "fp", "fn")))
+                      for task in ("duplicate", "error", "correction"))  # fmt: skip
+    false_alarms = (counts["duplicate fp"], counts["error fp"], counts["anomaly fp"])
+    return {
+        "dup P": dup["precision"],
+        "dup R": dup["recall"],
+        "dup F1": dup["f1"],
+        "err P": err["precision"],
+        "err R": err["recall"],
+        "err F1": err["f1"],
+        "corr F1": corr["f1"],
+        "false alarms /100 rows": 100 * sum(false_alarms) / counts["rows"],
+        "false alarms dup/err/anom": "/".join(map(str, false_alarms)),
+    }
+
+
+def pool_rounds(per_seed: list[list[dict[str, int]]]) -> list[dict]:
+    """One table row per round from every seed's counts of that round, summed."""
+    rows = []
+    for r, rounds in enumerate(zip(*per_seed, strict=True), start=1):
+        total = {key: sum(counts[key] for counts in rounds) for key in rounds[0]}
+        row = {"round": r, "rows": total["rows"], **task_figures(total)}
+        if "rejected" in total:
+            row["rejected"] = total["rejected"]
+            row["prev. rejected back unchanged"] = total["came back"] if r > 1 else ""
+        rows.append(row)
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:

@@ -729,12 +729,15 @@ class ErrorModel(BaseEstimator):
     ) -> sg.CellContext:
         expected = extras["expected"].get(name)
         times = extras["times"]
+        # A re-registration is entered after its original, so its running number belongs to the original's
+        # place in the sequence, not to its own: the number expected at its own place is no candidate.
+        expected_number = float(expected[i]) if expected is not None and not matched else math.nan
         return sg.CellContext(
             field=name,
             value=record[name] if value is None else value,
             row=record,
             matched=matched,
-            expected_number=float(expected[i]) if expected is not None else math.nan,
+            expected_number=expected_number,
             record_year=float(extras["year"][i]),
             entry_time=pd.Timestamp(times[i]) if times is not None else None,
         )

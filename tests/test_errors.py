@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 
 from pipeline import schema as s
+from pipeline import suggest as sg
 from pipeline.config import Config, load_config
 from pipeline.corrections import cell_labels, load_log, replay_backwards
+from pipeline.detectors import split_running_number
 from pipeline.errors import FORMAT_VERSION, ErrorModel, cell_metrics, distinct_rows, pooled_field_ids
 from pipeline.exceptions import ModelLoadError
 from pipeline.generate import generate
@@ -118,6 +120,28 @@ def test_value_equal_to_matched_record_is_not_flagged(demo: dict) -> None:
     assert "order_date" in set(model.detect(chunk)["field"])
     matched = pd.DataFrame([{name: chunk.loc[0, name] for name in demo["config"].fields}], dtype=object)
     assert "order_date" not in set(model.detect(chunk, matched)["field"])
+
+
+def test_re_registration_number_is_not_judged_at_its_own_place(demo: dict) -> None:
+    """A re-registration is entered after its original: its number belongs to the original's place in the
+    sequence, so the number due at its own place is no candidate for it, and its original's number is."""
+    model = demo["model"]
+    row = _history_row(demo)
+    original = demo["stored"].iloc[-300].to_dict()["order_number"]
+    prefix, number, width = split_running_number(original)
+    slipped = f"{prefix}{number + 50:0{width}d}"
+    due = f"{prefix}{number + 300:0{width}d}"  # the number expected at the row's own place
+    expected = {"order_number": np.array([number + 300.0])}
+    extras = {"expected": expected, "year": np.array([2024.0]), "times": None}
+    record = {**row, "order_number": slipped}
+
+    def candidates(matched: str) -> dict:
+        cell = ErrorModel._cell("order_number", record, 0, extras, matched)
+        return sg.generate_candidates(cell, model.profile_, model.patterns_, model.choices_)
+
+    assert "sequence" in candidates("")[due]
+    assert due not in candidates(original)
+    assert "matched" in candidates(original)[original]
 
 
 def test_save_load_round_trip(demo: dict, tmp_path: Path) -> None:
