@@ -116,15 +116,37 @@ _BUNDLES: dict[str, ModelBundle] = {}
 
 @dataclass
 class _Table:
-    """A file read by Spark: `frame` has `_row` and the columns `c0..cN` (text, "" = missing)."""
+    """A file read by Spark: `frame` has `_row` and the columns `c0..cN` (text, "" = missing).
+
+    `frame` is a projection of the read as cached, in its partitions, with each row's
+    `monotonically_increasing_id` (`_mono`: the partition above bit 33, the row within it below), which
+    rises with `_row`; `starts` maps each partition to the file row its first row is (`first_data` is 1
+    when the file's first row is its header)."""
 
     path: str
     frame: DataFrame
     header: list[str]
     rows: int
+    starts: dict[int, int] = dataclasses.field(default_factory=dict)
+    first_data: int = 0
 
     def column(self, name: str) -> str:
         return f"c{self.header.index(name)}"
+
+    def rows_between(self, start: int, stop: int) -> Any:
+        """A filter for the rows `start` to `stop` (exclusive) by their `_mono` range, which the cache's
+        column-batch statistics answer: only the batches holding these rows are read."""
+        from pyspark.sql import functions as F
+
+        stop = min(stop, self.rows)
+        if start >= stop:
+            return F.lit(False)
+        return F.col(MONO).between(self.mono_of(start), self.mono_of(stop - 1))
+
+    def mono_of(self, row: int) -> int:
+        line = row + self.first_data
+        partition = max(p for p, first in self.starts.items() if first <= line)
+        return (partition << PARTITION_BITS) + line - self.starts[partition]
 
 
 def score_spark(
@@ -394,15 +416,12 @@ def _read(spark: SparkSession, path: str | Path, cached: list[DataFrame], option
     starts = F.create_map(*[F.lit(value) for item in offsets.items() for value in item])
     offset = F.element_at(starts, F.shiftright(F.col(MONO), PARTITION_BITS)) if offsets else F.lit(0)
     row = (offset + (F.col(MONO).bitwiseAND((1 << PARTITION_BITS) - 1)) - first_data).alias(ROW)
-    # Kept in the read's partitions, each already in file order: `_row` rises within every cached column
-    # batch, so a filter on a range of rows skips the other batches by their min/max statistics (no
-    # shuffle into sorted ranges, which cost a sample, a sort and a copy of the whole batch).
-    frame = raw.select(row, *columns).filter(F.col(ROW) >= 0).persist()
+    # The cached read as it is, in file order within each partition: `_mono` rises with `_row`, so a range
+    # of rows is a range of `_mono` that the cache's batch statistics answer (`_Table.rows_between`),
+    # without a shuffle into sorted ranges or a second cached copy of the batch.
+    frame = raw.select(row, *columns, MONO).filter(F.col(ROW) >= 0)
     rows = total - first_data
-    cached.append(frame)
-    frame.count()
-    raw.unpersist()
-    return _Table(path=str(path), frame=frame, header=list(header), rows=rows)
+    return _Table(str(path), frame, list(header), rows, starts=offsets, first_data=first_data)
 
 
 def _partition_stats(raw: DataFrame, columns: list[str], has_bad: bool) -> dict[int, dict[str, Any]]:
@@ -584,7 +603,9 @@ def _batch_chunks(batch: _Table, names: list[str], chunk_rows: int) -> Iterator[
 
     def fetch(start: int) -> pd.DataFrame:
         started = time.perf_counter()
-        pdf = batch.frame.filter(_rows_between(start, start + chunk_rows)).select(ROW, *columns).toPandas()
+        pdf = (
+            batch.frame.filter(batch.rows_between(start, start + chunk_rows)).select(ROW, *columns).toPandas()
+        )
         logger.debug("spark: rows %d+ fetched (%.1f s)", start, time.perf_counter() - started)
         pdf = pdf.sort_values(ROW, kind="stable")
         return pd.DataFrame(
@@ -599,12 +620,6 @@ def _batch_chunks(batch: _Table, names: list[str], chunk_rows: int) -> Iterator[
             chunk = ahead.result()
             ahead = pool.submit(fetch, start + chunk_rows) if start + chunk_rows < batch.rows else None
             yield chunk
-
-
-def _rows_between(start: int, stop: int) -> Any:
-    from pyspark.sql import functions as F
-
-    return (F.col(ROW) >= start) & (F.col(ROW) < stop)
 
 
 def _linked_chunks(
@@ -680,7 +695,7 @@ def _assess_on_executor(
     """One chunk scored by `pipeline.score.assess_chunk` in one executor task: its rows read from the
     cached batch there, its links and running-number state shipped with the task."""
     started = time.perf_counter()
-    frame = batch.frame.filter(_rows_between(linked.start, linked.stop)).coalesce(1)
+    frame = batch.frame.filter(batch.rows_between(linked.start, linked.stop)).drop(MONO).coalesce(1)
     pieces = frame.mapInPandas(_assess(model, batch.header, linked), "part string, payload string").collect()
     logger.debug("spark: rows %d+ assessed (%.1f s)", linked.start, time.perf_counter() - started)
     by_part = {row.part: row.payload for row in pieces}
