@@ -307,6 +307,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def _score_spark(args: argparse.Namespace, bundle: Any) -> dict[str, Any]:
+    from pipeline.reference import ReferenceCache, default_cache_dir
+
     try:
         from pipeline.spark import score_spark
     except ImportError as exc:
@@ -320,6 +322,7 @@ def _score_spark(args: argparse.Namespace, bundle: Any) -> dict[str, Any]:
         overwrite=args.overwrite,
         chunk_rows=args.chunk_rows,
         output_format=args.output_format,
+        cache=None if args.no_cache else ReferenceCache(args.cache_dir or default_cache_dir()),
     )
 
 

@@ -4,25 +4,30 @@
 column unchanged, flags.csv, summary.json, report.html, Parquet copies on request), with the work spread
 over a Spark cluster:
 
-* Reading: the batch (and reference) are read by Spark, every cell as text, "" for an empty cell, and
-  numbered in file order (`_row`, 0-based data rows) so the output keeps input order and messages can name
-  rows. Bad input is refused with the same one-line messages as the in-process path.
+* Reading: the batch is read by Spark, every cell as text, "" for an empty cell, and numbered in file
+  order (`_row`, 0-based data rows) so the output keeps input order and messages can name rows; it is
+  cached in the read's partitions (no shuffle). A local reference is read and prepared on the driver by
+  `pipeline.reference.prepare_reference`, with its cache, as `run_batch` does (the driver holds the index
+  anyway); a remote one is read by Spark and collected. Bad input is refused with the same one-line
+  messages as the in-process path; ids are checked on the driver by `pipeline.ingest.check_unique_ids`,
+  chunk by chunk as `run_batch` checks them.
 * Duplicates: on the driver, by the in-process job's own code. The batch's id, field, time and
   running-number columns are streamed to the driver chunk by chunk in input order (one Arrow collect per
-  `chunk_rows` chunk of the cached batch) and given to `pipeline.score.link_chunk` with the matcher
+  `chunk_rows` chunk of the cached batch, the next one collected while this one is linked) and given
+  `pipeline.score.LINK_ROWS` rows at a time to `pipeline.score.link_chunk` with the matcher
   `DuplicateModel.matcher(reference, evict=True)`, as `run_batch` does: the same candidates, scores,
   tie-breaks, clusters and reasons by construction, not by a second implementation. The matcher's index is
   sequential state (each record is compared with every record indexed before it), so it lives in one
   process: the driver holds the reference's index (the `window` latest records of each block and the
-  values they need, as in-process), no executor does. The running-number state before each chunk is
-  carried in the same pass, as `run_batch` carries it. The duplicate stage therefore runs at one core's
-  speed whatever the cluster, and the driver needs the memory the in-process job needs for the index.
-* Errors and anomalies: on the executors, one Spark job of one task per `chunk_rows` chunk, calling
-  `pipeline.score.assess_chunk` itself with the chunk's links, matched values and running-number state
-  (shipped with the task), so every chunk is judged exactly as in-process. The driver links the next
-  chunks meanwhile, at most the cluster's parallelism plus one chunk ahead, as `run_batch --workers` does.
+  values they need, as in-process), no executor does. The running-number state before each part is
+  carried in the same pass, as `run_batch --workers` carries it. The duplicate stage therefore runs at one
+  core's speed whatever the cluster, and the driver needs the memory the in-process job needs for the index.
+* Errors and anomalies: on the executors, one Spark job of one task per linked part (`LINK_ROWS` rows),
+  calling `pipeline.score.assess_chunk` itself with the part's links, matched values and running-number
+  state (shipped with the task), so every part is judged exactly as in-process. The driver links the next
+  parts meanwhile, at most four per core of the cluster ahead, as `run_batch --workers` does.
 * Writing: executors format their rows as CSV text (the same `csv` writer settings as `run_batch`); the
-  driver appends the chunks in input order to records.csv, spills their flags as sorted runs
+  driver appends the parts in input order to records.csv, spills their flags as sorted runs
   (`pipeline.score.FlagRuns`) merged into flags.csv, and writes summary and report with the helpers of
   `pipeline.report`, in a staging folder that is moved into place at the end.
 
@@ -44,7 +49,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -70,15 +74,18 @@ from pipeline.ingest import (
     ReadOptions,
     check_header,
     check_readable,
+    check_unique_ids,
     detect_format,
     file_digest,
     is_excel,
     is_parquet,
     not_utf8_error,
 )
+from pipeline.reference import PreparedReference, ReferenceCache, prepare_reference
 from pipeline.score import (
     CSV_LINE_END,
     HISTOGRAM_BINS,
+    LINK_ROWS,
     SCORE_COLUMNS,
     FlagRuns,
     assess_chunk,
@@ -96,12 +103,6 @@ logger = logging.getLogger(__name__)
 ROW = "_row"
 BAD = "_bad"
 MONO = "_mono"
-TKEY = "_tkey"
-RULE = "_rule"
-KEY = "_key"
-# Rows per range of the final scoring stage and per group of the pair-scoring stage.
-ROWS_PER_PARTITION = 100_000
-PAIR_BUCKET_ROWS = 4096
 PARTITION_BITS = 33  # monotonically_increasing_id: partition index above bit 33, row within it below
 DEFAULT_CONF = {
     "spark.ui.showConsoleProgress": "false",
@@ -115,15 +116,37 @@ _BUNDLES: dict[str, ModelBundle] = {}
 
 @dataclass
 class _Table:
-    """A file read by Spark: `frame` has `_row` and the columns `c0..cN` (text, "" = missing)."""
+    """A file read by Spark: `frame` has `_row` and the columns `c0..cN` (text, "" = missing).
+
+    `frame` is a projection of the read as cached, in its partitions, with each row's
+    `monotonically_increasing_id` (`_mono`: the partition above bit 33, the row within it below), which
+    rises with `_row`; `starts` maps each partition to the file row its first row is (`first_data` is 1
+    when the file's first row is its header)."""
 
     path: str
     frame: DataFrame
     header: list[str]
     rows: int
+    starts: dict[int, int] = dataclasses.field(default_factory=dict)
+    first_data: int = 0
 
     def column(self, name: str) -> str:
         return f"c{self.header.index(name)}"
+
+    def rows_between(self, start: int, stop: int) -> Any:
+        """A filter for the rows `start` to `stop` (exclusive) by their `_mono` range, which the cache's
+        column-batch statistics answer: only the batches holding these rows are read."""
+        from pyspark.sql import functions as F
+
+        stop = min(stop, self.rows)
+        if start >= stop:
+            return F.lit(False)
+        return F.col(MONO).between(self.mono_of(start), self.mono_of(stop - 1))
+
+    def mono_of(self, row: int) -> int:
+        line = row + self.first_data
+        partition = max(p for p, first in self.starts.items() if first <= line)
+        return (partition << PARTITION_BITS) + line - self.starts[partition]
 
 
 def score_spark(
@@ -137,12 +160,15 @@ def score_spark(
     output_format: str = "csv",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     spark_conf: dict[str, str] | None = None,
+    cache: ReferenceCache | None = None,
 ) -> dict[str, Any]:
     """Scores a batch file on Spark into `output`, exactly as `run_batch` does. Returns the summary.
 
     `input_path` and `reference_path` are single CSV or Parquet files, local or on storage every executor
     can read (`hdfs://`, `s3a://`, ...). An active Spark session is reused (`master` and `spark_conf` are
-    then ignored); otherwise one is started with `master` and `spark_conf` and stopped at the end.
+    then ignored); otherwise one is started with `master` and `spark_conf` and stopped at the end. A local
+    reference is prepared on the driver by `pipeline.reference.prepare_reference`, from `cache` when it
+    holds it, as `run_batch` prepares it (the driver holds the matcher's index anyway).
     Raises `BadInputError` (exit 2) for bad input, as `run_batch` does.
     """
     from pipeline.report import build_summary, write_report
@@ -155,30 +181,26 @@ def score_spark(
     spark, created = None, False
     try:
         spark, created = _session(master, spark_conf)
+        logger.debug("spark: session ready (%.1f s)", time.perf_counter() - started)
         config = bundle.config
         # Checked in run_batch's order, so a run with several faults reports the same one first.
-        reference, stored = None, None
+        reference = None
         if reference_path is not None:
-            reference = _read(spark, reference_path, cached, ReadOptions.from_config(config))
-            _require(reference, config.required_columns(), what="configured")
-            _check_ids(reference, config.id_column, chunk_rows=None, reference=None)
-            # The error model's lookups also know the reference's records, as in run_batch: refreshed on
-            # the driver from the configured columns, then shipped.
-            names = [name for name in config.required_columns() if name in reference.header]
-            stored = reference.frame.select(*[reference.column(name) for name in names]).toPandas()
-            stored.columns = names
-            bundle = dataclasses.replace(bundle, errors=bundle.errors.with_reference(stored))
+            reference = _prepared_reference(spark, bundle, reference_path, cached, cache)
+            # The error model's lookups also know the reference's records, as in run_batch; then shipped.
+            bundle = dataclasses.replace(bundle, errors=reference.errors)
+            logger.debug("spark: reference read and checked (%.1f s)", time.perf_counter() - started)
         model = _ship_model(spark, bundle, shipped)
+        logger.debug("spark: model shipped (%.1f s)", time.perf_counter() - started)
         batch = _read(spark, input_path, cached, ReadOptions.from_config(config))
         _require(batch, [config.id_column, *config.fields], what="configured")
         for name in s.RECORD_COLUMNS:
             if name in batch.header:
                 raise OutputError(f"{input_path}: input already has an output column {name!r}")
-        _check_ids(batch, config.id_column, chunk_rows=chunk_rows, reference=reference)
         logger.info(
-            "spark: read and checked %d batch rows, %d reference rows (%.1f s)",
+            "spark: read %d batch rows, %d reference rows (%.1f s)",
             batch.rows,
-            reference.rows if reference else 0,
+            reference.rows if reference is not None else 0,
             time.perf_counter() - started,
         )
 
@@ -188,13 +210,14 @@ def score_spark(
         with open(records_path, "w", encoding="utf-8", newline="") as fh:
             csv.writer(fh, lineterminator=CSV_LINE_END).writerow([*batch.header, *s.RECORD_COLUMNS])
             for text, chunk_flags, chunk_histograms in _scored_chunks(
-                spark, bundle, model, batch, stored, chunk_rows
+                spark, bundle, model, batch, reference, chunk_rows
             ):
                 fh.write(text)
                 runs.add(chunk_flags)
                 for name, counts in chunk_histograms.items():
                     histograms[name] += np.asarray(counts, dtype=int)
-        del stored
+        reference_rows = reference.rows if reference is not None else 0
+        del reference
         logger.info("spark: scored %d rows (%.1f s)", batch.rows, time.perf_counter() - started)
         # From here on as `run_batch`: flags merged from the sorted runs, read back for summary and report.
         runs.merge_into(staging / s.FLAGS_FILE)
@@ -209,7 +232,7 @@ def score_spark(
             rows=batch.rows,
             input_path=input_path,  # type: ignore[arg-type] # a URI stays as given
             input_digest=_digest(input_path),
-            reference_rows=reference.rows if reference is not None else 0,
+            reference_rows=reference_rows,
             reference_path=reference_path,  # type: ignore[arg-type] # a URI stays as given
             seconds=time.perf_counter() - started,
         )
@@ -299,6 +322,31 @@ def _load_bundle(name: str) -> ModelBundle:
 # ------------------------------------------------------------------------------------------------ reading
 
 
+def _prepared_reference(
+    spark: SparkSession,
+    bundle: ModelBundle,
+    path: str | Path,
+    cached: list[DataFrame],
+    cache: ReferenceCache | None,
+) -> PreparedReference:
+    """The reference as `run_batch` prepares it: the error model whose lookups know it, the matcher indexing
+    it, its ids and rows. All of it lives on the driver, so a local file is read there by the in-process
+    code (`prepare_reference`, with its cache and messages); a remote one (or a workbook, refused) by Spark,
+    its configured columns then collected and prepared the same way."""
+    config = bundle.config
+    options = ReadOptions.from_config(config)
+    if _is_local(path) and not is_excel(_local(path)):
+        return prepare_reference(bundle, _local(path), options=options, cache=cache)
+    table = _read(spark, path, cached, options)
+    _require(table, config.required_columns(), what="configured")
+    stored = table.frame.select(*[table.column(name) for name in config.required_columns()]).toPandas()
+    stored.columns = config.required_columns()
+    check_unique_ids(stored[config.id_column], source=table.path, id_column=config.id_column)
+    errors = bundle.errors.with_reference(stored)
+    matcher = bundle.duplicates.matcher(stored, evict=True)
+    return PreparedReference(errors, matcher, stored[config.id_column].tolist(), table.rows)
+
+
 def _is_local(path: str | Path) -> bool:
     text = str(path)
     return "://" not in text or text.startswith("file://")
@@ -368,15 +416,12 @@ def _read(spark: SparkSession, path: str | Path, cached: list[DataFrame], option
     starts = F.create_map(*[F.lit(value) for item in offsets.items() for value in item])
     offset = F.element_at(starts, F.shiftright(F.col(MONO), PARTITION_BITS)) if offsets else F.lit(0)
     row = (offset + (F.col(MONO).bitwiseAND((1 << PARTITION_BITS) - 1)) - first_data).alias(ROW)
-    numbered = raw.select(row, *columns).filter(F.col(ROW) >= 0)
+    # The cached read as it is, in file order within each partition: `_mono` rises with `_row`, so a range
+    # of rows is a range of `_mono` that the cache's batch statistics answer (`_Table.rows_between`),
+    # without a shuffle into sorted ranges or a second cached copy of the batch.
+    frame = raw.select(row, *columns, MONO).filter(F.col(ROW) >= 0)
     rows = total - first_data
-    partitions = max(spark.sparkContext.defaultParallelism, math.ceil(rows / ROWS_PER_PARTITION), 1)
-    # Contiguous ranges of rows, sorted: the driver's pass over the batch reads one chunk at a time.
-    frame = numbered.repartitionByRange(partitions, ROW).sortWithinPartitions(ROW).persist()
-    cached.append(frame)
-    frame.count()
-    raw.unpersist()
-    return _Table(path=str(path), frame=frame, header=list(header), rows=rows)
+    return _Table(str(path), frame, list(header), rows, starts=offsets, first_data=first_data)
 
 
 def _partition_stats(raw: DataFrame, columns: list[str], has_bad: bool) -> dict[int, dict[str, Any]]:
@@ -519,46 +564,6 @@ def _require(table: _Table, columns: list[str], *, what: str) -> None:
         )
 
 
-def _check_ids(table: _Table, id_column: str, *, chunk_rows: int | None, reference: _Table | None) -> None:
-    """Empty and repeated ids, with `pipeline.ingest.check_unique_ids`' messages and precedence.
-
-    The in-process job checks chunk by chunk (`chunk_rows`; None = the whole file at once): in the first
-    chunk with a fault, an empty id first, then an id repeated within the chunk, then one seen before
-    (earlier chunks or the reference). The same fault is reported here.
-    """
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    ids = table.frame.select(ROW, F.col(table.column(id_column)).alias("id"))
-    chunk = F.floor(F.col(ROW) / chunk_rows) if chunk_rows else F.lit(0)
-    ids = ids.withColumn("chunk", chunk)
-    by_id = Window.partitionBy("id").orderBy(ROW)
-    ids = ids.withColumn("previous", F.lag(ROW).over(by_id)).withColumn(
-        "first", F.min(ROW).over(Window.partitionBy("id"))
-    )
-    previous_chunk = F.floor(F.col("previous") / chunk_rows) if chunk_rows else F.lit(0)
-    first_chunk = F.floor(F.col("first") / chunk_rows) if chunk_rows else F.lit(0)
-    seen = F.col("first") < F.col(ROW)
-    seen = seen & (first_chunk < F.col("chunk"))
-    if reference is not None:
-        known = reference.frame.select(F.col(reference.column(id_column)).alias("id")).distinct()
-        ids = ids.join(known.withColumn("in_reference", F.lit(True)), "id", "left")
-        seen = seen | F.col("in_reference").isNotNull()
-    fault = (
-        F.when(F.col("id") == s.MISSING, 0)
-        .when(F.col("previous").isNotNull() & (previous_chunk == F.col("chunk")), 1)
-        .when(seen, 2)
-    )
-    first = ids.withColumn("fault", fault).filter(F.col("fault").isNotNull())
-    found = first.orderBy("chunk", "fault", ROW).limit(1).collect()
-    if not found:
-        return
-    row, value = found[0][ROW], found[0]["id"]
-    if found[0]["fault"] == 0:
-        raise SchemaError(f"{table.path}: row {row + 1}: empty {id_column!r}; every record needs an id")
-    raise SchemaError(f"{table.path}: row {row + 1}: {id_column} {value!r} appears more than once")
-
-
 # ------------------------------------------------------------------------------------ duplicates, then rows
 
 
@@ -586,41 +591,69 @@ def _driver_columns(bundle: ModelBundle, batch: _Table) -> list[str]:
 
 def _batch_chunks(batch: _Table, names: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The batch's `names` columns, `chunk_rows` rows at a time in input order, indexed by row number as
-    `pipeline.ingest.iter_table` indexes them: one small Arrow collect per chunk (the frame is cached with
-    its rows in contiguous sorted ranges, so a chunk reads few of its column batches)."""
+    `pipeline.ingest.iter_table` indexes them: one small Arrow collect per chunk (the cached frame's rows
+    rise within each column batch, so a chunk reads few of them). The next chunk is collected while the
+    caller works on this one: its Spark job is queued before the executors' jobs for this chunk's parts, so
+    the driver's pass, the one sequential stage, never waits behind them for a free core."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pyspark.sql import functions as F
 
     columns = [F.col(batch.column(name)).alias(f"k{i}") for i, name in enumerate(names)]
-    for start in range(0, batch.rows, chunk_rows):
-        pdf = batch.frame.filter(_rows_between(start, start + chunk_rows)).select(ROW, *columns).toPandas()
+
+    def fetch(start: int) -> pd.DataFrame:
+        started = time.perf_counter()
+        pdf = (
+            batch.frame.filter(batch.rows_between(start, start + chunk_rows)).select(ROW, *columns).toPandas()
+        )
+        logger.debug("spark: rows %d+ fetched (%.1f s)", start, time.perf_counter() - started)
         pdf = pdf.sort_values(ROW, kind="stable")
-        yield pd.DataFrame(
+        return pd.DataFrame(
             {name: pdf[f"k{i}"].to_numpy(dtype=object) for i, name in enumerate(names)},
             index=pd.Index(pdf[ROW].to_numpy(dtype=np.int64)),
         )
 
-
-def _rows_between(start: int, stop: int) -> Any:
-    from pyspark.sql import functions as F
-
-    return (F.col(ROW) >= start) & (F.col(ROW) < stop)
+    starts = range(0, batch.rows, chunk_rows)
+    with ThreadPoolExecutor(1, thread_name_prefix="pipeline-spark-fetch") as pool:
+        ahead = pool.submit(fetch, starts[0]) if starts else None
+        for start in starts:
+            chunk = ahead.result()
+            ahead = pool.submit(fetch, start + chunk_rows) if start + chunk_rows < batch.rows else None
+            yield chunk
 
 
 def _linked_chunks(
-    bundle: ModelBundle, batch: _Table, reference: pd.DataFrame | None, chunk_rows: int
+    bundle: ModelBundle, batch: _Table, reference: PreparedReference | None, chunk_rows: int
 ) -> Iterator[_LinkedChunk]:
-    """The driver's pass: the duplicate links of every chunk, made by the in-process job's own code (the
-    batch streamed here in input order, each chunk given to `pipeline.score.link_chunk` with the matcher
-    `pipeline.reference.build_reference` builds), and the running numbers carried from chunk to chunk as
+    """The driver's pass: the duplicate links of every part of the batch, made by the in-process job's own
+    code (the batch streamed here in input order, chunk by chunk, each chunk given `LINK_ROWS` rows at a
+    time to `pipeline.score.link_chunk` with the matcher `pipeline.reference.build_reference` builds, as
+    `link_chunk` cuts it itself: the same links), and the running numbers carried from part to part as
     `run_batch` carries them. The index is sequential state (each record is matched against every earlier
-    one), so it lives in one place: here, not on the executors."""
-    matcher = bundle.duplicates.matcher(reference, evict=True)
+    one), so it lives in one place: here, not on the executors. Ids are checked chunk by chunk against the
+    reference's and the earlier chunks', as `run_batch` checks them, so the same fault is reported first.
+
+    Each part is yielded as soon as it is linked, so executors assess it while the next is linked: a part
+    scores as it would within its chunk (a row's result depends on its row, its match and the running
+    numbers before it only), as `run_batch --workers` relies on too.
+    """
+    id_column = bundle.config.id_column
+    if reference is not None:
+        matcher, seen = reference.matcher, set(reference.ids)
+    else:
+        matcher, seen = bundle.duplicates.matcher(None, evict=True), set()
     state = bundle.errors.running_numbers()
     for chunk in _batch_chunks(batch, _driver_columns(bundle, batch), chunk_rows):
-        before = state
-        state = state.then(bundle.errors.running_numbers(chunk))
-        links, matched = link_chunk(chunk, bundle, matcher)
-        yield _LinkedChunk(int(chunk.index[0]), int(chunk.index[-1]) + 1, links, matched, before.to_dict())
+        check_unique_ids(chunk[id_column], source=batch.path, id_column=id_column, seen=seen)
+        seen.update(chunk[id_column])
+        for start in range(0, len(chunk), LINK_ROWS):
+            part = chunk.iloc[start : start + LINK_ROWS]
+            before = state
+            state = state.then(bundle.errors.running_numbers(part))
+            started = time.perf_counter()
+            links, matched = link_chunk(part, bundle, matcher)
+            logger.debug("spark: rows %d+ linked (%.1f s)", part.index[0], time.perf_counter() - started)
+            yield _LinkedChunk(int(part.index[0]), int(part.index[-1]) + 1, links, matched, before.to_dict())
 
 
 def _scored_chunks(
@@ -628,24 +661,26 @@ def _scored_chunks(
     bundle: ModelBundle,
     model: str,
     batch: _Table,
-    reference: pd.DataFrame | None,
+    reference: PreparedReference | None,
     chunk_rows: int,
 ) -> Iterator[tuple[str, pd.DataFrame, dict[str, list[int]]]]:
-    """Each chunk's records (CSV text), flags (with `_row`) and score histograms, in input order.
+    """Each part's records (CSV text), flags (with `_row`) and score histograms, in input order.
 
-    While the driver links chunk after chunk, the executors assess the chunks already linked: one Spark
-    job of one task per chunk, at most the cluster's parallelism plus one in flight (as `run_batch` keeps
-    its worker processes busy while it matches), so memory stays bounded and no stage waits for another.
+    While the driver links part after part, the executors assess the parts already linked: one Spark job
+    of one task per part, at most four per core of the cluster in flight, so every core has the next part
+    queued when it finishes one, and the driver's linking, the one sequential stage, goes on while the
+    executors start their Python workers and load the model (the first parts take several times longer
+    there), with memory still bounded (a part's links and its CSV text, a few MB).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    in_flight = max(spark.sparkContext.defaultParallelism, 1) + 1
+    in_flight = 4 * max(spark.sparkContext.defaultParallelism, 1)
     pending: deque[Future] = deque()
     with ThreadPoolExecutor(in_flight, thread_name_prefix="pipeline-spark") as pool:
         try:
             for linked in _linked_chunks(bundle, batch, reference, chunk_rows):
                 pending.append(pool.submit(_assess_on_executor, model, batch, linked))
-                while len(pending) > in_flight:
+                while len(pending) > in_flight or (pending and pending[0].done()):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
@@ -659,8 +694,10 @@ def _assess_on_executor(
 ) -> tuple[str, pd.DataFrame, dict[str, list[int]]]:
     """One chunk scored by `pipeline.score.assess_chunk` in one executor task: its rows read from the
     cached batch there, its links and running-number state shipped with the task."""
-    frame = batch.frame.filter(_rows_between(linked.start, linked.stop)).coalesce(1)
+    started = time.perf_counter()
+    frame = batch.frame.filter(batch.rows_between(linked.start, linked.stop)).drop(MONO).coalesce(1)
     pieces = frame.mapInPandas(_assess(model, batch.header, linked), "part string, payload string").collect()
+    logger.debug("spark: rows %d+ assessed (%.1f s)", linked.start, time.perf_counter() - started)
     by_part = {row.part: row.payload for row in pieces}
     flags = _flags_from_json(by_part["flags"]) if "flags" in by_part else empty_flags()
     return by_part["records"], flags, json.loads(by_part["hist"])
@@ -683,9 +720,15 @@ def _assess(model: str, header: list[str], linked: _LinkedChunk) -> Any:
             raise RuntimeError(f"spark: rows {linked.start}-{linked.stop} did not arrive whole")
         numbers = RunningNumbers.from_dict(linked.numbers)
         result = assess_chunk(chunk, bundle, linked.links, linked.matched, numbers)
-        out = pd.concat([chunk, result.columns], axis=1)
+        # Column by column as NumPy object arrays, zipped into rows, as `run_batch` writes them (walking
+        # Arrow-backed text with `itertuples` is several times slower).
+        columns = [
+            frame.iloc[:, j].to_numpy(dtype=object)
+            for frame in (chunk, result.columns)
+            for j in range(frame.shape[1])
+        ]
         text = io.StringIO()
-        csv.writer(text, lineterminator=CSV_LINE_END).writerows(out.itertuples(index=False, name=None))
+        csv.writer(text, lineterminator=CSV_LINE_END).writerows(zip(*columns, strict=True))
         histograms = {
             name: np.histogram(
                 result.columns[name].to_numpy(dtype=float), bins=HISTOGRAM_BINS, range=(0.0, 1.0)

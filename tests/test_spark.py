@@ -154,6 +154,40 @@ def test_bad_input_is_refused_with_the_in_process_message(spark, demo, bundle, t
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
+def test_id_faults_across_chunks_and_the_reference_are_reported_as_run_batch_reports_them(
+    spark, demo, bundle, tmp_path
+):
+    """Ids are checked chunk by chunk: in the first chunk with a fault, an empty id before an id seen in an
+    earlier chunk, even when the empty one comes later in that chunk; an id of the reference is repeated."""
+    from pipeline.spark import score_spark
+
+    with open(demo.batch, newline="", encoding="utf-8") as fh:
+        header, *rows = list(csv.reader(fh))
+    with open(demo.records, newline="", encoding="utf-8") as fh:
+        known = next(csv.DictReader(fh))["record_id"]
+    id_at = header.index("record_id")
+    rows = [list(row) for row in rows[:300]]
+    rows[140][id_at] = rows[10][id_at]  # chunk 1 repeats an id of chunk 0
+    rows[250][id_at] = ""  # and has an empty id later
+    both = tmp_path / "both.csv"
+    with open(both, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh, lineterminator="\n").writerows([header, *rows])
+    rows[250][id_at] = "FRESH-1"
+    rows[140][id_at] = known
+    clash = tmp_path / "clash.csv"
+    with open(clash, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh, lineterminator="\n").writerows([header, *rows])
+
+    for batch, expected in ((both, "row 251: empty 'record_id'"), (clash, f"row 141: record_id {known!r}")):
+        with pytest.raises(SchemaError) as local:
+            run_batch(bundle, batch, tmp_path / "local", reference_path=demo.records, chunk_rows=CHUNK_ROWS)
+        with pytest.raises(SchemaError) as raised:
+            score_spark(bundle, batch, tmp_path / "out", reference_path=demo.records, chunk_rows=CHUNK_ROWS)
+        assert str(raised.value) == str(local.value)
+        assert expected in str(raised.value)
+        assert not (tmp_path / "out").exists()
+
+
 def test_cli_engine_spark_exits_2_on_bad_input(spark, demo, bundle, tmp_path, capsys):
     model = tmp_path / "model"
     ModelBundle.save(bundle, model)
