@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,6 +327,8 @@ class ErrorModel(BaseEstimator):
             extra = unlabelled[[c for c in stored.columns if c in unlabelled.columns]]
         profile_frame = _concat(stored, extra)
         logger.info("error model: profiling %d records", len(profile_frame))
+        # Coded once: the cross-fitting folds' profiles and the final one are profiles of its rows.
+        table = d.ProfileTable.of(profile_frame, config)
         kinds = {name: spec.type for name, spec in config.fields.items() if name in stored.columns}
         pairs = d.find_dependencies(d.chunk_texts(profile_frame, kinds), kinds)
         self.dependency_pairs_ = pairs
@@ -341,7 +344,7 @@ class ErrorModel(BaseEstimator):
         if self.labelled_:
             self.field_ids_ = pooled_field_ids(fields, labels, self.min_field_errors)
             twins = _entered_alike(entered, matched, fields)
-            self._fit_labelled(entered, ids, labels, stored, extra, pairs, confirmed, twins)
+            self._fit_labelled(entered, ids, labels, table, pairs, confirmed, twins)
         else:
             logger.warning(
                 "error model: the log has no edits of the checked fields in the training history; the model "
@@ -359,7 +362,7 @@ class ErrorModel(BaseEstimator):
                 DEFAULT_THRESHOLD if self.suggest_threshold is None else float(self.suggest_threshold)
             )
             self.training_errors_ = 0
-        self.profile_ = d.build_profile(profile_frame, config, pairs=pairs, schemes=self.schemes_)
+        self.profile_ = table.profile(pairs=pairs, schemes=self.schemes_)
         sequences = [name for name, fp in self.profile_.fields.items() if fp.sequence]
         self.running_start_ = d.RunningNumbers(tuple(sequences)).then(
             d.RunningNumbers.of_table(stored, sequences, config.time_column)
@@ -377,13 +380,15 @@ class ErrorModel(BaseEstimator):
         entered: pd.DataFrame,
         ids: pd.Series,
         labels: pd.DataFrame,
-        stored: pd.DataFrame,
-        extra: pd.DataFrame | None,
+        table: d.ProfileTable,
         pairs: list[tuple[str, str]],
         confirmed: pd.DataFrame,
         twins: np.ndarray,
     ) -> None:
-        """Cross-fitted features and candidates per fold, the final classifier and ranker, the thresholds."""
+        """Cross-fitted features and candidates per fold, the final classifier and ranker, the thresholds.
+
+        `table` holds the profiled records: the training history's (as stored, in `entered`'s order) first,
+        then the unlabelled ones, which every fold's profile keeps."""
         config = self.config
         fields = config.check_fields
         truth = set(zip(labels[s.LOG_RECORD_ID], labels[s.LOG_FIELD], strict=True))
@@ -412,13 +417,15 @@ class ErrorModel(BaseEstimator):
             entered, [n for n in config.fields if n in entered.columns], config.time_column
         )
         for k in range(self.folds):
-            logger.info("error model: cross-fitting fold %d of %d", k + 1, self.folds)
+            logger.info("error model: cross-fitting fold %d of %d ...", k + 1, self.folds)
+            started = time.perf_counter()
             inside = fold_of == k
             chosen = inside & keep
             outside_ids = set(ids[~inside])
             fold_labels = labels[labels[s.LOG_RECORD_ID].isin(outside_ids)]
-            profile = d.build_profile(
-                _concat(stored[~inside], extra), config, pairs=pairs, schemes=self.schemes_
+            unlabelled = np.arange(len(entered), table.rows)
+            profile = table.profile(
+                np.concatenate([np.flatnonzero(~inside), unlabelled]), pairs=pairs, schemes=self.schemes_
             )
             edits = d.EditHistory.learn(entered[~inside], fold_labels, config)
             rows = entered[chosen]
@@ -459,6 +466,12 @@ class ErrorModel(BaseEstimator):
                     rows,
                     extras,
                 )
+            )
+            logger.info(
+                "error model: cross-fitting fold %d of %d done in %.1f s",
+                k + 1,
+                self.folds,
+                time.perf_counter() - started,
             )
         X = np.concatenate([fold.X for fold in folds])
         y = np.concatenate([fold.y for fold in folds])
