@@ -773,9 +773,10 @@ def profile_field(
 class _FieldValues:
     """One field's values coded once (`codes` into `uniques`, first-appearance order) with what profiling
     needs of each distinct value (shape, case, length, decimals written), computed once however many
-    subsets of the rows (cross-fitting folds) are profiled."""
+    subsets of the rows (cross-fitting folds) are profiled. Only the codes are kept per row: a million
+    rows' texts would be a million Python strings per field."""
 
-    values: pd.Series
+    index: pd.Index
     codes: np.ndarray
     uniques: np.ndarray
     missing: int
@@ -784,7 +785,13 @@ class _FieldValues:
     @classmethod
     def of(cls, values: pd.Series) -> _FieldValues:
         coded = _Coded.of(values)
-        return cls(values, coded.codes, coded.uniques, coded.missing)
+        return cls(values.index, coded.codes, coded.uniques, coded.missing)
+
+    def values(self, rows: np.ndarray | None) -> pd.Series:
+        """The texts at `rows` (positions; None: all) with their index, as `text_column` gives them."""
+        if rows is None:
+            return pd.Series(self.uniques[self.codes], index=self.index, dtype=object)
+        return pd.Series(self.uniques[self.codes[rows]], index=self.index[rows], dtype=object)
 
     def fact(self, name: str, fn: Callable[[str], object]) -> np.ndarray:
         """`fn` of each distinct value (object array aligned with `uniques`; cached under `name`)."""
@@ -822,7 +829,7 @@ def _profile_values(
 ) -> FieldProfile:
     """`profile_field` of the values at `rows` (positions into `column`; None: all of them)."""
     codes = column.codes if rows is None else column.codes[rows]
-    values = column.values if rows is None else column.values.iloc[rows]
+    values = column.values(rows)
     is_filled = codes != column.missing
     filled = values[is_filled]
     order, n = _value_counts(codes, column.missing, len(column.uniques))
@@ -1102,12 +1109,7 @@ class ProfileTable:
             )
             for name, kind in kinds.items()
         }
-        texts = pd.DataFrame(
-            {
-                name: column.values if rows is None else column.values.iloc[rows]
-                for name, column in self.columns.items()
-            }
-        )
+        texts = pd.DataFrame({name: column.values(rows) for name, column in self.columns.items()})
         if pairs is None:
             pairs = find_dependencies(texts, kinds)
         pairs = list(pairs)

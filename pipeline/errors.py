@@ -24,6 +24,7 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,10 @@ OOF_SMALL_CELLS = 10_000
 # the others up to this many rows in all, each sampled row weighted by the inverse of its sampling rate. The
 # classifier's cost then grows with the labels, not with the history (the profiles still use every row).
 MAX_TRAINING_ROWS = 30_000
+# Each fold's lookups (a profile of all the other records: 0.3-0.5 GB each at a million records) are kept
+# for choosing the thresholds only up to this many profiled records; above it they are dropped after the
+# fold's features and rebuilt, one fold at a time, when its flagged cells need candidates (same numbers).
+KEEP_LOOKUPS_ROWS = 300_000
 MAX_BINS = 255
 # `assess` takes a chunk this many rows at a time: the stacked cell features of 50,000 rows and their
 # copies for the classifier were the batch job's largest transient (~550 MB).
@@ -203,9 +208,21 @@ def training_rows(
 
 
 @dataclass
+class _Lookups:
+    """What the records outside a cross-fitting fold teach about the fold's cells: their profile, edit
+    history, edit patterns and nearest-value choices."""
+
+    profile: d.Profile
+    edits: d.EditHistory
+    patterns: sg.EditPatterns
+    choices: dict[str, list[str]]
+
+
+@dataclass
 class _Fold:
     """One cross-fitting fold of the training history: its cells' features and labels (field after field),
-    its labelled cells' candidates, and what scoring its cells out of fold needs."""
+    its labelled cells' candidates, and what scoring its cells out of fold needs (`lookups` None: dropped
+    to save memory, rebuilt when needed)."""
 
     inside: np.ndarray
     X: np.ndarray
@@ -213,9 +230,7 @@ class _Fold:
     w: np.ndarray
     count: np.ndarray  # how many history cells each training cell stands for (1 / its sampling rate)
     candidates: pd.DataFrame
-    profile: d.Profile
-    patterns: sg.EditPatterns
-    choices: dict[str, list[str]]
+    lookups: _Lookups | None
     rows: pd.DataFrame
     extras: dict
 
@@ -412,6 +427,16 @@ class ErrorModel(BaseEstimator):
             )
         folds: list[_Fold] = []
         cell_offset = 0
+
+        def outside(inside: np.ndarray) -> _Lookups:
+            """The lookups learned from the records outside a fold (the unlabelled ones always are)."""
+            fold_labels = labels[labels[s.LOG_RECORD_ID].isin(set(ids[~inside]))]
+            rows = np.concatenate([np.flatnonzero(~inside), np.arange(len(entered), table.rows)])
+            profile = table.profile(rows, pairs=pairs, schemes=self.schemes_)
+            edits = d.EditHistory.learn(entered[~inside], fold_labels, config)
+            patterns = sg.EditPatterns.learn(fold_labels, profile=profile, edits=edits)
+            return _Lookups(profile, edits, patterns, sg.nearest_choices(profile))
+
         # Running numbers find their neighbours in the whole history, computed once for all folds.
         context = d.Context.of(
             entered, [n for n in config.fields if n in entered.columns], config.time_column
@@ -421,23 +446,16 @@ class ErrorModel(BaseEstimator):
             started = time.perf_counter()
             inside = fold_of == k
             chosen = inside & keep
-            outside_ids = set(ids[~inside])
-            fold_labels = labels[labels[s.LOG_RECORD_ID].isin(outside_ids)]
-            unlabelled = np.arange(len(entered), table.rows)
-            profile = table.profile(
-                np.concatenate([np.flatnonzero(~inside), unlabelled]), pairs=pairs, schemes=self.schemes_
-            )
-            edits = d.EditHistory.learn(entered[~inside], fold_labels, config)
+            lookups = outside(inside)
+            profile, patterns, choices = lookups.profile, lookups.patterns, lookups.choices
             rows = entered[chosen]
-            per_field = d.cell_features(rows, profile, config, fields, edits, context=context)
+            per_field = d.cell_features(rows, profile, config, fields, lookups.edits, context=context)
             X = self._stack(per_field, len(rows))
             y = np.array([[(r, name) in truth for name in fields] for r in ids[chosen]], dtype=int)
             w = np.array([[(r, name) in sure for name in fields] for r in ids[chosen]], dtype=bool)
             count = np.repeat(row_weight[chosen][:, None], len(fields), axis=1).reshape(y.shape)
             count = np.where(twins[chosen] & (y == 0), 0.0, count)
             w = np.where(w, CONFIRMED_WEIGHT, 1.0).reshape(y.shape) * count
-            patterns = sg.EditPatterns.learn(fold_labels, profile=profile, edits=edits)
-            choices = sg.nearest_choices(profile)
             extras = self._cell_extras(rows, profile, context)
             held = labels[labels[s.LOG_RECORD_ID].isin(set(ids[inside]))]
             cells, answers = self._labelled_cells(rows, held, extras)
@@ -460,13 +478,12 @@ class ErrorModel(BaseEstimator):
                     w.T.ravel(),
                     count.T.ravel(),
                     frame,
-                    profile,
-                    patterns,
-                    choices,
+                    lookups if table.rows <= KEEP_LOOKUPS_ROWS else None,
                     rows,
                     extras,
                 )
             )
+            del lookups, profile, patterns, choices, per_field
             logger.info(
                 "error model: cross-fitting fold %d of %d done in %.1f s",
                 k + 1,
@@ -474,6 +491,9 @@ class ErrorModel(BaseEstimator):
                 time.perf_counter() - started,
             )
         X = np.concatenate([fold.X for fold in folds])
+        start = 0
+        for fold in folds:  # each fold's cells become a view into the whole: held once, not twice
+            fold.X, start = X[start : start + len(fold.X)], start + len(fold.X)
         y = np.concatenate([fold.y for fold in folds])
         w = np.concatenate([fold.w for fold in folds])
         logger.info(
@@ -504,7 +524,7 @@ class ErrorModel(BaseEstimator):
         self.training_errors_ = int(y.sum())
         threshold, suggest = self.threshold, self.suggest_threshold
         if threshold is None or suggest is None:
-            chosen = self._out_of_fold_thresholds(folds, ids, labels, threshold)
+            chosen = self._out_of_fold_thresholds(folds, ids, labels, threshold, outside)
             threshold = chosen[0] if threshold is None else threshold
             suggest = chosen[1] if suggest is None else suggest
         self.threshold_ = float(threshold)
@@ -579,11 +599,17 @@ class ErrorModel(BaseEstimator):
         return out
 
     def _out_of_fold_thresholds(
-        self, folds: list[_Fold], ids: pd.Series, labels: pd.DataFrame, fixed: float | None
+        self,
+        folds: list[_Fold],
+        ids: pd.Series,
+        labels: pd.DataFrame,
+        fixed: float | None,
+        outside: Callable[[np.ndarray], _Lookups],
     ) -> tuple[float, float]:
         """Both thresholds from the training history itself: each fold is scored by a classifier and a
         ranker fitted on the other folds (as `calibrate` scores a held-out period), and the pooled flags
-        choose the flag threshold (best F1) and the suggestion threshold (best correction F1)."""
+        choose the flag threshold (best F1) and the suggestion threshold (best correction F1). `outside`
+        rebuilds a fold's lookups where they were dropped."""
         config = self.config
         fields = config.check_fields
         # A large history is scored in OOF_GROUPS groups of folds (each by a classifier fitted on the other
@@ -630,13 +656,17 @@ class ErrorModel(BaseEstimator):
             cell_count = fold.count.reshape(len(fields), n)[names, positions]
             if not len(positions):
                 continue
-            texts = d.chunk_texts(fold.rows, [f for f in config.fields if f in fold.profile.fields])
+            lookups = fold.lookups or outside(fold.inside)
+            texts = d.chunk_texts(fold.rows, [f for f in config.fields if f in lookups.profile.fields])
             records = texts.to_dict("records")
             cells = [
                 self._cell(fields[j], records[i], int(i), fold.extras, "")
                 for i, j in zip(positions, names, strict=True)
             ]
-            frame = sg.candidate_frame(cells, fold.profile, fold.patterns, self.field_ids_, fold.choices)
+            frame = sg.candidate_frame(
+                cells, lookups.profile, lookups.patterns, self.field_ids_, lookups.choices
+            )
+            del lookups
             others = pd.concat(
                 [other.candidates for j, other in enumerate(folds) if j != k], ignore_index=True
             )
