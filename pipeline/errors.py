@@ -437,10 +437,10 @@ class ErrorModel(BaseEstimator):
             patterns = sg.EditPatterns.learn(fold_labels, profile=profile, edits=edits)
             return _Lookups(profile, edits, patterns, sg.nearest_choices(profile))
 
-        # Running numbers find their neighbours in the whole history, computed once for all folds.
-        context = d.Context.of(
-            entered, [n for n in config.fields if n in entered.columns], config.time_column
-        )
+        # Running numbers find their neighbours in the whole history, computed once for all folds. Only a
+        # code field can be a running number (`detectors.profile_field`): the context holds only their texts.
+        codes = [n for n, spec in config.fields.items() if n in entered.columns and spec.type == "code"]
+        context = d.Context.of(entered, codes, config.time_column)
         for k in range(self.folds):
             logger.info("error model: cross-fitting fold %d of %d ...", k + 1, self.folds)
             started = time.perf_counter()
