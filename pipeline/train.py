@@ -464,9 +464,9 @@ def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, str]:
 
 
 class Stages:
-    """Training's progress: each stage logged as it starts and as it ends with its seconds and the process's
-    peak memory so far (the CLI shows the log on stderr, `-q` hides it); `laps` keeps the seconds per stage
-    for MLflow."""
+    """Training's progress: each stage logged as it starts and as it ends with its seconds, CPU seconds and
+    the process's peak memory so far (the CLI shows the log on stderr, `-q` hides it); `laps` keeps the
+    seconds per stage for MLflow."""
 
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
@@ -474,9 +474,15 @@ class Stages:
     @contextmanager
     def stage(self, name: str, what: str) -> Iterator[None]:
         logger.info("train: %s ...", what)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         yield
         seconds = time.perf_counter() - started
         self.laps[name] = round(self.laps.get(name, 0.0) + seconds, 3)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
-        logger.info("train: %s done in %.1f s (peak %.0f MB)", what, seconds, peak_mb)
+        logger.info(
+            "train: %s done in %.1f s (CPU %.1f s, peak %.0f MB)",
+            what,
+            seconds,
+            time.process_time() - cpu,
+            peak_mb,
+        )
