@@ -144,7 +144,8 @@ def generate(python: str, out: Path, history: int, batch: int) -> Path:
 
 
 TRAIN_TO_FOLDER = (
-    "import sys\n"
+    "import logging, sys\n"
+    "logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')\n"
     "from pipeline.config import load_config\n"
     "from pipeline.train import train\n"
     "d = sys.argv[1]\n"

@@ -207,12 +207,15 @@ def _out(text: str = "") -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.registry import log_training
-    from pipeline.train import train
+    from pipeline.train import Stages, train
 
     config = load_config(args.config)
     started = time.perf_counter()
     result = train(config, args.records, args.corrections)
-    run = log_training(result, records_path=args.records, log_path=args.corrections, uri=args.tracking_uri)
+    with Stages().stage("mlflow", "logging the run and registering the model in MLflow"):
+        run = log_training(
+            result, records_path=args.records, log_path=args.corrections, uri=args.tracking_uri
+        )
     _print_training(result, run, time.perf_counter() - started)
     return EXIT_OK
 

@@ -766,24 +766,86 @@ def profile_field(
 ) -> FieldProfile:
     """Learns one field's profile from its values (text, `''` = missing); `schemes` fixes its identifier
     checks (by default those its values support, `adopted_schemes`)."""
-    filled = values[values != s.MISSING]
-    counts = filled.value_counts()
-    shape_per_value = {v: shape_of(v) for v in counts.index}
-    shape_counts: dict[str, int] = {}
-    shape_example: dict[str, str] = {}
-    for value, n in counts.items():
-        sh = shape_per_value[value]
-        shape_counts[sh] = shape_counts.get(sh, 0) + int(n)
-        shape_example.setdefault(sh, value)
+    return _profile_values(_FieldValues.of(values), None, name, kind, times, schemes)
+
+
+@dataclass
+class _FieldValues:
+    """One field's values coded once (`codes` into `uniques`, first-appearance order) with what profiling
+    needs of each distinct value (shape, case, length, decimals written), computed once however many
+    subsets of the rows (cross-fitting folds) are profiled. Only the codes are kept per row: a million
+    rows' texts would be a million Python strings per field."""
+
+    index: pd.Index
+    codes: np.ndarray
+    uniques: np.ndarray
+    missing: int
+    facts: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, values: pd.Series) -> _FieldValues:
+        coded = _Coded.of(values)
+        return cls(values.index, coded.codes, coded.uniques, coded.missing)
+
+    def values(self, rows: np.ndarray | None) -> pd.Series:
+        """The texts at `rows` (positions; None: all) with their index, as `text_column` gives them."""
+        if rows is None:
+            return pd.Series(self.uniques[self.codes], index=self.index, dtype=object)
+        return pd.Series(self.uniques[self.codes[rows]], index=self.index[rows], dtype=object)
+
+    def fact(self, name: str, fn: Callable[[str], object]) -> np.ndarray:
+        """`fn` of each distinct value (object array aligned with `uniques`; cached under `name`)."""
+        if name not in self.facts:
+            self.facts[name] = np.array([fn(v) for v in self.uniques] + [None], dtype=object)[:-1]
+        return self.facts[name]
+
+    def coded(self, rows: np.ndarray | None) -> _Coded:
+        """The `_Coded` of the values at `rows` (positions; None: all), as `_Coded.of` would code them."""
+        if rows is None:
+            return _Coded(self.codes, self.uniques, self.missing)
+        codes, present = pd.factorize(self.codes[rows])  # integers: first-appearance order, as the texts
+        where = np.flatnonzero(present == self.missing)
+        return _Coded(codes.astype(np.int64), self.uniques[present], int(where[0]) if len(where) else -1)
+
+
+def _value_counts(codes: np.ndarray, missing: int, n_uniques: int) -> tuple[np.ndarray, np.ndarray]:
+    """The filled values' codes and counts in `Series.value_counts` order: most frequent first, ties in
+    order of first appearance."""
+    filled = codes[codes != missing]
+    counts = np.bincount(filled, minlength=n_uniques)
+    present, first = np.unique(filled, return_index=True)
+    appearance = present[np.argsort(first, kind="stable")]
+    order = appearance[np.argsort(-counts[appearance], kind="stable")]
+    return order, counts[order]
+
+
+def _profile_values(
+    column: _FieldValues,
+    rows: np.ndarray | None,
+    name: str,
+    kind: str,
+    times: pd.Series | None,
+    schemes: list[str] | None = None,
+) -> FieldProfile:
+    """`profile_field` of the values at `rows` (positions into `column`; None: all of them)."""
+    codes = column.codes if rows is None else column.codes[rows]
+    values = column.values(rows)
+    is_filled = codes != column.missing
+    filled = values[is_filled]
+    order, n = _value_counts(codes, column.missing, len(column.uniques))
+    distinct = column.uniques[order]
+    counts = pd.Series(n, index=pd.Index(distinct, dtype=object), name="count")
+    shapes = column.fact("shape", shape_of)[order]
+    # Per shape, in order of first appearance among the values by count: its rows and its first value.
+    by_shape = pd.DataFrame({"n": n, "value": distinct}).groupby(shapes, sort=False)
+    shape_counts = {str(k): int(v) for k, v in by_shape["n"].sum().items()}
+    shape_example = {str(k): v for k, v in by_shape["value"].first().items()}
     coarse_counts: dict[str, int] = {}
-    for sh, n in shape_counts.items():
+    for sh, count in shape_counts.items():
         c = coarse_shape(sh)
-        coarse_counts[c] = coarse_counts.get(c, 0) + n
-    lengths = filled.str.len()
-    cases = pd.Series({v: _case_of(v) for v in counts.index}, dtype=object)
-    case_totals = (
-        pd.Series(counts.to_numpy(), index=cases.reindex(counts.index).to_numpy()).groupby(level=0).sum()
-    )
+        coarse_counts[c] = coarse_counts.get(c, 0) + count
+    lengths = pd.Series(column.fact("length", len)[codes[is_filled]].astype(np.int64))
+    case_totals = pd.Series(n, index=column.fact("case", _case_of)[order]).groupby(level=0).sum()
     case = str(case_totals.idxmax()) if len(case_totals) else "none"
     case_share = float(case_totals.max() / case_totals.sum()) if len(case_totals) else 0.0
     # A check digit on a date is a coincidence of its shape, never a rule of the field.
@@ -794,7 +856,7 @@ def profile_field(
         kind=kind,
         rows=len(values),
         filled=len(filled),
-        counts={str(k): int(v) for k, v in counts.items()},
+        counts=dict(zip(distinct.tolist(), n.tolist(), strict=True)),
         shapes=shape_counts,
         coarse=coarse_counts,
         shape_example={
@@ -806,21 +868,22 @@ def profile_field(
         case_share=case_share,
         schemes=list(schemes),
     )
-    written = [
-        (places, n) for v, n in counts.items() if (places := number_type.decimals_written(v)) is not None
-    ]
-    if written:
-        places = pd.Series([p for p, _ in written]).repeat([n for _, n in written])
+    places_of = column.fact("decimals", number_type.decimals_written)[order]
+    written = places_of != None  # noqa: E711 - elementwise on an object array
+    if written.any():
+        places = pd.Series(places_of[written].astype(np.int64)).repeat(n[written])
         usual = int(places.mode().iloc[0])
         profile.decimals = usual
         profile.fixed_decimals = usual > 0 and float((places == usual).mean()) >= 0.9
     if kind == "number":
-        numbers = per_value(filled, number_type.plain_number).astype(float)
+        plain = column.fact("plain_number", number_type.plain_number)[codes[is_filled]]
+        numbers = pd.Series(plain.astype(float), index=filled.index)
         logs = np.log10(numbers.abs().clip(lower=1e-9))[numbers.notna() & (numbers != 0)]
         if len(logs):
             profile.number_center = float(logs.median())
             profile.number_spread = float(max((logs - logs.median()).abs().median() * 1.4826, 0.05))
-        decimals = per_value(filled, lambda v: number_type.decimals_written(v) or 0)
+        decimals = column.fact("decimals", number_type.decimals_written)[codes[is_filled]]
+        decimals = pd.Series(np.where(decimals == None, 0, decimals).astype(np.int64))  # noqa: E711
         profile.decimals = int(decimals.mode().iloc[0]) if len(decimals) else 0
     if kind == "code":
         profile.sequence = _is_sequence(values, times)
@@ -1004,31 +1067,67 @@ def build_profile(
     they are found in `frame`. `schemes` fixes each field's identifier checks likewise (by default those
     the field's values support, `adopted_schemes`).
     """
-    kinds = {name: spec.type for name, spec in config.fields.items() if name in frame.columns}
-    texts = pd.DataFrame({name: text_column(frame, name) for name in kinds}, index=frame.index)
-    times = entry_times(frame, config.time_column)
-    profiles = {
-        name: profile_field(
-            texts[name], name, kind, times, None if schemes is None else list(schemes.get(name, []))
+    return ProfileTable.of(frame, config).profile(pairs=pairs, schemes=schemes)
+
+
+@dataclass
+class ProfileTable:
+    """A table of records coded once, to profile it and subsets of its rows (the error model's cross-fitting
+    folds) without hashing its texts or parsing its entry times again: `table.profile(rows)` is
+    `build_profile(frame.iloc[rows])`, the same numbers in the same order."""
+
+    columns: dict[str, _FieldValues]
+    kinds: dict[str, str]
+    times: pd.Series | None
+    time_column: str | None
+    rows: int
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, config: Config) -> ProfileTable:
+        kinds = {name: spec.type for name, spec in config.fields.items() if name in frame.columns}
+        columns = {name: _FieldValues.of(text_column(frame, name)) for name in kinds}
+        return cls(columns, kinds, entry_times(frame, config.time_column), config.time_column, len(frame))
+
+    def profile(
+        self,
+        rows: np.ndarray | None = None,
+        *,
+        pairs: Iterable[tuple[str, str]] | None = None,
+        schemes: dict[str, list[str]] | None = None,
+    ) -> Profile:
+        """The profile of the rows at `rows` (positions in table order; None: every row)."""
+        kinds = self.kinds
+        times = self.times if rows is None or self.times is None else self.times.iloc[rows]
+        profiles = {
+            name: _profile_values(
+                self.columns[name],
+                rows,
+                name,
+                kind,
+                times,
+                None if schemes is None else list(schemes.get(name, [])),
+            )
+            for name, kind in kinds.items()
+        }
+        texts = pd.DataFrame({name: column.values(rows) for name, column in self.columns.items()})
+        if pairs is None:
+            pairs = find_dependencies(texts, kinds)
+        pairs = list(pairs)
+        coded = {name: self.columns[name].coded(rows) for name in {f for pair in pairs for f in pair}}
+        dependencies = [
+            dep for a, b in pairs if (dep := _dependency_of(a, b, coded[a], coded[b])) is not None
+        ]
+        groups = {}
+        for name, kind in kinds.items():
+            if kind == "number" and (group := _number_group(texts, name, kinds)) is not None:
+                groups[name] = group
+        return Profile(
+            fields=profiles,
+            dependencies=dependencies,
+            groups=groups,
+            time_column=self.time_column,
+            rows=self.rows if rows is None else len(rows),
         )
-        for name, kind in kinds.items()
-    }
-    if pairs is None:
-        pairs = find_dependencies(texts, kinds)
-    pairs = list(pairs)
-    coded = {name: _Coded.of(texts[name]) for name in {f for pair in pairs for f in pair}}
-    dependencies = [dep for a, b in pairs if (dep := _dependency_of(a, b, coded[a], coded[b])) is not None]
-    groups = {}
-    for name, kind in kinds.items():
-        if kind == "number" and (group := _number_group(texts, name, kinds)) is not None:
-            groups[name] = group
-    return Profile(
-        fields=profiles,
-        dependencies=dependencies,
-        groups=groups,
-        time_column=config.time_column,
-        rows=len(frame),
-    )
 
 
 def extend_profile(profile: Profile, frame: pd.DataFrame) -> Profile:

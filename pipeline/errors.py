@@ -23,6 +23,8 @@ import json
 import logging
 import math
 import platform
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +61,10 @@ OOF_SMALL_CELLS = 10_000
 # the others up to this many rows in all, each sampled row weighted by the inverse of its sampling rate. The
 # classifier's cost then grows with the labels, not with the history (the profiles still use every row).
 MAX_TRAINING_ROWS = 30_000
+# Each fold's lookups (a profile of all the other records: 0.3-0.5 GB each at a million records) are kept
+# for choosing the thresholds only up to this many profiled records; above it they are dropped after the
+# fold's features and rebuilt, one fold at a time, when its flagged cells need candidates (same numbers).
+KEEP_LOOKUPS_ROWS = 300_000
 MAX_BINS = 255
 # `assess` takes a chunk this many rows at a time: the stacked cell features of 50,000 rows and their
 # copies for the classifier were the batch job's largest transient (~550 MB).
@@ -202,9 +208,21 @@ def training_rows(
 
 
 @dataclass
+class _Lookups:
+    """What the records outside a cross-fitting fold teach about the fold's cells: their profile, edit
+    history, edit patterns and nearest-value choices."""
+
+    profile: d.Profile
+    edits: d.EditHistory
+    patterns: sg.EditPatterns
+    choices: dict[str, list[str]]
+
+
+@dataclass
 class _Fold:
     """One cross-fitting fold of the training history: its cells' features and labels (field after field),
-    its labelled cells' candidates, and what scoring its cells out of fold needs."""
+    its labelled cells' candidates, and what scoring its cells out of fold needs (`lookups` None: dropped
+    to save memory, rebuilt when needed)."""
 
     inside: np.ndarray
     X: np.ndarray
@@ -212,9 +230,7 @@ class _Fold:
     w: np.ndarray
     count: np.ndarray  # how many history cells each training cell stands for (1 / its sampling rate)
     candidates: pd.DataFrame
-    profile: d.Profile
-    patterns: sg.EditPatterns
-    choices: dict[str, list[str]]
+    lookups: _Lookups | None
     rows: pd.DataFrame
     extras: dict
 
@@ -326,6 +342,8 @@ class ErrorModel(BaseEstimator):
             extra = unlabelled[[c for c in stored.columns if c in unlabelled.columns]]
         profile_frame = _concat(stored, extra)
         logger.info("error model: profiling %d records", len(profile_frame))
+        # Coded once: the cross-fitting folds' profiles and the final one are profiles of its rows.
+        table = d.ProfileTable.of(profile_frame, config)
         kinds = {name: spec.type for name, spec in config.fields.items() if name in stored.columns}
         pairs = d.find_dependencies(d.chunk_texts(profile_frame, kinds), kinds)
         self.dependency_pairs_ = pairs
@@ -341,7 +359,7 @@ class ErrorModel(BaseEstimator):
         if self.labelled_:
             self.field_ids_ = pooled_field_ids(fields, labels, self.min_field_errors)
             twins = _entered_alike(entered, matched, fields)
-            self._fit_labelled(entered, ids, labels, stored, extra, pairs, confirmed, twins)
+            self._fit_labelled(entered, ids, labels, table, pairs, confirmed, twins)
         else:
             logger.warning(
                 "error model: the log has no edits of the checked fields in the training history; the model "
@@ -359,7 +377,7 @@ class ErrorModel(BaseEstimator):
                 DEFAULT_THRESHOLD if self.suggest_threshold is None else float(self.suggest_threshold)
             )
             self.training_errors_ = 0
-        self.profile_ = d.build_profile(profile_frame, config, pairs=pairs, schemes=self.schemes_)
+        self.profile_ = table.profile(pairs=pairs, schemes=self.schemes_)
         sequences = [name for name, fp in self.profile_.fields.items() if fp.sequence]
         self.running_start_ = d.RunningNumbers(tuple(sequences)).then(
             d.RunningNumbers.of_table(stored, sequences, config.time_column)
@@ -377,13 +395,15 @@ class ErrorModel(BaseEstimator):
         entered: pd.DataFrame,
         ids: pd.Series,
         labels: pd.DataFrame,
-        stored: pd.DataFrame,
-        extra: pd.DataFrame | None,
+        table: d.ProfileTable,
         pairs: list[tuple[str, str]],
         confirmed: pd.DataFrame,
         twins: np.ndarray,
     ) -> None:
-        """Cross-fitted features and candidates per fold, the final classifier and ranker, the thresholds."""
+        """Cross-fitted features and candidates per fold, the final classifier and ranker, the thresholds.
+
+        `table` holds the profiled records: the training history's (as stored, in `entered`'s order) first,
+        then the unlabelled ones, which every fold's profile keeps."""
         config = self.config
         fields = config.check_fields
         truth = set(zip(labels[s.LOG_RECORD_ID], labels[s.LOG_FIELD], strict=True))
@@ -407,30 +427,35 @@ class ErrorModel(BaseEstimator):
             )
         folds: list[_Fold] = []
         cell_offset = 0
-        # Running numbers find their neighbours in the whole history, computed once for all folds.
-        context = d.Context.of(
-            entered, [n for n in config.fields if n in entered.columns], config.time_column
-        )
+
+        def outside(inside: np.ndarray) -> _Lookups:
+            """The lookups learned from the records outside a fold (the unlabelled ones always are)."""
+            fold_labels = labels[labels[s.LOG_RECORD_ID].isin(set(ids[~inside]))]
+            rows = np.concatenate([np.flatnonzero(~inside), np.arange(len(entered), table.rows)])
+            profile = table.profile(rows, pairs=pairs, schemes=self.schemes_)
+            edits = d.EditHistory.learn(entered[~inside], fold_labels, config)
+            patterns = sg.EditPatterns.learn(fold_labels, profile=profile, edits=edits)
+            return _Lookups(profile, edits, patterns, sg.nearest_choices(profile))
+
+        # Running numbers find their neighbours in the whole history, computed once for all folds. Only a
+        # code field can be a running number (`detectors.profile_field`): the context holds only their texts.
+        codes = [n for n, spec in config.fields.items() if n in entered.columns and spec.type == "code"]
+        context = d.Context.of(entered, codes, config.time_column)
         for k in range(self.folds):
-            logger.info("error model: cross-fitting fold %d of %d", k + 1, self.folds)
+            logger.info("error model: cross-fitting fold %d of %d ...", k + 1, self.folds)
+            started = time.perf_counter()
             inside = fold_of == k
             chosen = inside & keep
-            outside_ids = set(ids[~inside])
-            fold_labels = labels[labels[s.LOG_RECORD_ID].isin(outside_ids)]
-            profile = d.build_profile(
-                _concat(stored[~inside], extra), config, pairs=pairs, schemes=self.schemes_
-            )
-            edits = d.EditHistory.learn(entered[~inside], fold_labels, config)
+            lookups = outside(inside)
+            profile, patterns, choices = lookups.profile, lookups.patterns, lookups.choices
             rows = entered[chosen]
-            per_field = d.cell_features(rows, profile, config, fields, edits, context=context)
+            per_field = d.cell_features(rows, profile, config, fields, lookups.edits, context=context)
             X = self._stack(per_field, len(rows))
             y = np.array([[(r, name) in truth for name in fields] for r in ids[chosen]], dtype=int)
             w = np.array([[(r, name) in sure for name in fields] for r in ids[chosen]], dtype=bool)
             count = np.repeat(row_weight[chosen][:, None], len(fields), axis=1).reshape(y.shape)
             count = np.where(twins[chosen] & (y == 0), 0.0, count)
             w = np.where(w, CONFIRMED_WEIGHT, 1.0).reshape(y.shape) * count
-            patterns = sg.EditPatterns.learn(fold_labels, profile=profile, edits=edits)
-            choices = sg.nearest_choices(profile)
             extras = self._cell_extras(rows, profile, context)
             held = labels[labels[s.LOG_RECORD_ID].isin(set(ids[inside]))]
             cells, answers = self._labelled_cells(rows, held, extras)
@@ -453,14 +478,22 @@ class ErrorModel(BaseEstimator):
                     w.T.ravel(),
                     count.T.ravel(),
                     frame,
-                    profile,
-                    patterns,
-                    choices,
+                    lookups if table.rows <= KEEP_LOOKUPS_ROWS else None,
                     rows,
                     extras,
                 )
             )
+            del lookups, profile, patterns, choices, per_field
+            logger.info(
+                "error model: cross-fitting fold %d of %d done in %.1f s",
+                k + 1,
+                self.folds,
+                time.perf_counter() - started,
+            )
         X = np.concatenate([fold.X for fold in folds])
+        start = 0
+        for fold in folds:  # each fold's cells become a view into the whole: held once, not twice
+            fold.X, start = X[start : start + len(fold.X)], start + len(fold.X)
         y = np.concatenate([fold.y for fold in folds])
         w = np.concatenate([fold.w for fold in folds])
         logger.info(
@@ -491,7 +524,7 @@ class ErrorModel(BaseEstimator):
         self.training_errors_ = int(y.sum())
         threshold, suggest = self.threshold, self.suggest_threshold
         if threshold is None or suggest is None:
-            chosen = self._out_of_fold_thresholds(folds, ids, labels, threshold)
+            chosen = self._out_of_fold_thresholds(folds, ids, labels, threshold, outside)
             threshold = chosen[0] if threshold is None else threshold
             suggest = chosen[1] if suggest is None else suggest
         self.threshold_ = float(threshold)
@@ -566,11 +599,17 @@ class ErrorModel(BaseEstimator):
         return out
 
     def _out_of_fold_thresholds(
-        self, folds: list[_Fold], ids: pd.Series, labels: pd.DataFrame, fixed: float | None
+        self,
+        folds: list[_Fold],
+        ids: pd.Series,
+        labels: pd.DataFrame,
+        fixed: float | None,
+        outside: Callable[[np.ndarray], _Lookups],
     ) -> tuple[float, float]:
         """Both thresholds from the training history itself: each fold is scored by a classifier and a
         ranker fitted on the other folds (as `calibrate` scores a held-out period), and the pooled flags
-        choose the flag threshold (best F1) and the suggestion threshold (best correction F1)."""
+        choose the flag threshold (best F1) and the suggestion threshold (best correction F1). `outside`
+        rebuilds a fold's lookups where they were dropped."""
         config = self.config
         fields = config.check_fields
         # A large history is scored in OOF_GROUPS groups of folds (each by a classifier fitted on the other
@@ -617,13 +656,17 @@ class ErrorModel(BaseEstimator):
             cell_count = fold.count.reshape(len(fields), n)[names, positions]
             if not len(positions):
                 continue
-            texts = d.chunk_texts(fold.rows, [f for f in config.fields if f in fold.profile.fields])
+            lookups = fold.lookups or outside(fold.inside)
+            texts = d.chunk_texts(fold.rows, [f for f in config.fields if f in lookups.profile.fields])
             records = texts.to_dict("records")
             cells = [
                 self._cell(fields[j], records[i], int(i), fold.extras, "")
                 for i, j in zip(positions, names, strict=True)
             ]
-            frame = sg.candidate_frame(cells, fold.profile, fold.patterns, self.field_ids_, fold.choices)
+            frame = sg.candidate_frame(
+                cells, lookups.profile, lookups.patterns, self.field_ids_, lookups.choices
+            )
+            del lookups
             others = pd.concat(
                 [other.candidates for j, other in enumerate(folds) if j != k], ignore_index=True
             )

@@ -11,7 +11,10 @@ knows every customer and every correction; the figures describe that procedure.
 from __future__ import annotations
 
 import logging
+import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,36 +123,33 @@ def _merged_into_values(history: _History, records: pd.DataFrame) -> pd.DataFram
 
 def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
     """Measures the training procedure on held-out history, then fits the registered model on all of it."""
-    timer = _Timer()
-    stored, log = load_history(config, Path(records_path), Path(log_path))
-    actions = log[s.LOG_ACTION]
-    if not ((actions == s.ACTION_EDIT) | (actions == s.ACTION_MERGE)).any():
-        raise TrainingDataError(
-            f"{log_path}: the corrections log holds neither an edit nor a merge; "
-            "the models have nothing to learn from"
-        )
-    entered, replay = replay_backwards(stored, log, id_column=config.id_column)
-    plan = plan_evaluation(stored, log, config, source=str(records_path))
-    history = _History(stored=stored, entered=entered, log=log, config=config, covered=plan.covered)
+    stages = Stages()
+    with stages.stage("load", "reading the history and its log, replaying the log"):
+        stored, log = load_history(config, Path(records_path), Path(log_path))
+        actions = log[s.LOG_ACTION]
+        if not ((actions == s.ACTION_EDIT) | (actions == s.ACTION_MERGE)).any():
+            raise TrainingDataError(
+                f"{log_path}: the corrections log holds neither an edit nor a merge; "
+                "the models have nothing to learn from"
+            )
+        entered, replay = replay_backwards(stored, log, id_column=config.id_column)
+        plan = plan_evaluation(stored, log, config, source=str(records_path))
+        history = _History(stored=stored, entered=entered, log=log, config=config, covered=plan.covered)
     logger.info("evaluation: %s on %s", plan.scheme, plan.counts)
-    timer.lap("load")
 
     everything = plan.order
     if plan.scheme == "holdout":
-        evaluation, holdout, thresholds, extra = _evaluate_holdout(history, plan)
-        timer.lap("evaluate")
+        evaluation, holdout, thresholds, extra = _evaluate_holdout(history, plan, stages)
         logger.info("fitting the registered model on all %d records", len(stored))
-        bundle = _fit_bundle(history, everything, thresholds)
-        timer.lap("fit")
+        bundle = _fit_bundle(history, everything, thresholds, stages, "fit")
     else:
         # The final model first: its error thresholds, chosen out of fold inside the fit, serve the folds.
         logger.info("fitting the registered model on all %d records", len(stored))
-        bundle = _fit_bundle(history, everything, Thresholds())
-        timer.lap("fit")
-        evaluation, holdout, thresholds, extra = _evaluate_cross_validation(history, plan, bundle)
+        bundle = _fit_bundle(history, everything, Thresholds(), stages, "fit")
+        with stages.stage("evaluate", "cross-validation"):
+            evaluation, holdout, thresholds, extra = _evaluate_cross_validation(history, plan, bundle, stages)
         if thresholds.duplicate is not None:
             bundle.duplicates.threshold_ = thresholds.duplicate
-        timer.lap("evaluate")
     bundle.holdout = holdout
 
     bundle.metrics = {**evaluation.metrics, **extra}
@@ -184,14 +184,17 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
         plan=plan,
         replay=replay,
         params=params,
-        durations=timer.laps,
+        durations=stages.laps,
         digests={"records_sha256": file_digest(records_path), "log_sha256": file_digest(log_path)},
         sizes=sizes,
     )
 
 
-def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds) -> ModelBundle:
-    """Fits the three models on the records at `positions` (in entry order) and their log rows.
+def _fit_bundle(
+    history: _History, positions: np.ndarray, thresholds: Thresholds, stages: Stages, name: str
+) -> ModelBundle:
+    """Fits the three models on the records at `positions` (in entry order) and their log rows; `name`
+    prefixes the stages (`fit`: the registered model).
 
     The error model learns from the records the log covers; the others (never reviewed) only widen its
     profiles. The duplicate model learns from the covered records and the records they were merged with
@@ -205,16 +208,17 @@ def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds
     labels = cell_labels(log, ids)
     unreviewed = positions[~history.covered[positions]]
     confirmed = confirmed_cells(log)  # cells a clerk confirmed: known negatives
-    errors = ErrorModel(
-        config, seed=config.seed, threshold=thresholds.error, suggest_threshold=thresholds.suggest
-    ).fit(
-        history.entered.iloc[reviewed],
-        labels,
-        history.stored.iloc[reviewed],
-        unlabelled=history.stored.iloc[unreviewed],
-        confirmed=confirmed,
-        matched=_merged_into_values(history, history.entered.iloc[reviewed]),
-    )
+    with stages.stage(f"{name}_errors", f"{name}: error model on {len(reviewed)} records"):
+        errors = ErrorModel(
+            config, seed=config.seed, threshold=thresholds.error, suggest_threshold=thresholds.suggest
+        ).fit(
+            history.entered.iloc[reviewed],
+            labels,
+            history.stored.iloc[reviewed],
+            unlabelled=history.stored.iloc[unreviewed],
+            confirmed=confirmed,
+            matched=_merged_into_values(history, history.entered.iloc[reviewed]),
+        )
 
     clusters = duplicate_clusters(merges(history.log))
     roots = {clusters[i] for i in ids if i in clusters}
@@ -222,11 +226,12 @@ def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds
     matched = positions[members]
     match_log = _log_for(history.log, set(history.ids.iloc[matched]))
     non_pairs = rejected_pairs(match_log)  # pairs a clerk rejected: known non-duplicates
-    duplicates = DuplicateModel(config, seed=config.seed).fit(
-        history.entered.iloc[matched],
-        duplicate_pairs(merges(match_log)),
-        non_pairs=non_pairs,
-    )
+    with stages.stage(f"{name}_duplicates", f"{name}: duplicate model on {len(matched)} records"):
+        duplicates = DuplicateModel(config, seed=config.seed).fit(
+            history.entered.iloc[matched],
+            duplicate_pairs(merges(match_log)),
+            non_pairs=non_pairs,
+        )
     if thresholds.duplicate is not None:
         duplicates.threshold_ = thresholds.duplicate
         if thresholds.label_frequency is not None:
@@ -235,17 +240,18 @@ def _fit_bundle(history: _History, positions: np.ndarray, thresholds: Thresholds
     normal = everyone[everyone[config.id_column].isin(confirmed_records(history.log))]
     # The error model profiled the same records (the reviewed ones first): its dependency search serves
     # the anomaly model, and so does its profile when no record was left out of the review (same order).
-    anomalies = AnomalyModel(config, quantile=config.anomaly_quantile, seed=config.seed).fit(
-        everyone,
-        normal=normal,
-        pairs=errors.dependency_pairs_,
-        profile=None if len(unreviewed) else errors.profile_,
-    )
+    with stages.stage(f"{name}_anomalies", f"{name}: anomaly model on {len(everyone)} records"):
+        anomalies = AnomalyModel(config, quantile=config.anomaly_quantile, seed=config.seed).fit(
+            everyone,
+            normal=normal,
+            pairs=errors.dependency_pairs_,
+            profile=None if len(unreviewed) else errors.profile_,
+        )
     return ModelBundle(config=config, duplicates=duplicates, errors=errors, anomalies=anomalies)
 
 
 def _evaluate_holdout(
-    history: _History, plan: EvaluationPlan
+    history: _History, plan: EvaluationPlan, stages: Stages
 ) -> tuple[Evaluation, Holdout, Thresholds, dict[str, float]]:
     """Fits on the training period, chooses the duplicate threshold on validation (the error model's are
     chosen out of fold inside its fit), measures the test period."""
@@ -256,18 +262,19 @@ def _evaluate_holdout(
         len(split.validation),
         len(split.test),
     )
-    bundle = _fit_bundle(history, split.train, Thresholds())
+    bundle = _fit_bundle(history, split.train, Thresholds(), stages, "holdout")
     train_ids, val_ids = history.ids.iloc[split.train], history.ids.iloc[split.validation]
     log_val = _log_for(history.log, set(train_ids) | set(val_ids))
     clusters_val = duplicate_clusters(merges(log_val))
     extra: dict[str, float] = {}
     if bundle.duplicates.label_counts_.get("positive", 0) and clusters_val:
-        figures = bundle.duplicates.calibrate(
-            history.entered.iloc[split.validation],
-            history.stored.iloc[split.train],
-            link_truth(val_ids, train_ids, clusters_val),
-            clusters=clusters_val,
-        )
+        with stages.stage("calibrate", "holdout: duplicate threshold on the validation period"):
+            figures = bundle.duplicates.calibrate(
+                history.entered.iloc[split.validation],
+                history.stored.iloc[split.train],
+                link_truth(val_ids, train_ids, clusters_val),
+                clusters=clusters_val,
+            )
         extra.update(_numbers("validation_duplicate", figures))
     # The error model keeps the thresholds its fit chose out of fold over its own training history, here
     # and in the final fit: a threshold chosen on validation for a model fitted on part of the history
@@ -279,8 +286,8 @@ def _evaluate_holdout(
         reference=history.stored.iloc[before_test].reset_index(drop=True),
         log=history.log.reset_index(drop=True),
     )
-    logger.info("holdout: scoring the test period as the batch job would")
-    evaluation = evaluate_bundle(bundle, holdout, prefix="test")
+    with stages.stage("evaluate", "holdout: scoring the test period as the batch job would"):
+        evaluation = evaluate_bundle(bundle, holdout, prefix="test")
     thresholds = Thresholds(
         duplicate=bundle.duplicates.threshold_,
         label_frequency=getattr(bundle.duplicates, "label_frequency_", None),
@@ -289,7 +296,7 @@ def _evaluate_holdout(
 
 
 def _evaluate_cross_validation(
-    history: _History, plan: EvaluationPlan, final: ModelBundle
+    history: _History, plan: EvaluationPlan, final: ModelBundle, stages: Stages
 ) -> tuple[Evaluation, Holdout, Thresholds, dict[str, float]]:
     """Grouped k-fold: each fold is scored, as the batch job would, by models fitted on the others.
 
@@ -316,7 +323,7 @@ def _evaluate_cross_validation(
             continue
         logger.info("cross-validation: fold %d of %d (%d records held out)", k + 1, plan.n_folds, len(inside))
         fixed = Thresholds(error=final.errors.threshold_, suggest=final.errors.suggest_threshold_)
-        bundle = _fit_bundle(history, outside, fixed)
+        bundle = _fit_bundle(history, outside, fixed, stages, "fold")
         best = _replay_fold(history, bundle, inside, outside, rank=rank, threshold=0.0)
         batch_ids = history.ids.iloc[inside]
         truth = link_truth(batch_ids, history.ids.iloc[outside], clusters)
@@ -456,12 +463,26 @@ def _flatten(prefix: str, values: dict[str, Any]) -> dict[str, str]:
     return flat
 
 
-class _Timer:
+class Stages:
+    """Training's progress: each stage logged as it starts and as it ends with its seconds, CPU seconds and
+    the process's peak memory so far (the CLI shows the log on stderr, `-q` hides it); `laps` keeps the
+    seconds per stage for MLflow."""
+
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
 
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(now - self._last, 3)
-        self._last = now
+    @contextmanager
+    def stage(self, name: str, what: str) -> Iterator[None]:
+        logger.info("train: %s ...", what)
+        started, cpu = time.perf_counter(), time.process_time()
+        yield
+        seconds = time.perf_counter() - started
+        self.laps[name] = round(self.laps.get(name, 0.0) + seconds, 3)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+        logger.info(
+            "train: %s done in %.1f s (CPU %.1f s, peak %.0f MB)",
+            what,
+            seconds,
+            time.process_time() - cpu,
+            peak_mb,
+        )

@@ -569,3 +569,36 @@ def test_cells_entered_alike_in_their_duplicate_do_not_teach_the_classifier(
     )
     ErrorModel(config, folds=3).fit(entered, labels, stored)
     assert plain[0] is None or (plain[0] > 0).all()
+
+
+def test_fold_lookups_rebuilt_for_the_thresholds_equal_the_kept_ones(
+    demo: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above `KEEP_LOOKUPS_ROWS` each fold's profile is dropped after its features and rebuilt when its
+    flagged cells need candidates: every candidate frame, both thresholds and the flags stay the same."""
+    import pipeline.errors as errors_module
+
+    config, stored = demo["config"], demo["stored"]
+    log = load_log(demo["paths"].corrections)
+    entered, _ = replay_backwards(stored, log, id_column=config.id_column)
+    labels = cell_labels(log, stored[config.id_column])
+    frames: list[pd.DataFrame] = []
+    candidate_frame = errors_module.sg.candidate_frame
+
+    def recorded(*args, **kwargs) -> pd.DataFrame:
+        frames.append(candidate_frame(*args, **kwargs))
+        return frames[-1]
+
+    monkeypatch.setattr(errors_module.sg, "candidate_frame", recorded)
+    fits = []
+    for keep in (errors_module.KEEP_LOOKUPS_ROWS, 0):
+        monkeypatch.setattr(errors_module, "KEEP_LOOKUPS_ROWS", keep)
+        frames.clear()
+        model = ErrorModel(config, folds=3).fit(entered.iloc[:1200], labels, stored.iloc[:1200])
+        fits.append((model, list(frames)))
+    (kept, kept_frames), (rebuilt, rebuilt_frames) = fits
+    assert len(kept_frames) == len(rebuilt_frames) > 3  # the folds' own and the flagged cells' frames
+    for a, b in zip(kept_frames, rebuilt_frames, strict=True):
+        pd.testing.assert_frame_equal(a, b)
+    assert (kept.threshold_, kept.suggest_threshold_) == (rebuilt.threshold_, rebuilt.suggest_threshold_)
+    pd.testing.assert_frame_equal(kept.detect(demo["batch"]), rebuilt.detect(demo["batch"]))

@@ -157,3 +157,34 @@ def test_a_log_with_neither_edit_nor_merge_exits_2(world, tmp_path: Path, capsys
     assert code == 2
     err = capsys.readouterr().err
     assert "neither an edit nor a merge" in err and str(path) in err
+
+
+def test_train_shows_each_stage_on_stderr_and_quiet_hides_them(world, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "pipeline", "train", "--config", str(world.config)]
+    command += ["--records", str(world.records), "--corrections", str(world.corrections)]
+    command += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    shown = subprocess.run(command, capture_output=True, text=True, check=True)
+    stages = [line.split(" train: ", 1)[1] for line in shown.stderr.splitlines() if " train: " in line]
+    # This world's log is small: evaluated by cross-validation, the registered model fitted first.
+    folds = sum(line.startswith("fold: error model") and line.endswith("...") for line in stages)
+    assert folds >= 2
+    for stage, times in (
+        ("reading the history", 1),
+        ("fit: error model", 1),
+        ("fit: duplicate model", 1),
+        ("fit: anomaly model", 1),
+        ("cross-validation", 1),
+        ("fold: error model", folds),
+        ("fold: duplicate model", folds),
+        ("logging the run and registering the model in MLflow", 1),
+    ):
+        started = [line for line in stages if line.startswith(stage) and line.endswith("...")]
+        ended = [line for line in stages if line.startswith(stage) and " done in " in line]
+        assert len(started) == times and len(ended) == times, (stage, stages)
+    assert "cross-fitting fold 5 of 5 done in" in shown.stderr
+    quiet = subprocess.run([*command, "-q"], capture_output=True, text=True, check=True)
+    assert " train: " not in quiet.stderr
+    assert "model version" in quiet.stdout
