@@ -783,7 +783,7 @@ class Matcher:
                 values.extend(parsed[i] for i in fresh.tolist())
                 new_texts = distinct[fresh].tolist()
                 self._texts[field].extend(new_texts)
-                self._rarity[field].frombytes(self._rarities(field, new_texts).tobytes())
+                self._rarity[field].extend(self._rarities(field, new_texts))
             codes = found[inverse] if len(texts) else np.zeros(0, dtype=np.int64)
             self._codes[field].frombytes(codes.tobytes())
             unparsed = self._unparsed[field]
@@ -824,19 +824,17 @@ class Matcher:
         self._count_density(start)
         return start
 
-    def _rarities(self, field: str, values: list[str]) -> np.ndarray:
-        """`TermFrequencies.rarity` of each value (1.0 without a table), as float64."""
+    def _rarities(self, field: str, values: list[str]) -> list[float]:
+        """`TermFrequencies.rarity` of each value (1.0 without a table), computed once per distinct count."""
         frequencies = self._frequencies.get(field)
         if frequencies is None:
-            return np.ones(len(values))
-        return frequencies.rarities(values)
-
-    def _fitted_shares(self, field: str, values: list[str]) -> np.ndarray:
-        """`TermFrequencies.share` of each value at fit (1.0 without a table), as float64."""
-        frequencies = self._frequencies.get(field)
-        if frequencies is None:
-            return np.ones(len(values))
-        return frequencies.shares(values)
+            return [1.0] * len(values)
+        counts = [frequencies.counts.get(value, 1) for value in values]
+        by_count: dict[int, float] = {}
+        for count, value in zip(counts, values, strict=True):
+            if count not in by_count:
+                by_count[count] = frequencies.rarity(value)
+        return [by_count[count] for count in counts]
 
     def _count_density(self, start: int) -> None:
         """Counts the values of the records indexed from `start` on, and notes for each record and field
@@ -854,8 +852,11 @@ class Matcher:
             codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
             shares = self._fitted_share[field]
             if len(shares) < len(self._values[field]):
-                new_texts = self._texts[field][len(shares) :]
-                shares.frombytes(self._fitted_shares(field, new_texts).astype(np.float64).tobytes())
+                frequencies = self._frequencies.get(field)
+                shares.extend(
+                    frequencies.share(value) if frequencies is not None else 1.0
+                    for value in self._texts[field][len(shares) :]
+                )
             seen = self._seen[field]
             if len(seen) < len(shares):
                 seen = self._seen[field] = np.concatenate([seen, np.zeros(len(shares) - len(seen), np.int64)])

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.exceptions import ConfigError
 from pipeline.fields import FIELD_TYPES, field_type
-from pipeline.fields.base import TermFrequencies, compare_many
+from pipeline.fields.base import compare_many
 from pipeline.fields.code import code_distance, is_transposition
 from pipeline.fields.date import canonical_date, days_apart, digit_slips, parse_date
 from pipeline.fields.number import decimal_slip, parse_number, relative_difference
@@ -250,22 +250,3 @@ def test_keys_asked_for_by_name_are_the_ones_made_for_all(name: str) -> None:
         assert list(asked) == [key_name]
         assert asked[key_name].tolist() == every[key_name].tolist()
     assert plugin.keys(values, []) == {}
-
-
-@pytest.mark.parametrize("scale_total", [None, 7, 1_000_000])
-def test_term_frequencies_looked_up_at_once_equal_one_value_at_a_time_bit_for_bit(scale_total) -> None:
-    counts = np.random.default_rng(3).zipf(1.6, 5_000) % 700
-    frequencies = TermFrequencies.count(pd.Series([f"v{c}" for c in counts]), scale_total=scale_total)
-    asked = [f"v{i}" for i in range(800)] + ["", "never seen", "v1"]
-    assert 2 < len(frequencies.counts) < 700  # stored, seen once and never seen values all asked
-    shares = frequencies.shares(asked)
-    assert shares.tobytes() == np.array([frequencies.share(v) for v in asked]).tobytes()
-    rarities = frequencies.rarities(asked)
-    assert rarities.tobytes() == np.array([frequencies.rarity(v) for v in asked]).tobytes()
-    assert frequencies.counts_of(asked, default=-1).tolist() == [frequencies.counts.get(v, -1) for v in asked]
-
-
-def test_term_frequencies_without_stored_values_give_the_typical_share_and_full_rarity() -> None:
-    frequencies = TermFrequencies(4, {}, 4)
-    assert frequencies.shares(["a", "b"]).tolist() == [0.25, 0.25] == [frequencies.share("a")] * 2
-    assert frequencies.rarities(["a"]).tolist() == [1.0] and len(frequencies.rarities([])) == 0

@@ -195,42 +195,9 @@ class TermFrequencies:
         return count / self.total if count is not None else self.typical_share
 
     def rarity(self, value: str) -> float:
-        return self._rarity_of_count(self.counts.get(value, 1))
-
-    def _rarity_of_count(self, count: int) -> float:
-        share = count / self.total
+        share = self.counts.get(value, 1) / self.total
         scale = math.log(max(self.scale_total, 2))
         return min(-math.log(share), scale) / scale
-
-    @cached_property
-    def _stored(self) -> tuple[pd.Index, np.ndarray]:
-        """The stored values as an index and their counts, to look many values up at once."""
-        return pd.Index(list(self.counts), dtype=object), np.fromiter(self.counts.values(), dtype=np.int64)
-
-    def counts_of(self, values: Sequence[str], default: int) -> np.ndarray:
-        """`counts.get(value, default)` of each value (int64), looked up at once: a batch brings a new
-        order number and amount per record, and a call per value was a second per 200,000 records.
-
-        >>> TermFrequencies.count(pd.Series(["a", "a", "b"])).counts_of(["b", "a"], default=1).tolist()
-        [1, 2]
-        """
-        index, counts = self._stored
-        if not len(counts):
-            return np.full(len(values), default, dtype=np.int64)
-        at = index.get_indexer(np.asarray(values, dtype=object))
-        return np.where(at >= 0, counts[at], default)
-
-    def shares(self, values: Sequence[str]) -> np.ndarray:
-        """`share` of each value, bit for bit (float64), looked up at once."""
-        counts = self.counts_of(values, default=-1)
-        return np.where(counts >= 0, counts / self.total, self.typical_share)
-
-    def rarities(self, values: Sequence[str]) -> np.ndarray:
-        """`rarity` of each value, bit for bit (float64): computed once per distinct count."""
-        counts = self.counts_of(values, default=1)
-        distinct, inverse = np.unique(counts, return_inverse=True)
-        by_count = np.array([self._rarity_of_count(int(count)) for count in distinct.tolist()], dtype=float)
-        return by_count[inverse.reshape(-1)]
 
     def to_json(self) -> dict[str, Any]:
         return {"total": self.total, "scale_total": self.scale_total, "counts": self.counts}
