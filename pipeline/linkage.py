@@ -79,15 +79,11 @@ CANDIDATE_RECORDS = 50_000
 # Positions and block sizes are stored as 32-bit integers: a batch's index holds one value per record and
 # rule, and no process holds two billion records anyway.
 MAX_RECORDS = 2**31 - 1
-PAIR_CACHE_PAIRS = 250_000  # per field and per-pair comparator and generation (`_PairDistances`): <= 8 MB
 DEDUPE_VERSION = metadata.version("dedupe")
 
 
 # Per match field: the value codes of pairs' left and right records, and where both hold a value.
 _PairCodes = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
-# One field's distinct pairs of values: left and right parsed values, each pair's number among them, and
-# each distinct pair's key (`_PairDistances.keys`).
-_DistinctPairs = tuple[list[Any], list[Any], np.ndarray, np.ndarray]
 
 
 @dataclass
@@ -688,7 +684,6 @@ class Matcher:
         self._fitted_share: dict[str, array] = {field: array("d") for field in self._fields}  # per code
         self._penalty: dict[str, array] = {field: array("f") for field in self._fields}  # per record
         self._lock = threading.RLock()
-        self._distances: dict[int, _PairDistances] = {}  # per data-model column: `_compare_remembered`
         if reference is not None and len(reference):
             ordered = reference.iloc[model._entry_order(reference)]
             self._candidates(model._encode(ordered), collect=False)
@@ -697,8 +692,7 @@ class Matcher:
         """The index as plain picklable data: everything but the model (dedupe's comparators do not
         pickle) and the lock. `from_state` with the same model restores an equal matcher; the reference
         cache stores it so a large reference is indexed once per model."""
-        left_out = ("_model", "_lock", "_distances")  # the distances are a cache, refilled as pairs come
-        return {name: value for name, value in self.__dict__.items() if name not in left_out}
+        return {name: value for name, value in self.__dict__.items() if name not in ("_model", "_lock")}
 
     @classmethod
     def from_state(cls, model: DuplicateModel, state: dict[str, Any]) -> Matcher:
@@ -707,7 +701,6 @@ class Matcher:
         matcher.__dict__.update(state)
         matcher._model = model
         matcher._lock = threading.RLock()
-        matcher._distances = {}
         return matcher
 
     def __len__(self) -> int:
@@ -1051,17 +1044,16 @@ class Matcher:
 
     def _compare_distinct(
         self, pair_codes: _PairCodes, exact: set[int], skip: set[int]
-    ) -> tuple[dict[str, _DistinctPairs], dict[tuple[str, Any], np.ndarray]]:
+    ) -> tuple[dict[str, tuple[list[Any], list[Any], np.ndarray]], dict[tuple[str, Any], np.ndarray]]:
         """Per non-exact field, its distinct pairs of values (`_distinct_pairs`); per (field, distance
         function), the distance of each distinct pair, computed once for all graded levels of a distance.
 
         Columns in `skip` are not compared. Comparators with a vectorised form (rapidfuzz, NumPy: mostly
         outside the GIL) run on a second thread while the per-pair ones (dedupe's affine gap, which holds
         the GIL) run on this one, so a chunk's comparisons use two cores; each result is the same whichever
-        thread computes it. The per-pair ones compare only pairs no earlier chunk compared
-        (`_compare_remembered`)."""
-        distinct: dict[str, _DistinctPairs] = {}
-        wanted: dict[tuple[str, Any], int] = {}  # in the data model's order, with its first column
+        thread computes it."""
+        distinct: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
+        wanted: dict[tuple[str, Any], None] = {}  # in the data model's order
         for field, compare, start, _stop in self._model.data_model_._field_comparators:
             if id(compare) in exact or start in skip:
                 continue
@@ -1069,7 +1061,7 @@ class Matcher:
                 code_left, code_right, present = pair_codes[field]
                 distinct[field] = self._distinct_pairs(field, code_left[present], code_right[present])
             if len(distinct[field][0]):
-                wanted.setdefault((field, getattr(compare, "distance", compare)), start)
+                wanted[(field, getattr(compare, "distance", compare))] = None
         computed: dict[tuple[str, Any], np.ndarray] = {}
         with ThreadPoolExecutor(max_workers=1) as pool:
             background = {
@@ -1079,25 +1071,9 @@ class Matcher:
             }
             for field, distance in wanted:
                 if (field, distance) not in background:
-                    column = wanted[(field, distance)]
-                    computed[(field, distance)] = self._compare_remembered(column, distance, distinct[field])
+                    computed[(field, distance)] = compare_many(distance, *distinct[field][:2])
             computed.update((key, future.result()) for key, future in background.items())
         return distinct, computed
-
-    def _compare_remembered(self, column: int, distance: Any, pairs: _DistinctPairs) -> np.ndarray:
-        """`compare_many(distance, xs, ys)` of these distinct pairs, calling `distance` only for the pairs
-        not compared before (the same values give the same distance: `_PairDistances`). `column`: the
-        data model's first column computed from this distance, which names it."""
-        xs, ys, _, keys = pairs
-        remembered = self._distances.setdefault(column, _PairDistances())
-        values, known = remembered.find(keys)
-        new = np.flatnonzero(~known)
-        if len(new):
-            indices = new.tolist()
-            fresh = compare_many(distance, [xs[i] for i in indices], [ys[i] for i in indices])
-            values[new] = fresh
-            remembered.remember(keys[new], fresh)
-        return values
 
     def _pair_codes(self, left: np.ndarray, right: np.ndarray) -> _PairCodes:
         """Per match field, the pairs' value codes (left, right) and where both records hold a value."""
@@ -1108,18 +1084,18 @@ class Matcher:
             pair_codes[field] = (code_left, code_right, (code_left >= 0) & (code_right >= 0))
         return pair_codes
 
-    def _distinct_pairs(self, field: str, code_left: np.ndarray, code_right: np.ndarray) -> _DistinctPairs:
+    def _distinct_pairs(
+        self, field: str, code_left: np.ndarray, code_right: np.ndarray
+    ) -> tuple[list[Any], list[Any], np.ndarray]:
         """The distinct pairs of values among these pairs of codes (both present), as two lists of parsed
-        values, each pair's number among them, and each distinct pair's key (`_PairDistances.keys`): a
-        comparator runs once per distinct pair."""
+        values, and each pair's number among them: a comparator runs once per distinct pair."""
         size = max(len(self._values[field]), 1)
         # Hashed, not sorted: the order of the distinct pairs does not change what each one compares to.
         inverse, pairs = pd.factorize(code_left * size + code_right)
         values = self._values[field]
-        left, right = pairs // size, pairs % size
-        xs = list(map(values.__getitem__, left.tolist()))
-        ys = list(map(values.__getitem__, right.tolist()))
-        return xs, ys, inverse, _PairDistances.keys(left, right)
+        xs = list(map(values.__getitem__, (pairs // size).tolist()))
+        ys = list(map(values.__getitem__, (pairs % size).tolist()))
+        return xs, ys, inverse
 
     def _add_derived_distances(self, distances: np.ndarray) -> None:
         """dedupe's `DataModel._add_derived_distances` in place, a column at a time (its boolean masks over
@@ -1219,7 +1195,6 @@ class Matcher:
     ) -> None:
         """Takes the records indexed from `start` on out of the index again (see `_checkpoint`)."""
         self._uncount_density(start)
-        self._distances = {}  # codes from the sizes on are given to other values again
         for block_index in self._blocks:
             block_index.rollback(start)
         for field in self._fields:
@@ -1374,50 +1349,6 @@ class _Growable:
 
     def truncate(self, size: int) -> None:
         self.size = min(self.size, size)
-
-
-class _PairDistances:
-    """Distances already computed for pairs of value codes (one field, one comparator), kept across chunks:
-    a batch compares a customer's street and e-mail with the same earlier values in part after part, and
-    dedupe's affine gap (a call per pair, holding the GIL) is the slowest comparison. The distance of a
-    pair depends on its two values only, so a remembered one is the one a call would return.
-
-    Two generations of sorted 64-bit keys (left code << 32 | right code) with their distances: when the
-    newer one holds `capacity` pairs it becomes the older one and the oldest is forgotten, so the memory
-    stays below ~32 bytes x `capacity` however long the batch."""
-
-    def __init__(self, capacity: int = PAIR_CACHE_PAIRS) -> None:
-        self.capacity = capacity
-        empty = (np.zeros(0, dtype=np.uint64), np.zeros(0))
-        self.generations = [empty, empty]  # older, newer
-
-    @staticmethod
-    def keys(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-        """One key per pair of codes (codes are below `MAX_RECORDS` < 2**31)."""
-        return (left.astype(np.uint64) << np.uint64(32)) | right.astype(np.uint64)
-
-    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The remembered distance of each key (NaN where none) and where one was remembered."""
-        values = np.full(len(keys), np.nan)
-        known = np.zeros(len(keys), dtype=bool)
-        for stored, distances in self.generations:
-            if not len(stored):
-                continue
-            at = np.minimum(np.searchsorted(stored, keys), len(stored) - 1)
-            hit = ~known & (stored[at] == keys)
-            values[hit] = distances[at[hit]]
-            known |= hit
-        return values, known
-
-    def remember(self, keys: np.ndarray, distances: np.ndarray) -> None:
-        """Adds distinct keys that `find` did not find, with their distances."""
-        stored, held = self.generations[1]
-        if len(stored) + len(keys) > self.capacity:
-            self.generations = [self.generations[1], (np.zeros(0, dtype=np.uint64), np.zeros(0))]
-            stored, held = self.generations[1]
-        merged = np.concatenate([stored, keys])
-        order = np.argsort(merged, kind="stable")
-        self.generations[1] = (merged[order], np.concatenate([held, distances])[order])
 
 
 class _TextList:

@@ -712,55 +712,6 @@ def test_the_text_list_gives_back_each_text_as_stored_and_truncates() -> None:
     assert len(texts) == 0 and not texts.data
 
 
-def test_pair_distances_remember_each_pair_and_forget_the_oldest_generation() -> None:
-    from pipeline.linkage import _PairDistances
-
-    remembered = _PairDistances(capacity=3)
-    keys = _PairDistances.keys(np.array([0, 2, 5]), np.array([1, 2, 0]))
-    assert len(set(keys.tolist())) == 3 and keys[2] == 5 << 32  # (5, 0) and (0, 5) differ
-    remembered.remember(keys[:2], np.array([0.25, np.nan]))
-    values, known = remembered.find(keys)
-    assert known.tolist() == [True, True, False]
-    assert values[0] == 0.25 and np.isnan(values[1]) and np.isnan(values[2])  # a missing distance too
-    remembered.remember(keys[2:], np.array([0.75]))
-    assert remembered.find(keys)[1].all()
-    fourth = _PairDistances.keys(np.array([7]), np.array([8]))
-    remembered.remember(fourth, np.array([1.0]))  # the newer generation is full: it becomes the older one
-    assert remembered.find(keys)[1].all() and remembered.find(fourth)[0].tolist() == [1.0]
-    fifth = _PairDistances.keys(np.array([9, 9, 9]), np.array([1, 2, 3]))
-    remembered.remember(fifth, np.array([0.1, 0.2, 0.3]))  # and now the first three pairs are forgotten
-    assert not remembered.find(keys)[1].any() and remembered.find(np.concatenate([fourth, fifth]))[1].all()
-
-
-def test_a_per_pair_distance_is_computed_once_per_pair_of_values_across_chunks(trained, monkeypatch) -> None:
-    import pipeline.linkage as linkage
-
-    model, records = trained
-    compared: list[int] = []
-    compare_many = linkage.compare_many
-
-    def counting(distance, xs, ys):
-        if not hasattr(distance, "many"):  # a per-pair comparator: dedupe's affine gap
-            compared.append(len(xs))
-        return compare_many(distance, xs, ys)
-
-    monkeypatch.setattr(linkage, "compare_many", counting)
-    matcher = model.matcher(records)
-    left, right = np.arange(1, len(records)), np.arange(0, len(records) - 1)
-    first = matcher._features(left, right)
-    assert sum(compared) > 0
-    compared.clear()
-    again = matcher._features(left, right)  # the same pairs again, as in a later chunk
-    assert sum(compared) == 0
-    assert np.array_equal(first, again, equal_nan=True)
-    fresh = model.matcher(records)._features(left, right)  # nothing remembered: every pair computed
-    assert sum(compared) > 0 and np.array_equal(first, fresh, equal_nan=True)
-    some = slice(0, len(left) // 2)  # half the pairs remembered, half computed: the same distances
-    half = model.matcher(records)
-    half._features(left[some], right[some])
-    assert np.array_equal(half._features(left, right), first, equal_nan=True)
-
-
 def test_records_gives_each_ids_raw_values_as_record_does(trained) -> None:
     model, records = trained
     indexed = records.iloc[: len(records) // 2]
