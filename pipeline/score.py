@@ -216,11 +216,11 @@ def _matched_values(
     has_match = (links[s.DUPLICATE_OF] != s.MISSING).to_numpy()
     if not has_match.any():
         return None
-    records = [matcher.record(match_id) or {} for match_id in links[s.DUPLICATE_OF].to_numpy()[has_match]]
+    records = matcher.records(links[s.DUPLICATE_OF].to_numpy()[has_match])
     columns = {}
     for name in fields:
         column = np.full(len(chunk), s.MISSING, dtype=object)
-        column[has_match] = [record.get(name, s.MISSING) for record in records]
+        column[has_match] = records.get(name, s.MISSING)
         columns[name] = column
     return pd.DataFrame(columns, index=chunk.index, columns=fields, dtype=object)
 

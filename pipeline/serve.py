@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -78,6 +78,12 @@ class _RequestMatcher:
     def record(self, record_id: str) -> dict[str, str] | None:
         found = self._matcher.record(record_id)
         return found if found is not None else self._own.get(record_id)
+
+    def records(self, record_ids: Sequence[str]) -> dict[str, list[str]]:
+        """`Matcher.records` for the request: each id's values from the index, else from the request."""
+        found = [self.record(record_id) or {} for record_id in record_ids]
+        fields = {name for values in found for name in values}
+        return {name: [values.get(name, s.MISSING) for values in found] for name in fields}
 
 
 class Checker:

@@ -710,3 +710,18 @@ def test_the_text_list_gives_back_each_text_as_stored_and_truncates() -> None:
     assert [texts[i] for i in range(len(texts))] == [*stored[:3], "y"]
     texts.truncate(0)
     assert len(texts) == 0 and not texts.data
+
+
+def test_records_gives_each_ids_raw_values_as_record_does(trained) -> None:
+    model, records = trained
+    indexed = records.iloc[: len(records) // 2]
+    matcher = model.matcher(indexed)
+    first, last = indexed["record_id"].iloc[5], indexed["record_id"].iloc[-1]
+    asked = [first, "not indexed", last, first]
+    values = matcher.records(asked)
+    assert set(values) == set(model.config.fields)
+    for row, record_id in enumerate(asked):
+        expected = matcher.record(record_id) or dict.fromkeys(model.config.fields, "")
+        assert {field: values[field][row] for field in values} == expected
+    assert values["customer_name"][0] == records["customer_name"].iloc[5] != ""
+    assert all(len(column) == 0 for column in matcher.records([]).values())
