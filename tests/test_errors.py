@@ -602,3 +602,40 @@ def test_fold_lookups_rebuilt_for_the_thresholds_equal_the_kept_ones(
         pd.testing.assert_frame_equal(a, b)
     assert (kept.threshold_, kept.suggest_threshold_) == (rebuilt.threshold_, rebuilt.suggest_threshold_)
     pd.testing.assert_frame_equal(kept.detect(demo["batch"]), rebuilt.detect(demo["batch"]))
+
+
+def test_classifier_cells_keeps_every_error_and_confirmed_cell() -> None:
+    from pipeline.errors import classifier_cells
+
+    y = np.zeros(1000, dtype=int)
+    y[:10] = 1
+    sure = np.zeros(1000, dtype=bool)
+    sure[10:15] = True
+    keep, factor = classifier_cells(y, sure, 115, np.random.default_rng(0))
+    assert keep[:15].all() and (factor[:15] == 1).all()
+    assert keep.sum() == 115
+    # the 985 others stand for themselves: 100 kept, each weighted 9.85 (the sum of weights is kept)
+    assert np.isclose(factor[15:][keep[15:]], 9.85).all()
+    assert np.isclose(factor[keep].sum(), 1000)
+    keep, factor = classifier_cells(y, sure, 1000, np.random.default_rng(0))
+    assert keep.all() and (factor == 1).all()
+
+
+def test_the_classifiers_learn_from_a_weighted_sample_of_cells(
+    demo: dict, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import pipeline.errors as errors_module
+
+    config, stored = demo["config"], demo["stored"]
+    log = load_log(demo["paths"].corrections)
+    entered, _ = replay_backwards(stored, log, id_column=config.id_column)
+    labels = cell_labels(log, stored[config.id_column])
+    monkeypatch.setattr(errors_module, "MAX_CLASSIFIER_CELLS", 3_000)
+    with caplog.at_level(logging.INFO, logger="pipeline.errors"):
+        sampled = ErrorModel(config, folds=3).fit(entered, labels, stored)
+    assert "the classifiers learn from 3000 of" in caplog.text
+    metrics = cell_metrics(sampled.detect(demo["batch"]), demo["truth"], ids=demo["batch"]["record_id"])
+    assert sampled.classifier_.edges is not None  # weighted: inputs cut at unweighted quantiles
+    assert metrics["detection_f1"] > 0.6
