@@ -61,14 +61,6 @@ OOF_SMALL_CELLS = 10_000
 # the others up to this many rows in all, each sampled row weighted by the inverse of its sampling rate. The
 # classifier's cost then grows with the labels, not with the history (the profiles still use every row).
 MAX_TRAINING_ROWS = 30_000
-# The classifiers learn from every labelled error and every confirmed cell, and from a uniform sample of the
-# other (probably right) training cells, up to this many cells in all, each sampled cell's weight multiplied
-# by the inverse of its sampling rate, so the predicted probabilities stay calibrated to the history's error
-# rate. A gradient-boosting fit costs in proportion to its cells (the final classifier and the out-of-fold
-# ones: three fits' worth per error model); 100,000 cells hold ten times more right cells than the ~10,000
-# errors of a 25,000-row log. Below it (the demo's 22,000 cells) every cell is used, as before; all training
-# cells are still scored out of fold to choose the thresholds.
-MAX_CLASSIFIER_CELLS = 100_000
 # Each fold's lookups (a profile of all the other records: 0.3-0.5 GB each at a million records) are kept
 # for choosing the thresholds only up to this many profiled records; above it they are dropped after the
 # fold's features and rebuilt, one fold at a time, when its flagged cells need candidates (same numbers).
@@ -215,32 +207,6 @@ def training_rows(
     return keep, weight
 
 
-def classifier_cells(
-    y: np.ndarray, sure: np.ndarray, max_cells: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Which training cells the classifiers learn from, and the factor each one's weight is multiplied by:
-    every labelled error (`y`) and confirmed cell (`sure`) with factor 1, and a uniform sample of the others
-    so that at most `max_cells` are kept, each with factor 1 / the sampling rate (all of them, factor 1,
-    when they fit).
-
-    >>> y, sure = np.array([1, 0, 0, 0, 0]), np.zeros(5, dtype=bool)
-    >>> keep, factor = classifier_cells(y, sure, 3, np.random.default_rng(0))
-    >>> int(keep.sum()), bool(keep[0]), sorted(set(factor[keep].tolist()))
-    (3, True, [1.0, 2.0])
-    """
-    known = (y == 1) | sure
-    others = np.flatnonzero(~known)
-    keep = np.ones(len(y), dtype=bool)
-    factor = np.ones(len(y))
-    room = max(max_cells - int(known.sum()), 1)
-    if len(others) <= room:
-        return keep, factor
-    keep[others] = False
-    keep[rng.choice(others, size=room, replace=False)] = True
-    factor[others] = len(others) / room
-    return keep, factor
-
-
 @dataclass
 class _Lookups:
     """What the records outside a cross-fitting fold teach about the fold's cells: their profile, edit
@@ -263,7 +229,6 @@ class _Fold:
     y: np.ndarray
     w: np.ndarray
     count: np.ndarray  # how many history cells each training cell stands for (1 / its sampling rate)
-    fit: np.ndarray  # the cells the classifiers learn from (`classifier_cells`; `w` includes their factor)
     candidates: pd.DataFrame
     lookups: _Lookups | None
     rows: pd.DataFrame
@@ -512,7 +477,6 @@ class ErrorModel(BaseEstimator):
                     y.T.ravel(),
                     w.T.ravel(),
                     count.T.ravel(),
-                    np.ones(w.size, dtype=bool),
                     frame,
                     lookups if table.rows <= KEEP_LOOKUPS_ROWS else None,
                     rows,
@@ -532,23 +496,6 @@ class ErrorModel(BaseEstimator):
             fold.X, start = X[start : start + len(fold.X)], start + len(fold.X)
         y = np.concatenate([fold.y for fold in folds])
         w = np.concatenate([fold.w for fold in folds])
-        sure_cells = w > np.concatenate([fold.count for fold in folds])  # the confirmed: CONFIRMED_WEIGHT
-        fit, factor = classifier_cells(
-            y, sure_cells, MAX_CLASSIFIER_CELLS, np.random.default_rng(self.seed + 2)
-        )
-        if not fit.all():
-            logger.info(
-                "error model: the classifiers learn from %d of %d training cells (every labelled and "
-                "confirmed one, the others sampled and weighted %.1f)",
-                int(fit.sum()),
-                len(fit),
-                float(factor.max()),
-            )
-            w = w * factor
-            start = 0
-            for fold in folds:
-                end = start + len(fold.y)
-                fold.fit, fold.w, start = fit[start:end], w[start:end], end
         logger.info(
             "error model: %d training cells, %d labelled errors, %d field ids for %d fields",
             len(X),
@@ -557,9 +504,7 @@ class ErrorModel(BaseEstimator):
             len(fields),
         )
         logger.info("error model: fitting the cell classifier")
-        self.classifier_, self.empty_columns_ = (
-            self._fit_classifier(X, y, w) if fit.all() else self._fit_classifier(X[fit], y[fit], w[fit])
-        )
+        self.classifier_, self.empty_columns_ = self._fit_classifier(X, y, w)
         # Thin dependency evidence (two or three records alike) counts for fields this log never corrected
         # unless, on the corrected fields' cells (features out of fold), it is mostly wrong. A log with no
         # edits at all (the unlabelled model) never uses it: there only near-certain evidence flags.
@@ -677,15 +622,14 @@ class ErrorModel(BaseEstimator):
             logger.info("error model: out-of-fold scores, group %d of %d", g + 1, groups)
             members = [k for k in range(len(folds)) if k % groups == g]
             others = [fold for k, fold in enumerate(folds) if k % groups != g]
-            fit = np.concatenate([other.fit for other in others])
-            y = np.concatenate([other.y for other in others])[fit]
+            y = np.concatenate([other.y for other in others])
             classifier, empty = None, self.empty_columns_
             if len(np.unique(y)) == 2:
-                X = np.concatenate([other.X for other in others])
                 classifier, empty = self._fit_classifier(
-                    X if fit.all() else X[fit], y, np.concatenate([other.w for other in others])[fit]
+                    np.concatenate([other.X for other in others]),
+                    y,
+                    np.concatenate([other.w for other in others]),
                 )
-                del X
             for k in members:
                 scores[k] = self._probability(folds[k].X, classifier, empty, len(folds[k].rows))
         pooled = np.concatenate(scores)
