@@ -229,8 +229,9 @@ class _FinalFit:
 
     With a holdout plan the two fits are independent: the final fit takes from the evaluation only the
     duplicate threshold, which is set after fitting. The second process reads the files again (the same
-    history, the same plan: the fit is deterministic), fits on everything and saves the three models into
-    a temporary folder, from which `result` loads them: the form in which the registry stores them anyway.
+    history, the same plan: the fit is deterministic), fits on everything and hands the error and anomaly
+    models back pickled; the duplicate model (whose dedupe comparators do not pickle) is saved into a
+    temporary folder, from which `result` loads it: the form in which the registry stores it anyway.
     Its log lines are shown here, through a queue; its stages' seconds join this process's; an exception
     there is raised here; `close` stops it if this process gives up first."""
 
@@ -265,12 +266,11 @@ class _FinalFit:
             self.process.join()
         if not ok:
             raise outcome
-        for name, seconds in outcome.items():
+        laps, errors, anomalies = outcome
+        for name, seconds in laps.items():
             stages.laps[name] = round(stages.laps.get(name, 0.0) + seconds, 3)
-        saved = ModelBundle.load(Path(self.folder.name))
-        bundle = ModelBundle(
-            config=self.config, duplicates=saved.duplicates, errors=saved.errors, anomalies=saved.anomalies
-        )
+        duplicates = DuplicateModel.load(Path(self.folder.name) / "duplicates")
+        bundle = ModelBundle(config=self.config, duplicates=duplicates, errors=errors, anomalies=anomalies)
         _apply_thresholds(bundle, thresholds)
         return bundle
 
@@ -309,9 +309,9 @@ def _fit_final(
     level: int,
     levels: dict[str, int],
 ) -> None:
-    """Runs in the second process: the registered model fitted on the whole history and saved into
-    `folder`; puts (True, seconds per stage) or (False, the exception) on `outcome`. Its log records go to
-    `logs`, at the levels of the first process."""
+    """Runs in the second process: the registered model fitted on the whole history, its duplicate model
+    saved into `folder`; puts (True, (seconds per stage, error model, anomaly model)) or (False, the
+    exception) on `outcome`. Its log records go to `logs`, at the levels of the first process."""
     from logging.handlers import QueueHandler
 
     from threadpoolctl import threadpool_limits
@@ -326,11 +326,12 @@ def _fit_final(
         stages = Stages()
         history, plan, _ = _load(config, records_path, log_path)
         bundle = _fit_bundle(history, plan.order, Thresholds(), stages, "fit")
-        bundle.save(folder)
+        del history
+        bundle.duplicates.save(folder / "duplicates")
     except Exception as exc:  # noqa: BLE001 - handed to the first process, which raises it
         outcome.put((False, exc))
         return
-    outcome.put((True, stages.laps))
+    outcome.put((True, (stages.laps, bundle.errors, bundle.anomalies)))
 
 
 def _fit_bundle(
