@@ -11,6 +11,7 @@ knows every customer and every correction; the figures describe that procedure.
 from __future__ import annotations
 
 import logging
+import queue
 import resource
 import time
 from collections.abc import Iterator
@@ -60,6 +61,13 @@ logger = logging.getLogger(__name__)
 
 # A cross-validation fold is replayed in this many runs in entry order (see `_replay_fold`).
 CV_WINDOWS = 10
+# With a holdout plan, the registered model's fit runs in a second process beside the evaluation
+# (`_FinalFit`), so training uses both cores, on a history of at least PARALLEL_MIN_RECORDS records (below
+# it the second process's start-up, importing the libraries and reading the files again, outweighs the
+# gain) and at most PARALLEL_MAX_RECORDS: two fits at once hold two histories and their models (each ~2.2
+# GB at 200,000 records), which above it would pass the few GB a shared machine can spare.
+PARALLEL_MIN_RECORDS = 20_000
+PARALLEL_MAX_RECORDS = 250_000
 
 
 @dataclass
@@ -125,23 +133,26 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
     """Measures the training procedure on held-out history, then fits the registered model on all of it."""
     stages = Stages()
     with stages.stage("load", "reading the history and its log, replaying the log"):
-        stored, log = load_history(config, Path(records_path), Path(log_path))
-        actions = log[s.LOG_ACTION]
-        if not ((actions == s.ACTION_EDIT) | (actions == s.ACTION_MERGE)).any():
-            raise TrainingDataError(
-                f"{log_path}: the corrections log holds neither an edit nor a merge; "
-                "the models have nothing to learn from"
-            )
-        entered, replay = replay_backwards(stored, log, id_column=config.id_column)
-        plan = plan_evaluation(stored, log, config, source=str(records_path))
-        history = _History(stored=stored, entered=entered, log=log, config=config, covered=plan.covered)
+        history, plan, replay = _load(config, Path(records_path), Path(log_path))
+    stored, log = history.stored, history.log
     logger.info("evaluation: %s on %s", plan.scheme, plan.counts)
 
     everything = plan.order
     if plan.scheme == "holdout":
-        evaluation, holdout, thresholds, extra = _evaluate_holdout(history, plan, stages)
-        logger.info("fitting the registered model on all %d records", len(stored))
-        bundle = _fit_bundle(history, everything, thresholds, stages, "fit")
+        final = None
+        if PARALLEL_MIN_RECORDS <= len(stored) <= PARALLEL_MAX_RECORDS:
+            logger.info("fitting the registered model on all %d records in a second process", len(stored))
+            final = _FinalFit(config, Path(records_path), Path(log_path))
+        try:
+            evaluation, holdout, thresholds, extra = _evaluate_holdout(history, plan, stages)
+            if final is None:
+                logger.info("fitting the registered model on all %d records", len(stored))
+                bundle = _fit_bundle(history, everything, thresholds, stages, "fit")
+            else:
+                bundle = final.result(stages, thresholds)
+        finally:
+            if final is not None:
+                final.close()
     else:
         # The final model first: its error thresholds, chosen out of fold inside the fit, serve the folds.
         logger.info("fitting the registered model on all %d records", len(stored))
@@ -190,6 +201,139 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
     )
 
 
+def _load(config: Config, records_path: Path, log_path: Path) -> tuple[_History, EvaluationPlan, ReplayStats]:
+    """The history as stored and as entered, its log, and the evaluation plan."""
+    stored, log = load_history(config, records_path, log_path)
+    actions = log[s.LOG_ACTION]
+    if not ((actions == s.ACTION_EDIT) | (actions == s.ACTION_MERGE)).any():
+        raise TrainingDataError(
+            f"{log_path}: the corrections log holds neither an edit nor a merge; "
+            "the models have nothing to learn from"
+        )
+    entered, replay = replay_backwards(stored, log, id_column=config.id_column)
+    plan = plan_evaluation(stored, log, config, source=str(records_path))
+    history = _History(stored=stored, entered=entered, log=log, config=config, covered=plan.covered)
+    return history, plan, replay
+
+
+def _apply_thresholds(bundle: ModelBundle, thresholds: Thresholds) -> None:
+    """Sets the duplicate threshold the evaluation chose on a bundle fitted without it."""
+    if thresholds.duplicate is not None:
+        bundle.duplicates.threshold_ = thresholds.duplicate
+        if thresholds.label_frequency is not None:
+            bundle.duplicates.label_frequency_ = thresholds.label_frequency
+
+
+class _FinalFit:
+    """The registered model's fit in a second (spawned) process, while this one measures the procedure.
+
+    With a holdout plan the two fits are independent: the final fit takes from the evaluation only the
+    duplicate threshold, which is set after fitting. The second process reads the files again (the same
+    history, the same plan: the fit is deterministic), fits on everything and hands the error and anomaly
+    models back pickled; the duplicate model (whose dedupe comparators do not pickle) is saved into a
+    temporary folder, from which `result` loads it: the form in which the registry stores it anyway.
+    Its log lines are shown here, through a queue; its stages' seconds join this process's; an exception
+    there is raised here; `close` stops it if this process gives up first."""
+
+    def __init__(self, config: Config, records_path: Path, log_path: Path) -> None:
+        import multiprocessing
+        import tempfile
+        from logging.handlers import QueueListener
+
+        self.config = config
+        context = multiprocessing.get_context("spawn")
+        self.folder = tempfile.TemporaryDirectory(prefix="pipeline-train-")
+        self.logs, self.outcome = context.Queue(), context.Queue()
+        self.listener = QueueListener(self.logs, *logging.getLogger().handlers, respect_handler_level=True)
+        self.listener.start()
+        levels = {
+            name: item.level
+            for name, item in logging.Logger.manager.loggerDict.items()
+            if isinstance(item, logging.Logger) and item.level != logging.NOTSET
+        }
+        self.process = context.Process(
+            target=_fit_final,
+            args=(config, records_path, log_path, Path(self.folder.name), self.outcome),
+            kwargs={"logs": self.logs, "level": logging.getLogger().getEffectiveLevel(), "levels": levels},
+            daemon=True,
+        )
+        self.process.start()
+
+    def result(self, stages: Stages, thresholds: Thresholds) -> ModelBundle:
+        """Waits for the fit; the bundle with the evaluation's duplicate threshold."""
+        with stages.stage("fit_wait", "fit: waiting for the registered model's fit in the second process"):
+            ok, outcome = self._outcome()
+            self.process.join()
+        if not ok:
+            raise outcome
+        laps, errors, anomalies = outcome
+        for name, seconds in laps.items():
+            stages.laps[name] = round(stages.laps.get(name, 0.0) + seconds, 3)
+        duplicates = DuplicateModel.load(Path(self.folder.name) / "duplicates")
+        bundle = ModelBundle(config=self.config, duplicates=duplicates, errors=errors, anomalies=anomalies)
+        _apply_thresholds(bundle, thresholds)
+        return bundle
+
+    def _outcome(self) -> tuple[bool, Any]:
+        """What the second process put on its queue (read before joining it: a process does not exit while
+        its message is unread); RuntimeError if it died without a word (e.g. killed for its memory)."""
+        while True:
+            try:
+                return self.outcome.get(timeout=1.0)
+            except queue.Empty:
+                if not self.process.is_alive():
+                    try:
+                        return self.outcome.get(timeout=1.0)
+                    except queue.Empty:
+                        raise RuntimeError(
+                            f"the registered model's fit in a second process stopped "
+                            f"(exit code {self.process.exitcode})"
+                        ) from None
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+        self.process.join()
+        self.listener.stop()
+        self.folder.cleanup()
+
+
+def _fit_final(
+    config: Config,
+    records_path: Path,
+    log_path: Path,
+    folder: Path,
+    outcome: Any,
+    *,
+    logs: Any,
+    level: int,
+    levels: dict[str, int],
+) -> None:
+    """Runs in the second process: the registered model fitted on the whole history, its duplicate model
+    saved into `folder`; puts (True, (seconds per stage, error model, anomaly model)) or (False, the
+    exception) on `outcome`. Its log records go to `logs`, at the levels of the first process."""
+    from logging.handlers import QueueHandler
+
+    from threadpoolctl import threadpool_limits
+
+    root = logging.getLogger()
+    root.handlers = [QueueHandler(logs)]
+    root.setLevel(level)
+    for name, named_level in levels.items():
+        logging.getLogger(name).setLevel(named_level)
+    threadpool_limits(1)  # one core each: the two processes are the parallelism
+    try:
+        stages = Stages()
+        history, plan, _ = _load(config, records_path, log_path)
+        bundle = _fit_bundle(history, plan.order, Thresholds(), stages, "fit")
+        del history
+        bundle.duplicates.save(folder / "duplicates")
+    except Exception as exc:  # noqa: BLE001 - handed to the first process, which raises it
+        outcome.put((False, exc))
+        return
+    outcome.put((True, (stages.laps, bundle.errors, bundle.anomalies)))
+
+
 def _fit_bundle(
     history: _History, positions: np.ndarray, thresholds: Thresholds, stages: Stages, name: str
 ) -> ModelBundle:
@@ -232,11 +376,6 @@ def _fit_bundle(
             duplicate_pairs(merges(match_log)),
             non_pairs=non_pairs,
         )
-    if thresholds.duplicate is not None:
-        duplicates.threshold_ = thresholds.duplicate
-        if thresholds.label_frequency is not None:
-            duplicates.label_frequency_ = thresholds.label_frequency
-
     normal = everyone[everyone[config.id_column].isin(confirmed_records(history.log))]
     # The error model profiled the same records (the reviewed ones first): its dependency search serves
     # the anomaly model, and so does its profile when no record was left out of the review (same order).
@@ -247,7 +386,9 @@ def _fit_bundle(
             pairs=errors.dependency_pairs_,
             profile=None if len(unreviewed) else errors.profile_,
         )
-    return ModelBundle(config=config, duplicates=duplicates, errors=errors, anomalies=anomalies)
+    bundle = ModelBundle(config=config, duplicates=duplicates, errors=errors, anomalies=anomalies)
+    _apply_thresholds(bundle, thresholds)
+    return bundle
 
 
 def _evaluate_holdout(

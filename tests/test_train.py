@@ -7,6 +7,7 @@ tracking store) and scores the world's batch with the result, checking the contr
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,43 @@ def test_train_shows_each_stage_on_stderr_and_quiet_hides_them(world, tmp_path: 
     quiet = subprocess.run([*command, "-q"], capture_output=True, text=True, check=True)
     assert " train: " not in quiet.stderr
     assert "model version" in quiet.stdout
+
+
+def test_the_final_fit_in_a_second_process_registers_the_same_model(
+    world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import pipeline.evaluate as evaluate
+    import pipeline.train as training
+
+    cfg = load_config(world.config)
+    # This small world's held-out periods hold a few labels each: evaluated on them all the same (the
+    # second process only takes the plan's entry order and reviewed records, which these do not change).
+    monkeypatch.setattr(evaluate, "MIN_HELDOUT_CELLS", 1)
+    monkeypatch.setattr(evaluate, "MIN_HELDOUT_MERGES", 1)
+    monkeypatch.setattr(training, "PARALLEL_MAX_RECORDS", 0)  # one process
+    alone = train(cfg, world.records, world.corrections)
+    assert alone.plan.scheme == "holdout"
+    monkeypatch.setattr(training, "PARALLEL_MIN_RECORDS", 0)
+    monkeypatch.setattr(training, "PARALLEL_MAX_RECORDS", 10**9)
+    with caplog.at_level(logging.INFO):
+        beside = train(cfg, world.records, world.corrections)
+    # the second process's stages are shown and timed here
+    assert "in a second process" in caplog.text
+    assert any(
+        r.message.startswith("train: fit: error model") and r.process != os.getpid() for r in caplog.records
+    )
+    assert {"fit_errors", "fit_duplicates", "fit_anomalies", "holdout_errors"} <= set(beside.durations)
+    # the same model, threshold and figures as fitted in one process
+    assert beside.bundle.duplicates.threshold_ == alone.bundle.duplicates.threshold_
+    assert beside.bundle.metrics == alone.bundle.metrics
+    assert beside.params == alone.params
+    # it scores the batch byte for byte the same (the saved files differ in pickling details and in the
+    # duplicate model's training seconds)
+    outputs = []
+    for name, result in (("alone", alone), ("beside", beside)):
+        run_batch(result.bundle, world.batch, tmp_path / name, reference_path=world.records)
+        outputs.append([(tmp_path / name / f).read_bytes() for f in (s.RECORDS_FILE, s.FLAGS_FILE)])
+    assert outputs[0] == outputs[1]
+    assert b",error," in outputs[0][1]
