@@ -39,7 +39,7 @@ import math
 import threading
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
@@ -664,10 +664,12 @@ class Matcher:
         self._raw_codes: dict[str, array] = {field: array("i") for field in self._raw_fields}
         self._raw_code_of: dict[str, _CodeTable] = {field: _CodeTable() for field in self._raw_fields}
         self._raw_texts: dict[str, _TextList] = {field: _TextList() for field in self._raw_fields}
-        self._codes: dict[str, array] = {field: array("q") for field in self._fields}
+        self._codes: dict[str, array] = {field: array("i") for field in self._fields}  # 32-bit, per record
         self._code_of: dict[str, _CodeTable] = {field: _CodeTable() for field in self._fields}
-        self._texts: dict[str, list[str]] = {field: [] for field in self._fields}  # normalised, per code
-        self._values: dict[str, list[Any]] = {field: [] for field in self._fields}
+        # Normalised, per code, as one UTF-8 buffer. The parsed values the comparators take are not kept:
+        # a plugin parses a value from its normalised text alone, so they are parsed again for the values
+        # of a chunk's candidate pairs (a str, float or date object per value was ~90 bytes per record).
+        self._texts: dict[str, _TextList] = {field: _TextList() for field in self._fields}
         self._rarity: dict[str, array] = {field: array("d") for field in self._fields}  # per code
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
         self._times = array("d")
@@ -682,7 +684,10 @@ class Matcher:
         self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.int64) for field in self._fields}
         self._present: dict[str, int] = {field: 0 for field in self._fields}
         self._fitted_share: dict[str, array] = {field: array("d") for field in self._fields}  # per code
-        self._penalty: dict[str, array] = {field: array("f") for field in self._fields}  # per record
+        # Per record of the latest `_add` only (from `_penalty_start` on): a penalty counts for the later
+        # record of a pair, always one of the chunk being matched, so older records' are never read again.
+        self._penalty: dict[str, np.ndarray] = {field: np.zeros(0, dtype="f4") for field in self._fields}
+        self._penalty_start = 0
         self._lock = threading.RLock()
         if reference is not None and len(reference):
             ordered = reference.iloc[model._entry_order(reference)]
@@ -734,7 +739,14 @@ class Matcher:
     def _parsed_value(self, field: str, position: int) -> Any:
         """The parsed value (as the comparators see it) of a field of an indexed record; None if missing."""
         code = self._codes[field][position]
-        return None if code < 0 else self._values[field][code]
+        return None if code < 0 else self._parsed(field, np.array([code]))[0]
+
+    def _parsed(self, field: str, codes: np.ndarray) -> np.ndarray:
+        """The parsed values of these value codes (all >= 0) of a match field, as an object array."""
+        plugin = next(plugin for plugin in self._model.plugins_ if plugin.field == field)
+        texts = np.empty(len(codes), dtype=object)
+        texts[:] = self._texts[field].take(codes)
+        return _parse_distinct(plugin, texts)
 
     def _add(self, encoded: _Encoded) -> int:
         start = len(self._ids)
@@ -750,19 +762,18 @@ class Matcher:
             # A value's parsed form depends on the value only: one per distinct value, where first seen.
             parsed = [encoded.parsed[field][i] for i in first.tolist()]
             distinct = np.asarray(texts, dtype=object)[first] if len(texts) else np.zeros(0, dtype=object)
-            values = self._values[field]
+            size = len(self._texts[field])
             found = self._code_of[field].find(distinct, self._texts[field])
             usable = np.fromiter((item is not None for item in parsed), dtype=bool, count=len(parsed))
             fresh = np.flatnonzero((found < 0) & usable)
             if len(fresh):
-                found[fresh] = np.arange(len(values), len(values) + len(fresh))
+                found[fresh] = np.arange(size, size + len(fresh))
                 self._code_of[field].insert(distinct[fresh], found[fresh])
-                values.extend(parsed[i] for i in fresh.tolist())
                 new_texts = distinct[fresh].tolist()
                 self._texts[field].extend(new_texts)
                 self._rarity[field].extend(self._rarities(field, new_texts))
             codes = found[inverse] if len(texts) else np.zeros(0, dtype=np.int64)
-            self._codes[field].frombytes(codes.tobytes())
+            self._codes[field].frombytes(codes.astype(np.int32).tobytes())
             unparsed = self._unparsed[field]
             for offset in np.flatnonzero(codes < 0).tolist():
                 if texts[offset]:
@@ -775,7 +786,7 @@ class Matcher:
             own = np.ones(len(raw_values), dtype=bool)
             normalised = encoded.normalised.get(field)
             if normalised is not None and len(raw_values):
-                match_codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
+                match_codes = np.frombuffer(self._codes[field], dtype=np.int32)[start:].astype(np.int64)
                 shared = (np.asarray(normalised, dtype=object) == raw_values) & (match_codes >= 0)
                 codes[shared] = -2 - match_codes[shared]
                 own = ~shared
@@ -826,13 +837,13 @@ class Matcher:
         rarer than at fit keeps what the model learned.
         """
         for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
+            codes = np.frombuffer(self._codes[field], dtype=np.int32)[start:].astype(np.int64)
             shares = self._fitted_share[field]
-            if len(shares) < len(self._values[field]):
+            if len(shares) < len(self._texts[field]):
                 frequencies = self._frequencies.get(field)
                 shares.extend(
                     frequencies.share(value) if frequencies is not None else 1.0
-                    for value in self._texts[field][len(shares) :]
+                    for value in self._texts[field].take(range(len(shares), len(self._texts[field])))
                 )
             seen = self._seen[field]
             if len(seen) < len(shares):
@@ -849,30 +860,33 @@ class Matcher:
             penalty[present] = density_penalty(count, total, fitted_shares, fitted.total if fitted else 1)
             np.add.at(seen, values, 1)
             self._present[field] += len(values)
-            self._penalty[field].extend(penalty.tolist())
+            self._penalty[field] = penalty
+        self._penalty_start = start
 
     def _uncount_density(self, start: int) -> None:
         """Takes the records indexed from `start` on out of the value counts again (see `_rollback`)."""
         for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
+            codes = np.frombuffer(self._codes[field], dtype=np.int32)[start:].astype(np.int64)
             values = codes[codes >= 0]
             np.subtract.at(self._seen[field], values, 1)
             self._present[field] -= len(values)
-            del self._penalty[field][start:]
+            self._penalty[field] = self._penalty[field][: max(start - self._penalty_start, 0)]
 
     def _density_offset(
         self, left: np.ndarray, right: np.ndarray, pair_codes: _PairCodes | None = None
     ) -> np.ndarray:
         """Per pair, the density penalties of the fields on which the two agree, summed (left = the later
-        record, whose counts are as of its indexing). `pair_codes`: `_pair_codes` of these pairs, if known."""
+        record, whose counts are as of its indexing: one of the records the latest `_add` indexed).
+        `pair_codes`: `_pair_codes` of these pairs, if known."""
+        if len(left) and left.min() < self._penalty_start:
+            raise ValueError("density penalties are kept for the latest indexed records only")
         if pair_codes is None:
             pair_codes = self._pair_codes(left, right)
         offset = np.zeros(len(left))
         for field in self._fields:
             code_left, code_right, _ = pair_codes[field]
             same = (code_left >= 0) & (code_left == code_right)
-            penalty = np.frombuffer(self._penalty[field], dtype="f4")
-            offset[same] += penalty[left[same]]
+            offset[same] += self._penalty[field][left[same] - self._penalty_start]
         return offset
 
     def _drop_left(self) -> None:
@@ -1063,8 +1077,8 @@ class Matcher:
         """Per match field, the pairs' value codes (left, right) and where both records hold a value."""
         pair_codes = {}
         for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int64)
-            code_left, code_right = codes[left], codes[right]
+            codes = np.frombuffer(self._codes[field], dtype=np.int32)
+            code_left, code_right = codes[left].astype(np.int64), codes[right].astype(np.int64)
             pair_codes[field] = (code_left, code_right, (code_left >= 0) & (code_right >= 0))
         return pair_codes
 
@@ -1073,12 +1087,14 @@ class Matcher:
     ) -> tuple[list[Any], list[Any], np.ndarray]:
         """The distinct pairs of values among these pairs of codes (both present), as two lists of parsed
         values, and each pair's number among them: a comparator runs once per distinct pair."""
-        size = max(len(self._values[field]), 1)
+        size = max(len(self._texts[field]), 1)
         # Hashed, not sorted: the order of the distinct pairs does not change what each one compares to.
         inverse, pairs = pd.factorize(code_left * size + code_right)
-        values = self._values[field]
-        xs = list(map(values.__getitem__, (pairs // size).tolist()))
-        ys = list(map(values.__getitem__, (pairs % size).tolist()))
+        # Each value parsed once, however many of the distinct pairs it is in.
+        codes, where = np.unique(np.concatenate([pairs // size, pairs % size]), return_inverse=True)
+        values = self._parsed(field, codes)
+        xs = values[where[: len(pairs)]].tolist()
+        ys = values[where[len(pairs) :]].tolist()
         return xs, ys, inverse
 
     def _add_derived_distances(self, distances: np.ndarray) -> None:
@@ -1170,7 +1186,7 @@ class Matcher:
         held = self._positions(ids)
         positions = {i: p for i, p in zip(ids.tolist(), held.tolist(), strict=True) if p >= 0}
         clusters = {i: self._cluster[i] for i in ids if i in self._cluster}
-        sizes = {field: len(self._values[field]) for field in self._fields}
+        sizes = {field: len(self._texts[field]) for field in self._fields}
         sizes.update({f"raw:{field}": len(self._raw_texts[field]) for field in self._raw_fields})
         return len(self._ids), sizes, positions, clusters
 
@@ -1184,7 +1200,8 @@ class Matcher:
         for field in self._fields:
             size = sizes[field]
             self._code_of[field].truncate(size)
-            del self._values[field][size:], self._texts[field][size:], self._codes[field][start:]
+            self._texts[field].truncate(size)
+            del self._codes[field][start:]
             del self._rarity[field][size:], self._fitted_share[field][size:]
             self._seen[field] = self._seen[field][:size]  # the new values' counts are back at 0
             unparsed = self._unparsed[field]
@@ -1264,17 +1281,19 @@ class Matcher:
         if density is not None and n:
             counts, totals = density
             for column, field in enumerate(self._fields):
-                codes = np.frombuffer(self._codes[field], dtype=np.int64)[:n]
+                codes = np.frombuffer(self._codes[field], dtype=np.int32)[:n].astype(np.int64)
                 present = codes >= 0
                 fitted = self._frequencies.get(field)
-                penalty = np.frombuffer(self._penalty[field], dtype="f4")
+                penalty = np.zeros(n, dtype="f4")
                 shares = np.asarray(self._fitted_share[field], dtype=float)
-                penalty[:n][present] = density_penalty(
+                penalty[present] = density_penalty(
                     counts[present, column],
                     totals[present, column],
                     shares[codes[present]],
                     fitted.total if fitted else 1,
                 )
+                self._penalty[field] = penalty
+            self._penalty_start = 0
             offset = self._density_offset(positions, positions + n)
         scores = (
             self._model.probabilities(self._features(positions, positions + n, scoring=True), offset)
@@ -1356,6 +1375,14 @@ class _TextList:
         end = self.ends[index]  # IndexError past the end, as a list
         start = self.ends[index - 1] if index else 0
         return self.data[start:end].decode("utf-8", "surrogatepass")
+
+    def take(self, indices: Iterable[int]) -> list[str]:
+        """The texts at these places, in that order."""
+        ends, data = self.ends, self.data
+        return [
+            data[ends[i - 1] if i else 0 : ends[i]].decode("utf-8", "surrogatepass")
+            for i in map(int, indices)
+        ]
 
     def extend(self, texts: Sequence[str]) -> None:
         encoded = [text.encode("utf-8", "surrogatepass") for text in texts]
