@@ -61,6 +61,7 @@ from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold
 from pipeline.duplicates.classifier import PairClassifier, probabilities
 from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
+from pipeline.duplicates.storage import RecordFile
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import TermFrequencies, compare_many
@@ -653,17 +654,15 @@ class Matcher:
         self._ids = _TextList()
         self._position = _CodeTable()
         self._raw_fields: list[str] = list(model.config.fields)
-        # The raw values (what `record` returns) and each match field's values are stored once per field: a
-        # code per record and the value per code, so a comparator runs once per distinct pair of values
-        # rather than once per pair of records. Code -1 = no parsed value (its normalised text, when not
-        # empty, is kept by position in `_unparsed`).
-        # The value -> code maps are sorted hash arrays (`_CodeTable`) and the raw texts one UTF-8 buffer
-        # (`_TextList`): a batch adds a near-unique order number and amount per record, and dicts and str
-        # objects made those tables most of the index.
-        # Raw codes, block sizes and positions in blocks as 32-bit integers (`MAX_RECORDS`).
-        self._raw_codes: dict[str, array] = {field: array("i") for field in self._raw_fields}
-        self._raw_code_of: dict[str, _CodeTable] = {field: _CodeTable() for field in self._raw_fields}
-        self._raw_texts: dict[str, _TextList] = {field: _TextList() for field in self._raw_fields}
+        # The raw values (what `record` returns, read a few times per hundred records) in a temporary file.
+        self._raw = RecordFile(len(self._raw_fields))
+        # Each match field's values are stored once per field: a code per record and the value per code,
+        # so a comparator runs once per distinct pair of values rather than once per pair of records.
+        # Code -1 = no parsed value (its normalised text, when not empty, is kept by position in
+        # `_unparsed`). The value -> code maps are sorted hash arrays (`_CodeTable`) and the texts one
+        # UTF-8 buffer (`_TextList`): a batch adds a near-unique order number and amount per record, and
+        # dicts and str objects made those tables most of the index.
+        # Codes, block sizes and positions in blocks as 32-bit integers (`MAX_RECORDS`).
         self._codes: dict[str, array] = {field: array("i") for field in self._fields}  # 32-bit, per record
         self._code_of: dict[str, _CodeTable] = {field: _CodeTable() for field in self._fields}
         # Normalised, per code, as one UTF-8 buffer. The parsed values the comparators take are not kept:
@@ -722,15 +721,14 @@ class Matcher:
         position = self._positions([str(record_id)])[0]
         if position < 0:
             return None
-        return {field: self._raw_value(field, position) for field in self._raw_fields}
+        return dict(zip(self._raw_fields, self._raw[int(position)], strict=True))
 
     def _positions(self, record_ids: Sequence[str]) -> np.ndarray:
         """The position of each of these distinct record ids in the index, -1 where it is not held."""
         return self._position.find(np.asarray(record_ids, dtype=object), self._ids)
 
     def _raw_value(self, field: str, position: int) -> str:
-        code = self._raw_codes[field][position]
-        return self._raw_texts[field][code] if code >= 0 else self._texts[field][-2 - code]
+        return self._raw[position][self._raw_fields.index(field)]
 
     def _normalised(self, field: str, position: int) -> str:
         code = self._codes[field][position]
@@ -778,32 +776,8 @@ class Matcher:
             for offset in np.flatnonzero(codes < 0).tolist():
                 if texts[offset]:
                     unparsed[start + offset] = texts[offset]
-        # A raw value equal to its field's normalised one (an order number, an amount) is stored as that
-        # value's code, -2 - code, so near-unique values are not held twice.
-        for column, field in enumerate(self._raw_fields):
-            raw_values = encoded.raw[column]
-            codes = np.empty(len(raw_values), dtype=np.int64)
-            own = np.ones(len(raw_values), dtype=bool)
-            normalised = encoded.normalised.get(field)
-            if normalised is not None and len(raw_values):
-                match_codes = np.frombuffer(self._codes[field], dtype=np.int32)[start:].astype(np.int64)
-                shared = (np.asarray(normalised, dtype=object) == raw_values) & (match_codes >= 0)
-                codes[shared] = -2 - match_codes[shared]
-                own = ~shared
-            rows = np.flatnonzero(own)
-            if len(rows):
-                own_values = raw_values[rows]
-                inverse, first = _first_seen(own_values)
-                distinct = own_values[first]
-                stored = self._raw_texts[field]
-                found = self._raw_code_of[field].find(distinct, stored)
-                fresh = np.flatnonzero(found < 0)
-                if len(fresh):
-                    found[fresh] = np.arange(len(stored), len(stored) + len(fresh))
-                    self._raw_code_of[field].insert(distinct[fresh], found[fresh])
-                    stored.extend(distinct[fresh].tolist())
-                codes[rows] = found[inverse]
-            self._raw_codes[field].frombytes(codes.astype(np.int32).tobytes())
+        if len(encoded):
+            self._raw.extend(encoded.raw)
         self._times.extend(encoded.times)
         ids = np.asarray(encoded.ids, dtype=object)
         # A repeated id is found at its last row, as a dict assigned in row order would leave it.
@@ -1187,7 +1161,6 @@ class Matcher:
         positions = {i: p for i, p in zip(ids.tolist(), held.tolist(), strict=True) if p >= 0}
         clusters = {i: self._cluster[i] for i in ids if i in self._cluster}
         sizes = {field: len(self._texts[field]) for field in self._fields}
-        sizes.update({f"raw:{field}": len(self._raw_texts[field]) for field in self._raw_fields})
         return len(self._ids), sizes, positions, clusters
 
     def _rollback(
@@ -1207,11 +1180,7 @@ class Matcher:
             unparsed = self._unparsed[field]
             for position in [p for p in unparsed if p >= start]:
                 del unparsed[position]
-        for field in self._raw_fields:
-            size = sizes[f"raw:{field}"]
-            self._raw_code_of[field].truncate(size)
-            self._raw_texts[field].truncate(size)
-            del self._raw_codes[field][start:]
+        self._raw.truncate(start)
         for position in range(start, len(self._ids)):
             self._cluster.pop(self._ids[position], None)
         self._position.truncate(start)
