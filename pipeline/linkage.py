@@ -669,6 +669,11 @@ class Matcher:
         # a plugin parses a value from its normalised text alone, so they are parsed again for the values
         # of a chunk's candidate pairs (a str, float or date object per value was ~90 bytes per record).
         self._texts: dict[str, _TextList] = {field: _TextList() for field in self._fields}
+        # ... but those of the latest `_add`'s values are at hand (sorted codes, values): every pair's
+        # later record is one of them.
+        self._latest_parsed: dict[str, tuple[np.ndarray, np.ndarray]] = {
+            field: _latest_parsed(np.zeros(0, dtype=np.int64), []) for field in self._fields
+        }
         self._rarity: dict[str, array] = {field: array("d") for field in self._fields}  # per code
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
         self._times = array("d")
@@ -741,10 +746,20 @@ class Matcher:
 
     def _parsed(self, field: str, codes: np.ndarray) -> np.ndarray:
         """The parsed values of these value codes (all >= 0) of a match field, as an object array."""
-        plugin = next(plugin for plugin in self._model.plugins_ if plugin.field == field)
-        texts = np.empty(len(codes), dtype=object)
-        texts[:] = self._texts[field].take(codes)
-        return _parse_distinct(plugin, texts)
+        values = np.empty(len(codes), dtype=object)
+        known, known_values = self._latest_parsed[field]
+        hit = np.zeros(len(codes), dtype=bool)
+        if len(known):
+            at = np.minimum(np.searchsorted(known, codes), len(known) - 1)
+            hit = known[at] == codes
+            values[hit] = known_values[at[hit]]
+        missed = np.flatnonzero(~hit)
+        if len(missed):
+            plugin = next(plugin for plugin in self._model.plugins_ if plugin.field == field)
+            texts = np.empty(len(missed), dtype=object)
+            texts[:] = self._texts[field].take(codes[missed])
+            values[missed] = _parse_distinct(plugin, texts)
+        return values
 
     def _add(self, encoded: _Encoded) -> int:
         start = len(self._ids)
@@ -770,6 +785,11 @@ class Matcher:
                 new_texts = distinct[fresh].tolist()
                 self._texts[field].extend(new_texts)
                 self._rarity[field].extend(self._rarities(field, new_texts))
+                frequencies = self._frequencies.get(field)
+                self._fitted_share[field].extend(
+                    frequencies.share(value) if frequencies is not None else 1.0 for value in new_texts
+                )
+            self._latest_parsed[field] = _latest_parsed(found, parsed)
             codes = found[inverse] if len(texts) else np.zeros(0, dtype=np.int64)
             self._codes[field].frombytes(codes.astype(np.int32).tobytes())
             unparsed = self._unparsed[field]
@@ -813,12 +833,6 @@ class Matcher:
         for field in self._fields:
             codes = np.frombuffer(self._codes[field], dtype=np.int32)[start:].astype(np.int64)
             shares = self._fitted_share[field]
-            if len(shares) < len(self._texts[field]):
-                frequencies = self._frequencies.get(field)
-                shares.extend(
-                    frequencies.share(value) if frequencies is not None else 1.0
-                    for value in self._texts[field].take(range(len(shares), len(self._texts[field])))
-                )
             seen = self._seen[field]
             if len(seen) < len(shares):
                 seen = self._seen[field] = np.concatenate([seen, np.zeros(len(shares) - len(seen), np.int64)])
@@ -1177,6 +1191,7 @@ class Matcher:
             del self._codes[field][start:]
             del self._rarity[field][size:], self._fitted_share[field][size:]
             self._seen[field] = self._seen[field][:size]  # the new values' counts are back at 0
+            self._latest_parsed[field] = _latest_parsed(np.zeros(0, dtype=np.int64), [])
             unparsed = self._unparsed[field]
             for position in [p for p in unparsed if p >= start]:
                 del unparsed[position]
@@ -1628,6 +1643,16 @@ def _parse_distinct(plugin: FieldType, distinct: np.ndarray) -> np.ndarray:
     parsed = np.empty(len(distinct), dtype=object)
     parsed[:] = [cache[value] for value in distinct]
     return parsed
+
+
+def _latest_parsed(codes: np.ndarray, parsed: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The parsed values of a chunk's distinct values by their codes (-1 = none: left out), sorted by code
+    for `np.searchsorted`."""
+    held = np.flatnonzero(codes >= 0)
+    order = held[np.argsort(codes[held], kind="stable")]
+    values = np.empty(len(order), dtype=object)
+    values[:] = [parsed[i] for i in order.tolist()]
+    return codes[order], values
 
 
 def _lexsort_positions(
