@@ -674,7 +674,7 @@ class Matcher:
         self._latest_parsed: dict[str, tuple[np.ndarray, np.ndarray]] = {
             field: _latest_parsed(np.zeros(0, dtype=np.int64), []) for field in self._fields
         }
-        self._rarity: dict[str, array] = {field: array("d") for field in self._fields}  # per code
+        self._rarity: dict[str, array] = {field: array("f") for field in self._fields}  # per code, float32
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
         self._times = array("d")
         self._blocks = [_BlockIndex() for _ in (model.rules_ if rules is None else rules)]
@@ -685,7 +685,7 @@ class Matcher:
         self._live = _Growable(np.int8)  # per record: blocks whose window still holds it (with `evict`)
         self._leaving: list[int] = []  # records that left every window; dropped before the next chunk
         # How common each value is in the data being matched (see `_count_density`).
-        self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.int64) for field in self._fields}
+        self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.int32) for field in self._fields}
         self._present: dict[str, int] = {field: 0 for field in self._fields}
         self._fitted_share: dict[str, array] = {field: array("d") for field in self._fields}  # per code
         # Per record of the latest `_add` only (from `_penalty_start` on): a penalty counts for the later
@@ -835,7 +835,7 @@ class Matcher:
             shares = self._fitted_share[field]
             seen = self._seen[field]
             if len(seen) < len(shares):
-                seen = self._seen[field] = np.concatenate([seen, np.zeros(len(shares) - len(seen), np.int64)])
+                seen = self._seen[field] = np.concatenate([seen, np.zeros(len(shares) - len(seen), np.int32)])
             present = codes >= 0
             values = codes[present]
             count, total = _running_counts(values, seen, self._present[field])
@@ -1395,7 +1395,7 @@ class _CodeTable:
 
     def __init__(self) -> None:
         self.hashes = np.zeros(0, dtype=np.uint64)
-        self.codes = np.zeros(0, dtype=np.int64)
+        self.codes = np.zeros(0, dtype=np.int32)  # codes are below `MAX_RECORDS`
         self.clashes: dict[str, int] = {}
 
     def __len__(self) -> int:
