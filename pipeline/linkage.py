@@ -1163,11 +1163,17 @@ class Matcher:
             raise ValueError("match(remember=False) needs a matcher built without evict")
         with self._lock:
             undo = None if remember else self._checkpoint(chunk)
+            # What is kept of the latest indexed records only (replaced, never changed in place by `_add`).
+            latest = (dict(self._penalty), self._penalty_start, dict(self._latest_parsed))
             try:
                 return self._match(chunk)
             finally:
                 if undo is not None:
                     self._rollback(*undo)
+                    self._restore_latest(latest)
+
+    def _restore_latest(self, latest: tuple[dict[str, np.ndarray], int, dict[str, Any]]) -> None:
+        self._penalty, self._penalty_start, self._latest_parsed = latest
 
     def _checkpoint(self, chunk: pd.DataFrame) -> tuple[int, dict[str, int], dict[str, int], dict[str, str]]:
         ids = pd.unique(chunk[self._model.config.id_column].astype(str).to_numpy(dtype=object))
