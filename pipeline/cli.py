@@ -7,6 +7,7 @@ internal failure (one line; `--verbose` adds the traceback).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -25,6 +26,8 @@ logger = logging.getLogger("pipeline")
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 DEMO_DATA = Path("data/demo")
 DEMO_OUTPUT = Path("out/demo")
+# glibc's mallopt: allocations from this size on are mapped from the system and unmapped when freed.
+M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 4 << 20
 
 
 class _Parser(argparse.ArgumentParser):
@@ -285,6 +288,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.engine == "spark":
         summary = _score_spark(args, bundle)
     else:
+        _map_large_allocations()
         with _progress(args, unit="rows") as bar:
             summary = run_batch(
                 bundle,
@@ -307,6 +311,21 @@ def cmd_score(args: argparse.Namespace) -> int:
     )
     _out(f"results: {args.output}/ (records.csv, flags.csv, summary.json, report.html)")
     return EXIT_OK
+
+
+def _map_large_allocations() -> None:
+    """Large blocks straight from the operating system and back to it when freed (glibc; elsewhere nothing).
+
+    The duplicate matcher replaces its sorted index arrays, a few MB each and growing with the batch, at
+    every chunk. glibc's default threshold rises to 32 MB after such a block is freed, so later ones came
+    from the heap, whose freed holes the next, larger arrays did not fit: ~100 MB more at 500,000 rows.
+    From 4 MB on: at 1 MB a chunk's own arrays were mapped too, 10% more CPU in page faults.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def _score_spark(args: argparse.Namespace, bundle: Any) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import math
 import threading
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
@@ -61,6 +61,7 @@ from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold
 from pipeline.duplicates.classifier import PairClassifier, probabilities
 from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
+from pipeline.duplicates.storage import RecordFile
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import TermFrequencies, compare_many
@@ -653,22 +654,27 @@ class Matcher:
         self._ids = _TextList()
         self._position = _CodeTable()
         self._raw_fields: list[str] = list(model.config.fields)
-        # The raw values (what `record` returns) and each match field's values are stored once per field: a
-        # code per record and the value per code, so a comparator runs once per distinct pair of values
-        # rather than once per pair of records. Code -1 = no parsed value (its normalised text, when not
-        # empty, is kept by position in `_unparsed`).
-        # The value -> code maps are sorted hash arrays (`_CodeTable`) and the raw texts one UTF-8 buffer
-        # (`_TextList`): a batch adds a near-unique order number and amount per record, and dicts and str
-        # objects made those tables most of the index.
-        # Raw codes, block sizes and positions in blocks as 32-bit integers (`MAX_RECORDS`).
-        self._raw_codes: dict[str, array] = {field: array("i") for field in self._raw_fields}
-        self._raw_code_of: dict[str, _CodeTable] = {field: _CodeTable() for field in self._raw_fields}
-        self._raw_texts: dict[str, _TextList] = {field: _TextList() for field in self._raw_fields}
-        self._codes: dict[str, array] = {field: array("q") for field in self._fields}
+        # The raw values (what `record` returns, read a few times per hundred records) in a temporary file.
+        self._raw = RecordFile(len(self._raw_fields))
+        # Each match field's values are stored once per field: a code per record and the value per code,
+        # so a comparator runs once per distinct pair of values rather than once per pair of records.
+        # Code -1 = no parsed value (its normalised text, when not empty, is kept by position in
+        # `_unparsed`). The value -> code maps are sorted hash arrays (`_CodeTable`) and the texts one
+        # UTF-8 buffer (`_TextList`): a batch adds a near-unique order number and amount per record, and
+        # dicts and str objects made those tables most of the index.
+        # Codes, block sizes and positions in blocks as 32-bit integers (`MAX_RECORDS`).
+        self._codes: dict[str, array] = {field: array("i") for field in self._fields}  # 32-bit, per record
         self._code_of: dict[str, _CodeTable] = {field: _CodeTable() for field in self._fields}
-        self._texts: dict[str, list[str]] = {field: [] for field in self._fields}  # normalised, per code
-        self._values: dict[str, list[Any]] = {field: [] for field in self._fields}
-        self._rarity: dict[str, array] = {field: array("d") for field in self._fields}  # per code
+        # Normalised, per code, as one UTF-8 buffer. The parsed values the comparators take are not kept:
+        # a plugin parses a value from its normalised text alone, so they are parsed again for the values
+        # of a chunk's candidate pairs (a str, float or date object per value was ~90 bytes per record).
+        self._texts: dict[str, _TextList] = {field: _TextList() for field in self._fields}
+        # ... but those of the latest `_add`'s values are at hand (sorted codes, values): every pair's
+        # later record is one of them.
+        self._latest_parsed: dict[str, tuple[np.ndarray, np.ndarray]] = {
+            field: _latest_parsed(np.zeros(0, dtype=np.int64), []) for field in self._fields
+        }
+        self._rarity: dict[str, array] = {field: array("f") for field in self._fields}  # per code, float32
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
         self._times = array("d")
         self._blocks = [_BlockIndex() for _ in (model.rules_ if rules is None else rules)]
@@ -679,10 +685,13 @@ class Matcher:
         self._live = _Growable(np.int8)  # per record: blocks whose window still holds it (with `evict`)
         self._leaving: list[int] = []  # records that left every window; dropped before the next chunk
         # How common each value is in the data being matched (see `_count_density`).
-        self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.int64) for field in self._fields}
+        self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.int32) for field in self._fields}
         self._present: dict[str, int] = {field: 0 for field in self._fields}
         self._fitted_share: dict[str, array] = {field: array("d") for field in self._fields}  # per code
-        self._penalty: dict[str, array] = {field: array("f") for field in self._fields}  # per record
+        # Per record of the latest `_add` only (from `_penalty_start` on): a penalty counts for the later
+        # record of a pair, always one of the chunk being matched, so older records' are never read again.
+        self._penalty: dict[str, np.ndarray] = {field: np.zeros(0, dtype="f4") for field in self._fields}
+        self._penalty_start = 0
         self._lock = threading.RLock()
         if reference is not None and len(reference):
             ordered = reference.iloc[model._entry_order(reference)]
@@ -717,7 +726,7 @@ class Matcher:
         position = self._positions([str(record_id)])[0]
         if position < 0:
             return None
-        return {field: self._raw_value(field, position) for field in self._raw_fields}
+        return dict(zip(self._raw_fields, self._raw[int(position)], strict=True))
 
     def records(self, record_ids: Sequence[str]) -> dict[str, list[str]]:
         """The raw values of these records, per config field (`""` for an id not held): `record` of
@@ -727,12 +736,11 @@ class Matcher:
         inverse, first = _first_seen(ids)
         positions = self._positions(ids[first])[inverse]
         held = positions >= 0
-        values = {}
-        for field in self._raw_fields:
-            column = [s.MISSING] * len(positions)
-            for i, position in zip(np.flatnonzero(held).tolist(), positions[held].tolist(), strict=True):
-                column[i] = self._raw_value(field, position)
-            values[field] = column
+        values = {field: [s.MISSING] * len(positions) for field in self._raw_fields}
+        columns = list(values.values())
+        for i, position in zip(np.flatnonzero(held).tolist(), positions[held].tolist(), strict=True):
+            for column, value in zip(columns, self._raw[position], strict=True):  # one read per record
+                column[i] = value
         return values
 
     def _positions(self, record_ids: Sequence[str]) -> np.ndarray:
@@ -740,8 +748,7 @@ class Matcher:
         return self._position.find(np.asarray(record_ids, dtype=object), self._ids)
 
     def _raw_value(self, field: str, position: int) -> str:
-        code = self._raw_codes[field][position]
-        return self._raw_texts[field][code] if code >= 0 else self._texts[field][-2 - code]
+        return self._raw[position][self._raw_fields.index(field)]
 
     def _normalised(self, field: str, position: int) -> str:
         code = self._codes[field][position]
@@ -750,7 +757,24 @@ class Matcher:
     def _parsed_value(self, field: str, position: int) -> Any:
         """The parsed value (as the comparators see it) of a field of an indexed record; None if missing."""
         code = self._codes[field][position]
-        return None if code < 0 else self._values[field][code]
+        return None if code < 0 else self._parsed(field, np.array([code]))[0]
+
+    def _parsed(self, field: str, codes: np.ndarray) -> np.ndarray:
+        """The parsed values of these value codes (all >= 0) of a match field, as an object array."""
+        values = np.empty(len(codes), dtype=object)
+        known, known_values = self._latest_parsed[field]
+        hit = np.zeros(len(codes), dtype=bool)
+        if len(known):
+            at = np.minimum(np.searchsorted(known, codes), len(known) - 1)
+            hit = known[at] == codes
+            values[hit] = known_values[at[hit]]
+        missed = np.flatnonzero(~hit)
+        if len(missed):
+            plugin = next(plugin for plugin in self._model.plugins_ if plugin.field == field)
+            texts = np.empty(len(missed), dtype=object)
+            texts[:] = self._texts[field].take(codes[missed])
+            values[missed] = _parse_distinct(plugin, texts)
+        return values
 
     def _add(self, encoded: _Encoded) -> int:
         start = len(self._ids)
@@ -766,49 +790,29 @@ class Matcher:
             # A value's parsed form depends on the value only: one per distinct value, where first seen.
             parsed = [encoded.parsed[field][i] for i in first.tolist()]
             distinct = np.asarray(texts, dtype=object)[first] if len(texts) else np.zeros(0, dtype=object)
-            values = self._values[field]
+            size = len(self._texts[field])
             found = self._code_of[field].find(distinct, self._texts[field])
             usable = np.fromiter((item is not None for item in parsed), dtype=bool, count=len(parsed))
             fresh = np.flatnonzero((found < 0) & usable)
             if len(fresh):
-                found[fresh] = np.arange(len(values), len(values) + len(fresh))
+                found[fresh] = np.arange(size, size + len(fresh))
                 self._code_of[field].insert(distinct[fresh], found[fresh])
-                values.extend(parsed[i] for i in fresh.tolist())
                 new_texts = distinct[fresh].tolist()
                 self._texts[field].extend(new_texts)
                 self._rarity[field].extend(self._rarities(field, new_texts))
+                frequencies = self._frequencies.get(field)
+                self._fitted_share[field].extend(
+                    frequencies.share(value) if frequencies is not None else 1.0 for value in new_texts
+                )
+            self._latest_parsed[field] = _latest_parsed(found, parsed)
             codes = found[inverse] if len(texts) else np.zeros(0, dtype=np.int64)
-            self._codes[field].frombytes(codes.tobytes())
+            self._codes[field].frombytes(codes.astype(np.int32).tobytes())
             unparsed = self._unparsed[field]
             for offset in np.flatnonzero(codes < 0).tolist():
                 if texts[offset]:
                     unparsed[start + offset] = texts[offset]
-        # A raw value equal to its field's normalised one (an order number, an amount) is stored as that
-        # value's code, -2 - code, so near-unique values are not held twice.
-        for column, field in enumerate(self._raw_fields):
-            raw_values = encoded.raw[column]
-            codes = np.empty(len(raw_values), dtype=np.int64)
-            own = np.ones(len(raw_values), dtype=bool)
-            normalised = encoded.normalised.get(field)
-            if normalised is not None and len(raw_values):
-                match_codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
-                shared = (np.asarray(normalised, dtype=object) == raw_values) & (match_codes >= 0)
-                codes[shared] = -2 - match_codes[shared]
-                own = ~shared
-            rows = np.flatnonzero(own)
-            if len(rows):
-                own_values = raw_values[rows]
-                inverse, first = _first_seen(own_values)
-                distinct = own_values[first]
-                stored = self._raw_texts[field]
-                found = self._raw_code_of[field].find(distinct, stored)
-                fresh = np.flatnonzero(found < 0)
-                if len(fresh):
-                    found[fresh] = np.arange(len(stored), len(stored) + len(fresh))
-                    self._raw_code_of[field].insert(distinct[fresh], found[fresh])
-                    stored.extend(distinct[fresh].tolist())
-                codes[rows] = found[inverse]
-            self._raw_codes[field].frombytes(codes.astype(np.int32).tobytes())
+        if len(encoded):
+            self._raw.extend(encoded.raw)
         self._times.extend(encoded.times)
         ids = np.asarray(encoded.ids, dtype=object)
         # A repeated id is found at its last row, as a dict assigned in row order would leave it.
@@ -842,17 +846,11 @@ class Matcher:
         rarer than at fit keeps what the model learned.
         """
         for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
+            codes = np.frombuffer(self._codes[field], dtype=np.int32)[start:].astype(np.int64)
             shares = self._fitted_share[field]
-            if len(shares) < len(self._values[field]):
-                frequencies = self._frequencies.get(field)
-                shares.extend(
-                    frequencies.share(value) if frequencies is not None else 1.0
-                    for value in self._texts[field][len(shares) :]
-                )
             seen = self._seen[field]
             if len(seen) < len(shares):
-                seen = self._seen[field] = np.concatenate([seen, np.zeros(len(shares) - len(seen), np.int64)])
+                seen = self._seen[field] = np.concatenate([seen, np.zeros(len(shares) - len(seen), np.int32)])
             present = codes >= 0
             values = codes[present]
             count, total = _running_counts(values, seen, self._present[field])
@@ -865,30 +863,33 @@ class Matcher:
             penalty[present] = density_penalty(count, total, fitted_shares, fitted.total if fitted else 1)
             np.add.at(seen, values, 1)
             self._present[field] += len(values)
-            self._penalty[field].extend(penalty.tolist())
+            self._penalty[field] = penalty
+        self._penalty_start = start
 
     def _uncount_density(self, start: int) -> None:
         """Takes the records indexed from `start` on out of the value counts again (see `_rollback`)."""
         for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int64)[start:]
+            codes = np.frombuffer(self._codes[field], dtype=np.int32)[start:].astype(np.int64)
             values = codes[codes >= 0]
             np.subtract.at(self._seen[field], values, 1)
             self._present[field] -= len(values)
-            del self._penalty[field][start:]
+            self._penalty[field] = self._penalty[field][: max(start - self._penalty_start, 0)]
 
     def _density_offset(
         self, left: np.ndarray, right: np.ndarray, pair_codes: _PairCodes | None = None
     ) -> np.ndarray:
         """Per pair, the density penalties of the fields on which the two agree, summed (left = the later
-        record, whose counts are as of its indexing). `pair_codes`: `_pair_codes` of these pairs, if known."""
+        record, whose counts are as of its indexing: one of the records the latest `_add` indexed).
+        `pair_codes`: `_pair_codes` of these pairs, if known."""
+        if len(left) and left.min() < self._penalty_start:
+            raise ValueError("density penalties are kept for the latest indexed records only")
         if pair_codes is None:
             pair_codes = self._pair_codes(left, right)
         offset = np.zeros(len(left))
         for field in self._fields:
             code_left, code_right, _ = pair_codes[field]
             same = (code_left >= 0) & (code_left == code_right)
-            penalty = np.frombuffer(self._penalty[field], dtype="f4")
-            offset[same] += penalty[left[same]]
+            offset[same] += self._penalty[field][left[same] - self._penalty_start]
         return offset
 
     def _drop_left(self) -> None:
@@ -1079,8 +1080,8 @@ class Matcher:
         """Per match field, the pairs' value codes (left, right) and where both records hold a value."""
         pair_codes = {}
         for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int64)
-            code_left, code_right = codes[left], codes[right]
+            codes = np.frombuffer(self._codes[field], dtype=np.int32)
+            code_left, code_right = codes[left].astype(np.int64), codes[right].astype(np.int64)
             pair_codes[field] = (code_left, code_right, (code_left >= 0) & (code_right >= 0))
         return pair_codes
 
@@ -1089,12 +1090,14 @@ class Matcher:
     ) -> tuple[list[Any], list[Any], np.ndarray]:
         """The distinct pairs of values among these pairs of codes (both present), as two lists of parsed
         values, and each pair's number among them: a comparator runs once per distinct pair."""
-        size = max(len(self._values[field]), 1)
+        size = max(len(self._texts[field]), 1)
         # Hashed, not sorted: the order of the distinct pairs does not change what each one compares to.
         inverse, pairs = pd.factorize(code_left * size + code_right)
-        values = self._values[field]
-        xs = list(map(values.__getitem__, (pairs // size).tolist()))
-        ys = list(map(values.__getitem__, (pairs % size).tolist()))
+        # Each value parsed once, however many of the distinct pairs it is in.
+        codes, where = np.unique(np.concatenate([pairs // size, pairs % size]), return_inverse=True)
+        values = self._parsed(field, codes)
+        xs = values[where[: len(pairs)]].tolist()
+        ys = values[where[len(pairs) :]].tolist()
         return xs, ys, inverse
 
     def _add_derived_distances(self, distances: np.ndarray) -> None:
@@ -1175,19 +1178,24 @@ class Matcher:
             raise ValueError("match(remember=False) needs a matcher built without evict")
         with self._lock:
             undo = None if remember else self._checkpoint(chunk)
+            # What is kept of the latest indexed records only (replaced, never changed in place by `_add`).
+            latest = (dict(self._penalty), self._penalty_start, dict(self._latest_parsed))
             try:
                 return self._match(chunk)
             finally:
                 if undo is not None:
                     self._rollback(*undo)
+                    self._restore_latest(latest)
+
+    def _restore_latest(self, latest: tuple[dict[str, np.ndarray], int, dict[str, Any]]) -> None:
+        self._penalty, self._penalty_start, self._latest_parsed = latest
 
     def _checkpoint(self, chunk: pd.DataFrame) -> tuple[int, dict[str, int], dict[str, int], dict[str, str]]:
         ids = pd.unique(chunk[self._model.config.id_column].astype(str).to_numpy(dtype=object))
         held = self._positions(ids)
         positions = {i: p for i, p in zip(ids.tolist(), held.tolist(), strict=True) if p >= 0}
         clusters = {i: self._cluster[i] for i in ids if i in self._cluster}
-        sizes = {field: len(self._values[field]) for field in self._fields}
-        sizes.update({f"raw:{field}": len(self._raw_texts[field]) for field in self._raw_fields})
+        sizes = {field: len(self._texts[field]) for field in self._fields}
         return len(self._ids), sizes, positions, clusters
 
     def _rollback(
@@ -1200,17 +1208,15 @@ class Matcher:
         for field in self._fields:
             size = sizes[field]
             self._code_of[field].truncate(size)
-            del self._values[field][size:], self._texts[field][size:], self._codes[field][start:]
+            self._texts[field].truncate(size)
+            del self._codes[field][start:]
             del self._rarity[field][size:], self._fitted_share[field][size:]
             self._seen[field] = self._seen[field][:size]  # the new values' counts are back at 0
+            self._latest_parsed[field] = _latest_parsed(np.zeros(0, dtype=np.int64), [])
             unparsed = self._unparsed[field]
             for position in [p for p in unparsed if p >= start]:
                 del unparsed[position]
-        for field in self._raw_fields:
-            size = sizes[f"raw:{field}"]
-            self._raw_code_of[field].truncate(size)
-            self._raw_texts[field].truncate(size)
-            del self._raw_codes[field][start:]
+        self._raw.truncate(start)
         for position in range(start, len(self._ids)):
             self._cluster.pop(self._ids[position], None)
         self._position.truncate(start)
@@ -1280,17 +1286,19 @@ class Matcher:
         if density is not None and n:
             counts, totals = density
             for column, field in enumerate(self._fields):
-                codes = np.frombuffer(self._codes[field], dtype=np.int64)[:n]
+                codes = np.frombuffer(self._codes[field], dtype=np.int32)[:n].astype(np.int64)
                 present = codes >= 0
                 fitted = self._frequencies.get(field)
-                penalty = np.frombuffer(self._penalty[field], dtype="f4")
+                penalty = np.zeros(n, dtype="f4")
                 shares = np.asarray(self._fitted_share[field], dtype=float)
-                penalty[:n][present] = density_penalty(
+                penalty[present] = density_penalty(
                     counts[present, column],
                     totals[present, column],
                     shares[codes[present]],
                     fitted.total if fitted else 1,
                 )
+                self._penalty[field] = penalty
+            self._penalty_start = 0
             offset = self._density_offset(positions, positions + n)
         scores = (
             self._model.probabilities(self._features(positions, positions + n, scoring=True), offset)
@@ -1373,6 +1381,14 @@ class _TextList:
         start = self.ends[index - 1] if index else 0
         return self.data[start:end].decode("utf-8", "surrogatepass")
 
+    def take(self, indices: Iterable[int]) -> list[str]:
+        """The texts at these places, in that order."""
+        ends, data = self.ends, self.data
+        return [
+            data[ends[i - 1] if i else 0 : ends[i]].decode("utf-8", "surrogatepass")
+            for i in map(int, indices)
+        ]
+
     def extend(self, texts: Sequence[str]) -> None:
         encoded = [text.encode("utf-8", "surrogatepass") for text in texts]
         if not encoded:
@@ -1400,7 +1416,7 @@ class _CodeTable:
 
     def __init__(self) -> None:
         self.hashes = np.zeros(0, dtype=np.uint64)
-        self.codes = np.zeros(0, dtype=np.int64)
+        self.codes = np.zeros(0, dtype=np.int32)  # codes are below `MAX_RECORDS`
         self.clashes: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -1648,6 +1664,16 @@ def _parse_distinct(plugin: FieldType, distinct: np.ndarray) -> np.ndarray:
     parsed = np.empty(len(distinct), dtype=object)
     parsed[:] = [cache[value] for value in distinct]
     return parsed
+
+
+def _latest_parsed(codes: np.ndarray, parsed: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The parsed values of a chunk's distinct values by their codes (-1 = none: left out), sorted by code
+    for `np.searchsorted`."""
+    held = np.flatnonzero(codes >= 0)
+    order = held[np.argsort(codes[held], kind="stable")]
+    values = np.empty(len(order), dtype=object)
+    values[:] = [parsed[i] for i in order.tolist()]
+    return codes[order], values
 
 
 def _lexsort_positions(

@@ -575,7 +575,9 @@ def run_batch(
             for done, result in scorer.finish():
                 rows += _write_chunk(done, result, writer, runs, histograms, progress)
         scorer.close()
-        del seen_ids
+        # The matcher's index is not needed for the summary: freed before the flags are read back.
+        scorer = None
+        del seen_ids, matcher
         runs.merge_into(staging / s.FLAGS_FILE)
         # What the summary and report count (kinds, fields, distinct records, the top flags): read back
         # from flags.csv as Arrow-backed text, a few bytes per flag rather than the chunks' frames.

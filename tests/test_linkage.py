@@ -708,6 +708,7 @@ def test_the_text_list_gives_back_each_text_as_stored_and_truncates() -> None:
         texts[3]
     texts.extend(["y"])
     assert [texts[i] for i in range(len(texts))] == [*stored[:3], "y"]
+    assert texts.take([3, 0]) == ["y", stored[0]]
     texts.truncate(0)
     assert len(texts) == 0 and not texts.data
 
@@ -725,3 +726,32 @@ def test_records_gives_each_ids_raw_values_as_record_does(trained) -> None:
         assert {field: values[field][row] for field in values} == expected
     assert values["customer_name"][0] == records["customer_name"].iloc[5] != ""
     assert all(len(column) == 0 for column in matcher.records([]).values())
+
+
+def test_a_matcher_reads_raw_values_and_parsed_values_back_and_its_temporary_file_goes_with_it(
+    trained,
+) -> None:
+    import gc
+    import os
+    import pickle
+
+    model, records = trained
+    matcher = model.matcher(records)
+    last = len(records) - 1
+    assert matcher.record(records["record_id"][last]) == {f: records[f][last] for f in CONFIG.fields}
+    plugin = next(plugin for plugin in model.plugins_ if plugin.field == "amount")
+    position = len(records) - 1  # the latest entered (the index is in entry order)
+    row = records.index[records["record_id"] == matcher._ids[position]][0]
+    expected = plugin.parse(plugin.normalise(pd.Series([records["amount"][row]]))[0])
+    matcher.match(batch([dict(order(3), record_id="N1")]))  # now the reference's values are parsed again
+    assert expected is not None and matcher._parsed_value("amount", position) == expected
+    copy = pickle.loads(pickle.dumps(matcher.export_state()))  # as the reference cache stores it
+    restored = type(matcher).from_state(model, copy)
+    assert restored.record(records["record_id"][0]) == matcher.record(records["record_id"][0])
+    descriptors = [matcher._raw._file.fileno(), restored._raw._file.fileno()]
+    assert len(set(descriptors)) == 2 and all(os.fstat(fd).st_nlink == 0 for fd in descriptors)
+    del matcher, restored, copy
+    gc.collect()
+    for fd in descriptors:
+        with pytest.raises(OSError):
+            os.fstat(fd)

@@ -272,7 +272,7 @@ def test_matching_without_remembering_leaves_the_index_as_it_was(demo, store):
             return value.view().tolist()
         if hasattr(value, "prev") and hasattr(value, "keys"):  # one blocking rule's index
             return [plain(getattr(value, name)) for name in ("keys", "checks", "count", "last", "prev")]
-        if isinstance(value, list):
+        if isinstance(value, list | tuple):
             return [plain(v) for v in value]
         return copy.deepcopy(value)
 

@@ -1,0 +1,60 @@
+"""`pipeline.duplicates.storage`: the matcher's raw values in an unlinked temporary file."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from pipeline.duplicates.storage import RecordFile
+
+
+def column(*cells: str) -> np.ndarray:
+    values = np.empty(len(cells), dtype=object)
+    values[:] = list(cells)
+    return values
+
+
+def test_records_come_back_cell_for_cell_across_chunks_and_after_truncate(tmp_path) -> None:
+    records = RecordFile(width=3, directory=str(tmp_path))
+    odd = ["Müller & Zn.", "", "a\x1fb\nc", "\udcff lone surrogate", "€ 1.234,50", "x" * 5000]
+    records.extend([column("R1", "R2"), column(odd[0], odd[1]), column(odd[2], odd[3])])
+    records.extend([column("R3"), column(odd[4]), column(odd[5])])
+    assert len(records) == 3
+    assert records[0] == ["R1", odd[0], odd[2]]
+    assert records[1] == ["R2", "", odd[3]]
+    assert records[2] == ["R3", odd[4], odd[5]]
+    records.truncate(1)  # as a matcher's rollback does
+    assert len(records) == 1 and records.size == os.fstat(records._file.fileno()).st_size
+    records.extend([column("R9"), column(""), column("z")])
+    assert records[1] == ["R9", "", "z"]
+    with pytest.raises(IndexError):
+        records[2]
+    with pytest.raises(ValueError, match="3 cells"):
+        records.extend([column("R10")])
+    records.close()
+
+
+def test_a_pickled_record_file_is_an_equal_copy_in_its_own_file() -> None:
+    records = RecordFile(width=2)
+    records.extend([column("R1", "R2"), column("Jansen", "de Vries")])
+    copy = pickle.loads(pickle.dumps(records))
+    assert copy == records and copy[1] == ["R2", "de Vries"]
+    assert copy._file.fileno() != records._file.fileno()
+    records.close()
+    assert copy[0] == ["R1", "Jansen"]  # closing the original leaves the copy readable
+    copy.close()
+
+
+def test_the_file_has_no_name_and_its_space_is_freed_on_close(tmp_path) -> None:
+    records = RecordFile(width=1, directory=str(tmp_path))
+    records.extend([column(*[f"R{i}" for i in range(1000)])])
+    fd = records._file.fileno()
+    assert os.fstat(fd).st_nlink == 0  # unlinked from the start: nothing is left after a crash or kill
+    assert list(tmp_path.iterdir()) == []
+    assert os.fstat(fd).st_size == records.size > 0
+    records.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
