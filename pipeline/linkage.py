@@ -873,7 +873,6 @@ class Matcher:
             values = codes[codes >= 0]
             np.subtract.at(self._seen[field], values, 1)
             self._present[field] -= len(values)
-            self._penalty[field] = self._penalty[field][: max(start - self._penalty_start, 0)]
 
     def _density_offset(
         self, left: np.ndarray, right: np.ndarray, pair_codes: _PairCodes | None = None
@@ -1178,31 +1177,35 @@ class Matcher:
             raise ValueError("match(remember=False) needs a matcher built without evict")
         with self._lock:
             undo = None if remember else self._checkpoint(chunk)
-            # What is kept of the latest indexed records only (replaced, never changed in place by `_add`).
-            latest = (dict(self._penalty), self._penalty_start, dict(self._latest_parsed))
             try:
                 return self._match(chunk)
             finally:
                 if undo is not None:
                     self._rollback(*undo)
-                    self._restore_latest(latest)
 
-    def _restore_latest(self, latest: tuple[dict[str, np.ndarray], int, dict[str, Any]]) -> None:
-        self._penalty, self._penalty_start, self._latest_parsed = latest
-
-    def _checkpoint(self, chunk: pd.DataFrame) -> tuple[int, dict[str, int], dict[str, int], dict[str, str]]:
+    def _checkpoint(
+        self, chunk: pd.DataFrame
+    ) -> tuple[int, dict[str, int], dict[str, int], dict[str, str], tuple]:
         ids = pd.unique(chunk[self._model.config.id_column].astype(str).to_numpy(dtype=object))
         held = self._positions(ids)
         positions = {i: p for i, p in zip(ids.tolist(), held.tolist(), strict=True) if p >= 0}
         clusters = {i: self._cluster[i] for i in ids if i in self._cluster}
         sizes = {field: len(self._texts[field]) for field in self._fields}
-        return len(self._ids), sizes, positions, clusters
+        # What is kept of the latest indexed records only (replaced, never changed in place, by `_add`).
+        latest = (dict(self._penalty), self._penalty_start, dict(self._latest_parsed))
+        return len(self._ids), sizes, positions, clusters, latest
 
     def _rollback(
-        self, start: int, sizes: dict[str, int], positions: dict[str, int], clusters: dict[str, str]
+        self,
+        start: int,
+        sizes: dict[str, int],
+        positions: dict[str, int],
+        clusters: dict[str, str],
+        latest: tuple[dict[str, np.ndarray], int, dict[str, tuple[np.ndarray, np.ndarray]]],
     ) -> None:
         """Takes the records indexed from `start` on out of the index again (see `_checkpoint`)."""
         self._uncount_density(start)
+        self._penalty, self._penalty_start, self._latest_parsed = latest
         for block_index in self._blocks:
             block_index.rollback(start)
         for field in self._fields:
@@ -1212,7 +1215,6 @@ class Matcher:
             del self._codes[field][start:]
             del self._rarity[field][size:], self._fitted_share[field][size:]
             self._seen[field] = self._seen[field][:size]  # the new values' counts are back at 0
-            self._latest_parsed[field] = _latest_parsed(np.zeros(0, dtype=np.int64), [])
             unparsed = self._unparsed[field]
             for position in [p for p in unparsed if p >= start]:
                 del unparsed[position]
