@@ -72,6 +72,7 @@ from pipeline.ingest import (
     DEFAULT_CHUNK_ROWS,
     FileFormat,
     ReadOptions,
+    SeenIds,
     check_header,
     check_readable,
     check_unique_ids,
@@ -638,14 +639,16 @@ def _linked_chunks(
     numbers before it only), as `run_batch --workers` relies on too.
     """
     id_column = bundle.config.id_column
+    seen = SeenIds()  # as hashes, as `run_batch` keeps them (a set of a million ids was ~100 MB)
     if reference is not None:
-        matcher, seen = reference.matcher, set(reference.ids)
+        matcher = reference.matcher
+        seen.add(reference.ids)
     else:
-        matcher, seen = bundle.duplicates.matcher(None, evict=True), set()
+        matcher = bundle.duplicates.matcher(None, evict=True)
     state = bundle.errors.running_numbers()
     for chunk in _batch_chunks(batch, _driver_columns(bundle, batch), chunk_rows):
         check_unique_ids(chunk[id_column], source=batch.path, id_column=id_column, seen=seen)
-        seen.update(chunk[id_column])
+        seen.add(chunk[id_column])
         for start in range(0, len(chunk), LINK_ROWS):
             part = chunk.iloc[start : start + LINK_ROWS]
             before = state
