@@ -682,13 +682,21 @@ class Dependency:
     certain: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     def index(self, source_vocab: pd.Index, target_vocab: pd.Index) -> None:
-        """Aligns the mapping with the fields' vocabularies, for `lookup` on value codes."""
+        """Aligns the mapping with the fields' vocabularies, for `lookup` on value codes (done already when
+        `ProfileTable.profile` made it from value codes: `_aligned` set)."""
+        if self.__dict__.pop("_aligned", False):
+            return
         keys = source_vocab.to_numpy(dtype=object)
         implied = np.array([self.implied.get(k, "") for k in keys], dtype=object)
         codes = target_vocab.get_indexer(implied) if len(keys) else np.zeros(0, dtype=np.int64)
-        self.implied_code = np.where(implied == "", -1, codes).astype(np.int64)
         support = np.array([self.support.get(k, 0) for k in keys], dtype=float)
         total = np.array([self.total.get(k, 1) for k in keys], dtype=float)
+        self._align(np.where(implied == "", -1, codes).astype(np.int64), support, total)
+
+    def _align(self, implied_code: np.ndarray, support: np.ndarray, total: np.ndarray) -> None:
+        """Sets the look-up arrays from, per source vocabulary position, the implied target's position
+        (-1: none), the support and the total."""
+        self.implied_code = implied_code
         self.weight = self.strength * (support / np.maximum(total, 1)) * np.log1p(support)
         sure = (support >= CERTAIN_SUPPORT) & (support >= CERTAIN_SHARE * total)
         sure &= (self.implied_code >= 0) & (self.strength >= CERTAIN_STRENGTH)
@@ -802,10 +810,17 @@ class _FieldValues:
     def coded(self, rows: np.ndarray | None) -> _Coded:
         """The `_Coded` of the values at `rows` (positions; None: all), as `_Coded.of` would code them."""
         if rows is None:
-            return _Coded(self.codes, self.uniques, self.missing)
+            return _Coded(self.codes, self.uniques, self.missing, np.arange(len(self.uniques)))
         codes, present = pd.factorize(self.codes[rows])  # integers: first-appearance order, as the texts
         where = np.flatnonzero(present == self.missing)
-        return _Coded(codes.astype(np.int64), self.uniques[present], int(where[0]) if len(where) else -1)
+        missing = int(where[0]) if len(where) else -1
+        return _Coded(codes.astype(np.int64), self.uniques[present], missing, present.astype(np.int64))
+
+    def fact_of_all(self, name: str, fn: Callable[[object], bool]) -> bool:
+        """Whether `fn` holds for every distinct value (cached under `name`)."""
+        if name not in self.facts:
+            self.facts[name] = np.array([all(fn(v) for v in self.uniques)])
+        return bool(self.facts[name][0])
 
 
 def _value_counts(codes: np.ndarray, missing: int, n_uniques: int) -> tuple[np.ndarray, np.ndarray]:
@@ -911,6 +926,7 @@ class _Coded:
     codes: np.ndarray
     uniques: np.ndarray
     missing: int
+    origin: np.ndarray | None = None  # made by `_FieldValues.coded`: each value's code in the whole column
 
     @classmethod
     def of(cls, values: pd.Series) -> _Coded:
@@ -966,7 +982,17 @@ def _accepts(stats: tuple | None, tgt: _Coded) -> bool:
     return strength > target_top + 0.02
 
 
-def _dependency_of(source: str, target: str, src: _Coded, tgt: _Coded) -> Dependency | None:
+def _dependency_of(
+    source: str,
+    target: str,
+    src: _Coded,
+    tgt: _Coded,
+    positions: tuple[np.ndarray, int, np.ndarray] | None = None,
+) -> Dependency | None:
+    """The dependency `source` -> `target`, or None. `positions` (the source's vocabulary position per
+    `src` code, the vocabulary's size, the target's vocabulary position per `tgt` code; -1 for values
+    outside it) aligns the look-up arrays here, from the codes, instead of in `Dependency.index` by
+    looking up every vocabulary value in the dictionaries (the same numbers)."""
     stats = _dependency_stats(src, tgt)
     if not _accepts(stats, tgt):
         return None
@@ -974,14 +1000,28 @@ def _dependency_of(source: str, target: str, src: _Coded, tgt: _Coded) -> Depend
     keys = src.uniques[best_source]
     implied_values = tgt.uniques[best_target]
     filled = implied_values != s.MISSING
-    return Dependency(
-        source=source,
-        target=target,
-        strength=strength,
-        implied={str(k): str(v) for k, v in zip(keys[filled], implied_values[filled], strict=True)},
-        support={str(k): int(v) for k, v in zip(keys, best_count, strict=True)},
-        total={str(k): int(v) for k, v in zip(keys, best_total, strict=True)},
+    if positions is None:
+        implied = {str(k): str(v) for k, v in zip(keys[filled], implied_values[filled], strict=True)}
+        support = {str(k): int(v) for k, v in zip(keys, best_count, strict=True)}
+        total = {str(k): int(v) for k, v in zip(keys, best_total, strict=True)}
+    else:  # every value is a string already: the same dictionaries without a call per value
+        implied = dict(zip(keys[filled].tolist(), implied_values[filled].tolist(), strict=True))
+        support = dict(zip(keys.tolist(), best_count.astype(np.int64).tolist(), strict=True))
+        total = dict(zip(keys.tolist(), best_total.astype(np.int64).tolist(), strict=True))
+    dep = Dependency(
+        source=source, target=target, strength=strength, implied=implied, support=support, total=total
     )
+    if positions is not None:
+        source_at, size, target_at = positions
+        at = source_at[best_source]
+        implied_code = np.full(size, -1, dtype=np.int64)
+        support, total = np.zeros(size), np.ones(size)
+        implied_code[at] = np.where(filled, target_at[best_target], -1)
+        support[at] = best_count.astype(np.int64)
+        total[at] = best_total.astype(np.int64)
+        dep._align(implied_code, support, total)
+        dep.__dict__["_aligned"] = True  # `Profile` calls `index`, which then keeps these arrays
+    return dep
 
 
 def _dependency(frame: pd.DataFrame, source: str, target: str) -> Dependency | None:
@@ -1114,9 +1154,12 @@ class ProfileTable:
             pairs = find_dependencies(texts, kinds)
         pairs = list(pairs)
         coded = {name: self.columns[name].coded(rows) for name in {f for pair in pairs for f in pair}}
-        dependencies = [
-            dep for a, b in pairs if (dep := _dependency_of(a, b, coded[a], coded[b])) is not None
-        ]
+        at = {name: self._vocab_positions(name, rows, coded[name]) for name in coded}
+        dependencies = []
+        for a, b in pairs:
+            aligned = None if at[a] is None or at[b] is None else (*at[a], at[b][0])
+            if (dep := _dependency_of(a, b, coded[a], coded[b], aligned)) is not None:
+                dependencies.append(dep)
         groups = {}
         for name, kind in kinds.items():
             if kind == "number" and (group := _number_group(texts, name, kinds)) is not None:
@@ -1128,6 +1171,22 @@ class ProfileTable:
             time_column=self.time_column,
             rows=self.rows if rows is None else len(rows),
         )
+
+    def _vocab_positions(
+        self, name: str, rows: np.ndarray | None, coded: _Coded
+    ) -> tuple[np.ndarray, int] | None:
+        """Per code of `coded` (the field's values at `rows`), its position in the vocabulary of the field's
+        profile of those rows (`FieldProfile.vocab`: filled values, most frequent first), -1 for `''`; and
+        the vocabulary's size. None when the values are not all strings (the vocabulary then holds other
+        keys than the dependencies' dictionaries, and `Dependency.index` looks them up as it always did)."""
+        column = self.columns[name]
+        if not column.fact_of_all("is_text", lambda v: type(v) is str):
+            return None
+        codes = column.codes if rows is None else column.codes[rows]
+        order, _ = _value_counts(codes, column.missing, len(column.uniques))
+        position = np.full(len(column.uniques), -1, dtype=np.int64)
+        position[order] = np.arange(len(order))
+        return position[coded.origin], len(order)
 
 
 def extend_profile(profile: Profile, frame: pd.DataFrame) -> Profile:

@@ -408,3 +408,33 @@ def test_extend_profile_adds_what_the_reference_knows_and_keeps_the_rest(profile
     assert by_pair["customer_code", "postcode"].implied["C-10001"] == "1012 AB"  # training's lookup stays
     assert extended.groups["amount"].medians["C-20000"] == pytest.approx(np.log10(11.0))
     assert "C-20000" not in profile.fields["customer_code"].counts  # the original is left as it was
+
+
+def test_profile_table_aligns_dependencies_as_index_does() -> None:
+    """`ProfileTable.profile` aligns each dependency's look-up arrays from value codes; they and its
+    dictionaries equal what `Dependency.index` makes from the dictionaries, on a subset of the rows with
+    missing values, a value that implies `''`, and ties."""
+    config = _config(customer_code="code", city="category", postcode="code")
+    frame = pd.DataFrame(
+        {
+            "record_id": [f"R{i}" for i in range(12)],
+            "entered_at": [f"2024-01-{1 + i:02d}T10:00:00" for i in range(12)],
+            "customer_code": ["A", "A", "A", "B", "B", "", "C", "C", "D", "A", "B", "C"],
+            "city": ["x", "x", "y", "z", "z", "x", "", "", "w", "x", "z", "q"],
+            "postcode": ["1", "1", "1", "2", "2", "3", "4", "4", "", "1", "2", "4"],
+        }
+    )
+    table = d.ProfileTable.of(frame, config)
+    pairs = [("customer_code", "city"), ("city", "postcode"), ("postcode", "city")]
+    for rows in (None, np.array([11, 0, 1, 2, 3, 4, 6, 7, 9])):
+        profile = table.profile(rows, pairs=pairs)
+        assert profile.dependencies
+        for dep in profile.dependencies:
+            plain = d._dependency(frame.iloc[rows] if rows is not None else frame, dep.source, dep.target)
+            assert list(dep.implied.items()) == list(plain.implied.items())
+            assert list(dep.support.items()) == list(plain.support.items())
+            assert list(dep.total.items()) == list(plain.total.items())
+            plain.index(profile.fields[dep.source].vocab, profile.fields[dep.target].vocab)
+            for name in ("implied_code", "weight", "certain"):
+                assert getattr(dep, name).dtype == getattr(plain, name).dtype
+                np.testing.assert_array_equal(getattr(dep, name), getattr(plain, name))
