@@ -8,7 +8,14 @@ import pandas as pd
 import pytest
 from sklearn.exceptions import NotFittedError
 
-from pipeline.duplicates.blocking import BlockingLearner, BlockingRule, candidate_rules, join_keys
+from pipeline.duplicates.blocking import (
+    BlockingLearner,
+    BlockingRule,
+    _key_codes,
+    _rule_codes,
+    candidate_rules,
+    join_keys,
+)
 from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold
 from pipeline.duplicates.classifier import PairClassifier, probabilities
 from pipeline.duplicates.labels import LabelSampler
@@ -58,6 +65,21 @@ def test_blocking_learner_picks_the_key_that_covers_the_known_pairs() -> None:
     assert learner.recall_ == 1.0
     assert learner.rules_[0].parts[0][0] == "order_number"
     assert set(learner.rules_) <= set(learner.wide_rules_)
+
+
+def test_rule_codes_are_the_codes_of_the_joined_keys() -> None:
+    """A rule's records coded from its parts' codes equal the factorised joined texts (`''` where any part
+    is empty, -1), numbering included; a key holding the separator falls back to the texts."""
+    a = np.array(["", "x", "y", "x", "y", "x", ""], dtype=object)
+    b = np.array(["1", "1", "", "2", "2", "1", "1"], dtype=object)
+    for parts in ([a], [b], [a, b], [b, a]):
+        keys = join_keys(parts)
+        expected, _ = pd.factorize(keys)
+        expected[keys == ""] = -1
+        got = _rule_codes([_key_codes(part) for part in parts])
+        assert got.tolist() == expected.tolist()
+    assert _rule_codes([_key_codes(a), _key_codes(b)]).tolist() == [-1, 1, -1, 2, 3, 1, -1]
+    assert _key_codes(np.array(["a\x1fb", "c"], dtype=object)) is None
 
 
 def test_blocking_learner_fails_clearly_when_no_key_puts_a_pair_together() -> None:

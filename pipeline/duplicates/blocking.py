@@ -64,6 +64,38 @@ def join_keys(parts: Sequence[np.ndarray]) -> np.ndarray:
     return joined
 
 
+def _key_codes(keys: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """A key column as codes in order of first appearance (`''`, no key, counted as a value and then coded
+    -1, as `fit` codes a rule's joined keys) and the number of distinct values; None when a key holds
+    `KEY_SEPARATOR`, where only the joined texts tell combined keys apart."""
+    codes, uniques = pd.factorize(keys)
+    uniques = np.asarray(uniques, dtype=object)
+    if any(KEY_SEPARATOR in value for value in uniques if isinstance(value, str)):
+        return None
+    where = np.flatnonzero(uniques == s.MISSING)
+    if len(where):
+        codes = np.where(codes == where[0], -1, codes)
+    return codes.astype(np.int64), len(uniques)
+
+
+def _rule_codes(parts: Sequence[tuple[np.ndarray, int]]) -> np.ndarray:
+    """What `pd.factorize(join_keys(keys))` codes a rule's records (`''` then set to -1), from its parts'
+    `_key_codes`: the same numbers, without joining and hashing a text per record."""
+    codes = parts[0][0]
+    if len(parts) == 1:
+        return codes.copy()
+    combined = codes.copy()
+    empty = codes < 0
+    for part, size in parts[1:]:
+        combined = combined * size + part
+        empty |= part < 0
+    combined[empty] = -1  # every record without a key shares the one empty key, as `join_keys` makes it
+    joined, _ = pd.factorize(combined)
+    joined = joined.astype(np.int64)
+    joined[empty] = -1
+    return joined
+
+
 def candidate_rules(plugins: Sequence[FieldType]) -> list[BlockingRule]:
     """Every strong key alone, and every weak key combined with a strong key of another field."""
     singles = [(plugin.field, key) for plugin in plugins for key in plugin.blocking]
@@ -97,18 +129,24 @@ class BlockingLearner:
         """`normalised` = each field's normalised values in entry order; the known pairs as positions
         into them (later record first). Raises `TrainingDataError` when no key covers any pair."""
         single_keys: dict[tuple[str, str], np.ndarray] = {}
+        single_codes: dict[tuple[str, str], tuple[np.ndarray, int] | None] = {}
         for plugin in self.plugins:
             for key_name, values in plugin.keys(normalised[plugin.field]).items():
                 single_keys[(plugin.field, key_name)] = values.to_numpy(dtype=object)
+                single_codes[(plugin.field, key_name)] = _key_codes(single_keys[(plugin.field, key_name)])
         n = len(next(iter(normalised.values())))
         coverage: list[np.ndarray] = []
         costs: list[float] = []
         rules: list[BlockingRule] = []
         seen: set[bytes] = set()
         for rule in candidate_rules(self.plugins):
-            keys = join_keys([single_keys[part] for part in rule.parts])
-            codes, _ = pd.factorize(keys)
-            codes[keys == s.MISSING] = -1
+            parts = [single_codes[part] for part in rule.parts]
+            if all(part is not None for part in parts):
+                codes = _rule_codes(parts)
+            else:
+                keys = join_keys([single_keys[part] for part in rule.parts])
+                codes, _ = pd.factorize(keys)
+                codes[keys == s.MISSING] = -1
             # Two keys that cut the records the same way (a numeric code's value and its digits) are one rule.
             partition = codes.tobytes()
             if partition in seen:
