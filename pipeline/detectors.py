@@ -1110,6 +1110,10 @@ def build_profile(
     return ProfileTable.of(frame, config).profile(pairs=pairs, schemes=schemes)
 
 
+def _is_text(value: object) -> bool:
+    return type(value) is str
+
+
 @dataclass
 class ProfileTable:
     """A table of records coded once, to profile it and subsets of its rows (the error model's cross-fitting
@@ -1149,8 +1153,9 @@ class ProfileTable:
             )
             for name, kind in kinds.items()
         }
-        texts = pd.DataFrame({name: column.values(rows) for name, column in self.columns.items()})
+        texts = None
         if pairs is None:
+            texts = self._texts(rows)
             pairs = find_dependencies(texts, kinds)
         pairs = list(pairs)
         coded = {name: self.columns[name].coded(rows) for name in {f for pair in pairs for f in pair}}
@@ -1162,7 +1167,14 @@ class ProfileTable:
                 dependencies.append(dep)
         groups = {}
         for name, kind in kinds.items():
-            if kind == "number" and (group := _number_group(texts, name, kinds)) is not None:
+            if kind != "number":
+                continue
+            if all(column.fact_of_all("is_text", _is_text) for column in self.columns.values()):
+                group = self._number_group(rows, name)
+            else:
+                texts = self._texts(rows) if texts is None else texts
+                group = _number_group(texts, name, kinds)
+            if group is not None:
                 groups[name] = group
         return Profile(
             fields=profiles,
@@ -1172,6 +1184,55 @@ class ProfileTable:
             rows=self.rows if rows is None else len(rows),
         )
 
+    def _texts(self, rows: np.ndarray | None) -> pd.DataFrame:
+        return pd.DataFrame({name: column.values(rows) for name, column in self.columns.items()})
+
+    def _number_group(self, rows: np.ndarray | None, target: str) -> NumberGroup | None:
+        """`_number_group` of the rows at `rows` from the value codes: each distinct value read as a number
+        once per table, the groups formed on codes instead of texts (the same numbers, in the same order)."""
+        column = self.columns[target]
+        codes = column.codes if rows is None else column.codes[rows]
+        numbers = column.fact("plain_number", number_type.plain_number)[codes].astype(float)
+        ok = ~np.isnan(numbers) & (numbers > 0)
+        if ok.sum() < 10:
+            return None
+        logs = pd.Series(np.log10(numbers[ok]))
+        total_var = float(logs.var(ddof=0))
+        if total_var <= 0:
+            return None
+        best: NumberGroup | None = None
+        for group, kind in self.kinds.items():
+            if group == target or kind in ("number", "date"):
+                continue
+            keys = self.columns[group]
+            key_codes = (keys.codes if rows is None else keys.codes[rows])[ok]
+            stats = logs.groupby(key_codes).agg(["median", "size"])
+            stats = stats[(stats["size"] >= MIN_GROUP_ROWS) & (stats.index != keys.missing)]
+            if stats.empty:
+                continue
+            median = np.full(len(keys.uniques), np.nan)
+            median[stats.index.to_numpy()] = stats["median"].to_numpy()
+            med = median[key_codes]
+            covered = ~np.isnan(med)
+            if pd.Series(covered).mean() < 0.3:
+                continue
+            resid_var = float(
+                ((logs[covered] - pd.Series(med[covered], index=logs.index[covered])) ** 2).mean()
+            )
+            explained = 1 - resid_var / total_var
+            if explained >= MIN_GROUP_EXPLAINED and (best is None or explained > best.explained):
+                names = keys.uniques[stats.index.to_numpy()]
+                order = sorted(range(len(names)), key=names.__getitem__)  # by text, as grouping texts sorts
+                medians, sizes = stats["median"].to_numpy()[order], stats["size"].to_numpy()[order]
+                best = NumberGroup(
+                    target=target,
+                    group=group,
+                    explained=explained,
+                    medians=dict(zip(names[order].tolist(), medians.tolist(), strict=True)),
+                    rows=dict(zip(names[order].tolist(), sizes.astype(np.int64).tolist(), strict=True)),
+                )
+        return best
+
     def _vocab_positions(
         self, name: str, rows: np.ndarray | None, coded: _Coded
     ) -> tuple[np.ndarray, int] | None:
@@ -1180,7 +1241,7 @@ class ProfileTable:
         the vocabulary's size. None when the values are not all strings (the vocabulary then holds other
         keys than the dependencies' dictionaries, and `Dependency.index` looks them up as it always did)."""
         column = self.columns[name]
-        if not column.fact_of_all("is_text", lambda v: type(v) is str):
+        if not column.fact_of_all("is_text", _is_text):
             return None
         codes = column.codes if rows is None else column.codes[rows]
         order, _ = _value_counts(codes, column.missing, len(column.uniques))
