@@ -438,3 +438,20 @@ def test_profile_table_aligns_dependencies_as_index_does() -> None:
             for name in ("implied_code", "weight", "certain"):
                 assert getattr(dep, name).dtype == getattr(plain, name).dtype
                 np.testing.assert_array_equal(getattr(dep, name), getattr(plain, name))
+
+
+def test_profile_table_number_groups_equal_those_of_the_texts() -> None:
+    """`ProfileTable` groups a number field on value codes; the group, its share explained and its
+    medians (in the texts' order) equal `_number_group` on the texts, for the whole table and a subset."""
+    config = _config(customer_code="code", city="category", postcode="code", amount="number")
+    frame = _history(60).drop(columns=["record_id"])
+    frame.loc[5, "amount"] = "n/a"  # not a number: left out
+    frame.loc[7, "customer_code"] = ""  # no group key
+    table = d.ProfileTable.of(frame, config)
+    for rows in (None, np.arange(59, 3, -1)):
+        got = table._number_group(rows, "amount")
+        expected = d._number_group(table._texts(rows), "amount", table.kinds)
+        assert expected is not None and got is not None
+        assert (got.group, got.explained) == (expected.group, expected.explained)
+        assert list(got.medians.items()) == list(expected.medians.items())
+        assert list(got.rows.items()) == list(expected.rows.items())
