@@ -442,3 +442,32 @@ def test_workers_below_one_is_refused(demo, model_folder, tmp_path, capsys):
     assert score(model_folder, demo.batch, tmp_path / "out", "--workers", "0") == 2
     assert "--workers 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_default_chunk_size_writes_what_one_chunk_writes(demo, model_folder, tmp_path, monkeypatch):
+    """Without --chunk-rows, `score` reads `SCORE_CHUNK_ROWS` rows at a time (here 9, so the demo batch is
+    many chunks, each cut into pieces shared with a helper): the same files byte for byte as one chunk."""
+    from pipeline import score as score_module
+
+    common = ("--reference", str(demo.records))
+    assert score(model_folder, demo.batch, tmp_path / "one", *common, "--chunk-rows", "100000") == 0
+    sizes = []
+    real_iter_table = score_module.iter_table
+
+    def iter_table(*args, **kwargs):
+        sizes.append(kwargs["chunk_rows"])
+        return real_iter_table(*args, **kwargs)
+
+    monkeypatch.setattr(score_module, "SCORE_CHUNK_ROWS", 9)
+    monkeypatch.setattr(score_module, "PIECE_ROWS", 4)
+    monkeypatch.setattr(score_module, "iter_table", iter_table)
+    assert score(model_folder, demo.batch, tmp_path / "default", *common, "--workers", "2") == 0
+    assert sizes == [9]
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "default" / name).read_bytes(), name
+
+
+def test_chunk_rows_below_one_is_refused(demo, model_folder, tmp_path, capsys):
+    assert score(model_folder, demo.batch, tmp_path / "out", "--chunk-rows", "0") == 2
+    assert "--chunk-rows 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
