@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="processes scoring, this one included: it matches duplicates, all share errors and anomalies "
-        "(default 1; 2 on 2 cores is faster, each extra one holds its own copy of the model, ~400 MB)",
+        "(default 1; 2 on 2 cores is faster, each extra one holds its own copy of the model, ~370 MB)",
     )
     p.add_argument(
         "--engine",
