@@ -57,6 +57,8 @@ PIECE_ROWS = ASSESS_ROWS
 # Rows `score` reads at a time by default: the matcher takes `LINK_ROWS` at a time whatever the chunk, so
 # larger chunks only hold more frames (at 200,000 rows, 50,000-row chunks peaked ~100 MB higher, no faster).
 SCORE_CHUNK_ROWS = LINK_ROWS
+# Flags `FlagRuns` holds before it writes a run: a few MB, about 75,000 rows of the demo batch.
+RUN_FLAGS = 10_000
 # glibc's mallopt: allocations from this size on are mapped from the system and unmapped when freed.
 M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 4 << 20
 
@@ -458,23 +460,38 @@ class _Scorer:
 
 
 class FlagRuns:
-    """The batch's flags, spilled to disk one sorted run per chunk and merged at the end (k-way), so the
-    job holds one chunk's flags at a time. The order is `sort_flags`' on all flags at once: highest score
-    first, then input row, kind and field (no two flags tie on all four, so the merge is exact).
+    """The batch's flags, spilled to disk in sorted runs of about `run_flags` flags (whole chunks) and
+    merged at the end (k-way), so the job holds a few thousand flags at a time and a long batch in small
+    chunks still opens few files at the merge. The order is `sort_flags`' on all flags at once: highest
+    score first, then input row, kind and field (no two flags tie on all four, so the merge is exact).
 
     >>> # runs = FlagRuns(folder); runs.add(chunk_flags); ...; runs.merge_into(folder / "flags.csv")
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, run_flags: int = RUN_FLAGS) -> None:
         self.folder = Path(folder)
+        self.run_flags = run_flags
         self.paths: list[Path] = []
+        self.pending: list[pd.DataFrame] = []
+        self.pending_flags = 0
 
     def add(self, flags: pd.DataFrame) -> None:
-        """Writes one chunk's flags (with `_row`) as a sorted run; scores keep every bit (`repr`)."""
+        """Takes one chunk's flags (with `_row`); writes a run once `run_flags` are held."""
         if not len(flags):
             return
+        self.pending.append(flags)
+        self.pending_flags += len(flags)
+        if self.pending_flags >= self.run_flags:
+            self._spill()
+
+    def _spill(self) -> None:
+        """Writes the held flags as one sorted run; scores keep every bit (`repr`)."""
+        if not self.pending:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
-        ordered = sort_flags(flags)
+        held = self.pending[0] if len(self.pending) == 1 else pd.concat(self.pending, ignore_index=True)
+        self.pending, self.pending_flags = [], 0
+        ordered = sort_flags(held)
         ordered = ordered.assign(**{s.FLAG_SCORE: [repr(float(v)) for v in ordered[s.FLAG_SCORE]]})
         path = self.folder / f"run-{len(self.paths):06d}.csv"
         with open(path, "w", encoding="utf-8", newline="") as fh:
@@ -488,6 +505,7 @@ class FlagRuns:
         score_at = 1 + s.FLAG_COLUMNS.index(s.FLAG_SCORE)
         kind_at = 1 + s.FLAG_COLUMNS.index(s.FLAG_KIND)
         field_at = 1 + s.FLAG_COLUMNS.index(s.FLAG_FIELD)
+        self._spill()
 
         def key(row: list[str]) -> tuple[Any, ...]:
             score = float(row[score_at])

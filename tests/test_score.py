@@ -341,8 +341,10 @@ def test_error_and_anomaly_flags_do_not_depend_on_chunk_borders(demo, model_fold
         assert (tmp_path / "seven" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
-def test_flag_runs_merge_in_the_order_of_one_sort(tmp_path):
-    """Spilled runs merged k-way give `sort_flags`' order of all flags at once, ties and all."""
+@pytest.mark.parametrize(("run_flags", "written"), [(1, 2), (4, 2), (5, 1), (8, 1)])
+def test_flag_runs_merge_in_the_order_of_one_sort(tmp_path, run_flags, written):
+    """Spilled runs merged k-way give `sort_flags`' order of all flags at once, ties and all, whether
+    each chunk's flags make a run, chunks share one, or all flags are held until the merge."""
     import pandas as pd
 
     from pipeline.score import FlagRuns, sort_flags
@@ -377,11 +379,12 @@ def test_flag_runs_merge_in_the_order_of_one_sort(tmp_path):
     second = flags(
         [(3, "duplicate", "", 0.9), (3, "error", "a", 0.9), (4, "error", "x", 0.30000000000000004 - 1e-17)]
     )
-    runs = FlagRuns(tmp_path / "runs")
+    runs = FlagRuns(tmp_path / "runs", run_flags=run_flags)
     runs.add(first)
     runs.add(second.iloc[:0])
     runs.add(second)
     assert runs.merge_into(tmp_path / "flags.csv") == 7
+    assert len(runs.paths) == written
     expected = sort_flags(pd.concat([first, second], ignore_index=True))
     got = pd.read_csv(tmp_path / "flags.csv", dtype=str, keep_default_na=False)
     assert got[s.FLAG_RECORD_ID].tolist() == expected[s.FLAG_RECORD_ID].tolist()
