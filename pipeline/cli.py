@@ -7,7 +7,6 @@ internal failure (one line; `--verbose` adds the traceback).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -26,8 +25,6 @@ logger = logging.getLogger("pipeline")
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 DEMO_DATA = Path("data/demo")
 DEMO_OUTPUT = Path("out/demo")
-# glibc's mallopt: allocations from this size on are mapped from the system and unmapped when freed.
-M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 4 << 20
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,13 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--reference", type=Path, help="records to find duplicates against (e.g. the history)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--chunk-rows", type=int, default=50_000)
+    p.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=None,
+        help="rows read at a time (default 10,000; 50,000 with --engine spark); outputs do not depend on it",
+    )
     p.add_argument(
         "--workers",
         type=int,
         default=1,
         help="processes scoring, this one included: it matches duplicates, all share errors and anomalies "
-        "(default 1; 2 on 2 cores is faster, each extra one holds its own copy of the model, ~400 MB)",
+        "(default 1; 2 on 2 cores is faster, each extra one holds its own copy of the model, ~370 MB)",
     )
     p.add_argument(
         "--engine",
@@ -274,9 +276,9 @@ def _print_training(result: Any, run: Any, seconds: float) -> None:
 def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.reference import ReferenceCache, default_cache_dir
     from pipeline.registry import load_bundle
-    from pipeline.score import prepare_output, run_batch
+    from pipeline.score import SCORE_CHUNK_ROWS, map_large_allocations, prepare_output, run_batch
 
-    if args.chunk_rows < 1:
+    if args.chunk_rows is not None and args.chunk_rows < 1:
         raise BadInputError(f"--chunk-rows {args.chunk_rows}: must be at least 1")
     if args.workers < 1:
         raise BadInputError(f"--workers {args.workers}: must be at least 1")
@@ -284,19 +286,20 @@ def cmd_score(args: argparse.Namespace) -> int:
     import shutil
 
     shutil.rmtree(prepare_output(args.output, overwrite=args.overwrite))
-    bundle = load_bundle(args.model, uri=args.tracking_uri)
     if args.engine == "spark":
-        summary = _score_spark(args, bundle)
+        summary = _score_spark(args, load_bundle(args.model, uri=args.tracking_uri))
     else:
-        _map_large_allocations()
+        map_large_allocations()
         with _progress(args, unit="rows") as bar:
             summary = run_batch(
-                bundle,
+                # Held by the job alone: with a reference it swaps in the error model that knows the
+                # reference, and the trained one is freed (~25 MB of lookups at 10,000 records).
+                load_bundle(args.model, uri=args.tracking_uri),
                 args.input,
                 args.output,
                 reference_path=args.reference,
                 overwrite=args.overwrite,
-                chunk_rows=args.chunk_rows,
+                chunk_rows=args.chunk_rows or SCORE_CHUNK_ROWS,
                 output_format=args.output_format,
                 progress=bar,
                 workers=args.workers,
@@ -313,22 +316,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _map_large_allocations() -> None:
-    """Large blocks straight from the operating system and back to it when freed (glibc; elsewhere nothing).
-
-    The duplicate matcher replaces its sorted index arrays, a few MB each and growing with the batch, at
-    every chunk. glibc's default threshold rises to 32 MB after such a block is freed, so later ones came
-    from the heap, whose freed holes the next, larger arrays did not fit: ~100 MB more at 500,000 rows.
-    From 4 MB on: at 1 MB a chunk's own arrays were mapped too, 10% more CPU in page faults.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
 def _score_spark(args: argparse.Namespace, bundle: Any) -> dict[str, Any]:
+    from pipeline.ingest import DEFAULT_CHUNK_ROWS
     from pipeline.reference import ReferenceCache, default_cache_dir
 
     try:
@@ -342,7 +331,7 @@ def _score_spark(args: argparse.Namespace, bundle: Any) -> dict[str, Any]:
         reference_path=args.reference,
         master=args.spark_master,
         overwrite=args.overwrite,
-        chunk_rows=args.chunk_rows,
+        chunk_rows=args.chunk_rows or DEFAULT_CHUNK_ROWS,
         output_format=args.output_format,
         cache=None if args.no_cache else ReferenceCache(args.cache_dir or default_cache_dir()),
     )

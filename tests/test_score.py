@@ -341,8 +341,10 @@ def test_error_and_anomaly_flags_do_not_depend_on_chunk_borders(demo, model_fold
         assert (tmp_path / "seven" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
-def test_flag_runs_merge_in_the_order_of_one_sort(tmp_path):
-    """Spilled runs merged k-way give `sort_flags`' order of all flags at once, ties and all."""
+@pytest.mark.parametrize(("run_flags", "written"), [(1, 2), (4, 2), (5, 1), (8, 1)])
+def test_flag_runs_merge_in_the_order_of_one_sort(tmp_path, run_flags, written):
+    """Spilled runs merged k-way give `sort_flags`' order of all flags at once, ties and all, whether
+    each chunk's flags make a run, chunks share one, or all flags are held until the merge."""
     import pandas as pd
 
     from pipeline.score import FlagRuns, sort_flags
@@ -377,11 +379,12 @@ def test_flag_runs_merge_in_the_order_of_one_sort(tmp_path):
     second = flags(
         [(3, "duplicate", "", 0.9), (3, "error", "a", 0.9), (4, "error", "x", 0.30000000000000004 - 1e-17)]
     )
-    runs = FlagRuns(tmp_path / "runs")
+    runs = FlagRuns(tmp_path / "runs", run_flags=run_flags)
     runs.add(first)
     runs.add(second.iloc[:0])
     runs.add(second)
     assert runs.merge_into(tmp_path / "flags.csv") == 7
+    assert len(runs.paths) == written
     expected = sort_flags(pd.concat([first, second], ignore_index=True))
     got = pd.read_csv(tmp_path / "flags.csv", dtype=str, keep_default_na=False)
     assert got[s.FLAG_RECORD_ID].tolist() == expected[s.FLAG_RECORD_ID].tolist()
@@ -441,4 +444,33 @@ def test_pieces_across_helpers_write_what_one_process_writes(demo, model_folder,
 def test_workers_below_one_is_refused(demo, model_folder, tmp_path, capsys):
     assert score(model_folder, demo.batch, tmp_path / "out", "--workers", "0") == 2
     assert "--workers 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_chunk_size_writes_what_one_chunk_writes(demo, model_folder, tmp_path, monkeypatch):
+    """Without --chunk-rows, `score` reads `SCORE_CHUNK_ROWS` rows at a time (here 9, so the demo batch is
+    many chunks, each cut into pieces shared with a helper): the same files byte for byte as one chunk."""
+    from pipeline import score as score_module
+
+    common = ("--reference", str(demo.records))
+    assert score(model_folder, demo.batch, tmp_path / "one", *common, "--chunk-rows", "100000") == 0
+    sizes = []
+    real_iter_table = score_module.iter_table
+
+    def iter_table(*args, **kwargs):
+        sizes.append(kwargs["chunk_rows"])
+        return real_iter_table(*args, **kwargs)
+
+    monkeypatch.setattr(score_module, "SCORE_CHUNK_ROWS", 9)
+    monkeypatch.setattr(score_module, "PIECE_ROWS", 4)
+    monkeypatch.setattr(score_module, "iter_table", iter_table)
+    assert score(model_folder, demo.batch, tmp_path / "default", *common, "--workers", "2") == 0
+    assert sizes == [9]
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "default" / name).read_bytes(), name
+
+
+def test_chunk_rows_below_one_is_refused(demo, model_folder, tmp_path, capsys):
+    assert score(model_folder, demo.batch, tmp_path / "out", "--chunk-rows", "0") == 2
+    assert "--chunk-rows 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
