@@ -39,7 +39,7 @@ import math
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
@@ -61,7 +61,7 @@ from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold
 from pipeline.duplicates.classifier import PairClassifier, probabilities
 from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
-from pipeline.duplicates.storage import RecordFile
+from pipeline.duplicates.storage import Offsets, RecordFile
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import TermFrequencies, compare_many
@@ -674,7 +674,6 @@ class Matcher:
         self._latest_parsed: dict[str, tuple[np.ndarray, np.ndarray]] = {
             field: _latest_parsed(np.zeros(0, dtype=np.int64), []) for field in self._fields
         }
-        self._rarity: dict[str, array] = {field: array("f") for field in self._fields}  # per code, float32
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
         self._times = array("d")
         self._blocks = [_BlockIndex() for _ in (model.rules_ if rules is None else rules)]
@@ -687,7 +686,6 @@ class Matcher:
         # How common each value is in the data being matched (see `_count_density`).
         self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.int32) for field in self._fields}
         self._present: dict[str, int] = {field: 0 for field in self._fields}
-        self._fitted_share: dict[str, array] = {field: array("d") for field in self._fields}  # per code
         # Per record of the latest `_add` only (from `_penalty_start` on): a penalty counts for the later
         # record of a pair, always one of the chunk being matched, so older records' are never read again.
         self._penalty: dict[str, np.ndarray] = {field: np.zeros(0, dtype="f4") for field in self._fields}
@@ -784,6 +782,7 @@ class Matcher:
             present = set(self._raw_fields)
             raise SchemaError(f"records: expected the config's fields {sorted(present)} in every chunk")
         self._ids.extend(encoded.ids)
+        shares: dict[str, np.ndarray] = {}  # per record: its value's share among the fitted records
         for field in self._fields:
             texts = encoded.normalised[field]
             inverse, first = _first_seen(texts)
@@ -799,11 +798,7 @@ class Matcher:
                 self._code_of[field].insert(distinct[fresh], found[fresh])
                 new_texts = distinct[fresh].tolist()
                 self._texts[field].extend(new_texts)
-                self._rarity[field].extend(self._rarities(field, new_texts))
-                frequencies = self._frequencies.get(field)
-                self._fitted_share[field].extend(
-                    frequencies.share(value) if frequencies is not None else 1.0 for value in new_texts
-                )
+            shares[field] = self._shares(field, distinct)[inverse] if len(texts) else np.zeros(0)
             self._latest_parsed[field] = _latest_parsed(found, parsed)
             codes = found[inverse] if len(texts) else np.zeros(0, dtype=np.int64)
             self._codes[field].frombytes(codes.astype(np.int32).tobytes())
@@ -818,8 +813,16 @@ class Matcher:
         # A repeated id is found at its last row, as a dict assigned in row order would leave it.
         last = ~pd.Series(ids, dtype=object).duplicated(keep="last").to_numpy()
         self._position.assign(ids[last], np.arange(start, start + len(ids))[last], self._ids)
-        self._count_density(start)
+        self._count_density(start, shares)
         return start
+
+    def _shares(self, field: str, values: Sequence[str]) -> np.ndarray:
+        """`TermFrequencies.share` of each value (1.0 without a table). Looked up per chunk rather than
+        kept per value code: a batch adds a near-unique order number and amount per record."""
+        frequencies = self._frequencies.get(field)
+        if frequencies is None:
+            return np.ones(len(values))
+        return np.fromiter(map(frequencies.share, values), dtype=float, count=len(values))
 
     def _rarities(self, field: str, values: list[str]) -> list[float]:
         """`TermFrequencies.rarity` of each value (1.0 without a table), computed once per distinct count."""
@@ -833,7 +836,7 @@ class Matcher:
                 by_count[count] = frequencies.rarity(value)
         return [by_count[count] for count in counts]
 
-    def _count_density(self, start: int) -> None:
+    def _count_density(self, start: int, shares: dict[str, np.ndarray]) -> None:
         """Counts the values of the records indexed from `start` on, and notes for each record and field
         how much more common its value is among the records indexed so far (itself included) than among
         the records the model learned from: `max(0, ln(share now / share at fit))`, its density penalty.
@@ -843,23 +846,21 @@ class Matcher:
         date twenty times more likely by chance, so that agreement is worth ln 20 less (Fellegi-Sunter's
         u-probability, counted on the data being scored). Counted in indexing order, so a record's
         penalty does not depend on how the batch was cut into chunks; never a bonus, so a value that is
-        rarer than at fit keeps what the model learned.
+        rarer than at fit keeps what the model learned. `shares`: per field, each record's value's share
+        among the records the model learned from (`_shares`), from `start` on.
         """
         for field in self._fields:
             codes = np.frombuffer(self._codes[field], dtype=np.int32)[start:].astype(np.int64)
-            shares = self._fitted_share[field]
             seen = self._seen[field]
-            if len(seen) < len(shares):
-                seen = self._seen[field] = np.concatenate([seen, np.zeros(len(shares) - len(seen), np.int32)])
+            size = len(self._texts[field])
+            if len(seen) < size:
+                seen = self._seen[field] = np.concatenate([seen, np.zeros(size - len(seen), np.int32)])
             present = codes >= 0
             values = codes[present]
             count, total = _running_counts(values, seen, self._present[field])
             penalty = np.zeros(len(codes), dtype="f4")
             fitted = self._frequencies.get(field)
-            # Looked up per record: converting the list of every value's share would grow with the index.
-            fitted_shares = np.fromiter(
-                map(shares.__getitem__, values.tolist()), dtype=float, count=len(values)
-            )
+            fitted_shares = shares[field][present]
             penalty[present] = density_penalty(count, total, fitted_shares, fitted.total if fitted else 1)
             np.add.at(seen, values, 1)
             self._present[field] += len(values)
@@ -1015,10 +1016,8 @@ class Matcher:
             features[:, width + column] = 0
             same = np.flatnonzero((code_left >= 0) & (code_left == code_right))
             agreed, where = np.unique(code_left[same], return_inverse=True)
-            # Looked up per agreed value: all values' rarities make a far longer list than a chunk's pairs.
-            rarity = np.fromiter(
-                map(self._rarity[field].__getitem__, agreed.tolist()), dtype=features.dtype, count=len(agreed)
-            )
+            # Worked out per agreed value, from its text: kept per value code, rarities grew with the index.
+            rarity = np.asarray(self._rarities(field, self._texts[field].take(agreed)), dtype=features.dtype)
             features[same, width + column] = rarity[where]
         return features
 
@@ -1213,7 +1212,6 @@ class Matcher:
             self._code_of[field].truncate(size)
             self._texts[field].truncate(size)
             del self._codes[field][start:]
-            del self._rarity[field][size:], self._fitted_share[field][size:]
             self._seen[field] = self._seen[field][:size]  # the new values' counts are back at 0
             unparsed = self._unparsed[field]
             for position in [p for p in unparsed if p >= start]:
@@ -1292,11 +1290,11 @@ class Matcher:
                 present = codes >= 0
                 fitted = self._frequencies.get(field)
                 penalty = np.zeros(n, dtype="f4")
-                shares = np.asarray(self._fitted_share[field], dtype=float)
+                shares = self._shares(field, self._texts[field].take(codes[present]))
                 penalty[present] = density_penalty(
                     counts[present, column],
                     totals[present, column],
-                    shares[codes[present]],
+                    shares,
                     fitted.total if fitted else 1,
                 )
                 self._penalty[field] = penalty
@@ -1362,13 +1360,13 @@ class _Growable:
 
 
 class _TextList:
-    """An append-only list of texts stored as one UTF-8 buffer and end offsets: ~8 bytes per text beyond
-    its characters, instead of a str object and a list slot (~60 bytes). For raw values that are not the
-    normalised ones (an order number as typed), which a batch adds one per record."""
+    """An append-only list of texts stored as one UTF-8 buffer and end offsets (`Offsets`): ~4 bytes per
+    text beyond its characters, instead of a str object and a list slot (~60 bytes). For raw values that
+    are not the normalised ones (an order number as typed), which a batch adds one per record."""
 
     def __init__(self) -> None:
         self.data = bytearray()
-        self.ends = array("q")
+        self.ends = Offsets()
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -1383,12 +1381,19 @@ class _TextList:
         start = self.ends[index - 1] if index else 0
         return self.data[start:end].decode("utf-8", "surrogatepass")
 
-    def take(self, indices: Iterable[int]) -> list[str]:
+    def take(self, indices: np.ndarray | Sequence[int]) -> list[str]:
         """The texts at these places, in that order."""
-        ends, data = self.ends, self.data
+        indices = np.asarray(indices, dtype=np.int64)
+        if not len(indices):
+            return []
+        ends = self.ends.take(indices)
+        starts = np.zeros(len(indices), dtype=np.int64)
+        inside = indices > 0
+        starts[inside] = self.ends.take(indices[inside] - 1)
+        data = self.data
         return [
-            data[ends[i - 1] if i else 0 : ends[i]].decode("utf-8", "surrogatepass")
-            for i in map(int, indices)
+            data[start:end].decode("utf-8", "surrogatepass")
+            for start, end in zip(starts.tolist(), ends.tolist(), strict=True)
         ]
 
     def extend(self, texts: Sequence[str]) -> None:
@@ -1398,13 +1403,13 @@ class _TextList:
         sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         ends = np.cumsum(sizes) + len(self.data)
         self.data += b"".join(encoded)
-        self.ends.frombytes(ends.tobytes())
+        self.ends.extend(ends)
 
     def truncate(self, size: int) -> None:
         """Keeps the first `size` texts."""
         if size < len(self.ends):
             del self.data[(self.ends[size - 1] if size else 0) :]
-            del self.ends[size:]
+            self.ends.truncate(size)
 
 
 class _CodeTable:
@@ -1505,16 +1510,17 @@ class _CodeTable:
 
 class _BlockIndex:
     """One blocking rule's blocks as arrays, a chunk at a time: per key (a 64-bit hash of its text, sorted,
-    with a second hash to detect a collision) the block's size and latest record; per record the previous
-    record of its block. A record's window is found by walking back from there; ~40 bytes per distinct key
-    and 8 per record, instead of a dict entry, a key string and a list per block."""
+    with 32 bits of a second hash to detect a collision) the block's size and latest record; per record the
+    previous record of its block. A record's window is found by walking back from there; ~20 bytes per
+    distinct key and 4 per record, instead of a dict entry, a key string and a list per block. (The check
+    only warns: a batch adds a near-unique order number per record, so its 8 bytes were kept 4.)"""
 
     HASH_KEY = "0123456789123456"
     CHECK_KEY = "pipeline:blocks!"
 
     def __init__(self) -> None:
         self.keys = np.zeros(0, dtype=np.uint64)
-        self.checks = np.zeros(0, dtype=np.uint64)
+        self.checks = np.zeros(0, dtype=np.uint32)
         self.count = np.zeros(0, dtype=np.int32)
         self.last = np.zeros(0, dtype=np.int32)
         self.prev = _Growable(np.int32)
@@ -1536,7 +1542,7 @@ class _BlockIndex:
             self.undo = (np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), np.zeros(0), np.zeros(0))
             return empty
         hashes = pd.util.hash_array(values[rows], hash_key=self.HASH_KEY)
-        checks = pd.util.hash_array(values[rows], hash_key=self.CHECK_KEY)
+        checks = pd.util.hash_array(values[rows], hash_key=self.CHECK_KEY).astype(np.uint32)
         order = np.lexsort((rows, hashes))
         hashes, checks, rows = hashes[order], checks[order], rows[order]
         first = np.ones(len(rows), dtype=bool)
