@@ -81,6 +81,7 @@ CANDIDATE_RECORDS = 50_000
 # rule, and no process holds two billion records anyway.
 MAX_RECORDS = 2**31 - 1
 DEDUPE_VERSION = metadata.version("dedupe")
+_CODE_TYPES = ("b", "h", "i")  # `array` typecodes of per-record value codes: 8, 16 and 32 bits
 
 
 # Per match field: the value codes of pairs' left and right records, and where both hold a value.
@@ -662,8 +663,9 @@ class Matcher:
         # `_unparsed`). The value -> code maps are sorted hash arrays (`_CodeTable`) and the texts one
         # UTF-8 buffer (`_TextList`): a batch adds a near-unique order number and amount per record, and
         # dicts and str objects made those tables most of the index.
-        # Codes, block sizes and positions in blocks as 32-bit integers (`MAX_RECORDS`).
-        self._codes: dict[str, array] = {field: array("i") for field in self._fields}  # 32-bit, per record
+        # Block sizes and positions in blocks as 32-bit integers (`MAX_RECORDS`); codes per record in as
+        # few bytes as the field's codes need so far (`_store_codes`: a city or VAT rate in one).
+        self._codes: dict[str, array] = {field: array("b") for field in self._fields}
         self._code_of: dict[str, _CodeTable] = {field: _CodeTable() for field in self._fields}
         # Normalised, per code, as one UTF-8 buffer. The parsed values the comparators take are not kept:
         # a plugin parses a value from its normalised text alone, so they are parsed again for the values
@@ -801,7 +803,7 @@ class Matcher:
             shares[field] = self._shares(field, distinct)[inverse] if len(texts) else np.zeros(0)
             self._latest_parsed[field] = _latest_parsed(found, parsed)
             codes = found[inverse] if len(texts) else np.zeros(0, dtype=np.int64)
-            self._codes[field].frombytes(codes.astype(np.int32).tobytes())
+            self._store_codes(field, codes, len(self._texts[field]))
             unparsed = self._unparsed[field]
             for offset in np.flatnonzero(codes < 0).tolist():
                 if texts[offset]:
@@ -815,6 +817,20 @@ class Matcher:
         self._position.assign(ids[last], np.arange(start, start + len(ids))[last], self._ids)
         self._count_density(start, shares)
         return start
+
+    def _code_array(self, field: str) -> np.ndarray:
+        """The value code of each indexed record of a match field (a view, int8, int16 or int32)."""
+        codes = self._codes[field]
+        return np.frombuffer(codes, dtype=codes.typecode)
+
+    def _store_codes(self, field: str, codes: np.ndarray, size: int) -> None:
+        """Appends records' value codes (from -1 to `size` - 1), widening the field's array first when a
+        code does not fit."""
+        stored = self._codes[field]
+        wide = next(code for code in _CODE_TYPES if size - 1 <= np.iinfo(np.dtype(code)).max)
+        if np.dtype(wide).itemsize > stored.itemsize:
+            stored = self._codes[field] = array(wide, self._code_array(field).astype(wide).tobytes())
+        stored.frombytes(codes.astype(stored.typecode).tobytes())
 
     def _shares(self, field: str, values: Sequence[str]) -> np.ndarray:
         """`TermFrequencies.share` of each value (1.0 without a table). Looked up per chunk rather than
@@ -850,7 +866,7 @@ class Matcher:
         among the records the model learned from (`_shares`), from `start` on.
         """
         for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int32)[start:].astype(np.int64)
+            codes = self._code_array(field)[start:].astype(np.int64)
             seen = self._seen[field]
             size = len(self._texts[field])
             if len(seen) < size:
@@ -870,7 +886,7 @@ class Matcher:
     def _uncount_density(self, start: int) -> None:
         """Takes the records indexed from `start` on out of the value counts again (see `_rollback`)."""
         for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int32)[start:].astype(np.int64)
+            codes = self._code_array(field)[start:].astype(np.int64)
             values = codes[codes >= 0]
             np.subtract.at(self._seen[field], values, 1)
             self._present[field] -= len(values)
@@ -1078,7 +1094,7 @@ class Matcher:
         """Per match field, the pairs' value codes (left, right) and where both records hold a value."""
         pair_codes = {}
         for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int32)
+            codes = self._code_array(field)
             code_left, code_right = codes[left].astype(np.int64), codes[right].astype(np.int64)
             pair_codes[field] = (code_left, code_right, (code_left >= 0) & (code_right >= 0))
         return pair_codes
@@ -1286,7 +1302,7 @@ class Matcher:
         if density is not None and n:
             counts, totals = density
             for column, field in enumerate(self._fields):
-                codes = np.frombuffer(self._codes[field], dtype=np.int32)[:n].astype(np.int64)
+                codes = self._code_array(field)[:n].astype(np.int64)
                 present = codes >= 0
                 fitted = self._frequencies.get(field)
                 penalty = np.zeros(n, dtype="f4")
@@ -1414,15 +1430,16 @@ class _TextList:
 
 class _CodeTable:
     """A value -> code map of distinct texts (code = the text's place in a list kept beside it), looked up
-    a chunk at a time: the texts' 64-bit hashes sorted, with their codes, searched with `np.searchsorted`
+    a chunk at a time: the texts' 32-bit hashes sorted, with their codes, searched with `np.searchsorted`
     and every hit checked against the stored text (two texts sharing a hash: the later one is kept in a
-    small dict). About 16 bytes per value instead of a dict entry and an int object (~80 bytes): a batch's
-    near-unique order numbers and amounts are most of an index's values."""
+    small dict, a few hundred entries at millions of values). About 8 bytes per value instead of a dict
+    entry and an int object (~80 bytes): a batch's near-unique ids, order numbers and amounts are most of
+    an index's values."""
 
     HASH_KEY = "pipeline:values!"
 
     def __init__(self) -> None:
-        self.hashes = np.zeros(0, dtype=np.uint64)
+        self.hashes = np.zeros(0, dtype=np.uint32)
         self.codes = np.zeros(0, dtype=np.int32)  # codes are below `MAX_RECORDS`
         self.clashes: dict[str, int] = {}
 
@@ -1438,7 +1455,8 @@ class _CodeTable:
         )
 
     def _hash(self, values: np.ndarray) -> np.ndarray:
-        return pd.util.hash_array(values, hash_key=self.HASH_KEY, categorize=False)  # distinct values
+        hashes = pd.util.hash_array(values, hash_key=self.HASH_KEY, categorize=False)  # distinct values
+        return hashes.astype(np.uint32)
 
     def find(self, values: np.ndarray, texts: Sequence[str]) -> np.ndarray:
         """The code of each of these distinct texts (an object array), -1 where it has none; `texts` = the
