@@ -39,7 +39,7 @@ import math
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
@@ -61,7 +61,7 @@ from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold
 from pipeline.duplicates.classifier import PairClassifier, probabilities
 from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
-from pipeline.duplicates.storage import RecordFile
+from pipeline.duplicates.storage import Offsets, RecordFile
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import TermFrequencies, compare_many
@@ -81,6 +81,7 @@ CANDIDATE_RECORDS = 50_000
 # rule, and no process holds two billion records anyway.
 MAX_RECORDS = 2**31 - 1
 DEDUPE_VERSION = metadata.version("dedupe")
+_CODE_TYPES = ("b", "h", "i")  # `array` typecodes of per-record value codes: 8, 16 and 32 bits
 
 
 # Per match field: the value codes of pairs' left and right records, and where both hold a value.
@@ -662,8 +663,9 @@ class Matcher:
         # `_unparsed`). The value -> code maps are sorted hash arrays (`_CodeTable`) and the texts one
         # UTF-8 buffer (`_TextList`): a batch adds a near-unique order number and amount per record, and
         # dicts and str objects made those tables most of the index.
-        # Codes, block sizes and positions in blocks as 32-bit integers (`MAX_RECORDS`).
-        self._codes: dict[str, array] = {field: array("i") for field in self._fields}  # 32-bit, per record
+        # Block sizes and positions in blocks as 32-bit integers (`MAX_RECORDS`); codes per record in as
+        # few bytes as the field's codes need so far (`_store_codes`: a city or VAT rate in one).
+        self._codes: dict[str, array] = {field: array("b") for field in self._fields}
         self._code_of: dict[str, _CodeTable] = {field: _CodeTable() for field in self._fields}
         # Normalised, per code, as one UTF-8 buffer. The parsed values the comparators take are not kept:
         # a plugin parses a value from its normalised text alone, so they are parsed again for the values
@@ -674,7 +676,6 @@ class Matcher:
         self._latest_parsed: dict[str, tuple[np.ndarray, np.ndarray]] = {
             field: _latest_parsed(np.zeros(0, dtype=np.int64), []) for field in self._fields
         }
-        self._rarity: dict[str, array] = {field: array("f") for field in self._fields}  # per code, float32
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
         self._times = array("d")
         self._blocks = [_BlockIndex() for _ in (model.rules_ if rules is None else rules)]
@@ -687,7 +688,6 @@ class Matcher:
         # How common each value is in the data being matched (see `_count_density`).
         self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.int32) for field in self._fields}
         self._present: dict[str, int] = {field: 0 for field in self._fields}
-        self._fitted_share: dict[str, array] = {field: array("d") for field in self._fields}  # per code
         # Per record of the latest `_add` only (from `_penalty_start` on): a penalty counts for the later
         # record of a pair, always one of the chunk being matched, so older records' are never read again.
         self._penalty: dict[str, np.ndarray] = {field: np.zeros(0, dtype="f4") for field in self._fields}
@@ -784,6 +784,7 @@ class Matcher:
             present = set(self._raw_fields)
             raise SchemaError(f"records: expected the config's fields {sorted(present)} in every chunk")
         self._ids.extend(encoded.ids)
+        shares: dict[str, np.ndarray] = {}  # per record: its value's share among the fitted records
         for field in self._fields:
             texts = encoded.normalised[field]
             inverse, first = _first_seen(texts)
@@ -799,14 +800,10 @@ class Matcher:
                 self._code_of[field].insert(distinct[fresh], found[fresh])
                 new_texts = distinct[fresh].tolist()
                 self._texts[field].extend(new_texts)
-                self._rarity[field].extend(self._rarities(field, new_texts))
-                frequencies = self._frequencies.get(field)
-                self._fitted_share[field].extend(
-                    frequencies.share(value) if frequencies is not None else 1.0 for value in new_texts
-                )
+            shares[field] = self._shares(field, distinct)[inverse] if len(texts) else np.zeros(0)
             self._latest_parsed[field] = _latest_parsed(found, parsed)
             codes = found[inverse] if len(texts) else np.zeros(0, dtype=np.int64)
-            self._codes[field].frombytes(codes.astype(np.int32).tobytes())
+            self._store_codes(field, codes, len(self._texts[field]))
             unparsed = self._unparsed[field]
             for offset in np.flatnonzero(codes < 0).tolist():
                 if texts[offset]:
@@ -818,8 +815,30 @@ class Matcher:
         # A repeated id is found at its last row, as a dict assigned in row order would leave it.
         last = ~pd.Series(ids, dtype=object).duplicated(keep="last").to_numpy()
         self._position.assign(ids[last], np.arange(start, start + len(ids))[last], self._ids)
-        self._count_density(start)
+        self._count_density(start, shares)
         return start
+
+    def _code_array(self, field: str) -> np.ndarray:
+        """The value code of each indexed record of a match field (a view, int8, int16 or int32)."""
+        codes = self._codes[field]
+        return np.frombuffer(codes, dtype=codes.typecode)
+
+    def _store_codes(self, field: str, codes: np.ndarray, size: int) -> None:
+        """Appends records' value codes (from -1 to `size` - 1), widening the field's array first when a
+        code does not fit."""
+        stored = self._codes[field]
+        wide = next(code for code in _CODE_TYPES if size - 1 <= np.iinfo(np.dtype(code)).max)
+        if np.dtype(wide).itemsize > stored.itemsize:
+            stored = self._codes[field] = array(wide, self._code_array(field).astype(wide).tobytes())
+        stored.frombytes(codes.astype(stored.typecode).tobytes())
+
+    def _shares(self, field: str, values: Sequence[str]) -> np.ndarray:
+        """`TermFrequencies.share` of each value (1.0 without a table). Looked up per chunk rather than
+        kept per value code: a batch adds a near-unique order number and amount per record."""
+        frequencies = self._frequencies.get(field)
+        if frequencies is None:
+            return np.ones(len(values))
+        return np.fromiter(map(frequencies.share, values), dtype=float, count=len(values))
 
     def _rarities(self, field: str, values: list[str]) -> list[float]:
         """`TermFrequencies.rarity` of each value (1.0 without a table), computed once per distinct count."""
@@ -833,7 +852,7 @@ class Matcher:
                 by_count[count] = frequencies.rarity(value)
         return [by_count[count] for count in counts]
 
-    def _count_density(self, start: int) -> None:
+    def _count_density(self, start: int, shares: dict[str, np.ndarray]) -> None:
         """Counts the values of the records indexed from `start` on, and notes for each record and field
         how much more common its value is among the records indexed so far (itself included) than among
         the records the model learned from: `max(0, ln(share now / share at fit))`, its density penalty.
@@ -843,23 +862,21 @@ class Matcher:
         date twenty times more likely by chance, so that agreement is worth ln 20 less (Fellegi-Sunter's
         u-probability, counted on the data being scored). Counted in indexing order, so a record's
         penalty does not depend on how the batch was cut into chunks; never a bonus, so a value that is
-        rarer than at fit keeps what the model learned.
+        rarer than at fit keeps what the model learned. `shares`: per field, each record's value's share
+        among the records the model learned from (`_shares`), from `start` on.
         """
         for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int32)[start:].astype(np.int64)
-            shares = self._fitted_share[field]
+            codes = self._code_array(field)[start:].astype(np.int64)
             seen = self._seen[field]
-            if len(seen) < len(shares):
-                seen = self._seen[field] = np.concatenate([seen, np.zeros(len(shares) - len(seen), np.int32)])
+            size = len(self._texts[field])
+            if len(seen) < size:
+                seen = self._seen[field] = np.concatenate([seen, np.zeros(size - len(seen), np.int32)])
             present = codes >= 0
             values = codes[present]
             count, total = _running_counts(values, seen, self._present[field])
             penalty = np.zeros(len(codes), dtype="f4")
             fitted = self._frequencies.get(field)
-            # Looked up per record: converting the list of every value's share would grow with the index.
-            fitted_shares = np.fromiter(
-                map(shares.__getitem__, values.tolist()), dtype=float, count=len(values)
-            )
+            fitted_shares = shares[field][present]
             penalty[present] = density_penalty(count, total, fitted_shares, fitted.total if fitted else 1)
             np.add.at(seen, values, 1)
             self._present[field] += len(values)
@@ -869,7 +886,7 @@ class Matcher:
     def _uncount_density(self, start: int) -> None:
         """Takes the records indexed from `start` on out of the value counts again (see `_rollback`)."""
         for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int32)[start:].astype(np.int64)
+            codes = self._code_array(field)[start:].astype(np.int64)
             values = codes[codes >= 0]
             np.subtract.at(self._seen[field], values, 1)
             self._present[field] -= len(values)
@@ -1015,10 +1032,8 @@ class Matcher:
             features[:, width + column] = 0
             same = np.flatnonzero((code_left >= 0) & (code_left == code_right))
             agreed, where = np.unique(code_left[same], return_inverse=True)
-            # Looked up per agreed value: all values' rarities make a far longer list than a chunk's pairs.
-            rarity = np.fromiter(
-                map(self._rarity[field].__getitem__, agreed.tolist()), dtype=features.dtype, count=len(agreed)
-            )
+            # Worked out per agreed value, from its text: kept per value code, rarities grew with the index.
+            rarity = np.asarray(self._rarities(field, self._texts[field].take(agreed)), dtype=features.dtype)
             features[same, width + column] = rarity[where]
         return features
 
@@ -1079,7 +1094,7 @@ class Matcher:
         """Per match field, the pairs' value codes (left, right) and where both records hold a value."""
         pair_codes = {}
         for field in self._fields:
-            codes = np.frombuffer(self._codes[field], dtype=np.int32)
+            codes = self._code_array(field)
             code_left, code_right = codes[left].astype(np.int64), codes[right].astype(np.int64)
             pair_codes[field] = (code_left, code_right, (code_left >= 0) & (code_right >= 0))
         return pair_codes
@@ -1213,7 +1228,6 @@ class Matcher:
             self._code_of[field].truncate(size)
             self._texts[field].truncate(size)
             del self._codes[field][start:]
-            del self._rarity[field][size:], self._fitted_share[field][size:]
             self._seen[field] = self._seen[field][:size]  # the new values' counts are back at 0
             unparsed = self._unparsed[field]
             for position in [p for p in unparsed if p >= start]:
@@ -1288,15 +1302,15 @@ class Matcher:
         if density is not None and n:
             counts, totals = density
             for column, field in enumerate(self._fields):
-                codes = np.frombuffer(self._codes[field], dtype=np.int32)[:n].astype(np.int64)
+                codes = self._code_array(field)[:n].astype(np.int64)
                 present = codes >= 0
                 fitted = self._frequencies.get(field)
                 penalty = np.zeros(n, dtype="f4")
-                shares = np.asarray(self._fitted_share[field], dtype=float)
+                shares = self._shares(field, self._texts[field].take(codes[present]))
                 penalty[present] = density_penalty(
                     counts[present, column],
                     totals[present, column],
-                    shares[codes[present]],
+                    shares,
                     fitted.total if fitted else 1,
                 )
                 self._penalty[field] = penalty
@@ -1362,13 +1376,13 @@ class _Growable:
 
 
 class _TextList:
-    """An append-only list of texts stored as one UTF-8 buffer and end offsets: ~8 bytes per text beyond
-    its characters, instead of a str object and a list slot (~60 bytes). For raw values that are not the
-    normalised ones (an order number as typed), which a batch adds one per record."""
+    """An append-only list of texts stored as one UTF-8 buffer and end offsets (`Offsets`): ~4 bytes per
+    text beyond its characters, instead of a str object and a list slot (~60 bytes). For raw values that
+    are not the normalised ones (an order number as typed), which a batch adds one per record."""
 
     def __init__(self) -> None:
         self.data = bytearray()
-        self.ends = array("q")
+        self.ends = Offsets()
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -1383,12 +1397,19 @@ class _TextList:
         start = self.ends[index - 1] if index else 0
         return self.data[start:end].decode("utf-8", "surrogatepass")
 
-    def take(self, indices: Iterable[int]) -> list[str]:
+    def take(self, indices: np.ndarray | Sequence[int]) -> list[str]:
         """The texts at these places, in that order."""
-        ends, data = self.ends, self.data
+        indices = np.asarray(indices, dtype=np.int64)
+        if not len(indices):
+            return []
+        ends = self.ends.take(indices)
+        starts = np.zeros(len(indices), dtype=np.int64)
+        inside = indices > 0
+        starts[inside] = self.ends.take(indices[inside] - 1)
+        data = self.data
         return [
-            data[ends[i - 1] if i else 0 : ends[i]].decode("utf-8", "surrogatepass")
-            for i in map(int, indices)
+            data[start:end].decode("utf-8", "surrogatepass")
+            for start, end in zip(starts.tolist(), ends.tolist(), strict=True)
         ]
 
     def extend(self, texts: Sequence[str]) -> None:
@@ -1398,26 +1419,27 @@ class _TextList:
         sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         ends = np.cumsum(sizes) + len(self.data)
         self.data += b"".join(encoded)
-        self.ends.frombytes(ends.tobytes())
+        self.ends.extend(ends)
 
     def truncate(self, size: int) -> None:
         """Keeps the first `size` texts."""
         if size < len(self.ends):
             del self.data[(self.ends[size - 1] if size else 0) :]
-            del self.ends[size:]
+            self.ends.truncate(size)
 
 
 class _CodeTable:
     """A value -> code map of distinct texts (code = the text's place in a list kept beside it), looked up
-    a chunk at a time: the texts' 64-bit hashes sorted, with their codes, searched with `np.searchsorted`
+    a chunk at a time: the texts' 32-bit hashes sorted, with their codes, searched with `np.searchsorted`
     and every hit checked against the stored text (two texts sharing a hash: the later one is kept in a
-    small dict). About 16 bytes per value instead of a dict entry and an int object (~80 bytes): a batch's
-    near-unique order numbers and amounts are most of an index's values."""
+    small dict, a few hundred entries at millions of values). About 8 bytes per value instead of a dict
+    entry and an int object (~80 bytes): a batch's near-unique ids, order numbers and amounts are most of
+    an index's values."""
 
     HASH_KEY = "pipeline:values!"
 
     def __init__(self) -> None:
-        self.hashes = np.zeros(0, dtype=np.uint64)
+        self.hashes = np.zeros(0, dtype=np.uint32)
         self.codes = np.zeros(0, dtype=np.int32)  # codes are below `MAX_RECORDS`
         self.clashes: dict[str, int] = {}
 
@@ -1433,7 +1455,8 @@ class _CodeTable:
         )
 
     def _hash(self, values: np.ndarray) -> np.ndarray:
-        return pd.util.hash_array(values, hash_key=self.HASH_KEY, categorize=False)  # distinct values
+        hashes = pd.util.hash_array(values, hash_key=self.HASH_KEY, categorize=False)  # distinct values
+        return hashes.astype(np.uint32)
 
     def find(self, values: np.ndarray, texts: Sequence[str]) -> np.ndarray:
         """The code of each of these distinct texts (an object array), -1 where it has none; `texts` = the
@@ -1505,16 +1528,17 @@ class _CodeTable:
 
 class _BlockIndex:
     """One blocking rule's blocks as arrays, a chunk at a time: per key (a 64-bit hash of its text, sorted,
-    with a second hash to detect a collision) the block's size and latest record; per record the previous
-    record of its block. A record's window is found by walking back from there; ~40 bytes per distinct key
-    and 8 per record, instead of a dict entry, a key string and a list per block."""
+    with 32 bits of a second hash to detect a collision) the block's size and latest record; per record the
+    previous record of its block. A record's window is found by walking back from there; ~20 bytes per
+    distinct key and 4 per record, instead of a dict entry, a key string and a list per block. (The check
+    only warns: a batch adds a near-unique order number per record, so its 8 bytes were kept 4.)"""
 
     HASH_KEY = "0123456789123456"
     CHECK_KEY = "pipeline:blocks!"
 
     def __init__(self) -> None:
         self.keys = np.zeros(0, dtype=np.uint64)
-        self.checks = np.zeros(0, dtype=np.uint64)
+        self.checks = np.zeros(0, dtype=np.uint32)
         self.count = np.zeros(0, dtype=np.int32)
         self.last = np.zeros(0, dtype=np.int32)
         self.prev = _Growable(np.int32)
@@ -1536,7 +1560,7 @@ class _BlockIndex:
             self.undo = (np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), np.zeros(0), np.zeros(0))
             return empty
         hashes = pd.util.hash_array(values[rows], hash_key=self.HASH_KEY)
-        checks = pd.util.hash_array(values[rows], hash_key=self.CHECK_KEY)
+        checks = pd.util.hash_array(values[rows], hash_key=self.CHECK_KEY).astype(np.uint32)
         order = np.lexsort((rows, hashes))
         hashes, checks, rows = hashes[order], checks[order], rows[order]
         first = np.ones(len(rows), dtype=bool)

@@ -678,8 +678,8 @@ def test_candidates_come_from_the_latest_records_only(monkeypatch) -> None:
 def test_the_value_code_table_finds_each_text_exactly_even_when_hashes_clash(monkeypatch, clash) -> None:
     from pipeline.linkage import _CodeTable
 
-    if clash:  # every text the same 64-bit hash: only the stored text can tell them apart
-        monkeypatch.setattr(_CodeTable, "_hash", lambda self, values: np.zeros(len(values), np.uint64))
+    if clash:  # every text the same hash: only the stored text can tell them apart
+        monkeypatch.setattr(_CodeTable, "_hash", lambda self, values: np.zeros(len(values), np.uint32))
     table, texts = _CodeTable(), ["b", "a"]
     table.insert(np.array(texts, dtype=object), np.array([0, 1]))
     found = table.find(np.array(["a", "c", "b"], dtype=object), texts)
@@ -711,6 +711,35 @@ def test_the_text_list_gives_back_each_text_as_stored_and_truncates() -> None:
     assert texts.take([3, 0]) == ["y", stored[0]]
     texts.truncate(0)
     assert len(texts) == 0 and not texts.data
+
+
+def test_value_codes_widen_from_8_to_16_to_32_bits_as_a_field_gains_values(trained) -> None:
+    """Per-record codes take as few bytes as the field's codes need so far; widening keeps every code, so
+    the records indexed before still read back their own values and match the same."""
+    model, records = trained
+    matcher = model.matcher(records)
+    assert matcher._codes["amount"].typecode == "b"
+    amounts = [f"{1000 + n}.00" for n in range(40_000)]
+    rows = pd.DataFrame(
+        [dict(order(n % 24), record_id=f"N{n:05d}", amount=amount) for n, amount in enumerate(amounts)],
+        columns=COLUMNS,
+        dtype=object,
+    )
+    first = len(matcher)
+    matcher.match(rows.iloc[:100])
+    assert matcher._codes["amount"].typecode == "b"  # the history's 34 and 100 new amounts fit in 8 bits
+    matcher.match(rows.iloc[100:1000])
+    assert matcher._codes["amount"].typecode == "h"
+    matcher.match(rows.iloc[1000:])
+    assert matcher._codes["amount"].typecode == "i" and matcher._codes["city"].typecode == "b"
+    assert len(matcher._code_array("amount")) == len(matcher)
+    assert matcher._code_array("amount").dtype == np.int32  # (a view: not kept, the array grows)
+    for row in (0, 99, 100, 999, 1000, len(rows) - 1):
+        assert matcher.record(f"N{row:05d}")["amount"] == amounts[row]
+        assert float(matcher._normalised("amount", first + row)) == float(amounts[row])
+    assert matcher._normalised("city", first + 5) == order(5)["city"].lower()
+    copy = rows.iloc[[30_000]].assign(record_id="M1")  # a re-registration of a record coded in 32 bits
+    assert matcher.match(copy)["duplicate_of"].tolist() == ["N30000"]
 
 
 def test_records_gives_each_ids_raw_values_as_record_does(trained) -> None:

@@ -1,4 +1,5 @@
-"""`pipeline.duplicates.storage`: the matcher's raw values in an unlinked temporary file."""
+"""`pipeline.duplicates.storage`: the matcher's raw values in an unlinked temporary file, and offsets in
+4 bytes each."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.duplicates.storage import RecordFile
+from pipeline.duplicates.storage import Offsets, RecordFile
 
 
 def column(*cells: str) -> np.ndarray:
@@ -58,3 +59,27 @@ def test_the_file_has_no_name_and_its_space_is_freed_on_close(tmp_path) -> None:
     records.close()
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_offsets_past_4_gib_come_back_exact_and_truncate() -> None:
+    """Each offset is kept in 32 bits and the places where the high part went up: items of several GiB,
+    and more than one wrap at one item, still give back every offset."""
+    ends = np.array([0, 5, 2**32 - 1, 2**32, 2**32 + 7, 3 * 2**32 + 1, 3 * 2**32 + 1, 2**40], dtype=np.int64)
+    offsets = Offsets()
+    offsets.extend(ends[:3])
+    offsets.extend(ends[3:])
+    assert len(offsets) == len(ends) and offsets.last == 2**40
+    assert [offsets[i] for i in range(len(ends))] == ends.tolist()
+    assert offsets[-2] == 3 * 2**32 + 1
+    assert offsets.take(np.array([7, 3, 0, 5])).tolist() == ends[[7, 3, 0, 5]].tolist()
+    with pytest.raises(IndexError):
+        offsets[len(ends)]
+    copy = pickle.loads(pickle.dumps(offsets))
+    assert copy == offsets
+    offsets.truncate(4)
+    assert [offsets[i] for i in range(4)] == ends[:4].tolist() and offsets.last == 2**32
+    offsets.extend(np.array([2**33], dtype=np.int64))
+    assert offsets[4] == 2**33 and offsets.take(np.array([4, 2])).tolist() == [2**33, 2**32 - 1]
+    assert copy != offsets
+    offsets.truncate(0)
+    assert len(offsets) == 0 and offsets.last == 0 and not offsets.wraps

@@ -1,4 +1,5 @@
-"""Index storage kept out of memory: `RecordFile`, the raw field values of every indexed record.
+"""Index storage kept out of memory: `RecordFile`, the raw field values of every indexed record, and
+`Offsets`, the end offsets of items in a buffer in 4 bytes each.
 
 The matcher needs a record's raw values only to show them (the values a duplicate flag quotes from the
 record it duplicates), a few per hundred records; held in memory they were ~90 bytes per record, most of
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from array import array
+from bisect import bisect_right
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,9 +22,66 @@ _END = b"\xff"
 _ENCODING, _ERRORS = "utf-8", "surrogatepass"
 
 
+class Offsets:
+    """The end offsets of a buffer's items (non-decreasing), 4 bytes each instead of 8: an offset is kept
+    as its low 32 bits, and `wraps` lists the items at which the high part went up (an item as often as
+    it went up), a few entries per 4 GiB. Per-record lists of a batch's index use it (ids, order numbers,
+    the record file), where 8-byte offsets were ~12 bytes per record.
+
+    >>> offsets = Offsets()
+    >>> offsets.extend(np.array([3, 2**32 + 5, 2**32 + 9]))
+    >>> offsets[1], offsets[-1], len(offsets), offsets.take(np.array([2, 0])).tolist()
+    (4294967301, 4294967305, 3, [4294967305, 3])
+    """
+
+    def __init__(self) -> None:
+        self.low = array("I")
+        self.wraps = array("q")
+
+    def __len__(self) -> int:
+        return len(self.low)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Offsets) and self.low == other.low and self.wraps == other.wraps
+
+    def __getitem__(self, index: int) -> int:
+        if index < 0:
+            index += len(self.low)
+        low = self.low[index]  # IndexError past the end, as a list
+        return low + (bisect_right(self.wraps, index) << 32)
+
+    @property
+    def last(self) -> int:
+        """The last offset (0 when empty)."""
+        return self[-1] if self.low else 0
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """The offsets at these places (an int64 array)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        low = np.frombuffer(self.low, dtype=np.uint32)[indices].astype(np.int64)
+        if not self.wraps:
+            return low
+        return low + (np.searchsorted(np.frombuffer(self.wraps, dtype=np.int64), indices, "right") << 32)
+
+    def extend(self, ends: np.ndarray) -> None:
+        """Appends offsets (an int64 array, non-decreasing, from `last` on)."""
+        if not len(ends):
+            return
+        high = np.asarray(ends, dtype=np.int64) >> 32
+        steps = np.diff(high, prepend=self.last >> 32)
+        if steps.any():
+            self.wraps.extend(np.repeat(len(self.low) + np.arange(len(high)), steps).tolist())
+        self.low.frombytes((ends & 0xFFFFFFFF).astype(np.uint32).tobytes())
+
+    def truncate(self, size: int) -> None:
+        """Keeps the first `size` offsets."""
+        del self.low[size:]
+        del self.wraps[bisect_right(self.wraps, size - 1) :]
+
+
 class RecordFile:
     """An append-only list of records (each a fixed number of text cells) in a temporary file, and the
-    end offset of each record in memory (8 bytes per record).
+    end offset of each record in memory (4 bytes per record, `Offsets`).
 
     The file is created unlinked (`tempfile.TemporaryFile`), so it is gone when the object is closed or
     collected and when the process ends in any way, a failure or a kill included. Reads and writes use
@@ -39,7 +98,7 @@ class RecordFile:
 
     def __init__(self, width: int, directory: str | None = None) -> None:
         self.width = width
-        self.ends = array("q")
+        self.ends = Offsets()
         self._file = _unlinked_file(directory)
 
     def __len__(self) -> int:
@@ -48,7 +107,7 @@ class RecordFile:
     @property
     def size(self) -> int:
         """Bytes written (the end of the last record)."""
-        return self.ends[-1] if self.ends else 0
+        return self.ends.last
 
     def extend(self, columns: Sequence[np.ndarray]) -> None:
         """Appends records given column by column (`width` object arrays of text, equally long)."""
@@ -64,7 +123,7 @@ class RecordFile:
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + len(_END)
         ends = self.size + np.cumsum(lengths.reshape(rows, self.width).sum(axis=1))
         _write(self._file.fileno(), _END.join(encoded) + _END, self.size)
-        self.ends.frombytes(ends.tobytes())
+        self.ends.extend(ends)
 
     def __getitem__(self, index: int) -> list[str]:
         """The cells of record `index` (0 <= index < len)."""
@@ -77,7 +136,7 @@ class RecordFile:
     def truncate(self, size: int) -> None:
         """Keeps the first `size` records."""
         if size < len(self.ends):
-            del self.ends[size:]
+            self.ends.truncate(size)
             os.ftruncate(self._file.fileno(), self.size)
 
     def close(self) -> None:
