@@ -680,11 +680,14 @@ class Dependency:
     implied_code: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
     weight: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
     certain: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    # Whether the look-up arrays match the vocabularies of the profile this dependency was made for (set by
+    # `_align`; a copy made with `dataclasses.replace` starts unaligned).
+    aligned: bool = field(default=False, init=False, repr=False, compare=False)
 
     def index(self, source_vocab: pd.Index, target_vocab: pd.Index) -> None:
         """Aligns the mapping with the fields' vocabularies, for `lookup` on value codes (done already when
-        `ProfileTable.profile` made it from value codes: `_aligned` set)."""
-        if self.__dict__.pop("_aligned", False):
+        `ProfileTable.profile` made it from value codes)."""
+        if self.aligned:
             return
         keys = source_vocab.to_numpy(dtype=object)
         implied = np.array([self.implied.get(k, "") for k in keys], dtype=object)
@@ -701,6 +704,7 @@ class Dependency:
         sure = (support >= CERTAIN_SUPPORT) & (support >= CERTAIN_SHARE * total)
         sure &= (self.implied_code >= 0) & (self.strength >= CERTAIN_STRENGTH)
         self.certain = np.where(sure, self.weight, 0.0)
+        self.aligned = True
 
     def certain_weight(self, source_codes: np.ndarray) -> np.ndarray:
         """Per source value code, the weight of the dependency where it is near-certain evidence, else 0."""
@@ -1019,8 +1023,7 @@ def _dependency_of(
         implied_code[at] = np.where(filled, target_at[best_target], -1)
         support[at] = best_count.astype(np.int64)
         total[at] = best_total.astype(np.int64)
-        dep._align(implied_code, support, total)
-        dep.__dict__["_aligned"] = True  # `Profile` calls `index`, which then keeps these arrays
+        dep._align(implied_code, support, total)  # `Profile` calls `index`, which then keeps these arrays
     return dep
 
 
@@ -1060,36 +1063,61 @@ def find_dependencies(frame: pd.DataFrame, fields: dict[str, str]) -> list[tuple
 
 
 def _number_group(frame: pd.DataFrame, target: str, fields: dict[str, str]) -> NumberGroup | None:
-    numbers = per_value(frame[target], number_type.plain_number).astype(float)
-    ok = numbers.notna() & (numbers > 0)
+    """The field whose values best explain `target`'s numbers (text columns), or None."""
+    numbers = per_value(frame[target], number_type.plain_number).to_numpy(dtype=float)
+    candidates = (
+        (group, frame[group].to_numpy(dtype=object), s.MISSING, _key_texts)
+        for group, kind in fields.items()
+        if group != target and kind not in ("number", "date")
+    )
+    return _best_number_group(target, numbers, candidates)
+
+
+def _key_texts(keys: pd.Index) -> np.ndarray:
+    return np.array([str(k) for k in keys], dtype=object)
+
+
+def _best_number_group(
+    target: str,
+    numbers: np.ndarray,
+    candidates: Iterable[tuple[str, np.ndarray, object, Callable[[pd.Index], np.ndarray]]],
+) -> NumberGroup | None:
+    """The number group of `target` (its values read as numbers, NaN where not one) that explains the most
+    variance of their logarithm: per candidate (the group field, its key per row, the key of a missing
+    value, and the texts of a set of keys), the median per key held by at least `MIN_GROUP_ROWS` rows,
+    kept when it covers 30% of the rows and explains at least `MIN_GROUP_EXPLAINED`. Keys may be texts or
+    value codes (the same numbers either way; the medians are listed by text)."""
+    ok = ~np.isnan(numbers) & (numbers > 0)
     if ok.sum() < 10:
         return None
-    logs = np.log10(numbers[ok])
+    logs = pd.Series(np.log10(numbers[ok]))
     total_var = float(logs.var(ddof=0))
     if total_var <= 0:
         return None
     best: NumberGroup | None = None
-    for group, kind in fields.items():
-        if group == target or kind in ("number", "date"):
-            continue
-        keys = frame.loc[ok.to_numpy(), group]
-        stats = logs.groupby(keys.to_numpy()).agg(["median", "size"])
-        stats = stats[(stats["size"] >= MIN_GROUP_ROWS) & (stats.index != s.MISSING)]
+    for group, keys, missing, texts_of in candidates:
+        keys = keys[ok]
+        stats = logs.groupby(keys).agg(["median", "size"])
+        stats = stats[(stats["size"] >= MIN_GROUP_ROWS) & (stats.index != missing)]
         if stats.empty:
             continue
-        med = keys.map(stats["median"])
-        covered = med.notna()
+        at = stats.index.get_indexer(keys)
+        med = np.where(at >= 0, stats["median"].to_numpy()[at], np.nan)
+        covered = at >= 0
         if covered.mean() < 0.3:
             continue
-        resid_var = float(((logs[covered.to_numpy()] - med[covered]) ** 2).mean())
+        resid_var = float(((logs[covered] - pd.Series(med[covered], index=logs.index[covered])) ** 2).mean())
         explained = 1 - resid_var / total_var
         if explained >= MIN_GROUP_EXPLAINED and (best is None or explained > best.explained):
+            names = texts_of(stats.index)
+            order = sorted(range(len(names)), key=names.__getitem__)  # by text, as grouping texts sorts
+            medians, sizes = stats["median"].to_numpy()[order], stats["size"].to_numpy()[order]
             best = NumberGroup(
                 target=target,
                 group=group,
                 explained=explained,
-                medians={str(k): float(v) for k, v in stats["median"].items()},
-                rows={str(k): int(v) for k, v in stats["size"].items()},
+                medians=dict(zip(names[order].tolist(), medians.tolist(), strict=True)),
+                rows=dict(zip(names[order].tolist(), sizes.astype(np.int64).tolist(), strict=True)),
             )
     return best
 
@@ -1193,45 +1221,13 @@ class ProfileTable:
         column = self.columns[target]
         codes = column.codes if rows is None else column.codes[rows]
         numbers = column.fact("plain_number", number_type.plain_number)[codes].astype(float)
-        ok = ~np.isnan(numbers) & (numbers > 0)
-        if ok.sum() < 10:
-            return None
-        logs = pd.Series(np.log10(numbers[ok]))
-        total_var = float(logs.var(ddof=0))
-        if total_var <= 0:
-            return None
-        best: NumberGroup | None = None
-        for group, kind in self.kinds.items():
-            if group == target or kind in ("number", "date"):
-                continue
-            keys = self.columns[group]
-            key_codes = (keys.codes if rows is None else keys.codes[rows])[ok]
-            stats = logs.groupby(key_codes).agg(["median", "size"])
-            stats = stats[(stats["size"] >= MIN_GROUP_ROWS) & (stats.index != keys.missing)]
-            if stats.empty:
-                continue
-            median = np.full(len(keys.uniques), np.nan)
-            median[stats.index.to_numpy()] = stats["median"].to_numpy()
-            med = median[key_codes]
-            covered = ~np.isnan(med)
-            if pd.Series(covered).mean() < 0.3:
-                continue
-            resid_var = float(
-                ((logs[covered] - pd.Series(med[covered], index=logs.index[covered])) ** 2).mean()
-            )
-            explained = 1 - resid_var / total_var
-            if explained >= MIN_GROUP_EXPLAINED and (best is None or explained > best.explained):
-                names = keys.uniques[stats.index.to_numpy()]
-                order = sorted(range(len(names)), key=names.__getitem__)  # by text, as grouping texts sorts
-                medians, sizes = stats["median"].to_numpy()[order], stats["size"].to_numpy()[order]
-                best = NumberGroup(
-                    target=target,
-                    group=group,
-                    explained=explained,
-                    medians=dict(zip(names[order].tolist(), medians.tolist(), strict=True)),
-                    rows=dict(zip(names[order].tolist(), sizes.astype(np.int64).tolist(), strict=True)),
-                )
-        return best
+        candidates = (
+            (group, keys.codes if rows is None else keys.codes[rows], keys.missing, keys.uniques.__getitem__)
+            for group, kind in self.kinds.items()
+            if group != target and kind not in ("number", "date")
+            for keys in [self.columns[group]]
+        )
+        return _best_number_group(target, numbers, candidates)
 
     def _vocab_positions(
         self, name: str, rows: np.ndarray | None, coded: _Coded
