@@ -71,8 +71,8 @@ class Run:
     seconds: float
     peak_mb: float  # the peak of the tree's RSS sum (the headline figure)
     status: str = "ok"
-    peak_pss_mb: float = 0.0  # the peak of the tree's PSS sum (shared pages counted once); 0 where unknown
     cpu_s: float = 0.0  # user + system CPU seconds of the child and the descendants it waited for
+    peak_pss_mb: float = 0.0  # the peak of the tree's PSS sum (shared pages counted once); 0 where unknown
     phases: dict[str, float] | None = None  # what a duplicate-only child reports (seconds per phase)
     output: Path | None = None  # the output folder of a `score` run
 
@@ -190,7 +190,7 @@ def main() -> None:  # noqa: C901
             max_mb=args.max_mb,
             log=work / f"{case}-{len(runs)}.log",
         )
-        result = Run(case, what, rows, seconds, peak, status, cpu, peak_pss)
+        result = Run(case, what, rows, seconds, peak, status, cpu_s=cpu, peak_pss_mb=peak_pss)
         runs.append(result)
         print(
             f"{case}: {what}: {seconds:.1f} s ({cpu:.1f} CPU s), {result.rate:,.0f} rows/s, "
