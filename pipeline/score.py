@@ -22,15 +22,16 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline import schema as s
-from pipeline.bundle import ModelBundle
+from pipeline.anomalies import AnomalyModel
+from pipeline.config import Config
 from pipeline.detectors import Context, RunningNumbers
-from pipeline.errors import ASSESS_ROWS
+from pipeline.errors import ASSESS_ROWS, ErrorModel
 from pipeline.exceptions import OutputError
 from pipeline.ingest import (
     DEFAULT_CHUNK_ROWS,
@@ -41,7 +42,10 @@ from pipeline.ingest import (
     iter_table,
     require_columns,
 )
-from pipeline.reference import ReferenceCache, prepare_reference
+
+if TYPE_CHECKING:  # not imported at run time: a `--workers` helper needs neither (nor dedupe, below them)
+    from pipeline.bundle import ModelBundle
+    from pipeline.reference import ReferenceCache
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +127,19 @@ def link_chunk(
     return pd.concat(links), pd.concat(filled)
 
 
+@dataclass(frozen=True)
+class AssessModel:
+    """What `assess_chunk` uses of a bundle (`ModelBundle` has the same attributes): all a `--workers`
+    helper is sent, so it neither loads the duplicate model nor imports the modules behind it."""
+
+    config: Config
+    errors: ErrorModel
+    anomalies: AnomalyModel
+
+
 def assess_chunk(
     chunk: pd.DataFrame,
-    bundle: ModelBundle,
+    bundle: ModelBundle | AssessModel,
     links: pd.DataFrame,
     matched: pd.DataFrame | None,
     numbers: RunningNumbers | Context | None = None,
@@ -288,10 +302,10 @@ def _libc() -> Any:
         return None
 
 
-_WORKER_BUNDLE: ModelBundle | None = None
+_WORKER_BUNDLE: AssessModel | None = None
 
 
-def _start_worker(bundle: ModelBundle) -> None:
+def _start_worker(bundle: AssessModel) -> None:
     global _WORKER_BUNDLE
     from threadpoolctl import threadpool_limits
 
@@ -381,7 +395,7 @@ class _Scorer:
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_worker,
                 # The duplicate model stays here (its dedupe comparators do not pickle; helpers need none).
-                initargs=(replace(bundle, duplicates=None),),
+                initargs=(AssessModel(bundle.config, bundle.errors, bundle.anomalies),),
             )
 
     def submit(self, chunk: pd.DataFrame) -> Iterator[tuple[pd.DataFrame, ChunkResult]]:
@@ -582,6 +596,7 @@ def run_batch(
     the reference's prepared state (`pipeline.reference`) is loaded from there when this model scored against
     the same reference bytes before, and stored there otherwise; the output is the same byte for byte.
     """
+    from pipeline.reference import prepare_reference
     from pipeline.report import build_summary, write_report
 
     started = time.perf_counter()

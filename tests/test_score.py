@@ -441,6 +441,30 @@ def test_pieces_across_helpers_write_what_one_process_writes(demo, model_folder,
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "pieces" / name).read_bytes(), name
 
 
+def test_a_helper_loads_no_duplicate_model(model_folder, tmp_path):
+    """A `--workers` helper imports `pipeline.score` and unpickles what it is sent (`AssessModel`): neither
+    pulls in dedupe or the linkage modules (~15 MB of a helper's memory). What helpers write is checked
+    by the tests above."""
+    import pickle
+
+    from pipeline.bundle import ModelBundle
+    from pipeline.score import AssessModel
+
+    bundle = ModelBundle.load(model_folder)
+    sent = tmp_path / "sent.pkl"
+    sent.write_bytes(pickle.dumps(AssessModel(bundle.config, bundle.errors, bundle.anomalies)))
+    probe = (
+        "import pickle, sys\n"
+        "import pipeline.score\n"
+        f"model = pickle.loads(open({str(sent)!r}, 'rb').read())\n"
+        "print(type(model).__name__, sorted(m for m in ('dedupe', 'pipeline.linkage', 'pipeline.bundle', "
+        "'pipeline.reference') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split() == ["AssessModel", "[]"]
+
+
 def test_workers_below_one_is_refused(demo, model_folder, tmp_path, capsys):
     assert score(model_folder, demo.batch, tmp_path / "out", "--workers", "0") == 2
     assert "--workers 0" in capsys.readouterr().err

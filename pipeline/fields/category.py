@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-import dedupe
 import pandas as pd
 from rapidfuzz.distance import Levenshtein
 
@@ -39,6 +38,8 @@ class CategoryField(FieldType):
         return simple_text(values)
 
     def variables(self) -> list[Any]:
+        import dedupe  # here, not at import: a `--workers` helper needs no dedupe
+
         variables: list[Any] = [dedupe.variables.Exact(self.field, has_missing=True)]
         if self.distinct > MANY_VALUES:
             variables.append(dedupe.variables.String(self.field, has_missing=True))

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-import dedupe
 import pandas as pd
 from rapidfuzz.distance import OSA, Levenshtein
 
@@ -64,6 +63,8 @@ class CodeField(FieldType):
         return values.astype(str).str.upper().str.replace(r"[^0-9A-Z]+", "", regex=True)
 
     def variables(self) -> list[Any]:
+        import dedupe  # here, not at import: a `--workers` helper needs no dedupe
+
         return [
             dedupe.variables.Exact(self.field, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=code_distance, has_missing=True),

@@ -14,7 +14,6 @@ import re
 from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
 
-import dedupe
 import numpy as np
 import pandas as pd
 from rapidfuzz.distance import OSA
@@ -211,6 +210,8 @@ class DateField(FieldType):
         return parse_date(normalised)
 
     def variables(self) -> list[Any]:
+        import dedupe  # here, not at import: a `--workers` helper needs no dedupe
+
         return [
             dedupe.variables.Exact(self.field, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=days_apart, has_missing=True),

@@ -13,7 +13,6 @@ import re
 from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
 
-import dedupe
 import numpy as np
 import pandas as pd
 from rapidfuzz.distance import OSA
@@ -249,6 +248,8 @@ class NumberField(FieldType):
         return NumberValue(float(normalised), normalised) if normalised != MISSING else None
 
     def variables(self) -> list[Any]:
+        import dedupe  # here, not at import: a `--workers` helper needs no dedupe
+
         return [
             dedupe.variables.Exact(self.field, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=relative_difference, has_missing=True),

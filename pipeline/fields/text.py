@@ -10,7 +10,6 @@ import functools
 from collections.abc import Collection, Sequence
 from typing import Any
 
-import dedupe
 import numpy as np
 import pandas as pd
 from doublemetaphone import doublemetaphone
@@ -66,6 +65,8 @@ class TextField(FieldType):
         return simple_text(values)
 
     def variables(self) -> list[Any]:
+        import dedupe  # here, not at import: a `--workers` helper needs no dedupe
+
         return [
             dedupe.variables.Exact(self.field, has_missing=True),
             dedupe.variables.String(self.field, has_missing=True),
