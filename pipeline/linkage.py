@@ -33,6 +33,7 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -1031,7 +1032,8 @@ class Matcher:
             code_left, code_right, _ = pair_codes[field]
             features[:, width + column] = 0
             same = np.flatnonzero((code_left >= 0) & (code_left == code_right))
-            agreed, where = np.unique(code_left[same], return_inverse=True)
+            # Hashed, not sorted (a value's rarity does not depend on the order the values come in).
+            where, agreed = pd.factorize(code_left[same])
             # Worked out per agreed value, from its text: kept per value code, rarities grew with the index.
             rarity = np.asarray(self._rarities(field, self._texts[field].take(agreed)), dtype=features.dtype)
             features[same, width + column] = rarity[where]
@@ -1107,8 +1109,8 @@ class Matcher:
         size = max(len(self._texts[field]), 1)
         # Hashed, not sorted: the order of the distinct pairs does not change what each one compares to.
         inverse, pairs = pd.factorize(code_left * size + code_right)
-        # Each value parsed once, however many of the distinct pairs it is in.
-        codes, where = np.unique(np.concatenate([pairs // size, pairs % size]), return_inverse=True)
+        # Each value parsed once, however many of the distinct pairs it is in (hashed too).
+        where, codes = pd.factorize(np.concatenate([pairs // size, pairs % size]))
         values = self._parsed(field, codes)
         xs = values[where[: len(pairs)]].tolist()
         ys = values[where[len(pairs) :]].tolist()
@@ -1192,9 +1194,16 @@ class Matcher:
             raise ValueError("match(remember=False) needs a matcher built without evict")
         with self._lock:
             undo = None if remember else self._checkpoint(chunk)
+            # A part's parsed values (a tuple per amount) and pandas' temporaries are many small objects
+            # and no cycles: the cyclic collector walked the whole heap again and again while they were
+            # made (~5% of a part's time). Paused for the part, as `reference._read_entry` does.
+            collecting = gc.isenabled()
+            gc.disable()
             try:
                 return self._match(chunk)
             finally:
+                if collecting:
+                    gc.enable()
                 if undo is not None:
                     self._rollback(*undo)
 
@@ -1717,7 +1726,12 @@ def _first_seen(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     value first appears: `(["b", "a", "b"])` -> `([0, 1, 0], [0, 1])`."""
     if not len(values):
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    inverse, _ = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=False)
+    values = np.asarray(values, dtype=object)
+    # Texts hold no missing value: with the sentinel, `factorize` skips its pass looking for one (a tenth
+    # of the matcher's encoding), and any None or NaN still shows as -1, then numbered as before.
+    inverse, _ = pd.factorize(values)
+    if (inverse < 0).any():
+        inverse, _ = pd.factorize(values, use_na_sentinel=False)
     inverse = inverse.astype(np.int64)
     # `factorize` numbers values in order of first appearance, so a value first appears where its number
     # exceeds every number before it: no sort needed.
