@@ -976,8 +976,8 @@ class Matcher:
         query_starts = np.flatnonzero(new_query)
         per_query = np.diff(np.append(query_starts, len(query)))[np.cumsum(new_query) - 1]
         many = per_query > top_k
-        order = np.lexsort(
-            (np.where(many, -other, other), np.where(many, -shared, rule.astype(float)), query)
+        order = _lexsort_ranked(
+            query, np.where(many, -shared, rule.astype(float)), np.where(many, -other, other), len(self._ids)
         )
         query, other, shared = query[order], other[order], shared[order]
         rank = np.arange(len(query)) - np.repeat(query_starts, np.diff(np.append(query_starts, len(query))))
@@ -1722,6 +1722,22 @@ def _lexsort_positions(
     order = np.argsort(key)
     if (np.diff(key[order]) == 0).any():
         return np.argsort(key, kind="stable")
+    return order
+
+
+def _lexsort_ranked(query: np.ndarray, second: np.ndarray, third: np.ndarray, records: int) -> np.ndarray:
+    """`np.lexsort((third, second, query))` for record positions `query` below `records`, any `second`
+    (floats) and `third` between -`records` and `records`, as one sort of a combined 64-bit key (the
+    rank of `second` in between) when it fits and the keys are distinct (then any sort gives lexsort's
+    order): two quicksorts instead of three merge sorts."""
+    levels, rank = np.unique(second, return_inverse=True)
+    span = 2 * records + 1
+    if not len(query) or records * max(len(levels), 1) * span >= 2**62:
+        return np.lexsort((third, second, query))
+    key = (query * len(levels) + rank) * span + (third + records)
+    order = np.argsort(key)
+    if (np.diff(key[order]) == 0).any():
+        return np.lexsort((third, second, query))
     return order
 
 

@@ -812,15 +812,22 @@ def test_the_best_candidate_per_record_is_the_highest_score_then_the_latest_as_a
 
 
 def test_candidate_keys_sort_as_lexsort_does_and_first_seen_numbers_missing_values_too() -> None:
-    from pipeline.linkage import _first_seen, _lexsort_positions
+    from pipeline.linkage import _first_seen, _lexsort_positions, _lexsort_ranked
 
     rng = np.random.default_rng(1)
     pairs = np.unique(rng.integers(0, 40, (300, 3)), axis=0)  # distinct (query, other, rule)
     query, other, rule = pairs[rng.permutation(len(pairs))].T
     expected = np.lexsort((rule, other, query))
     assert np.array_equal(_lexsort_positions(query, other, rule, 40, 40), expected)
+    query, other = np.unique(pairs[:, :2], axis=0)[rng.permutation(len(np.unique(pairs[:, :2], axis=0)))].T
+    second = rng.choice([-0.5, -0.25, 0.0, 1.0, 2.0], len(query))  # many ties, told apart by `third`
+    third = np.where(rng.random(len(query)) < 0.5, -other, other)
+    expected = np.lexsort((third, second, query))
+    assert np.array_equal(_lexsort_ranked(query, second, third, 40), expected)
     query, other, rule = np.array([1, 0, 1]), np.array([2, 3, 2]), np.array([0, 0, 0])  # a repeated key
     assert _lexsort_positions(query, other, rule, 4, 1).tolist() == [1, 0, 2]
+    query, second, third = np.array([2, 2, 1]), np.array([0.5, 0.5, 0.1]), np.array([-3, -3, 0])  # a tie
+    assert _lexsort_ranked(query, second, third, 4).tolist() == [2, 0, 1]
     inverse, first = _first_seen(["b", "a", "b", ""])
     assert (inverse.tolist(), first.tolist()) == ([0, 1, 0, 2], [0, 1, 3])
     inverse, first = _first_seen(np.array(["b", None, "b", None], dtype=object))
