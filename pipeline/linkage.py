@@ -33,6 +33,7 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -975,8 +976,8 @@ class Matcher:
         query_starts = np.flatnonzero(new_query)
         per_query = np.diff(np.append(query_starts, len(query)))[np.cumsum(new_query) - 1]
         many = per_query > top_k
-        order = np.lexsort(
-            (np.where(many, -other, other), np.where(many, -shared, rule.astype(float)), query)
+        order = _lexsort_ranked(
+            query, np.where(many, -shared, rule.astype(float)), np.where(many, -other, other), len(self._ids)
         )
         query, other, shared = query[order], other[order], shared[order]
         rank = np.arange(len(query)) - np.repeat(query_starts, np.diff(np.append(query_starts, len(query))))
@@ -1031,7 +1032,8 @@ class Matcher:
             code_left, code_right, _ = pair_codes[field]
             features[:, width + column] = 0
             same = np.flatnonzero((code_left >= 0) & (code_left == code_right))
-            agreed, where = np.unique(code_left[same], return_inverse=True)
+            # Hashed, not sorted (a value's rarity does not depend on the order the values come in).
+            where, agreed = pd.factorize(code_left[same])
             # Worked out per agreed value, from its text: kept per value code, rarities grew with the index.
             rarity = np.asarray(self._rarities(field, self._texts[field].take(agreed)), dtype=features.dtype)
             features[same, width + column] = rarity[where]
@@ -1107,8 +1109,8 @@ class Matcher:
         size = max(len(self._texts[field]), 1)
         # Hashed, not sorted: the order of the distinct pairs does not change what each one compares to.
         inverse, pairs = pd.factorize(code_left * size + code_right)
-        # Each value parsed once, however many of the distinct pairs it is in.
-        codes, where = np.unique(np.concatenate([pairs // size, pairs % size]), return_inverse=True)
+        # Each value parsed once, however many of the distinct pairs it is in (hashed too).
+        where, codes = pd.factorize(np.concatenate([pairs // size, pairs % size]))
         values = self._parsed(field, codes)
         xs = values[where[: len(pairs)]].tolist()
         ys = values[where[len(pairs) :]].tolist()
@@ -1148,10 +1150,7 @@ class Matcher:
         best_score = np.zeros(len(encoded))
         best_position = np.full(len(encoded), -1, dtype=np.int64)
         if len(query):
-            order = np.lexsort((-found, -scores, query))  # per row: highest score, then most recent
-            first = np.ones(len(order), dtype=bool)
-            first[1:] = query[order][1:] != query[order][:-1]
-            chosen = order[first]
+            chosen = _best_per_query(query, found, scores)  # per row: highest score, then most recent
             best_score[query[chosen] - start] = scores[chosen]
             best_position[query[chosen] - start] = found[chosen]
         positions = np.arange(start, start + len(encoded))
@@ -1192,9 +1191,16 @@ class Matcher:
             raise ValueError("match(remember=False) needs a matcher built without evict")
         with self._lock:
             undo = None if remember else self._checkpoint(chunk)
+            # A part's parsed values (a tuple per amount) and pandas' temporaries are many small objects
+            # and no cycles: the cyclic collector walked the whole heap again and again while they were
+            # made (~5% of a part's time). Paused for the part, as `reference._read_entry` does.
+            collecting = gc.isenabled()
+            gc.disable()
             try:
                 return self._match(chunk)
             finally:
+                if collecting:
+                    gc.enable()
                 if undo is not None:
                     self._rollback(*undo)
 
@@ -1475,7 +1481,8 @@ class _CodeTable:
             hit = np.flatnonzero(self.hashes[at] == hashes)
             codes = self.codes[at[hit]]
             stored = np.empty(len(hit), dtype=object)
-            stored[:] = list(map(texts.__getitem__, codes.tolist()))
+            take = getattr(texts, "take", None)  # a `_TextList`: its offsets read at once
+            stored[:] = take(codes) if take is not None else list(map(texts.__getitem__, codes.tolist()))
             same = stored == values[hit]
             found[hit[same]] = codes[same]
             slots[hit[same]] = at[hit[same]]
@@ -1709,7 +1716,47 @@ def _lexsort_positions(
     `rules`, as one stable sort of a combined 64-bit key when it fits (a tenth of lexsort's time)."""
     if records * records * max(rules, 1) >= 2**62:
         return np.lexsort((rule, other, query))
-    return np.argsort((query * records + other) * rules + rule, kind="stable")
+    key = (query * records + other) * rules + rule
+    # A rule finds a record's candidates once each, so the keys are distinct and any sort orders them
+    # as the stable one does: the unstable one (SIMD quicksort) takes a third of its time.
+    order = np.argsort(key)
+    if (np.diff(key[order]) == 0).any():
+        return np.argsort(key, kind="stable")
+    return order
+
+
+def _lexsort_ranked(query: np.ndarray, second: np.ndarray, third: np.ndarray, records: int) -> np.ndarray:
+    """`np.lexsort((third, second, query))` for record positions `query` below `records`, any `second`
+    (floats) and `third` between -`records` and `records`, as one sort of a combined 64-bit key (the
+    rank of `second` in between) when it fits and the keys are distinct (then any sort gives lexsort's
+    order): two quicksorts instead of three merge sorts."""
+    levels, rank = np.unique(second, return_inverse=True)
+    span = 2 * records + 1
+    if not len(query) or records * max(len(levels), 1) * span >= 2**62:
+        return np.lexsort((third, second, query))
+    key = (query * len(levels) + rank) * span + (third + records)
+    order = np.argsort(key)
+    if (np.diff(key[order]) == 0).any():
+        return np.lexsort((third, second, query))
+    return order
+
+
+def _best_per_query(query: np.ndarray, found: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per query record, the place of its highest-scoring pair, the latest candidate among equal scores:
+    the first of each query in `np.lexsort((-found, -scores, query))`, in query order. Without a sort
+    when the pairs come grouped by query (as `_candidates` gives them) and no score is NaN."""
+    starts = np.flatnonzero(np.diff(query, prepend=query[0] - 1))
+    if np.any(query[1:] < query[:-1]) or np.isnan(scores).any():
+        order = np.lexsort((-found, -scores, query))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = query[order][1:] != query[order][:-1]
+        return order[first]
+    top = np.maximum.reduceat(scores, starts)
+    latest = np.where(scores == np.repeat(top, np.diff(np.append(starts, len(query)))), found, -1)
+    # Within a query the candidates are distinct, so the latest of the best is one place.
+    group = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(query))))
+    best_found = np.maximum.reduceat(latest, starts)
+    return np.flatnonzero(latest == best_found[group])
 
 
 def _first_seen(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -1717,7 +1764,12 @@ def _first_seen(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     value first appears: `(["b", "a", "b"])` -> `([0, 1, 0], [0, 1])`."""
     if not len(values):
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    inverse, _ = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=False)
+    values = np.asarray(values, dtype=object)
+    # Texts hold no missing value: with the sentinel, `factorize` skips its pass looking for one (a tenth
+    # of the matcher's encoding), and any None or NaN still shows as -1, then numbered as before.
+    inverse, _ = pd.factorize(values)
+    if (inverse < 0).any():
+        inverse, _ = pd.factorize(values, use_na_sentinel=False)
     inverse = inverse.astype(np.int64)
     # `factorize` numbers values in order of first appearance, so a value first appears where its number
     # exceeds every number before it: no sort needed.

@@ -784,3 +784,79 @@ def test_a_matcher_reads_raw_values_and_parsed_values_back_and_its_temporary_fil
     for fd in descriptors:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_the_best_candidate_per_record_is_the_highest_score_then_the_latest_as_a_full_sort_gives() -> None:
+    from pipeline.linkage import _best_per_query
+
+    def by_sort(query: np.ndarray, found: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        order = np.lexsort((-found, -scores, query))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = query[order][1:] != query[order][:-1]
+        return order[first]
+
+    # Record 7: two candidates tie on the best score (the later, 5, wins); record 9: one candidate.
+    query = np.array([7, 7, 7, 8, 8, 9])
+    found = np.array([2, 5, 3, 1, 4, 0])
+    scores = np.array([0.9, 0.9, 0.3, 0.2, 0.6, 0.1])
+    assert _best_per_query(query, found, scores).tolist() == [1, 4, 5]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        query = np.sort(rng.integers(0, 30, 200))
+        found = np.concatenate([rng.permutation(500)[:count] for count in np.bincount(query)])
+        scores = rng.choice([0.1, 0.5, 0.9], len(query))  # many ties
+        assert np.array_equal(_best_per_query(query, found, scores), by_sort(query, found, scores))
+    # Not grouped by record, or a NaN score: the full sort itself.
+    query, found, scores = np.array([8, 7, 8]), np.array([1, 2, 3]), np.array([0.5, 0.4, np.nan])
+    assert np.array_equal(_best_per_query(query, found, scores), by_sort(query, found, scores))
+
+
+def test_candidate_keys_sort_as_lexsort_does_and_first_seen_numbers_missing_values_too() -> None:
+    from pipeline.linkage import _first_seen, _lexsort_positions, _lexsort_ranked
+
+    rng = np.random.default_rng(1)
+    pairs = np.unique(rng.integers(0, 40, (300, 3)), axis=0)  # distinct (query, other, rule)
+    query, other, rule = pairs[rng.permutation(len(pairs))].T
+    expected = np.lexsort((rule, other, query))
+    assert np.array_equal(_lexsort_positions(query, other, rule, 40, 40), expected)
+    query, other = np.unique(pairs[:, :2], axis=0)[rng.permutation(len(np.unique(pairs[:, :2], axis=0)))].T
+    second = rng.choice([-0.5, -0.25, 0.0, 1.0, 2.0], len(query))  # many ties, told apart by `third`
+    third = np.where(rng.random(len(query)) < 0.5, -other, other)
+    expected = np.lexsort((third, second, query))
+    assert np.array_equal(_lexsort_ranked(query, second, third, 40), expected)
+    query, other, rule = np.array([1, 0, 1]), np.array([2, 3, 2]), np.array([0, 0, 0])  # a repeated key
+    assert _lexsort_positions(query, other, rule, 4, 1).tolist() == [1, 0, 2]
+    query, second, third = np.array([2, 2, 1]), np.array([0.5, 0.5, 0.1]), np.array([-3, -3, 0])  # a tie
+    assert _lexsort_ranked(query, second, third, 4).tolist() == [2, 0, 1]
+    inverse, first = _first_seen(["b", "a", "b", ""])
+    assert (inverse.tolist(), first.tolist()) == ([0, 1, 0, 2], [0, 1, 3])
+    inverse, first = _first_seen(np.array(["b", None, "b", None], dtype=object))
+    assert (inverse.tolist(), first.tolist()) == ([0, 1, 0, 1], [0, 1])
+
+
+def test_matching_pauses_the_cyclic_collector_and_leaves_it_as_it_was(trained, monkeypatch) -> None:
+    import gc
+
+    from pipeline.linkage import Matcher
+
+    model, records = trained
+    matcher = model.matcher(records)
+    during = []
+    real = Matcher._match
+    monkeypatch.setattr(
+        Matcher, "_match", lambda self, chunk: during.append(gc.isenabled()) or real(self, chunk)
+    )
+    assert gc.isenabled()
+    links = matcher.match(batch([dict(order(3), record_id="N1")]))
+    assert links["duplicate_of"].tolist()[0] != ""  # matched as usual: a repeat of a reference record
+    assert during == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        matcher.match(batch([dict(order(4), record_id="N2")]))
+        assert not gc.isenabled()  # a caller that had it paused keeps it paused
+    finally:
+        gc.enable()
+    monkeypatch.setattr(Matcher, "_match", lambda self, chunk: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        matcher.match(batch([dict(order(5), record_id="N3")]))
+    assert gc.isenabled()
