@@ -146,12 +146,13 @@ def quantile_edges(
     return out
 
 
-def cut_at_edges(X: np.ndarray, edges: list[np.ndarray | None] | None) -> np.ndarray:
+def cut_at_edges(X: np.ndarray, edges: list[np.ndarray | None] | None, *, copy: bool = True) -> np.ndarray:
     """Each value of a column with edges replaced by its bin number (`edges[i-1] < x <= edges[i]` -> i);
-    missing values stay missing."""
+    missing values stay missing. `copy` False: cut in `X` itself (a copy of its own)."""
     if edges is None or all(e is None for e in edges):
         return X
-    X = X.copy()
+    if copy:
+        X = X.copy()
     for j, e in enumerate(edges):
         if e is not None:
             column = X[:, j]
@@ -555,7 +556,7 @@ class ErrorModel(BaseEstimator):
             weight = None  # uniform weights change nothing, and weighted binning is slow
         if weight is not None:
             edges = quantile_edges(matrix, skip=(matrix.shape[1] - 1,))
-            matrix = cut_at_edges(matrix, edges)
+            matrix = cut_at_edges(matrix, edges, copy=matrix is X)  # one copy of the cells, not two
         with sg.one_thread():
             classifier.fit(matrix, y, sample_weight=weight)
         return BinnedClassifier(classifier, edges), empty
