@@ -431,12 +431,17 @@ def _expect_after(
     return expected, count, after
 
 
-def sequence_horizon(values: pd.Series, times: pd.Series | None) -> float:
+def sequence_horizon(
+    values: pd.Series,
+    times: pd.Series | None,
+    parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> float:
     """How long before a row its earlier rows may have been entered and still be its neighbours, in days:
-    `SEQUENCE_HORIZON_FACTOR` times the 99th percentile of the history's window ages (inf without times)."""
+    `SEQUENCE_HORIZON_FACTOR` times the 99th percentile of the history's window ages (inf without times).
+    `parts`: the values' `running_parts`, when known."""
     if times is None:
         return math.inf
-    prefix, _, ok = running_parts(values)
+    prefix, _, ok = running_parts(values) if parts is None else parts
     days = entry_days(times, len(values))
     order = _entry_order(times, len(values))
     frame = pd.DataFrame({"prefix": prefix[order], "days": days[order]})[ok[order]]
@@ -820,6 +825,14 @@ class _FieldValues:
         missing = int(where[0]) if len(where) else -1
         return _Coded(codes.astype(np.int64), self.uniques[present], missing, present.astype(np.int64))
 
+    def running_parts(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`running_parts` of the values coded `codes`, each distinct value parsed once per table."""
+        if "running_prefix" not in self.facts:
+            prefix, number, ok = running_parts(self.uniques)
+            self.facts.update(running_prefix=prefix, running_number=number, running_ok=ok)
+        facts = self.facts
+        return facts["running_prefix"][codes], facts["running_number"][codes], facts["running_ok"][codes]
+
     def fact_of_all(self, name: str, fn: Callable[[object], bool]) -> bool:
         """Whether `fn` holds for every distinct value (cached under `name`)."""
         if name not in self.facts:
@@ -907,7 +920,7 @@ def _profile_values(
     if kind == "code":
         profile.sequence = _is_sequence(values, times)
         if profile.sequence:
-            profile.sequence_horizon = sequence_horizon(values, times)
+            profile.sequence_horizon = sequence_horizon(values, times, column.running_parts(codes))
         years = per_value(filled.iloc[:2000], embedded_year)
         profile.embeds_year = bool(len(years)) and years.notna().mean() > 0.9
     if kind == "date":
@@ -1052,9 +1065,16 @@ def can_determine(values: pd.Series, kind: str) -> bool:
 def find_dependencies(frame: pd.DataFrame, fields: dict[str, str]) -> list[tuple[str, str]]:
     """The ordered field pairs (A, B) where A determines B in this table."""
     coded = {name: _Coded.of(frame[name]) for name in fields}
+    return _dependencies_of(coded, fields, lambda name: frame[name])
+
+
+def _dependencies_of(
+    coded: dict[str, _Coded], fields: dict[str, str], values: Callable[[str], pd.Series]
+) -> list[tuple[str, str]]:
+    """`find_dependencies` of a table coded per field; `values(name)` gives a field's texts."""
     pairs = []
     for source, kind in fields.items():
-        if not can_determine(frame[source], kind):
+        if not can_determine(values(source), kind):
             continue
         for target in fields:
             if target != source and _accepts(_dependency_stats(coded[source], coded[target]), coded[target]):
@@ -1212,6 +1232,11 @@ class ProfileTable:
             rows=self.rows if rows is None else len(rows),
         )
 
+    def dependencies(self) -> list[tuple[str, str]]:
+        """`find_dependencies` of the whole table, from its codes: no Python string per row and field."""
+        coded = {name: column.coded(None) for name, column in self.columns.items()}
+        return _dependencies_of(coded, self.kinds, lambda name: self.columns[name].values(None))
+
     def _texts(self, rows: np.ndarray | None) -> pd.DataFrame:
         return pd.DataFrame({name: column.values(rows) for name, column in self.columns.items()})
 
@@ -1360,6 +1385,55 @@ class EditHistory:
             shape_errors[name] = {str(k): int(v) for k, v in shapes[wrong].value_counts().items()}
             field_rate[name] = float(wrong.mean()) if len(wrong) else 0.0
         return cls(value_errors, value_seen, shape_errors, shape_seen, field_rate)
+
+
+@dataclass
+class EditTable:
+    """A history as entered and its labels coded once, to learn the `EditHistory` of subsets of its rows
+    (the error model's cross-fitting folds) by counting codes: `table.history(rows)` holds the same counts
+    as `EditHistory.learn(entered.iloc[rows], labels of those rows, config)`, in another order (they are
+    only looked up), and no value that none of `rows` holds."""
+
+    # Per field: each row's value code, the values, each value's shape code, the shapes, the corrected rows.
+    columns: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+    @classmethod
+    def of(cls, entered: pd.DataFrame, labels: pd.DataFrame, config: Config) -> EditTable:
+        columns = {}
+        for name in config.fields:
+            if name not in entered.columns:
+                continue
+            values = text_column(entered, name)
+            codes, uniques = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=False)
+            shape_codes, shapes = pd.factorize(
+                np.array([shape_of(value) for value in uniques], dtype=object), use_na_sentinel=False
+            )
+            ids = set(labels.loc[labels[s.LOG_FIELD] == name, s.LOG_RECORD_ID])
+            wrong = entered[config.id_column].isin(ids).to_numpy()
+            columns[name] = (codes, np.asarray(uniques, dtype=object), shape_codes, shapes, wrong)
+        return cls(columns)
+
+    def history(self, rows: np.ndarray) -> EditHistory:
+        """The `EditHistory` of the rows at `rows` (positions)."""
+        value_errors, value_seen, shape_errors, shape_seen, field_rate = {}, {}, {}, {}, {}
+        for name, (codes, uniques, shape_codes, shapes, wrong) in self.columns.items():
+            own, bad = codes[rows], wrong[rows]
+            seen = np.bincount(own, minlength=len(uniques))
+            errors = np.bincount(own[bad], minlength=len(uniques))
+            value_seen[name] = _counts(uniques, seen)
+            value_errors[name] = _counts(uniques, errors)
+            shape_seen[name] = _counts(shapes, np.bincount(shape_codes, weights=seen, minlength=len(shapes)))
+            shape_errors[name] = _counts(
+                shapes, np.bincount(shape_codes, weights=errors, minlength=len(shapes))
+            )
+            field_rate[name] = float(bad.mean()) if len(bad) else 0.0
+        return EditHistory(value_errors, value_seen, shape_errors, shape_seen, field_rate)
+
+
+def _counts(keys: np.ndarray, counts: np.ndarray) -> dict[str, int]:
+    """`{key: count}` for the keys counted at least once."""
+    at = np.flatnonzero(counts)
+    return dict(zip(keys[at].tolist(), counts[at].astype(np.int64).tolist(), strict=True))
 
 
 def _rate(

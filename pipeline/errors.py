@@ -146,12 +146,13 @@ def quantile_edges(
     return out
 
 
-def cut_at_edges(X: np.ndarray, edges: list[np.ndarray | None] | None) -> np.ndarray:
+def cut_at_edges(X: np.ndarray, edges: list[np.ndarray | None] | None, *, copy: bool = True) -> np.ndarray:
     """Each value of a column with edges replaced by its bin number (`edges[i-1] < x <= edges[i]` -> i);
-    missing values stay missing."""
+    missing values stay missing. `copy` False: cut in `X` itself (a copy of its own)."""
     if edges is None or all(e is None for e in edges):
         return X
-    X = X.copy()
+    if copy:
+        X = X.copy()
     for j, e in enumerate(edges):
         if e is not None:
             column = X[:, j]
@@ -210,10 +211,10 @@ def training_rows(
 @dataclass
 class _Lookups:
     """What the records outside a cross-fitting fold teach about the fold's cells: their profile, edit
-    history, edit patterns and nearest-value choices."""
+    history (None where no longer needed), edit patterns and nearest-value choices."""
 
     profile: d.Profile
-    edits: d.EditHistory
+    edits: d.EditHistory | None
     patterns: sg.EditPatterns
     choices: dict[str, list[str]]
 
@@ -222,7 +223,7 @@ class _Lookups:
 class _Fold:
     """One cross-fitting fold of the training history: its cells' features and labels (field after field),
     its labelled cells' candidates, and what scoring its cells out of fold needs (`lookups` None: dropped
-    to save memory, rebuilt when needed)."""
+    to save memory, rebuilt when needed from the fold's own `patterns`, which are small)."""
 
     inside: np.ndarray
     X: np.ndarray
@@ -231,6 +232,7 @@ class _Fold:
     count: np.ndarray  # how many history cells each training cell stands for (1 / its sampling rate)
     candidates: pd.DataFrame
     lookups: _Lookups | None
+    patterns: sg.EditPatterns
     rows: pd.DataFrame
     extras: dict
 
@@ -344,8 +346,7 @@ class ErrorModel(BaseEstimator):
         logger.info("error model: profiling %d records", len(profile_frame))
         # Coded once: the cross-fitting folds' profiles and the final one are profiles of its rows.
         table = d.ProfileTable.of(profile_frame, config)
-        kinds = {name: spec.type for name, spec in config.fields.items() if name in stored.columns}
-        pairs = d.find_dependencies(d.chunk_texts(profile_frame, kinds), kinds)
+        pairs = table.dependencies()
         self.dependency_pairs_ = pairs
         confirmed = _confirmed_cells(confirmed, entered, ids, fields)
         self.confirmed_cells_ = len(confirmed)
@@ -353,6 +354,7 @@ class ErrorModel(BaseEstimator):
             zip(confirmed[s.LOG_RECORD_ID], confirmed[s.LOG_FIELD], confirmed["value"], strict=True)
         )
         self.schemes_ = self._rules_with_evidence(profile_frame, entered, ids, labels, confirmed)
+        del profile_frame, extra  # the table holds what the profiles need: a million records' copy freed
         self.labelled_ = not labels.empty
         corrected = set(labels[s.LOG_FIELD])
         self.unsupervised_fields_ = [name for name in fields if name not in corrected]
@@ -428,13 +430,19 @@ class ErrorModel(BaseEstimator):
         folds: list[_Fold] = []
         cell_offset = 0
 
-        def outside(inside: np.ndarray) -> _Lookups:
-            """The lookups learned from the records outside a fold (the unlabelled ones always are)."""
-            fold_labels = labels[labels[s.LOG_RECORD_ID].isin(set(ids[~inside]))]
+        # Each label's record, as a position in `entered` (the labels are of its records, its ids unique).
+        labelled_at = pd.Index(ids).get_indexer(labels[s.LOG_RECORD_ID])
+        edit_table = d.EditTable.of(entered, labels, config)
+
+        def outside(inside: np.ndarray, patterns: sg.EditPatterns | None = None) -> _Lookups:
+            """The lookups learned from the records outside a fold (the unlabelled ones always are); given
+            the fold's `patterns` (learned before), the edit history they were learned from is not rebuilt."""
             rows = np.concatenate([np.flatnonzero(~inside), np.arange(len(entered), table.rows)])
             profile = table.profile(rows, pairs=pairs, schemes=self.schemes_)
-            edits = d.EditHistory.learn(entered[~inside], fold_labels, config)
-            patterns = sg.EditPatterns.learn(fold_labels, profile=profile, edits=edits)
+            edits = None
+            if patterns is None:
+                edits = edit_table.history(np.flatnonzero(~inside))
+                patterns = sg.EditPatterns.learn(labels[~inside[labelled_at]], profile=profile, edits=edits)
             return _Lookups(profile, edits, patterns, sg.nearest_choices(profile))
 
         # Running numbers find their neighbours in the whole history, computed once for all folds. Only a
@@ -457,7 +465,7 @@ class ErrorModel(BaseEstimator):
             count = np.where(twins[chosen] & (y == 0), 0.0, count)
             w = np.where(w, CONFIRMED_WEIGHT, 1.0).reshape(y.shape) * count
             extras = self._cell_extras(rows, profile, context)
-            held = labels[labels[s.LOG_RECORD_ID].isin(set(ids[inside]))]
+            held = labels[inside[labelled_at]]
             cells, answers = self._labelled_cells(rows, held, extras)
             frame = sg.candidate_frame(cells, profile, patterns, self.field_ids_, choices)
             frame["label"] = (
@@ -479,6 +487,7 @@ class ErrorModel(BaseEstimator):
                     count.T.ravel(),
                     frame,
                     lookups if table.rows <= KEEP_LOOKUPS_ROWS else None,
+                    patterns,
                     rows,
                     extras,
                 )
@@ -547,7 +556,7 @@ class ErrorModel(BaseEstimator):
             weight = None  # uniform weights change nothing, and weighted binning is slow
         if weight is not None:
             edges = quantile_edges(matrix, skip=(matrix.shape[1] - 1,))
-            matrix = cut_at_edges(matrix, edges)
+            matrix = cut_at_edges(matrix, edges, copy=matrix is X)  # one copy of the cells, not two
         with sg.one_thread():
             classifier.fit(matrix, y, sample_weight=weight)
         return BinnedClassifier(classifier, edges), empty
@@ -604,7 +613,7 @@ class ErrorModel(BaseEstimator):
         ids: pd.Series,
         labels: pd.DataFrame,
         fixed: float | None,
-        outside: Callable[[np.ndarray], _Lookups],
+        outside: Callable[[np.ndarray, sg.EditPatterns], _Lookups],
     ) -> tuple[float, float]:
         """Both thresholds from the training history itself: each fold is scored by a classifier and a
         ranker fitted on the other folds (as `calibrate` scores a held-out period), and the pooled flags
@@ -656,7 +665,7 @@ class ErrorModel(BaseEstimator):
             cell_count = fold.count.reshape(len(fields), n)[names, positions]
             if not len(positions):
                 continue
-            lookups = fold.lookups or outside(fold.inside)
+            lookups = fold.lookups or outside(fold.inside, fold.patterns)
             texts = d.chunk_texts(fold.rows, [f for f in config.fields if f in lookups.profile.fields])
             records = texts.to_dict("records")
             cells = [

@@ -291,6 +291,39 @@ def test_edit_history() -> None:
     assert f["edit_value_rate"].iloc[0] > f["edit_value_rate"].iloc[2]
 
 
+def test_edit_table_counts_as_edit_history_learns() -> None:
+    """`EditTable.history(rows)` holds the counts `EditHistory.learn` finds on those rows and their labels:
+    values and shapes seen only outside `rows` are left out, a label of a record outside them does not
+    count, and a missing value is a value."""
+    entered = pd.DataFrame(
+        {
+            "record_id": ["1", "2", "3", "4", "5", "6"],
+            "city": ["N/A", "N/A", "Utrecht", "", "Ütrecht", "N/A"],
+            "postcode": ["1234 AB", "1234AB", "1234 AB", "9999 ZZ", "", "1234 AB"],
+        },
+        dtype=object,
+    )
+    labels = pd.DataFrame(
+        {
+            "record_id": ["1", "2", "6", "2", "4"],
+            "field": ["city", "city", "city", "postcode", "city"],
+            "old_value": ["N/A", "N/A", "N/A", "1234AB", ""],
+            "new_value": ["", "", "", "1234 AB", "Utrecht"],
+        }
+    )
+    config = _config(city="category", postcode="code")
+    table = d.EditTable.of(entered, labels, config)
+    for rows in (np.arange(6), np.array([5, 0, 2, 3]), np.array([1, 4])):
+        inside = entered["record_id"].iloc[rows]
+        plain = d.EditHistory.learn(entered.iloc[rows], labels[labels["record_id"].isin(inside)], config)
+        coded = table.history(rows)
+        for name in ("value_errors", "value_seen", "shape_errors", "shape_seen"):
+            assert getattr(coded, name) == getattr(plain, name), name
+        assert coded.field_rate == plain.field_rate
+    assert table.history(np.array([5, 0, 2, 3])).value_errors["city"] == {"N/A": 2, "": 1}
+    assert "Ütrecht" not in table.history(np.array([5, 0, 2, 3])).value_seen["city"]
+
+
 def test_fast_dependencies_match_their_definition() -> None:
     frame = pd.DataFrame(
         {
