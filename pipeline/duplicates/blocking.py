@@ -12,6 +12,7 @@ not keep a new duplicate out of every block.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,15 +76,17 @@ def _key_codes(keys: np.ndarray) -> tuple[np.ndarray, int] | None:
     where = np.flatnonzero(uniques == s.MISSING)
     if len(where):
         codes = np.where(codes == where[0], -1, codes)
-    return codes.astype(np.int64), len(uniques)
+    # 32 bits while they fit (a history of millions holds 51 keys); `_rule_codes` widens them.
+    small = len(uniques) < np.iinfo(np.int32).max
+    return codes.astype(np.int32 if small else np.int64), len(uniques)
 
 
 def _rule_codes(parts: Sequence[tuple[np.ndarray, int]]) -> np.ndarray:
     """What `pd.factorize(join_keys(keys))` codes a rule's records (`''` then set to -1), from its parts'
     `_key_codes`: the same numbers, without joining and hashing a text per record."""
-    codes = parts[0][0]
+    codes = parts[0][0].astype(np.int64)
     if len(parts) == 1:
-        return codes.copy()
+        return codes
     combined = codes.copy()
     empty = codes < 0
     for part, size in parts[1:]:
@@ -169,7 +172,8 @@ class BlockingLearner:
                 codes, _ = pd.factorize(keys)
                 codes[keys == s.MISSING] = -1
             # Two keys that cut the records the same way (a numeric code's value and its digits) are one rule.
-            partition = codes.tobytes()
+            # Told apart by a digest of the codes: a copy per rule was gigabytes on a large history.
+            partition = hashlib.sha256(np.ascontiguousarray(codes)).digest()
             if partition in seen:
                 continue
             seen.add(partition)
