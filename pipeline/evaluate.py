@@ -399,20 +399,36 @@ def combine_evaluations(parts: list[Evaluation], config: Config, *, prefix: str 
 
 
 def evaluate_bundle(bundle: ModelBundle, holdout: Holdout, *, prefix: str = "test") -> Evaluation:
-    """Scores a held-out period with a model (as the batch job would) and compares with the truth."""
-    from pipeline.score import score_chunk
+    """Scores a held-out period with a model (as the batch job would) and compares with the truth.
+
+    As the batch job does: the matcher's index drops what no later record can be matched with (`evict`),
+    and the period is scored `SCORE_CHUNK_ROWS` rows at a time, each chunk continuing the running numbers
+    the earlier ones left, so memory stays flat however long the period is; the results do not depend on
+    where the chunks are cut."""
+    from pipeline.score import SCORE_CHUNK_ROWS, release_free_memory, score_chunk
 
     config = bundle.config
-    matcher = bundle.duplicates.matcher(holdout.reference)
-    result = score_chunk(holdout.batch, bundle, matcher, bundle.errors.numbers_after(holdout.reference))
+    batch = holdout.batch
+    matcher = bundle.duplicates.matcher(holdout.reference, evict=True)
+    numbers = bundle.errors.numbers_after(holdout.reference)
+    columns, flags, cell_scores = [], [], []
+    for start in range(0, max(len(batch), 1), SCORE_CHUNK_ROWS):  # an empty period: one empty chunk
+        chunk = batch.iloc[start : start + SCORE_CHUNK_ROWS]
+        result = score_chunk(chunk, bundle, matcher, numbers)
+        numbers = numbers.then(bundle.errors.running_numbers(chunk))
+        columns.append(result.columns)
+        flags.append(result.flags)
+        cell_scores.append(result.cell_scores)
+        release_free_memory()
+    del matcher
     return evaluate_scored(
         config=config,
-        batch=holdout.batch,
+        batch=batch,
         reference_ids=holdout.reference[config.id_column],
         log=holdout.log,
-        columns=result.columns,
-        flags=result.flags,
-        cell_scores=result.cell_scores,
+        columns=pd.concat(columns),
+        flags=pd.concat(flags, ignore_index=True),
+        cell_scores=pd.concat(cell_scores),
         prefix=prefix,
     )
 

@@ -78,6 +78,10 @@ UNMERGED_SUSPECT = 0.9
 # of the latest records: the matcher's index of a whole history is its largest cost in time and memory, and
 # a few hundred look-alikes need no more. Every label's features come from an index of the records it names.
 CANDIDATE_RECORDS = 50_000
+# A matcher indexes its reference this many records at a time (`Matcher`).
+REFERENCE_ROWS = 50_000
+# `calibrate` matches its held-out batch this many records at a time (its pair arrays grow with them).
+MATCH_ROWS = 10_000
 # Positions and block sizes are stored as 32-bit integers: a batch's index holds one value per record and
 # rule, and no process holds two billion records anyway.
 MAX_RECORDS = 2**31 - 1
@@ -482,7 +486,11 @@ class DuplicateModel:
         `labelled_precision` is the uncorrected one.
         """
         self._check_fitted()
-        best, _ = self.matcher(reference)._score(batch)
+        # As the batch job matches: evicting, a part at a time (the links do not depend on the cuts).
+        matcher = self.matcher(reference, evict=True)
+        parts = range(0, max(len(batch), 1), MATCH_ROWS)
+        best = pd.concat([matcher._score(batch.iloc[i : i + MATCH_ROWS])[0] for i in parts])
+        del matcher
         wanted = self.config.duplicate_min_precision
         calibration = choose_link_threshold(best, truth, clusters, wanted)
         self.label_frequency_ = calibration.label_frequency
@@ -695,8 +703,14 @@ class Matcher:
         self._penalty_start = 0
         self._lock = threading.RLock()
         if reference is not None and len(reference):
-            ordered = reference.iloc[model._entry_order(reference)]
-            self._candidates(model._encode(ordered), collect=False)
+            # Indexed REFERENCE_ROWS at a time: encoding holds several text arrays per record, and the index
+            # is the same however the records are cut (value codes in order of first appearance, density
+            # counted in indexing order); with `evict`, what left every window is dropped between parts.
+            order = model._entry_order(reference)
+            for begin in range(0, len(order), REFERENCE_ROWS):
+                self._drop_left()
+                part = reference.iloc[order[begin : begin + REFERENCE_ROWS]]
+                self._candidates(model._encode(part), collect=False)
 
     def export_state(self) -> dict[str, Any]:
         """The index as plain picklable data: everything but the model (dedupe's comparators do not

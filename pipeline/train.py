@@ -10,6 +10,7 @@ knows every customer and every correction; the figures describe that procedure.
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import resource
@@ -55,7 +56,7 @@ from pipeline.feedback import realised_value
 from pipeline.ingest import check_unique_ids, file_digest, read_table, require_columns
 from pipeline.linkage import MIN_THRESHOLD, DuplicateModel
 from pipeline.metrics import choose_threshold
-from pipeline.score import ChunkResult, score_chunk
+from pipeline.score import ChunkResult, release_free_memory, score_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
             logger.info("fitting the registered model on all %d records in a second process", len(stored))
             final = _FinalFit(config, Path(records_path), Path(log_path))
         try:
-            evaluation, holdout, thresholds, extra = _evaluate_holdout(history, plan, stages)
+            evaluation, thresholds, extra = _evaluate_holdout(history, plan, stages)
             if final is None:
                 logger.info("fitting the registered model on all %d records", len(stored))
                 bundle = _fit_bundle(history, everything, thresholds, stages, "fit")
@@ -153,6 +154,8 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
         finally:
             if final is not None:
                 final.close()
+        # Copied out of the history only now: the test period's reference is most of the history.
+        holdout = _holdout_of(history, plan)
     else:
         # The final model first: its error thresholds, chosen out of fold inside the fit, serve the folds.
         logger.info("fitting the registered model on all %d records", len(stored))
@@ -391,11 +394,24 @@ def _fit_bundle(
     return bundle
 
 
+def _holdout_of(history: _History, plan: EvaluationPlan) -> Holdout:
+    """The test period as entered, the records before it as stored, and the log: what the bundle keeps
+    for `promote`, and what `_evaluate_holdout` scores."""
+    split = plan.split
+    before_test = np.concatenate([split.train, split.validation])
+    return Holdout(
+        batch=history.entered.iloc[split.test].reset_index(drop=True),
+        reference=history.stored.iloc[before_test].reset_index(drop=True),
+        log=history.log.reset_index(drop=True),
+    )
+
+
 def _evaluate_holdout(
     history: _History, plan: EvaluationPlan, stages: Stages
-) -> tuple[Evaluation, Holdout, Thresholds, dict[str, float]]:
+) -> tuple[Evaluation, Thresholds, dict[str, float]]:
     """Fits on the training period, chooses the duplicate threshold on validation (the error model's are
-    chosen out of fold inside its fit), measures the test period."""
+    chosen out of fold inside its fit), measures the test period (`_holdout_of`; the frames and the
+    models are freed on return, before the final fit)."""
     split = plan.split
     logger.info(
         "holdout: fitting on %d records, thresholds on %d, testing on %d",
@@ -421,19 +437,14 @@ def _evaluate_holdout(
     # and in the final fit: a threshold chosen on validation for a model fitted on part of the history
     # does not carry over to the model refitted on all of it (demo seed 3: 0.065 where the refitted
     # model's own is 0.175, error precision 0.86 instead of 0.99).
-    before_test = np.concatenate([split.train, split.validation])
-    holdout = Holdout(
-        batch=history.entered.iloc[split.test].reset_index(drop=True),
-        reference=history.stored.iloc[before_test].reset_index(drop=True),
-        log=history.log.reset_index(drop=True),
-    )
-    with stages.stage("evaluate", "holdout: scoring the test period as the batch job would"):
-        evaluation = evaluate_bundle(bundle, holdout, prefix="test")
     thresholds = Thresholds(
         duplicate=bundle.duplicates.threshold_,
         label_frequency=getattr(bundle.duplicates, "label_frequency_", None),
     )
-    return evaluation, holdout, thresholds, extra
+    with stages.stage("evaluate", "holdout: scoring the test period as the batch job would"):
+        evaluation = evaluate_bundle(bundle, _holdout_of(history, plan), prefix="test")
+        del bundle
+    return evaluation, thresholds, extra
 
 
 def _evaluate_cross_validation(
@@ -619,11 +630,25 @@ class Stages:
         yield
         seconds = time.perf_counter() - started
         self.laps[name] = round(self.laps.get(name, 0.0) + seconds, 3)
+        # What the stage freed goes back to the system, so the next stage's peak starts from what is kept.
+        gc.collect()
+        release_free_memory()
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
         logger.info(
-            "train: %s done in %.1f s (CPU %.1f s, peak %.0f MB)",
+            "train: %s done in %.1f s (CPU %.1f s, peak %.0f MB, now %.0f MB)",
             what,
             seconds,
             time.process_time() - cpu,
             peak_mb,
+            _resident_mb(),
         )
+
+
+def _resident_mb() -> float:
+    """This process's resident memory now (Linux; NaN elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return pages * resource.getpagesize() / 2**20

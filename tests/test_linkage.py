@@ -233,6 +233,36 @@ def test_calibrate_chooses_the_threshold_on_held_out_records(trained) -> None:
     assert scores.groupby("record_id")["score"].max()["H1"] >= copy.threshold_
 
 
+def test_a_reference_indexed_in_parts_and_a_batch_calibrated_in_parts_give_the_same_links(
+    trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.linkage as linkage
+
+    model, records = trained
+    # Re-registrations of orders from all over the history, and a pair within the batch.
+    rows = [
+        order(n) | {"record_id": f"N{n}", "customer_name": order(n)["customer_name"] + "x"}
+        for n in range(0, 24, 3)
+    ]
+    rows.append(rows[-1] | {"record_id": "N99", "entered_at": "2025-01-01T09:00:00"})
+    probe = batch(rows)
+    whole = model.matcher(records).match(probe)
+    assert (whole["duplicate_of"] != "").sum() >= 5
+    truth = {f"N{n}": f"R{n:04d}" for n in range(0, 24, 3)}
+    copy = DuplicateModel(CONFIG, seed=0)
+    copy.__dict__.update(model.__dict__)
+    figures = copy.calibrate(probe, records, truth)
+    monkeypatch.setattr(linkage, "REFERENCE_ROWS", 4)  # 34 records in nine parts, pairs across the cuts
+    monkeypatch.setattr(linkage, "MATCH_ROWS", 2)
+    for evict in (False, True):
+        parts = model.matcher(records, evict=evict).match(probe)
+        pd.testing.assert_frame_equal(parts, whole)
+    copy_parts = DuplicateModel(CONFIG, seed=0)
+    copy_parts.__dict__.update(model.__dict__)
+    assert copy_parts.calibrate(probe, records, truth) == figures
+    assert copy_parts.threshold_ == copy.threshold_
+
+
 def test_calibrate_does_not_link_below_the_models_own_boundary(trained) -> None:
     # A held-out period as sparse as the history: its weakest duplicate (the amount retyped 3% off) is
     # the only pair between 0.05 and 0.99, and the best F1 would put the threshold at 0.05, where a batch

@@ -229,3 +229,27 @@ def test_the_final_fit_in_a_second_process_registers_the_same_model(
         outputs.append([(tmp_path / name / f).read_bytes() for f in (s.RECORDS_FILE, s.FLAGS_FILE)])
     assert outputs[0] == outputs[1]
     assert b",error," in outputs[0][1]
+
+
+def test_the_held_out_period_scored_in_chunks_gives_the_figures_of_one_chunk(
+    world, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipeline.evaluate as evaluate
+    import pipeline.score as score
+    import pipeline.train as training
+
+    monkeypatch.setattr(evaluate, "MIN_HELDOUT_CELLS", 1)
+    monkeypatch.setattr(evaluate, "MIN_HELDOUT_MERGES", 1)
+    monkeypatch.setattr(training, "PARALLEL_MAX_RECORDS", 0)
+    result = train(load_config(world.config), world.records, world.corrections)
+    assert result.plan.scheme == "holdout"
+    holdout = result.bundle.holdout
+    # the test period as entered against the records before it, as stored (built after the final fit)
+    assert not set(holdout.batch["record_id"]) & set(holdout.reference["record_id"])
+    assert len(holdout.batch) > 20
+    whole = evaluate.evaluate_bundle(result.bundle, holdout).metrics
+    assert whole["test_rows"] == len(holdout.batch)
+    assert whole["test_duplicate_tp"] + whole["test_error_tp"] > 0
+    # chunks of 7 rows: running numbers and links continue across every cut, flags gathered from all
+    monkeypatch.setattr(score, "SCORE_CHUNK_ROWS", 7)
+    assert evaluate.evaluate_bundle(result.bundle, holdout).metrics == whole

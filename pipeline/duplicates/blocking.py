@@ -12,6 +12,7 @@ not keep a new duplicate out of every block.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,15 +76,17 @@ def _key_codes(keys: np.ndarray) -> tuple[np.ndarray, int] | None:
     where = np.flatnonzero(uniques == s.MISSING)
     if len(where):
         codes = np.where(codes == where[0], -1, codes)
-    return codes.astype(np.int64), len(uniques)
+    # 32 bits while they fit (a history of millions holds 51 keys); `_rule_codes` widens them.
+    small = len(uniques) < np.iinfo(np.int32).max
+    return codes.astype(np.int32 if small else np.int64), len(uniques)
 
 
 def _rule_codes(parts: Sequence[tuple[np.ndarray, int]]) -> np.ndarray:
     """What `pd.factorize(join_keys(keys))` codes a rule's records (`''` then set to -1), from its parts'
     `_key_codes`: the same numbers, without joining and hashing a text per record."""
-    codes = parts[0][0]
+    codes = parts[0][0].astype(np.int64)
     if len(parts) == 1:
-        return codes.copy()
+        return codes
     combined = codes.copy()
     empty = codes < 0
     for part, size in parts[1:]:
@@ -94,6 +97,22 @@ def _rule_codes(parts: Sequence[tuple[np.ndarray, int]]) -> np.ndarray:
     joined = joined.astype(np.int64)
     joined[empty] = -1
     return joined
+
+
+def _key_texts(
+    texts: dict[tuple[str, str], np.ndarray],
+    codes: dict[tuple[str, str], tuple[np.ndarray, int] | None],
+    part: tuple[str, str],
+) -> np.ndarray:
+    """A key's texts where kept, else stand-ins from its codes that `join_keys` and `pd.factorize` cut
+    the records by alike: `''` for no key, the code's digits otherwise (no separator, so no clash)."""
+    if part in texts:
+        return texts[part]
+    key_codes = codes[part]
+    assert key_codes is not None
+    values = key_codes[0].astype(str).astype(object)
+    values[key_codes[0] < 0] = s.MISSING
+    return values
 
 
 def candidate_rules(plugins: Sequence[FieldType]) -> list[BlockingRule]:
@@ -128,12 +147,17 @@ class BlockingLearner:
     ) -> BlockingLearner:
         """`normalised` = each field's normalised values in entry order; the known pairs as positions
         into them (later record first). Raises `TrainingDataError` when no key covers any pair."""
+        # Each key as codes; its texts (one object per record) are kept only where the codes cannot stand
+        # for them (`_key_codes` None): on a large history the texts of every key were gigabytes.
         single_keys: dict[tuple[str, str], np.ndarray] = {}
         single_codes: dict[tuple[str, str], tuple[np.ndarray, int] | None] = {}
         for plugin in self.plugins:
             for key_name, values in plugin.keys(normalised[plugin.field]).items():
-                single_keys[(plugin.field, key_name)] = values.to_numpy(dtype=object)
-                single_codes[(plugin.field, key_name)] = _key_codes(single_keys[(plugin.field, key_name)])
+                texts = values.to_numpy(dtype=object)
+                single_codes[(plugin.field, key_name)] = _key_codes(texts)
+                if single_codes[(plugin.field, key_name)] is None:
+                    single_keys[(plugin.field, key_name)] = texts
+                del texts, values
         n = len(next(iter(normalised.values())))
         coverage: list[np.ndarray] = []
         costs: list[float] = []
@@ -144,11 +168,12 @@ class BlockingLearner:
             if all(part is not None for part in parts):
                 codes = _rule_codes(parts)
             else:
-                keys = join_keys([single_keys[part] for part in rule.parts])
+                keys = join_keys([_key_texts(single_keys, single_codes, part) for part in rule.parts])
                 codes, _ = pd.factorize(keys)
                 codes[keys == s.MISSING] = -1
             # Two keys that cut the records the same way (a numeric code's value and its digits) are one rule.
-            partition = codes.tobytes()
+            # Told apart by a digest of the codes: a copy per rule was gigabytes on a large history.
+            partition = hashlib.sha256(np.ascontiguousarray(codes)).digest()
             if partition in seen:
                 continue
             seen.add(partition)
