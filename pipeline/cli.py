@@ -274,9 +274,10 @@ def _print_training(result: Any, run: Any, seconds: float) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from pipeline.memory import map_large_allocations
     from pipeline.reference import ReferenceCache, default_cache_dir
     from pipeline.registry import load_bundle
-    from pipeline.score import SCORE_CHUNK_ROWS, map_large_allocations, prepare_output, run_batch
+    from pipeline.score import SCORE_CHUNK_ROWS, prepare_output, run_batch
 
     if args.chunk_rows is not None and args.chunk_rows < 1:
         raise BadInputError(f"--chunk-rows {args.chunk_rows}: must be at least 1")

@@ -405,7 +405,8 @@ def evaluate_bundle(bundle: ModelBundle, holdout: Holdout, *, prefix: str = "tes
     and the period is scored `SCORE_CHUNK_ROWS` rows at a time, each chunk continuing the running numbers
     the earlier ones left, so memory stays flat however long the period is; the results do not depend on
     where the chunks are cut."""
-    from pipeline.score import SCORE_CHUNK_ROWS, release_free_memory, score_chunk
+    from pipeline.memory import release_free_memory
+    from pipeline.score import SCORE_CHUNK_ROWS, score_chunk
 
     config = bundle.config
     batch = holdout.batch

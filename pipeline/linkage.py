@@ -33,7 +33,6 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -66,6 +65,7 @@ from pipeline.duplicates.storage import Offsets, RecordFile
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import TermFrequencies, compare_many
+from pipeline.memory import collector_paused
 
 logger = logging.getLogger(__name__)
 
@@ -1207,14 +1207,11 @@ class Matcher:
             undo = None if remember else self._checkpoint(chunk)
             # A part's parsed values (a tuple per amount) and pandas' temporaries are many small objects
             # and no cycles: the cyclic collector walked the whole heap again and again while they were
-            # made (~5% of a part's time). Paused for the part, as `reference._read_entry` does.
-            collecting = gc.isenabled()
-            gc.disable()
+            # made (~5% of a part's time).
             try:
-                return self._match(chunk)
+                with collector_paused():
+                    return self._match(chunk)
             finally:
-                if collecting:
-                    gc.enable()
                 if undo is not None:
                     self._rollback(*undo)
 

@@ -33,7 +33,6 @@ writable by the scoring account only, as for the model itself.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -60,6 +59,7 @@ from pipeline.ingest import (
     require_columns,
 )
 from pipeline.linkage import Matcher
+from pipeline.memory import collector_paused
 
 logger = logging.getLogger(__name__)
 
@@ -301,14 +301,8 @@ def _read_entry(path: Path) -> dict[str, Any]:
             raise ValueError("not a reference cache file")
         expected = fh.read(_DIGEST_HEX + 1)[:_DIGEST_HEX].decode("ascii", "replace")
         hashing = _Hashing(fh)
-        # Many small containers: the cyclic collector would walk them again and again while they load.
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with collector_paused():  # many small containers, which the collector would walk as they load
             state = pickle.load(hashing)
-        finally:
-            if enabled:
-                gc.enable()
         if hashing.read() or hashing.sha.hexdigest() != expected:
             raise ValueError("its checksum does not match: the file is damaged")
     if not isinstance(state, dict):

@@ -10,7 +10,6 @@ the batch's earlier chunks left (`ErrorModel.running_numbers`) as an argument.
 from __future__ import annotations
 
 import csv
-import ctypes
 import heapq
 import logging
 import math
@@ -42,6 +41,7 @@ from pipeline.ingest import (
     iter_table,
     require_columns,
 )
+from pipeline.memory import map_large_allocations, release_free_memory
 
 if TYPE_CHECKING:  # not imported at run time: a `--workers` helper needs neither (nor dedupe, below them)
     from pipeline.bundle import ModelBundle
@@ -63,8 +63,6 @@ PIECE_ROWS = ASSESS_ROWS
 SCORE_CHUNK_ROWS = LINK_ROWS
 # Flags `FlagRuns` holds before it writes a run: a few MB, about 75,000 rows of the demo batch.
 RUN_FLAGS = 10_000
-# glibc's mallopt: allocations from this size on are mapped from the system and unmapped when freed.
-M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 4 << 20
 
 
 @dataclass
@@ -268,38 +266,6 @@ def sort_flags(flags: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------- batch job
-
-
-def map_large_allocations() -> None:
-    """Large blocks straight from the operating system and back to it when freed (glibc; elsewhere nothing).
-
-    For a scoring process (the CLI's, and each `--workers` helper's). The duplicate matcher replaces its
-    sorted index arrays, a few MB each and growing with the batch, at every chunk. glibc's default threshold
-    rises to 32 MB after such a block is freed, so later ones came from the heap, whose freed holes the
-    next, larger arrays did not fit: ~100 MB more at 500,000 rows. From 4 MB on: at 1 MB a chunk's own
-    arrays were mapped too, 10% more CPU in page faults.
-    """
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-
-
-def release_free_memory() -> None:
-    """Hands the heap's free pages back to the system (glibc's `malloc_trim`; elsewhere nothing).
-
-    Called between chunks and pieces: what a chunk's frames freed otherwise stays resident until reused,
-    and the next chunk's transients land partly elsewhere, so a process's peak grew by the holes.
-    """
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(None)
-    except OSError:
-        return None
 
 
 _WORKER_BUNDLE: AssessModel | None = None

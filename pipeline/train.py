@@ -55,8 +55,9 @@ from pipeline.exceptions import TrainingDataError
 from pipeline.feedback import realised_value
 from pipeline.ingest import check_unique_ids, file_digest, read_table, require_columns
 from pipeline.linkage import MIN_THRESHOLD, DuplicateModel
+from pipeline.memory import release_free_memory, resident_mb
 from pipeline.metrics import choose_threshold
-from pipeline.score import ChunkResult, release_free_memory, score_chunk
+from pipeline.score import ChunkResult, score_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -640,15 +641,5 @@ class Stages:
             seconds,
             time.process_time() - cpu,
             peak_mb,
-            _resident_mb(),
+            resident_mb(),
         )
-
-
-def _resident_mb() -> float:
-    """This process's resident memory now (Linux; NaN elsewhere)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as fh:
-            pages = int(fh.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-    return pages * resource.getpagesize() / 2**20
