@@ -110,7 +110,9 @@ def replay_backwards(
     >>> replay_backwards(stored, log, id_column="record_id")[0]["code"].tolist()
     ['']
     """
-    entered = stored.copy()
+    # Not a deep copy: the columns no edit touches stay shared with `stored` (copy-on-write keeps `stored`
+    # unchanged), the edited ones are replaced whole below.
+    entered = stored.copy(deep=False)
     position = pd.Series(range(len(stored)), index=stored[id_column].to_numpy())
     edit_rows = edits(log)
     known_record = edit_rows[s.LOG_RECORD_ID].isin(position.index)

@@ -663,17 +663,61 @@ def _column_letter(index: int) -> str:
 
 
 def read_table(
-    path: str | Path, *, options: ReadOptions = DETECT, columns: Sequence[str] | None = None
+    path: str | Path,
+    *,
+    options: ReadOptions = DETECT,
+    columns: Sequence[str] | None = None,
+    share_repeated: bool = False,
 ) -> pd.DataFrame:
     """Reads a whole (history-sized) file as text; see `iter_table`. With `columns`, only those of them
-    the file has are kept, chunk by chunk (a large reference costs what the models use of it)."""
-    chunks = [
-        chunk if columns is None else chunk[[name for name in columns if name in chunk.columns]]
-        for chunk in iter_table(path, options=options)
-    ]
+    the file has are kept, chunk by chunk (a large reference costs what the models use of it). With
+    `share_repeated`, equal cells of a column hold one string object (`SharedValues`): the same values,
+    in a fraction of the memory when a column repeats them (a customer's name on each of their orders)."""
+    shared = SharedValues() if share_repeated else None
+    chunks = []
+    for chunk in iter_table(path, options=options):
+        if columns is not None:
+            chunk = chunk[[name for name in columns if name in chunk.columns]]
+        chunks.append(chunk if shared is None else shared.chunk(chunk))
+        del chunk  # a shared chunk lets the strings it replaced go before the next chunk is read
     frame = pd.concat(chunks) if len(chunks) > 1 else chunks[0]
     logger.info("read %s: %d rows, %d columns", path, len(frame), frame.shape[1])
     return frame
+
+
+class SharedValues:
+    """Makes equal cells of a column, across the chunks of one file, hold one string object.
+
+    The CSV reader makes a new string for every cell, so a column that repeats few values (a city, a VAT
+    rate, a customer's name on each of their orders) holds each of them once per row: at 1,000,000 rows of
+    the demo history about half of the frame's memory. Columns whose chunk is mostly distinct values (ids,
+    order numbers) are left as read: sharing them would only add the lookup table. The values, their order
+    and the dtype are unchanged.
+
+    >>> shared = SharedValues()
+    >>> one = shared.chunk(pd.DataFrame({"city": ["Delft".lower(), "Delft".lower()]}, dtype=object))
+    >>> one["city"].iloc[0] is one["city"].iloc[1]
+    True
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, str]] = {}
+
+    def chunk(self, chunk: pd.DataFrame) -> pd.DataFrame:
+        """The chunk as a new frame (object dtype, same index) whose repeated cells share their strings."""
+        arrays = []
+        for name in chunk.columns:
+            column = chunk[name].to_numpy(dtype=object)
+            codes, distinct = pd.factorize(column, use_na_sentinel=False)
+            if 2 * len(distinct) > len(column):
+                arrays.append(column.copy())  # a copy: no view left holding the chunk's block alive
+                continue
+            known = self.values.setdefault(name, {})
+            first = np.array([known.setdefault(value, value) for value in distinct], dtype=object)
+            arrays.append(first[codes])
+        frame = pd.DataFrame(dict(enumerate(arrays)), index=chunk.index, dtype=object)
+        frame.columns = chunk.columns
+        return frame
 
 
 def require_columns(frame: pd.DataFrame, columns: Sequence[str], *, source: str | Path, what: str) -> None:

@@ -112,7 +112,7 @@ class _History:
 
 def load_history(config: Config, records_path: Path, log_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Reads and checks the history and its log against the config."""
-    records = read_table(records_path)
+    records = read_table(records_path, share_repeated=True)
     require_columns(records, config.required_columns(), source=records_path, what="named in the config")
     check_unique_ids(records[config.id_column], source=records_path, id_column=config.id_column)
     log = load_log(log_path)

@@ -64,7 +64,11 @@ def test_replay_undoes_edits_latest_first():
     assert entered["code"].tolist() == ["", "C-2", "C-2"]
     assert entered["amount"].tolist() == ["10.00", "200.00", "20.00"]
     assert STORED["code"].tolist() == ["C-1", "C-2", "C-2"], "input must not be changed"
+    assert STORED["amount"].tolist() == ["10.00", "20.00", "20.00"], "input must not be changed"
     assert (stats.edits_applied, stats.merges, stats.edits_unknown_record) == (3, 1, 0)
+    # The unedited columns are shared with the input, not copied: a later write must still not reach it.
+    entered.loc[0, "record_id"] = "changed"
+    assert STORED["record_id"].tolist() == ["1", "2", "3"]
 
 
 def test_replay_without_timestamps_uses_log_order():

@@ -5,6 +5,7 @@ from pipeline.config import config_from_dict
 from pipeline.exceptions import ConfigError, InputFileError, SchemaError
 from pipeline.ingest import (
     ReadOptions,
+    SharedValues,
     cell_text,
     check_unique_ids,
     detect_format,
@@ -384,3 +385,21 @@ def test_seen_ids_find_exactly_the_ids_added_even_when_one_hash_clashes(monkeypa
     check_unique_ids(pd.Series(["x", "y"]), source="batch.csv", id_column="id", seen=seen)
     with pytest.raises(SchemaError, match=r"batch.csv: row 2: id 'c' appears more than once"):
         check_unique_ids(pd.Series(["x", "c"]), source="batch.csv", id_column="id", seen=seen)
+
+
+def test_shared_values_share_repeated_cells_across_chunks_and_change_nothing(tmp_path):
+    rows = "".join(f"R{i},{'Delft' if i % 3 else 'Gouda'},{i * 7}\n" for i in range(10))
+    path = write(tmp_path, "record_id,city,amount\n" + rows)
+    shared = SharedValues()
+    chunks = [shared.chunk(chunk) for chunk in iter_table(path, chunk_rows=5)]
+    together = pd.concat(chunks)
+    plain = read_table(path)
+    pd.testing.assert_frame_equal(together, plain)
+    assert list(together.index) == list(range(10))
+    assert all(str(dtype) == "object" for dtype in together.dtypes)
+    cities = together["city"].tolist()
+    assert cities[1] is cities[4] is cities[5] is cities[8], "one string per value, across chunks"
+    assert cities[0] is cities[9] and cities[0] is not cities[1]
+    # Mostly distinct columns are left as read: no lookup table for them.
+    assert set(shared.values) == {"city"}
+    pd.testing.assert_frame_equal(read_table(path, share_repeated=True), plain)
