@@ -109,12 +109,13 @@ class AnomalyModel(BaseEstimator):
         has one too (the chain rule's order is the config's)."""
         rated = [name for name, what in self.owners_ if what == "value"]
         texts = d.chunk_texts(stored, rated)
+        counts: dict[str, np.ndarray] = {}  # per field, each record's value count: shared by its dependencies
         givens: dict[str, list[Given]] = {}
         for position, name in enumerate(rated):
             earlier = set(rated[:position])
             for dep in self.profile_.by_target.get(name, []):
                 if dep.source in earlier:
-                    givens.setdefault(name, []).append(Given.of(dep, self.profile_, texts))
+                    givens.setdefault(name, []).append(Given.of(dep, self.profile_, texts, counts))
         return givens
 
     def _given_rarity(
@@ -370,11 +371,22 @@ class Given:
     novel: float
 
     @classmethod
-    def of(cls, dep: d.Dependency, profile: d.Profile, texts: pd.DataFrame) -> Given:
-        source, target = profile.fields[dep.source], profile.fields[dep.target]
-        keys = source.vocab.to_numpy(dtype=object)
-        key_count = source.count_of(source.codes(texts[dep.source].to_numpy(dtype=object)))
-        value_count = target.count_of(target.codes(texts[dep.target].to_numpy(dtype=object)))
+    def of(
+        cls,
+        dep: d.Dependency,
+        profile: d.Profile,
+        texts: pd.DataFrame,
+        counts: dict[str, np.ndarray] | None = None,
+    ) -> Given:
+        """`counts`: each record's value count per field, filled as computed (a field is the source or the
+        target of several dependencies; looking its values up once serves them all)."""
+        counts = {} if counts is None else counts
+        for name in (dep.source, dep.target):
+            if name not in counts:
+                fp = profile.fields[name]
+                counts[name] = fp.count_of(fp.codes(texts[name].to_numpy(dtype=object)))
+        keys = profile.fields[dep.source].vocab.to_numpy(dtype=object)
+        key_count, value_count = counts[dep.source], counts[dep.target]
         new_key = (key_count == 1) & (texts[dep.target] != s.MISSING).to_numpy()
         both = new_key & (value_count == 1)
         return cls(

@@ -216,3 +216,21 @@ def test_given_dependencies_and_profile_score_alike(model: AnomalyModel) -> None
         pd.testing.assert_frame_equal(given.score(chunk), model.score(chunk))
     with pytest.raises(ValueError, match="profile of 400 rows"):
         AnomalyModel(CONFIG, quantile=0.99).fit(history.head(10), profile=profile)
+
+
+def test_givens_sharing_value_counts_equal_givens_each_counting_alone() -> None:
+    """`_givens` looks each field's values up once for all its dependencies (a field is the source of
+    several): the same arrays as each dependency looking them up itself."""
+    from pipeline import detectors as d
+    from pipeline.anomalies import Given
+
+    model = AnomalyModel(CUSTOMERS, quantile=0.99).fit(_customer_orders())
+    texts = d.chunk_texts(_customer_orders(), list(CUSTOMERS.fields))
+    shared = [given for givens in model.givens_.values() for given in givens]
+    assert len({given.source for given in shared}) < len(shared), "a source serving several dependencies"
+    for given in shared:
+        dep = next(dep for dep in model.profile_.by_target[given.target] if dep.source == given.source)
+        alone = Given.of(dep, model.profile_, texts)
+        assert (given.source, given.target, given.novel) == (alone.source, alone.target, alone.novel)
+        for name in ("implied", "support", "total"):
+            np.testing.assert_array_equal(getattr(given, name), getattr(alone, name))
