@@ -555,7 +555,15 @@ def test_a_large_history_is_profiled_and_fitted_from_samples_and_every_cell_is_s
     monkeypatch.setattr(errors_module, "SCALE_ROWS", 0)
     monkeypatch.setattr(errors_module, "PROFILE_ROWS", len(stored) * 3 // 4)
     monkeypatch.setattr(errors_module, "FIT_CELLS", 2_000)
-    sampled = ErrorModel(config, folds=3).fit(entered, labels, stored)
+    ranker_fit = errors_module.sg.CandidateRanker.fit
+    rankers = []
+    monkeypatch.setattr(
+        errors_module.sg.CandidateRanker,
+        "fit",
+        lambda self, X, y: rankers.append(len(X)) or ranker_fit(self, X, y),
+    )
+    sampled = ErrorModel(config, folds=5).fit(entered, labels, stored)
+    assert len(rankers) == 1 + 3  # the final ranker, and one per group of folds for the suggestion threshold
     assert sampled.profile_.rows == len(stored) * 3 // 4 < whole.profile_.rows
     assert len(seen) == len(full) == 4  # the final classifier and one per out-of-fold group
     (n_full, errors_full, _), (n_sampled, errors_sampled, weight) = full[0], seen[0]
