@@ -483,14 +483,26 @@ class RunningNumbers:
         number it should have (NaN when it has none or too few earlier rows share its prefix within
         `horizon` days) and the number of earlier rows that rests on. `parts`: `running_parts(values)`,
         when the caller has it already."""
+        expected, rows, _ = self._expect(name, values, times, horizon, parts)
+        return expected, rows
+
+    def _expect(
+        self,
+        name: str,
+        values: pd.Series | np.ndarray,
+        times: pd.Series | None = None,
+        horizon: float = math.inf,
+        parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, RunningNumbers]:
+        """`expect`, and the state after the values (of the field `name` only)."""
         prefix, number, ok = running_parts(values) if parts is None else parts
         days = entry_days(times, len(prefix))
         expected = np.full(len(prefix), np.nan)
         rows = np.zeros(len(prefix))
+        tails = self.tails.get(name, {})
         if ok.any():
-            tails = self.tails.get(name, {})
-            expected[ok], rows[ok], _ = _expect_after(tails, prefix[ok], number[ok], days[ok], horizon)
-        return expected, rows
+            expected[ok], rows[ok], tails = _expect_after(tails, prefix[ok], number[ok], days[ok], horizon)
+        return expected, rows, RunningNumbers((name,), {name: tails})
 
     @classmethod
     def of(cls, chunk: pd.DataFrame, names: Iterable[str], time_column: str | None = None) -> RunningNumbers:
@@ -550,6 +562,9 @@ def _entry_order(times: pd.Series | None, n: int) -> np.ndarray:
     return when.sort_values(["when", "pos"], kind="stable", na_position="last")["pos"].to_numpy()
 
 
+EXPECT_ROWS = 250_000
+
+
 def sequence_expectation(
     values: pd.Series, times: pd.Series | None, horizon: float = math.inf
 ) -> tuple[pd.Series, pd.Series]:
@@ -559,13 +574,22 @@ def sequence_expectation(
     """
     order = _entry_order(times, len(values))
     ordered_times = times.iloc[order] if times is not None else None
-    expected, rows = RunningNumbers(("_",)).expect(
-        "_", values.to_numpy(dtype=object)[order], ordered_times, horizon
-    )
+    ordered = values.to_numpy(dtype=object)[order]
+    # EXPECT_ROWS rows at a time, each part after the state the earlier ones left: the same numbers as in
+    # one piece (`RunningNumbers`), without a million rows' windows and pairs in memory at once.
+    state = RunningNumbers(("_",))
+    parts_expected, parts_rows = [], []
+    for start in range(0, len(ordered), EXPECT_ROWS):
+        part = slice(start, start + EXPECT_ROWS)
+        part_times = ordered_times.iloc[part] if ordered_times is not None else None
+        expected, rows, state = state._expect("_", ordered[part], part_times, horizon)
+        parts_expected.append(expected)
+        parts_rows.append(rows)
     out_expected = np.empty(len(values))
     out_rows = np.empty(len(values))
-    out_expected[order] = expected
-    out_rows[order] = rows
+    if len(ordered):
+        out_expected[order] = np.concatenate(parts_expected)
+        out_rows[order] = np.concatenate(parts_rows)
     return pd.Series(out_expected, index=values.index), pd.Series(out_rows, index=values.index)
 
 

@@ -65,6 +65,21 @@ MAX_TRAINING_ROWS = 30_000
 # for choosing the thresholds only up to this many profiled records; above it they are dropped after the
 # fold's features and rebuilt, one fold at a time, when its flagged cells need candidates (same numbers).
 KEEP_LOOKUPS_ROWS = 300_000
+# Above SCALE_ROWS profiled records (a history larger than the 200,000-row benchmark's), the fit works from
+# samples, so that its cost grows with the labels rather than the history:
+# - the profiles (the final one, each cross-fitting fold's, the dependency search, the adopted checks) are
+#   those of PROFILE_ROWS records spread evenly over the history in entry order (`spread_sample`), the
+#   training cells' features computed against them as before (each fold's profile still leaves out the
+#   fold's records);
+# - the classifiers are fitted on every labelled error cell, every confirmed cell and a seeded uniform
+#   sample of the other cells, each sampled cell weighted by the inverse of its sampling rate: at least
+#   FIT_CLEAN_PER_ERROR clean cells per labelled error and FIT_CELLS cells in all. Every training cell is
+#   still scored out of fold, so the thresholds are chosen on all of them; their suggestions are ranked by
+#   one ranker per group of folds (`OOF_GROUPS`), not one per fold.
+SCALE_ROWS = 250_000
+PROFILE_ROWS = 250_000
+FIT_CELLS = 600_000
+FIT_CLEAN_PER_ERROR = 4
 MAX_BINS = 255
 # `assess` takes a chunk this many rows at a time: the stacked cell features of 50,000 rows and their
 # copies for the classifier were the batch job's largest transient (~550 MB).
@@ -183,6 +198,52 @@ def distinct_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, inverse
 
 
+def spread_sample(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`size` of the positions `0 .. n-1` (all of them when `n <= size`), ascending: one at a seeded random
+    place in each of `size` consecutive, nearly equal stretches, so that the sample spreads evenly over a
+    table in entry order (every period of the history in its share).
+
+    >>> spread_sample(10, 3, np.random.default_rng(0)).tolist()
+    [2, 4, 8]
+    """
+    if n <= size:
+        return np.arange(n)
+    edges = np.arange(size + 1, dtype=np.int64) * n // size
+    return rng.integers(edges[:-1], edges[1:])
+
+
+def fit_cells(
+    y: np.ndarray,
+    sure: np.ndarray,
+    weight: np.ndarray,
+    max_cells: int,
+    per_error: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which training cells the classifiers are fitted on, and their weights: every error cell (`y` 1),
+    every sure (confirmed) cell, and a uniform sample of the others, as many as `max_cells` leaves room for
+    but at least `per_error` per error cell, each sampled cell's `weight` divided by the sampling rate.
+    Cells of weight 0 (they teach nothing) are left out.
+
+    >>> y, sure = np.array([1, 0, 0, 0, 0, 0]), np.array([0, 1, 0, 0, 0, 0], bool)
+    >>> mask, w = fit_cells(y, sure, np.ones(6), 4, 1, np.random.default_rng(0))
+    >>> int(mask.sum()), sorted(set(w[mask].tolist()))
+    (4, [1.0, 2.0])
+    """
+    always = (y == 1) | sure
+    others = np.flatnonzero(~always & (weight > 0))
+    room = max(max_cells - int(always.sum()), per_error * int((y == 1).sum()), 1)
+    mask = always & (weight > 0)
+    weight = weight.astype(float, copy=True)
+    if len(others) <= room:
+        mask[others] = True
+        return mask, weight
+    chosen = rng.choice(others, size=room, replace=False)
+    mask[chosen] = True
+    weight[chosen] *= len(others) / room
+    return mask, weight
+
+
 def training_rows(
     ids: pd.Series, labelled: set[str], max_rows: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -230,6 +291,7 @@ class _Fold:
     y: np.ndarray
     w: np.ndarray
     count: np.ndarray  # how many history cells each training cell stands for (1 / its sampling rate)
+    sure: np.ndarray  # cells a clerk confirmed
     candidates: pd.DataFrame
     lookups: _Lookups | None
     patterns: sg.EditPatterns
@@ -343,7 +405,24 @@ class ErrorModel(BaseEstimator):
         if unlabelled is not None and len(unlabelled):
             extra = unlabelled[[c for c in stored.columns if c in unlabelled.columns]]
         profile_frame = _concat(stored, extra)
-        logger.info("error model: profiling %d records", len(profile_frame))
+        profiled_rows = len(profile_frame)
+        # Each training record's position in the profiled table (-1: not profiled), and the unlabelled
+        # records' positions (after the training records').
+        position = np.arange(len(entered))
+        if profiled_rows > SCALE_ROWS:
+            sampled = spread_sample(profiled_rows, PROFILE_ROWS, np.random.default_rng(self.seed + 3))
+            profile_frame = profile_frame.iloc[sampled].reset_index(drop=True)
+            position = np.full(len(entered), -1, dtype=np.int64)
+            own = sampled[sampled < len(entered)]
+            position[own] = np.arange(len(own))
+            logger.info(
+                "error model: profiling %d of %d records, spread over the history",
+                len(sampled),
+                profiled_rows,
+            )
+        else:
+            logger.info("error model: profiling %d records", len(profile_frame))
+        at_scale = profiled_rows > SCALE_ROWS
         # Coded once: the cross-fitting folds' profiles and the final one are profiles of its rows.
         table = d.ProfileTable.of(profile_frame, config)
         pairs = table.dependencies()
@@ -361,7 +440,7 @@ class ErrorModel(BaseEstimator):
         if self.labelled_:
             self.field_ids_ = pooled_field_ids(fields, labels, self.min_field_errors)
             twins = _entered_alike(entered, matched, fields)
-            self._fit_labelled(entered, ids, labels, table, pairs, confirmed, twins)
+            self._fit_labelled(entered, ids, labels, table, pairs, confirmed, twins, position, at_scale)
         else:
             logger.warning(
                 "error model: the log has no edits of the checked fields in the training history; the model "
@@ -401,11 +480,15 @@ class ErrorModel(BaseEstimator):
         pairs: list[tuple[str, str]],
         confirmed: pd.DataFrame,
         twins: np.ndarray,
+        position: np.ndarray,
+        at_scale: bool,
     ) -> None:
         """Cross-fitted features and candidates per fold, the final classifier and ranker, the thresholds.
 
         `table` holds the profiled records: the training history's (as stored, in `entered`'s order) first,
-        then the unlabelled ones, which every fold's profile keeps."""
+        then the unlabelled ones, which every fold's profile keeps. `position`: each training record's row
+        in `table` (-1: not profiled). `at_scale`: the classifiers learn from a sample of the cells
+        (`fit_cells`), and the folds' lookups are rebuilt rather than kept."""
         config = self.config
         fields = config.check_fields
         truth = set(zip(labels[s.LOG_RECORD_ID], labels[s.LOG_FIELD], strict=True))
@@ -433,11 +516,12 @@ class ErrorModel(BaseEstimator):
         # Each label's record, as a position in `entered` (the labels are of its records, its ids unique).
         labelled_at = pd.Index(ids).get_indexer(labels[s.LOG_RECORD_ID])
         edit_table = d.EditTable.of(entered, labels, config)
+        own = int((position >= 0).sum())  # the table's rows of training records
 
         def outside(inside: np.ndarray, patterns: sg.EditPatterns | None = None) -> _Lookups:
             """The lookups learned from the records outside a fold (the unlabelled ones always are); given
             the fold's `patterns` (learned before), the edit history they were learned from is not rebuilt."""
-            rows = np.concatenate([np.flatnonzero(~inside), np.arange(len(entered), table.rows)])
+            rows = np.concatenate([position[~inside & (position >= 0)], np.arange(own, table.rows)])
             profile = table.profile(rows, pairs=pairs, schemes=self.schemes_)
             edits = None
             if patterns is None:
@@ -449,6 +533,9 @@ class ErrorModel(BaseEstimator):
         # code field can be a running number (`detectors.profile_field`): the context holds only their texts.
         codes = [n for n, spec in config.fields.items() if n in entered.columns and spec.type == "code"]
         context = d.Context.of(entered, codes, config.time_column)
+        # Every fold's cells, fold after fold, written in place: no second copy when they are pooled.
+        pooled = np.empty((int(keep.sum()) * len(fields), len(d.FEATURES) + 1), dtype=float)
+        start = 0
         for k in range(self.folds):
             logger.info("error model: cross-fitting fold %d of %d ...", k + 1, self.folds)
             started = time.perf_counter()
@@ -458,11 +545,13 @@ class ErrorModel(BaseEstimator):
             profile, patterns, choices = lookups.profile, lookups.patterns, lookups.choices
             rows = entered[chosen]
             per_field = d.cell_features(rows, profile, config, fields, lookups.edits, context=context)
-            X = self._stack(per_field, len(rows))
+            X = self._stack(per_field, len(rows), out=pooled[start : start + len(rows) * len(fields)])
+            start += len(X)
             y = np.array([[(r, name) in truth for name in fields] for r in ids[chosen]], dtype=int)
             w = np.array([[(r, name) in sure for name in fields] for r in ids[chosen]], dtype=bool)
             count = np.repeat(row_weight[chosen][:, None], len(fields), axis=1).reshape(y.shape)
             count = np.where(twins[chosen] & (y == 0), 0.0, count)
+            sure_cells = w
             w = np.where(w, CONFIRMED_WEIGHT, 1.0).reshape(y.shape) * count
             extras = self._cell_extras(rows, profile, context)
             held = labels[inside[labelled_at]]
@@ -485,8 +574,9 @@ class ErrorModel(BaseEstimator):
                     y.T.ravel(),
                     w.T.ravel(),
                     count.T.ravel(),
+                    sure_cells.T.ravel(),
                     frame,
-                    lookups if table.rows <= KEEP_LOOKUPS_ROWS else None,
+                    lookups if table.rows <= KEEP_LOOKUPS_ROWS and not at_scale else None,
                     patterns,
                     rows,
                     extras,
@@ -499,10 +589,7 @@ class ErrorModel(BaseEstimator):
                 self.folds,
                 time.perf_counter() - started,
             )
-        X = np.concatenate([fold.X for fold in folds])
-        start = 0
-        for fold in folds:  # each fold's cells become a view into the whole: held once, not twice
-            fold.X, start = X[start : start + len(fold.X)], start + len(fold.X)
+        X = pooled  # each fold's cells are a view into the whole: held once, not twice
         y = np.concatenate([fold.y for fold in folds])
         w = np.concatenate([fold.w for fold in folds])
         logger.info(
@@ -512,8 +599,28 @@ class ErrorModel(BaseEstimator):
             len(set(self.field_ids_.values())),
             len(fields),
         )
+        fit = None
+        if at_scale:
+            mask, fit_w = fit_cells(
+                y,
+                np.concatenate([fold.sure for fold in folds]),
+                w,
+                FIT_CELLS,
+                FIT_CLEAN_PER_ERROR,
+                np.random.default_rng(self.seed + 2),
+            )
+            fit = (mask, fit_w)
+            logger.info(
+                "error model: the classifiers learn from %d of the %d training cells (every labelled and "
+                "confirmed one, the others sampled and weighted)",
+                int(mask.sum()),
+                len(mask),
+            )
         logger.info("error model: fitting the cell classifier")
-        self.classifier_, self.empty_columns_ = self._fit_classifier(X, y, w)
+        if fit is None:
+            self.classifier_, self.empty_columns_ = self._fit_classifier(X, y, w)
+        else:
+            self.classifier_, self.empty_columns_ = self._fit_classifier(X[fit[0]], y[fit[0]], fit[1][fit[0]])
         # Thin dependency evidence (two or three records alike) counts for fields this log never corrected
         # unless, on the corrected fields' cells (features out of fold), it is mostly wrong. A log with no
         # edits at all (the unlabelled model) never uses it: there only near-certain evidence flags.
@@ -533,7 +640,7 @@ class ErrorModel(BaseEstimator):
         self.training_errors_ = int(y.sum())
         threshold, suggest = self.threshold, self.suggest_threshold
         if threshold is None or suggest is None:
-            chosen = self._out_of_fold_thresholds(folds, ids, labels, threshold, outside)
+            chosen = self._out_of_fold_thresholds(folds, ids, labels, threshold, outside, fit)
             threshold = chosen[0] if threshold is None else threshold
             suggest = chosen[1] if suggest is None else suggest
         self.threshold_ = float(threshold)
@@ -614,11 +721,13 @@ class ErrorModel(BaseEstimator):
         labels: pd.DataFrame,
         fixed: float | None,
         outside: Callable[[np.ndarray, sg.EditPatterns], _Lookups],
+        fit: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[float, float]:
         """Both thresholds from the training history itself: each fold is scored by a classifier and a
         ranker fitted on the other folds (as `calibrate` scores a held-out period), and the pooled flags
         choose the flag threshold (best F1) and the suggestion threshold (best correction F1). `outside`
-        rebuilds a fold's lookups where they were dropped."""
+        rebuilds a fold's lookups where they were dropped. `fit` (the pooled cells' mask and weights,
+        `fit_cells`): the classifiers learn from those cells only; every cell is still scored."""
         config = self.config
         fields = config.check_fields
         # A large history is scored in OOF_GROUPS groups of folds (each by a classifier fitted on the other
@@ -626,19 +735,31 @@ class ErrorModel(BaseEstimator):
         # one, where every labelled row counts, gets one classifier per fold.
         scores: list[np.ndarray] = [np.zeros(0)] * len(folds)
         cells = sum(len(fold.y) for fold in folds)
+        start = np.cumsum([0] + [len(fold.y) for fold in folds])
         groups = len(folds) if cells <= OOF_SMALL_CELLS else min(OOF_GROUPS, len(folds))
         for g in range(groups):
             logger.info("error model: out-of-fold scores, group %d of %d", g + 1, groups)
             members = [k for k in range(len(folds)) if k % groups == g]
             others = [fold for k, fold in enumerate(folds) if k % groups != g]
-            y = np.concatenate([other.y for other in others])
+            if fit is None:
+                y = np.concatenate([other.y for other in others])
+                X = None if len(np.unique(y)) != 2 else np.concatenate([other.X for other in others])
+                w = np.concatenate([other.w for other in others])
+            else:
+                parts = [
+                    slice(start[k], start[k] + len(fold.y)) for k, fold in enumerate(folds) if k % groups != g
+                ]
+                y = np.concatenate([fold.y[fit[0][part]] for fold, part in zip(others, parts, strict=True)])
+                X = None
+                if len(np.unique(y)) == 2:
+                    X = np.concatenate(
+                        [fold.X[fit[0][part]] for fold, part in zip(others, parts, strict=True)]
+                    )
+                w = np.concatenate([fit[1][part][fit[0][part]] for part in parts])
             classifier, empty = None, self.empty_columns_
-            if len(np.unique(y)) == 2:
-                classifier, empty = self._fit_classifier(
-                    np.concatenate([other.X for other in others]),
-                    y,
-                    np.concatenate([other.w for other in others]),
-                )
+            if X is not None:
+                classifier, empty = self._fit_classifier(X, y, w)
+            del X
             for k in members:
                 scores[k] = self._probability(folds[k].X, classifier, empty, len(folds[k].rows))
         pooled = np.concatenate(scores)
@@ -658,6 +779,7 @@ class ErrorModel(BaseEstimator):
             # rates much less likely to be wrong than an average training cell.
             threshold = max(threshold, MIN_LIFT * float(np.average(truth, weights=count)))
         flags = []
+        rankers: dict[int, tuple[dict, sg.CandidateRanker]] = {}
         for k, fold in enumerate(folds):
             n = len(fold.rows)
             grid = scores[k].reshape(len(fields), n)
@@ -676,14 +798,22 @@ class ErrorModel(BaseEstimator):
                 cells, lookups.profile, lookups.patterns, self.field_ids_, lookups.choices
             )
             del lookups
-            others = pd.concat(
-                [other.candidates for j, other in enumerate(folds) if j != k], ignore_index=True
-            )
-            priors = sg.learn_priors(others) if len(others) else {}
-            others = _apply_priors(others, priors)
-            ranker = sg.CandidateRanker(seed=self.seed).fit(
-                others, others["label"].to_numpy() if len(others) else np.zeros(0)
-            )
+            # A fold's suggestions are ranked by a ranker fitted on the other folds' candidates; at scale,
+            # by one fitted on the other groups' (as the classifiers above): three rankers instead of five.
+            key = k % groups if fit is not None else k
+            if key not in rankers:
+                apart = [j for j in range(len(folds)) if (j % groups if fit is not None else j) != key]
+                others = pd.concat([folds[j].candidates for j in apart], ignore_index=True)
+                priors = sg.learn_priors(others) if len(others) else {}
+                others = _apply_priors(others, priors)
+                rankers[key] = (
+                    priors,
+                    sg.CandidateRanker(seed=self.seed).fit(
+                        others, others["label"].to_numpy() if len(others) else np.zeros(0)
+                    ),
+                )
+                del others
+            priors, ranker = rankers[key]
             frame = _apply_priors(frame, priors)
             best = sg.best_candidates(frame, self._label_free(frame, ranker.predict_proba(frame)), len(cells))
             fold_ids = d.text_column(fold.rows, config.id_column).to_numpy()
@@ -717,10 +847,11 @@ class ErrorModel(BaseEstimator):
         confidence = share * (1.0 - np.exp(-frame["dep_weight"].to_numpy(dtype=float)))
         return np.where(free, np.maximum(probability, confidence), probability)
 
-    def _stack(self, per_field: dict[str, pd.DataFrame], n: int) -> np.ndarray:
-        """The per-field feature frames stacked field after field, the field id as last column."""
+    def _stack(self, per_field: dict[str, pd.DataFrame], n: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The per-field feature frames stacked field after field, the field id as last column (into `out`
+        when given)."""
         names = list(per_field)
-        X = np.empty((n * len(names), len(d.FEATURES) + 1), dtype=float)
+        X = np.empty((n * len(names), len(d.FEATURES) + 1), dtype=float) if out is None else out
         for j, name in enumerate(names):
             X[j * n : (j + 1) * n, :-1] = per_field[name].to_numpy(dtype=float)
             X[j * n : (j + 1) * n, -1] = float(self.field_ids_[name])

@@ -514,3 +514,31 @@ def test_number_group_is_the_field_explaining_most_variance_of_the_log() -> None
         assert group.explained == pytest.approx(1 - residual / logs.var())
         assert group.medians == pytest.approx(medians)
         assert group.rows == {"a": 3, "b": 3}
+
+
+def test_sequence_expectation_in_parts_equals_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole history's running-number expectations are computed `EXPECT_ROWS` rows at a time (memory);
+    with parts cut inside every prefix's run, out of table order, across a gap beyond the horizon, with
+    unparsed and missing values and missing times, the numbers are those of one piece."""
+    rng = np.random.default_rng(5)
+    n = 400
+    prefix = rng.choice(["SO-2023-", "SO-2024-", "INV/"], size=n)
+    number = np.arange(n) * 3 + rng.integers(0, 2, size=n)
+    number[rng.choice(n, 15, replace=False)] += 5_000  # slips
+    values = pd.Series([f"{p}{k:06d}" for p, k in zip(prefix, number, strict=True)], dtype=object)
+    values.iloc[rng.choice(n, 10, replace=False)] = ""
+    values.iloc[rng.choice(n, 10, replace=False)] = "no number"
+    days = np.arange(n, dtype=float)
+    days[200:] += 400.0  # a gap longer than the horizon
+    times = pd.Series(pd.Timestamp("2024-01-01") + pd.to_timedelta(days, unit="D"))
+    times.iloc[rng.choice(n, 8, replace=False)] = pd.NaT
+    shuffled = rng.permutation(n)
+    values, times = values.iloc[shuffled].reset_index(drop=True), times.iloc[shuffled].reset_index(drop=True)
+    whole = d.sequence_expectation(values, times, 30.0)
+    assert np.isfinite(whole[0]).sum() > n / 2
+    for rows in (7, 64, 1):
+        monkeypatch.setattr(d, "EXPECT_ROWS", rows)
+        parts = d.sequence_expectation(values, times, 30.0)
+        pd.testing.assert_series_equal(parts[0], whole[0])
+        pd.testing.assert_series_equal(parts[1], whole[1])
+    assert all(len(x) == 0 for x in d.sequence_expectation(values.iloc[:0], times.iloc[:0]))

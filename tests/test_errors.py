@@ -492,6 +492,88 @@ def test_training_rows_keeps_every_labelled_row() -> None:
     assert keep.all() and (weight == 1).all()
 
 
+def test_spread_sample_takes_one_record_in_each_stretch_of_the_history() -> None:
+    from pipeline.errors import spread_sample
+
+    picked = spread_sample(1000, 100, np.random.default_rng(0))
+    assert len(picked) == 100 and (np.diff(picked) > 0).all()
+    assert (picked // 10 == np.arange(100)).all()  # one in each tenth-of-a-percent of the entry order
+    assert not np.array_equal(picked, spread_sample(1000, 100, np.random.default_rng(1)))
+    assert spread_sample(50, 100, np.random.default_rng(0)).tolist() == list(range(50))
+
+
+def test_fit_cells_keeps_every_error_and_confirmed_cell_and_weights_the_sample() -> None:
+    from pipeline.errors import fit_cells
+
+    rng = np.random.default_rng(0)
+    y = np.zeros(1000, dtype=int)
+    y[:10] = 1
+    sure = np.zeros(1000, dtype=bool)
+    sure[10:15] = True
+    weight = np.ones(1000)
+    weight[15:20] = 0.0  # cells entered alike in their duplicate: never fitted on
+    weight[500:] = 3.0  # cells of sampled rows already stand for three
+    mask, w = fit_cells(y, sure, weight, 200, 4, rng)
+    assert mask[:15].all() and not mask[15:20].any()
+    assert mask.sum() == 200
+    assert (w[:15] == 1).all()
+    rate = 185 / 980
+    assert np.allclose(np.unique(w[mask & (np.arange(1000) >= 20)]), [1 / rate, 3 / rate])
+    assert weight[500] == 3.0  # the input weights are left alone
+    # Room for at least `per_error` clean cells per error, whatever `max_cells` says.
+    mask, _ = fit_cells(y, sure, weight, 0, 4, rng)
+    assert mask.sum() == 15 + 40
+    # Room for every cell: all of them with weight, their weights as given.
+    mask, w = fit_cells(y, sure, weight, 5000, 4, rng)
+    assert mask.sum() == 995 and np.array_equal(w, weight)
+
+
+def test_a_large_history_is_profiled_and_fitted_from_samples_and_every_cell_is_scored(
+    demo: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above `SCALE_ROWS` profiled records the profiles are those of `PROFILE_ROWS` records spread over the
+    history, and the classifiers see every labelled error cell and a weighted sample of the others; the
+    thresholds are still chosen on every training cell's score, and the model still finds the demo's
+    errors."""
+    import pipeline.errors as errors_module
+
+    config, stored = demo["config"], demo["stored"]
+    log = load_log(demo["paths"].corrections)
+    entered, _ = replay_backwards(stored, log, id_column=config.id_column)
+    labels = cell_labels(log, stored[config.id_column])
+    seen = []
+    original = ErrorModel._fit_classifier
+
+    def spy(self, X, y, weight=None):  # noqa: ANN001, ANN202
+        seen.append((len(y), int(y.sum()), weight))
+        return original(self, X, y, weight)
+
+    monkeypatch.setattr(ErrorModel, "_fit_classifier", spy)
+    whole = ErrorModel(config, folds=3).fit(entered, labels, stored)
+    full = list(seen)
+    seen.clear()
+    monkeypatch.setattr(errors_module, "SCALE_ROWS", 0)
+    monkeypatch.setattr(errors_module, "PROFILE_ROWS", len(stored) * 3 // 4)
+    monkeypatch.setattr(errors_module, "FIT_CELLS", 2_000)
+    ranker_fit = errors_module.sg.CandidateRanker.fit
+    rankers = []
+    monkeypatch.setattr(
+        errors_module.sg.CandidateRanker,
+        "fit",
+        lambda self, X, y: rankers.append(len(X)) or ranker_fit(self, X, y),
+    )
+    sampled = ErrorModel(config, folds=5).fit(entered, labels, stored)
+    assert len(rankers) == 1 + 3  # the final ranker, and one per group of folds for the suggestion threshold
+    assert sampled.profile_.rows == len(stored) * 3 // 4 < whole.profile_.rows
+    assert len(seen) == len(full) == 4  # the final classifier and one per out-of-fold group
+    (n_full, errors_full, _), (n_sampled, errors_sampled, weight) = full[0], seen[0]
+    assert errors_sampled == errors_full > 0 and n_sampled < n_full / 2
+    assert weight is not None and weight.max() > 2
+    assert sampled.training_errors_ == whole.training_errors_
+    metrics = cell_metrics(sampled.detect(demo["batch"]), demo["truth"], ids=demo["batch"]["record_id"])
+    assert metrics["detection_f1"] > 0.6
+
+
 def test_cut_at_edges_keeps_order_and_missing_values() -> None:
     from pipeline.errors import cut_at_edges, quantile_edges
 
