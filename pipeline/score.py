@@ -55,9 +55,15 @@ CSV_LINE_END = "\r\n"
 SCORE_COLUMNS = (s.DUPLICATE_SCORE, s.ERROR_SCORE, s.ANOMALY_SCORE)
 HISTOGRAM_BINS = 20
 FLAG_KIND_ORDER = {s.KIND_DUPLICATE: 0, s.KIND_ERROR: 1, s.KIND_ANOMALY: 2}
-LINK_ROWS = 10_000  # rows the duplicate matcher takes at a time (its pair arrays grow with them)
-# Rows of a chunk assessed at a time with `--workers` > 1: the parts `ErrorModel.assess` takes anyway.
-PIECE_ROWS = ASSESS_ROWS
+LINK_ROWS = 10_000  # rows `link_chunk` takes at a time (a Spark task's part)
+# Rows the duplicate matcher takes at a time within them: its candidate and pair arrays grow with them (up to
+# `window` candidates per rule and record before the `top_k` cut), ~100 MB per 10,000 rows once a long batch
+# has filled its blocks; the links do not depend on it.
+MATCH_ROWS = 5_000
+# Rows of a chunk assessed at a time with `--workers` > 1: half the parts `ErrorModel.assess` takes, since
+# a piece's frames and the model's per-cell arrays grow with it: a helper peaked ~85 MB above its loaded
+# model with 5,000-row pieces, ~50 MB with 2,500 (1,250: ~40 MB, 10% more CPU). The output is the same.
+PIECE_ROWS = ASSESS_ROWS // 2
 # Rows `score` reads at a time by default: the matcher takes `LINK_ROWS` at a time whatever the chunk, so
 # larger chunks only hold more frames (at 200,000 rows, 50,000-row chunks peaked ~100 MB higher, no faster).
 SCORE_CHUNK_ROWS = LINK_ROWS
@@ -103,11 +109,11 @@ def link_chunk(
     """The duplicate part of `score_chunk`, the only one with state (the matcher's index): the links and
     the field values of each linked row's match (None when no row is linked).
 
-    The matcher takes the chunk `LINK_ROWS` rows at a time: its links do not depend on where chunks are
+    The matcher takes the chunk `MATCH_ROWS` rows at a time: its links do not depend on where chunks are
     cut (tested), and its comparison arrays then stay small whatever the chunk size.
     """
     fields = bundle.config.check_fields
-    parts = [chunk.iloc[start : start + LINK_ROWS] for start in range(0, len(chunk), LINK_ROWS)] or [chunk]
+    parts = [chunk.iloc[start : start + MATCH_ROWS] for start in range(0, len(chunk), MATCH_ROWS)] or [chunk]
     links, matched = [], []
     for part in parts:
         part_links = matcher.match(part)

@@ -441,6 +441,28 @@ def test_pieces_across_helpers_write_what_one_process_writes(demo, model_folder,
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "pieces" / name).read_bytes(), name
 
 
+def test_matcher_parts_write_what_one_part_writes(demo, model_folder, tmp_path, monkeypatch):
+    """One chunk given to the matcher 7 rows at a time (`MATCH_ROWS`; duplicates found across those parts
+    and the matched values handed on per part): the same files byte for byte as in one part."""
+    from pipeline import score as score_module
+
+    common = ("--reference", str(demo.records), "--chunk-rows", "100000")
+    assert score(model_folder, demo.batch, tmp_path / "one", *common) == 0
+    calls = []
+    real_link_chunk = score_module.link_chunk
+
+    def link_chunk(chunk, bundle, matcher):
+        calls.append(len(chunk))
+        return real_link_chunk(chunk, bundle, matcher)
+
+    monkeypatch.setattr(score_module, "MATCH_ROWS", 7)
+    monkeypatch.setattr(score_module, "link_chunk", link_chunk)
+    assert score(model_folder, demo.batch, tmp_path / "parts", *common, "--workers", "2") == 0
+    assert len(calls) == 1 and calls[0] > 7  # one chunk, so only the matcher's parts cut it
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "parts" / name).read_bytes(), name
+
+
 def test_a_helper_loads_no_duplicate_model(model_folder, tmp_path):
     """A `--workers` helper imports `pipeline.score` and unpickles what it is sent (`AssessModel`): neither
     pulls in dedupe or the linkage modules (~15 MB of a helper's memory). What helpers write is checked
