@@ -531,10 +531,10 @@ def test_fit_cells_keeps_every_error_and_confirmed_cell_and_weights_the_sample()
 def test_a_large_history_is_profiled_and_fitted_from_samples_and_every_cell_is_scored(
     demo: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Above `SCALE_ROWS` profiled records the profiles are those of `PROFILE_ROWS` records spread over the
-    history, and the classifiers see every labelled error cell and a weighted sample of the others; the
-    thresholds are still chosen on every training cell's score, and the model still finds the demo's
-    errors."""
+    """Above `PROFILE_ROWS` profiled records the profiles are those of `PROFILE_ROWS` records spread over the
+    history, and above `SCALE_ROWS` the classifiers see every labelled error cell and a weighted sample of
+    the others; the thresholds are still chosen on every training cell's score, and the model still finds
+    the demo's errors."""
     import pipeline.errors as errors_module
 
     config, stored = demo["config"], demo["stored"]
