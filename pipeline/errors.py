@@ -75,7 +75,7 @@ KEEP_LOOKUPS_ROWS = 300_000
 # search, the adopted checks) are also those of PROFILE_ROWS records spread evenly over the history in entry
 # order (`spread_sample`). The cap sits above the 1,000,000-row benchmark: profiling 250,000 of its records
 # cut the held-out error F1 from 0.878 to 0.854 (a customer's evidence thins with its sampled orders) for
-# 170 CPU s and 220 MB, whereas sampling the classifiers' cells kept it (0.872 -> 0.878) and saved 1.1 GB.
+# 90 CPU s and 220 MB, whereas sampling the classifiers' cells kept it (0.872 -> 0.878) and saved 1.1 GB.
 SCALE_ROWS = 250_000
 PROFILE_ROWS = 2_000_000
 FIT_CELLS = 600_000
