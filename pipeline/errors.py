@@ -1491,7 +1491,12 @@ def _require(frame: pd.DataFrame, columns: list[str], what: str) -> None:
 def _align(stored: pd.DataFrame, ids: pd.Series, id_column: str, entered: pd.DataFrame) -> pd.DataFrame:
     """`stored` in the row order of `entered` (by id); records absent from `stored` keep their entered
     values."""
-    keyed = stored.set_index(d.text_column(stored, id_column).to_numpy())
+    own_ids = d.text_column(stored, id_column).to_numpy()
+    if len(own_ids) == len(ids) and (own_ids == ids.to_numpy()).all() and ids.is_unique:
+        # Already in that order (training passes both in entry order): the same rows without the copies
+        # of keying and reindexing them (at a million records, 110 MB kept through the fit).
+        return stored.set_axis(entered.index).fillna(s.MISSING)
+    keyed = stored.set_index(own_ids)
     keyed = keyed[~keyed.index.duplicated()]
     aligned = keyed.reindex(ids.to_numpy())
     absent = (

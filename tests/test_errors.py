@@ -606,6 +606,23 @@ def test_a_classifier_fitted_on_cells_of_its_own_equals_one_fitted_on_a_copy(dem
     assert np.array_equal(own.predict_proba(probe), copied.predict_proba(probe))
 
 
+def test_stored_rows_already_in_the_entered_order_are_aligned_without_keying_them() -> None:
+    """`_align` of a stored history in the entered order is the same frame as keying and reindexing it
+    gives for the same rows shuffled; a record absent from the stored history keeps its entered values."""
+    from pipeline.errors import _align
+
+    entered = pd.DataFrame({"record_id": ["a", "b", "c"], "city": ["X", "Y", "Z"]}).set_axis([5, 6, 7])
+    entered = entered.reset_index(drop=True)
+    stored = pd.DataFrame({"record_id": ["a", "b", "c"], "city": ["Xs", None, "Zs"]}, dtype=object)
+    ids = entered["record_id"]
+    same = _align(stored, ids, "record_id", entered)
+    keyed = _align(stored.iloc[[2, 0, 1]], ids, "record_id", entered)
+    pd.testing.assert_frame_equal(same, keyed)
+    assert same["city"].tolist() == ["Xs", "", "Zs"] and same.index.equals(entered.index)
+    partial = _align(stored.iloc[[0, 2]], ids, "record_id", entered)
+    assert partial["city"].tolist() == ["Xs", "Y", "Zs"]
+
+
 def test_a_chunk_assessed_in_parts_gives_the_result_of_one_piece(demo: dict, monkeypatch) -> None:
     """`assess` takes a chunk `ASSESS_ROWS` rows at a time (memory); scores and flags, their order, reasons
     and suggestions, with and without matched records, are those of the chunk in one piece."""
