@@ -447,13 +447,17 @@ def learn_priors(frame: pd.DataFrame) -> dict[str, dict[str, float]]:
     return priors
 
 
-def fill_empty_columns(X: np.ndarray, empty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def fill_empty_columns(
+    X: np.ndarray, empty: np.ndarray | None = None, *, copy: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Columns that are NaN throughout training set to 0 (scikit-learn's binning fails on them); returns
-    the matrix and the mask of such columns, to apply the same at prediction time."""
+    the matrix and the mask of such columns, to apply the same at prediction time. `copy` False: set in
+    `X` itself (a matrix of the caller's own)."""
     if empty is None:
         empty = np.isnan(X).all(axis=0) if len(X) else np.zeros(X.shape[1], dtype=bool)
     if empty.any():
-        X = X.copy()
+        if copy:
+            X = X.copy()
         X[:, empty] = 0.0
     return X, empty
 

@@ -544,9 +544,9 @@ def test_a_large_history_is_profiled_and_fitted_from_samples_and_every_cell_is_s
     seen = []
     original = ErrorModel._fit_classifier
 
-    def spy(self, X, y, weight=None):  # noqa: ANN001, ANN202
+    def spy(self, X, y, weight=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
         seen.append((len(y), int(y.sum()), weight))
-        return original(self, X, y, weight)
+        return original(self, X, y, weight, **kwargs)
 
     monkeypatch.setattr(ErrorModel, "_fit_classifier", spy)
     whole = ErrorModel(config, folds=3).fit(entered, labels, stored)
@@ -583,6 +583,44 @@ def test_cut_at_edges_keeps_order_and_missing_values() -> None:
     cut = cut_at_edges(X, edges)
     assert np.isnan(cut[-1, 0]) and cut[:, 1].tolist() == X[:, 1].tolist()
     assert np.all(np.diff(cut[:-1, 0]) >= 0) and len(np.unique(cut[:-1, 0])) == 16
+
+
+def test_a_classifier_fitted_on_cells_of_its_own_equals_one_fitted_on_a_copy(demo: dict) -> None:
+    """`_fit_classifier(own=True)` fills the empty columns and cuts the values in the caller's matrix itself
+    (no second copy of the cells); the classifier is the same, and without `own` the matrix is untouched."""
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(3_000, 5))
+    X[:, 1] = np.nan  # empty throughout: set to 0
+    X[::7, 2] = np.nan
+    X[:, -1] = rng.integers(0, 3, size=len(X))  # the field id
+    y = (X[:, 0] + rng.normal(scale=0.5, size=len(X)) > 0.8).astype(int)
+    weight = rng.uniform(1.0, 5.0, size=len(X))
+    model = ErrorModel(demo["config"], max_iter=20)
+    before = X.copy()
+    copied, empty_copied = model._fit_classifier(X, y, weight)
+    assert np.array_equal(X, before, equal_nan=True)
+    own, empty_own = model._fit_classifier(X, y, weight, own=True)
+    assert not np.array_equal(X, before, equal_nan=True)  # cut in place
+    assert empty_own.tolist() == empty_copied.tolist() == [False, True, False, False, False]
+    probe, _ = sg.fill_empty_columns(before, empty_own)
+    assert np.array_equal(own.predict_proba(probe), copied.predict_proba(probe))
+
+
+def test_stored_rows_already_in_the_entered_order_are_aligned_without_keying_them() -> None:
+    """`_align` of a stored history in the entered order is the same frame as keying and reindexing it
+    gives for the same rows shuffled; a record absent from the stored history keeps its entered values."""
+    from pipeline.errors import _align
+
+    entered = pd.DataFrame({"record_id": ["a", "b", "c"], "city": ["X", "Y", "Z"]}).set_axis([5, 6, 7])
+    entered = entered.reset_index(drop=True)
+    stored = pd.DataFrame({"record_id": ["a", "b", "c"], "city": ["Xs", None, "Zs"]}, dtype=object)
+    ids = entered["record_id"]
+    same = _align(stored, ids, "record_id", entered)
+    keyed = _align(stored.iloc[[2, 0, 1]], ids, "record_id", entered)
+    pd.testing.assert_frame_equal(same, keyed)
+    assert same["city"].tolist() == ["Xs", "", "Zs"] and same.index.equals(entered.index)
+    partial = _align(stored.iloc[[0, 2]], ids, "record_id", entered)
+    assert partial["city"].tolist() == ["Xs", "Y", "Zs"]
 
 
 def test_a_chunk_assessed_in_parts_gives_the_result_of_one_piece(demo: dict, monkeypatch) -> None:
@@ -636,9 +674,9 @@ def test_cells_entered_alike_in_their_duplicate_do_not_teach_the_classifier(
     seen = []
     original = ErrorModel._fit_classifier
 
-    def spy(self, X, y, weight=None):  # noqa: ANN001, ANN202
+    def spy(self, X, y, weight=None, **kwargs):  # noqa: ANN001, ANN003, ANN202
         seen.append((y, weight))
-        return original(self, X, y, weight)
+        return original(self, X, y, weight, **kwargs)
 
     monkeypatch.setattr(ErrorModel, "_fit_classifier", spy)
     ErrorModel(config, folds=3).fit(entered, labels, stored, matched=matched)
@@ -647,7 +685,9 @@ def test_cells_entered_alike_in_their_duplicate_do_not_teach_the_classifier(
     assert (weight[y == 1] > 0).all()
     plain = []
     monkeypatch.setattr(
-        ErrorModel, "_fit_classifier", lambda self, X, y, w=None: plain.append(w) or original(self, X, y, w)
+        ErrorModel,
+        "_fit_classifier",
+        lambda self, X, y, w=None, **kw: plain.append(w) or original(self, X, y, w, **kw),
     )
     ErrorModel(config, folds=3).fit(entered, labels, stored)
     assert plain[0] is None or (plain[0] > 0).all()

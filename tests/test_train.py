@@ -253,3 +253,45 @@ def test_the_held_out_period_scored_in_chunks_gives_the_figures_of_one_chunk(
     # chunks of 7 rows: running numbers and links continue across every cut, flags gathered from all
     monkeypatch.setattr(score, "SCORE_CHUNK_ROWS", 7)
     assert evaluate.evaluate_bundle(result.bundle, holdout).metrics == whole
+
+
+def test_consecutive_rows_are_taken_as_a_slice_and_any_others_as_a_copy() -> None:
+    """`_rows` is `iloc[positions]` either way; consecutive positions share the frame's columns."""
+    from pipeline.train import _rows
+
+    frame = pd.DataFrame({"a": np.arange(10), "b": [f"v{i}" for i in range(10)]}, dtype=object)
+    for positions in (np.arange(3, 9), np.array([1, 2, 4]), np.array([4, 3]), np.arange(0)):
+        pd.testing.assert_frame_equal(_rows(frame, positions), frame.iloc[positions])
+    block = frame._mgr.blocks[0].values
+    assert np.shares_memory(_rows(frame, np.arange(3, 9))._mgr.blocks[0].values, block)
+    assert not np.shares_memory(_rows(frame, np.array([1, 2, 4]))._mgr.blocks[0].values, block)
+
+
+def test_merged_into_values_hold_the_stored_values_of_each_records_original(world) -> None:
+    """Same rows as the records given: a merged record's original's stored values, `''` for a record merged
+    into none or into a record the history does not hold."""
+    from pipeline.detectors import text_column
+    from pipeline.train import _load, _merged_into_values
+
+    cfg = load_config(world.config)
+    history, _, _ = _load(cfg, Path(world.records), Path(world.corrections))
+    log = history.log
+    merged = log[log[s.LOG_ACTION] == s.ACTION_MERGE]
+    target = dict(zip(merged[s.LOG_RECORD_ID], merged[s.LOG_MERGED_INTO], strict=True))
+    target[next(iter(target))] = "no such record"
+    history.log = pd.concat(
+        [
+            log[log[s.LOG_ACTION] != s.ACTION_MERGE],
+            merged.assign(**{s.LOG_MERGED_INTO: list(target.values())}),
+        ]
+    )
+    records = history.entered.iloc[::-1]
+    values = _merged_into_values(history, records)
+    assert len(values) == len(records) and list(values.columns) == list(cfg.fields)
+    stored = history.stored.set_index(cfg.id_column)
+    ids = records[cfg.id_column].tolist()
+    for name in ("customer_name", "city"):
+        got = text_column(values, name).tolist()
+        want = [stored.at[target[i], name] if target.get(i) in stored.index else s.MISSING for i in ids]
+        assert got == want
+    assert sum(i in target for i in ids) > 5 and (text_column(values, "city") != s.MISSING).sum() > 5
