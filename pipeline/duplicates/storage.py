@@ -99,7 +99,7 @@ class RecordFile:
     def __init__(self, width: int, directory: str | None = None) -> None:
         self.width = width
         self.ends = Offsets()
-        self._file = _unlinked_file(directory)
+        self._file = unlinked_file(directory)
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -122,7 +122,7 @@ class RecordFile:
         encoded = [cell.encode(_ENCODING, _ERRORS) for cell in cells.ravel().tolist()]
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + len(_END)
         ends = self.size + np.cumsum(lengths.reshape(rows, self.width).sum(axis=1))
-        _write(self._file.fileno(), _END.join(encoded) + _END, self.size)
+        write_at(self._file.fileno(), _END.join(encoded) + _END, self.size)
         self.ends.extend(ends)
 
     def __getitem__(self, index: int) -> list[str]:
@@ -148,20 +148,20 @@ class RecordFile:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.width, self.ends = state["width"], state["ends"]
-        self._file = _unlinked_file(None)
-        _write(self._file.fileno(), state["data"], 0)
+        self._file = unlinked_file(None)
+        write_at(self._file.fileno(), state["data"], 0)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RecordFile) and self.__getstate__() == other.__getstate__()
 
 
-def _unlinked_file(directory: str | None) -> Any:
+def unlinked_file(directory: str | None) -> Any:
     """A new temporary file, already without a name: its space is freed when it is closed."""
     # Held open for the matcher's life, closed by `RecordFile.close` or when collected.
     return tempfile.TemporaryFile(prefix="pipeline-records-", dir=directory)  # noqa: SIM115
 
 
-def _write(fd: int, data: bytes, offset: int) -> None:
+def write_at(fd: int, data: bytes, offset: int) -> None:
     """All of `data` at `offset` (`os.pwrite` may write less than asked)."""
     view = memoryview(data)
     while view:
