@@ -423,6 +423,10 @@ class _Scorer:
         seconds = time.process_time() - started
         self.piece_seconds = 0.8 * self.piece_seconds + 0.2 * seconds if self.piece_seconds else seconds
 
+    def drop_matcher(self) -> None:
+        """Lets go of the duplicate matcher once every chunk is submitted (`finish` needs none)."""
+        self.matcher = None
+
     def finish(self) -> Iterator[tuple[pd.DataFrame, ChunkResult]]:
         """Yields the chunks still in flight. With nothing left to match, this process takes back the
         pieces no helper has started, newest first, while the helpers work from the oldest."""
@@ -619,12 +623,16 @@ def run_batch(
                     for done, result in scorer.submit(chunk):
                         rows += _write_chunk(done, result, writer, runs, histograms, progress)
                     release_free_memory()
+            # Every row is linked (the pieces still to assess carry their matches): the duplicate index
+            # and the ids seen, a long batch's largest parts, are freed before this process assesses the
+            # last pieces beside the helpers, where a 600,000-row batch peaked.
+            del seen_ids, matcher
+            scorer.drop_matcher()
+            release_free_memory()
             for done, result in scorer.finish():
                 rows += _write_chunk(done, result, writer, runs, histograms, progress)
         scorer.close()
-        # The matcher's index is not needed for the summary: freed before the flags are read back.
         scorer = None
-        del seen_ids, matcher
         runs.merge_into(staging / s.FLAGS_FILE)
         # What the summary and report count (kinds, fields, distinct records, the top flags): read back
         # from flags.csv as Arrow-backed text, a few bytes per flag rather than the chunks' frames.
