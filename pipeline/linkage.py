@@ -62,7 +62,7 @@ from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold
 from pipeline.duplicates.classifier import PairClassifier, probabilities
 from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
-from pipeline.duplicates.storage import Offsets, RecordFile, unlinked_file, write_at
+from pipeline.duplicates.storage import FloatFile, Offsets, RecordFile, unlinked_file, write_at
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import TermFrequencies, compare_many
@@ -687,7 +687,7 @@ class Matcher:
             field: _latest_parsed(np.zeros(0, dtype=np.int64), []) for field in self._fields
         }
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
-        self._times = array("d")
+        self._times = FloatFile()  # entry times, read for a link's reason only: mostly on disk
         self._blocks = [_BlockIndex() for _ in (model.rules_ if rules is None else rules)]
         for block_index in self._blocks:
             block_index.track_leavers = evict
@@ -1260,7 +1260,7 @@ class Matcher:
             self._cluster.pop(record_id, None)
         self._position.truncate(start)
         self._ids.truncate(start)
-        del self._times[start:]
+        self._times.truncate(start)
         if positions:
             restored = np.empty(len(positions), dtype=object)
             restored[:] = list(positions)
