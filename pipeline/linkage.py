@@ -1410,7 +1410,8 @@ class _TextList:
     """
 
     SPILL_BYTES = 4 << 20
-    GAP = 1 << 14  # older texts closer than this are read with one `pread`
+    GAP = 1 << 14  # older texts closer than this are read with one `pread`...
+    READ_BYTES = 1 << 18  # ... within the same 256 KiB of the file
 
     def __init__(self) -> None:
         self.data = bytearray()  # the texts from byte `spilled` on
@@ -1467,7 +1468,11 @@ class _TextList:
         starts, ends = starts[order], ends[order]
         reach = np.maximum.accumulate(ends)
         run = np.ones(len(starts), dtype=bool)
-        run[1:] = starts[1:] > reach[:-1] + self.GAP
+        # A new read after a gap, and at each `READ_BYTES` of the file: candidates' values spread over a
+        # long batch's file would otherwise come in one read of all of it.
+        run[1:] = (starts[1:] > reach[:-1] + self.GAP) | (
+            starts[1:] // self.READ_BYTES > starts[:-1] // self.READ_BYTES
+        )
         first = np.flatnonzero(run)
         last = np.append(first[1:], len(starts)) - 1
         texts = np.empty(len(starts), dtype=object)

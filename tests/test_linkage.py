@@ -731,6 +731,7 @@ def test_the_text_list_gives_back_each_text_as_stored_and_truncates(monkeypatch,
     if spill is not None:  # older texts in the temporary file: all of them (1 byte) or some (20)
         monkeypatch.setattr(_TextList, "SPILL_BYTES", spill)
         monkeypatch.setattr(_TextList, "GAP", 3)
+        monkeypatch.setattr(_TextList, "READ_BYTES", 16)
     texts = _TextList()
     stored = ["SO-2023-000001", "", "Ünïcode ß", "\udcff lone surrogate", "x"]
     texts.extend(stored[:2])
