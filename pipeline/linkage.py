@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from array import array
@@ -61,7 +62,7 @@ from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold
 from pipeline.duplicates.classifier import PairClassifier, probabilities
 from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
-from pipeline.duplicates.storage import Offsets, RecordFile
+from pipeline.duplicates.storage import FloatFile, Offsets, RecordFile, unlinked_file, write_at
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import TermFrequencies, compare_many
@@ -686,7 +687,7 @@ class Matcher:
             field: _latest_parsed(np.zeros(0, dtype=np.int64), []) for field in self._fields
         }
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
-        self._times = array("d")
+        self._times = FloatFile()  # entry times, read for a link's reason only: mostly on disk
         self._blocks = [_BlockIndex() for _ in (model.rules_ if rules is None else rules)]
         for block_index in self._blocks:
             block_index.track_leavers = evict
@@ -695,7 +696,9 @@ class Matcher:
         self._live = _Growable(np.int8)  # per record: blocks whose window still holds it (with `evict`)
         self._leaving: list[int] = []  # records that left every window; dropped before the next chunk
         # How common each value is in the data being matched (see `_count_density`).
-        self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.int32) for field in self._fields}
+        # Counts per value code in as few bytes as the largest count needs so far (most values of a batch's
+        # order numbers and amounts are held once or twice).
+        self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.uint8) for field in self._fields}
         self._present: dict[str, int] = {field: 0 for field in self._fields}
         # Per record of the latest `_add` only (from `_penalty_start` on): a penalty counts for the later
         # record of a pair, always one of the chunk being matched, so older records' are never read again.
@@ -885,10 +888,12 @@ class Matcher:
             seen = self._seen[field]
             size = len(self._texts[field])
             if len(seen) < size:
-                seen = self._seen[field] = np.concatenate([seen, np.zeros(size - len(seen), np.int32)])
+                seen = self._seen[field] = np.concatenate([seen, np.zeros(size - len(seen), seen.dtype)])
             present = codes >= 0
             values = codes[present]
             count, total = _running_counts(values, seen, self._present[field])
+            if len(count) and count.max() > np.iinfo(seen.dtype).max:  # `count` ends at the new counts
+                seen = self._seen[field] = seen.astype(_count_type(int(count.max())))
             penalty = np.zeros(len(codes), dtype="f4")
             fitted = self._frequencies.get(field)
             fitted_shares = shares[field][present]
@@ -928,8 +933,9 @@ class Matcher:
         if not self._leaving:
             return
         leaving = np.asarray(self._leaving, dtype=np.int64)
+        for record_id in self._ids.take(leaving) if self._cluster else []:  # one read of the spilled ids
+            self._cluster.pop(record_id, None)
         for position in leaving.tolist():
-            self._cluster.pop(self._ids[position], None)
             for field in self._fields:
                 self._unparsed[field].pop(position, None)
         self._position.remove(leaving)
@@ -1177,7 +1183,7 @@ class Matcher:
         ids = self._ids
         best = pd.DataFrame(
             {
-                "candidate_id": [ids[p] if p >= 0 else s.MISSING for p in best_position],
+                "candidate_id": _take_ids(ids, best_position),
                 "score": best_score,
                 "position": positions,
                 "candidate_position": best_position,
@@ -1186,8 +1192,8 @@ class Matcher:
         )
         pairs = pd.DataFrame(
             {
-                "record_id": [ids[p] for p in query],
-                "candidate_id": [ids[p] for p in found],
+                "record_id": ids.take(query),
+                "candidate_id": ids.take(found),
                 "score": scores,
             }
         )
@@ -1250,11 +1256,11 @@ class Matcher:
             for position in [p for p in unparsed if p >= start]:
                 del unparsed[position]
         self._raw.truncate(start)
-        for position in range(start, len(self._ids)):
-            self._cluster.pop(self._ids[position], None)
+        for record_id in self._ids.take(np.arange(start, len(self._ids))) if self._cluster else []:
+            self._cluster.pop(record_id, None)
         self._position.truncate(start)
         self._ids.truncate(start)
-        del self._times[start:]
+        self._times.truncate(start)
         if positions:
             restored = np.empty(len(positions), dtype=object)
             restored[:] = list(positions)
@@ -1395,24 +1401,47 @@ class _Growable:
 class _TextList:
     """An append-only list of texts stored as one UTF-8 buffer and end offsets (`Offsets`): ~4 bytes per
     text beyond its characters, instead of a str object and a list slot (~60 bytes). For raw values that
-    are not the normalised ones (an order number as typed), which a batch adds one per record."""
+    are not the normalised ones (an order number as typed), which a batch adds one per record.
+
+    The buffer's older part goes to an unlinked temporary file once `SPILL_BYTES` have gathered: a batch's
+    ids and order numbers are read back a few per record matched (a candidate's value, a hash hit to
+    check, a link's id), mostly the latest ones, which stay in memory, so at 2,000,000 records the ~30
+    bytes per record of ids and order numbers are not resident. Pickles as its contents.
+    """
+
+    SPILL_BYTES = 4 << 20
+    GAP = 1 << 14  # older texts closer than this are read with one `pread`...
+    READ_BYTES = 1 << 18  # ... within the same 256 KiB of the file
 
     def __init__(self) -> None:
-        self.data = bytearray()
+        self.data = bytearray()  # the texts from byte `spilled` on
         self.ends = Offsets()
+        self.spilled = 0  # bytes in the file
+        self._file: Any = None
 
     def __len__(self) -> int:
         return len(self.ends)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _TextList) and self.ends == other.ends and self.data == other.data
+        return isinstance(other, _TextList) and self.ends == other.ends and self._bytes() == other._bytes()
+
+    def _bytes(self) -> bytes:
+        return (os.pread(self._file.fileno(), self.spilled, 0) if self.spilled else b"") + bytes(self.data)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"ends": self.ends, "data": self._bytes()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.ends, self.data, self.spilled, self._file = state["ends"], bytearray(state["data"]), 0, None
 
     def __getitem__(self, index: int) -> str:
         if index < 0:
             index += len(self.ends)
         end = self.ends[index]  # IndexError past the end, as a list
         start = self.ends[index - 1] if index else 0
-        return self.data[start:end].decode("utf-8", "surrogatepass")
+        if start >= self.spilled:
+            return self.data[start - self.spilled : end - self.spilled].decode("utf-8", "surrogatepass")
+        return self._read(np.array([start]), np.array([end]))[0]
 
     def take(self, indices: np.ndarray | Sequence[int]) -> list[str]:
         """The texts at these places, in that order."""
@@ -1423,25 +1452,64 @@ class _TextList:
         starts = np.zeros(len(indices), dtype=np.int64)
         inside = indices > 0
         starts[inside] = self.ends.take(indices[inside] - 1)
-        data = self.data
-        return [
-            data[start:end].decode("utf-8", "surrogatepass")
-            for start, end in zip(starts.tolist(), ends.tolist(), strict=True)
-        ]
+        spilled = self.spilled
+        if spilled and starts.min() < spilled:
+            texts = np.empty(len(indices), dtype=object)
+            cold = starts < spilled
+            texts[cold] = self._read(starts[cold], ends[cold])
+            hot = np.flatnonzero(~cold)
+            texts[hot] = _decode_slices(self.data, starts[hot] - spilled, ends[hot] - spilled)
+            return texts.tolist()
+        return _decode_slices(self.data, starts - spilled, ends - spilled)
+
+    def _read(self, starts: np.ndarray, ends: np.ndarray) -> list[str]:
+        """The texts at these byte ranges of the file, in that order: one read per run of nearby texts."""
+        order = np.argsort(starts, kind="stable")
+        starts, ends = starts[order], ends[order]
+        reach = np.maximum.accumulate(ends)
+        run = np.ones(len(starts), dtype=bool)
+        # A new read after a gap, and at each `READ_BYTES` of the file: candidates' values spread over a
+        # long batch's file would otherwise come in one read of all of it.
+        run[1:] = (starts[1:] > reach[:-1] + self.GAP) | (
+            starts[1:] // self.READ_BYTES > starts[:-1] // self.READ_BYTES
+        )
+        first = np.flatnonzero(run)
+        last = np.append(first[1:], len(starts)) - 1
+        texts = np.empty(len(starts), dtype=object)
+        fd = self._file.fileno()
+        for begin, stop in zip(first.tolist(), last.tolist(), strict=True):
+            base = int(starts[begin])
+            chunk = os.pread(fd, int(reach[stop]) - base, base)
+            part = slice(begin, stop + 1)
+            texts[part] = _decode_slices(chunk, starts[part] - base, ends[part] - base)
+        result = np.empty(len(starts), dtype=object)
+        result[order] = texts
+        return result.tolist()
 
     def extend(self, texts: Sequence[str]) -> None:
         encoded = [text.encode("utf-8", "surrogatepass") for text in texts]
         if not encoded:
             return
         sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        ends = np.cumsum(sizes) + len(self.data)
+        ends = np.cumsum(sizes) + self.spilled + len(self.data)
         self.data += b"".join(encoded)
         self.ends.extend(ends)
+        if len(self.data) >= self.SPILL_BYTES:
+            if self._file is None:
+                self._file = unlinked_file(None)
+            write_at(self._file.fileno(), bytes(self.data), self.spilled)
+            self.spilled += len(self.data)
+            self.data = bytearray()
 
     def truncate(self, size: int) -> None:
         """Keeps the first `size` texts."""
         if size < len(self.ends):
-            del self.data[(self.ends[size - 1] if size else 0) :]
+            end = self.ends[size - 1] if size else 0
+            if end >= self.spilled:
+                del self.data[end - self.spilled :]
+            else:
+                os.ftruncate(self._file.fileno(), end)
+                self.spilled, self.data = end, bytearray()
             self.ends.truncate(size)
 
 
@@ -1546,23 +1614,60 @@ class _CodeTable:
 
 class _BlockIndex:
     """One blocking rule's blocks as arrays, a chunk at a time: per key (a 64-bit hash of its text, sorted,
-    with 32 bits of a second hash to detect a collision) the block's size and latest record; per record the
-    previous record of its block. A record's window is found by walking back from there; ~20 bytes per
-    distinct key and 4 per record, instead of a dict entry, a key string and a list per block. (The check
-    only warns: a batch adds a near-unique order number per record, so its 8 bytes were kept 4.)"""
+    with 8 bits of a second hash to detect a collision) the block's size and latest record; per record the
+    previous record of its block. A record's window is found by walking back from there. ~14 bytes per
+    distinct key and 4 per record, instead of a dict entry, a key string and a list per block: a batch adds
+    a near-unique order number (and amount) per record, so most keys are blocks of one, and a size is kept
+    in one byte (`SMALL`), a larger one in a side table of the few keys that reach it. (The check only
+    warns; 8 bits still catch 255 of 256 collisions, themselves ~1 in 10 million at millions of keys.)"""
 
     HASH_KEY = "0123456789123456"
     CHECK_KEY = "pipeline:blocks!"
+    SMALL = 255  # a `count` of SMALL: the size is in `big_keys`/`big_count`
 
     def __init__(self) -> None:
         self.keys = np.zeros(0, dtype=np.uint64)
-        self.checks = np.zeros(0, dtype=np.uint32)
-        self.count = np.zeros(0, dtype=np.int32)
+        self.checks = np.zeros(0, dtype=np.uint8)
+        self.count = np.zeros(0, dtype=np.uint8)
         self.last = np.zeros(0, dtype=np.int32)
+        self.big_keys = np.zeros(0, dtype=np.uint64)  # sorted: the keys whose block has SMALL records or more
+        self.big_count = np.zeros(0, dtype=np.int64)
         self.prev = _Growable(np.int32)
         self.track_leavers = False
         self.leavers = np.zeros(0, dtype=np.int64)
         self.undo: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def sizes(self, at: np.ndarray) -> np.ndarray:
+        """The block sizes of the keys at these places of `keys` (int64)."""
+        sizes = self.count[at].astype(np.int64)
+        big = np.flatnonzero(sizes == self.SMALL)
+        if len(big):
+            sizes[big] = self.big_count[np.searchsorted(self.big_keys, self.keys[at[big]])]
+        return sizes
+
+    def _set_sizes(self, at: np.ndarray, sizes: np.ndarray) -> None:
+        """Sets the block sizes of the keys at these places of `keys` (distinct places)."""
+        sizes = np.asarray(sizes, dtype=np.int64)
+        self.count[at] = np.minimum(sizes, self.SMALL)
+        keys = self.keys[at]
+        held = np.zeros(len(keys), dtype=bool)
+        if len(self.big_keys):
+            where = np.minimum(np.searchsorted(self.big_keys, keys), len(self.big_keys) - 1)
+            held = self.big_keys[where] == keys
+        big = sizes >= self.SMALL
+        if (held & big).any():
+            self.big_count[where[held & big]] = sizes[held & big]
+        if (held & ~big).any():  # back below SMALL (a rollback)
+            keep = np.ones(len(self.big_keys), dtype=bool)
+            keep[where[held & ~big]] = False
+            self.big_keys, self.big_count = self.big_keys[keep], self.big_count[keep]
+        fresh = big & ~held
+        if fresh.any():
+            order = np.argsort(keys[fresh])
+            new_keys, new_sizes = keys[fresh][order], sizes[fresh][order]
+            place = np.searchsorted(self.big_keys, new_keys)
+            self.big_keys = np.insert(self.big_keys, place, new_keys)
+            self.big_count = np.insert(self.big_count, place, new_sizes)
 
     def add(
         self, keys: Sequence[str], start: int, window: int, collect: bool
@@ -1578,7 +1683,7 @@ class _BlockIndex:
             self.undo = (np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), np.zeros(0), np.zeros(0))
             return empty
         hashes = pd.util.hash_array(values[rows], hash_key=self.HASH_KEY)
-        checks = pd.util.hash_array(values[rows], hash_key=self.CHECK_KEY).astype(np.uint32)
+        checks = pd.util.hash_array(values[rows], hash_key=self.CHECK_KEY).astype(np.uint8)
         order = np.lexsort((rows, hashes))
         hashes, checks, rows = hashes[order], checks[order], rows[order]
         first = np.ones(len(rows), dtype=bool)
@@ -1597,7 +1702,7 @@ class _BlockIndex:
         self.leavers = np.zeros(0, dtype=np.int64)
         old_count = np.zeros(len(starts), dtype=np.int64)
         old_last = np.full(len(starts), -1, dtype=np.int64)
-        old_count[found] = self.count[at[found]]
+        old_count[found] = self.sizes(at[found])
         old_last[found] = self.last[at[found]]
         positions = start + rows
         before = np.empty(len(rows), dtype=np.int64)
@@ -1609,14 +1714,18 @@ class _BlockIndex:
         ends = np.append(starts[1:], len(rows)) - 1
         new_count = old_count + (ends - starts + 1)
         new_last = positions[ends]
-        self.count[at[found]] = new_count[found]
+        self._set_sizes(at[found], new_count[found])
         self.last[at[found]] = new_last[found]
         new = ~found
         if new.any():
             self.keys = np.insert(self.keys, at[new], group_keys[new])
             self.checks = np.insert(self.checks, at[new], group_checks[new])
-            self.count = np.insert(self.count, at[new], new_count[new])
+            self.count = np.insert(self.count, at[new], np.minimum(new_count[new], self.SMALL))
             self.last = np.insert(self.last, at[new], new_last[new])
+            if (new_count[new] >= self.SMALL).any():
+                inserted = np.flatnonzero(new)
+                placed = at[inserted] + np.arange(len(inserted))  # their places once inserted
+                self._set_sizes(placed, new_count[new])
         if self.track_leavers:
             self.leavers = self._leavers(rows, rank, group, starts, ends, old_last, window, start)
         if not collect:
@@ -1675,17 +1784,34 @@ class _BlockIndex:
         inserted, changed, old_count, old_last = self.undo
         if len(inserted):
             at = np.searchsorted(self.keys, inserted)
+            self._set_sizes(at, np.zeros(len(at), dtype=np.int64))  # out of the side table
             self.keys, self.checks = np.delete(self.keys, at), np.delete(self.checks, at)
             self.count, self.last = np.delete(self.count, at), np.delete(self.last, at)
         if len(changed):
             at = np.searchsorted(self.keys, changed)
-            self.count[at] = old_count
+            self._set_sizes(at, old_count)
             self.last[at] = old_last
         self.prev.truncate(start)
         self.undo = None
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _take_ids(ids: _TextList, positions: np.ndarray) -> np.ndarray:
+    """The ids at these positions as an object array ("" where a position is -1)."""
+    taken = np.full(len(positions), s.MISSING, dtype=object)
+    held = np.flatnonzero(positions >= 0)
+    taken[held] = ids.take(positions[held])
+    return taken
+
+
+def _decode_slices(data: bytes | bytearray, starts: np.ndarray, ends: np.ndarray) -> list[str]:
+    """The UTF-8 texts at these byte ranges of `data`, in order."""
+    return [
+        data[start:end].decode("utf-8", "surrogatepass")
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True)
+    ]
 
 
 def _text_values(column: pd.Series) -> np.ndarray:
@@ -1787,6 +1913,11 @@ def _first_seen(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     new = np.ones(len(inverse), dtype=bool)
     new[1:] = inverse[1:] > np.maximum.accumulate(inverse)[:-1]
     return inverse, np.flatnonzero(new)
+
+
+def _count_type(largest: int) -> type:
+    """The narrowest unsigned type holding counts up to `largest`."""
+    return next(kind for kind in (np.uint8, np.uint16, np.uint32, np.uint64) if largest <= np.iinfo(kind).max)
 
 
 def _running_counts(codes: np.ndarray, seen: np.ndarray, present: int) -> tuple[np.ndarray, np.ndarray]:

@@ -58,8 +58,10 @@ FLAG_KIND_ORDER = {s.KIND_DUPLICATE: 0, s.KIND_ERROR: 1, s.KIND_ANOMALY: 2}
 LINK_ROWS = 10_000  # rows `link_chunk` takes at a time (a Spark task's part)
 # Rows the duplicate matcher takes at a time within them: its candidate and pair arrays grow with them (up to
 # `window` candidates per rule and record before the `top_k` cut), ~100 MB per 10,000 rows once a long batch
-# has filled its blocks; the links do not depend on it.
-MATCH_ROWS = 5_000
+# has filled its blocks; the links do not depend on it. 2,500 rather than 5,000: at 200,000 rows --workers 2
+# the parent peaked 8 MB lower for ~5% more CPU; 2,000,000 rows peaked at 1,014 MB in all (5,000: 1,043 MB,
+# a run under heavier load).
+MATCH_ROWS = 2_500
 # Rows of a chunk assessed at a time with `--workers` > 1: half the parts `ErrorModel.assess` takes, since
 # a piece's frames and the model's per-cell arrays grow with it: a helper peaked ~85 MB above its loaded
 # model with 5,000-row pieces, ~50 MB with 2,500 (1,250: ~40 MB, 10% more CPU). The output is the same.
@@ -423,6 +425,10 @@ class _Scorer:
         seconds = time.process_time() - started
         self.piece_seconds = 0.8 * self.piece_seconds + 0.2 * seconds if self.piece_seconds else seconds
 
+    def drop_matcher(self) -> None:
+        """Lets go of the duplicate matcher once every chunk is submitted (`finish` needs none)."""
+        self.matcher = None
+
     def finish(self) -> Iterator[tuple[pd.DataFrame, ChunkResult]]:
         """Yields the chunks still in flight. With nothing left to match, this process takes back the
         pieces no helper has started, newest first, while the helpers work from the oldest."""
@@ -619,12 +625,16 @@ def run_batch(
                     for done, result in scorer.submit(chunk):
                         rows += _write_chunk(done, result, writer, runs, histograms, progress)
                     release_free_memory()
+            # Every row is linked (the pieces still to assess carry their matches): the duplicate index
+            # and the ids seen, a long batch's largest parts, are freed before this process assesses the
+            # last pieces beside the helpers, where a 600,000-row batch peaked.
+            del seen_ids, matcher
+            scorer.drop_matcher()
+            release_free_memory()
             for done, result in scorer.finish():
                 rows += _write_chunk(done, result, writer, runs, histograms, progress)
         scorer.close()
-        # The matcher's index is not needed for the summary: freed before the flags are read back.
         scorer = None
-        del seen_ids, matcher
         runs.merge_into(staging / s.FLAGS_FILE)
         # What the summary and report count (kinds, fields, distinct records, the top flags): read back
         # from flags.csv as Arrow-backed text, a few bytes per flag rather than the chunks' frames.

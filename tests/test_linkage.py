@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -723,15 +724,23 @@ def test_the_value_code_table_finds_each_text_exactly_even_when_hashes_clash(mon
     assert len(table) == 1
 
 
-def test_the_text_list_gives_back_each_text_as_stored_and_truncates() -> None:
+@pytest.mark.parametrize("spill", [None, 1, 20])
+def test_the_text_list_gives_back_each_text_as_stored_and_truncates(monkeypatch, spill) -> None:
     from pipeline.linkage import _TextList
 
+    if spill is not None:  # older texts in the temporary file: all of them (1 byte) or some (20)
+        monkeypatch.setattr(_TextList, "SPILL_BYTES", spill)
+        monkeypatch.setattr(_TextList, "GAP", 3)
+        monkeypatch.setattr(_TextList, "READ_BYTES", 16)
     texts = _TextList()
     stored = ["SO-2023-000001", "", "Ünïcode ß", "\udcff lone surrogate", "x"]
     texts.extend(stored[:2])
     texts.extend(stored[2:])
     assert [texts[i] for i in range(len(texts))] == stored
     assert texts[-1] == "x"
+    assert texts.take([4, 0, 2, 0, 3, 1]) == [stored[i] for i in (4, 0, 2, 0, 3, 1)]
+    copied = pickle.loads(pickle.dumps(texts))
+    assert copied == texts and copied.take([3, 0]) == [stored[3], stored[0]]
     texts.truncate(3)
     assert len(texts) == 3 and texts[2] == "Ünïcode ß"
     with pytest.raises(IndexError):
@@ -890,3 +899,37 @@ def test_matching_pauses_the_cyclic_collector_and_leaves_it_as_it_was(trained, m
     with pytest.raises(ZeroDivisionError):
         matcher.match(batch([dict(order(5), record_id="N3")]))
     assert gc.isenabled()
+
+
+def test_block_sizes_past_one_byte_weigh_candidates_exactly_and_roll_back() -> None:
+    from pipeline.linkage import _BlockIndex
+
+    index, start, sizes = _BlockIndex(), 0, {}
+    # "busy" passes the one-byte size (255) within a chunk and across chunks; "x<i>" are blocks of one.
+    parts = (["busy"] * 200 + [f"x{i}" for i in range(50)], ["busy"] * 100 + ["", "once"], ["busy"] * 300)
+    for part in parts:
+        query, other, weight = index.add(part, start, window=3, collect=True)
+        expected = []
+        for key in part:
+            if key:
+                before = sizes.get(key, 0)
+                expected += [1.0 / before] * min(before, 3) if before else []
+                sizes[key] = before + 1
+        assert sorted(weight.tolist()) == sorted(expected)
+        assert index.sizes(np.arange(len(index.keys))).sum() == sum(sizes.values())
+        start += len(part)
+    assert index.count.dtype == np.uint8 and index.big_count.tolist() == [600]
+    before = (index.keys.copy(), index.count.copy(), index.last.copy(), index.big_keys.copy())
+    index.add(["busy"] * 10 + ["new"], start, window=3, collect=False)
+    assert index.big_count.tolist() == [610] and len(index.keys) == len(before[0]) + 1
+    index.rollback(start)
+    after = (index.keys, index.count, index.last, index.big_keys)
+    assert all(np.array_equal(a, b) for a, b in zip(after, before, strict=True))
+    assert index.big_count.tolist() == [600] and len(index.prev) == start
+    # A rollback that takes a block back below one byte's reach drops it from the side table.
+    small = _BlockIndex()
+    small.add(["k"] * 250, 0, window=3, collect=False)
+    small.add(["k"] * 10, 250, window=3, collect=False)
+    assert small.big_count.tolist() == [260]
+    small.rollback(250)
+    assert small.big_keys.tolist() == [] and small.sizes(np.array([0])).tolist() == [250]

@@ -463,6 +463,32 @@ def test_matcher_parts_write_what_one_part_writes(demo, model_folder, tmp_path, 
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "parts" / name).read_bytes(), name
 
 
+def test_the_index_is_freed_before_the_last_pieces_are_assessed(demo, model_folder, tmp_path, monkeypatch):
+    """Once every chunk is linked, `run_batch` lets go of the matcher (a long batch's largest part) before
+    this process assesses the last pieces beside the helpers: freed then, without a collector pass."""
+    import weakref
+
+    from pipeline import score as score_module
+
+    matchers, alive_at_finish = [], []
+    real_init, real_finish = score_module._Scorer.__init__, score_module._Scorer.finish
+
+    def init(self, bundle, matcher, workers):
+        matchers.append(weakref.ref(matcher))
+        real_init(self, bundle, matcher, workers)
+
+    def finish(self):
+        alive_at_finish.append(matchers[0]() is not None)
+        yield from real_finish(self)
+
+    monkeypatch.setattr(score_module._Scorer, "__init__", init)
+    monkeypatch.setattr(score_module._Scorer, "finish", finish)
+    common = ("--reference", str(demo.records), "--chunk-rows", "50", "--workers", "2")
+    assert score(model_folder, demo.batch, tmp_path / "out", *common) == 0
+    assert alive_at_finish == [False]
+    assert (tmp_path / "out" / s.FLAGS_FILE).read_text().count(s.KIND_DUPLICATE) > 0
+
+
 def test_a_helper_loads_no_duplicate_model(model_folder, tmp_path):
     """A `--workers` helper imports `pipeline.score` and unpickles what it is sent (`AssessModel`): neither
     pulls in dedupe or the linkage modules (~15 MB of a helper's memory). What helpers write is checked

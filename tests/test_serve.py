@@ -271,7 +271,8 @@ def test_matching_without_remembering_leaves_the_index_as_it_was(demo, store):
         if hasattr(value, "view") and hasattr(value, "truncate"):  # a growable array
             return value.view().tolist()
         if hasattr(value, "prev") and hasattr(value, "keys"):  # one blocking rule's index
-            return [plain(getattr(value, name)) for name in ("keys", "checks", "count", "last", "prev")]
+            names = ("keys", "checks", "count", "last", "big_keys", "big_count", "prev")
+            return [plain(getattr(value, name)) for name in names]
         if isinstance(value, list | tuple):
             return [plain(v) for v in value]
         return copy.deepcopy(value)

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 
 import numpy as np
 import pytest
 
-from pipeline.duplicates.storage import Offsets, RecordFile
+from pipeline.duplicates.storage import FloatFile, Offsets, RecordFile
 
 
 def column(*cells: str) -> np.ndarray:
@@ -83,3 +84,24 @@ def test_offsets_past_4_gib_come_back_exact_and_truncate() -> None:
     assert copy != offsets
     offsets.truncate(0)
     assert len(offsets) == 0 and offsets.last == 0 and not offsets.wraps
+
+
+@pytest.mark.parametrize("spill", [2, 1 << 19])
+def test_a_float_file_gives_back_each_value_bit_for_bit_around_its_spill_and_truncates(monkeypatch, spill):
+    monkeypatch.setattr(FloatFile, "SPILL_ITEMS", spill)
+    values = [0.1, -2.5e300, float("nan"), 19_700.041666666668, 5e-324]
+    floats = FloatFile()
+    floats.extend(values[:3])
+    floats.extend(values[3:])
+    assert len(floats) == 5 and (floats.spilled == 5 if spill == 2 else floats.spilled == 0)
+    got = [floats[i] for i in range(5)]
+    assert [v for v in got if not math.isnan(v)] == [v for v in values if not math.isnan(v)]
+    assert math.isnan(got[2]) and floats[-1] == 5e-324
+    copied = pickle.loads(pickle.dumps(floats))
+    assert copied == floats and copied[3] == values[3]
+    with pytest.raises(IndexError):
+        floats[5]
+    floats.truncate(2)
+    assert len(floats) == 2 and floats[1] == values[1] and floats != copied
+    floats.extend([7.0])
+    assert [floats[i] for i in range(3)] == [0.1, -2.5e300, 7.0]

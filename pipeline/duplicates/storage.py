@@ -99,7 +99,7 @@ class RecordFile:
     def __init__(self, width: int, directory: str | None = None) -> None:
         self.width = width
         self.ends = Offsets()
-        self._file = _unlinked_file(directory)
+        self._file = unlinked_file(directory)
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -122,7 +122,7 @@ class RecordFile:
         encoded = [cell.encode(_ENCODING, _ERRORS) for cell in cells.ravel().tolist()]
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + len(_END)
         ends = self.size + np.cumsum(lengths.reshape(rows, self.width).sum(axis=1))
-        _write(self._file.fileno(), _END.join(encoded) + _END, self.size)
+        write_at(self._file.fileno(), _END.join(encoded) + _END, self.size)
         self.ends.extend(ends)
 
     def __getitem__(self, index: int) -> list[str]:
@@ -148,22 +148,87 @@ class RecordFile:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.width, self.ends = state["width"], state["ends"]
-        self._file = _unlinked_file(None)
-        _write(self._file.fileno(), state["data"], 0)
+        self._file = unlinked_file(None)
+        write_at(self._file.fileno(), state["data"], 0)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RecordFile) and self.__getstate__() == other.__getstate__()
 
 
-def _unlinked_file(directory: str | None) -> Any:
+def unlinked_file(directory: str | None) -> Any:
     """A new temporary file, already without a name: its space is freed when it is closed."""
     # Held open for the matcher's life, closed by `RecordFile.close` or when collected.
     return tempfile.TemporaryFile(prefix="pipeline-records-", dir=directory)  # noqa: SIM115
 
 
-def _write(fd: int, data: bytes, offset: int) -> None:
+def write_at(fd: int, data: bytes, offset: int) -> None:
     """All of `data` at `offset` (`os.pwrite` may write less than asked)."""
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
+
+
+class FloatFile:
+    """An append-only list of floats (8 bytes each) whose older part is in an unlinked temporary file: the
+    latest `SPILL_ITEMS` at most in memory. For per-record values read back a few per hundred records (a
+    record's entry time, read for the reason of a link), which held in memory were 8 bytes per record of a
+    2,000,000-row batch's index. Pickles as its contents.
+
+    >>> times = FloatFile()
+    >>> times.extend([1.5, 2.25, float("nan")])
+    >>> times[1], times[-1] != times[-1], len(times)
+    (2.25, True, 3)
+    >>> times.truncate(1); len(times), times[0]
+    (1, 1.5)
+    """
+
+    SPILL_ITEMS = 1 << 19
+
+    def __init__(self) -> None:
+        self.tail = array("d")  # the items from `spilled` on
+        self.spilled = 0  # items in the file
+        self._file: Any = None
+
+    def __len__(self) -> int:
+        return self.spilled + len(self.tail)
+
+    def __getitem__(self, index: int) -> float:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} of {len(self)}")
+        if index >= self.spilled:
+            return self.tail[index - self.spilled]
+        return array("d", os.pread(self._file.fileno(), 8, 8 * index))[0]
+
+    def extend(self, values: Sequence[float]) -> None:
+        self.tail.extend(values)
+        if len(self.tail) >= self.SPILL_ITEMS:
+            if self._file is None:
+                self._file = unlinked_file(None)
+            write_at(self._file.fileno(), self.tail.tobytes(), 8 * self.spilled)
+            self.spilled += len(self.tail)
+            self.tail = array("d")
+
+    def truncate(self, size: int) -> None:
+        """Keeps the first `size` items."""
+        if size >= self.spilled:
+            del self.tail[size - self.spilled :]
+        else:
+            os.ftruncate(self._file.fileno(), 8 * size)
+            self.spilled, self.tail = size, array("d")
+
+    def _bytes(self) -> bytes:
+        head = os.pread(self._file.fileno(), 8 * self.spilled, 0) if self.spilled else b""
+        return head + self.tail.tobytes()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"data": self._bytes()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.tail, self.spilled, self._file = array("d", state["data"]), 0, None
+
+    def __eq__(self, other: object) -> bool:
+        # Bit for bit, so that NaN (an unknown entry time) equals itself.
+        return isinstance(other, FloatFile) and self._bytes() == other._bytes()
