@@ -87,6 +87,11 @@ ASSESS_ROWS = 5_000
 
 SUGGEST_GRID = (*np.round(np.arange(0.05, 0.96, 0.05), 2).tolist(), 0.975, 0.99)
 
+# The flag threshold is the lowest cut within this much of the best out-of-fold F1 (`choose_threshold`): a
+# "false" alarm near the top may be an error staff missed. Without it (the best cut itself), the review rounds
+# (benchmarks/review_rounds.py, seeds 7 3 11 pooled) had fewer error false alarms (7/1/5 -> 7/0/2 in rounds
+# 1/2/3) but lost more right flags: error recall 0.964/0.926/0.947 -> 0.961/0.913/0.918, F1 0.963 -> 0.953
+# in round 3.
 F1_TOLERANCE = 0.01
 # A cell a clerk confirmed as right counts this many times as much as an uncorrected one (which is only
 # probably right: staff miss some errors).
