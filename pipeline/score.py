@@ -58,10 +58,10 @@ FLAG_KIND_ORDER = {s.KIND_DUPLICATE: 0, s.KIND_ERROR: 1, s.KIND_ANOMALY: 2}
 LINK_ROWS = 10_000  # rows `link_chunk` takes at a time (a Spark task's part)
 # Rows the duplicate matcher takes at a time within them: its candidate and pair arrays grow with them (up to
 # `window` candidates per rule and record before the `top_k` cut), ~100 MB per 10,000 rows once a long batch
-# has filled its blocks; the links do not depend on it. 2,500 rather than 5,000: at 200,000 rows --workers 2
-# the parent peaked 8 MB lower for ~5% more CPU; 2,000,000 rows peaked at 1,014 MB in all (5,000: 1,043 MB,
-# a run under heavier load).
-MATCH_ROWS = 2_500
+# has filled its blocks; the links do not depend on it. 5,000 rather than 2,500: quiet A/B pairs, the
+# duplicate stage on 200,000 rows took 12.6 s against 15.2 s, and 2,000,000 rows at --workers 2 peaked at
+# 1,012 MB in all against 993 MB.
+MATCH_ROWS = 5_000
 # Rows of a chunk assessed at a time with `--workers` > 1: half the parts `ErrorModel.assess` takes, since
 # a piece's frames and the model's per-cell arrays grow with it: a helper peaked ~85 MB above its loaded
 # model with 5,000-row pieces, ~50 MB with 2,500 (1,250: ~40 MB, 10% more CPU). The output is the same.
