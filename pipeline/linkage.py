@@ -97,17 +97,26 @@ _PairCodes = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 @dataclass
 class _Encoded:
     """A frame of records turned into what the matcher stores: normalised and parsed values per field, the
-    blocking keys per rule, entry times (days, NaN when unknown), and the raw values of all config fields."""
+    blocking keys per rule, entry times (days, NaN when unknown), and the raw values of all config fields.
+
+    Per match field the values are kept once per distinct normalised value, in order of first appearance
+    (`values`, and `parsed`: None where the value is not usable), with each record's number among them
+    (`inverse`): the matcher codes and counts values, not records."""
 
     ids: list[str]
     raw: list[np.ndarray]  # per config field present, in config order: the values as text (object arrays)
-    normalised: dict[str, np.ndarray]  # object arrays, one value per record
-    parsed: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]  # object arrays of distinct normalised values
+    inverse: dict[str, np.ndarray]  # per record: its value's place in `values`
+    parsed: dict[str, np.ndarray]  # object arrays, one per distinct value
     keys: list[list[str]]
     times: list[float]
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def normalised(self, field: str) -> np.ndarray:
+        """The normalised value of each record (an object array)."""
+        return self.values[field][self.inverse[field]]
 
 
 class DuplicateModel:
@@ -391,7 +400,8 @@ class DuplicateModel:
         all_fields = [name for name in self.config.fields if name in frame.columns]
         # As NumPy object arrays: iterating Arrow-backed text element by element is slow.
         raw = [_text_values(frame[name]) for name in all_fields]
-        normalised: dict[str, np.ndarray] = {}
+        distinct: dict[str, np.ndarray] = {}
+        inverses: dict[str, np.ndarray] = {}
         parsed: dict[str, np.ndarray] = {}
         single: dict[tuple[str, str], np.ndarray] = {}
         rules = self.rules_ if rules is None else rules
@@ -401,18 +411,21 @@ class DuplicateModel:
             # customer's name, street and city repeat on each of their orders), then spread to the rows.
             column = raw[all_fields.index(plugin.field)]
             inverse, first = _first_seen(column)
-            values = plugin.normalise(pd.Series(column[first], dtype=object).astype(str))
-            distinct = values.to_numpy(dtype=object)
-            normalised[plugin.field] = distinct[inverse]
-            parsed[plugin.field] = _parse_distinct(plugin, distinct)[inverse]
+            normalised = plugin.normalise(pd.Series(column[first], dtype=object).astype(str))
+            # Raw values that normalise alike ("Jansen", "JANSEN") are one value from here on; in order of
+            # first appearance among the records, since the raw values are.
+            merged, kept = _first_seen(normalised.to_numpy(dtype=object))
+            values = distinct[plugin.field] = normalised.to_numpy(dtype=object)[kept]
+            inverse = inverses[plugin.field] = merged[inverse]
+            parsed[plugin.field] = _parse_distinct(plugin, values)
             wanted = {key for field, key in needed if field == plugin.field}
             if wanted == {"value"}:  # every plugin's `value` key is the normalised value itself
-                single[(plugin.field, "value")] = distinct[inverse]
+                single[(plugin.field, "value")] = values[inverse]
             elif wanted:
-                for key_name, key_values in plugin.keys(values, wanted).items():
+                for key_name, key_values in plugin.keys(pd.Series(values, dtype=object), wanted).items():
                     single[(plugin.field, key_name)] = key_values.to_numpy(dtype=object)[inverse]
         keys = [join_keys([single[part] for part in rule.parts]).tolist() for rule in rules]
-        return _Encoded(ids, raw, normalised, parsed, keys, self._times(frame).tolist())
+        return _Encoded(ids, raw, distinct, inverses, parsed, keys, self._times(frame).tolist())
 
     def blocking_keys(self, frame: pd.DataFrame) -> tuple[list[list[str]], np.ndarray]:
         """Each record's key per blocking rule (`""` = none; one list per rule, in rule order) and its
@@ -432,7 +445,8 @@ class DuplicateModel:
                 for value, parsed in zip(values, parsed_values, strict=True)
             ]
             for field, values, parsed_values in (
-                (f, encoded.normalised[f], encoded.parsed[f]) for f in (p.field for p in self.plugins_)
+                (f, encoded.normalised(f), encoded.parsed[f][encoded.inverse[f]])
+                for f in (p.field for p in self.plugins_)
             )
         }
 
@@ -684,7 +698,8 @@ class Matcher:
         # ... but those of the latest `_add`'s values are at hand (sorted codes, values): every pair's
         # later record is one of them.
         self._latest_parsed: dict[str, tuple[np.ndarray, np.ndarray]] = {
-            field: _latest_parsed(np.zeros(0, dtype=np.int64), []) for field in self._fields
+            field: _latest_parsed(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object))
+            for field in self._fields
         }
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
         self._times = FloatFile()  # entry times, read for a link's reason only: mostly on disk
@@ -804,11 +819,9 @@ class Matcher:
         self._ids.extend(encoded.ids)
         shares: dict[str, np.ndarray] = {}  # per record: its value's share among the fitted records
         for field in self._fields:
-            texts = encoded.normalised[field]
-            inverse, first = _first_seen(texts)
-            # A value's parsed form depends on the value only: one per distinct value, where first seen.
-            parsed = [encoded.parsed[field][i] for i in first.tolist()]
-            distinct = np.asarray(texts, dtype=object)[first] if len(texts) else np.zeros(0, dtype=object)
+            # Distinct values in order of first appearance, so codes are given in that order.
+            distinct, inverse = encoded.values[field], encoded.inverse[field]
+            parsed = encoded.parsed[field]
             size = len(self._texts[field])
             found = self._code_of[field].find(distinct, self._texts[field])
             usable = np.fromiter((item is not None for item in parsed), dtype=bool, count=len(parsed))
@@ -818,14 +831,15 @@ class Matcher:
                 self._code_of[field].insert(distinct[fresh], found[fresh])
                 new_texts = distinct[fresh].tolist()
                 self._texts[field].extend(new_texts)
-            shares[field] = self._shares(field, distinct)[inverse] if len(texts) else np.zeros(0)
+            shares[field] = self._shares(field, distinct)[inverse] if len(inverse) else np.zeros(0)
             self._latest_parsed[field] = _latest_parsed(found, parsed)
-            codes = found[inverse] if len(texts) else np.zeros(0, dtype=np.int64)
+            codes = found[inverse] if len(inverse) else np.zeros(0, dtype=np.int64)
             self._store_codes(field, codes, len(self._texts[field]))
             unparsed = self._unparsed[field]
             for offset in np.flatnonzero(codes < 0).tolist():
-                if texts[offset]:
-                    unparsed[start + offset] = texts[offset]
+                text = distinct[inverse[offset]]
+                if text:
+                    unparsed[start + offset] = text
         if len(encoded):
             self._raw.extend(encoded.raw)
         self._times.extend(encoded.times)
@@ -1826,26 +1840,23 @@ def _text_values(column: pd.Series) -> np.ndarray:
 
 
 def _parse_distinct(plugin: FieldType, distinct: np.ndarray) -> np.ndarray:
-    """`plugin.parse` of each value as an object array, once per distinct value; text plugins keep the
-    default (the value itself, None when missing), which needs no call per value."""
+    """`plugin.parse` of each of these distinct values as an object array; text plugins keep the default
+    (the value itself, None when missing), which needs no call per value."""
     if type(plugin).parse is FieldType.parse:
         parsed = distinct.copy()
         parsed[distinct == s.MISSING] = None
         return parsed
-    cache = {value: plugin.parse(value) for value in pd.unique(distinct)}
     parsed = np.empty(len(distinct), dtype=object)
-    parsed[:] = [cache[value] for value in distinct]
+    parsed[:] = list(map(plugin.parse, distinct.tolist()))
     return parsed
 
 
-def _latest_parsed(codes: np.ndarray, parsed: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The parsed values of a chunk's distinct values by their codes (-1 = none: left out), sorted by code
-    for `np.searchsorted`."""
+def _latest_parsed(codes: np.ndarray, parsed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The parsed values (an object array) of a chunk's distinct values by their codes (-1 = none: left
+    out), sorted by code for `np.searchsorted`."""
     held = np.flatnonzero(codes >= 0)
     order = held[np.argsort(codes[held], kind="stable")]
-    values = np.empty(len(order), dtype=object)
-    values[:] = [parsed[i] for i in order.tolist()]
-    return codes[order], values
+    return codes[order], parsed[order]
 
 
 def _lexsort_positions(
