@@ -870,19 +870,18 @@ class Matcher:
         frequencies = self._frequencies.get(field)
         if frequencies is None:
             return np.ones(len(values))
-        return np.fromiter(map(frequencies.share, values), dtype=float, count=len(values))
+        return frequencies.shares(values)
 
     def _rarities(self, field: str, values: list[str]) -> list[float]:
         """`TermFrequencies.rarity` of each value (1.0 without a table), computed once per distinct count."""
         frequencies = self._frequencies.get(field)
         if frequencies is None:
             return [1.0] * len(values)
-        counts = [frequencies.counts.get(value, 1) for value in values]
-        by_count: dict[int, float] = {}
-        for count, value in zip(counts, values, strict=True):
-            if count not in by_count:
-                by_count[count] = frequencies.rarity(value)
-        return [by_count[count] for count in counts]
+        counts = frequencies.stored_counts(values)
+        counts[counts < 0] = 1  # as `rarity` counts a value not stored
+        _, first, inverse = np.unique(counts, return_index=True, return_inverse=True)
+        by_count = [frequencies.rarity(values[i]) for i in first.tolist()]
+        return [by_count[i] for i in inverse.tolist()]
 
     def _count_density(self, start: int, shares: dict[str, np.ndarray]) -> None:
         """Counts the values of the records indexed from `start` on, and notes for each record and field

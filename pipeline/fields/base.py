@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import repeat
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -193,6 +194,26 @@ class TermFrequencies:
         """
         count = self.counts.get(value)
         return count / self.total if count is not None else self.typical_share
+
+    def stored_counts(self, values: Sequence[str]) -> np.ndarray:
+        """Each value's stored count (int64), -1 where it is not stored: `counts.get(value, -1)` of many
+        values at once, without a Python call per value (the matcher asks for each distinct value of a
+        chunk).
+
+        >>> TermFrequencies.count(pd.Series(["a"] * 6 + ["b", "c"])).stored_counts(["a", "z"]).tolist()
+        [6, -1]
+        """
+        texts = values.tolist() if isinstance(values, np.ndarray) else values
+        return np.fromiter(map(self.counts.get, texts, repeat(-1)), dtype=np.int64, count=len(texts))
+
+    def shares(self, values: Sequence[str]) -> np.ndarray:
+        """`share` of each value (float64, the same figures), at once.
+
+        >>> TermFrequencies.count(pd.Series(["a"] * 6 + ["b", "c", "d", "e"])).shares(["a", "z"]).tolist()
+        [0.6, 0.4]
+        """
+        counts = self.stored_counts(values)
+        return np.where(counts >= 0, counts / self.total, self.typical_share)
 
     def rarity(self, value: str) -> float:
         share = self.counts.get(value, 1) / self.total
