@@ -303,8 +303,17 @@ def beyond(distance: Callable[[Any, Any], float], cut: float, name: str) -> Call
 
 def simple_text(values: pd.Series) -> pd.Series:
     """Lower case ASCII words separated by single spaces: accents, punctuation and spacing removed."""
-    ascii_text = values.astype(str).str.normalize("NFKD").str.encode("ascii", "ignore").str.decode("ascii")
-    return ascii_text.str.lower().str.replace(_NON_ALNUM, " ", regex=True).str.strip()
+    text = values.astype(str)
+    # Decomposing and dropping what is not ASCII leave ASCII text as it is: only the other values take
+    # those steps (three passes, two of them a Python call per value).
+    ascii_only = text.str.isascii()
+    if not ascii_only.all():
+        text = text.copy()
+        accented = text[~ascii_only]
+        text[~ascii_only] = accented.str.normalize("NFKD").str.encode("ascii", "ignore").str.decode("ascii")
+    # The pattern as text, not compiled: pandas then runs it over Arrow strings in C (the same matches on
+    # ASCII text) rather than calling Python's `re` per value.
+    return text.str.lower().str.replace(_NON_ALNUM.pattern, " ", regex=True).str.strip()
 
 
 def map_unique(values: pd.Series, function: Callable[[str], str]) -> pd.Series:
