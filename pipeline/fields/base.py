@@ -318,9 +318,10 @@ def simple_text(values: pd.Series) -> pd.Series:
 
 def map_unique(values: pd.Series, function: Callable[[str], str]) -> pd.Series:
     """Applies a per-value function once per distinct value; fast on the repetitive columns of a register."""
-    uniques = pd.unique(values.to_numpy())
-    mapping = {value: function(value) for value in uniques}
-    return values.map(mapping).astype(object)
+    codes, uniques = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=False)
+    mapped = np.empty(len(uniques), dtype=object)
+    mapped[:] = [function(value) for value in uniques]
+    return pd.Series(mapped[codes], index=values.index, dtype=object)
 
 
 def first_chars(values: pd.Series, n: int) -> pd.Series:
