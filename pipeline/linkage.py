@@ -702,6 +702,11 @@ class Matcher:
             for field in self._fields
         }
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
+        # Per match field, the codes of the values its term frequencies store, sorted, with their counts
+        # (at most the table's few thousand values): an agreement's rarity without reading its text back.
+        self._stored: dict[str, tuple[np.ndarray, np.ndarray]] = {
+            field: (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)) for field in self._fields
+        }
         self._times = FloatFile()  # entry times, read for a link's reason only: mostly on disk
         self._blocks = [_BlockIndex() for _ in (model.rules_ if rules is None else rules)]
         for block_index in self._blocks:
@@ -826,12 +831,21 @@ class Matcher:
             found = self._code_of[field].find(distinct, self._texts[field])
             usable = np.fromiter((item is not None for item in parsed), dtype=bool, count=len(parsed))
             fresh = np.flatnonzero((found < 0) & usable)
+            frequencies = self._frequencies.get(field)
+            stored = frequencies.stored_counts(distinct) if frequencies is not None else None
             if len(fresh):
                 found[fresh] = np.arange(size, size + len(fresh))
                 self._code_of[field].insert(distinct[fresh], found[fresh])
                 new_texts = distinct[fresh].tolist()
                 self._texts[field].extend(new_texts)
-            shares[field] = self._shares(field, distinct)[inverse] if len(inverse) else np.zeros(0)
+                if stored is not None and (stored[fresh] >= 0).any():
+                    known = fresh[stored[fresh] >= 0]  # new codes, above every code held
+                    held, counts = self._stored[field]
+                    self._stored[field] = (np.append(held, found[known]), np.append(counts, stored[known]))
+            # `TermFrequencies.share` of each record's value (1.0 without a table).
+            shares[field] = (
+                frequencies.shares_of(stored)[inverse] if stored is not None else np.ones(len(inverse))
+            )
             self._latest_parsed[field] = _latest_parsed(found, parsed)
             codes = found[inverse] if len(inverse) else np.zeros(0, dtype=np.int64)
             self._store_codes(field, codes, len(self._texts[field]))
@@ -865,23 +879,26 @@ class Matcher:
         stored.frombytes(codes.astype(stored.typecode).tobytes())
 
     def _shares(self, field: str, values: Sequence[str]) -> np.ndarray:
-        """`TermFrequencies.share` of each value (1.0 without a table). Looked up per chunk rather than
-        kept per value code: a batch adds a near-unique order number and amount per record."""
+        """`TermFrequencies.share` of each value (1.0 without a table)."""
         frequencies = self._frequencies.get(field)
         if frequencies is None:
             return np.ones(len(values))
         return frequencies.shares(values)
 
-    def _rarities(self, field: str, values: list[str]) -> list[float]:
-        """`TermFrequencies.rarity` of each value (1.0 without a table), computed once per distinct count."""
+    def _rarities(self, field: str, codes: np.ndarray) -> np.ndarray:
+        """`TermFrequencies.rarity` of the values with these codes (1.0 without a table), computed once
+        per distinct count: a value's count is found by its code (`_stored`), 1 when it is not stored."""
         frequencies = self._frequencies.get(field)
         if frequencies is None:
-            return [1.0] * len(values)
-        counts = frequencies.stored_counts(values)
-        counts[counts < 0] = 1  # as `rarity` counts a value not stored
-        _, first, inverse = np.unique(counts, return_index=True, return_inverse=True)
-        by_count = [frequencies.rarity(values[i]) for i in first.tolist()]
-        return [by_count[i] for i in inverse.tolist()]
+            return np.ones(len(codes))
+        held, stored = self._stored[field]
+        counts = np.ones(len(codes), dtype=np.int64)
+        if len(held) and len(codes):
+            at = np.minimum(np.searchsorted(held, codes), len(held) - 1)
+            hit = held[at] == codes
+            counts[hit] = stored[at[hit]]
+        levels, inverse = np.unique(counts, return_inverse=True)
+        return np.array([frequencies.rarity_of(count) for count in levels.tolist()])[inverse]
 
     def _count_density(self, start: int, shares: dict[str, np.ndarray]) -> None:
         """Counts the values of the records indexed from `start` on, and notes for each record and field
@@ -1067,8 +1084,8 @@ class Matcher:
             same = np.flatnonzero((code_left >= 0) & (code_left == code_right))
             # Hashed, not sorted (a value's rarity does not depend on the order the values come in).
             where, agreed = pd.factorize(code_left[same])
-            # Worked out per agreed value, from its text: kept per value code, rarities grew with the index.
-            rarity = np.asarray(self._rarities(field, self._texts[field].take(agreed)), dtype=features.dtype)
+            # Worked out per agreed value from its count, kept only for values the table stores.
+            rarity = self._rarities(field, agreed).astype(features.dtype)
             features[same, width + column] = rarity[where]
         return features
 
@@ -1265,6 +1282,8 @@ class Matcher:
             self._texts[field].truncate(size)
             del self._codes[field][start:]
             self._seen[field] = self._seen[field][:size]  # the new values' counts are back at 0
+            held, counts = self._stored[field]
+            self._stored[field] = (held[held < size], counts[held < size])
             unparsed = self._unparsed[field]
             for position in [p for p in unparsed if p >= start]:
                 del unparsed[position]

@@ -212,11 +212,18 @@ class TermFrequencies:
         >>> TermFrequencies.count(pd.Series(["a"] * 6 + ["b", "c", "d", "e"])).shares(["a", "z"]).tolist()
         [0.6, 0.4]
         """
-        counts = self.stored_counts(values)
+        return self.shares_of(self.stored_counts(values))
+
+    def shares_of(self, counts: np.ndarray) -> np.ndarray:
+        """`share` of values given by their `stored_counts`."""
         return np.where(counts >= 0, counts / self.total, self.typical_share)
 
     def rarity(self, value: str) -> float:
-        share = self.counts.get(value, 1) / self.total
+        return self.rarity_of(self.counts.get(value, 1))
+
+    def rarity_of(self, count: int) -> float:
+        """`rarity` of a value held by `count` records (1 for a value not stored)."""
+        share = count / self.total
         scale = math.log(max(self.scale_total, 2))
         return min(-math.log(share), scale) / scale
 
