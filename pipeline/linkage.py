@@ -1898,7 +1898,12 @@ def _lexsort_ranked(query: np.ndarray, second: np.ndarray, third: np.ndarray, re
     (floats) and `third` between -`records` and `records`, as one sort of a combined 64-bit key (the
     rank of `second` in between) when it fits and the keys are distinct (then any sort gives lexsort's
     order): two quicksorts instead of three merge sorts."""
-    levels, rank = np.unique(second, return_inverse=True)
+    # `np.unique(second, return_inverse=True)` by hashing (a few hundred levels among many pairs): the
+    # levels' ranks, sorted once.
+    codes, levels = pd.factorize(second, use_na_sentinel=False)
+    ranks = np.empty(len(levels), dtype=np.int64)
+    ranks[np.argsort(levels)] = np.arange(len(levels))
+    rank = ranks[codes]
     span = 2 * records + 1
     if not len(query) or records * max(len(levels), 1) * span >= 2**62:
         return np.lexsort((third, second, query))
