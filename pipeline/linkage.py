@@ -97,17 +97,26 @@ _PairCodes = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 @dataclass
 class _Encoded:
     """A frame of records turned into what the matcher stores: normalised and parsed values per field, the
-    blocking keys per rule, entry times (days, NaN when unknown), and the raw values of all config fields."""
+    blocking keys per rule, entry times (days, NaN when unknown), and the raw values of all config fields.
+
+    Per match field the values are kept once per distinct normalised value, in order of first appearance
+    (`values`, and `parsed`: None where the value is not usable), with each record's number among them
+    (`inverse`): the matcher codes and counts values, not records."""
 
     ids: list[str]
     raw: list[np.ndarray]  # per config field present, in config order: the values as text (object arrays)
-    normalised: dict[str, np.ndarray]  # object arrays, one value per record
-    parsed: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]  # object arrays of distinct normalised values
+    inverse: dict[str, np.ndarray]  # per record: its value's place in `values`
+    parsed: dict[str, np.ndarray]  # object arrays, one per distinct value
     keys: list[list[str]]
     times: list[float]
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def normalised(self, field: str) -> np.ndarray:
+        """The normalised value of each record (an object array)."""
+        return self.values[field][self.inverse[field]]
 
 
 class DuplicateModel:
@@ -391,7 +400,8 @@ class DuplicateModel:
         all_fields = [name for name in self.config.fields if name in frame.columns]
         # As NumPy object arrays: iterating Arrow-backed text element by element is slow.
         raw = [_text_values(frame[name]) for name in all_fields]
-        normalised: dict[str, np.ndarray] = {}
+        distinct: dict[str, np.ndarray] = {}
+        inverses: dict[str, np.ndarray] = {}
         parsed: dict[str, np.ndarray] = {}
         single: dict[tuple[str, str], np.ndarray] = {}
         rules = self.rules_ if rules is None else rules
@@ -401,18 +411,21 @@ class DuplicateModel:
             # customer's name, street and city repeat on each of their orders), then spread to the rows.
             column = raw[all_fields.index(plugin.field)]
             inverse, first = _first_seen(column)
-            values = plugin.normalise(pd.Series(column[first], dtype=object).astype(str))
-            distinct = values.to_numpy(dtype=object)
-            normalised[plugin.field] = distinct[inverse]
-            parsed[plugin.field] = _parse_distinct(plugin, distinct)[inverse]
+            normalised = plugin.normalise(pd.Series(column[first], dtype=object).astype(str))
+            # Raw values that normalise alike ("Jansen", "JANSEN") are one value from here on; in order of
+            # first appearance among the records, since the raw values are.
+            merged, kept = _first_seen(normalised.to_numpy(dtype=object))
+            values = distinct[plugin.field] = normalised.to_numpy(dtype=object)[kept]
+            inverse = inverses[plugin.field] = merged[inverse]
+            parsed[plugin.field] = _parse_distinct(plugin, values)
             wanted = {key for field, key in needed if field == plugin.field}
             if wanted == {"value"}:  # every plugin's `value` key is the normalised value itself
-                single[(plugin.field, "value")] = distinct[inverse]
+                single[(plugin.field, "value")] = values[inverse]
             elif wanted:
-                for key_name, key_values in plugin.keys(values, wanted).items():
+                for key_name, key_values in plugin.keys(pd.Series(values, dtype=object), wanted).items():
                     single[(plugin.field, key_name)] = key_values.to_numpy(dtype=object)[inverse]
         keys = [join_keys([single[part] for part in rule.parts]).tolist() for rule in rules]
-        return _Encoded(ids, raw, normalised, parsed, keys, self._times(frame).tolist())
+        return _Encoded(ids, raw, distinct, inverses, parsed, keys, self._times(frame).tolist())
 
     def blocking_keys(self, frame: pd.DataFrame) -> tuple[list[list[str]], np.ndarray]:
         """Each record's key per blocking rule (`""` = none; one list per rule, in rule order) and its
@@ -432,7 +445,8 @@ class DuplicateModel:
                 for value, parsed in zip(values, parsed_values, strict=True)
             ]
             for field, values, parsed_values in (
-                (f, encoded.normalised[f], encoded.parsed[f]) for f in (p.field for p in self.plugins_)
+                (f, encoded.normalised(f), encoded.parsed[f][encoded.inverse[f]])
+                for f in (p.field for p in self.plugins_)
             )
         }
 
@@ -684,9 +698,15 @@ class Matcher:
         # ... but those of the latest `_add`'s values are at hand (sorted codes, values): every pair's
         # later record is one of them.
         self._latest_parsed: dict[str, tuple[np.ndarray, np.ndarray]] = {
-            field: _latest_parsed(np.zeros(0, dtype=np.int64), []) for field in self._fields
+            field: _latest_parsed(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object))
+            for field in self._fields
         }
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
+        # Per match field, the codes of the values its term frequencies store, sorted, with their counts
+        # (at most the table's few thousand values): an agreement's rarity without reading its text back.
+        self._stored: dict[str, tuple[np.ndarray, np.ndarray]] = {
+            field: (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)) for field in self._fields
+        }
         self._times = FloatFile()  # entry times, read for a link's reason only: mostly on disk
         self._blocks = [_BlockIndex() for _ in (model.rules_ if rules is None else rules)]
         for block_index in self._blocks:
@@ -804,28 +824,36 @@ class Matcher:
         self._ids.extend(encoded.ids)
         shares: dict[str, np.ndarray] = {}  # per record: its value's share among the fitted records
         for field in self._fields:
-            texts = encoded.normalised[field]
-            inverse, first = _first_seen(texts)
-            # A value's parsed form depends on the value only: one per distinct value, where first seen.
-            parsed = [encoded.parsed[field][i] for i in first.tolist()]
-            distinct = np.asarray(texts, dtype=object)[first] if len(texts) else np.zeros(0, dtype=object)
+            # Distinct values in order of first appearance, so codes are given in that order.
+            distinct, inverse = encoded.values[field], encoded.inverse[field]
+            parsed = encoded.parsed[field]
             size = len(self._texts[field])
             found = self._code_of[field].find(distinct, self._texts[field])
             usable = np.fromiter((item is not None for item in parsed), dtype=bool, count=len(parsed))
             fresh = np.flatnonzero((found < 0) & usable)
+            frequencies = self._frequencies.get(field)
+            stored = frequencies.stored_counts(distinct) if frequencies is not None else None
             if len(fresh):
                 found[fresh] = np.arange(size, size + len(fresh))
                 self._code_of[field].insert(distinct[fresh], found[fresh])
                 new_texts = distinct[fresh].tolist()
                 self._texts[field].extend(new_texts)
-            shares[field] = self._shares(field, distinct)[inverse] if len(texts) else np.zeros(0)
+                if stored is not None and (stored[fresh] >= 0).any():
+                    known = fresh[stored[fresh] >= 0]  # new codes, above every code held
+                    held, counts = self._stored[field]
+                    self._stored[field] = (np.append(held, found[known]), np.append(counts, stored[known]))
+            # `TermFrequencies.share` of each record's value (1.0 without a table).
+            shares[field] = (
+                frequencies.shares_of(stored)[inverse] if stored is not None else np.ones(len(inverse))
+            )
             self._latest_parsed[field] = _latest_parsed(found, parsed)
-            codes = found[inverse] if len(texts) else np.zeros(0, dtype=np.int64)
+            codes = found[inverse] if len(inverse) else np.zeros(0, dtype=np.int64)
             self._store_codes(field, codes, len(self._texts[field]))
             unparsed = self._unparsed[field]
             for offset in np.flatnonzero(codes < 0).tolist():
-                if texts[offset]:
-                    unparsed[start + offset] = texts[offset]
+                text = distinct[inverse[offset]]
+                if text:
+                    unparsed[start + offset] = text
         if len(encoded):
             self._raw.extend(encoded.raw)
         self._times.extend(encoded.times)
@@ -851,24 +879,26 @@ class Matcher:
         stored.frombytes(codes.astype(stored.typecode).tobytes())
 
     def _shares(self, field: str, values: Sequence[str]) -> np.ndarray:
-        """`TermFrequencies.share` of each value (1.0 without a table). Looked up per chunk rather than
-        kept per value code: a batch adds a near-unique order number and amount per record."""
+        """`TermFrequencies.share` of each value (1.0 without a table)."""
         frequencies = self._frequencies.get(field)
         if frequencies is None:
             return np.ones(len(values))
-        return np.fromiter(map(frequencies.share, values), dtype=float, count=len(values))
+        return frequencies.shares(values)
 
-    def _rarities(self, field: str, values: list[str]) -> list[float]:
-        """`TermFrequencies.rarity` of each value (1.0 without a table), computed once per distinct count."""
+    def _rarities(self, field: str, codes: np.ndarray) -> np.ndarray:
+        """`TermFrequencies.rarity` of the values with these codes (1.0 without a table), computed once
+        per distinct count: a value's count is found by its code (`_stored`), 1 when it is not stored."""
         frequencies = self._frequencies.get(field)
         if frequencies is None:
-            return [1.0] * len(values)
-        counts = [frequencies.counts.get(value, 1) for value in values]
-        by_count: dict[int, float] = {}
-        for count, value in zip(counts, values, strict=True):
-            if count not in by_count:
-                by_count[count] = frequencies.rarity(value)
-        return [by_count[count] for count in counts]
+            return np.ones(len(codes))
+        held, stored = self._stored[field]
+        counts = np.ones(len(codes), dtype=np.int64)
+        if len(held) and len(codes):
+            at = np.minimum(np.searchsorted(held, codes), len(held) - 1)
+            hit = held[at] == codes
+            counts[hit] = stored[at[hit]]
+        levels, inverse = np.unique(counts, return_inverse=True)
+        return np.array([frequencies.rarity_of(count) for count in levels.tolist()])[inverse]
 
     def _count_density(self, start: int, shares: dict[str, np.ndarray]) -> None:
         """Counts the values of the records indexed from `start` on, and notes for each record and field
@@ -1054,8 +1084,8 @@ class Matcher:
             same = np.flatnonzero((code_left >= 0) & (code_left == code_right))
             # Hashed, not sorted (a value's rarity does not depend on the order the values come in).
             where, agreed = pd.factorize(code_left[same])
-            # Worked out per agreed value, from its text: kept per value code, rarities grew with the index.
-            rarity = np.asarray(self._rarities(field, self._texts[field].take(agreed)), dtype=features.dtype)
+            # Worked out per agreed value from its count, kept only for values the table stores.
+            rarity = self._rarities(field, agreed).astype(features.dtype)
             features[same, width + column] = rarity[where]
         return features
 
@@ -1252,6 +1282,8 @@ class Matcher:
             self._texts[field].truncate(size)
             del self._codes[field][start:]
             self._seen[field] = self._seen[field][:size]  # the new values' counts are back at 0
+            held, counts = self._stored[field]
+            self._stored[field] = (held[held < size], counts[held < size])
             unparsed = self._unparsed[field]
             for position in [p for p in unparsed if p >= start]:
                 del unparsed[position]
@@ -1682,8 +1714,10 @@ class _BlockIndex:
             self.prev.extend(prev)
             self.undo = (np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), np.zeros(0), np.zeros(0))
             return empty
-        hashes = pd.util.hash_array(values[rows], hash_key=self.HASH_KEY)
-        checks = pd.util.hash_array(values[rows], hash_key=self.CHECK_KEY).astype(np.uint8)
+        # `categorize=False`: the same hashes without factorizing the keys first, which costs three
+        # times the hashing itself on a part's keys (most of them distinct).
+        hashes = pd.util.hash_array(values[rows], hash_key=self.HASH_KEY, categorize=False)
+        checks = pd.util.hash_array(values[rows], hash_key=self.CHECK_KEY, categorize=False).astype(np.uint8)
         order = np.lexsort((rows, hashes))
         hashes, checks, rows = hashes[order], checks[order], rows[order]
         first = np.ones(len(rows), dtype=bool)
@@ -1824,26 +1858,23 @@ def _text_values(column: pd.Series) -> np.ndarray:
 
 
 def _parse_distinct(plugin: FieldType, distinct: np.ndarray) -> np.ndarray:
-    """`plugin.parse` of each value as an object array, once per distinct value; text plugins keep the
-    default (the value itself, None when missing), which needs no call per value."""
+    """`plugin.parse` of each of these distinct values as an object array; text plugins keep the default
+    (the value itself, None when missing), which needs no call per value."""
     if type(plugin).parse is FieldType.parse:
         parsed = distinct.copy()
         parsed[distinct == s.MISSING] = None
         return parsed
-    cache = {value: plugin.parse(value) for value in pd.unique(distinct)}
     parsed = np.empty(len(distinct), dtype=object)
-    parsed[:] = [cache[value] for value in distinct]
+    parsed[:] = list(map(plugin.parse, distinct.tolist()))
     return parsed
 
 
-def _latest_parsed(codes: np.ndarray, parsed: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The parsed values of a chunk's distinct values by their codes (-1 = none: left out), sorted by code
-    for `np.searchsorted`."""
+def _latest_parsed(codes: np.ndarray, parsed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The parsed values (an object array) of a chunk's distinct values by their codes (-1 = none: left
+    out), sorted by code for `np.searchsorted`."""
     held = np.flatnonzero(codes >= 0)
     order = held[np.argsort(codes[held], kind="stable")]
-    values = np.empty(len(order), dtype=object)
-    values[:] = [parsed[i] for i in order.tolist()]
-    return codes[order], values
+    return codes[order], parsed[order]
 
 
 def _lexsort_positions(
@@ -1867,7 +1898,12 @@ def _lexsort_ranked(query: np.ndarray, second: np.ndarray, third: np.ndarray, re
     (floats) and `third` between -`records` and `records`, as one sort of a combined 64-bit key (the
     rank of `second` in between) when it fits and the keys are distinct (then any sort gives lexsort's
     order): two quicksorts instead of three merge sorts."""
-    levels, rank = np.unique(second, return_inverse=True)
+    # `np.unique(second, return_inverse=True)` by hashing (a few hundred levels among many pairs): the
+    # levels' ranks, sorted once.
+    codes, levels = pd.factorize(second, use_na_sentinel=False)
+    ranks = np.empty(len(levels), dtype=np.int64)
+    ranks[np.argsort(levels)] = np.arange(len(levels))
+    rank = ranks[codes]
     span = 2 * records + 1
     if not len(query) or records * max(len(levels), 1) * span >= 2**62:
         return np.lexsort((third, second, query))

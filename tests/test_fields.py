@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import dedupe
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from pipeline.exceptions import ConfigError
 from pipeline.fields import FIELD_TYPES, field_type
-from pipeline.fields.base import compare_many
+from pipeline.fields.base import TermFrequencies, compare_many, map_unique, simple_text
 from pipeline.fields.code import code_distance, is_transposition
 from pipeline.fields.date import canonical_date, days_apart, digit_slips, parse_date
 from pipeline.fields.number import decimal_slip, parse_number, relative_difference
@@ -250,3 +251,37 @@ def test_keys_asked_for_by_name_are_the_ones_made_for_all(name: str) -> None:
         assert list(asked) == [key_name]
         assert asked[key_name].tolist() == every[key_name].tolist()
     assert plugin.keys(values, []) == {}
+
+
+def test_simple_text_decomposes_only_what_is_not_ascii() -> None:
+    """ASCII values skip the decomposition; the texts are those of decomposing every value."""
+    values = pd.Series(
+        ["Éva  de Vries", "jan-PIET", "Straße 12", "", "\u00a0x\u2003y\t", "ÅSA", "café"], index=range(10, 17)
+    )
+    decomposed = values.str.normalize("NFKD").str.encode("ascii", "ignore").str.decode("ascii")
+    expected = [re.sub(r"[^0-9a-z]+", " ", text.lower()).strip() for text in decomposed]
+    result = simple_text(values)
+    assert result.tolist() == expected == ["eva de vries", "jan piet", "strae 12", "", "x y", "asa", "cafe"]
+    assert result.index.tolist() == list(range(10, 17))
+    assert simple_text(pd.Series(["Plain", "ascii"])).tolist() == ["plain", "ascii"]
+
+
+def test_map_unique_calls_once_per_value_and_keeps_the_rows() -> None:
+    calls: list[str] = []
+
+    def shout(value: str) -> str:
+        calls.append(value)
+        return value.upper()
+
+    values = pd.Series(["b", "a", "b", "c", "a"], index=[5, 3, 9, 1, 0])
+    result = map_unique(values, shout)
+    assert result.tolist() == ["B", "A", "B", "C", "A"] and result.index.tolist() == [5, 3, 9, 1, 0]
+    assert sorted(calls) == ["a", "b", "c"] and result.dtype == object
+
+
+def test_term_frequencies_many_values_at_once_match_one_at_a_time() -> None:
+    tf = TermFrequencies.count(pd.Series(["a"] * 5 + ["b"] * 3 + ["c", "d"]))
+    values = ["a", "b", "c", "zz", ""]
+    assert tf.shares(values).tolist() == [tf.share(value) for value in values]
+    assert tf.stored_counts(np.array(values, dtype=object)).tolist() == [5, 3, -1, -1, -1]
+    assert [tf.rarity_of(tf.counts.get(value, 1)) for value in values] == [tf.rarity(v) for v in values]

@@ -652,6 +652,12 @@ def test_density_does_not_depend_on_chunks_and_another_engine_can_count_it(stand
     probe.match(day.iloc[60:], remember=False)
     again = probe.match(day.iloc[60:])
     assert again["duplicate_score"].tolist() == whole["duplicate_score"].iloc[60:].tolist()
+    # ... and forgets the codes of the values the term frequencies store (agreements count by rarity).
+    empty = model.matcher(None)
+    empty.match(records.iloc[:20], remember=False)
+    assert all(len(held) == len(counts) == 0 for held, counts in empty._stored.values())
+    empty.match(records.iloc[:20])
+    assert any(len(held) for held, _ in empty._stored.values())
     # `score_pairs` with the counts another engine made gives the in-process scores of the same pairs.
     matcher = model.matcher(records)
     best, _ = matcher._score(day)

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import repeat
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -194,8 +195,35 @@ class TermFrequencies:
         count = self.counts.get(value)
         return count / self.total if count is not None else self.typical_share
 
+    def stored_counts(self, values: Sequence[str]) -> np.ndarray:
+        """Each value's stored count (int64), -1 where it is not stored: `counts.get(value, -1)` of many
+        values at once, without a Python call per value (the matcher asks for each distinct value of a
+        chunk).
+
+        >>> TermFrequencies.count(pd.Series(["a"] * 6 + ["b", "c"])).stored_counts(["a", "z"]).tolist()
+        [6, -1]
+        """
+        texts = values.tolist() if isinstance(values, np.ndarray) else values
+        return np.fromiter(map(self.counts.get, texts, repeat(-1)), dtype=np.int64, count=len(texts))
+
+    def shares(self, values: Sequence[str]) -> np.ndarray:
+        """`share` of each value (float64, the same figures), at once.
+
+        >>> TermFrequencies.count(pd.Series(["a"] * 6 + ["b", "c", "d", "e"])).shares(["a", "z"]).tolist()
+        [0.6, 0.4]
+        """
+        return self.shares_of(self.stored_counts(values))
+
+    def shares_of(self, counts: np.ndarray) -> np.ndarray:
+        """`share` of values given by their `stored_counts`."""
+        return np.where(counts >= 0, counts / self.total, self.typical_share)
+
     def rarity(self, value: str) -> float:
-        share = self.counts.get(value, 1) / self.total
+        return self.rarity_of(self.counts.get(value, 1))
+
+    def rarity_of(self, count: int) -> float:
+        """`rarity` of a value held by `count` records (1 for a value not stored)."""
+        share = count / self.total
         scale = math.log(max(self.scale_total, 2))
         return min(-math.log(share), scale) / scale
 
@@ -282,15 +310,25 @@ def beyond(distance: Callable[[Any, Any], float], cut: float, name: str) -> Call
 
 def simple_text(values: pd.Series) -> pd.Series:
     """Lower case ASCII words separated by single spaces: accents, punctuation and spacing removed."""
-    ascii_text = values.astype(str).str.normalize("NFKD").str.encode("ascii", "ignore").str.decode("ascii")
-    return ascii_text.str.lower().str.replace(_NON_ALNUM, " ", regex=True).str.strip()
+    text = values.astype(str)
+    # Decomposing and dropping what is not ASCII leave ASCII text as it is: only the other values take
+    # those steps (three passes, two of them a Python call per value).
+    ascii_only = text.str.isascii()
+    if not ascii_only.all():
+        text = text.copy()
+        accented = text[~ascii_only]
+        text[~ascii_only] = accented.str.normalize("NFKD").str.encode("ascii", "ignore").str.decode("ascii")
+    # The pattern as text, not compiled: pandas then runs it over Arrow strings in C (the same matches on
+    # ASCII text) rather than calling Python's `re` per value.
+    return text.str.lower().str.replace(_NON_ALNUM.pattern, " ", regex=True).str.strip()
 
 
 def map_unique(values: pd.Series, function: Callable[[str], str]) -> pd.Series:
     """Applies a per-value function once per distinct value; fast on the repetitive columns of a register."""
-    uniques = pd.unique(values.to_numpy())
-    mapping = {value: function(value) for value in uniques}
-    return values.map(mapping).astype(object)
+    codes, uniques = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=False)
+    mapped = np.empty(len(uniques), dtype=object)
+    mapped[:] = [function(value) for value in uniques]
+    return pd.Series(mapped[codes], index=values.index, dtype=object)
 
 
 def first_chars(values: pd.Series, n: int) -> pd.Series:
