@@ -1642,9 +1642,25 @@ def _sequence_features(
     if fp.embeds_year:
         years = per_value(values, embedded_year).astype(float).to_numpy()
         expected_year = record_year(texts, profile, times).to_numpy()
-        known = np.isfinite(years) & np.isfinite(expected_year)
-        out["year_mismatch"] = np.where(known, (years != expected_year).astype(float), np.nan)
+        out["year_mismatch"] = year_mismatch(years, expected_year, times)
     return out
+
+
+def year_mismatch(years: np.ndarray, record_years: np.ndarray, times: pd.Series | None) -> np.ndarray:
+    """1 where a value's embedded year differs from its record's year (`record_year`), 0 where it agrees,
+    NaN when either is unknown. A year that agrees with the record's entry year is no mismatch: then the
+    record's date is the odd one out (a slipped year in the date), not the number.
+
+    >>> times = pd.Series(pd.to_datetime(["2024-07-10", "2024-07-10", None]))
+    >>> year_mismatch(np.array([2024.0, 2023.0, 2023.0]), np.array([2025.0, 2024.0, 2024.0]), times).tolist()
+    [0.0, 1.0, 1.0]
+    """
+    known = np.isfinite(years) & np.isfinite(record_years)
+    mismatch = years != record_years
+    if times is not None:
+        entry_years = times.dt.year.to_numpy(dtype=float)
+        mismatch &= ~(np.isfinite(entry_years) & (years == entry_years))
+    return np.where(known, mismatch.astype(float), np.nan)
 
 
 def field_features(

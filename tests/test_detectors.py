@@ -235,6 +235,16 @@ def test_running_number_sequence_and_year(profile: d.Profile) -> None:
     assert f["year_mismatch"].iloc[4] == 0.0
 
 
+def test_year_mismatch_blames_the_date_when_the_number_agrees_with_the_entry_year(profile: d.Profile) -> None:
+    rows = _history(12).to_dict("records")
+    rows[5]["order_date"] = "2025-01-02"  # the date's year slipped; the number's 2024 is the entry year
+    rows[6]["order_number"] = "SO-2025-000007"  # the number's year slipped; date and entry say 2024
+    rows[7]["entered_at"] = ""  # no entry time: the date alone decides
+    rows[7]["order_date"] = "2025-01-02"
+    f = _features(profile, rows)["order_number"]
+    assert f["year_mismatch"].iloc[[4, 5, 6, 7]].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
 def test_running_numbers_carried_over_chunks_give_the_expectations_of_one_piece() -> None:
     # Every third number, with noise, a slip and a second prefix: cut anywhere, the same expectations.
     rng = np.random.default_rng(0)
