@@ -77,7 +77,9 @@ class ModelBundle:
             "config": self.config.model_dump(mode="json"),
             "metrics": self.metrics,
         }
-        (folder / BUNDLE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+        # Not sorted: the config's fields keep the order they were trained in (a model loaded back has the
+        # same `check_fields`, in the same order, as the one `train` fitted).
+        (folder / BUNDLE_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return folder
 
     @classmethod

@@ -29,6 +29,17 @@ def model_folder(demo, tmp_path_factory) -> Path:
     return result.bundle.save(tmp_path_factory.mktemp("model") / "bundle")
 
 
+def test_a_saved_model_keeps_the_config_it_was_trained_with(demo, model_folder):
+    from pipeline.bundle import ModelBundle
+    from pipeline.config import load_config
+
+    trained = load_config(demo.config)
+    loaded = ModelBundle.load(model_folder).config
+    assert list(loaded.fields) == list(trained.fields)  # the order too, not only the same set
+    assert loaded.check_fields == trained.check_fields
+    assert loaded.model_dump() == trained.model_dump()
+
+
 def score(model_folder: Path, batch: Path, output: Path, *extra: str) -> int:
     return main(
         ["score", "--model", str(model_folder), "--input", str(batch), "--output", str(output), *extra]
