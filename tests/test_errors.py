@@ -693,12 +693,14 @@ def test_cells_entered_alike_in_their_duplicate_do_not_teach_the_classifier(
     assert plain[0] is None or (plain[0] > 0).all()
 
 
-def test_fold_lookups_rebuilt_for_the_thresholds_equal_the_kept_ones(
+def test_fold_lookups_taken_back_from_disk_for_the_thresholds_equal_the_kept_ones(
     demo: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Above `KEEP_LOOKUPS_ROWS` each fold's profile is dropped after its features and rebuilt when its
-    flagged cells need candidates: every candidate frame, both thresholds and the flags stay the same."""
+    """Above `KEEP_LOOKUPS_ROWS` each fold's profile is set aside on disk after its features and taken back
+    when its flagged cells need candidates: every candidate frame, both thresholds and the flags stay the
+    same, and the temporary files are gone after the fit."""
     import pipeline.errors as errors_module
+    import pipeline.memory as memory_module
 
     config, stored = demo["config"], demo["stored"]
     log = load_log(demo["paths"].corrections)
@@ -712,12 +714,19 @@ def test_fold_lookups_rebuilt_for_the_thresholds_equal_the_kept_ones(
         return frames[-1]
 
     monkeypatch.setattr(errors_module.sg, "candidate_frame", recorded)
+    taken: list[Path] = []
+    take = memory_module.Spill.take
+    monkeypatch.setattr(
+        memory_module.Spill, "take", lambda self, path: taken.append(path) or take(self, path)
+    )
     fits = []
     for keep in (errors_module.KEEP_LOOKUPS_ROWS, 0):
         monkeypatch.setattr(errors_module, "KEEP_LOOKUPS_ROWS", keep)
         frames.clear()
         model = ErrorModel(config, folds=3).fit(entered.iloc[:1200], labels, stored.iloc[:1200])
         fits.append((model, list(frames)))
+        assert len(taken) == (0 if keep else 3)  # kept: none written; set aside: one per fold
+    assert not any(path.parent.exists() for path in taken)
     (kept, kept_frames), (rebuilt, rebuilt_frames) = fits
     assert len(kept_frames) == len(rebuilt_frames) > 3  # the folds' own and the flagged cells' frames
     for a, b in zip(kept_frames, rebuilt_frames, strict=True):
