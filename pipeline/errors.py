@@ -467,12 +467,12 @@ class ErrorModel(BaseEstimator):
                 DEFAULT_THRESHOLD if self.suggest_threshold is None else float(self.suggest_threshold)
             )
             self.training_errors_ = 0
+            self.edits_ = d.EditHistory.learn(entered, labels, config)
         self.profile_ = table.profile(pairs=pairs, schemes=self.schemes_)
         sequences = [name for name, fp in self.profile_.fields.items() if fp.sequence]
         self.running_start_ = d.RunningNumbers(tuple(sequences)).then(
             d.RunningNumbers.of_table(stored, sequences, config.time_column)
         )
-        self.edits_ = d.EditHistory.learn(entered, labels, config)
         self.patterns_ = sg.EditPatterns.learn(labels, profile=self.profile_, edits=self.edits_)
         self.patterns_.prior = self.priors_
         self.choices_ = sg.nearest_choices(self.profile_)
@@ -492,7 +492,8 @@ class ErrorModel(BaseEstimator):
         position: np.ndarray,
         at_scale: bool,
     ) -> None:
-        """Cross-fitted features and candidates per fold, the final classifier and ranker, the thresholds.
+        """Cross-fitted features and candidates per fold, the final classifier and ranker, the thresholds,
+        the edit history.
 
         `table` holds the profiled records: the training history's (as stored, in `entered`'s order) first,
         then the unlabelled ones, which every fold's profile keeps. `position`: each training record's row
@@ -670,6 +671,8 @@ class ErrorModel(BaseEstimator):
             spill.close()
         self.threshold_ = float(threshold)
         self.suggest_threshold_ = float(suggest)
+        # The whole history's counts from the codes the folds counted (`EditHistory.learn`'s numbers).
+        self.edits_ = edit_table.history(np.arange(len(entered)))
 
     def _fit_classifier(
         self, X: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None, *, own: bool = False

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline import detectors as d
 from pipeline import schema as s
 from pipeline import suggest as sg
 from pipeline.config import Config, load_config
@@ -733,3 +734,19 @@ def test_fold_lookups_taken_back_from_disk_for_the_thresholds_equal_the_kept_one
         pd.testing.assert_frame_equal(a, b)
     assert (kept.threshold_, kept.suggest_threshold_) == (rebuilt.threshold_, rebuilt.suggest_threshold_)
     pd.testing.assert_frame_equal(kept.detect(demo["batch"]), rebuilt.detect(demo["batch"]))
+
+
+def test_fitted_edit_history_is_the_whole_training_historys(demo: dict) -> None:
+    """The fit counts the whole history's edits from the folds' coded table: the counts
+    `EditHistory.learn` finds on the training records and their labels of the checked fields."""
+    config, stored = demo["config"], demo["stored"]
+    log = load_log(demo["paths"].corrections)
+    entered, _ = replay_backwards(stored, log, id_column=config.id_column)
+    labels = cell_labels(log, stored[config.id_column])
+    model = ErrorModel(config, folds=3).fit(entered.iloc[:800], labels, stored.iloc[:800])
+    ids = set(entered[config.id_column].iloc[:800])
+    own = labels[labels["field"].isin(config.check_fields) & labels["record_id"].isin(ids)]
+    assert len(own)  # a labelled fit
+    plain = d.EditHistory.learn(entered.iloc[:800].reset_index(drop=True), own, config)
+    for name in ("value_errors", "value_seen", "shape_errors", "shape_seen", "field_rate"):
+        assert getattr(model.edits_, name) == getattr(plain, name), name
