@@ -158,9 +158,12 @@ def quantile_edges(
     """
     out: list[np.ndarray | None] = []
     for j in range(X.shape[1]):
+        if j in skip:
+            out.append(None)
+            continue
         column = X[:, j]
-        column = column[~np.isnan(column)]
-        if j in skip or len(np.unique(column)) <= max_bins:
+        column = np.sort(column[~np.isnan(column)])  # sorted once: the distinct count and the quantiles
+        if 1 + np.count_nonzero(column[1:] != column[:-1]) <= max_bins:
             out.append(None)
             continue
         percentiles = np.linspace(0, 100, num=max_bins + 1)[1:-1]
