@@ -750,3 +750,32 @@ def test_fitted_edit_history_is_the_whole_training_historys(demo: dict) -> None:
     plain = d.EditHistory.learn(entered.iloc[:800].reset_index(drop=True), own, config)
     for name in ("value_errors", "value_seen", "shape_errors", "shape_seen", "field_rate"):
         assert getattr(model.edits_, name) == getattr(plain, name), name
+
+
+def test_quantile_edges_are_the_percentiles_of_columns_with_many_values() -> None:
+    """A column gets edges when it has more than `max_bins` distinct non-missing values (signed zeros are
+    one value), and they are the distinct `averaged_inverted_cdf` percentiles of those values."""
+    from pipeline.errors import quantile_edges
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    X = np.c_[
+        rng.normal(size=n),
+        rng.integers(0, 10, n).astype(float),
+        np.r_[rng.normal(size=n - 1000), np.full(1000, np.nan)],
+        np.full(n, np.nan),
+        np.r_[np.zeros(n // 2), -np.zeros(n // 2)],
+        rng.integers(0, 300, n).astype(float),
+    ]
+    X[rng.integers(0, n, 300), 0] = np.nan
+    for max_bins, skip in ((255, ()), (5, (0,)), (300, ())):
+        edges = quantile_edges(X, max_bins=max_bins, skip=skip)
+        for j, got in enumerate(edges):
+            column = X[~np.isnan(X[:, j]), j]
+            if j in skip or len(np.unique(column)) <= max_bins:
+                assert got is None, (max_bins, j)
+                continue
+            percentiles = np.linspace(0, 100, num=max_bins + 1)[1:-1]
+            want = np.unique(np.percentile(column, percentiles, method="averaged_inverted_cdf"))
+            np.testing.assert_array_equal(got, want)
+    assert [e is None for e in quantile_edges(X, max_bins=255)] == [False, True, False, True, True, False]
