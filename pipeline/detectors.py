@@ -383,11 +383,14 @@ def _expect_after(
     number: np.ndarray,
     days: np.ndarray,
     horizon: float = math.inf,
+    *,
+    expect: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Per row (rows in entry order, all with a running number, entered on `days`): the number it should
     have given the earlier rows of its prefix (`tails`' last rows per prefix, each a 2 x k array of numbers
     and entry days, then the rows before it here) entered at most `horizon` days before it (and not after
-    it), how many earlier rows that rests on, and the tails after these rows.
+    it), how many earlier rows that rests on, and the tails after these rows. `expect` False: the tails
+    only (the first two are NaN and 0), for a table whose own expectations nobody reads.
 
     The expectation is robust to slips among the earlier rows and to a step other than 1 (a batch holding
     every k-th number): the median slope of all pairs of earlier rows (Theil-Sen), then the median of the
@@ -406,6 +409,26 @@ def _expect_after(
     ordered = every[:, order]
     group_start = np.searchsorted(codes[order], codes[order], side="left")
     group_end = np.searchsorted(codes[order], codes[order], side="right")
+    expected, count = np.full(len(number), np.nan), np.zeros(len(number))
+    if expect:
+        expected, count = _expected_in_groups(ordered, order, group_start, first_row, width, horizon)
+    last = np.flatnonzero(np.arange(len(order)) >= group_end - width)
+    after = dict(tails)
+    for code in np.unique(codes[order[last]]):
+        after[str(uniques[code])] = ordered[:, last[codes[order[last]] == code]]
+    return expected, count, after
+
+
+def _expected_in_groups(
+    ordered: np.ndarray,
+    order: np.ndarray,
+    group_start: np.ndarray,
+    first_row: int,
+    width: int,
+    horizon: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_expect_after`'s expectations and row counts of the rows from `first_row` on (in their input order),
+    from the rows grouped by prefix (`ordered`: numbers and days; `order`: each grouped row's input place)."""
     at = np.flatnonzero(order >= first_row)
     index = at[:, None] - width + np.arange(width)  # the earlier rows, oldest first
     earlier = index >= group_start[at, None]
@@ -420,15 +443,11 @@ def _expect_after(
         slope = _row_median((window[:, right] - window[:, left]) / (right - left))
         guess = window + slope[:, None] * (width - np.arange(width))
     expected_sorted = np.where(rows >= SEQUENCE_MIN_ROWS, _row_median(guess), np.nan)
-    expected = np.full(len(number), np.nan)
-    count = np.zeros(len(number))
+    expected = np.full(len(order) - first_row, np.nan)
+    count = np.zeros(len(order) - first_row)
     expected[order[at] - first_row] = expected_sorted
     count[order[at] - first_row] = rows
-    last = np.flatnonzero(np.arange(len(order)) >= group_end - width)
-    after = dict(tails)
-    for code in np.unique(codes[order[last]]):
-        after[str(uniques[code])] = ordered[:, last[codes[order[last]] == code]]
-    return expected, count, after
+    return expected, count
 
 
 def sequence_horizon(
@@ -512,7 +531,9 @@ class RunningNumbers:
         tails = {}
         for name in names:
             prefix, number, ok = running_parts(text_column(chunk, name))
-            tails[name] = _expect_after({}, prefix[ok], number[ok], days[ok])[2] if ok.any() else {}
+            tails[name] = (
+                _expect_after({}, prefix[ok], number[ok], days[ok], expect=False)[2] if ok.any() else {}
+            )
         return cls(names, tails)
 
     @classmethod

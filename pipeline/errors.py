@@ -43,6 +43,7 @@ from pipeline.config import Config
 from pipeline.exceptions import ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import number as number_type
 from pipeline.fields.base import field_label
+from pipeline.memory import Spill
 from pipeline.metrics import choose_threshold
 
 logger = logging.getLogger(__name__)
@@ -62,8 +63,9 @@ OOF_SMALL_CELLS = 10_000
 # classifier's cost then grows with the labels, not with the history (the profiles still use every row).
 MAX_TRAINING_ROWS = 30_000
 # Each fold's lookups (a profile of all the other records: 0.3-0.5 GB each at a million records) are kept
-# for choosing the thresholds only up to this many profiled records; above it they are dropped after the
-# fold's features and rebuilt, one fold at a time, when its flagged cells need candidates (same numbers).
+# for choosing the thresholds only up to this many profiled records; above it they are written to a
+# temporary file after the fold's features and read back, one fold at a time, when its flagged cells need
+# candidates (the same objects, for less CPU than profiling the records again).
 KEEP_LOOKUPS_ROWS = 300_000
 # Above SCALE_ROWS profiled records (a history larger than the 200,000-row benchmark's), the classifiers
 # learn from a sample, so that their cost grows with the labels rather than the history: every labelled
@@ -156,9 +158,12 @@ def quantile_edges(
     """
     out: list[np.ndarray | None] = []
     for j in range(X.shape[1]):
+        if j in skip:
+            out.append(None)
+            continue
         column = X[:, j]
-        column = column[~np.isnan(column)]
-        if j in skip or len(np.unique(column)) <= max_bins:
+        column = np.sort(column[~np.isnan(column)])  # sorted once: the distinct count and the quantiles
+        if 1 + np.count_nonzero(column[1:] != column[:-1]) <= max_bins:
             out.append(None)
             continue
         percentiles = np.linspace(0, 100, num=max_bins + 1)[1:-1]
@@ -288,8 +293,9 @@ class _Lookups:
 @dataclass
 class _Fold:
     """One cross-fitting fold of the training history: its cells' features and labels (field after field),
-    its labelled cells' candidates, and what scoring its cells out of fold needs (`lookups` None: dropped
-    to save memory, rebuilt when needed from the fold's own `patterns`, which are small)."""
+    its labelled cells' candidates, and what scoring its cells out of fold needs (`lookups` None: set
+    aside on disk to save memory, at `spilled`, and taken back with the fold's own `patterns`, which are
+    small)."""
 
     inside: np.ndarray
     X: np.ndarray
@@ -302,6 +308,7 @@ class _Fold:
     patterns: sg.EditPatterns
     rows: pd.DataFrame
     extras: dict
+    spilled: Path | None = None
 
 
 def pooled_field_ids(fields: list[str], labels: pd.DataFrame, min_errors: int) -> dict[str, int]:
@@ -463,12 +470,12 @@ class ErrorModel(BaseEstimator):
                 DEFAULT_THRESHOLD if self.suggest_threshold is None else float(self.suggest_threshold)
             )
             self.training_errors_ = 0
+            self.edits_ = d.EditHistory.learn(entered, labels, config)
         self.profile_ = table.profile(pairs=pairs, schemes=self.schemes_)
         sequences = [name for name, fp in self.profile_.fields.items() if fp.sequence]
         self.running_start_ = d.RunningNumbers(tuple(sequences)).then(
             d.RunningNumbers.of_table(stored, sequences, config.time_column)
         )
-        self.edits_ = d.EditHistory.learn(entered, labels, config)
         self.patterns_ = sg.EditPatterns.learn(labels, profile=self.profile_, edits=self.edits_)
         self.patterns_.prior = self.priors_
         self.choices_ = sg.nearest_choices(self.profile_)
@@ -488,7 +495,8 @@ class ErrorModel(BaseEstimator):
         position: np.ndarray,
         at_scale: bool,
     ) -> None:
-        """Cross-fitted features and candidates per fold, the final classifier and ranker, the thresholds.
+        """Cross-fitted features and candidates per fold, the final classifier and ranker, the thresholds,
+        the edit history.
 
         `table` holds the profiled records: the training history's (as stored, in `entered`'s order) first,
         then the unlabelled ones, which every fold's profile keeps. `position`: each training record's row
@@ -523,16 +531,27 @@ class ErrorModel(BaseEstimator):
         edit_table = d.EditTable.of(entered, labels, config)
         own = int((position >= 0).sum())  # the table's rows of training records
 
-        def outside(inside: np.ndarray, patterns: sg.EditPatterns | None = None) -> _Lookups:
-            """The lookups learned from the records outside a fold (the unlabelled ones always are); given
-            the fold's `patterns` (learned before), the edit history they were learned from is not rebuilt."""
+        def outside(inside: np.ndarray) -> _Lookups:
+            """The lookups learned from the records outside a fold (the unlabelled ones always are)."""
             rows = np.concatenate([position[~inside & (position >= 0)], np.arange(own, table.rows)])
             profile = table.profile(rows, pairs=pairs, schemes=self.schemes_)
-            edits = None
-            if patterns is None:
-                edits = edit_table.history(np.flatnonzero(~inside))
-                patterns = sg.EditPatterns.learn(labels[~inside[labelled_at]], profile=profile, edits=edits)
+            edits = edit_table.history(np.flatnonzero(~inside))
+            patterns = sg.EditPatterns.learn(labels[~inside[labelled_at]], profile=profile, edits=edits)
             return _Lookups(profile, edits, patterns, sg.nearest_choices(profile))
+
+        # Lookups not kept are set aside on disk (profile and choices) when the thresholds will need them.
+        keep_lookups = table.rows <= KEEP_LOOKUPS_ROWS and not at_scale
+        spill = None
+        if not keep_lookups and (self.threshold is None or self.suggest_threshold is None):
+            spill = Spill(prefix="pipeline-lookups-")
+
+        def restore(fold: _Fold) -> _Lookups:
+            """A fold's lookups, as `outside` learned them, for scoring its cells out of fold."""
+            if fold.lookups is not None:
+                return fold.lookups
+            assert spill is not None and fold.spilled is not None
+            profile, choices = spill.take(fold.spilled)
+            return _Lookups(profile, None, fold.patterns, choices)
 
         # Running numbers find their neighbours in the whole history, computed once for all folds. Only a
         # code field can be a running number (`detectors.profile_field`): the context holds only their texts.
@@ -581,10 +600,11 @@ class ErrorModel(BaseEstimator):
                     count.T.ravel(),
                     sure_cells.T.ravel(),
                     frame,
-                    lookups if table.rows <= KEEP_LOOKUPS_ROWS and not at_scale else None,
+                    lookups if keep_lookups else None,
                     patterns,
                     rows,
                     extras,
+                    None if keep_lookups or spill is None else spill.put((profile, choices)),
                 )
             )
             del lookups, profile, patterns, choices, per_field
@@ -647,11 +667,15 @@ class ErrorModel(BaseEstimator):
         self.training_errors_ = int(y.sum())
         threshold, suggest = self.threshold, self.suggest_threshold
         if threshold is None or suggest is None:
-            chosen = self._out_of_fold_thresholds(folds, ids, labels, threshold, outside, fit)
+            chosen = self._out_of_fold_thresholds(folds, ids, labels, threshold, restore, fit)
             threshold = chosen[0] if threshold is None else threshold
             suggest = chosen[1] if suggest is None else suggest
+        if spill is not None:
+            spill.close()
         self.threshold_ = float(threshold)
         self.suggest_threshold_ = float(suggest)
+        # The whole history's counts from the codes the folds counted (`EditHistory.learn`'s numbers).
+        self.edits_ = edit_table.history(np.arange(len(entered)))
 
     def _fit_classifier(
         self, X: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None, *, own: bool = False
@@ -731,13 +755,13 @@ class ErrorModel(BaseEstimator):
         ids: pd.Series,
         labels: pd.DataFrame,
         fixed: float | None,
-        outside: Callable[[np.ndarray, sg.EditPatterns], _Lookups],
+        restore: Callable[[_Fold], _Lookups],
         fit: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[float, float]:
         """Both thresholds from the training history itself: each fold is scored by a classifier and a
         ranker fitted on the other folds (as `calibrate` scores a held-out period), and the pooled flags
-        choose the flag threshold (best F1) and the suggestion threshold (best correction F1). `outside`
-        rebuilds a fold's lookups where they were dropped. `fit` (the pooled cells' mask and weights,
+        choose the flag threshold (best F1) and the suggestion threshold (best correction F1). `restore`
+        gives a fold's lookups (kept, or taken back from disk). `fit` (the pooled cells' mask and weights,
         `fit_cells`): the classifiers learn from those cells only; every cell is still scored."""
         config = self.config
         fields = config.check_fields
@@ -796,7 +820,7 @@ class ErrorModel(BaseEstimator):
             cell_count = fold.count.reshape(len(fields), n)[names, positions]
             if not len(positions):
                 continue
-            lookups = fold.lookups or outside(fold.inside, fold.patterns)
+            lookups = restore(fold)
             texts = d.chunk_texts(fold.rows, [f for f in config.fields if f in lookups.profile.fields])
             records = texts.to_dict("records")
             cells = [

@@ -1,15 +1,18 @@
 """A process's memory: large blocks mapped from the system, free heap pages handed back, the cyclic collector
-paused while many small objects are made, and the resident size now. glibc and Linux only; elsewhere each is
-a no-op (or NaN)."""
+paused while many small objects are made, objects set aside on disk while not needed (`Spill`), and the
+resident size now. glibc and Linux only; elsewhere each is a no-op (or NaN)."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import pickle
 import resource
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 # glibc's mallopt: allocations from this size on are mapped from the system and unmapped when freed.
@@ -71,3 +74,43 @@ def resident_mb() -> float:
     except (OSError, ValueError, IndexError):
         return float("nan")
     return pages * resource.getpagesize() / 2**20
+
+
+class Spill:
+    """Objects set aside on disk (pickled into a temporary folder) while they are not needed, and taken back
+    once: for an object that costs more to rebuild than to write and read, and too much memory to keep.
+    A context manager; the folder is removed on leaving it.
+
+    >>> with Spill() as spill:
+    ...     where = spill.put({"a": [1, 2]})
+    ...     spill.take(where)
+    {'a': [1, 2]}
+    """
+
+    def __init__(self, prefix: str = "pipeline-spill-") -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix=prefix)
+        self._count = 0
+
+    def put(self, value: object) -> Path:
+        """Writes `value` to a file of its own; the file's path, for `take`."""
+        path = Path(self._folder.name) / f"{self._count}.pickle"
+        self._count += 1
+        with open(path, "wb") as fh:
+            pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        return path
+
+    def take(self, path: Path) -> Any:
+        """The value written to `path` (the file is removed: each is taken once)."""
+        with collector_paused(), open(path, "rb") as fh:
+            value = pickle.load(fh)  # noqa: S301 - a file this process wrote
+        path.unlink()
+        return value
+
+    def close(self) -> None:
+        self._folder.cleanup()
+
+    def __enter__(self) -> Spill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -268,6 +268,24 @@ def test_running_numbers_carried_over_chunks_give_the_expectations_of_one_piece(
         )
 
 
+def test_running_numbers_of_a_table_are_the_tails_its_expectations_leave() -> None:
+    # `RunningNumbers.of` skips the table's own expectations: the state after it is the one `_expect` leaves,
+    # prefix by prefix (short and long runs, missing and unparsed values, unordered times).
+    rng = np.random.default_rng(1)
+    prefixes = np.array(["SO-2023-", "SO-2024-", "X"], dtype=object)[rng.integers(0, 3, 500)]
+    numbers = rng.integers(0, 99_999, 500)
+    values = pd.Series([f"{p}{n:05d}" for p, n in zip(prefixes, numbers, strict=True)], dtype=object)
+    values[[3, 40]] = ["", "no number"]
+    times = pd.Series(pd.Timestamp("2024-01-01") + pd.to_timedelta(rng.integers(0, 90, 500), unit="D"))
+    frame = pd.DataFrame({"no": values, "at": times})
+    state = d.RunningNumbers.of(frame, ["no"], "at")
+    _, _, expected = d.RunningNumbers(("no",))._expect("no", values, times)
+    assert state.tails["no"].keys() == expected.tails["no"].keys() == {"SO-2023-", "SO-2024-", "X"}
+    for prefix, rows in expected.tails["no"].items():
+        assert rows.shape == (2, d.SEQUENCE_WINDOW)
+        np.testing.assert_array_equal(state.tails["no"][prefix], rows)
+
+
 def test_running_numbers_do_not_lean_on_rows_entered_long_before() -> None:
     # A batch that follows its reference after a gap: the reference's last numbers are no neighbours.
     days = pd.date_range("2024-01-01", periods=8, freq="D")

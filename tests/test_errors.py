@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline import detectors as d
 from pipeline import schema as s
 from pipeline import suggest as sg
 from pipeline.config import Config, load_config
@@ -693,12 +694,14 @@ def test_cells_entered_alike_in_their_duplicate_do_not_teach_the_classifier(
     assert plain[0] is None or (plain[0] > 0).all()
 
 
-def test_fold_lookups_rebuilt_for_the_thresholds_equal_the_kept_ones(
+def test_fold_lookups_taken_back_from_disk_for_the_thresholds_equal_the_kept_ones(
     demo: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Above `KEEP_LOOKUPS_ROWS` each fold's profile is dropped after its features and rebuilt when its
-    flagged cells need candidates: every candidate frame, both thresholds and the flags stay the same."""
+    """Above `KEEP_LOOKUPS_ROWS` each fold's profile is set aside on disk after its features and taken back
+    when its flagged cells need candidates: every candidate frame, both thresholds and the flags stay the
+    same, and the temporary files are gone after the fit."""
     import pipeline.errors as errors_module
+    import pipeline.memory as memory_module
 
     config, stored = demo["config"], demo["stored"]
     log = load_log(demo["paths"].corrections)
@@ -712,15 +715,67 @@ def test_fold_lookups_rebuilt_for_the_thresholds_equal_the_kept_ones(
         return frames[-1]
 
     monkeypatch.setattr(errors_module.sg, "candidate_frame", recorded)
+    taken: list[Path] = []
+    take = memory_module.Spill.take
+    monkeypatch.setattr(
+        memory_module.Spill, "take", lambda self, path: taken.append(path) or take(self, path)
+    )
     fits = []
     for keep in (errors_module.KEEP_LOOKUPS_ROWS, 0):
         monkeypatch.setattr(errors_module, "KEEP_LOOKUPS_ROWS", keep)
         frames.clear()
         model = ErrorModel(config, folds=3).fit(entered.iloc[:1200], labels, stored.iloc[:1200])
         fits.append((model, list(frames)))
+        assert len(taken) == (0 if keep else 3)  # kept: none written; set aside: one per fold
+    assert not any(path.parent.exists() for path in taken)
     (kept, kept_frames), (rebuilt, rebuilt_frames) = fits
     assert len(kept_frames) == len(rebuilt_frames) > 3  # the folds' own and the flagged cells' frames
     for a, b in zip(kept_frames, rebuilt_frames, strict=True):
         pd.testing.assert_frame_equal(a, b)
     assert (kept.threshold_, kept.suggest_threshold_) == (rebuilt.threshold_, rebuilt.suggest_threshold_)
     pd.testing.assert_frame_equal(kept.detect(demo["batch"]), rebuilt.detect(demo["batch"]))
+
+
+def test_fitted_edit_history_is_the_whole_training_historys(demo: dict) -> None:
+    """The fit counts the whole history's edits from the folds' coded table: the counts
+    `EditHistory.learn` finds on the training records and their labels of the checked fields."""
+    config, stored = demo["config"], demo["stored"]
+    log = load_log(demo["paths"].corrections)
+    entered, _ = replay_backwards(stored, log, id_column=config.id_column)
+    labels = cell_labels(log, stored[config.id_column])
+    model = ErrorModel(config, folds=3).fit(entered.iloc[:800], labels, stored.iloc[:800])
+    ids = set(entered[config.id_column].iloc[:800])
+    own = labels[labels["field"].isin(config.check_fields) & labels["record_id"].isin(ids)]
+    assert len(own)  # a labelled fit
+    plain = d.EditHistory.learn(entered.iloc[:800].reset_index(drop=True), own, config)
+    for name in ("value_errors", "value_seen", "shape_errors", "shape_seen", "field_rate"):
+        assert getattr(model.edits_, name) == getattr(plain, name), name
+
+
+def test_quantile_edges_are_the_percentiles_of_columns_with_many_values() -> None:
+    """A column gets edges when it has more than `max_bins` distinct non-missing values (signed zeros are
+    one value), and they are the distinct `averaged_inverted_cdf` percentiles of those values."""
+    from pipeline.errors import quantile_edges
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    X = np.c_[
+        rng.normal(size=n),
+        rng.integers(0, 10, n).astype(float),
+        np.r_[rng.normal(size=n - 1000), np.full(1000, np.nan)],
+        np.full(n, np.nan),
+        np.r_[np.zeros(n // 2), -np.zeros(n // 2)],
+        rng.integers(0, 300, n).astype(float),
+    ]
+    X[rng.integers(0, n, 300), 0] = np.nan
+    for max_bins, skip in ((255, ()), (5, (0,)), (300, ())):
+        edges = quantile_edges(X, max_bins=max_bins, skip=skip)
+        for j, got in enumerate(edges):
+            column = X[~np.isnan(X[:, j]), j]
+            if j in skip or len(np.unique(column)) <= max_bins:
+                assert got is None, (max_bins, j)
+                continue
+            percentiles = np.linspace(0, 100, num=max_bins + 1)[1:-1]
+            want = np.unique(np.percentile(column, percentiles, method="averaged_inverted_cdf"))
+            np.testing.assert_array_equal(got, want)
+    assert [e is None for e in quantile_edges(X, max_bins=255)] == [False, True, False, True, True, False]
