@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
 from array import array
@@ -62,7 +61,7 @@ from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold
 from pipeline.duplicates.classifier import PairClassifier, probabilities
 from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
-from pipeline.duplicates.storage import FloatFile, Offsets, RecordFile, unlinked_file, write_at
+from pipeline.duplicates.storage import FloatFile, Offsets, RecordFile, SpillBuffer
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import TermFrequencies, compare_many
@@ -1403,10 +1402,10 @@ class _TextList:
     text beyond its characters, instead of a str object and a list slot (~60 bytes). For raw values that
     are not the normalised ones (an order number as typed), which a batch adds one per record.
 
-    The buffer's older part goes to an unlinked temporary file once `SPILL_BYTES` have gathered: a batch's
-    ids and order numbers are read back a few per record matched (a candidate's value, a hash hit to
-    check, a link's id), mostly the latest ones, which stay in memory, so at 2,000,000 records the ~30
-    bytes per record of ids and order numbers are not resident. Pickles as its contents.
+    The buffer is a `SpillBuffer`: its older part goes to an unlinked temporary file once `SPILL_BYTES`
+    have gathered. A batch's ids and order numbers are read back a few per record matched (a candidate's
+    value, a hash hit to check, a link's id), mostly the latest ones, which stay in memory, so at 2,000,000
+    records the ~30 bytes per record of ids and order numbers are not resident. Pickles as its contents.
     """
 
     SPILL_BYTES = 4 << 20
@@ -1414,34 +1413,32 @@ class _TextList:
     READ_BYTES = 1 << 18  # ... within the same 256 KiB of the file
 
     def __init__(self) -> None:
-        self.data = bytearray()  # the texts from byte `spilled` on
         self.ends = Offsets()
-        self.spilled = 0  # bytes in the file
-        self._file: Any = None
+        self._buffer = SpillBuffer(self.SPILL_BYTES)
 
     def __len__(self) -> int:
         return len(self.ends)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _TextList) and self.ends == other.ends and self._bytes() == other._bytes()
-
-    def _bytes(self) -> bytes:
-        return (os.pread(self._file.fileno(), self.spilled, 0) if self.spilled else b"") + bytes(self.data)
+        return isinstance(other, _TextList) and self.ends == other.ends and self._buffer == other._buffer
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"ends": self.ends, "data": self._bytes()}
+        return {"ends": self.ends, "data": self._buffer.getvalue()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.ends, self.data, self.spilled, self._file = state["ends"], bytearray(state["data"]), 0, None
+        self.__init__()
+        self.ends = state["ends"]
+        self._buffer.append(state["data"])
 
     def __getitem__(self, index: int) -> str:
         if index < 0:
             index += len(self.ends)
         end = self.ends[index]  # IndexError past the end, as a list
         start = self.ends[index - 1] if index else 0
-        if start >= self.spilled:
-            return self.data[start - self.spilled : end - self.spilled].decode("utf-8", "surrogatepass")
-        return self._read(np.array([start]), np.array([end]))[0]
+        spilled = self._buffer.spilled
+        if start >= spilled:
+            return self._buffer.tail[start - spilled : end - spilled].decode("utf-8", "surrogatepass")
+        return self._buffer.read(start, end).decode("utf-8", "surrogatepass")
 
     def take(self, indices: np.ndarray | Sequence[int]) -> list[str]:
         """The texts at these places, in that order."""
@@ -1452,18 +1449,18 @@ class _TextList:
         starts = np.zeros(len(indices), dtype=np.int64)
         inside = indices > 0
         starts[inside] = self.ends.take(indices[inside] - 1)
-        spilled = self.spilled
+        spilled, tail = self._buffer.spilled, self._buffer.tail
         if spilled and starts.min() < spilled:
             texts = np.empty(len(indices), dtype=object)
             cold = starts < spilled
             texts[cold] = self._read(starts[cold], ends[cold])
             hot = np.flatnonzero(~cold)
-            texts[hot] = _decode_slices(self.data, starts[hot] - spilled, ends[hot] - spilled)
+            texts[hot] = _decode_slices(tail, starts[hot] - spilled, ends[hot] - spilled)
             return texts.tolist()
-        return _decode_slices(self.data, starts - spilled, ends - spilled)
+        return _decode_slices(tail, starts - spilled, ends - spilled)
 
     def _read(self, starts: np.ndarray, ends: np.ndarray) -> list[str]:
-        """The texts at these byte ranges of the file, in that order: one read per run of nearby texts."""
+        """The texts at these byte ranges of the buffer, in that order: one read per run of nearby texts."""
         order = np.argsort(starts, kind="stable")
         starts, ends = starts[order], ends[order]
         reach = np.maximum.accumulate(ends)
@@ -1476,10 +1473,9 @@ class _TextList:
         first = np.flatnonzero(run)
         last = np.append(first[1:], len(starts)) - 1
         texts = np.empty(len(starts), dtype=object)
-        fd = self._file.fileno()
         for begin, stop in zip(first.tolist(), last.tolist(), strict=True):
             base = int(starts[begin])
-            chunk = os.pread(fd, int(reach[stop]) - base, base)
+            chunk = self._buffer.read(base, int(reach[stop]))
             part = slice(begin, stop + 1)
             texts[part] = _decode_slices(chunk, starts[part] - base, ends[part] - base)
         result = np.empty(len(starts), dtype=object)
@@ -1491,25 +1487,14 @@ class _TextList:
         if not encoded:
             return
         sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        ends = np.cumsum(sizes) + self.spilled + len(self.data)
-        self.data += b"".join(encoded)
+        ends = np.cumsum(sizes) + len(self._buffer)
+        self._buffer.append(b"".join(encoded))
         self.ends.extend(ends)
-        if len(self.data) >= self.SPILL_BYTES:
-            if self._file is None:
-                self._file = unlinked_file(None)
-            write_at(self._file.fileno(), bytes(self.data), self.spilled)
-            self.spilled += len(self.data)
-            self.data = bytearray()
 
     def truncate(self, size: int) -> None:
         """Keeps the first `size` texts."""
         if size < len(self.ends):
-            end = self.ends[size - 1] if size else 0
-            if end >= self.spilled:
-                del self.data[end - self.spilled :]
-            else:
-                os.ftruncate(self._file.fileno(), end)
-                self.spilled, self.data = end, bytearray()
+            self._buffer.truncate(self.ends[size - 1] if size else 0)
             self.ends.truncate(size)
 
 

@@ -749,7 +749,7 @@ def test_the_text_list_gives_back_each_text_as_stored_and_truncates(monkeypatch,
     assert [texts[i] for i in range(len(texts))] == [*stored[:3], "y"]
     assert texts.take([3, 0]) == ["y", stored[0]]
     texts.truncate(0)
-    assert len(texts) == 0 and not texts.data
+    assert len(texts) == 0 and len(texts._buffer) == 0
 
 
 def test_value_codes_widen_from_8_to_16_to_32_bits_as_a_field_gains_values(trained) -> None:
@@ -816,7 +816,7 @@ def test_a_matcher_reads_raw_values_and_parsed_values_back_and_its_temporary_fil
     copy = pickle.loads(pickle.dumps(matcher.export_state()))  # as the reference cache stores it
     restored = type(matcher).from_state(model, copy)
     assert restored.record(records["record_id"][0]) == matcher.record(records["record_id"][0])
-    descriptors = [matcher._raw._file.fileno(), restored._raw._file.fileno()]
+    descriptors = [matcher._raw._buffer._file.fileno(), restored._raw._buffer._file.fileno()]
     assert len(set(descriptors)) == 2 and all(os.fstat(fd).st_nlink == 0 for fd in descriptors)
     del matcher, restored, copy
     gc.collect()
