@@ -771,6 +771,17 @@ class Matcher:
         code = self._codes[field][position]
         return self._texts[field][code] if code >= 0 else self._unparsed[field].get(position, s.MISSING)
 
+    def _normalised_many(self, field: str, positions: np.ndarray) -> list[str]:
+        """`_normalised` of each of these positions, the value texts read with one `take`."""
+        codes = self._code_array(field)[positions].astype(np.int64)
+        values = np.empty(len(codes), dtype=object)
+        held = codes >= 0
+        values[held] = self._texts[field].take(codes[held])
+        unparsed = self._unparsed[field]
+        for i in np.flatnonzero(~held).tolist():
+            values[i] = unparsed.get(int(positions[i]), s.MISSING)
+        return values.tolist()
+
     def _parsed_value(self, field: str, position: int) -> Any:
         """The parsed value (as the comparators see it) of a field of an indexed record; None if missing."""
         code = self._codes[field][position]
@@ -1272,12 +1283,17 @@ class Matcher:
         duplicate_of = [s.MISSING] * len(record_ids)
         cluster_ids = list(record_ids)
         reasons = [s.MISSING] * len(record_ids)
+        linked = np.flatnonzero((others >= 0) & (scores >= self._model.threshold_))
+        # The links' ids and reasons' values read once for the chunk: a match is often an old record,
+        # whose id and value texts are in the index's temporary files.
+        candidate_ids = ids.take(others[linked])
+        linked_reasons = self._reasons(positions[linked], others[linked], candidate_ids)
         # In row order: a row's cluster is that of its match, which may be an earlier row of the chunk.
-        for i in np.flatnonzero((others >= 0) & (scores >= self._model.threshold_)).tolist():
-            candidate_id, record_id = ids[others[i]], record_ids[i]
+        for i, candidate_id, reason in zip(linked.tolist(), candidate_ids, linked_reasons, strict=True):
+            record_id = record_ids[i]
             cluster = self._cluster.get(candidate_id, candidate_id)
             duplicate_of[i] = candidate_id
-            reasons[i] = self.reason(int(positions[i]), int(others[i]))
+            reasons[i] = reason
             self._cluster[record_id] = cluster
             cluster_ids[i] = cluster
         return pd.DataFrame(
@@ -1292,10 +1308,26 @@ class Matcher:
 
     def reason(self, position: int, other: int) -> str:
         """The clerk's sentence for indexed record `position` duplicating indexed record `other`."""
-        record = {field: self._normalised(field, position) for field in self._fields}
-        match = {field: self._normalised(field, other) for field in self._fields}
-        days = self._times[position] - self._times[other]
-        return self._model.reason(record, match, str(self._ids[other]), None if math.isnan(days) else days)
+        return self._reasons(np.array([position]), np.array([other]))[0]
+
+    def _reasons(
+        self, positions: np.ndarray, others: np.ndarray, other_ids: list[str] | None = None
+    ) -> list[str]:
+        """`reason` of each pair (`positions[i]` duplicating `others[i]`), each field's values, the entry
+        times and the ids (`other_ids`, if known) read once for all pairs."""
+        if not len(positions):
+            return []
+        records = [self._normalised_many(field, positions) for field in self._fields]
+        matches = [self._normalised_many(field, others) for field in self._fields]
+        days = (self._times.take(positions) - self._times.take(others)).tolist()
+        if other_ids is None:
+            other_ids = self._ids.take(others)
+        reasons = []
+        for i, (other_id, day) in enumerate(zip(other_ids, days, strict=True)):
+            record = {field: values[i] for field, values in zip(self._fields, records, strict=True)}
+            match = {field: values[i] for field, values in zip(self._fields, matches, strict=True)}
+            reasons.append(self._model.reason(record, match, other_id, None if math.isnan(day) else day))
+        return reasons
 
     # ------------------------------------------------------------------ pairs given from outside
 

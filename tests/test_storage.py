@@ -159,6 +159,11 @@ def test_a_float_file_gives_back_each_value_bit_for_bit_around_its_spill_and_tru
     got = [floats[i] for i in range(5)]
     assert [v for v in got if not math.isnan(v)] == [v for v in values if not math.isnan(v)]
     assert math.isnan(got[2]) and floats[-1] == 5e-324
+    places = [4, 0, 2, 3, 2]  # all from the file (spill 2) or all from memory
+    assert floats.take(np.array(places)).tobytes() == np.array([values[i] for i in places]).tobytes()
+    assert floats.take(np.array([], dtype=np.int64)).shape == (0,)
+    with pytest.raises(IndexError):
+        floats.take(np.array([0, 5]))
     copied = pickle.loads(pickle.dumps(floats))
     assert copied == floats and copied[3] == values[3]
     with pytest.raises(IndexError):
@@ -167,3 +172,4 @@ def test_a_float_file_gives_back_each_value_bit_for_bit_around_its_spill_and_tru
     assert len(floats) == 2 and floats[1] == values[1] and floats != copied
     floats.extend([7.0])
     assert [floats[i] for i in range(3)] == [0.1, -2.5e300, 7.0]
+    assert floats.take(np.array([2, 0, 1])).tolist() == [7.0, 0.1, -2.5e300]

@@ -289,6 +289,26 @@ class FloatFile:
             raise IndexError(f"item {index} of {len(self)}")
         return _FLOAT.unpack(self._buffer.read(_FLOAT.size * index, _FLOAT.size * (index + 1)))[0]
 
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """The items at these places (0 <= index < len), bit for bit, as a float64 array: those in memory
+        at once, the others with a read each."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and not 0 <= indices.min() <= indices.max() < len(self):
+            raise IndexError(f"items {indices.min()}..{indices.max()} of {len(self)}")
+        values = np.empty(len(indices), dtype=np.float64)
+        spilled, size = self.spilled, _FLOAT.size
+        hot = indices >= spilled
+        if hot.any():
+            tail = np.frombuffer(self._buffer.tail, dtype=np.float64)
+            values[hot] = tail[indices[hot] - spilled]
+            del tail  # the view holds the tail, which cannot grow while it lives
+        cold = np.flatnonzero(~hot)
+        if len(cold):
+            read = self._buffer.read
+            data = b"".join(read(size * index, size * (index + 1)) for index in indices[cold].tolist())
+            values[cold] = np.frombuffer(data, dtype=np.float64)
+        return values
+
     def extend(self, values: Sequence[float]) -> None:
         self._buffer.append(array("d", values).tobytes())
 
