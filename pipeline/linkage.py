@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
 from array import array
@@ -62,7 +61,7 @@ from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold
 from pipeline.duplicates.classifier import PairClassifier, probabilities
 from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
-from pipeline.duplicates.storage import FloatFile, Offsets, RecordFile, unlinked_file, write_at
+from pipeline.duplicates.storage import FloatFile, Offsets, RecordFile, SpillBuffer
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import TermFrequencies, compare_many
@@ -792,6 +791,17 @@ class Matcher:
         code = self._codes[field][position]
         return self._texts[field][code] if code >= 0 else self._unparsed[field].get(position, s.MISSING)
 
+    def _normalised_many(self, field: str, positions: np.ndarray) -> list[str]:
+        """`_normalised` of each of these positions, the value texts read with one `take`."""
+        codes = self._code_array(field)[positions].astype(np.int64)
+        values = np.empty(len(codes), dtype=object)
+        held = codes >= 0
+        values[held] = self._texts[field].take(codes[held])
+        unparsed = self._unparsed[field]
+        for i in np.flatnonzero(~held).tolist():
+            values[i] = unparsed.get(int(positions[i]), s.MISSING)
+        return values.tolist()
+
     def _parsed_value(self, field: str, position: int) -> Any:
         """The parsed value (as the comparators see it) of a field of an indexed record; None if missing."""
         code = self._codes[field][position]
@@ -1305,12 +1315,17 @@ class Matcher:
         duplicate_of = [s.MISSING] * len(record_ids)
         cluster_ids = list(record_ids)
         reasons = [s.MISSING] * len(record_ids)
+        linked = np.flatnonzero((others >= 0) & (scores >= self._model.threshold_))
+        # The links' ids and reasons' values read once for the chunk: a match is often an old record,
+        # whose id and value texts are in the index's temporary files.
+        candidate_ids = ids.take(others[linked])
+        linked_reasons = self._reasons(positions[linked], others[linked], candidate_ids)
         # In row order: a row's cluster is that of its match, which may be an earlier row of the chunk.
-        for i in np.flatnonzero((others >= 0) & (scores >= self._model.threshold_)).tolist():
-            candidate_id, record_id = ids[others[i]], record_ids[i]
+        for i, candidate_id, reason in zip(linked.tolist(), candidate_ids, linked_reasons, strict=True):
+            record_id = record_ids[i]
             cluster = self._cluster.get(candidate_id, candidate_id)
             duplicate_of[i] = candidate_id
-            reasons[i] = self.reason(int(positions[i]), int(others[i]))
+            reasons[i] = reason
             self._cluster[record_id] = cluster
             cluster_ids[i] = cluster
         return pd.DataFrame(
@@ -1325,10 +1340,26 @@ class Matcher:
 
     def reason(self, position: int, other: int) -> str:
         """The clerk's sentence for indexed record `position` duplicating indexed record `other`."""
-        record = {field: self._normalised(field, position) for field in self._fields}
-        match = {field: self._normalised(field, other) for field in self._fields}
-        days = self._times[position] - self._times[other]
-        return self._model.reason(record, match, str(self._ids[other]), None if math.isnan(days) else days)
+        return self._reasons(np.array([position]), np.array([other]))[0]
+
+    def _reasons(
+        self, positions: np.ndarray, others: np.ndarray, other_ids: list[str] | None = None
+    ) -> list[str]:
+        """`reason` of each pair (`positions[i]` duplicating `others[i]`), each field's values, the entry
+        times and the ids (`other_ids`, if known) read once for all pairs."""
+        if not len(positions):
+            return []
+        records = [self._normalised_many(field, positions) for field in self._fields]
+        matches = [self._normalised_many(field, others) for field in self._fields]
+        days = (self._times.take(positions) - self._times.take(others)).tolist()
+        if other_ids is None:
+            other_ids = self._ids.take(others)
+        reasons = []
+        for i, (other_id, day) in enumerate(zip(other_ids, days, strict=True)):
+            record = {field: values[i] for field, values in zip(self._fields, records, strict=True)}
+            match = {field: values[i] for field, values in zip(self._fields, matches, strict=True)}
+            reasons.append(self._model.reason(record, match, other_id, None if math.isnan(day) else day))
+        return reasons
 
     # ------------------------------------------------------------------ pairs given from outside
 
@@ -1435,10 +1466,10 @@ class _TextList:
     text beyond its characters, instead of a str object and a list slot (~60 bytes). For raw values that
     are not the normalised ones (an order number as typed), which a batch adds one per record.
 
-    The buffer's older part goes to an unlinked temporary file once `SPILL_BYTES` have gathered: a batch's
-    ids and order numbers are read back a few per record matched (a candidate's value, a hash hit to
-    check, a link's id), mostly the latest ones, which stay in memory, so at 2,000,000 records the ~30
-    bytes per record of ids and order numbers are not resident. Pickles as its contents.
+    The buffer is a `SpillBuffer`: its older part goes to an unlinked temporary file once `SPILL_BYTES`
+    have gathered. A batch's ids and order numbers are read back a few per record matched (a candidate's
+    value, a hash hit to check, a link's id), mostly the latest ones, which stay in memory, so at 2,000,000
+    records the ~30 bytes per record of ids and order numbers are not resident. Pickles as its contents.
     """
 
     SPILL_BYTES = 4 << 20
@@ -1446,34 +1477,32 @@ class _TextList:
     READ_BYTES = 1 << 18  # ... within the same 256 KiB of the file
 
     def __init__(self) -> None:
-        self.data = bytearray()  # the texts from byte `spilled` on
         self.ends = Offsets()
-        self.spilled = 0  # bytes in the file
-        self._file: Any = None
+        self._buffer = SpillBuffer(self.SPILL_BYTES)
 
     def __len__(self) -> int:
         return len(self.ends)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _TextList) and self.ends == other.ends and self._bytes() == other._bytes()
-
-    def _bytes(self) -> bytes:
-        return (os.pread(self._file.fileno(), self.spilled, 0) if self.spilled else b"") + bytes(self.data)
+        return isinstance(other, _TextList) and self.ends == other.ends and self._buffer == other._buffer
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"ends": self.ends, "data": self._bytes()}
+        return {"ends": self.ends, "data": self._buffer.getvalue()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.ends, self.data, self.spilled, self._file = state["ends"], bytearray(state["data"]), 0, None
+        self.__init__()
+        self.ends = state["ends"]
+        self._buffer.append(state["data"])
 
     def __getitem__(self, index: int) -> str:
         if index < 0:
             index += len(self.ends)
         end = self.ends[index]  # IndexError past the end, as a list
         start = self.ends[index - 1] if index else 0
-        if start >= self.spilled:
-            return self.data[start - self.spilled : end - self.spilled].decode("utf-8", "surrogatepass")
-        return self._read(np.array([start]), np.array([end]))[0]
+        spilled = self._buffer.spilled
+        if start >= spilled:
+            return self._buffer.tail[start - spilled : end - spilled].decode("utf-8", "surrogatepass")
+        return self._buffer.read(start, end).decode("utf-8", "surrogatepass")
 
     def take(self, indices: np.ndarray | Sequence[int]) -> list[str]:
         """The texts at these places, in that order."""
@@ -1484,18 +1513,18 @@ class _TextList:
         starts = np.zeros(len(indices), dtype=np.int64)
         inside = indices > 0
         starts[inside] = self.ends.take(indices[inside] - 1)
-        spilled = self.spilled
+        spilled, tail = self._buffer.spilled, self._buffer.tail
         if spilled and starts.min() < spilled:
             texts = np.empty(len(indices), dtype=object)
             cold = starts < spilled
             texts[cold] = self._read(starts[cold], ends[cold])
             hot = np.flatnonzero(~cold)
-            texts[hot] = _decode_slices(self.data, starts[hot] - spilled, ends[hot] - spilled)
+            texts[hot] = _decode_slices(tail, starts[hot] - spilled, ends[hot] - spilled)
             return texts.tolist()
-        return _decode_slices(self.data, starts - spilled, ends - spilled)
+        return _decode_slices(tail, starts - spilled, ends - spilled)
 
     def _read(self, starts: np.ndarray, ends: np.ndarray) -> list[str]:
-        """The texts at these byte ranges of the file, in that order: one read per run of nearby texts."""
+        """The texts at these byte ranges of the buffer, in that order: one read per run of nearby texts."""
         order = np.argsort(starts, kind="stable")
         starts, ends = starts[order], ends[order]
         reach = np.maximum.accumulate(ends)
@@ -1508,10 +1537,9 @@ class _TextList:
         first = np.flatnonzero(run)
         last = np.append(first[1:], len(starts)) - 1
         texts = np.empty(len(starts), dtype=object)
-        fd = self._file.fileno()
         for begin, stop in zip(first.tolist(), last.tolist(), strict=True):
             base = int(starts[begin])
-            chunk = os.pread(fd, int(reach[stop]) - base, base)
+            chunk = self._buffer.read(base, int(reach[stop]))
             part = slice(begin, stop + 1)
             texts[part] = _decode_slices(chunk, starts[part] - base, ends[part] - base)
         result = np.empty(len(starts), dtype=object)
@@ -1523,25 +1551,14 @@ class _TextList:
         if not encoded:
             return
         sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        ends = np.cumsum(sizes) + self.spilled + len(self.data)
-        self.data += b"".join(encoded)
+        ends = np.cumsum(sizes) + len(self._buffer)
+        self._buffer.append(b"".join(encoded))
         self.ends.extend(ends)
-        if len(self.data) >= self.SPILL_BYTES:
-            if self._file is None:
-                self._file = unlinked_file(None)
-            write_at(self._file.fileno(), bytes(self.data), self.spilled)
-            self.spilled += len(self.data)
-            self.data = bytearray()
 
     def truncate(self, size: int) -> None:
         """Keeps the first `size` texts."""
         if size < len(self.ends):
-            end = self.ends[size - 1] if size else 0
-            if end >= self.spilled:
-                del self.data[end - self.spilled :]
-            else:
-                os.ftruncate(self._file.fileno(), end)
-                self.spilled, self.data = end, bytearray()
+            self._buffer.truncate(self.ends[size - 1] if size else 0)
             self.ends.truncate(size)
 
 

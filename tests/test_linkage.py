@@ -755,7 +755,7 @@ def test_the_text_list_gives_back_each_text_as_stored_and_truncates(monkeypatch,
     assert [texts[i] for i in range(len(texts))] == [*stored[:3], "y"]
     assert texts.take([3, 0]) == ["y", stored[0]]
     texts.truncate(0)
-    assert len(texts) == 0 and not texts.data
+    assert len(texts) == 0 and len(texts._buffer) == 0
 
 
 def test_value_codes_widen_from_8_to_16_to_32_bits_as_a_field_gains_values(trained) -> None:
@@ -822,7 +822,7 @@ def test_a_matcher_reads_raw_values_and_parsed_values_back_and_its_temporary_fil
     copy = pickle.loads(pickle.dumps(matcher.export_state()))  # as the reference cache stores it
     restored = type(matcher).from_state(model, copy)
     assert restored.record(records["record_id"][0]) == matcher.record(records["record_id"][0])
-    descriptors = [matcher._raw._file.fileno(), restored._raw._file.fileno()]
+    descriptors = [matcher._raw._buffer._file.fileno(), restored._raw._buffer._file.fileno()]
     assert len(set(descriptors)) == 2 and all(os.fstat(fd).st_nlink == 0 for fd in descriptors)
     del matcher, restored, copy
     gc.collect()
@@ -939,3 +939,55 @@ def test_block_sizes_past_one_byte_weigh_candidates_exactly_and_roll_back() -> N
     assert small.big_count.tolist() == [260]
     small.rollback(250)
     assert small.big_keys.tolist() == [] and small.sizes(np.array([0])).tolist() == [250]
+
+
+def test_links_and_reasons_read_back_the_same_from_the_index_files(trained, monkeypatch) -> None:
+    """A matcher whose ids, value texts and entry times are all in its temporary files (spilled at every
+    byte) gives the links, clusters and reasons of one that holds them in memory; each reason is the one
+    its pair's values give, read one at a time (the links' values are read for a whole chunk at once)."""
+    import math
+
+    from pipeline.duplicates.storage import FloatFile
+    from pipeline.linkage import _TextList
+
+    model, records = trained
+    first = order(50) | {"record_id": "A", "amount": "4321.00", "entered_at": "2025-01-01T09:00:00"}
+    rows = [
+        order(6)
+        | {"record_id": "N1", "entered_at": "2024-07-20T10:00:00", "customer_name": "Autobedrjf Mulder"},
+        order(40) | {"record_id": "N2", "amount": "9999.00", "order_date": "2024-12-01"},
+        first,
+        first | {"record_id": "B", "customer_name": first["customer_name"] + "x", "city": ""},
+        order(3) | {"record_id": "N3", "entered_at": "2024-04-23T10:00:00"},
+    ]
+    chunks = [batch(rows[:3]), batch(rows[3:])]
+    in_memory = model.matcher(records)
+    expected = [in_memory.match(chunk) for chunk in chunks]
+    monkeypatch.setattr(_TextList, "SPILL_BYTES", 1)
+    monkeypatch.setattr(FloatFile, "SPILL_ITEMS", 1)
+    spilled = model.matcher(records)
+    got = [spilled.match(chunk) for chunk in chunks]
+    assert spilled._ids._buffer.spilled == len(spilled._ids._buffer) > 0 and not spilled._ids._buffer.tail
+    assert spilled._times.spilled == len(spilled._times) == len(records) + len(rows)
+    assert all(spilled._texts[field]._buffer.spilled > 0 for field in spilled._fields)
+    for mine, theirs in zip(got, expected, strict=True):
+        pd.testing.assert_frame_equal(mine, theirs)
+    links = pd.concat(got)
+    assert links["duplicate_of"].tolist() == ["R0006", "", "", "A", "D0001"]
+    assert links["cluster_id"].tolist() == ["R0006", "N2", "A", "A", "D0001"]
+    for matcher in (in_memory, spilled):
+        for record_id, other_id in [("N1", "R0006"), ("B", "A"), ("N3", "D0001")]:
+            position, other = matcher._positions([record_id, other_id]).tolist()
+            days = matcher._times[position] - matcher._times[other]
+            one_by_one = model.reason(
+                {field: matcher._normalised(field, position) for field in matcher._fields},
+                {field: matcher._normalised(field, other) for field in matcher._fields},
+                matcher._ids[other],
+                None if math.isnan(days) else days,
+            )
+            assert (
+                matcher.reason(position, other)
+                == one_by_one
+                == links.set_index(pd.Index([row["record_id"] for row in rows])).loc[record_id, "reason"]
+                != ""
+            )

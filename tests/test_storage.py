@@ -1,5 +1,5 @@
-"""`pipeline.duplicates.storage`: the matcher's raw values in an unlinked temporary file, and offsets in
-4 bytes each."""
+"""`pipeline.duplicates.storage`: a byte buffer whose older part is in an unlinked temporary file, the
+matcher's raw values and entry times on it, and offsets in 4 bytes each."""
 
 from __future__ import annotations
 
@@ -10,13 +10,75 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.duplicates.storage import FloatFile, Offsets, RecordFile
+from pipeline.duplicates.storage import FloatFile, Offsets, RecordFile, SpillBuffer
 
 
 def column(*cells: str) -> np.ndarray:
     values = np.empty(len(cells), dtype=object)
     values[:] = list(cells)
     return values
+
+
+@pytest.mark.parametrize("spill", [0, 1, 5, 1 << 20])
+def test_a_spill_buffer_reads_and_truncates_as_bytes_on_both_sides_of_its_spill(tmp_path, spill) -> None:
+    """Every byte range, across the border between file and memory too, reads back as the bytes
+    appended; truncating inside the tail, then inside the file, cuts the file, and appending goes on."""
+    buffer = SpillBuffer(spill, str(tmp_path))
+    expected = bytearray()
+    for piece in [b"abc", b"", b"\xff\x00de", b"f" * 7, b"g", b"hij"]:
+        buffer.append(piece)
+        expected += piece
+        assert len(buffer) == len(expected)
+    # 5: "abc" waits, "abc\xff\x00de" spills, the 7 "f" go straight to the file, "ghij" waits.
+    spilled = {0: 18, 1: 18, 5: 14, 1 << 20: 0}[spill]
+    assert buffer.spilled == spilled and bytes(buffer.tail) == expected[spilled:]
+    if spilled:
+        assert os.fstat(buffer._file.fileno()).st_size == spilled and list(tmp_path.iterdir()) == []
+    else:
+        assert buffer._file is None  # a buffer that never spilled has no file
+    for start in range(len(expected) + 1):
+        for end in range(start, len(expected) + 1):
+            assert buffer.read(start, end) == expected[start:end], (start, end)
+    for start, end in [(0, len(expected) + 1), (3, 2), (-1, 2)]:
+        with pytest.raises(IndexError):
+            buffer.read(start, end)
+    buffer.truncate(len(expected) + 5)  # more than it holds: unchanged
+    assert buffer.getvalue() == expected
+    buffer.truncate(16)  # in the tail (5, 1 << 20), in the file (0, 1)
+    del expected[16:]
+    assert buffer.getvalue() == expected and buffer.spilled == min(spilled, 16)
+    buffer.truncate(5)
+    del expected[5:]
+    assert buffer.getvalue() == expected and buffer.spilled == min(spilled, 5)
+    if spilled:
+        assert os.fstat(buffer._file.fileno()).st_size == 5 and not buffer.tail
+    buffer.append(b"klmnop")
+    expected += b"klmnop"
+    assert buffer.getvalue() == expected and buffer.read(3, 8) == expected[3:8] == b"\xff\x00klm"
+    buffer.truncate(0)
+    assert len(buffer) == 0 and buffer.getvalue() == b"" and buffer.spilled == 0
+    buffer.close()
+
+
+def test_a_pickled_spill_buffer_is_an_equal_copy_in_its_own_file_and_equality_is_by_bytes() -> None:
+    buffer = SpillBuffer(4)
+    buffer.append(b"ab")
+    buffer.append(b"cdef")  # spilled
+    buffer.append(b"g")  # in memory
+    copy = pickle.loads(pickle.dumps(buffer))
+    assert copy == buffer and copy.getvalue() == b"abcdefg" and copy.spill_bytes == 4
+    assert copy.spilled == 7 and copy._file.fileno() != buffer._file.fileno()
+    held = SpillBuffer(1 << 20)  # the same bytes all in memory
+    held.append(b"abcdefg")
+    assert held == buffer and held.spilled == 0
+    held.truncate(6)
+    held.append(b"h")
+    assert held != buffer and held != b"abcdefh"
+    buffer.close()  # closing the original leaves the copy readable
+    assert copy.read(2, 7) == b"cdefg"
+    copy.append(b"hi")
+    assert copy.getvalue() == b"abcdefghi"
+    copy.close()
 
 
 def test_records_come_back_cell_for_cell_across_chunks_and_after_truncate(tmp_path) -> None:
@@ -29,7 +91,7 @@ def test_records_come_back_cell_for_cell_across_chunks_and_after_truncate(tmp_pa
     assert records[1] == ["R2", "", odd[3]]
     assert records[2] == ["R3", odd[4], odd[5]]
     records.truncate(1)  # as a matcher's rollback does
-    assert len(records) == 1 and records.size == os.fstat(records._file.fileno()).st_size
+    assert len(records) == 1 and records.size == os.fstat(records._buffer._file.fileno()).st_size
     records.extend([column("R9"), column(""), column("z")])
     assert records[1] == ["R9", "", "z"]
     with pytest.raises(IndexError):
@@ -44,7 +106,7 @@ def test_a_pickled_record_file_is_an_equal_copy_in_its_own_file() -> None:
     records.extend([column("R1", "R2"), column("Jansen", "de Vries")])
     copy = pickle.loads(pickle.dumps(records))
     assert copy == records and copy[1] == ["R2", "de Vries"]
-    assert copy._file.fileno() != records._file.fileno()
+    assert copy._buffer._file.fileno() != records._buffer._file.fileno()
     records.close()
     assert copy[0] == ["R1", "Jansen"]  # closing the original leaves the copy readable
     copy.close()
@@ -53,7 +115,7 @@ def test_a_pickled_record_file_is_an_equal_copy_in_its_own_file() -> None:
 def test_the_file_has_no_name_and_its_space_is_freed_on_close(tmp_path) -> None:
     records = RecordFile(width=1, directory=str(tmp_path))
     records.extend([column(*[f"R{i}" for i in range(1000)])])
-    fd = records._file.fileno()
+    fd = records._buffer._file.fileno()
     assert os.fstat(fd).st_nlink == 0  # unlinked from the start: nothing is left after a crash or kill
     assert list(tmp_path.iterdir()) == []
     assert os.fstat(fd).st_size == records.size > 0
@@ -97,6 +159,11 @@ def test_a_float_file_gives_back_each_value_bit_for_bit_around_its_spill_and_tru
     got = [floats[i] for i in range(5)]
     assert [v for v in got if not math.isnan(v)] == [v for v in values if not math.isnan(v)]
     assert math.isnan(got[2]) and floats[-1] == 5e-324
+    places = [4, 0, 2, 3, 2]  # all from the file (spill 2) or all from memory
+    assert floats.take(np.array(places)).tobytes() == np.array([values[i] for i in places]).tobytes()
+    assert floats.take(np.array([], dtype=np.int64)).shape == (0,)
+    with pytest.raises(IndexError):
+        floats.take(np.array([0, 5]))
     copied = pickle.loads(pickle.dumps(floats))
     assert copied == floats and copied[3] == values[3]
     with pytest.raises(IndexError):
@@ -105,3 +172,4 @@ def test_a_float_file_gives_back_each_value_bit_for_bit_around_its_spill_and_tru
     assert len(floats) == 2 and floats[1] == values[1] and floats != copied
     floats.extend([7.0])
     assert [floats[i] for i in range(3)] == [0.1, -2.5e300, 7.0]
+    assert floats.take(np.array([2, 0, 1])).tolist() == [7.0, 0.1, -2.5e300]

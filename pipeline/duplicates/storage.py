@@ -1,14 +1,17 @@
-"""Index storage kept out of memory: `RecordFile`, the raw field values of every indexed record, and
-`Offsets`, the end offsets of items in a buffer in 4 bytes each.
+"""Index storage kept out of memory: `SpillBuffer`, an append-only byte buffer whose older part is in an
+unlinked temporary file, and on it `RecordFile` (the raw field values of every indexed record) and
+`FloatFile` (a float per record); `Offsets`, the end offsets of items in a buffer in 4 bytes each.
 
 The matcher needs a record's raw values only to show them (the values a duplicate flag quotes from the
 record it duplicates), a few per hundred records; held in memory they were ~90 bytes per record, most of
-a 2,000,000-row batch's index. They go to an anonymous temporary file instead, read back by offset.
+a 2,000,000-row batch's index. They go to an anonymous temporary file instead, read back by offset; so do
+the older part of its ids, value texts (`linkage._TextList`) and entry times.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 from array import array
 from bisect import bisect_right
@@ -20,6 +23,7 @@ import numpy as np
 # Never a byte of UTF-8 (nor of a lone surrogate written with "surrogatepass"): ends every cell.
 _END = b"\xff"
 _ENCODING, _ERRORS = "utf-8", "surrogatepass"
+_FLOAT = struct.Struct("d")  # a `FloatFile` item, as `array("d")` packs it
 
 
 class Offsets:
@@ -79,15 +83,97 @@ class Offsets:
         del self.wraps[bisect_right(self.wraps, size - 1) :]
 
 
+class SpillBuffer:
+    """An append-only byte buffer whose older part is in an unlinked temporary file: the bytes from
+    `spilled` on are in memory (`tail`), and once the tail holds `spill_bytes` it is written at the end of
+    the file and memory starts again. The index's per-record lists that are read back rarely, and mostly
+    near their end (ids, value texts, entry times, raw values), so keep only their latest bytes resident.
+
+    `read` takes any byte range, across the border too, and `truncate` cuts to any size, into the file
+    too (a matcher's rollback). The file is made at the first spill (`unlinked_file`), so a small buffer
+    never has one; `spill_bytes` 0 keeps nothing in memory. Reads and writes use explicit offsets
+    (`os.pread`/`os.pwrite`), so threads may share it; reading does not grow this process's memory the
+    way touching a memory map's pages would (the operating system's page cache holds what was read).
+    Pickles as its contents (the reference cache stores a matcher); equal to a buffer of the same bytes.
+
+    >>> buffer = SpillBuffer(spill_bytes=4)
+    >>> buffer.append(b"abc"); buffer.append(b"def"); buffer.append(b"g")
+    >>> buffer.spilled, bytes(buffer.tail), buffer.read(2, 7), len(buffer)
+    (6, b'g', b'cdefg', 7)
+    >>> buffer.truncate(4); buffer.getvalue()
+    b'abcd'
+    """
+
+    def __init__(self, spill_bytes: int, directory: str | None = None) -> None:
+        self.spill_bytes = spill_bytes
+        self.directory = directory  # where the file is made (None: the system's temporary folder)
+        self.tail = bytearray()  # the bytes from `spilled` on
+        self.spilled = 0  # bytes in the file
+        self._file: Any = None
+
+    def __len__(self) -> int:
+        return self.spilled + len(self.tail)
+
+    def append(self, data: bytes | bytearray) -> None:
+        """Appends `data`, and writes the tail to the file once it holds `spill_bytes` or more."""
+        if not data:
+            return
+        if self.tail or len(data) < self.spill_bytes:
+            self.tail += data
+            if len(self.tail) < self.spill_bytes:
+                return
+            data, self.tail = self.tail, bytearray()
+        if self._file is None:
+            self._file = unlinked_file(self.directory)
+        write_at(self._file.fileno(), data, self.spilled)
+        self.spilled += len(data)
+
+    def read(self, start: int, end: int) -> bytes:
+        """The bytes from `start` to `end` (0 <= start <= end <= len), from the file, memory or both."""
+        if not 0 <= start <= end <= len(self):
+            raise IndexError(f"bytes {start}:{end} of {len(self)}")
+        spilled = self.spilled
+        if start >= spilled:
+            return bytes(self.tail[start - spilled : end - spilled])
+        head = os.pread(self._file.fileno(), min(end, spilled) - start, start)
+        return head + self.tail[: end - spilled] if end > spilled else head
+
+    def truncate(self, size: int) -> None:
+        """Keeps the first `size` bytes (all of them if there are fewer)."""
+        if size >= self.spilled:
+            del self.tail[size - self.spilled :]
+        else:
+            os.ftruncate(self._file.fileno(), size)
+            self.spilled, self.tail = size, bytearray()
+
+    def getvalue(self) -> bytes:
+        """All the bytes."""
+        return self.read(0, len(self))
+
+    def close(self) -> None:
+        """Closes (and so removes) the file; what was spilled is gone."""
+        if self._file is not None:
+            self._file.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spill_bytes": self.spill_bytes, "data": self.getvalue()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["spill_bytes"])
+        self.append(state["data"])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SpillBuffer) and self.getvalue() == other.getvalue()
+
+
 class RecordFile:
-    """An append-only list of records (each a fixed number of text cells) in a temporary file, and the
-    end offset of each record in memory (4 bytes per record, `Offsets`).
+    """An append-only list of records (each a fixed number of text cells) in a temporary file (a
+    `SpillBuffer` that keeps nothing in memory), and the end offset of each record in memory (4 bytes per
+    record, `Offsets`).
 
     The file is created unlinked (`tempfile.TemporaryFile`), so it is gone when the object is closed or
-    collected and when the process ends in any way, a failure or a kill included. Reads and writes use
-    explicit offsets (`os.pread`/`os.pwrite`), so threads may share it. Reading a record does not grow
-    this process's memory the way touching a memory map's pages would: the operating system's page
-    cache holds what was read. Pickles as its contents (the reference cache stores a matcher).
+    collected and when the process ends in any way, a failure or a kill included. Pickles as its contents
+    (the reference cache stores a matcher).
 
     >>> records = RecordFile(width=2)
     >>> records.extend([np.array(["R1", "R2"], dtype=object), np.array(["Jansen", ""], dtype=object)])
@@ -99,7 +185,7 @@ class RecordFile:
     def __init__(self, width: int, directory: str | None = None) -> None:
         self.width = width
         self.ends = Offsets()
-        self._file = unlinked_file(directory)
+        self._buffer = SpillBuffer(0, directory)
 
     def __len__(self) -> int:
         return len(self.ends)
@@ -122,7 +208,7 @@ class RecordFile:
         encoded = [cell.encode(_ENCODING, _ERRORS) for cell in cells.ravel().tolist()]
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + len(_END)
         ends = self.size + np.cumsum(lengths.reshape(rows, self.width).sum(axis=1))
-        write_at(self._file.fileno(), _END.join(encoded) + _END, self.size)
+        self._buffer.append(_END.join(encoded) + _END)
         self.ends.extend(ends)
 
     def __getitem__(self, index: int) -> list[str]:
@@ -130,26 +216,26 @@ class RecordFile:
         if not 0 <= index < len(self.ends):
             raise IndexError(f"record {index} of {len(self.ends)}")
         start = self.ends[index - 1] if index else 0
-        data = os.pread(self._file.fileno(), self.ends[index] - start, start)
+        data = self._buffer.read(start, self.ends[index])
         return [cell.decode(_ENCODING, _ERRORS) for cell in data.split(_END)[:-1]]
 
     def truncate(self, size: int) -> None:
         """Keeps the first `size` records."""
         if size < len(self.ends):
             self.ends.truncate(size)
-            os.ftruncate(self._file.fileno(), self.size)
+            self._buffer.truncate(self.size)
 
     def close(self) -> None:
         """Closes (and so removes) the file; the object is unusable afterwards."""
-        self._file.close()
+        self._buffer.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"width": self.width, "ends": self.ends, "data": os.pread(self._file.fileno(), self.size, 0)}
+        return {"width": self.width, "ends": self.ends, "data": self._buffer.getvalue()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.width, self.ends = state["width"], state["ends"]
-        self._file = unlinked_file(None)
-        write_at(self._file.fileno(), state["data"], 0)
+        self._buffer = SpillBuffer(0)
+        self._buffer.append(state["data"])
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RecordFile) and self.__getstate__() == other.__getstate__()
@@ -157,11 +243,11 @@ class RecordFile:
 
 def unlinked_file(directory: str | None) -> Any:
     """A new temporary file, already without a name: its space is freed when it is closed."""
-    # Held open for the matcher's life, closed by `RecordFile.close` or when collected.
+    # Held open for its buffer's life, closed by `SpillBuffer.close` or when collected.
     return tempfile.TemporaryFile(prefix="pipeline-records-", dir=directory)  # noqa: SIM115
 
 
-def write_at(fd: int, data: bytes, offset: int) -> None:
+def write_at(fd: int, data: bytes | bytearray, offset: int) -> None:
     """All of `data` at `offset` (`os.pwrite` may write less than asked)."""
     view = memoryview(data)
     while view:
@@ -170,10 +256,10 @@ def write_at(fd: int, data: bytes, offset: int) -> None:
 
 
 class FloatFile:
-    """An append-only list of floats (8 bytes each) whose older part is in an unlinked temporary file: the
-    latest `SPILL_ITEMS` at most in memory. For per-record values read back a few per hundred records (a
-    record's entry time, read for the reason of a link), which held in memory were 8 bytes per record of a
-    2,000,000-row batch's index. Pickles as its contents.
+    """An append-only list of floats (8 bytes each) whose older part is in an unlinked temporary file (a
+    `SpillBuffer`): the latest `SPILL_ITEMS` at most in memory. For per-record values read back a few per
+    hundred records (a record's entry time, read for the reason of a link), which held in memory were 8
+    bytes per record of a 2,000,000-row batch's index. Pickles as its contents.
 
     >>> times = FloatFile()
     >>> times.extend([1.5, 2.25, float("nan")])
@@ -186,49 +272,57 @@ class FloatFile:
     SPILL_ITEMS = 1 << 19
 
     def __init__(self) -> None:
-        self.tail = array("d")  # the items from `spilled` on
-        self.spilled = 0  # items in the file
-        self._file: Any = None
+        self._buffer = SpillBuffer(_FLOAT.size * self.SPILL_ITEMS)
 
     def __len__(self) -> int:
-        return self.spilled + len(self.tail)
+        return len(self._buffer) // _FLOAT.size
+
+    @property
+    def spilled(self) -> int:
+        """Items in the file."""
+        return self._buffer.spilled // _FLOAT.size
 
     def __getitem__(self, index: int) -> float:
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"item {index} of {len(self)}")
-        if index >= self.spilled:
-            return self.tail[index - self.spilled]
-        return array("d", os.pread(self._file.fileno(), 8, 8 * index))[0]
+        return _FLOAT.unpack(self._buffer.read(_FLOAT.size * index, _FLOAT.size * (index + 1)))[0]
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """The items at these places (0 <= index < len), bit for bit, as a float64 array: those in memory
+        at once, the others with a read each."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and not 0 <= indices.min() <= indices.max() < len(self):
+            raise IndexError(f"items {indices.min()}..{indices.max()} of {len(self)}")
+        values = np.empty(len(indices), dtype=np.float64)
+        spilled, size = self.spilled, _FLOAT.size
+        hot = indices >= spilled
+        if hot.any():
+            tail = np.frombuffer(self._buffer.tail, dtype=np.float64)
+            values[hot] = tail[indices[hot] - spilled]
+            del tail  # the view holds the tail, which cannot grow while it lives
+        cold = np.flatnonzero(~hot)
+        if len(cold):
+            read = self._buffer.read
+            data = b"".join(read(size * index, size * (index + 1)) for index in indices[cold].tolist())
+            values[cold] = np.frombuffer(data, dtype=np.float64)
+        return values
 
     def extend(self, values: Sequence[float]) -> None:
-        self.tail.extend(values)
-        if len(self.tail) >= self.SPILL_ITEMS:
-            if self._file is None:
-                self._file = unlinked_file(None)
-            write_at(self._file.fileno(), self.tail.tobytes(), 8 * self.spilled)
-            self.spilled += len(self.tail)
-            self.tail = array("d")
+        self._buffer.append(array("d", values).tobytes())
 
     def truncate(self, size: int) -> None:
         """Keeps the first `size` items."""
-        if size >= self.spilled:
-            del self.tail[size - self.spilled :]
-        else:
-            os.ftruncate(self._file.fileno(), 8 * size)
-            self.spilled, self.tail = size, array("d")
-
-    def _bytes(self) -> bytes:
-        head = os.pread(self._file.fileno(), 8 * self.spilled, 0) if self.spilled else b""
-        return head + self.tail.tobytes()
+        self._buffer.truncate(_FLOAT.size * size)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"data": self._bytes()}
+        return {"data": self._buffer.getvalue()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.tail, self.spilled, self._file = array("d", state["data"]), 0, None
+        self.__init__()
+        self._buffer.append(state["data"])
 
     def __eq__(self, other: object) -> bool:
         # Bit for bit, so that NaN (an unknown entry time) equals itself.
-        return isinstance(other, FloatFile) and self._bytes() == other._bytes()
+        return isinstance(other, FloatFile) and self._buffer == other._buffer
