@@ -1472,7 +1472,7 @@ class _TextList:
     records the ~30 bytes per record of ids and order numbers are not resident. Pickles as its contents.
     """
 
-    SPILL_BYTES = 4 << 20
+    SPILL_BYTES = 1 << 20
     GAP = 1 << 14  # older texts closer than this are read with one `pread`...
     READ_BYTES = 1 << 18  # ... within the same 256 KiB of the file
 

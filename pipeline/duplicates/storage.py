@@ -269,7 +269,7 @@ class FloatFile:
     (1, 1.5)
     """
 
-    SPILL_ITEMS = 1 << 19
+    SPILL_ITEMS = 1 << 17
 
     def __init__(self) -> None:
         self._buffer = SpillBuffer(_FLOAT.size * self.SPILL_ITEMS)
