@@ -1499,10 +1499,7 @@ class _TextList:
             index += len(self.ends)
         end = self.ends[index]  # IndexError past the end, as a list
         start = self.ends[index - 1] if index else 0
-        spilled = self._buffer.spilled
-        if start >= spilled:
-            return self._buffer.tail[start - spilled : end - spilled].decode("utf-8", "surrogatepass")
-        return self._buffer.read(start, end).decode("utf-8", "surrogatepass")
+        return self._buffer.read(start, end).decode("utf-8", "surrogatepass")  # from memory, the file or both
 
     def take(self, indices: np.ndarray | Sequence[int]) -> list[str]:
         """The texts at these places, in that order."""
