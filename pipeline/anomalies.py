@@ -208,7 +208,9 @@ class AnomalyModel(BaseEstimator):
 
         `normal`: records a clerk reviewed and found not unusual (rejected anomaly flags). The cutoff rises
         above their scores (up to the MAX_NORMAL_QUANTILE of the history), and a record encoded exactly as
-        one of them is never flagged: the same false alarm does not come back.
+        one of them is never flagged: the same false alarm does not come back. Nor does the same reason on
+        another record: a record whose rare values (`_rare_values`) are all rare values of one normal record
+        is not flagged (a VAT rate a clerk found normal once is no anomaly on its own next time).
 
         `pairs` (the dependencies `detectors.find_dependencies` finds in `stored`) and `profile` (a profile
         of `stored`, row for row in this order, e.g. the error model's `profile_`) spare learning them a
@@ -239,6 +241,10 @@ class AnomalyModel(BaseEstimator):
             self.normal_digests_ = frozenset(_digests(encoded))
         # Per column, the history's sorted encodings: how rare a record's value is in one field, for reasons.
         self.column_reference_ = np.sort(X, axis=0)
+        self.normal_rare_: list[frozenset[str]] = []
+        if normal is not None and len(normal):
+            rare = (self._rare_values(normal.iloc[i], encoded[i]) for i in range(len(normal)))
+            self.normal_rare_ = sorted({found for found in rare if found}, key=sorted)
         logger.info(
             "anomaly model: %d columns over %d fields, cutoff %.4f",
             X.shape[1],
@@ -264,6 +270,9 @@ class AnomalyModel(BaseEstimator):
         known = getattr(self, "normal_digests_", frozenset())
         if known and flagged.any():
             flagged &= ~np.isin(_digests(X), list(known))
+        for i in np.flatnonzero(flagged) if getattr(self, "normal_rare_", None) else []:
+            rare = self._rare_values(chunk.iloc[i], X[i])
+            flagged[i] = not rare or not any(rare <= found for found in self.normal_rare_)
         reasons = np.full(len(chunk), "", dtype=object)
         for i in np.flatnonzero(flagged):
             reasons[i] = self._reason(chunk.iloc[i], X[i])
@@ -281,11 +290,11 @@ class AnomalyModel(BaseEstimator):
         # The flattened forest is rebuilt on first use.
         return {k: v for k, v in self.__dict__.items() if k != "_flat"}
 
-    def _reason(self, record: pd.Series, encoded: np.ndarray) -> str:
-        """ "unusual record: " and the rarest fields of the record, each in a few words."""
+    def _tail(self, encoded: np.ndarray) -> np.ndarray:
+        """Per column, the share of history records at least as unusual as this encoded record (1.0 where
+        it is not unusual at all)."""
         n = self.column_reference_.shape[0]
-        # Share of history records at least as unusual in each column (0 where none is).
-        tail = np.array(
+        return np.array(
             [
                 (n - np.searchsorted(self.column_reference_[:, j], encoded[j], side="left")) / max(n, 1)
                 if encoded[j] > 0
@@ -293,6 +302,23 @@ class AnomalyModel(BaseEstimator):
                 for j in range(len(encoded))
             ]
         )
+
+    def _rare_values(self, record: pd.Series, encoded: np.ndarray) -> frozenset[str]:
+        """What makes a record unusual, as a reason would name it: a digest of (field, column, value) for
+        every column where at most `REASON_TAIL` of the history is as unusual (digests: the model keeps
+        no values of the records a clerk reviewed)."""
+        found = []
+        for j in np.flatnonzero(self._tail(encoded) <= REASON_TAIL):
+            name, what = self.owners_[j]
+            raw = record.get(name, s.MISSING)
+            value = s.MISSING if raw is None or (isinstance(raw, float) and math.isnan(raw)) else str(raw)
+            key = "\x1f".join((name, what, value)).encode("utf-8")
+            found.append(hashlib.blake2b(key, digest_size=12).hexdigest())
+        return frozenset(found)
+
+    def _reason(self, record: pd.Series, encoded: np.ndarray) -> str:
+        """ "unusual record: " and the rarest fields of the record, each in a few words."""
+        tail = self._tail(encoded)
         phrases: list[str] = []
         named: set[str] = set()
         for j in np.argsort(tail, kind="stable"):

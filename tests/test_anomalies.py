@@ -118,6 +118,39 @@ def test_a_record_a_clerk_found_normal_is_not_flagged_again() -> None:
     assert taught.score(history)["flagged"].mean() <= plain.score(history)["flagged"].mean()
 
 
+def test_the_same_rare_values_a_clerk_found_normal_are_not_flagged_on_another_record() -> None:
+    config = Config.model_validate(
+        {
+            "name": "t",
+            "fields": {
+                "city": {"type": "category"},
+                "postcode": {"type": "code"},
+                "amount": {"type": "number"},
+                "vat": {"type": "category"},
+            },
+        }
+    )
+    history = _history().assign(vat=lambda f: np.where(np.arange(len(f)) % 2 == 0, "21", "9"))
+    odd = pd.DataFrame([{"city": "zzz-123", "postcode": "??", "amount": "99999999.00", "vat": "21"}])
+    same_rare = odd.assign(vat="9")  # another record, unusual in the same values only
+    more_rare = odd.assign(city="qqq-9")  # unusual in a value the clerk has not seen
+    known = pd.concat([history, odd], ignore_index=True)
+    plain = AnomalyModel(config, quantile=0.99).fit(known)
+    taught = AnomalyModel(config, quantile=0.99).fit(known, normal=odd)
+    assert plain.score(same_rare)["flagged"].iloc[0] and plain.score(more_rare)["flagged"].iloc[0]
+    taught.cutoff_ = plain.cutoff_  # the rare values decide it, not the raised cutoff
+    assert not taught.score(same_rare)["flagged"].iloc[0]
+    assert "qqq-9" in taught.score(more_rare)["reason"].iloc[0]
+    taught.normal_rare_ = []  # forgotten: the other record is flagged again
+    assert taught.score(same_rare)["flagged"].iloc[0]
+    # Digests only: the model keeps no value of the reviewed record.
+    assert all(
+        len(digest) == 24
+        for found in AnomalyModel(config).fit(known, normal=odd).normal_rare_
+        for digest in found
+    )
+
+
 def test_the_flattened_forest_scores_exactly_as_scikit_learn(model: AnomalyModel) -> None:
     from pipeline.anomalies import FlatForest
 
