@@ -383,55 +383,78 @@ def _expect_after(
     number: np.ndarray,
     days: np.ndarray,
     horizon: float = math.inf,
-    *,
-    expect: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
     """Per row (rows in entry order, all with a running number, entered on `days`): the number it should
     have given the earlier rows of its prefix (`tails`' last rows per prefix, each a 2 x k array of numbers
     and entry days, then the rows before it here) entered at most `horizon` days before it (and not after
-    it), how many earlier rows that rests on, and the tails after these rows. `expect` False: the tails
-    only (the first two are NaN and 0), for a table whose own expectations nobody reads.
+    it), how many earlier rows that rests on, and the tails after these rows (`_tails_after` gives those
+    alone).
 
     The expectation is robust to slips among the earlier rows and to a step other than 1 (a batch holding
     every k-th number): the median slope of all pairs of earlier rows (Theil-Sen), then the median of the
     earlier numbers carried forward by it.
     """
-    width = SEQUENCE_WINDOW
+    grouped = _group_by_prefix(tails, prefix, number, days)
+    expected, count = _expected_in_groups(grouped, SEQUENCE_WINDOW, horizon)
+    return expected, count, _tails_of(tails, grouped)
+
+
+@dataclass(frozen=True)
+class _Grouped:
+    """The carried tails' rows then the new rows, grouped by prefix (each group in entry order, carried
+    rows first): `ordered` their numbers and entry days (2 x n), `order` each grouped row's input place,
+    `codes`/`uniques` its prefix, `first_row` the input place of the first new row."""
+
+    ordered: np.ndarray
+    order: np.ndarray
+    codes: np.ndarray
+    uniques: np.ndarray
+    first_row: int
+
+    def group_start(self) -> np.ndarray:
+        ordered_codes = self.codes[self.order]
+        return np.searchsorted(ordered_codes, ordered_codes, side="left")
+
+
+def _group_by_prefix(
+    tails: dict[str, np.ndarray], prefix: np.ndarray, number: np.ndarray, days: np.ndarray
+) -> _Grouped:
     carried = [p for p in dict.fromkeys(prefix.tolist()) if p in tails]
     before = [tails[p] for p in carried]
     every_prefix = np.concatenate(
         [*(np.full(t.shape[1], p, dtype=object) for p, t in zip(carried, before, strict=True)), prefix]
     )
     every = np.concatenate([*before, np.vstack([number, days])], axis=1).astype(float)
-    first_row = every.shape[1] - len(number)
     codes, uniques = pd.factorize(every_prefix)
     order = np.argsort(codes, kind="stable")  # by prefix, each in entry order (carried rows first)
-    ordered = every[:, order]
-    group_start = np.searchsorted(codes[order], codes[order], side="left")
-    group_end = np.searchsorted(codes[order], codes[order], side="right")
-    expected, count = np.full(len(number), np.nan), np.zeros(len(number))
-    if expect:
-        expected, count = _expected_in_groups(ordered, order, group_start, first_row, width, horizon)
-    last = np.flatnonzero(np.arange(len(order)) >= group_end - width)
+    return _Grouped(every[:, order], order, codes, np.asarray(uniques), every.shape[1] - len(number))
+
+
+def _tails_of(tails: dict[str, np.ndarray], grouped: _Grouped) -> dict[str, np.ndarray]:
+    """The tails after the grouped rows: per prefix, its last `SEQUENCE_WINDOW` rows."""
+    codes = grouped.codes[grouped.order]
+    group_end = np.searchsorted(codes, codes, side="right")
+    last = np.flatnonzero(np.arange(len(codes)) >= group_end - SEQUENCE_WINDOW)
     after = dict(tails)
-    for code in np.unique(codes[order[last]]):
-        after[str(uniques[code])] = ordered[:, last[codes[order[last]] == code]]
-    return expected, count, after
+    for code in np.unique(codes[last]):
+        after[str(grouped.uniques[code])] = grouped.ordered[:, last[codes[last] == code]]
+    return after
 
 
-def _expected_in_groups(
-    ordered: np.ndarray,
-    order: np.ndarray,
-    group_start: np.ndarray,
-    first_row: int,
-    width: int,
-    horizon: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """`_expect_after`'s expectations and row counts of the rows from `first_row` on (in their input order),
-    from the rows grouped by prefix (`ordered`: numbers and days; `order`: each grouped row's input place)."""
+def _tails_after(
+    tails: dict[str, np.ndarray], prefix: np.ndarray, number: np.ndarray, days: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The tails after rows (in entry order, all with a running number): `_expect_after`'s last result
+    alone, for a table whose own expectations nobody reads."""
+    return _tails_of(tails, _group_by_prefix(tails, prefix, number, days))
+
+
+def _expected_in_groups(grouped: _Grouped, width: int, horizon: float) -> tuple[np.ndarray, np.ndarray]:
+    """`_expect_after`'s expectations and row counts of the new rows (in their input order)."""
+    ordered, order, first_row = grouped.ordered, grouped.order, grouped.first_row
     at = np.flatnonzero(order >= first_row)
     index = at[:, None] - width + np.arange(width)  # the earlier rows, oldest first
-    earlier = index >= group_start[at, None]
+    earlier = index >= grouped.group_start()[at, None]
     safe = np.maximum(index, 0)
     with np.errstate(invalid="ignore"):
         age = ordered[1, at][:, None] - ordered[1, safe]
@@ -531,9 +554,7 @@ class RunningNumbers:
         tails = {}
         for name in names:
             prefix, number, ok = running_parts(text_column(chunk, name))
-            tails[name] = (
-                _expect_after({}, prefix[ok], number[ok], days[ok], expect=False)[2] if ok.any() else {}
-            )
+            tails[name] = _tails_after({}, prefix[ok], number[ok], days[ok]) if ok.any() else {}
         return cls(names, tails)
 
     @classmethod
