@@ -241,10 +241,14 @@ class AnomalyModel(BaseEstimator):
             self.normal_digests_ = frozenset(_digests(encoded))
         # Per column, the history's sorted encodings: how rare a record's value is in one field, for reasons.
         self.column_reference_ = np.sort(X, axis=0)
-        self.normal_rare_: list[frozenset[str]] = []
+        # Each normal record's rare values, filed under each of them: a flagged record's are looked up
+        # among the normal records sharing its first, not among all of them.
+        self.normal_rare_: dict[str, list[frozenset[str]]] = {}
         if normal is not None and len(normal):
             rare = (self._rare_values(normal.iloc[i], encoded[i]) for i in range(len(normal)))
-            self.normal_rare_ = sorted({found for found in rare if found}, key=sorted)
+            for found in sorted({found for found in rare if found}, key=sorted):
+                for digest in found:
+                    self.normal_rare_.setdefault(digest, []).append(found)
         logger.info(
             "anomaly model: %d columns over %d fields, cutoff %.4f",
             X.shape[1],
@@ -272,7 +276,8 @@ class AnomalyModel(BaseEstimator):
             flagged &= ~np.isin(_digests(X), list(known))
         for i in np.flatnonzero(flagged) if getattr(self, "normal_rare_", None) else []:
             rare = self._rare_values(chunk.iloc[i], X[i])
-            flagged[i] = not rare or not any(rare <= found for found in self.normal_rare_)
+            known_rare = self.normal_rare_.get(min(rare), []) if rare else []
+            flagged[i] = not any(rare <= found for found in known_rare)
         reasons = np.full(len(chunk), "", dtype=object)
         for i in np.flatnonzero(flagged):
             reasons[i] = self._reason(chunk.iloc[i], X[i])

@@ -141,13 +141,12 @@ def test_the_same_rare_values_a_clerk_found_normal_are_not_flagged_on_another_re
     taught.cutoff_ = plain.cutoff_  # the rare values decide it, not the raised cutoff
     assert not taught.score(same_rare)["flagged"].iloc[0]
     assert "qqq-9" in taught.score(more_rare)["reason"].iloc[0]
-    taught.normal_rare_ = []  # forgotten: the other record is flagged again
+    taught.normal_rare_ = {}  # forgotten: the other record is flagged again
     assert taught.score(same_rare)["flagged"].iloc[0]
     # Digests only: the model keeps no value of the reviewed record.
-    assert all(
-        len(digest) == 24
-        for found in AnomalyModel(config).fit(known, normal=odd).normal_rare_
-        for digest in found
+    index = AnomalyModel(config).fit(known, normal=odd).normal_rare_
+    assert index and all(
+        len(x) == 24 for digest, sets in index.items() for found in sets for x in (digest, *found)
     )
 
 
