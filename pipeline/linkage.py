@@ -61,7 +61,14 @@ from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold
 from pipeline.duplicates.classifier import PairClassifier, probabilities
 from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
-from pipeline.duplicates.storage import FloatFile, Offsets, RecordFile, SpillBuffer
+from pipeline.duplicates.storage import (
+    FloatFile,
+    Offsets,
+    RecordFile,
+    SpillBuffer,
+    decode_slices,
+    encode_texts,
+)
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import TermFrequencies, compare_many
@@ -1544,12 +1551,11 @@ class _TextList:
         return result.tolist()
 
     def extend(self, texts: Sequence[str]) -> None:
-        encoded = [text.encode("utf-8", "surrogatepass") for text in texts]
-        if not encoded:
+        if not len(texts):
             return
-        sizes = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        data, sizes = encode_texts(texts)
         ends = np.cumsum(sizes) + len(self._buffer)
-        self._buffer.append(b"".join(encoded))
+        self._buffer.append(data)
         self.ends.extend(ends)
 
     def truncate(self, size: int) -> None:
@@ -1855,11 +1861,8 @@ def _take_ids(ids: _TextList, positions: np.ndarray) -> np.ndarray:
 
 
 def _decode_slices(data: bytes | bytearray, starts: np.ndarray, ends: np.ndarray) -> list[str]:
-    """The UTF-8 texts at these byte ranges of `data`, in order."""
-    return [
-        data[start:end].decode("utf-8", "surrogatepass")
-        for start, end in zip(starts.tolist(), ends.tolist(), strict=True)
-    ]
+    """The UTF-8 texts at these byte ranges of `data`, in order (`storage.decode_slices`)."""
+    return decode_slices(data, starts, ends)
 
 
 def _text_values(column: pd.Series) -> np.ndarray:

@@ -10,7 +10,15 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.duplicates.storage import FloatFile, Offsets, RecordFile, SpillBuffer
+from pipeline.duplicates import storage
+from pipeline.duplicates.storage import (
+    FloatFile,
+    Offsets,
+    RecordFile,
+    SpillBuffer,
+    decode_slices,
+    encode_texts,
+)
 
 
 def column(*cells: str) -> np.ndarray:
@@ -173,3 +181,58 @@ def test_a_float_file_gives_back_each_value_bit_for_bit_around_its_spill_and_tru
     floats.extend([7.0])
     assert [floats[i] for i in range(3)] == [0.1, -2.5e300, 7.0]
     assert floats.take(np.array([2, 0, 1])).tolist() == [7.0, 0.1, -2.5e300]
+
+
+# Texts that test the encodings' edges: empty, accents, a CJK character, an emoji (4 bytes), a NUL, the
+# separator's neighbours in Latin-1, and a lone surrogate (only "surrogatepass" encodes it).
+AWKWARD = ["", "R1", "jan de vri\u00ebs", "\u4e2d", "\U0001f600 ok", "a\x00b", "\u00fe\u00ff", "tail "]
+
+
+def random_texts(seed: int, n: int, surrogate: bool) -> list[str]:
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(AWKWARD), n).tolist()
+    texts = [AWKWARD[i] + str(j) * (j % 3) for j, i in enumerate(picks)]
+    if surrogate:
+        texts[n // 2] = "x\udc80y"
+    return texts
+
+
+@pytest.mark.parametrize("surrogate", [False, True])
+def test_records_are_written_byte_for_byte_as_one_cell_at_a_time(surrogate) -> None:
+    """Whole columns encoded in Arrow give the bytes and record lengths of the per-cell encoding, with a
+    lone surrogate too (there the per-cell encoding is used)."""
+    rows, width = 500, 4
+    columns = [column(*random_texts(seed, rows, surrogate and seed == 2)) for seed in range(width)]
+    expected = storage._encoded_records(columns, rows, width)
+    joined = storage._joined_records(columns, rows)
+    assert (joined is None) == surrogate
+    records = RecordFile(width)
+    records.extend(columns)
+    assert records._buffer.getvalue() == expected[0]
+    assert np.diff(records.ends.take(np.arange(rows)), prepend=0).tolist() == expected[1].tolist()
+    if joined is not None:
+        assert joined[0] == expected[0] and joined[1].tolist() == expected[1].tolist()
+    assert records[rows // 2] == [values[rows // 2] for values in columns]
+    assert records[rows - 1] == [values[rows - 1] for values in columns]
+
+
+def test_records_of_a_cell_that_is_not_text_fail_as_before() -> None:
+    with pytest.raises(AttributeError):
+        RecordFile(2).extend([column("a", "b"), np.array([None, "x"], dtype=object)])
+
+
+@pytest.mark.parametrize("surrogate", [False, True])
+def test_texts_encode_and_decode_as_utf8_with_surrogatepass(surrogate) -> None:
+    texts = random_texts(7, 2000, surrogate)
+    data, lengths = encode_texts(texts)
+    assert data == b"".join(text.encode("utf-8", "surrogatepass") for text in texts)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    order = np.random.default_rng(1).permutation(len(texts))
+    assert decode_slices(data, starts[order], ends[order]) == [texts[i] for i in order]
+    # A bytearray (a spill buffer's tail) can still grow afterwards: no view of it is left behind.
+    tail = bytearray(data)
+    assert decode_slices(tail, starts[:3], ends[:3]) == texts[:3]
+    tail += b"more"
+    assert encode_texts([])[0] == b"" and not len(encode_texts([])[1])
+    assert decode_slices(data, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)) == []

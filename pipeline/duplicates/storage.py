@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 # Never a byte of UTF-8 (nor of a lone surrogate written with "surrogatepass"): ends every cell.
 _END = b"\xff"
@@ -202,14 +204,13 @@ class RecordFile:
         rows = len(columns[0]) if columns else 0
         if not rows:
             return
-        cells = np.empty((rows, self.width), dtype=object)
-        for column, values in enumerate(columns):
-            cells[:, column] = values
-        encoded = [cell.encode(_ENCODING, _ERRORS) for cell in cells.ravel().tolist()]
-        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + len(_END)
-        ends = self.size + np.cumsum(lengths.reshape(rows, self.width).sum(axis=1))
-        self._buffer.append(_END.join(encoded) + _END)
-        self.ends.extend(ends)
+        joined = _joined_records(columns, rows)
+        if joined is None:  # a lone surrogate (or not text): one cell at a time, as `_encoded_records` does
+            data, lengths = _encoded_records(columns, rows, self.width)
+        else:
+            data, lengths = joined
+        self._buffer.append(data)
+        self.ends.extend(self.size + np.cumsum(lengths))
 
     def __getitem__(self, index: int) -> list[str]:
         """The cells of record `index` (0 <= index < len)."""
@@ -239,6 +240,83 @@ class RecordFile:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RecordFile) and self.__getstate__() == other.__getstate__()
+
+
+def _encoded_records(columns: Sequence[np.ndarray], rows: int, width: int) -> tuple[bytes, np.ndarray]:
+    """`RecordFile`'s bytes for these records (each cell's UTF-8, "surrogatepass", then `_END`, row by row)
+    and each record's length in bytes, one cell at a time: what `_joined_records` gives in one go."""
+    cells = np.empty((rows, width), dtype=object)
+    for column, values in enumerate(columns):
+        cells[:, column] = values
+    encoded = [cell.encode(_ENCODING, _ERRORS) for cell in cells.ravel().tolist()]
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)) + len(_END)
+    return _END.join(encoded) + _END, lengths.reshape(rows, width).sum(axis=1)
+
+
+def _joined_records(columns: Sequence[np.ndarray], rows: int) -> tuple[bytes, np.ndarray] | None:
+    """`_encoded_records`, whole columns at a time in Arrow (each column encoded to UTF-8 once, the cells of
+    a record joined by `_END` with one more after the last); None where Arrow cannot give the same bytes:
+    a lone surrogate (strict UTF-8 has none) or a cell that is not text (left to fail as before)."""
+    try:
+        arrays = [pa.array(values, type=pa.large_string()) for values in columns]
+    except (pa.ArrowException, UnicodeError, TypeError, ValueError):
+        return None
+    if any(array.null_count for array in arrays):
+        return None
+    cells = [array.cast(pa.large_binary()) for array in arrays]
+    cells.append(pa.array(np.zeros(rows, dtype="S1"), type=pa.large_binary()))  # "" after the last `_END`
+    joined = pc.binary_join_element_wise(*cells, pa.scalar(_END, pa.large_binary()))
+    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64)[joined.offset : joined.offset + rows + 1]
+    data = joined.buffers()[2]
+    return data[offsets[0] : offsets[-1]].to_pybytes(), np.diff(offsets)
+
+
+def encode_texts(texts: Sequence[str]) -> tuple[bytes, np.ndarray]:
+    """The texts' UTF-8 ("surrogatepass") end to end, and each one's length in bytes: in Arrow, one pass
+    in C, unless a text holds a lone surrogate (then one text at a time, the same bytes).
+
+    >>> data, lengths = encode_texts(["R1", "", "é"])
+    >>> data, lengths.tolist()
+    (b'R1\\xc3\\xa9', [2, 0, 2])
+    """
+    try:
+        array = pa.array(texts, type=pa.large_string())
+    except (pa.ArrowException, UnicodeError, TypeError, ValueError):
+        array = None
+    if array is None or array.null_count:
+        encoded = [text.encode(_ENCODING, _ERRORS) for text in texts]
+        return b"".join(encoded), np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+    data = array.buffers()[2]
+    body = data[offsets[0] : offsets[-1]].to_pybytes() if data is not None and len(array) else b""
+    return body, np.diff(offsets)
+
+
+def decode_slices(data: bytes | bytearray, starts: np.ndarray, ends: np.ndarray) -> list[str]:
+    """The texts at these byte ranges of `data` (UTF-8, "surrogatepass"), in order: the ranges' bytes
+    gathered with NumPy and decoded by Arrow in C, unless they are not strict UTF-8 (a lone surrogate:
+    then one range at a time, as `bytes.decode`).
+
+    >>> decode_slices(b"R1R22\\xc3\\xa9", np.array([2, 0, 5]), np.array([5, 2, 7]))
+    ['R22', 'R1', 'é']
+    """
+    starts, ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    lengths = ends - starts
+    offsets = np.zeros(len(starts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    source = np.frombuffer(data, dtype=np.uint8)
+    # Each wanted byte's place in `data`: its range's start plus its place within the range.
+    gathered = source[np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])]
+    del source  # a view of a bytearray would keep it from growing
+    texts = pa.LargeStringArray.from_buffers(len(starts), pa.py_buffer(offsets), pa.py_buffer(gathered))
+    try:
+        texts.validate(full=True)  # strict UTF-8
+    except pa.ArrowInvalid:
+        return [
+            data[start:end].decode(_ENCODING, _ERRORS)
+            for start, end in zip(starts.tolist(), ends.tolist(), strict=True)
+        ]
+    return texts.to_numpy(zero_copy_only=False).tolist()
 
 
 def unlinked_file(directory: str | None) -> Any:
