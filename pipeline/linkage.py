@@ -845,14 +845,16 @@ class Matcher:
             distinct, inverse = encoded.values[field], encoded.inverse[field]
             parsed = encoded.parsed[field]
             size = len(self._texts[field])
-            found = self._code_of[field].find(distinct, self._texts[field])
+            table = self._code_of[field]
+            hashes = table.hash(distinct)  # for `find`, then `insert` of the fresh values
+            found = table.find(distinct, self._texts[field], hashes)
             usable = np.fromiter((item is not None for item in parsed), dtype=bool, count=len(parsed))
             fresh = np.flatnonzero((found < 0) & usable)
             frequencies = self._frequencies.get(field)
             stored = frequencies.stored_counts(distinct) if frequencies is not None else None
             if len(fresh):
                 found[fresh] = np.arange(size, size + len(fresh))
-                self._code_of[field].insert(distinct[fresh], found[fresh])
+                table.insert(distinct[fresh], found[fresh], hashes[fresh])
                 new_texts = distinct[fresh].tolist()
                 self._texts[field].extend(new_texts)
                 if stored is not None and (stored[fresh] >= 0).any():
@@ -1591,23 +1593,27 @@ class _CodeTable:
             and self.clashes == other.clashes
         )
 
-    def _hash(self, values: np.ndarray) -> np.ndarray:
+    def hash(self, values: np.ndarray) -> np.ndarray:
+        """The hashes this table keeps of these distinct texts (an object array), for `find` and then
+        `insert` of some of them: hashed once."""
         hashes = pd.util.hash_array(values, hash_key=self.HASH_KEY, categorize=False)  # distinct values
         return hashes.astype(np.uint32)
 
-    def find(self, values: np.ndarray, texts: Sequence[str]) -> np.ndarray:
+    def find(self, values: np.ndarray, texts: Sequence[str], hashes: np.ndarray | None = None) -> np.ndarray:
         """The code of each of these distinct texts (an object array), -1 where it has none; `texts` = the
-        text of each code."""
-        return self._find(values, texts)[0]
+        text of each code; `hashes` = `hash(values)`, if known."""
+        return self._find(values, texts, hashes)[0]
 
-    def _find(self, values: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _find(
+        self, values: np.ndarray, texts: Sequence[str], hashes: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`find`, and where each code found is held: its place in `hashes`, -1 in `clashes` or none."""
         found = np.full(len(values), -1, dtype=np.int64)
         slots = np.full(len(values), -1, dtype=np.int64)
         if not len(values) or not len(self):
             return found, slots
         if len(self.hashes):
-            hashes = self._hash(values)
+            hashes = self.hash(values) if hashes is None else hashes
             at = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
             hit = np.flatnonzero(self.hashes[at] == hashes)
             codes = self.codes[at[hit]]
@@ -1625,12 +1631,13 @@ class _CodeTable:
     def assign(self, values: np.ndarray, codes: np.ndarray, texts: Sequence[str]) -> None:
         """Gives these distinct texts these codes, whether held before (then `texts` must still hold
         the old code's text) or not."""
-        found, slots = self._find(values, texts)
+        hashes = self.hash(values)
+        found, slots = self._find(values, texts, hashes)
         held = slots >= 0
         self.codes[slots[held]] = codes[held]
         for i in np.flatnonzero((found >= 0) & ~held).tolist():
             self.clashes[values[i]] = int(codes[i])
-        self.insert(values[found < 0], codes[found < 0])
+        self.insert(values[found < 0], codes[found < 0], hashes[found < 0])
 
     def remove(self, codes: np.ndarray) -> None:
         """Forgets the texts with these codes."""
@@ -1639,11 +1646,12 @@ class _CodeTable:
         gone = set(codes.tolist())
         self.clashes = {value: code for value, code in self.clashes.items() if code not in gone}
 
-    def insert(self, values: np.ndarray, codes: np.ndarray) -> None:
-        """Adds distinct texts that `find` did not find, with their codes."""
+    def insert(self, values: np.ndarray, codes: np.ndarray, hashes: np.ndarray | None = None) -> None:
+        """Adds distinct texts that `find` did not find, with their codes (`hashes` = `hash(values)`, if
+        known)."""
         if not len(values):
             return
-        hashes = self._hash(values)
+        hashes = self.hash(values) if hashes is None else hashes
         order = np.argsort(hashes, kind="stable")
         hashes, values, codes = hashes[order], values[order], codes[order]
         at = np.searchsorted(self.hashes, hashes)

@@ -716,7 +716,7 @@ def test_the_value_code_table_finds_each_text_exactly_even_when_hashes_clash(mon
     from pipeline.linkage import _CodeTable
 
     if clash:  # every text the same hash: only the stored text can tell them apart
-        monkeypatch.setattr(_CodeTable, "_hash", lambda self, values: np.zeros(len(values), np.uint32))
+        monkeypatch.setattr(_CodeTable, "hash", lambda self, values: np.zeros(len(values), np.uint32))
     table, texts = _CodeTable(), ["b", "a"]
     table.insert(np.array(texts, dtype=object), np.array([0, 1]))
     found = table.find(np.array(["a", "c", "b"], dtype=object), texts)
@@ -728,6 +728,16 @@ def test_the_value_code_table_finds_each_text_exactly_even_when_hashes_clash(mon
     del texts[1:]
     assert table.find(np.array(["a", "b", "c"], dtype=object), texts).tolist() == [-1, 0, -1]
     assert len(table) == 1
+    # Hashed once by the caller for `find` and then `insert` (as `Matcher._add` does): the same table.
+    again, values = _CodeTable(), np.array(["b", "a", "c"], dtype=object)
+    hashes = again.hash(values)
+    assert again.find(values, [], hashes).tolist() == [-1, -1, -1]
+    again.insert(values[:1], np.array([0]), hashes[:1])
+    assert again.find(values, ["b"], hashes).tolist() == [0, -1, -1]
+    again.insert(values[1:], np.array([1, 2]), hashes[1:])
+    plain = _CodeTable()
+    plain.insert(values, np.array([0, 1, 2]))
+    assert again == plain and again.find(values, ["b", "a", "c"]).tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize("spill", [None, 1, 20])
