@@ -26,6 +26,9 @@ import pyarrow.compute as pc
 _END = b"\xff"
 _ENCODING, _ERRORS = "utf-8", "surrogatepass"
 _FLOAT = struct.Struct("d")  # a `FloatFile` item, as `array("d")` packs it
+# Arrow's own allocator keeps what it freed for reuse (a few MB more resident); the few short-lived arrays
+# here come from malloc, which hands large blocks back at once.
+_POOL = pa.system_memory_pool()
 
 
 class Offsets:
@@ -258,14 +261,15 @@ def _joined_records(columns: Sequence[np.ndarray], rows: int) -> tuple[bytes, np
     a record joined by `_END` with one more after the last); None where Arrow cannot give the same bytes:
     a lone surrogate (strict UTF-8 has none) or a cell that is not text (left to fail as before)."""
     try:
-        arrays = [pa.array(values, type=pa.large_string()) for values in columns]
+        arrays = [pa.array(values, type=pa.large_string(), memory_pool=_POOL) for values in columns]
     except (pa.ArrowException, UnicodeError, TypeError, ValueError):
         return None
     if any(array.null_count for array in arrays):
         return None
-    cells = [array.cast(pa.large_binary()) for array in arrays]
-    cells.append(pa.array(np.zeros(rows, dtype="S1"), type=pa.large_binary()))  # "" after the last `_END`
-    joined = pc.binary_join_element_wise(*cells, pa.scalar(_END, pa.large_binary()))
+    cells = [array.cast(pa.large_binary(), memory_pool=_POOL) for array in arrays]
+    # An empty cell last: the join then ends each record with `_END` too.
+    cells.append(pa.array(np.zeros(rows, dtype="S1"), type=pa.large_binary(), memory_pool=_POOL))
+    joined = pc.binary_join_element_wise(*cells, pa.scalar(_END, pa.large_binary()), memory_pool=_POOL)
     offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64)[joined.offset : joined.offset + rows + 1]
     data = joined.buffers()[2]
     return data[offsets[0] : offsets[-1]].to_pybytes(), np.diff(offsets)
@@ -280,7 +284,7 @@ def encode_texts(texts: Sequence[str]) -> tuple[bytes, np.ndarray]:
     (b'R1\\xc3\\xa9', [2, 0, 2])
     """
     try:
-        array = pa.array(texts, type=pa.large_string())
+        array = pa.array(texts, type=pa.large_string(), memory_pool=_POOL)
     except (pa.ArrowException, UnicodeError, TypeError, ValueError):
         array = None
     if array is None or array.null_count:
