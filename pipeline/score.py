@@ -597,6 +597,9 @@ def run_batch(
             del prepared
         else:
             matcher = bundle.duplicates.matcher(None, evict=True)
+        # What scoring reads of the anomaly model, here and in each `--workers` helper (the loaded one is
+        # freed: the caller hands the bundle over).
+        bundle = replace(bundle, anomalies=bundle.anomalies.for_scoring())
         runs = FlagRuns(staging / ".flag-runs")
         scorer = _Scorer(bundle, matcher, workers)
         rows = 0
