@@ -66,9 +66,12 @@ MATCH_ROWS = 5_000
 # a piece's frames and the model's per-cell arrays grow with it: a helper peaked ~85 MB above its loaded
 # model with 5,000-row pieces, ~50 MB with 2,500 (1,250: ~40 MB, 10% more CPU). The output is the same.
 PIECE_ROWS = ASSESS_ROWS // 2
-# Rows `score` reads at a time by default: the matcher takes `LINK_ROWS` at a time whatever the chunk, so
+# Rows `score` reads at a time by default: the matcher takes `MATCH_ROWS` at a time whatever the chunk, so
 # larger chunks only hold more frames (at 200,000 rows, 50,000-row chunks peaked ~100 MB higher, no faster).
-SCORE_CHUNK_ROWS = LINK_ROWS
+# One part each: with `--workers` > 1 the job holds the chunk it links and those still in the helpers'
+# hands, and returns a chunk's freed memory after it (400,000 rows of the 2M batch at --workers 2, under
+# load: 771-777 MB RSS sum with 10,000-row chunks, 751 MB with 5,000, the same CPU within the noise).
+SCORE_CHUNK_ROWS = MATCH_ROWS
 # Flags `FlagRuns` holds before it writes a run: a few MB, about 75,000 rows of the demo batch.
 RUN_FLAGS = 10_000
 
@@ -597,6 +600,9 @@ def run_batch(
             del prepared
         else:
             matcher = bundle.duplicates.matcher(None, evict=True)
+        # What scoring reads of the anomaly model, here and in each `--workers` helper (the loaded one is
+        # freed: the caller hands the bundle over).
+        bundle = replace(bundle, anomalies=bundle.anomalies.for_scoring())
         runs = FlagRuns(staging / ".flag-runs")
         scorer = _Scorer(bundle, matcher, workers)
         rows = 0

@@ -266,3 +266,36 @@ def test_givens_sharing_value_counts_equal_givens_each_counting_alone() -> None:
         assert (given.source, given.target, given.novel) == (alone.source, alone.target, alone.novel)
         for name in ("implied", "support", "total"):
             np.testing.assert_array_equal(getattr(given, name), getattr(alone, name))
+
+
+def test_the_scoring_copy_scores_alike_without_the_dependencies() -> None:
+    """`for_scoring` drops the profile's dependencies (read by `fit` only, `givens_` keeps what scoring
+    needs of them): the same encodings, scores, flags and reasons, on records that break a dependency too."""
+    model = AnomalyModel(CUSTOMERS, quantile=0.99).fit(_customer_orders())
+    assert model.givens_ and model.profile_.dependencies, "a model whose scores use dependencies"
+    small = {"customer_code": "C-999", "street": "Kerkweg 9", "phone": "06-99990000", "city": "Utrecht"}
+    chunk = pd.concat(
+        [
+            _customer_orders().iloc[::7],
+            pd.DataFrame(
+                [
+                    small,  # its street is rare, but not given its customer code (`givens_`)
+                    {**small, "street": "Dorpsstraat 1"},  # a known code with another customer's street
+                    {"customer_code": "C-555", "street": "Plein 5", "phone": "06-5555", "city": "Breda"},
+                    {"customer_code": "x", "street": "", "phone": "1", "city": "Nowhere"},
+                ],
+                dtype=object,
+            ),
+        ],
+        ignore_index=True,
+    )
+    scoring = model.for_scoring()
+    assert scoring.profile_.dependencies == [] and scoring.profile_.by_target == {}
+    assert model.profile_.dependencies and model.profile_.by_target  # the fitted model is left as it was
+    columns = {owner: j for j, owner in enumerate(model.owners_)}
+    encoded = model._encode(chunk)
+    row = len(chunk) - 4  # `small`
+    assert encoded[row, columns[("customer_code", "value")]] > 4
+    assert encoded[row, columns[("street", "value")]] == pytest.approx(0.0)
+    np.testing.assert_array_equal(scoring._encode(chunk), encoded)
+    pd.testing.assert_frame_equal(scoring.score(chunk), model.score(chunk))
