@@ -328,9 +328,7 @@ class AnomalyModel(BaseEstimator):
         found = []
         for j in np.flatnonzero(self._tail(encoded) <= REASON_TAIL):
             name, what = self.owners_[j]
-            raw = record.get(name, s.MISSING)
-            value = s.MISSING if raw is None or (isinstance(raw, float) and math.isnan(raw)) else str(raw)
-            key = "\x1f".join((name, what, value)).encode("utf-8")
+            key = "\x1f".join((name, what, _value(record, name))).encode("utf-8")
             found.append(hashlib.blake2b(key, digest_size=12).hexdigest())
         return frozenset(found)
 
@@ -353,8 +351,7 @@ class AnomalyModel(BaseEstimator):
 
     def _phrase(self, name: str, what: str, record: pd.Series) -> str:
         label = field_label(name)
-        raw = record.get(name, s.MISSING)
-        value = s.MISSING if raw is None or (isinstance(raw, float) and math.isnan(raw)) else str(raw)
+        value = _value(record, name)
         fp = self.profile_.fields[name]
         if what == "missing" or value == s.MISSING:
             return f"{label} is empty (filled in {fp.fill_rate:.0%} of earlier records)"
@@ -441,6 +438,12 @@ class Given:
             total=np.array([dep.total.get(k, 0) for k in keys], dtype=float),
             novel=float(-np.log((both.sum() + 1) / (new_key.sum() + 2))),
         )
+
+
+def _value(record: pd.Series, name: str) -> str:
+    """A record's value in a field as text, `MISSING` where it has none (absent, None or NaN)."""
+    raw = record.get(name, s.MISSING)
+    return s.MISSING if raw is None or (isinstance(raw, float) and math.isnan(raw)) else str(raw)
 
 
 def _digests(encoded: np.ndarray) -> list[str]:
