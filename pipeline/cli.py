@@ -211,12 +211,13 @@ def _out(text: str = "") -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.registry import log_training
+    from pipeline.registry import champion_error_threshold, log_training
     from pipeline.train import Stages, train
 
     config = load_config(args.config)
     started = time.perf_counter()
-    result = train(config, args.records, args.corrections)
+    anchor = champion_error_threshold(config.name, uri=args.tracking_uri)
+    result = train(config, args.records, args.corrections, error_anchor=anchor)
     with Stages().stage("mlflow", "logging the run and registering the model in MLflow"):
         run = log_training(
             result, records_path=args.records, log_path=args.corrections, uri=args.tracking_uri

@@ -333,9 +333,12 @@ class ErrorModel(BaseEstimator):
 
     Parameters are stored as given (scikit-learn convention); `fit` sets the learned attributes ending in `_`.
     `threshold` / `suggest_threshold`: fixed thresholds, or None to choose them on out-of-fold predictions
-    of the training history. `min_field_errors`: a field keeps its own id (a categorical feature of both
-    classifiers) only with at least this many labelled errors; the others share one id, so that what the
-    log teaches about one field carries over to fields it has few or no corrections of.
+    of the training history; `anchor_threshold`: the flag threshold of the model this one is to replace,
+    kept when it is within `F1_TOLERANCE` of the best out-of-fold F1 (`choose_threshold(anchor=)`), so
+    that the flags do not move from one retraining to the next for nothing. `min_field_errors`: a field
+    keeps its own id (a categorical feature of both classifiers) only with at least this many labelled
+    errors; the others share one id, so that what the log teaches about one field carries over to fields
+    it has few or no corrections of.
     """
 
     def __init__(
@@ -351,6 +354,7 @@ class ErrorModel(BaseEstimator):
         threshold: float | None = None,
         suggest_threshold: float | None = None,
         min_field_errors: int = MIN_FIELD_ERRORS,
+        anchor_threshold: float | None = None,
     ) -> None:
         self.config = config
         self.seed = seed
@@ -362,6 +366,7 @@ class ErrorModel(BaseEstimator):
         self.threshold = threshold
         self.suggest_threshold = suggest_threshold
         self.min_field_errors = min_field_errors
+        self.anchor_threshold = anchor_threshold
 
     # ------------------------------------------------------------------------------------------------ fit
 
@@ -807,6 +812,7 @@ class ErrorModel(BaseEstimator):
                 min_precision=config.error_min_precision,
                 f1_tolerance=F1_TOLERANCE,
                 sample_weight=count,
+                anchor=self.anchor_threshold,
             ).threshold
             # A few dozen labelled rows show few clean cells of each kind: never flag a cell the model
             # rates much less likely to be wrong than an average training cell.

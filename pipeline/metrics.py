@@ -85,6 +85,7 @@ def choose_threshold(
     n_positive: int | None = None,
     label_frequency: float = 1.0,
     sample_weight: np.ndarray | None = None,
+    anchor: float | None = None,
 ) -> ThresholdChoice:
     """The score threshold (flag when `score >= threshold`) with the best F1 on `(scores, labels)`.
 
@@ -102,11 +103,16 @@ def choose_threshold(
       at 1), the positive-unlabelled correction.
     - `sample_weight`: how many cells each score stands for (a sampled cell counts 1 / its sampling rate);
       counts and precision are weighted.
+    - `anchor`: a threshold in use (the one a retrained model's predecessor flags with), kept when its F1
+      on these scores is within `f1_tolerance` of the best: cuts that good are equally good, and moving
+      among them from one retraining to the next only moves the flags. Ignored with `min_precision`.
 
     >>> choose_threshold(np.array([0.9, 0.8, 0.3, 0.2]), np.array([1, 1, 0, 0])).threshold
     0.8
     >>> scores, labels = np.array([0.9, 0.8, 0.3, 0.2]), np.array([1, 1, 0, 0])
     >>> choose_threshold(scores, labels, placement="calibrated").threshold
+    0.5
+    >>> choose_threshold(scores, labels, anchor=0.5).threshold
     0.5
     """
     scores = np.asarray(scores, dtype=float)
@@ -137,6 +143,19 @@ def choose_threshold(
         lowest = int(np.flatnonzero(f1 >= f1.max() - f1_tolerance - 1e-12)[0])
         if placement == "lowest":
             cut = lowest
+        # The cut the anchor makes: it flags the scores >= anchor, as cut i flags those >= thresholds[i].
+        kept = int(np.searchsorted(thresholds, anchor, side="left")) if anchor is not None else len(f1)
+        if kept < len(f1) and f1[kept] >= f1.max() - f1_tolerance - 1e-12:
+            return ThresholdChoice(
+                threshold=float(anchor),
+                precision=float(precision[kept]),
+                recall=float(recall[kept]),
+                f1=float(f1[kept]),
+                tp=int(tp[kept]),
+                fp=int(flagged[kept] - tp[kept]),
+                fn=int(total - tp[kept]),
+                chosen=True,
+            )
     threshold = float(thresholds[cut])
     if placement in ("middle", "calibrated"):
         below = float(thresholds[lowest - 1]) if lowest > 0 else 0.0

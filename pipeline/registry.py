@@ -37,6 +37,7 @@ from pipeline.metrics import (
 logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+ERROR_THRESHOLD_METRIC = "error_threshold"
 # What `promote` compares on (the `promotion.basis` tag): both models on the challenger's held-out period,
 # or each model's own held-out figures when review decisions labelled that period.
 BASIS_SAME_PERIOD = "same_period"
@@ -205,6 +206,9 @@ def log_training(result: Any, *, records_path: Path, log_path: Path, uri: str | 
         mlflow.log_metrics({f"size_{k}": float(v) for k, v in result.sizes.items()})
         mlflow.log_metrics({f"seconds_{k}": float(v) for k, v in result.durations.items()})
         mlflow.log_metrics(result.bundle.metrics)
+        # The threshold the model flags errors with: the next training keeps it unless clearly worse
+        # (`champion_error_threshold`).
+        mlflow.log_metric(ERROR_THRESHOLD_METRIC, float(result.bundle.errors.threshold_))
         _log_inputs(mlflow, config, records_path, log_path, result.digests)
 
         # Plots at the top of the run's artifacts, where the MLflow compare view lines them up side by side.
@@ -306,6 +310,23 @@ def _set_initial_aliases(name: str, version: str, uri: str) -> list[str]:
         client.set_registered_model_alias(name, CHAMPION, version)
         aliases.append(CHAMPION)
     return aliases
+
+
+def champion_error_threshold(name: str, *, uri: str | None = None) -> float | None:
+    """The error flag threshold of the registered model `name`'s champion (as its training run logged it),
+    or None when there is no champion or its run did not log one. Training a successor anchors to it
+    (`train(error_anchor=)`), so the error flags do not move from version to version for nothing."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        champion = _alias_version(client, name, CHAMPION)
+        if champion is None or not champion.run_id:
+            return None
+        value = client.get_run(champion.run_id).data.metrics.get(ERROR_THRESHOLD_METRIC)
+    except MlflowException:
+        return None
+    return None if value is None else float(value)
 
 
 def _client(uri: str | None) -> Any:

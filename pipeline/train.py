@@ -92,6 +92,9 @@ class Thresholds:
     label_frequency: float | None = None
     error: float | None = None
     suggest: float | None = None
+    # The flag threshold of the model the new one is to replace: the error model keeps it when it is about
+    # as good as the best on the new history (`ErrorModel(anchor_threshold=)`).
+    error_anchor: float | None = None
 
 
 @dataclass
@@ -140,8 +143,16 @@ def _merged_into_values(history: _History, records: pd.DataFrame) -> pd.DataFram
     return pd.DataFrame(columns, index=pd.RangeIndex(len(records)))
 
 
-def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
-    """Measures the training procedure on held-out history, then fits the registered model on all of it."""
+def train(
+    config: Config, records_path: Path, log_path: Path, *, error_anchor: float | None = None
+) -> TrainingResult:
+    """Measures the training procedure on held-out history, then fits the registered model on all of it.
+
+    `error_anchor`: the flag threshold of the model in use (the champion's), which the error models keep
+    when it is within the tolerance of the best on this history: a retrained model's error flags move only
+    when the new history clearly prefers another cut.
+    """
+    anchor = Thresholds(error_anchor=error_anchor)
     stages = Stages()
     with stages.stage("load", "reading the history and its log, replaying the log"):
         history, plan, replay = _load(config, Path(records_path), Path(log_path))
@@ -153,9 +164,9 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
         final = None
         if PARALLEL_MIN_RECORDS <= len(stored) <= PARALLEL_MAX_RECORDS:
             logger.info("fitting the registered model on all %d records in a second process", len(stored))
-            final = _FinalFit(config, Path(records_path), Path(log_path))
+            final = _FinalFit(config, Path(records_path), Path(log_path), anchor)
         try:
-            evaluation, thresholds, extra = _evaluate_holdout(history, plan, stages)
+            evaluation, thresholds, extra = _evaluate_holdout(history, plan, stages, anchor)
             if final is None:
                 logger.info("fitting the registered model on all %d records", len(stored))
                 bundle = _fit_bundle(history, everything, thresholds, stages, "fit")
@@ -169,7 +180,7 @@ def train(config: Config, records_path: Path, log_path: Path) -> TrainingResult:
     else:
         # The final model first: its error thresholds, chosen out of fold inside the fit, serve the folds.
         logger.info("fitting the registered model on all %d records", len(stored))
-        bundle = _fit_bundle(history, everything, Thresholds(), stages, "fit")
+        bundle = _fit_bundle(history, everything, anchor, stages, "fit")
         with stages.stage("evaluate", "cross-validation"):
             evaluation, holdout, thresholds, extra = _evaluate_cross_validation(history, plan, bundle, stages)
         if thresholds.duplicate is not None:
@@ -248,7 +259,7 @@ class _FinalFit:
     Its log lines are shown here, through a queue; its stages' seconds join this process's; an exception
     there is raised here; `close` stops it if this process gives up first."""
 
-    def __init__(self, config: Config, records_path: Path, log_path: Path) -> None:
+    def __init__(self, config: Config, records_path: Path, log_path: Path, anchor: Thresholds) -> None:
         import multiprocessing
         import tempfile
         from logging.handlers import QueueListener
@@ -266,7 +277,7 @@ class _FinalFit:
         }
         self.process = context.Process(
             target=_fit_final,
-            args=(config, records_path, log_path, Path(self.folder.name), self.outcome),
+            args=(config, records_path, log_path, Path(self.folder.name), self.outcome, anchor),
             kwargs={"logs": self.logs, "level": logging.getLogger().getEffectiveLevel(), "levels": levels},
             daemon=True,
         )
@@ -317,6 +328,7 @@ def _fit_final(
     log_path: Path,
     folder: Path,
     outcome: Any,
+    anchor: Thresholds,
     *,
     logs: Any,
     level: int,
@@ -338,7 +350,7 @@ def _fit_final(
     try:
         stages = Stages()
         history, plan, _ = _load(config, records_path, log_path)
-        bundle = _fit_bundle(history, plan.order, Thresholds(), stages, "fit")
+        bundle = _fit_bundle(history, plan.order, anchor, stages, "fit")
         del history
         bundle.duplicates.save(folder / "duplicates")
     except Exception as exc:  # noqa: BLE001 - handed to the first process, which raises it
@@ -367,7 +379,11 @@ def _fit_bundle(
     with stages.stage(f"{name}_errors", f"{name}: error model on {len(reviewed)} records"):
         entered = _rows(history.entered, reviewed)
         errors = ErrorModel(
-            config, seed=config.seed, threshold=thresholds.error, suggest_threshold=thresholds.suggest
+            config,
+            seed=config.seed,
+            threshold=thresholds.error,
+            suggest_threshold=thresholds.suggest,
+            anchor_threshold=thresholds.error_anchor,
         ).fit(
             entered,
             labels,
@@ -433,7 +449,7 @@ def _holdout_of(history: _History, plan: EvaluationPlan) -> Holdout:
 
 
 def _evaluate_holdout(
-    history: _History, plan: EvaluationPlan, stages: Stages
+    history: _History, plan: EvaluationPlan, stages: Stages, anchor: Thresholds
 ) -> tuple[Evaluation, Thresholds, dict[str, float]]:
     """Fits on the training period, chooses the duplicate threshold on validation (the error model's are
     chosen out of fold inside its fit), measures the test period (`_holdout_of`; the frames and the
@@ -445,7 +461,7 @@ def _evaluate_holdout(
         len(split.validation),
         len(split.test),
     )
-    bundle = _fit_bundle(history, split.train, Thresholds(), stages, "holdout")
+    bundle = _fit_bundle(history, split.train, anchor, stages, "holdout")
     train_ids, val_ids = history.ids.iloc[split.train], history.ids.iloc[split.validation]
     log_val = _log_for(history.log, set(train_ids) | set(val_ids))
     clusters_val = duplicate_clusters(merges(log_val))
@@ -466,6 +482,7 @@ def _evaluate_holdout(
     thresholds = Thresholds(
         duplicate=bundle.duplicates.threshold_,
         label_frequency=getattr(bundle.duplicates, "label_frequency_", None),
+        error_anchor=anchor.error_anchor,
     )
     with stages.stage("evaluate", "holdout: scoring the test period as the batch job would"):
         evaluation = evaluate_bundle(bundle, _holdout_of(history, plan), prefix="test")
