@@ -12,12 +12,14 @@ from pipeline.anomalies import AnomalyModel
 from pipeline.config import Config
 from pipeline.exceptions import ModelLoadError
 
-CONFIG = Config.model_validate(
-    {
-        "name": "t",
-        "fields": {"city": {"type": "category"}, "postcode": {"type": "code"}, "amount": {"type": "number"}},
-    }
-)
+
+def _config(**more: str) -> Config:
+    """The tests' config: city, postcode and amount, then the `more` fields (name=type)."""
+    fields = {"city": "category", "postcode": "code", "amount": "number", **more}
+    return Config.model_validate({"name": "t", "fields": {k: {"type": v} for k, v in fields.items()}})
+
+
+CONFIG = _config()
 
 
 def _history(n: int = 400) -> pd.DataFrame:
@@ -81,17 +83,7 @@ def _orders(n: int, start: int, seed: int) -> pd.DataFrame:
 
 
 def test_a_fresh_batch_is_flagged_at_about_one_minus_the_quantile() -> None:
-    config = Config.model_validate(
-        {
-            "name": "t",
-            "fields": {
-                "city": {"type": "category"},
-                "postcode": {"type": "code"},
-                "amount": {"type": "number"},
-                "order_number": {"type": "code"},
-            },
-        }
-    )
+    config = _config(order_number="code")
     model = AnomalyModel(config, quantile=0.99).fit(_orders(3000, 1, seed=1))
     scored = model.score(_orders(3000, 5000, seed=2))
     # New order numbers and new amounts are normal: only about 1% of a fresh batch is flagged.
@@ -119,17 +111,7 @@ def test_a_record_a_clerk_found_normal_is_not_flagged_again() -> None:
 
 
 def test_the_same_rare_values_a_clerk_found_normal_are_not_flagged_on_another_record() -> None:
-    config = Config.model_validate(
-        {
-            "name": "t",
-            "fields": {
-                "city": {"type": "category"},
-                "postcode": {"type": "code"},
-                "amount": {"type": "number"},
-                "vat": {"type": "category"},
-            },
-        }
-    )
+    config = _config(vat="category")
     history = _history().assign(vat=lambda f: np.where(np.arange(len(f)) % 2 == 0, "21", "9"))
     odd = pd.DataFrame([{"city": "zzz-123", "postcode": "??", "amount": "99999999.00", "vat": "21"}])
     same_rare = odd.assign(vat="9")  # another record, unusual in the same values only
