@@ -55,6 +55,22 @@ def test_choose_threshold_tolerance_takes_the_lowest_near_best_cut() -> None:
     assert choose_threshold(scores, truth, f1_tolerance=0.4).threshold == pytest.approx(0.5)
 
 
+def test_choose_threshold_keeps_an_anchor_only_within_the_tolerance() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.1])
+    truth = np.array([True, True, False, True, False, False])
+    # best F1 .857 at 0.6; the anchor 0.75 flags 0.9 and 0.8 (p 1, r 2/3: F1 .8)
+    kept = choose_threshold(scores, truth, f1_tolerance=0.06, anchor=0.75)
+    assert kept.threshold == 0.75
+    assert (kept.tp, kept.fp, kept.fn) == (2, 0, 1)
+    assert kept.f1 == pytest.approx(0.8)
+    # within a tighter tolerance the anchor is clearly worse: the usual choice
+    assert choose_threshold(scores, truth, f1_tolerance=0.05, anchor=0.75).threshold == pytest.approx(0.6)
+    # an anchor above every score flags nothing: never kept
+    assert choose_threshold(scores, truth, f1_tolerance=1.0, anchor=0.95).threshold == pytest.approx(0.1)
+    # min_precision decides alone
+    assert choose_threshold(scores, truth, min_precision=1.0, anchor=0.55).threshold == pytest.approx(0.8)
+
+
 def test_choose_threshold_middle_placement_and_missing_positives() -> None:
     scores = np.array([0.9, 0.8, 0.3, 0.2])
     truth = np.array([True, True, False, False])

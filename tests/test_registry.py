@@ -154,3 +154,27 @@ def test_train_promote_score_against_a_tracking_server(demo, mlflow_server, tmp_
     assert (output / "flags.csv").exists()
     # The artifacts went through the server, not to a local folder.
     assert any((tmp_path / "artifacts").rglob("bundle.json"))
+
+
+def test_training_keeps_the_champions_error_threshold_unless_clearly_worse(demo, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline.registry import champion_error_threshold, load_bundle
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert champion_error_threshold("orders", uri=uri) is None  # no model yet
+    assert main(train_argv(demo, uri)) == 0
+    own = load_bundle("models:/orders@champion", uri=uri).errors.threshold_
+    assert champion_error_threshold("orders", uri=uri) == pytest.approx(own)
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    champion_run = client.get_model_version_by_alias("orders", "champion").run_id
+    # A cut flagging the same out-of-fold cells as the model's own (nothing scores in between): kept as it is.
+    anchor = own - 1e-9
+    client.log_metric(champion_run, "error_threshold", anchor)
+    assert main(train_argv(demo, uri)) == 0
+    assert load_bundle("models:/orders/2", uri=uri).errors.threshold_ == anchor
+    # A cut that flags almost nothing is clearly worse on the same history: the model chooses its own.
+    client.log_metric(champion_run, "error_threshold", 0.9999)
+    assert main(train_argv(demo, uri)) == 0
+    assert load_bundle("models:/orders/3", uri=uri).errors.threshold_ == pytest.approx(own)
