@@ -77,12 +77,11 @@ class PairClassifier:
         mean, error = results["mean_test_score"], results["std_test_score"] / np.sqrt(folds)
         values = np.asarray(results["param_C"], dtype=float)
         best = int(np.argmax(mean))
-        if values[best] < values.max():
-            return float(values[best])
-        # The log loss still falls at the weakest regularisation: the labels are separable (merge labels
-        # often are: a log without edits gives the records as stored, corrected), the maximum-likelihood
-        # weights do not exist and the best C only grows them (every agreement on a rare value scores 1.0).
-        # Then the one-standard-error rule: the strongest regularisation within one standard error of it.
+        # The one-standard-error rule: the strongest regularisation within one standard error of the best.
+        # Merge labels are often (nearly) separable (a log without edits gives the records as stored,
+        # corrected; a rare slip level such as a day and month swap separates its few pairs): the best C
+        # then only grows the weights, and the sign constraints drop features that a weak regularisation
+        # lets swap sign (a model that ignores the name because the date and amount separate the labels).
         good = np.flatnonzero(mean >= mean[best] - error[best])
         return float(values[good].min())
 
