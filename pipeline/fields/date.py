@@ -4,7 +4,8 @@ Read as ISO (`2024-03-05`, also with a time), compact (`20240305`) or day-first 
 and normalised to ISO. Compared by days apart on a log scale, so a few days' slip is near, with day and
 month swapped counting as one day; and by digit slips, so a mistyped year is near too. The graded levels
 ("more than 10 days apart") do not count a typing slip as another date: a one-digit slip or a year off by
-one is not weeks or a year apart, and a year off by one or day and month swapped have levels of their own.
+one is not weeks or a year apart, and a year off by one or day and month swapped have levels of their own
+(each also 1 for the same date, so that a slip may count nearly as much as an agreement, never more).
 A date that is not a valid calendar date (a typo such as month 13) keeps its digits and is compared by
 digits only.
 """
@@ -228,6 +229,23 @@ def day_month_swapped(a: DateValue, b: DateValue) -> float:
     return float(a.ordinal is not None and b.ordinal is not None and a != b and _swapped(a, b))
 
 
+def _same_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
+    return np.array([x.digits == y.digits for x, y in zip(xs, ys, strict=True)], dtype=np.float64)
+
+
+@vectorised(lambda xs, ys: np.maximum(_years_off_by_one_many(xs, ys), _same_many(xs, ys)))
+def same_or_year_off_by_one(a: DateValue, b: DateValue) -> float:
+    """1 when the two dates are the same or `year_off_by_one`: a level on top of the exact match, so the
+    classifier can weigh a slipped year near an agreement but never above it."""
+    return max(year_off_by_one(a, b), float(a.digits == b.digits))
+
+
+@vectorised(lambda xs, ys: np.maximum(_days_swapped_many(xs, ys), _same_many(xs, ys)))
+def same_or_day_month_swapped(a: DateValue, b: DateValue) -> float:
+    """1 when the two dates are the same or `day_month_swapped` (a level on top of the exact match)."""
+    return max(day_month_swapped(a, b), float(a.digits == b.digits))
+
+
 def _days_unless_slip_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
     days = _days_between_many(xs, ys)
     slip = (_one_digit_slips_many(xs, ys) + _years_off_by_one_many(xs, ys)) > 0
@@ -247,7 +265,7 @@ def days_unless_slip(a: DateValue, b: DateValue) -> float:
 
 # Graded levels: a re-registration keeps its date or slips a few days; weeks or years apart is another order.
 # A typing slip is not a distance (`days_unless_slip`): a one-digit slip is weighed by `digit_slips`, a
-# year off by one and a day and month swap by levels of their own.
+# year off by one and a day and month swap by levels of their own (`same_or_...`).
 DAY_LEVELS: tuple[int, ...] = (3, 10, 31, 365)
 _DAY_LEVEL_COMPARATORS = tuple(
     beyond(days_unless_slip, n, f"more_than_{n}_days_apart_not_a_slip") for n in DAY_LEVELS
@@ -291,12 +309,12 @@ class DateField(FieldType):
             ),
             *(
                 dedupe.variables.Custom(self.field, comparator=slip, has_missing=True)
-                for slip in (year_off_by_one, day_month_swapped)
+                for slip in (same_or_year_off_by_one, same_or_day_month_swapped)
             ),
         ]
 
     def directions(self) -> list[int]:
-        # The slip levels say "differs, but by a typo": more alike than differing otherwise.
+        # "The same or differing by a typo": more alike than differing otherwise, less than the same.
         return [1, -1, -1, *(-1 for _ in DAY_LEVELS), 1, 1]
 
     def keys(self, normalised: pd.Series, names: Collection[str] | None = None) -> dict[str, pd.Series]:
