@@ -227,7 +227,8 @@ def test_pair_classifier_chooses_c_by_the_constrained_fit_and_fits_the_same_ever
     directions = [1, 1, -1, -1, 1, 0]
     first, second = (PairClassifier(directions, seed=5).fit(features, labels) for _ in range(2))
     assert list(first.cv_loss_) == list(C_GRID)
-    assert first.c_ == min(first.cv_loss_, key=first.cv_loss_.get)
+    # The strongest regularisation no worse than the lowest loss beyond noise: never a weaker one.
+    assert first.c_ in C_GRID and first.c_ <= min(first.cv_loss_, key=first.cv_loss_.get)
     assert np.array_equal(first.weights_, second.weights_) and first.intercept_ == second.intercept_
     assert first.active_.tolist() == [True, False, True, False, True, True]
     # The folded weights score the raw features as the standardised fit does.
