@@ -11,10 +11,14 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
   cover picks the keys (and combinations of a weak key such as a city with another key) that cover the
   known duplicate pairs up to the `recall` target at the fewest comparisons, and backs each pair up with a
   second rule on other fields, so that one mistyped field does not keep a new duplicate out of every block.
-* Comparisons: each field plugin's dedupe comparators, graded levels among them (days apart beyond 3, 10,
-  31 and 365; two or three slips in a code; more than 1% or 10% between numbers), plus a term-frequency
-  feature per field (Splink's adjustment): an exact agreement counts by the value's rarity among the stored
-  records, so a busy customer's name or usual amount is weak evidence and a rare one strong.
+* Comparisons: each field plugin's dedupe comparators, graded levels among them (days apart beyond 3, 10, 31
+  and 365; two or three slips in a code; more than 1% or 10% between numbers; none of them counting a typing
+  slip as a real difference, which has levels of its own: `fields.date`, `fields.number`), plus a
+  term-frequency feature per field (Splink's adjustment): an exact agreement counts by the value's rarity
+  among the records entered up to the later of the two (in training the history in entry order, when scoring
+  the reference and then the batch: `counted_rarity`), so a busy customer's name or usual amount is weak
+  evidence, a rare one strong, and a day of a batch twenty times denser than the history counts as the busy
+  day it is.
 * Labels: positives are the known pairs (merge chains closed), negatives are candidate pairs of the learned
   blocking that were never merged (the hard ones), pairs a clerk rejected (`non_pairs`), pairs agreeing on
   one field, chance agreements (an unrelated record given another's values in one to three fields: what a
@@ -22,10 +26,8 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
   other's value in one field where they differ: a customer's second order of the day) and random pairs,
   `max_labels` in all.
 * Scoring: each record's candidates are cut to the `top_k` that share most keys, compared field by field,
-  and scored by the classifier, less the density penalty of the values they agree on (a value more common
-  among the records matched so far than among those the model learned from counts less: Fellegi-Sunter's
-  u-probability counted on the data being scored); the best candidate above `threshold_` (never below
-  0.5 when `calibrate` chooses it) is the record it duplicates.
+  and scored by the classifier; the best candidate above `threshold_` (never below 0.5 when `calibrate`
+  chooses it) is the record it duplicates.
 
 >>> # model = DuplicateModel(config).fit(entered_history, known_pairs)
 >>> # links = model.matcher(reference).match(batch)   # duplicate_of, duplicate_score, cluster_id, reason
@@ -79,7 +81,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 SETTINGS_FILE = "linkage_settings.json"
 META_FILE = "linkage_meta.json"
-DENSITY_Z = 2.0
 UNMERGED_SUSPECT = 0.9
 # `fit` draws candidate pairs (the candidate recall figure, the look-alike negatives) from at most this many
 # of the latest records: the matcher's index of a whole history is its largest cost in time and memory, and
@@ -258,7 +259,7 @@ class DuplicateModel:
             add_records,
         )
         self.label_counts_ = sampler.counts_
-        features = self._label_features(records, made, label_a, label_b)
+        features = self._label_features(records, made, label_a, label_b, normalised)
         # A thousand labels fit fastest on one thread; BLAS threads only contend on a shared machine.
         with threadpool_limits(1):
             self._fit_classifier(features, labels)
@@ -291,12 +292,25 @@ class DuplicateModel:
         return self
 
     def _label_features(
-        self, records: pd.DataFrame, made: list[pd.DataFrame], left: np.ndarray, right: np.ndarray
+        self,
+        records: pd.DataFrame,
+        made: list[pd.DataFrame],
+        left: np.ndarray,
+        right: np.ndarray,
+        normalised: dict[str, pd.Series],
     ) -> np.ndarray:
         """The comparison features of labelled pairs, given as positions into `records` followed by the
         `made` records, from an index of only the records the pairs name: a pair's features depend on its
-        two records' values and the fitted term frequencies, never on what else is indexed."""
+        two records' values and on how many records entered up to the later one held the value they share
+        (`running_rarities` of `normalised`, each match field's values of `records`)."""
         n = len(records)
+        counted = {
+            plugin.field: running_rarities(
+                normalised[plugin.field].to_numpy(dtype=object),
+                self.term_frequencies_[plugin.field].scale_total,
+            )
+            for plugin in self.plugins_
+        }
         real = np.unique(np.concatenate([left[left < n], right[right < n]]))
         matcher = Matcher(self, None, rules=[])
         matcher._add(self._encode(records.iloc[real], rules=[]))
@@ -306,8 +320,13 @@ class DuplicateModel:
         def indexed(positions: np.ndarray) -> np.ndarray:
             return np.where(positions < n, np.searchsorted(real, positions), len(real) + positions - n)
 
+        # A pair's shared value counts by its rarity among the records entered up to the later of the two,
+        # as the matcher counts it when scoring (`Matcher._count_density`); a made-up record takes its real
+        # partner's count (the value they share is the partner's).
+        later = np.where(right < n, np.where(left < n, np.maximum(left, right), right), left)
+        rarities = {field: counted[field][np.minimum(later, n - 1)] for field in counted}
         # Row-major, as the classifier's fit sums it (the sums' rounding depends on the layout).
-        return np.ascontiguousarray(matcher._features(indexed(left), indexed(right)))
+        return np.ascontiguousarray(matcher._features(indexed(left), indexed(right), rarities=rarities))
 
     def _fit_unlabelled(self, records: pd.DataFrame, started: float) -> DuplicateModel:
         """A model that links nothing, for a log without merges: with no labelled duplicate there is nothing
@@ -393,10 +412,9 @@ class DuplicateModel:
         if not hasattr(self, "weights_"):
             raise NotFittedError("this DuplicateModel is not fitted yet; call fit() or load() first")
 
-    def probabilities(self, features: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
-        """The classifier's match probability for rows of comparison features; `offset` (log-odds, per row)
-        is subtracted first: the density penalty of the agreeing values (`Matcher._count_density`)."""
-        return probabilities(features, self.weights_, self.intercept_, offset)
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """The classifier's match probability for rows of comparison features."""
+        return probabilities(features, self.weights_, self.intercept_)
 
     # ------------------------------------------------------------------ encoding
 
@@ -458,32 +476,17 @@ class DuplicateModel:
 
     # ------------------------------------------------------------------ scoring
 
-    def matcher(
-        self, reference: pd.DataFrame | None, *, refresh_frequencies: bool = False, evict: bool = False
-    ) -> Matcher:
+    def matcher(self, reference: pd.DataFrame | None, *, evict: bool = False) -> Matcher:
         """A matcher whose index holds the reference records (oldest first); built once per batch.
 
-        Exact agreements count by the term frequencies counted at `fit`; with `refresh_frequencies` they
-        are counted on the reference instead (as stored today: a customer added after training is known),
-        on the same rarity scale, so a reference ten times larger does not make agreements look rarer.
-        The Spark engine uses the fitted frequencies. `evict`: see `Matcher` (the batch job's flat memory).
+        Exact agreements count by how common the value is among the records indexed up to the later one
+        (`Matcher._count_density`): the reference, then the batch. Without a reference, the counts start
+        from those of the history the model was fitted on. Rarities stay on the fitted scale, so a
+        reference ten times larger does not make agreements look rarer. `evict`: see `Matcher` (the batch
+        job's flat memory).
         """
         self._check_fitted()
-        frequencies = None
-        if refresh_frequencies and reference is not None and len(reference):
-            frequencies = self.term_frequencies(reference)
-        return Matcher(self, reference, frequencies=frequencies, evict=evict)
-
-    def term_frequencies(self, records: pd.DataFrame) -> dict[str, TermFrequencies]:
-        """Each match field's term frequencies counted on `records`, on the fitted rarity scale."""
-        self._check_fitted()
-        self._check_columns(records, "reference")
-        tables = {}
-        for plugin in self.plugins_:
-            values = plugin.normalise(records[plugin.field].fillna(s.MISSING).astype(str))
-            scale = self.term_frequencies_[plugin.field].scale_total
-            tables[plugin.field] = plugin.term_frequencies(values, scale_total=scale)
-        return tables
+        return Matcher(self, reference, evict=evict, prior=reference is None or not len(reference))
 
     def candidate_scores(self, batch: pd.DataFrame, reference: pd.DataFrame | None) -> pd.DataFrame:
         """Every scored candidate pair: record_id, candidate_id, score (for curves and plots)."""
@@ -676,6 +679,7 @@ class Matcher:
         frequencies: dict[str, TermFrequencies] | None = None,
         *,
         evict: bool = False,
+        prior: bool = False,
     ) -> None:
         self._model = model
         self._frequencies = model.term_frequencies_ if frequencies is None else frequencies
@@ -708,11 +712,6 @@ class Matcher:
             for field in self._fields
         }
         self._unparsed: dict[str, dict[int, str]] = {field: {} for field in self._fields}
-        # Per match field, the codes of the values its term frequencies store, sorted, with their counts
-        # (at most the table's few thousand values): an agreement's rarity without reading its text back.
-        self._stored: dict[str, tuple[np.ndarray, np.ndarray]] = {
-            field: (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)) for field in self._fields
-        }
         self._times = FloatFile()  # entry times, read for a link's reason only: mostly on disk
         self._blocks = [_BlockIndex() for _ in (model.rules_ if rules is None else rules)]
         for block_index in self._blocks:
@@ -726,10 +725,15 @@ class Matcher:
         # order numbers and amounts are held once or twice).
         self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.uint8) for field in self._fields}
         self._present: dict[str, int] = {field: 0 for field in self._fields}
-        # Per record of the latest `_add` only (from `_penalty_start` on): a penalty counts for the later
-        # record of a pair, always one of the chunk being matched, so older records' are never read again.
-        self._penalty: dict[str, np.ndarray] = {field: np.zeros(0, dtype="f4") for field in self._fields}
-        self._penalty_start = 0
+        # Per record of the latest `_add` only (from `_counted_start` on): the rarity of its value among the
+        # records indexed up to it counts for the later record of a pair, always one of the chunk being
+        # matched, so older records' are never read again.
+        self._rarity: dict[str, np.ndarray] = {field: np.zeros(0, dtype="f4") for field in self._fields}
+        self._counted_start = 0
+        # Without a reference, the counts start from those the model was fitted on.
+        self._prior: dict[str, TermFrequencies] = self._frequencies if prior else {}
+        for field, table in self._prior.items():
+            self._present[field] = table.total
         self._lock = threading.RLock()
         if reference is not None and len(reference):
             # Indexed REFERENCE_ROWS at a time: encoding holds several text arrays per record, and the index
@@ -839,7 +843,6 @@ class Matcher:
             present = set(self._raw_fields)
             raise SchemaError(f"records: expected the config's fields {sorted(present)} in every chunk")
         self._ids.extend(encoded.ids)
-        shares: dict[str, np.ndarray] = {}  # per record: its value's share among the fitted records
         for field in self._fields:
             # Distinct values in order of first appearance, so codes are given in that order.
             distinct, inverse = encoded.values[field], encoded.inverse[field]
@@ -850,21 +853,11 @@ class Matcher:
             found = table.find(distinct, self._texts[field], hashes)
             usable = np.fromiter((item is not None for item in parsed), dtype=bool, count=len(parsed))
             fresh = np.flatnonzero((found < 0) & usable)
-            frequencies = self._frequencies.get(field)
-            stored = frequencies.stored_counts(distinct) if frequencies is not None else None
             if len(fresh):
                 found[fresh] = np.arange(size, size + len(fresh))
                 table.insert(distinct[fresh], found[fresh], hashes[fresh])
                 new_texts = distinct[fresh].tolist()
                 self._texts[field].extend(new_texts)
-                if stored is not None and (stored[fresh] >= 0).any():
-                    known = fresh[stored[fresh] >= 0]  # new codes, above every code held
-                    held, counts = self._stored[field]
-                    self._stored[field] = (np.append(held, found[known]), np.append(counts, stored[known]))
-            # `TermFrequencies.share` of each record's value (1.0 without a table).
-            shares[field] = (
-                frequencies.shares_of(stored)[inverse] if stored is not None else np.ones(len(inverse))
-            )
             self._latest_parsed[field] = _latest_parsed(found, parsed)
             codes = found[inverse] if len(inverse) else np.zeros(0, dtype=np.int64)
             self._store_codes(field, codes, len(self._texts[field]))
@@ -880,7 +873,7 @@ class Matcher:
         # A repeated id is found at its last row, as a dict assigned in row order would leave it.
         last = ~pd.Series(ids, dtype=object).duplicated(keep="last").to_numpy()
         self._position.assign(ids[last], np.arange(start, start + len(ids))[last], self._ids)
-        self._count_density(start, shares)
+        self._count_density(start)
         return start
 
     def _code_array(self, field: str) -> np.ndarray:
@@ -897,60 +890,53 @@ class Matcher:
             stored = self._codes[field] = array(wide, self._code_array(field).astype(wide).tobytes())
         stored.frombytes(codes.astype(stored.typecode).tobytes())
 
-    def _shares(self, field: str, values: Sequence[str]) -> np.ndarray:
-        """`TermFrequencies.share` of each value (1.0 without a table)."""
-        frequencies = self._frequencies.get(field)
-        if frequencies is None:
-            return np.ones(len(values))
-        return frequencies.shares(values)
-
     def _rarities(self, field: str, codes: np.ndarray) -> np.ndarray:
-        """`TermFrequencies.rarity` of the values with these codes (1.0 without a table), computed once
-        per distinct count: a value's count is found by its code (`_stored`), 1 when it is not stored."""
+        """`TermFrequencies.rarity` of the values with these codes in the fitted table (1.0 without a
+        table), computed once per distinct count."""
         frequencies = self._frequencies.get(field)
         if frequencies is None:
             return np.ones(len(codes))
-        held, stored = self._stored[field]
-        counts = np.ones(len(codes), dtype=np.int64)
-        if len(held) and len(codes):
-            at = np.minimum(np.searchsorted(held, codes), len(held) - 1)
-            hit = held[at] == codes
-            counts[hit] = stored[at[hit]]
+        counts = np.maximum(frequencies.stored_counts(self._texts[field].take(codes)), 1)
         levels, inverse = np.unique(counts, return_inverse=True)
         return np.array([frequencies.rarity_of(count) for count in levels.tolist()])[inverse]
 
-    def _count_density(self, start: int, shares: dict[str, np.ndarray]) -> None:
+    def _count_density(self, start: int) -> None:
         """Counts the values of the records indexed from `start` on, and notes for each record and field
-        how much more common its value is among the records indexed so far (itself included) than among
-        the records the model learned from: `max(0, ln(share now / share at fit))`, its density penalty.
+        the rarity of its value among the records indexed so far, itself included (`counted_rarity`): the
+        term-frequency feature of the pairs it is the later record of.
 
-        The model's weights say what agreeing on a value is worth at the density of its training period;
-        a batch twenty times denser (a customer's seven orders on one day) makes agreeing on the order
-        date twenty times more likely by chance, so that agreement is worth ln 20 less (Fellegi-Sunter's
-        u-probability, counted on the data being scored). Counted in indexing order, so a record's
-        penalty does not depend on how the batch was cut into chunks; never a bonus, so a value that is
-        rarer than at fit keeps what the model learned. `shares`: per field, each record's value's share
-        among the records the model learned from (`_shares`), from `start` on.
+        `fit` counts its labelled pairs' values the same way, over the history in entry order
+        (`running_rarities`), so the classifier's weights say what agreeing on a value is worth at the
+        density it had when the later record was entered, and a batch is scored the same way: a new day
+        counts as the orders entered on it so far, a batch twenty times denser than the history makes its
+        days' agreements twenty times more common, and so less rare (Fellegi-Sunter's u-probability,
+        counted on the data being scored). Counted in indexing order, so a record's rarity does not depend
+        on how the batch was cut into chunks. A matcher without a reference starts from the counts the
+        model was fitted on (`prior`).
         """
         for field in self._fields:
             codes = self._code_array(field)[start:].astype(np.int64)
             seen = self._seen[field]
             size = len(self._texts[field])
-            if len(seen) < size:
-                seen = self._seen[field] = np.concatenate([seen, np.zeros(size - len(seen), seen.dtype)])
+            if len(seen) < size:  # new values: counted from 0, or from the fitted count (`prior`)
+                fresh = np.zeros(size - len(seen), dtype=np.int64)
+                if field in self._prior:
+                    texts = self._texts[field].take(np.arange(len(seen), size))
+                    fresh[:] = np.maximum(self._prior[field].stored_counts(texts), 0)
+                wide = np.promote_types(seen.dtype, _count_type(int(fresh.max())))
+                seen = self._seen[field] = np.concatenate([seen.astype(wide), fresh.astype(wide)])
             present = codes >= 0
             values = codes[present]
             count, total = _running_counts(values, seen, self._present[field])
             if len(count) and count.max() > np.iinfo(seen.dtype).max:  # `count` ends at the new counts
                 seen = self._seen[field] = seen.astype(_count_type(int(count.max())))
-            penalty = np.zeros(len(codes), dtype="f4")
             fitted = self._frequencies.get(field)
-            fitted_shares = shares[field][present]
-            penalty[present] = density_penalty(count, total, fitted_shares, fitted.total if fitted else 1)
+            rarity = np.zeros(len(codes), dtype="f4")
+            rarity[present] = counted_rarity(count, total, fitted.scale_total) if fitted else 1.0
             np.add.at(seen, values, 1)
             self._present[field] += len(values)
-            self._penalty[field] = penalty
-        self._penalty_start = start
+            self._rarity[field] = rarity
+        self._counted_start = start
 
     def _uncount_density(self, start: int) -> None:
         """Takes the records indexed from `start` on out of the value counts again (see `_rollback`)."""
@@ -960,22 +946,12 @@ class Matcher:
             np.subtract.at(self._seen[field], values, 1)
             self._present[field] -= len(values)
 
-    def _density_offset(
-        self, left: np.ndarray, right: np.ndarray, pair_codes: _PairCodes | None = None
-    ) -> np.ndarray:
-        """Per pair, the density penalties of the fields on which the two agree, summed (left = the later
-        record, whose counts are as of its indexing: one of the records the latest `_add` indexed).
-        `pair_codes`: `_pair_codes` of these pairs, if known."""
-        if len(left) and left.min() < self._penalty_start:
-            raise ValueError("density penalties are kept for the latest indexed records only")
-        if pair_codes is None:
-            pair_codes = self._pair_codes(left, right)
-        offset = np.zeros(len(left))
-        for field in self._fields:
-            code_left, code_right, _ = pair_codes[field]
-            same = (code_left >= 0) & (code_left == code_right)
-            offset[same] += self._penalty[field][left[same] - self._penalty_start]
-        return offset
+    def _counted(self, left: np.ndarray) -> dict[str, np.ndarray]:
+        """Per field, the rarity of each given record's value among the records indexed up to it (one of the
+        records the latest `_add` indexed; see `_count_density`)."""
+        if len(left) and left.min() < self._counted_start:
+            raise ValueError("counted rarities are kept for the latest indexed records only")
+        return {field: self._rarity[field][left - self._counted_start] for field in self._fields}
 
     def _drop_left(self) -> None:
         """Drops the records that left every block window while the previous chunk was indexed."""
@@ -1060,6 +1036,7 @@ class Matcher:
         pair_codes: _PairCodes | None = None,
         *,
         scoring: bool = False,
+        rarities: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray:
         """dedupe's `DataModel.distances` for pairs of indexed positions (same values), computed a field at a
         time and once per distinct pair of values (registers repeat their cities, dates and amounts), then
@@ -1068,7 +1045,10 @@ class Matcher:
         of these pairs, if known.
 
         `scoring`: the features only feed the fitted classifier, so a comparison it weighs 0 (`_unweighed`)
-        is not computed; its column holds 0 where both values are present, which scores the same."""
+        is not computed; its column holds 0 where both values are present, which scores the same.
+
+        `rarities`: per field, per pair, the rarity of the left record's value as counted up to it
+        (`counted_rarity`), for the term-frequency columns; without it, the fitted table's rarity."""
         data_model = self._model.data_model_
         n, width = len(left), len(data_model)
         features = np.empty((width + len(self._fields), n), dtype="f4").T
@@ -1101,6 +1081,9 @@ class Matcher:
             code_left, code_right, _ = pair_codes[field]
             features[:, width + column] = 0
             same = np.flatnonzero((code_left >= 0) & (code_left == code_right))
+            if rarities is not None:
+                features[same, width + column] = rarities[field][same]
+                continue
             # Hashed, not sorted (a value's rarity does not depend on the order the values come in).
             where, agreed = pd.factorize(code_left[same])
             # Worked out per agreed value from its count, kept only for values the table stores.
@@ -1214,8 +1197,8 @@ class Matcher:
         scores = np.zeros(0)
         if len(query):
             pair_codes = self._pair_codes(query, found)
-            features = self._features(query, found, pair_codes, scoring=True)
-            scores = self._model.probabilities(features, self._density_offset(query, found, pair_codes))
+            features = self._features(query, found, pair_codes, scoring=True, rarities=self._counted(query))
+            scores = self._model.probabilities(features)
         best_score = np.zeros(len(encoded))
         best_position = np.full(len(encoded), -1, dtype=np.int64)
         if len(query):
@@ -1279,7 +1262,7 @@ class Matcher:
         clusters = {i: self._cluster[i] for i in ids if i in self._cluster}
         sizes = {field: len(self._texts[field]) for field in self._fields}
         # What is kept of the latest indexed records only (replaced, never changed in place, by `_add`).
-        latest = (dict(self._penalty), self._penalty_start, dict(self._latest_parsed))
+        latest = (dict(self._rarity), self._counted_start, dict(self._latest_parsed))
         return len(self._ids), sizes, positions, clusters, latest
 
     def _rollback(
@@ -1292,7 +1275,7 @@ class Matcher:
     ) -> None:
         """Takes the records indexed from `start` on out of the index again (see `_checkpoint`)."""
         self._uncount_density(start)
-        self._penalty, self._penalty_start, self._latest_parsed = latest
+        self._rarity, self._counted_start, self._latest_parsed = latest
         for block_index in self._blocks:
             block_index.rollback(start)
         for field in self._fields:
@@ -1301,8 +1284,6 @@ class Matcher:
             self._texts[field].truncate(size)
             del self._codes[field][start:]
             self._seen[field] = self._seen[field][:size]  # the new values' counts are back at 0
-            held, counts = self._stored[field]
-            self._stored[field] = (held[held < size], counts[held < size])
             unparsed = self._unparsed[field]
             for position in [p for p in unparsed if p >= start]:
                 del unparsed[position]
@@ -1384,38 +1365,31 @@ class Matcher:
 
         `density` = (counts, totals), arrays of shape (pairs, match fields): for each left record and
         match field (`DuplicateModel.match_values` order), how many records indexed up to it (itself
-        included) hold its value and hold any value, as `Matcher` counts them (see `_count_density`)."""
+        included) hold its value and hold any value, as `Matcher` counts them (see `_count_density`);
+        without it, the left records are counted among themselves after the fitted counts."""
         if len(self._ids):
             raise ValueError("score_pairs needs an empty matcher (DuplicateModel.matcher(None))")
         if len(left) != len(right):
             raise ValueError(f"score_pairs: {len(left)} left rows but {len(right)} right rows")
         n = len(left)
         self._add(self._model._encode(left))
-        self._add(self._model._encode(right))
         positions = np.arange(n)
-        offset = None
+        rarities = self._counted(positions)  # as counted among the left records (and the fitted counts)
         if density is not None and n:
             counts, totals = density
             for column, field in enumerate(self._fields):
-                codes = self._code_array(field)[:n].astype(np.int64)
-                present = codes >= 0
+                present = self._code_array(field)[:n] >= 0
                 fitted = self._frequencies.get(field)
-                penalty = np.zeros(n, dtype="f4")
-                shares = self._shares(field, self._texts[field].take(codes[present]))
-                penalty[present] = density_penalty(
-                    counts[present, column],
-                    totals[present, column],
-                    shares,
-                    fitted.total if fitted else 1,
+                rarity = np.zeros(n, dtype="f4")
+                rarity[present] = (
+                    counted_rarity(counts[present, column], totals[present, column], fitted.scale_total)
+                    if fitted
+                    else 1.0
                 )
-                self._penalty[field] = penalty
-            self._penalty_start = 0
-            offset = self._density_offset(positions, positions + n)
-        scores = (
-            self._model.probabilities(self._features(positions, positions + n, scoring=True), offset)
-            if n
-            else np.zeros(0)
-        )
+                rarities[field] = rarity
+        self._add(self._model._encode(right))
+        features = self._features(positions, positions + n, scoring=True, rarities=rarities)
+        scores = self._model.probabilities(features) if n else np.zeros(0)
         return ScoredPairs(self, scores)
 
 
@@ -1994,27 +1968,33 @@ def _running_counts(codes: np.ndarray, seen: np.ndarray, present: int) -> tuple[
     return seen[codes] + rank + 1, present + index + 1
 
 
-def density_penalty(
-    count: np.ndarray, total: np.ndarray, fitted_share: np.ndarray, fitted_total: int
-) -> np.ndarray:
-    """`max(0, ln(share now / share at fit))` per value, in log-odds (see `Matcher._count_density`), only
-    where the counts show it: the share now at its lower and the share at fit at its upper bound
-    (`DENSITY_Z` Poisson standard deviations), so that a customer's few orders in a small history, or
-    the first records of a batch, do not pass for a change in density.
+def counted_rarity(count: np.ndarray, total: np.ndarray, scale_total: int) -> np.ndarray:
+    """`TermFrequencies.rarity` of values held by `count` of the `total` records indexed up to and including
+    each (the matcher's running counts), on the fitted scale: a share of `count / max(total, scale_total)`,
+    0 (every record) to 1 (one in `scale_total` or rarer). The term-frequency feature counts a value this way
+    both in training (the history in entry order) and when scoring (reference, then the batch), so a batch's
+    new day counts as the records entered on it so far, as a day of the history did when it was new.
 
-    >>> now, total, then = np.array([400, 3]), np.array([10_000] * 2), np.array([0.002, 0.0002])
-    >>> penalty = density_penalty(now, total, then, 10_000)
-    >>> penalty.round(1).tolist()  # 20x as common now: ln 20 = 3.0, less the bounds; 3 of 10,000: nothing
-    [2.5, 0.0]
+    >>> rarity = counted_rarity(np.array([1, 100, 50]), np.array([10, 1_000, 10_000]), 1_000)
+    >>> [round(float(r), 2) for r in rarity]  # one of ten so far: one of the fitted 1,000
+    [1.0, 0.33, 0.77]
     """
-    count = np.asarray(count, dtype=float)
-    expected = np.asarray(fitted_share, dtype=float) * fitted_total
-    now = np.maximum(count - DENSITY_Z * np.sqrt(count), 0.0) / np.maximum(
-        np.asarray(total, dtype=float), 1.0
-    )
-    then = (expected + DENSITY_Z * np.sqrt(expected) + 1.0) / max(fitted_total, 1)
-    with np.errstate(divide="ignore"):
-        return np.maximum(np.log(now / then), 0.0).astype("f4")
+    scale = math.log(max(scale_total, 2))
+    share = np.asarray(count, dtype=float) / np.maximum(np.asarray(total, dtype=float), max(scale_total, 1))
+    return (np.minimum(-np.log(share), scale) / scale).astype("f4")
+
+
+def running_rarities(values: np.ndarray, scale_total: int) -> np.ndarray:
+    """`counted_rarity` of each value (normalised texts in entry order; `""` = missing, rarity 0) among the
+    present values up to and including it."""
+    codes, _ = pd.factorize(values)
+    codes[values == s.MISSING] = -1
+    present = codes >= 0
+    seen = np.zeros(int(codes.max(initial=-1)) + 1, dtype=np.int64)
+    count, total = _running_counts(codes[present], seen, 0)
+    rarity = np.zeros(len(values), dtype="f4")
+    rarity[present] = counted_rarity(count, total, scale_total)
+    return rarity
 
 
 def _read_json(path: Path) -> dict[str, Any]:

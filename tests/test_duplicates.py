@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
 
 from pipeline.duplicates.blocking import (
     BlockingLearner,
@@ -17,7 +18,7 @@ from pipeline.duplicates.blocking import (
     join_keys,
 )
 from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold
-from pipeline.duplicates.classifier import PairClassifier, probabilities
+from pipeline.duplicates.classifier import C_GRID, PairClassifier, bounded_logistic, probabilities
 from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
 from pipeline.exceptions import TrainingDataError
@@ -186,6 +187,54 @@ def test_pair_classifier_needs_fit_and_matching_directions() -> None:
         PairClassifier([1]).predict_proba(np.zeros((1, 1)))
     with pytest.raises(ValueError, match="directions"):
         PairClassifier([1]).fit(np.zeros((4, 2)), np.array([0, 1, 0, 1]))
+
+
+def signed_data(seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Six correlated features and labels of a logistic model in which two of them weigh with the sign
+    their directions `[1, 1, -1, -1, 1, 0]` rule out (feature 1 up, feature 3 down)."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(400, 6))
+    features = base + 0.6 * base[:, [0]]
+    logits = features @ np.array([2.0, -1.0, -1.5, 0.8, 0.5, -0.7]) + 0.3
+    labels = (rng.random(400) < 1 / (1 + np.exp(-logits))).astype(int)
+    return features, labels
+
+
+def test_bounded_fit_is_the_constrained_optimum_not_a_drop_and_refit() -> None:
+    features, labels = signed_data()
+    direction = np.array([1.0, 1.0, -1.0, -1.0, 1.0, 0.0])
+    c = 1.0
+    coef, intercept = bounded_logistic(features, labels, direction, c)
+    # The conditions of the bounded optimum: zero gradient where a weight is off its bound; at a bound, a
+    # gradient that only pushes the weight further into the ruled-out sign.
+    n = len(labels)
+    residual = 1 / (1 + np.exp(-(features @ coef + intercept))) - labels
+    gradient = features.T @ residual / n + coef / (c * n)
+    at_bound = (coef == 0) & (direction != 0)
+    assert at_bound.tolist() == [False, True, False, True, False, False]
+    assert np.abs(gradient[~at_bound]).max() < 1e-5 and abs(residual.mean()) < 1e-5
+    assert (gradient[at_bound] * direction[at_bound] > 0).all()
+    assert coef[0] > 0 and coef[2] < 0 and coef[4] > 0 and coef[5] < 0
+    # Without bounds it is scikit-learn's L2 logistic regression with the same C.
+    free, free_intercept = bounded_logistic(features, labels, np.zeros(6), c)
+    reference = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(features, labels)
+    assert np.allclose(free, reference.coef_[0], atol=1e-4)
+    assert abs(free_intercept - reference.intercept_[0]) < 1e-4
+
+
+def test_pair_classifier_chooses_c_by_the_constrained_fit_and_fits_the_same_every_time() -> None:
+    features, labels = signed_data(3)
+    directions = [1, 1, -1, -1, 1, 0]
+    first, second = (PairClassifier(directions, seed=5).fit(features, labels) for _ in range(2))
+    assert list(first.cv_loss_) == list(C_GRID)
+    # The strongest regularisation no worse than the lowest loss beyond noise: never a weaker one.
+    assert first.c_ in C_GRID and first.c_ <= min(first.cv_loss_, key=first.cv_loss_.get)
+    assert np.array_equal(first.weights_, second.weights_) and first.intercept_ == second.intercept_
+    assert first.active_.tolist() == [True, False, True, False, True, True]
+    # The folded weights score the raw features as the standardised fit does.
+    scaled = (features - features.mean(axis=0)) / features.std(axis=0)
+    coef, intercept = bounded_logistic(scaled, labels, np.sign(directions), first.c_)
+    assert np.allclose(first.predict_proba(features), 1 / (1 + np.exp(-(scaled @ coef + intercept))))
 
 
 def test_probabilities_do_not_depend_on_how_many_rows_are_scored() -> None:

@@ -285,3 +285,48 @@ def test_term_frequencies_many_values_at_once_match_one_at_a_time() -> None:
     assert tf.shares(values).tolist() == [tf.share(value) for value in values]
     assert tf.stored_counts(np.array(values, dtype=object)).tolist() == [5, 3, -1, -1, -1]
     assert [tf.rarity_of(tf.counts.get(value, 1)) for value in values] == [tf.rarity(v) for v in values]
+
+
+def test_a_typing_slip_is_a_level_of_its_own_not_a_distance() -> None:
+    """A year off by one or day and month swapped have comparison levels of their own (also 1 for the
+    same date), and the graded
+    "days apart" levels do not count them, or a one-digit slip, as another order; the "% apart" levels do
+    not count a decimal slip (x10, x100) as another amount. A real difference still counts. The
+    vectorised forms give the same values."""
+    from pipeline.fields.date import (
+        _DAY_LEVEL_COMPARATORS,
+        day_month_swapped,
+        one_digit_slip,
+        same_or_day_month_swapped,
+        same_or_year_off_by_one,
+        year_off_by_one,
+    )
+    from pipeline.fields.number import more_than_10pct_apart
+
+    d = parse_date
+    july4 = d("2024-07-04")
+    others = [d("2023-07-04"), d("2024-04-07"), d("2024-07-14"), d("2024-08-20"), d("20241704"), july4]
+    assert [year_off_by_one(july4, o) for o in others] == [1, 0, 0, 0, 0, 0]
+    assert year_off_by_one(d("2019-12-30"), d("2020-12-30")) == 1  # two digits, still one year
+    assert [day_month_swapped(july4, o) for o in others] == [0, 1, 0, 0, 0, 0]
+    assert [one_digit_slip(july4, o) for o in others] == [1, 0, 1, 0, 1, 0]
+    far = _DAY_LEVEL_COMPARATORS[1]  # more than 10 days apart
+    assert [far(july4, o) for o in others[:4]] == [0, 0, 0, 1]
+    assert far(d("2019-12-30"), d("2020-12-30")) == 0
+    # The levels the classifier weighs count the same date too: a slip is never worth more than agreeing.
+    assert [same_or_year_off_by_one(july4, o) for o in others] == [1, 0, 0, 0, 0, 1]
+    assert [same_or_day_month_swapped(july4, o) for o in others] == [0, 1, 0, 0, 0, 1]
+    compared = (year_off_by_one, day_month_swapped, one_digit_slip, far.distance)
+    for compare in (*compared, same_or_year_off_by_one, same_or_day_month_swapped):
+        xs, ys = [july4] * len(others) + [d("2019-12-30")], [*others, d("2020-12-30")]
+        expected = [compare(x, y) for x, y in zip(xs, ys, strict=True)]
+        np.testing.assert_array_equal(compare.many(xs, ys), expected)
+    n = field_type("number")("amount").parse
+    assert more_than_10pct_apart(n("414990"), n("4149.9")) == 0  # x100: a decimal slip
+    assert more_than_10pct_apart(n("4149.9"), n("5149.9")) == 1
+    assert more_than_10pct_apart.distance.many(
+        [n("414990"), n("4149.9")], [n("4149.9"), n("5149.9")]
+    ).tolist() == [
+        0.0,
+        more_than_10pct_apart.distance(n("4149.9"), n("5149.9")),
+    ]

@@ -2,8 +2,12 @@
 
 Read as ISO (`2024-03-05`, also with a time), compact (`20240305`) or day-first (`05-03-2024`, `5/3/2024`)
 and normalised to ISO. Compared by days apart on a log scale, so a few days' slip is near, with day and
-month swapped counting as one day; and by digit slips, so a mistyped year is near too. A date that is not a
-valid calendar date (a typo such as month 13) keeps its digits and is compared by digits only.
+month swapped counting as one day; and by digit slips, so a mistyped year is near too. The graded levels
+("more than 10 days apart") do not count a typing slip as another date: a one-digit slip or a year off by
+one is not weeks or a year apart, and a year off by one or day and month swapped have levels of their own
+(each also 1 for the same date, so that a slip may count nearly as much as an agreement, never more).
+A date that is not a valid calendar date (a typo such as month 13) keeps its digits and is compared by
+digits only.
 """
 
 from __future__ import annotations
@@ -180,9 +184,92 @@ def days_between(a: DateValue, b: DateValue) -> float:
     return float(1 if _swapped(a, b) and a.ordinal != b.ordinal else abs(a.ordinal - b.ordinal))
 
 
+def _calendar_parts(values: Sequence[DateValue]) -> tuple[np.ndarray, np.ndarray]:
+    """Year and month-day (MMDD) of each calendar date as integers, -1 where a value is not one."""
+    ymd = np.array([int(v.digits) if v.ordinal is not None else -1 for v in values], dtype=np.int64)
+    return np.where(ymd >= 0, ymd // 10_000, -1), np.where(ymd >= 0, ymd % 10_000, -1)
+
+
+def _one_digit_slips_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
+    return (capped_slips([x.digits for x in xs], [y.digits for y in ys], 2) == 1).astype(np.float64)
+
+
+def _years_off_by_one_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
+    (year_a, day_a), (year_b, day_b) = _calendar_parts(xs), _calendar_parts(ys)
+    return ((year_a >= 0) & (year_b >= 0) & (day_a == day_b) & (np.abs(year_a - year_b) == 1)).astype(
+        np.float64
+    )
+
+
+def _days_swapped_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
+    (year_a, day_a), (year_b, day_b) = _calendar_parts(xs), _calendar_parts(ys)
+    swapped = (day_a // 100 == day_b % 100) & (day_a % 100 == day_b // 100) & (day_a != day_b)
+    return ((year_a >= 0) & (year_a == year_b) & swapped).astype(np.float64)
+
+
+@vectorised(_one_digit_slips_many)
+def one_digit_slip(a: DateValue, b: DateValue) -> float:
+    """1 when the two dates' digits differ by one typing slip (one digit changed, added, dropped, or two
+    neighbours swapped), else 0: `2024-07-04` typed as `2024-07-14` or `2023-07-04`."""
+    return float(min(OSA.distance(a.digits, b.digits), 2) == 1)
+
+
+@vectorised(_years_off_by_one_many)
+def year_off_by_one(a: DateValue, b: DateValue) -> float:
+    """1 when two calendar dates have the same day and month and years one apart (`2019-12-30` typed as
+    `2020-12-30`, which is two digits), else 0."""
+    if a.ordinal is None or b.ordinal is None:
+        return 0.0
+    return float(a.digits[4:] == b.digits[4:] and abs(int(a.digits[:4]) - int(b.digits[:4])) == 1)
+
+
+@vectorised(_days_swapped_many)
+def day_month_swapped(a: DateValue, b: DateValue) -> float:
+    """1 when two calendar dates differ only by day and month swapped (`2024-07-02` vs `2024-02-07`)."""
+    return float(a.ordinal is not None and b.ordinal is not None and a != b and _swapped(a, b))
+
+
+def _same_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
+    return np.array([x.digits == y.digits for x, y in zip(xs, ys, strict=True)], dtype=np.float64)
+
+
+@vectorised(lambda xs, ys: np.maximum(_years_off_by_one_many(xs, ys), _same_many(xs, ys)))
+def same_or_year_off_by_one(a: DateValue, b: DateValue) -> float:
+    """1 when the two dates are the same or `year_off_by_one`: a level on top of the exact match, so the
+    classifier can weigh a slipped year near an agreement but never above it."""
+    return max(year_off_by_one(a, b), float(a.digits == b.digits))
+
+
+@vectorised(lambda xs, ys: np.maximum(_days_swapped_many(xs, ys), _same_many(xs, ys)))
+def same_or_day_month_swapped(a: DateValue, b: DateValue) -> float:
+    """1 when the two dates are the same or `day_month_swapped` (a level on top of the exact match)."""
+    return max(day_month_swapped(a, b), float(a.digits == b.digits))
+
+
+def _days_unless_slip_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
+    days = _days_between_many(xs, ys)
+    slip = (_one_digit_slips_many(xs, ys) + _years_off_by_one_many(xs, ys)) > 0
+    return np.where(slip & ~np.isnan(days), 0.0, days)
+
+
+@vectorised(_days_unless_slip_many)
+def days_unless_slip(a: DateValue, b: DateValue) -> float:
+    """`days_between`, but 0 when the two differ by a typing slip (`one_digit_slip`, `year_off_by_one`;
+    a day and month swap is already one day): the distance of the graded levels, so that a typo does not
+    count as an order weeks or a year apart. NaN when either is not a calendar date."""
+    days = days_between(a, b)
+    if days == days and (one_digit_slip(a, b) or year_off_by_one(a, b)):
+        return 0.0
+    return days
+
+
 # Graded levels: a re-registration keeps its date or slips a few days; weeks or years apart is another order.
+# A typing slip is not a distance (`days_unless_slip`): a one-digit slip is weighed by `digit_slips`, a
+# year off by one and a day and month swap by levels of their own (`same_or_...`).
 DAY_LEVELS: tuple[int, ...] = (3, 10, 31, 365)
-_DAY_LEVEL_COMPARATORS = tuple(beyond(days_between, n, f"more_than_{n}_days_apart") for n in DAY_LEVELS)
+_DAY_LEVEL_COMPARATORS = tuple(
+    beyond(days_unless_slip, n, f"more_than_{n}_days_apart_not_a_slip") for n in DAY_LEVELS
+)
 
 
 @vectorised(lambda xs, ys: capped_slips([x.digits for x in xs], [y.digits for y in ys], MAX_DIGIT_EDITS))
@@ -220,7 +307,15 @@ class DateField(FieldType):
                 dedupe.variables.Custom(self.field, comparator=level, has_missing=True)
                 for level in _DAY_LEVEL_COMPARATORS
             ),
+            *(
+                dedupe.variables.Custom(self.field, comparator=slip, has_missing=True)
+                for slip in (same_or_year_off_by_one, same_or_day_month_swapped)
+            ),
         ]
+
+    def directions(self) -> list[int]:
+        # "The same or differing by a typo": more alike than differing otherwise, less than the same.
+        return [1, -1, -1, *(-1 for _ in DAY_LEVELS), 1, 1]
 
     def keys(self, normalised: pd.Series, names: Collection[str] | None = None) -> dict[str, pd.Series]:
         digits = normalised.str.replace("-", "", regex=False)
@@ -248,6 +343,8 @@ class DateField(FieldType):
                 return Difference("near", f"{days} day{'s' if days > 1 else ''} apart")
         if OSA.distance(x.digits, y.digits) == 1:
             return Difference("near", "differs by one digit")
+        if year_off_by_one(x, y):
+            return Difference("near", "year off by one")
         if x.ordinal is not None and y.ordinal is not None:
             days = abs(x.ordinal - y.ordinal)
             if days < 365:

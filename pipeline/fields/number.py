@@ -197,9 +197,25 @@ def relative_difference(x: NumberValue, y: NumberValue) -> float:
     return 0.0 if scale == 0 else min(abs(a - b) / scale, 1.0)
 
 
-# Graded levels of the relative difference: a rounding or a slip, or another amount altogether.
-more_than_1pct_apart = beyond(relative_difference, 0.01, "more_than_1pct_apart")
-more_than_10pct_apart = beyond(relative_difference, 0.1, "more_than_10pct_apart")
+def _relative_unless_slip_many(xs: Sequence[NumberValue], ys: Sequence[NumberValue]) -> np.ndarray:
+    slip = _decimal_slips(xs, ys) > 0
+    return np.where(slip, 0.0, _relative_differences(xs, ys))
+
+
+@vectorised(_relative_unless_slip_many)
+def relative_unless_slip(x: NumberValue, y: NumberValue) -> float:
+    """`relative_difference`, but 0 when the two differ by a decimal slip (`decimal_slip`, x10 or /10 and
+    any power of ten): the distance of the graded levels, so that a misplaced decimal point does not count
+    as another amount too; the slip is a level of its own, weighed by the classifier. (A one-digit slip of
+    an amount stays a difference: a customer's orders of the day differ by one digit as often.)"""
+    if decimal_slip(x, y):
+        return 0.0
+    return relative_difference(x, y)
+
+
+# Graded levels of the relative difference: a rounding, or another amount altogether; not a decimal slip.
+more_than_1pct_apart = beyond(relative_unless_slip, 0.01, "more_than_1pct_apart_not_a_slip")
+more_than_10pct_apart = beyond(relative_unless_slip, 0.1, "more_than_10pct_apart_not_a_slip")
 
 
 @vectorised(_decimal_slips)
