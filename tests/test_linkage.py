@@ -168,6 +168,53 @@ def test_scoring_skips_comparisons_the_classifier_weighs_zero_and_scores_the_sam
     assert np.array_equal(zeroed.probabilities(full), zeroed.probabilities(scored))  # bit for bit
 
 
+def test_matching_computes_the_affine_gap_only_where_a_pair_may_be_best_and_links_the_same(
+    trained, monkeypatch
+) -> None:
+    """`match` leaves dedupe's affine gap out of a pair's score until the pair may be its record's best
+    (`Matcher._settle`): each row's best candidate and score are bit for bit those of scoring every pair
+    in full, with far fewer affine gap calls."""
+    from pipeline.linkage import Matcher
+
+    model, records = trained
+    data_model = model.data_model_
+    strings = [
+        start
+        for (_, _, start, _), variable in zip(
+            data_model._field_comparators, data_model.field_variables, strict=True
+        )
+        if variable.type == "String"
+    ]
+    weighed = copy.copy(model)
+    weighed.weights_ = model.weights_.copy()
+    weighed.weights_[strings] = -0.3  # every affine gap counts against a match: all of them deferred
+    assert weighed.matcher(None)._deferrable() == set(strings)
+    rows = [
+        order(n) | {"record_id": f"B{n}", "entered_at": "2025-01-01T09:00:00", "amount": f"{n}.00"}
+        for n in range(40)
+    ]
+    rows += [
+        order(n) | {"record_id": f"S{n}", "entered_at": "2025-01-02T09:00:00", "customer_name": name}
+        for n, name in [(1, "Bakkery Smit"), (2, "Van Dam Instalaties"), (9, "Bakkerij Smid"), (30, "")]
+    ]
+    computed: list[int] = []  # pairs whose affine gaps `_settle` computes
+    real = Matcher._compute_deferred
+
+    def counting(self, rows, *args):
+        computed.append(len(rows))
+        return real(self, rows, *args)
+
+    monkeypatch.setattr(Matcher, "_compute_deferred", counting)
+    full, pairs = weighed.matcher(records)._score(batch(rows))  # every pair scored in full
+    assert not computed
+    links = weighed.matcher(records).match(batch(rows))
+    assert 0 < sum(computed) < len(pairs)  # some pairs were left with their bound
+    assert np.array_equal(links["duplicate_score"].to_numpy(), full["score"].to_numpy())
+    linked = full["score"].to_numpy() >= weighed.threshold_
+    assert links["duplicate_of"].tolist() == np.where(linked, full["candidate_id"], "").tolist()
+    assert linked[-4:].tolist() == [True, True, True, False]
+
+
 def test_a_new_registration_is_matched_to_the_reference_with_a_reason(trained) -> None:
     model, records = trained
     original = order(6)
