@@ -797,12 +797,9 @@ class Matcher:
     def _raw_value(self, field: str, position: int) -> str:
         return self._raw[position][self._raw_fields.index(field)]
 
-    def _normalised(self, field: str, position: int) -> str:
-        code = self._codes[field][position]
-        return self._texts[field][code] if code >= 0 else self._unparsed[field].get(position, s.MISSING)
-
     def _normalised_many(self, field: str, positions: np.ndarray) -> list[str]:
-        """`_normalised` of each of these positions, the value texts read with one `take`."""
+        """The normalised value texts of these indexed records of a match field (`""` where none), read with
+        one `take`."""
         codes = self._code_array(field)[positions].astype(np.int64)
         values = np.empty(len(codes), dtype=object)
         held = codes >= 0
@@ -1597,9 +1594,9 @@ class _TextList:
             cold = starts < spilled
             texts[cold] = self._read(starts[cold], ends[cold])
             hot = np.flatnonzero(~cold)
-            texts[hot] = _decode_slices(tail, starts[hot] - spilled, ends[hot] - spilled)
+            texts[hot] = decode_slices(tail, starts[hot] - spilled, ends[hot] - spilled)
             return texts.tolist()
-        return _decode_slices(tail, starts - spilled, ends - spilled)
+        return decode_slices(tail, starts - spilled, ends - spilled)
 
     def _read(self, starts: np.ndarray, ends: np.ndarray) -> list[str]:
         """The texts at these byte ranges of the buffer, in that order: one read per run of nearby texts."""
@@ -1619,7 +1616,7 @@ class _TextList:
             base = int(starts[begin])
             chunk = self._buffer.read(base, int(reach[stop]))
             part = slice(begin, stop + 1)
-            texts[part] = _decode_slices(chunk, starts[part] - base, ends[part] - base)
+            texts[part] = decode_slices(chunk, starts[part] - base, ends[part] - base)
         result = np.empty(len(starts), dtype=object)
         result[order] = texts
         return result.tolist()
@@ -1938,11 +1935,6 @@ def _take_ids(ids: _TextList, positions: np.ndarray) -> np.ndarray:
     held = np.flatnonzero(positions >= 0)
     taken[held] = ids.take(positions[held])
     return taken
-
-
-def _decode_slices(data: bytes | bytearray, starts: np.ndarray, ends: np.ndarray) -> list[str]:
-    """The UTF-8 texts at these byte ranges of `data`, in order (`storage.decode_slices`)."""
-    return decode_slices(data, starts, ends)
 
 
 def _text_values(column: pd.Series) -> np.ndarray:

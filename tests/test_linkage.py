@@ -127,7 +127,9 @@ def test_fit_learns_blocking_to_the_recall_target_and_counts_its_labels(trained)
 def test_features_are_dedupes_own_distances(trained) -> None:
     model, records = trained
     matcher = model.matcher(records)
-    left, right = np.array([25, 3, 7]), np.array([0, 2, 1])
+    # The last pair: two orders of one customer, agreeing on the code, name and city.
+    customer = np.flatnonzero(records["customer_code"] == records.loc[0, "customer_code"])
+    left, right = np.array([25, 3, 7, customer[1]]), np.array([0, 2, 1, customer[0]])
     pairs = []
     for a, b in zip(left, right, strict=True):
         pairs.append(tuple({f: matcher._parsed_value(f, i) for f in matcher._fields} for i in (a, b)))
@@ -135,11 +137,16 @@ def test_features_are_dedupes_own_distances(trained) -> None:
     dedupes = len(model.data_model_)
     assert np.allclose(features[:, :dedupes], model.data_model_.distances(pairs), equal_nan=True)
     # Then one term-frequency column per field: the shared value's rarity where the two agree, else 0.
+    agreements = 0
     for column, field in enumerate(matcher._fields):
         for row, (a, b) in enumerate(zip(left, right, strict=True)):
             same = records.loc[a, field] == records.loc[b, field] != ""
-            expected = model.term_frequencies_[field].rarity(matcher._normalised[field][a]) if same else 0.0
+            plugin = next(plugin for plugin in model.plugins_ if plugin.field == field)
+            value = plugin.normalise(pd.Series([records.loc[a, field]], dtype=object))[0]
+            expected = model.term_frequencies_[field].rarity(value) if same else 0.0
             assert features[row, dedupes + column] == pytest.approx(expected, abs=1e-6)
+            agreements += same
+    assert agreements >= 3
 
 
 def test_scoring_skips_comparisons_the_classifier_weighs_zero_and_scores_the_same(trained) -> None:
@@ -838,8 +845,8 @@ def test_value_codes_widen_from_8_to_16_to_32_bits_as_a_field_gains_values(train
     assert matcher._code_array("amount").dtype == np.int32  # (a view: not kept, the array grows)
     for row in (0, 99, 100, 999, 1000, len(rows) - 1):
         assert matcher.record(f"N{row:05d}")["amount"] == amounts[row]
-        assert float(matcher._normalised("amount", first + row)) == float(amounts[row])
-    assert matcher._normalised("city", first + 5) == order(5)["city"].lower()
+        assert float(matcher._normalised_many("amount", np.array([first + row]))[0]) == float(amounts[row])
+    assert matcher._normalised_many("city", np.array([first + 5]))[0] == order(5)["city"].lower()
     copy = rows.iloc[[30_000]].assign(record_id="M1")  # a re-registration of a record coded in 32 bits
     assert matcher.match(copy)["duplicate_of"].tolist() == ["N30000"]
 
@@ -1037,8 +1044,11 @@ def test_links_and_reasons_read_back_the_same_from_the_index_files(trained, monk
             position, other = matcher._positions([record_id, other_id]).tolist()
             days = matcher._times[position] - matcher._times[other]
             one_by_one = model.reason(
-                {field: matcher._normalised(field, position) for field in matcher._fields},
-                {field: matcher._normalised(field, other) for field in matcher._fields},
+                {
+                    field: matcher._normalised_many(field, np.array([position]))[0]
+                    for field in matcher._fields
+                },
+                {field: matcher._normalised_many(field, np.array([other]))[0] for field in matcher._fields},
                 matcher._ids[other],
                 None if math.isnan(days) else days,
             )
