@@ -421,10 +421,11 @@ class DuplicateModel:
             column = raw[all_fields.index(plugin.field)]
             inverse, first = _first_seen(column)
             normalised = plugin.normalise(pd.Series(column[first], dtype=object).astype(str))
+            normalised = normalised.to_numpy(dtype=object)  # once: from Arrow-backed text, a copy each time
             # Raw values that normalise alike ("Jansen", "JANSEN") are one value from here on; in order of
             # first appearance among the records, since the raw values are.
-            merged, kept = _first_seen(normalised.to_numpy(dtype=object))
-            values = distinct[plugin.field] = normalised.to_numpy(dtype=object)[kept]
+            merged, kept = _first_seen(normalised)
+            values = distinct[plugin.field] = normalised[kept]
             inverse = inverses[plugin.field] = merged[inverse]
             parsed[plugin.field] = _parse_distinct(plugin, values)
             wanted = {key for field, key in needed if field == plugin.field}
