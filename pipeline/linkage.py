@@ -1062,6 +1062,7 @@ class Matcher:
         *,
         scoring: bool = False,
         deferred: Collection[int] = (),
+        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] | None = None,
     ) -> np.ndarray:
         """dedupe's `DataModel.distances` for pairs of indexed positions (same values), computed a field at a
         time and once per distinct pair of values (registers repeat their cities, dates and amounts), then
@@ -1072,7 +1073,8 @@ class Matcher:
         `scoring`: the features only feed the fitted classifier, so a comparison it weighs 0 (`_unweighed`)
         is not computed; its column holds 0 where both values are present, which scores the same.
         `deferred` (columns of `_deferrable`): not computed either; 0 where both values are present, the
-        bound `_settle` starts from."""
+        bound `_settle` starts from. `compared`, if given, receives each compared field's distinct pairs of
+        values (`_distinct_pairs`), for `_settle` to reuse."""
         data_model = self._model.data_model_
         n, width = len(left), len(data_model)
         features = np.empty((width + len(self._fields), n), dtype="f4").T
@@ -1081,6 +1083,8 @@ class Matcher:
         exact = self._exact_comparators()
         skip = (self._unweighed() if scoring else set()) | set(deferred)
         distinct, computed = self._compare_distinct(pair_codes, exact, skip)
+        if compared is not None:
+            compared.update(distinct)
         for field, compare, start, _stop in data_model._field_comparators:
             code_left, code_right, present = pair_codes[field]
             column = features[:, start]
@@ -1153,16 +1157,19 @@ class Matcher:
         offset: np.ndarray,
         pair_codes: _PairCodes,
         deferred: set[int],
+        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] | None = None,
     ) -> np.ndarray:
         """The scores of pairs whose `deferred` columns hold their bound (`_features`), made exact for every
         pair that may be its record's best: first each record's pair with the highest bound, then every
         other pair whose bound reaches its record's best exact score so far. The pairs left keep their
         bound, which is below their record's best score, so `_best_per_query` picks what it picks with
         every comparison computed (same pair, same score). A pair's score does not depend on the other
-        rows it is computed with (`probabilities` works row by row)."""
+        rows it is computed with (`probabilities` works row by row). `compared`: the distinct pairs of
+        values `_features` compared, reused."""
+        compared = {} if compared is None else compared
         scores = self._model.probabilities(features, offset)
         first = _best_per_query(query, found, scores)
-        self._compute_deferred(first, features, pair_codes, deferred)
+        self._compute_deferred(first, features, pair_codes, deferred, compared)
         scores[first] = self._model.probabilities(features[first], offset[first])
         group, _ = pd.factorize(query)
         best = np.empty(len(first))
@@ -1172,16 +1179,22 @@ class Matcher:
         rest = np.flatnonzero(scores >= best[group] - SETTLE_MARGIN)
         rest = rest[~np.isin(rest, first)]
         if len(rest):
-            self._compute_deferred(rest, features, pair_codes, deferred)
+            self._compute_deferred(rest, features, pair_codes, deferred, compared)
             scores[rest] = self._model.probabilities(features[rest], offset[rest])
         return scores
 
     def _compute_deferred(
-        self, rows: np.ndarray, features: np.ndarray, pair_codes: _PairCodes, deferred: set[int]
+        self,
+        rows: np.ndarray,
+        features: np.ndarray,
+        pair_codes: _PairCodes,
+        deferred: set[int],
+        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]],
     ) -> None:
         """Writes the `deferred` comparisons of these pairs (rows of `features`) in place, as `_features`
-        would have: once per distinct pair of values; a missing comparison (NaN) becomes 0 with its "both
-        present" column 0, as `_add_derived_distances` makes it."""
+        would have: once per distinct pair of values (those of `compared`, when it holds the field's); a
+        missing comparison (NaN) becomes 0 with its "both present" column 0, as `_add_derived_distances`
+        makes it."""
         data_model = self._model.data_model_
         indicator = {
             column: data_model._derived_start + offset
@@ -1191,9 +1204,17 @@ class Matcher:
             if start not in deferred:
                 continue
             code_left, code_right, present = (codes[rows] for codes in pair_codes[field])
-            xs, ys, inverse = self._distinct_pairs(field, code_left[present], code_right[present])
-            values = compare_many(compare, xs, ys).astype("f4")[inverse]
             at = rows[present]
+            if field in compared:
+                # Each pair's number among the field's distinct pairs, by its place among the pairs
+                # whose values are both present; only the numbers these pairs have are compared.
+                xs, ys, inverse = compared[field]
+                place = np.cumsum(pair_codes[field][2]) - 1
+                inverse, wanted = pd.factorize(inverse[place[at]])
+                xs, ys = [xs[i] for i in wanted.tolist()], [ys[i] for i in wanted.tolist()]
+            else:
+                xs, ys, inverse = self._distinct_pairs(field, code_left[present], code_right[present])
+            values = compare_many(compare, xs, ys).astype("f4")[inverse]
             missing = np.isnan(values)
             features[at, start] = np.where(missing, 0, values)
             if missing.any() and start in indicator:
@@ -1280,10 +1301,13 @@ class Matcher:
         if len(query):
             pair_codes = self._pair_codes(query, found)
             deferred = set() if every_pair else self._deferrable()
-            features = self._features(query, found, pair_codes, scoring=True, deferred=deferred)
+            compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
+            features = self._features(
+                query, found, pair_codes, scoring=True, deferred=deferred, compared=compared
+            )
             offset = self._density_offset(query, found, pair_codes)
             if deferred:
-                scores = self._settle(query, found, features, offset, pair_codes, deferred)
+                scores = self._settle(query, found, features, offset, pair_codes, deferred, compared)
             else:
                 scores = self._model.probabilities(features, offset)
         best_score = np.zeros(len(encoded))
