@@ -41,8 +41,7 @@ import math
 import threading
 import time
 from array import array
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -51,6 +50,7 @@ from typing import Any
 import dedupe
 import numpy as np
 import pandas as pd
+from affinegap import normalizedAffineGapDistance
 from sklearn.exceptions import NotFittedError
 from threadpoolctl import threadpool_limits
 
@@ -93,6 +93,9 @@ MATCH_ROWS = 10_000
 # Positions and block sizes are stored as 32-bit integers: a batch's index holds one value per record and
 # rule, and no process holds two billion records anyway.
 MAX_RECORDS = 2**31 - 1
+# `Matcher._settle` computes a pair's deferred comparisons when its score bound is within this of its
+# record's best score.
+SETTLE_MARGIN = 1e-9
 DEDUPE_VERSION = metadata.version("dedupe")
 _CODE_TYPES = ("b", "h", "i")  # `array` typecodes of per-record value codes: 8, 16 and 32 bits
 
@@ -436,10 +439,11 @@ class DuplicateModel:
             column = raw[all_fields.index(plugin.field)]
             inverse, first = _first_seen(column)
             normalised = plugin.normalise(pd.Series(column[first], dtype=object).astype(str))
+            normalised = normalised.to_numpy(dtype=object)  # once: from Arrow-backed text, a copy each time
             # Raw values that normalise alike ("Jansen", "JANSEN") are one value from here on; in order of
             # first appearance among the records, since the raw values are.
-            merged, kept = _first_seen(normalised.to_numpy(dtype=object))
-            values = distinct[plugin.field] = normalised.to_numpy(dtype=object)[kept]
+            merged, kept = _first_seen(normalised)
+            values = distinct[plugin.field] = normalised[kept]
             inverse = inverses[plugin.field] = merged[inverse]
             parsed[plugin.field] = _parse_distinct(plugin, values)
             wanted = {key for field, key in needed if field == plugin.field}
@@ -798,12 +802,9 @@ class Matcher:
     def _raw_value(self, field: str, position: int) -> str:
         return self._raw[position][self._raw_fields.index(field)]
 
-    def _normalised(self, field: str, position: int) -> str:
-        code = self._codes[field][position]
-        return self._texts[field][code] if code >= 0 else self._unparsed[field].get(position, s.MISSING)
-
     def _normalised_many(self, field: str, positions: np.ndarray) -> list[str]:
-        """`_normalised` of each of these positions, the value texts read with one `take`."""
+        """The normalised value texts of these indexed records of a match field (`""` where none), read with
+        one `take`."""
         codes = self._code_array(field)[positions].astype(np.int64)
         values = np.empty(len(codes), dtype=object)
         held = codes >= 0
@@ -1037,6 +1038,8 @@ class Matcher:
         *,
         scoring: bool = False,
         rarities: dict[str, np.ndarray] | None = None,
+        deferred: Collection[int] = (),
+        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] | None = None,
     ) -> np.ndarray:
         """dedupe's `DataModel.distances` for pairs of indexed positions (same values), computed a field at a
         time and once per distinct pair of values (registers repeat their cities, dates and amounts), then
@@ -1046,6 +1049,9 @@ class Matcher:
 
         `scoring`: the features only feed the fitted classifier, so a comparison it weighs 0 (`_unweighed`)
         is not computed; its column holds 0 where both values are present, which scores the same.
+        `deferred` (columns of `_deferrable`): not computed either; 0 where both values are present, the
+        bound `_settle` starts from. `compared`, if given, receives each compared field's distinct pairs of
+        values (`_distinct_pairs`), for `_settle` to reuse.
 
         `rarities`: per field, per pair, the rarity of the left record's value as counted up to it
         (`counted_rarity`), for the term-frequency columns; without it, the fitted table's rarity."""
@@ -1055,8 +1061,10 @@ class Matcher:
         if pair_codes is None:
             pair_codes = self._pair_codes(left, right)
         exact = self._exact_comparators()
-        skip = self._unweighed() if scoring else set()
+        skip = (self._unweighed() if scoring else set()) | set(deferred)
         distinct, computed = self._compare_distinct(pair_codes, exact, skip)
+        if compared is not None:
+            compared.update(distinct)
         for field, compare, start, _stop in data_model._field_comparators:
             code_left, code_right, present = pair_codes[field]
             column = features[:, start]
@@ -1111,16 +1119,97 @@ class Matcher:
             if weights[start] == 0 and (start not in indicator or weights[indicator[start]] == 0)
         }
 
+    def _deferrable(self) -> set[int]:
+        """The comparison columns whose computation `_best` puts off until a pair may be its record's best:
+        dedupe's affine gap distance (a call per distinct pair of values that holds the GIL, the matcher's
+        costliest comparison) where the classifier weighs it below 0. The distance is never below 0 (its
+        match, mismatch and gap costs are all positive), so 0 in its place gives a pair a score no lower
+        than its own: a bound."""
+        data_model, weights = self._model.data_model_, self._model.weights_
+        return {
+            start
+            for _field, compare, start, _stop in data_model._field_comparators
+            if compare is normalizedAffineGapDistance and weights[start] < 0
+        }
+
+    def _settle(
+        self,
+        query: np.ndarray,
+        found: np.ndarray,
+        features: np.ndarray,
+        pair_codes: _PairCodes,
+        deferred: set[int],
+        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] | None = None,
+    ) -> np.ndarray:
+        """The scores of pairs whose `deferred` columns hold their bound (`_features`), made exact for every
+        pair that may be its record's best: first each record's pair with the highest bound, then every
+        other pair whose bound reaches its record's best exact score so far. The pairs left keep their
+        bound, which is below their record's best score, so `_best_per_query` picks what it picks with
+        every comparison computed (same pair, same score). A pair's score does not depend on the other
+        rows it is computed with (`probabilities` works row by row). `compared`: the distinct pairs of
+        values `_features` compared, reused."""
+        compared = {} if compared is None else compared
+        scores = self._model.probabilities(features)
+        first = _best_per_query(query, found, scores)
+        self._compute_deferred(first, features, pair_codes, deferred, compared)
+        scores[first] = self._model.probabilities(features[first])
+        group, _ = pd.factorize(query)
+        best = np.empty(len(first))
+        best[group[first]] = scores[first]
+        # The margin covers any rounding of the sigmoid (monotone up to far below it): a pair left out
+        # scores below its record's best by more than it.
+        rest = np.flatnonzero(scores >= best[group] - SETTLE_MARGIN)
+        rest = rest[~np.isin(rest, first)]
+        if len(rest):
+            self._compute_deferred(rest, features, pair_codes, deferred, compared)
+            scores[rest] = self._model.probabilities(features[rest])
+        return scores
+
+    def _compute_deferred(
+        self,
+        rows: np.ndarray,
+        features: np.ndarray,
+        pair_codes: _PairCodes,
+        deferred: set[int],
+        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]],
+    ) -> None:
+        """Writes the `deferred` comparisons of these pairs (rows of `features`) in place, as `_features`
+        would have: once per distinct pair of values (those of `compared`, when it holds the field's); a
+        missing comparison (NaN) becomes 0 with its "both present" column 0, as `_add_derived_distances`
+        makes it."""
+        data_model = self._model.data_model_
+        indicator = {
+            column: data_model._derived_start + offset
+            for offset, column in enumerate(data_model._missing_field_indices)
+        }
+        for field, compare, start, _stop in data_model._field_comparators:
+            if start not in deferred:
+                continue
+            code_left, code_right, present = (codes[rows] for codes in pair_codes[field])
+            at = rows[present]
+            if field in compared:
+                # Each pair's number among the field's distinct pairs, by its place among the pairs
+                # whose values are both present; only the numbers these pairs have are compared.
+                xs, ys, inverse = compared[field]
+                place = np.cumsum(pair_codes[field][2]) - 1
+                inverse, wanted = pd.factorize(inverse[place[at]])
+                xs, ys = [xs[i] for i in wanted.tolist()], [ys[i] for i in wanted.tolist()]
+            else:
+                xs, ys, inverse = self._distinct_pairs(field, code_left[present], code_right[present])
+            values = compare_many(compare, xs, ys).astype("f4")[inverse]
+            missing = np.isnan(values)
+            features[at, start] = np.where(missing, 0, values)
+            if missing.any() and start in indicator:
+                features[at[missing], indicator[start]] = 0
+
     def _compare_distinct(
         self, pair_codes: _PairCodes, exact: set[int], skip: set[int]
     ) -> tuple[dict[str, tuple[list[Any], list[Any], np.ndarray]], dict[tuple[str, Any], np.ndarray]]:
         """Per non-exact field, its distinct pairs of values (`_distinct_pairs`); per (field, distance
         function), the distance of each distinct pair, computed once for all graded levels of a distance.
 
-        Columns in `skip` are not compared. Comparators with a vectorised form (rapidfuzz, NumPy: mostly
-        outside the GIL) run on a second thread while the per-pair ones (dedupe's affine gap, which holds
-        the GIL) run on this one, so a chunk's comparisons use two cores; each result is the same whichever
-        thread computes it."""
+        Columns in `skip` are not compared. All on this thread: with the vectorised comparators on a second
+        one, each thread mostly waited for the GIL the other held (no wall time gained)."""
         distinct: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
         wanted: dict[tuple[str, Any], None] = {}  # in the data model's order
         for field, compare, start, _stop in self._model.data_model_._field_comparators:
@@ -1131,17 +1220,9 @@ class Matcher:
                 distinct[field] = self._distinct_pairs(field, code_left[present], code_right[present])
             if len(distinct[field][0]):
                 wanted[(field, getattr(compare, "distance", compare))] = None
-        computed: dict[tuple[str, Any], np.ndarray] = {}
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            background = {
-                (field, distance): pool.submit(compare_many, distance, *distinct[field][:2])
-                for field, distance in wanted
-                if hasattr(distance, "many")  # `fields.base.vectorised`
-            }
-            for field, distance in wanted:
-                if (field, distance) not in background:
-                    computed[(field, distance)] = compare_many(distance, *distinct[field][:2])
-            computed.update((key, future.result()) for key, future in background.items())
+        computed = {
+            (field, distance): compare_many(distance, *distinct[field][:2]) for field, distance in wanted
+        }
         return distinct, computed
 
     def _pair_codes(self, left: np.ndarray, right: np.ndarray) -> _PairCodes:
@@ -1186,10 +1267,14 @@ class Matcher:
         for offset, index in enumerate(data_model._missing_field_indices):
             distances[:, derived + offset] = present[index]
 
-    def _best(self, chunk: pd.DataFrame) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, tuple]:
+    def _best(
+        self, chunk: pd.DataFrame, *, every_pair: bool = True
+    ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, tuple]:
         """Scores the chunk's candidates and indexes the chunk. Returns its record ids; per row the best
         candidate's score and position (-1: none) and the row's own position; and all scored pairs
-        (record positions, candidate positions, scores), as arrays."""
+        (record positions, candidate positions, scores), as arrays. Without `every_pair` only the best
+        candidates' scores are sure to be exact: a pair that cannot be its record's best may keep a bound
+        above its score (`_settle`), which skips most affine gap comparisons."""
         self._drop_left()
         encoded = self._model._encode(chunk)
         query, found, _ = self._candidates(encoded)
@@ -1197,8 +1282,21 @@ class Matcher:
         scores = np.zeros(0)
         if len(query):
             pair_codes = self._pair_codes(query, found)
-            features = self._features(query, found, pair_codes, scoring=True, rarities=self._counted(query))
-            scores = self._model.probabilities(features)
+            deferred = set() if every_pair else self._deferrable()
+            compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
+            features = self._features(
+                query,
+                found,
+                pair_codes,
+                scoring=True,
+                rarities=self._counted(query),
+                deferred=deferred,
+                compared=compared,
+            )
+            if deferred:
+                scores = self._settle(query, found, features, pair_codes, deferred, compared)
+            else:
+                scores = self._model.probabilities(features)
         best_score = np.zeros(len(encoded))
         best_position = np.full(len(encoded), -1, dtype=np.int64)
         if len(query):
@@ -1300,7 +1398,7 @@ class Matcher:
         self._cluster.update(clusters)
 
     def _match(self, chunk: pd.DataFrame) -> pd.DataFrame:
-        record_ids, scores, others, positions, _ = self._best(chunk)
+        record_ids, scores, others, positions, _ = self._best(chunk, every_pair=False)
         ids = self._ids
         duplicate_of = [s.MISSING] * len(record_ids)
         cluster_ids = list(record_ids)
@@ -1499,9 +1597,9 @@ class _TextList:
             cold = starts < spilled
             texts[cold] = self._read(starts[cold], ends[cold])
             hot = np.flatnonzero(~cold)
-            texts[hot] = _decode_slices(tail, starts[hot] - spilled, ends[hot] - spilled)
+            texts[hot] = decode_slices(tail, starts[hot] - spilled, ends[hot] - spilled)
             return texts.tolist()
-        return _decode_slices(tail, starts - spilled, ends - spilled)
+        return decode_slices(tail, starts - spilled, ends - spilled)
 
     def _read(self, starts: np.ndarray, ends: np.ndarray) -> list[str]:
         """The texts at these byte ranges of the buffer, in that order: one read per run of nearby texts."""
@@ -1521,7 +1619,7 @@ class _TextList:
             base = int(starts[begin])
             chunk = self._buffer.read(base, int(reach[stop]))
             part = slice(begin, stop + 1)
-            texts[part] = _decode_slices(chunk, starts[part] - base, ends[part] - base)
+            texts[part] = decode_slices(chunk, starts[part] - base, ends[part] - base)
         result = np.empty(len(starts), dtype=object)
         result[order] = texts
         return result.tolist()
@@ -1840,11 +1938,6 @@ def _take_ids(ids: _TextList, positions: np.ndarray) -> np.ndarray:
     held = np.flatnonzero(positions >= 0)
     taken[held] = ids.take(positions[held])
     return taken
-
-
-def _decode_slices(data: bytes | bytearray, starts: np.ndarray, ends: np.ndarray) -> list[str]:
-    """The UTF-8 texts at these byte ranges of `data`, in order (`storage.decode_slices`)."""
-    return decode_slices(data, starts, ends)
 
 
 def _text_values(column: pd.Series) -> np.ndarray:

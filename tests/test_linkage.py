@@ -127,7 +127,9 @@ def test_fit_learns_blocking_to_the_recall_target_and_counts_its_labels(trained)
 def test_features_are_dedupes_own_distances(trained) -> None:
     model, records = trained
     matcher = model.matcher(records)
-    left, right = np.array([25, 3, 7]), np.array([0, 2, 1])
+    # The last pair: two orders of one customer, agreeing on the code, name and city.
+    customer = np.flatnonzero(records["customer_code"] == records.loc[0, "customer_code"])
+    left, right = np.array([25, 3, 7, customer[1]]), np.array([0, 2, 1, customer[0]])
     pairs = []
     for a, b in zip(left, right, strict=True):
         pairs.append(tuple({f: matcher._parsed_value(f, i) for f in matcher._fields} for i in (a, b)))
@@ -135,11 +137,16 @@ def test_features_are_dedupes_own_distances(trained) -> None:
     dedupes = len(model.data_model_)
     assert np.allclose(features[:, :dedupes], model.data_model_.distances(pairs), equal_nan=True)
     # Then one term-frequency column per field: the shared value's rarity where the two agree, else 0.
+    agreements = 0
     for column, field in enumerate(matcher._fields):
         for row, (a, b) in enumerate(zip(left, right, strict=True)):
             same = records.loc[a, field] == records.loc[b, field] != ""
-            expected = model.term_frequencies_[field].rarity(matcher._normalised[field][a]) if same else 0.0
+            plugin = next(plugin for plugin in model.plugins_ if plugin.field == field)
+            value = plugin.normalise(pd.Series([records.loc[a, field]], dtype=object))[0]
+            expected = model.term_frequencies_[field].rarity(value) if same else 0.0
             assert features[row, dedupes + column] == pytest.approx(expected, abs=1e-6)
+            agreements += same
+    assert agreements >= 3
 
 
 def test_scoring_skips_comparisons_the_classifier_weighs_zero_and_scores_the_same(trained) -> None:
@@ -166,6 +173,53 @@ def test_scoring_skips_comparisons_the_classifier_weighs_zero_and_scores_the_sam
     scored = matcher._features(left, right, scoring=True)
     assert not np.array_equal(full[:, text_column], scored[:, text_column])  # not computed when scoring
     assert np.array_equal(zeroed.probabilities(full), zeroed.probabilities(scored))  # bit for bit
+
+
+def test_matching_computes_the_affine_gap_only_where_a_pair_may_be_best_and_links_the_same(
+    trained, monkeypatch
+) -> None:
+    """`match` leaves dedupe's affine gap out of a pair's score until the pair may be its record's best
+    (`Matcher._settle`): each row's best candidate and score are bit for bit those of scoring every pair
+    in full, with far fewer affine gap calls."""
+    from pipeline.linkage import Matcher
+
+    model, records = trained
+    data_model = model.data_model_
+    strings = [
+        start
+        for (_, _, start, _), variable in zip(
+            data_model._field_comparators, data_model.field_variables, strict=True
+        )
+        if variable.type == "String"
+    ]
+    weighed = copy.copy(model)
+    weighed.weights_ = model.weights_.copy()
+    weighed.weights_[strings] = -0.3  # every affine gap counts against a match: all of them deferred
+    assert weighed.matcher(None)._deferrable() == set(strings)
+    rows = [
+        order(n) | {"record_id": f"B{n}", "entered_at": "2025-01-01T09:00:00", "amount": f"{n}.00"}
+        for n in range(40)
+    ]
+    rows += [
+        order(n) | {"record_id": f"S{n}", "entered_at": "2025-01-02T09:00:00", "customer_name": name}
+        for n, name in [(1, "Bakkery Smit"), (2, "Van Dam Instalaties"), (9, "Bakkerij Smid"), (30, "")]
+    ]
+    computed: list[int] = []  # pairs whose affine gaps `_settle` computes
+    real = Matcher._compute_deferred
+
+    def counting(self, rows, *args):
+        computed.append(len(rows))
+        return real(self, rows, *args)
+
+    monkeypatch.setattr(Matcher, "_compute_deferred", counting)
+    full, pairs = weighed.matcher(records)._score(batch(rows))  # every pair scored in full
+    assert not computed
+    links = weighed.matcher(records).match(batch(rows))
+    assert 0 < sum(computed) < len(pairs)  # some pairs were left with their bound
+    assert np.array_equal(links["duplicate_score"].to_numpy(), full["score"].to_numpy())
+    linked = full["score"].to_numpy() >= weighed.threshold_
+    assert links["duplicate_of"].tolist() == np.where(linked, full["candidate_id"], "").tolist()
+    assert linked[-4:].tolist() == [True, True, True, False]
 
 
 def test_a_new_registration_is_matched_to_the_reference_with_a_reason(trained) -> None:
@@ -839,8 +893,8 @@ def test_value_codes_widen_from_8_to_16_to_32_bits_as_a_field_gains_values(train
     assert matcher._code_array("amount").dtype == np.int32  # (a view: not kept, the array grows)
     for row in (0, 99, 100, 999, 1000, len(rows) - 1):
         assert matcher.record(f"N{row:05d}")["amount"] == amounts[row]
-        assert float(matcher._normalised("amount", first + row)) == float(amounts[row])
-    assert matcher._normalised("city", first + 5) == order(5)["city"].lower()
+        assert float(matcher._normalised_many("amount", np.array([first + row]))[0]) == float(amounts[row])
+    assert matcher._normalised_many("city", np.array([first + 5]))[0] == order(5)["city"].lower()
     copy = rows.iloc[[30_000]].assign(record_id="M1")  # a re-registration of a record coded in 32 bits
     assert matcher.match(copy)["duplicate_of"].tolist() == ["N30000"]
 
@@ -1038,8 +1092,11 @@ def test_links_and_reasons_read_back_the_same_from_the_index_files(trained, monk
             position, other = matcher._positions([record_id, other_id]).tolist()
             days = matcher._times[position] - matcher._times[other]
             one_by_one = model.reason(
-                {field: matcher._normalised(field, position) for field in matcher._fields},
-                {field: matcher._normalised(field, other) for field in matcher._fields},
+                {
+                    field: matcher._normalised_many(field, np.array([position]))[0]
+                    for field in matcher._fields
+                },
+                {field: matcher._normalised_many(field, np.array([other]))[0] for field in matcher._fields},
                 matcher._ids[other],
                 None if math.isnan(days) else days,
             )
