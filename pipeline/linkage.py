@@ -78,7 +78,7 @@ from pipeline.memory import collector_paused
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SETTINGS_FILE = "linkage_settings.json"
 META_FILE = "linkage_meta.json"
 UNMERGED_SUSPECT = 0.9
