@@ -84,11 +84,11 @@ class PairClassifier:
         good = np.flatnonzero(gap.mean(axis=1) <= gap.std(axis=1) / np.sqrt(folds))
         return float(np.asarray(C_GRID)[good].min())
 
-    def predict_proba(self, features: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
-        """The match probability per row; `offset` (log-odds, per row) is subtracted first."""
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """The match probability per row."""
         if not hasattr(self, "weights_"):
             raise NotFittedError("this PairClassifier is not fitted yet; call fit() first")
-        return probabilities(features, self.weights_, self.intercept_, offset)
+        return probabilities(features, self.weights_, self.intercept_)
 
 
 def log_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -142,15 +142,11 @@ def bounded_logistic(
     return result.x[:width].copy(), float(result.x[width])
 
 
-def probabilities(
-    features: np.ndarray, weights: np.ndarray, intercept: float, offset: np.ndarray | None = None
-) -> np.ndarray:
-    """`sigmoid(intercept + features @ weights - offset)`, summed column by column rather than as a matrix
+def probabilities(features: np.ndarray, weights: np.ndarray, intercept: float) -> np.ndarray:
+    """`sigmoid(intercept + features @ weights)`, summed column by column rather than as a matrix
     product, whose rounding depends on the number of rows: a pair scores the same in any chunk. A column
     weighed 0 is left out: it would add exactly 0 (features are finite; a missing comparison is 0)."""
     logits = np.full(len(features), intercept, dtype=np.float64)
-    if offset is not None:
-        logits -= offset
     for column, weight in zip(features.T, weights, strict=True):
         if weight != 0:
             logits += column.astype(np.float64) * weight
