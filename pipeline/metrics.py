@@ -136,28 +136,21 @@ def choose_threshold(
     f1 = np.divide(
         2 * precision * recall, precision + recall, out=np.zeros(len(tp)), where=precision + recall > 0
     )
+    anchored = False
     if min_precision is not None and (precision >= min_precision).any():
         cut = lowest = int(np.flatnonzero(precision >= min_precision)[0])  # the lowest reaching it
     else:
         cut = int(np.flatnonzero(f1 == f1.max())[-1])  # the highest of the best cuts
-        lowest = int(np.flatnonzero(f1 >= f1.max() - f1_tolerance - 1e-12)[0])
+        good = f1 >= f1.max() - f1_tolerance - 1e-12
+        lowest = int(np.flatnonzero(good)[0])
         if placement == "lowest":
             cut = lowest
         # The cut the anchor makes: it flags the scores >= anchor, as cut i flags those >= thresholds[i].
         kept = int(np.searchsorted(thresholds, anchor, side="left")) if anchor is not None else len(f1)
-        if kept < len(f1) and f1[kept] >= f1.max() - f1_tolerance - 1e-12:
-            return ThresholdChoice(
-                threshold=float(anchor),
-                precision=float(precision[kept]),
-                recall=float(recall[kept]),
-                f1=float(f1[kept]),
-                tp=int(tp[kept]),
-                fp=int(flagged[kept] - tp[kept]),
-                fn=int(total - tp[kept]),
-                chosen=True,
-            )
-    threshold = float(thresholds[cut])
-    if placement in ("middle", "calibrated"):
+        if kept < len(f1) and good[kept]:
+            cut, anchored = kept, True
+    threshold = float(anchor) if anchored else float(thresholds[cut])
+    if not anchored and placement in ("middle", "calibrated"):
         below = float(thresholds[lowest - 1]) if lowest > 0 else 0.0
         if placement == "middle":
             threshold = (threshold + below) / 2
