@@ -282,7 +282,6 @@ def test_map_unique_calls_once_per_value_and_keeps_the_rows() -> None:
 def test_term_frequencies_many_values_at_once_match_one_at_a_time() -> None:
     tf = TermFrequencies.count(pd.Series(["a"] * 5 + ["b"] * 3 + ["c", "d"]))
     values = ["a", "b", "c", "zz", ""]
-    assert tf.shares(values).tolist() == [tf.share(value) for value in values]
     assert tf.stored_counts(np.array(values, dtype=object)).tolist() == [5, 3, -1, -1, -1]
     assert [tf.rarity_of(tf.counts.get(value, 1)) for value in values] == [tf.rarity(v) for v in values]
 

@@ -15,7 +15,6 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from itertools import repeat
 from typing import Any, ClassVar, Literal
 
@@ -175,26 +174,6 @@ class TermFrequencies:
         total = max(len(present), 1)
         return cls(total, {str(k): int(v) for k, v in counts.items()}, int(scale_total or total))
 
-    @cached_property
-    def typical_share(self) -> float:
-        """The share of the value a random record holds (the chance two random records agree: Splink's
-        u-probability of an exact match), counting each value seen once as one record. Counted once: the
-        counts do not change, and `share` asks for it for every value not stored."""
-        stored = sum(self.counts.values())
-        squares = sum(count * count for count in self.counts.values())
-        return (squares + max(self.total - stored, 0)) / (self.total * self.total)
-
-    def share(self, value: str) -> float:
-        """The share of the records holding `value`; a value not stored (seen once or never) gets the
-        typical share, since nothing says it is rarer or more common than most.
-
-        >>> tf = TermFrequencies.count(pd.Series(["a"] * 6 + ["b", "c", "d", "e"]))
-        >>> tf.share("a"), tf.share("never seen")
-        (0.6, 0.4)
-        """
-        count = self.counts.get(value)
-        return count / self.total if count is not None else self.typical_share
-
     def stored_counts(self, values: Sequence[str]) -> np.ndarray:
         """Each value's stored count (int64), -1 where it is not stored: `counts.get(value, -1)` of many
         values at once, without a Python call per value (the matcher asks for each distinct value of a
@@ -205,18 +184,6 @@ class TermFrequencies:
         """
         texts = values.tolist() if isinstance(values, np.ndarray) else values
         return np.fromiter(map(self.counts.get, texts, repeat(-1)), dtype=np.int64, count=len(texts))
-
-    def shares(self, values: Sequence[str]) -> np.ndarray:
-        """`share` of each value (float64, the same figures), at once.
-
-        >>> TermFrequencies.count(pd.Series(["a"] * 6 + ["b", "c", "d", "e"])).shares(["a", "z"]).tolist()
-        [0.6, 0.4]
-        """
-        return self.shares_of(self.stored_counts(values))
-
-    def shares_of(self, counts: np.ndarray) -> np.ndarray:
-        """`share` of values given by their `stored_counts`."""
-        return np.where(counts >= 0, counts / self.total, self.typical_share)
 
     def rarity(self, value: str) -> float:
         return self.rarity_of(self.counts.get(value, 1))
