@@ -12,13 +12,13 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
   known duplicate pairs up to the `recall` target at the fewest comparisons, and backs each pair up with a
   second rule on other fields, so that one mistyped field does not keep a new duplicate out of every block.
 * Comparisons: each field plugin's dedupe comparators, graded levels among them (days apart beyond 3, 10, 31
-  and 365; two or three slips in a code; more than 1% or 10% between numbers; none of them counting a typing
-  slip as a real difference, which has levels of its own: `fields.date`, `fields.number`), plus a
-  term-frequency feature per field (Splink's adjustment): an exact agreement counts by the value's rarity
-  among the records entered up to the later of the two (in training the history in entry order, when scoring
-  the reference and then the batch: `counted_rarity`), so a busy customer's name or usual amount is weak
-  evidence, a rare one strong, and a day of a batch twenty times denser than the history counts as the busy
-  day it is.
+  and 365; two or three slips in a code; any difference, more than 1% or 10% between numbers; none of them
+  counting a typing slip as a real difference, which has levels of its own: `fields.date`, `fields.number`),
+  plus a term-frequency feature per field (Splink's adjustment): an exact agreement counts by the value's
+  rarity among the records entered up to the later of the two (in training the history in entry order, when
+  scoring the reference and then the batch: `counted_rarity`), so a busy customer's name or usual amount is
+  weak evidence, a rare one strong, and a day of a batch twenty times denser than the history counts as the
+  busy day it is.
 * Labels: positives are the known pairs (merge chains closed), negatives are candidate pairs of the learned
   blocking that were never merged (the hard ones), pairs a clerk rejected (`non_pairs`), pairs agreeing on
   one field, chance agreements (an unrelated record given another's values in one to three fields: what a
@@ -78,7 +78,7 @@ from pipeline.memory import collector_paused
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 SETTINGS_FILE = "linkage_settings.json"
 META_FILE = "linkage_meta.json"
 UNMERGED_SUSPECT = 0.9
