@@ -300,7 +300,7 @@ def test_a_typing_slip_is_a_level_of_its_own_not_a_distance() -> None:
         same_or_year_off_by_one,
         year_off_by_one,
     )
-    from pipeline.fields.number import more_than_10pct_apart
+    from pipeline.fields.number import apart_not_a_slip, more_than_10pct_apart
 
     d = parse_date
     july4 = d("2024-07-04")
@@ -321,6 +321,12 @@ def test_a_typing_slip_is_a_level_of_its_own_not_a_distance() -> None:
         expected = [compare(x, y) for x, y in zip(xs, ys, strict=True)]
         np.testing.assert_array_equal(compare.many(xs, ys), expected)
     n = field_type("number")("amount").parse
+    # Any difference that is not a decimal slip: a near amount (0.2% apart) is another order's.
+    near = [n("272.34"), n("271.85"), n("27185"), n("271.86")]
+    assert [apart_not_a_slip(n("271.85"), o) for o in near] == [1, 0, 0, 1]
+    assert apart_not_a_slip.distance.many([n("271.85")] * len(near), near).tolist() == [
+        apart_not_a_slip.distance(n("271.85"), o) for o in near
+    ]
     assert more_than_10pct_apart(n("414990"), n("4149.9")) == 0  # x100: a decimal slip
     assert more_than_10pct_apart(n("4149.9"), n("5149.9")) == 1
     assert more_than_10pct_apart.distance.many(

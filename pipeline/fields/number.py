@@ -213,7 +213,11 @@ def relative_unless_slip(x: NumberValue, y: NumberValue) -> float:
     return relative_difference(x, y)
 
 
-# Graded levels of the relative difference: a rounding, or another amount altogether; not a decimal slip.
+# Graded levels of the relative difference: any difference, a rounding, or another amount altogether; not a
+# decimal slip. The first one tells a copied amount from a near one: a re-registration copies the amount (or
+# slips its decimal point), while a customer's other order of the day may differ by a fraction of a percent
+# (271.85 against 272.34), which the continuous difference alone weighs as nothing.
+apart_not_a_slip = beyond(relative_unless_slip, 0.0, "apart_not_a_slip")
 more_than_1pct_apart = beyond(relative_unless_slip, 0.01, "more_than_1pct_apart_not_a_slip")
 more_than_10pct_apart = beyond(relative_unless_slip, 0.1, "more_than_10pct_apart_not_a_slip")
 
@@ -271,12 +275,13 @@ class NumberField(FieldType):
             dedupe.variables.Custom(self.field, comparator=relative_difference, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=decimal_slip, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=digit_slips, has_missing=True),
+            dedupe.variables.Custom(self.field, comparator=apart_not_a_slip, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=more_than_1pct_apart, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=more_than_10pct_apart, has_missing=True),
         ]
 
     def directions(self) -> list[int]:
-        return [1, -1, 1, -1, -1, -1]
+        return [1, -1, 1, -1, -1, -1, -1]
 
     def keys(self, normalised: pd.Series, names: Collection[str] | None = None) -> dict[str, pd.Series]:
         present = normalised != MISSING
