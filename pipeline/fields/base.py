@@ -101,6 +101,11 @@ class FieldType(ABC):
         """The value handed to the comparators (None when missing). Text by default."""
         return normalised if normalised != MISSING else None
 
+    def parse_many(self, normalised: Sequence[str]) -> list[Any]:
+        """`parse` of each of these normalised values: the matcher parses its candidates' values a part at
+        a time, so a plugin may do it without a Python call per value."""
+        return list(map(self.parse, normalised))
+
     @abstractmethod
     def variables(self) -> list[Any]:
         """The dedupe variables comparing this field; all with `has_missing=True`, so a missing value adds a
@@ -292,9 +297,15 @@ def simple_text(values: pd.Series) -> pd.Series:
 
 def map_unique(values: pd.Series, function: Callable[[str], str]) -> pd.Series:
     """Applies a per-value function once per distinct value; fast on the repetitive columns of a register."""
+    return map_distinct(values, lambda distinct: [function(value) for value in distinct])
+
+
+def map_distinct(values: pd.Series, function: Callable[[list[str]], list[str]]) -> pd.Series:
+    """`map_unique` with a function of all the distinct values at once (a list in, a list as long out), for
+    a mapping that needs no Python call per value."""
     codes, uniques = pd.factorize(values.to_numpy(dtype=object), use_na_sentinel=False)
     mapped = np.empty(len(uniques), dtype=object)
-    mapped[:] = [function(value) for value in uniques]
+    mapped[:] = function(uniques.tolist())
     return pd.Series(mapped[codes], index=values.index, dtype=object)
 
 
