@@ -852,7 +852,7 @@ class Matcher:
             table = self._code_of[field]
             hashes = table.hash(distinct)  # for `find`, then `insert` of the fresh values
             found = table.find(distinct, self._texts[field], hashes)
-            usable = np.fromiter((item is not None for item in parsed), dtype=bool, count=len(parsed))
+            usable = np.array([item is not None for item in parsed.tolist()], dtype=bool)
             fresh = np.flatnonzero((found < 0) & usable)
             if len(fresh):
                 found[fresh] = np.arange(size, size + len(fresh))
@@ -1696,7 +1696,11 @@ class _CodeTable:
             found[hit[same]] = codes[same]
             slots[hit[same]] = at[hit[same]]
         if self.clashes:
-            for i in np.flatnonzero(found < 0).tolist():
+            # Only a value whose hash a clash has can be one: not a Python look-up per value not found (a
+            # part's near-unique order numbers and amounts are mostly not found).
+            hashes = self.hash(values) if hashes is None else hashes
+            clashing = self.hash(np.array(list(self.clashes), dtype=object))
+            for i in np.flatnonzero((found < 0) & np.isin(hashes, clashing)).tolist():
                 found[i] = self.clashes.get(values[i], -1)
         return found, slots
 
@@ -1957,7 +1961,7 @@ def _parse_distinct(plugin: FieldType, distinct: np.ndarray) -> np.ndarray:
         parsed[distinct == s.MISSING] = None
         return parsed
     parsed = np.empty(len(distinct), dtype=object)
-    parsed[:] = list(map(plugin.parse, distinct.tolist()))
+    parsed[:] = plugin.parse_many(distinct.tolist())
     return parsed
 
 
