@@ -831,9 +831,9 @@ class Matcher:
         missed = np.flatnonzero(~hit)
         if len(missed):
             plugin = next(plugin for plugin in self._model.plugins_ if plugin.field == field)
-            texts = np.empty(len(missed), dtype=object)
-            texts[:] = self._texts[field].take(codes[missed])
-            values[missed] = _parse_distinct(plugin, texts)
+            texts = self._texts[field].take(codes[missed])
+            # A text plugin's parsed value is the text (a code's text is never missing).
+            values[missed] = texts if type(plugin).parse is FieldType.parse else plugin.parse_many(texts)
         return values
 
     def _add(self, encoded: _Encoded) -> int:
