@@ -891,16 +891,6 @@ class Matcher:
             stored = self._codes[field] = array(wide, self._code_array(field).astype(wide).tobytes())
         stored.frombytes(codes.astype(stored.typecode).tobytes())
 
-    def _rarities(self, field: str, codes: np.ndarray) -> np.ndarray:
-        """`TermFrequencies.rarity` of the values with these codes in the fitted table (1.0 without a
-        table), computed once per distinct count."""
-        frequencies = self._frequencies.get(field)
-        if frequencies is None:
-            return np.ones(len(codes))
-        counts = np.maximum(frequencies.stored_counts(self._texts[field].take(codes)), 1)
-        levels, inverse = np.unique(counts, return_inverse=True)
-        return np.array([frequencies.rarity_of(count) for count in levels.tolist()])[inverse]
-
     def _count_density(self, start: int) -> None:
         """Counts the values of the records indexed from `start` on, and notes for each record and field
         the rarity of its value among the records indexed so far, itself included (`counted_rarity`): the
@@ -1036,8 +1026,8 @@ class Matcher:
         right: np.ndarray,
         pair_codes: _PairCodes | None = None,
         *,
+        rarities: dict[str, np.ndarray],
         scoring: bool = False,
-        rarities: dict[str, np.ndarray] | None = None,
         deferred: Collection[int] = (),
         compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] | None = None,
     ) -> np.ndarray:
@@ -1054,7 +1044,7 @@ class Matcher:
         values (`_distinct_pairs`), for `_settle` to reuse.
 
         `rarities`: per field, per pair, the rarity of the left record's value as counted up to it
-        (`counted_rarity`), for the term-frequency columns; without it, the fitted table's rarity."""
+        (`counted_rarity`, `_counted`), for the term-frequency columns."""
         data_model = self._model.data_model_
         n, width = len(left), len(data_model)
         features = np.empty((width + len(self._fields), n), dtype="f4").T
@@ -1089,14 +1079,7 @@ class Matcher:
             code_left, code_right, _ = pair_codes[field]
             features[:, width + column] = 0
             same = np.flatnonzero((code_left >= 0) & (code_left == code_right))
-            if rarities is not None:
-                features[same, width + column] = rarities[field][same]
-                continue
-            # Hashed, not sorted (a value's rarity does not depend on the order the values come in).
-            where, agreed = pd.factorize(code_left[same])
-            # Worked out per agreed value from its count, kept only for values the table stores.
-            rarity = self._rarities(field, agreed).astype(features.dtype)
-            features[same, width + column] = rarity[where]
+            features[same, width + column] = rarities[field][same]
         return features
 
     def _exact_comparators(self) -> set[int]:
