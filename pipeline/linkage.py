@@ -1669,7 +1669,7 @@ class _CodeTable:
             return found, slots
         if len(self.hashes):
             hashes = self.hash(values) if hashes is None else hashes
-            at = np.minimum(np.searchsorted(self.hashes, hashes), len(self.hashes) - 1)
+            at = _search_sorted(self.hashes, hashes)
             hit = np.flatnonzero(self.hashes[at] == hashes)
             codes = self.codes[at[hit]]
             stored = np.empty(len(hit), dtype=object)
@@ -1925,6 +1925,16 @@ def _take_ids(ids: _TextList, positions: np.ndarray) -> np.ndarray:
     held = np.flatnonzero(positions >= 0)
     taken[held] = ids.take(positions[held])
     return taken
+
+
+def _search_sorted(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    """`np.searchsorted(haystack, needles)` clipped to the last place (`haystack` not empty), the needles
+    searched in sorted order: each search then starts where the one before ended, which at a part's
+    thousands of hashes against an index's millions takes a third of the time of random order."""
+    order = np.argsort(needles)
+    at = np.empty(len(needles), dtype=np.int64)
+    at[order] = np.searchsorted(haystack, needles[order])
+    return np.minimum(at, len(haystack) - 1)
 
 
 def _text_values(column: pd.Series) -> np.ndarray:
