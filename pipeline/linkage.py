@@ -918,13 +918,13 @@ class Matcher:
                 seen = self._seen[field] = np.concatenate([seen.astype(wide), fresh.astype(wide)])
             present = codes >= 0
             values = codes[present]
-            count, total = _running_counts(values, seen, self._present[field])
+            count, total, (held, counts) = _running_counts(values, seen, self._present[field])
             if len(count) and count.max() > np.iinfo(seen.dtype).max:  # `count` ends at the new counts
                 seen = self._seen[field] = seen.astype(_count_type(int(count.max())))
             fitted = self._frequencies.get(field)
             rarity = np.zeros(len(codes), dtype="f4")
             rarity[present] = counted_rarity(count, total, fitted.scale_total) if fitted else 1.0
-            np.add.at(seen, values, 1)
+            seen[held] = counts
             self._present[field] += len(values)
             self._rarity[field] = rarity
         self._counted_start = start
@@ -1805,7 +1805,7 @@ class _BlockIndex:
         # times the hashing itself on a part's keys (most of them distinct).
         hashes = pd.util.hash_array(values[rows], hash_key=self.HASH_KEY, categorize=False)
         checks = pd.util.hash_array(values[rows], hash_key=self.CHECK_KEY, categorize=False).astype(np.uint8)
-        order = np.lexsort((rows, hashes))
+        order = np.argsort(hashes, kind="stable")  # by hash, then row: `rows` is increasing
         hashes, checks, rows = hashes[order], checks[order], rows[order]
         first = np.ones(len(rows), dtype=bool)
         first[1:] = hashes[1:] != hashes[:-1]
@@ -2045,17 +2045,26 @@ def _count_type(largest: int) -> type:
     return next(kind for kind in (np.uint8, np.uint16, np.uint32, np.uint64) if largest <= np.iinfo(kind).max)
 
 
-def _running_counts(codes: np.ndarray, seen: np.ndarray, present: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each value code in order: how many records held it so far (`seen` before, then earlier in
-    `codes`, then itself) and how many records held any value so far (`present` before, itself included)."""
-    order = np.argsort(codes, kind="stable")
-    ranked = codes[order]
+def _running_counts(
+    codes: np.ndarray, seen: np.ndarray, present: int
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """For each value code (>= 0) in order: how many records held it so far (`seen` before, then earlier
+    in `codes`, then itself) and how many records held any value so far (`present` before, itself
+    included); and the distinct codes with their counts after all of them (what `seen` becomes)."""
     index = np.arange(len(codes))
+    # The stable order by code, as one sort of distinct keys (a fifth of the stable sort's time).
+    if len(codes) and int(codes.max()) < 2**62 // max(len(codes), 1):
+        order = np.argsort(codes.astype(np.int64) * len(codes) + index)
+    else:
+        order = np.argsort(codes, kind="stable")
+    ranked = codes[order]
     first = np.ones(len(codes), dtype=bool)
     first[1:] = ranked[1:] != ranked[:-1]
     rank = np.empty(len(codes), dtype=np.int64)
     rank[order] = index - np.maximum.accumulate(np.where(first, index, 0))
-    return seen[codes] + rank + 1, present + index + 1
+    count = seen[codes] + rank + 1
+    last = np.append(first[1:], True)  # each code's last record, in the sorted order
+    return count, present + index + 1, (ranked[last], count[order[last]])
 
 
 def counted_rarity(count: np.ndarray, total: np.ndarray, scale_total: int) -> np.ndarray:
@@ -2081,7 +2090,7 @@ def running_rarities(values: np.ndarray, scale_total: int) -> np.ndarray:
     codes[values == s.MISSING] = -1
     present = codes >= 0
     seen = np.zeros(int(codes.max(initial=-1)) + 1, dtype=np.int64)
-    count, total = _running_counts(codes[present], seen, 0)
+    count, total, _ = _running_counts(codes[present], seen, 0)
     rarity = np.zeros(len(values), dtype="f4")
     rarity[present] = counted_rarity(count, total, scale_total)
     return rarity
