@@ -287,7 +287,7 @@ def simple_text(values: pd.Series) -> pd.Series:
     # Decomposing and dropping what is not ASCII leave ASCII text as it is: only the other values take
     # those steps, in one Python expression per value (through pandas, three passes and an assignment
     # into Arrow text took five times as long).
-    ascii_only = text.str.isascii().to_numpy(dtype=bool)
+    ascii_only = (text.str.isascii() | text.isna()).to_numpy(dtype=bool)  # a missing value left as it is
     if not ascii_only.all():
         texts = text.to_numpy(dtype=object)  # a copy
         accented = np.flatnonzero(~ascii_only)
