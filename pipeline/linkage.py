@@ -2072,7 +2072,7 @@ def _running_counts(
     rank = np.empty(len(codes), dtype=np.int64)
     rank[order] = index - np.maximum.accumulate(np.where(first, index, 0))
     count = seen[codes] + rank + 1
-    last = np.append(first[1:], True)  # each code's last record, in the sorted order
+    last = np.append(first[1:], True)[: len(codes)]  # each code's last record, in the sorted order
     return count, present + index + 1, (ranked[last], count[order[last]])
 
 

@@ -850,6 +850,40 @@ def test_the_value_code_table_finds_each_text_exactly_even_when_hashes_clash(mon
     assert again == plain and again.find(values, ["b", "a", "c"]).tolist() == [0, 1, 2]
 
 
+def test_the_value_code_table_looks_up_clashes_only_for_their_hashes(monkeypatch) -> None:
+    """Texts sharing a hash with a stored one (a clash) are found by their text; others with a hash no
+    clash has are not looked up and not found."""
+    from pipeline.linkage import _CodeTable
+
+    by_first_letter = lambda self, values: np.array([ord(v[0]) for v in values], dtype=np.uint32)  # noqa: E731
+    monkeypatch.setattr(_CodeTable, "hash", by_first_letter)
+    table, texts = _CodeTable(), ["ab", "ac", "zz"]
+    table.insert(np.array(texts, dtype=object), np.array([0, 1, 2]))
+    assert table.clashes == {"ac": 1}
+    found = table.find(np.array(["ac", "zz", "ad", "q", "ab"], dtype=object), texts)
+    assert found.tolist() == [1, 2, -1, -1, 0]
+
+
+def test_running_counts_give_each_value_its_count_so_far_and_the_counts_after() -> None:
+    from pipeline.linkage import _running_counts, _search_sorted
+
+    rng = np.random.default_rng(5)
+    for size, distinct in ((0, 1), (1, 1), (500, 7), (2000, 1500)):
+        codes = rng.integers(0, distinct, size)
+        seen = rng.integers(0, 4, distinct).astype(np.uint8)
+        count, total, (held, after) = _running_counts(codes, seen, 10)
+        running, expected = seen.astype(np.int64), []
+        for code in codes.tolist():
+            running[code] += 1
+            expected.append(running[code])
+        assert count.tolist() == expected and total.tolist() == list(range(11, 11 + size))
+        assert sorted(held.tolist()) == sorted(set(codes.tolist())) and (running[held] == after).all()
+    haystack = np.sort(rng.integers(0, 1000, 300)).astype(np.uint32)
+    needles = rng.integers(0, 1100, 400).astype(np.uint32)
+    clipped = np.minimum(np.searchsorted(haystack, needles), len(haystack) - 1)
+    assert _search_sorted(haystack, needles).tolist() == clipped.tolist()
+
+
 @pytest.mark.parametrize("spill", [None, 1, 20])
 def test_the_text_list_gives_back_each_text_as_stored_and_truncates(monkeypatch, spill) -> None:
     from pipeline.linkage import _TextList
