@@ -1031,7 +1031,7 @@ class Matcher:
         rarities: dict[str, np.ndarray],
         scoring: bool = False,
         deferred: Collection[int] = (),
-        compared: dict[str, tuple[Sequence[Any], Sequence[Any], np.ndarray]] | None = None,
+        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] | None = None,
     ) -> np.ndarray:
         """dedupe's `DataModel.distances` for pairs of indexed positions (same values), computed a field at a
         time and once per distinct pair of values (registers repeat their cities, dates and amounts), then
@@ -1124,7 +1124,7 @@ class Matcher:
         features: np.ndarray,
         pair_codes: _PairCodes,
         deferred: set[int],
-        compared: dict[str, tuple[Sequence[Any], Sequence[Any], np.ndarray]] | None = None,
+        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] | None = None,
     ) -> np.ndarray:
         """The scores of pairs whose `deferred` columns hold their bound (`_features`), made exact for every
         pair that may be its record's best: first each record's pair with the highest bound, then every
@@ -1156,7 +1156,7 @@ class Matcher:
         features: np.ndarray,
         pair_codes: _PairCodes,
         deferred: set[int],
-        compared: dict[str, tuple[Sequence[Any], Sequence[Any], np.ndarray]],
+        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]],
     ) -> None:
         """Writes the `deferred` comparisons of these pairs (rows of `features`) in place, as `_features`
         would have: once per distinct pair of values (those of `compared`, when it holds the field's); a
@@ -1189,13 +1189,13 @@ class Matcher:
 
     def _compare_distinct(
         self, pair_codes: _PairCodes, exact: set[int], skip: set[int]
-    ) -> tuple[dict[str, tuple[Sequence[Any], Sequence[Any], np.ndarray]], dict[tuple[str, Any], np.ndarray]]:
+    ) -> tuple[dict[str, tuple[list[Any], list[Any], np.ndarray]], dict[tuple[str, Any], np.ndarray]]:
         """Per non-exact field, its distinct pairs of values (`_distinct_pairs`); per (field, distance
         function), the distance of each distinct pair, computed once for all graded levels of a distance.
 
         Columns in `skip` are not compared. All on this thread: with the vectorised comparators on a second
         one, each thread mostly waited for the GIL the other held (no wall time gained)."""
-        distinct: dict[str, tuple[Sequence[Any], Sequence[Any], np.ndarray]] = {}
+        distinct: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
         wanted: dict[tuple[str, Any], None] = {}  # in the data model's order
         for field, compare, start, _stop in self._model.data_model_._field_comparators:
             if id(compare) in exact or start in skip:
@@ -1221,8 +1221,8 @@ class Matcher:
 
     def _distinct_pairs(
         self, field: str, code_left: np.ndarray, code_right: np.ndarray
-    ) -> tuple[Sequence[Any], Sequence[Any], np.ndarray]:
-        """The distinct pairs of values among these pairs of codes (both present), as two tuples of parsed
+    ) -> tuple[list[Any], list[Any], np.ndarray]:
+        """The distinct pairs of values among these pairs of codes (both present), as two lists of parsed
         values, and each pair's number among them: a comparator runs once per distinct pair."""
         size = max(len(self._texts[field]), 1)
         # Hashed, not sorted: the order of the distinct pairs does not change what each one compares to.
@@ -1230,9 +1230,8 @@ class Matcher:
         # Each value parsed once, however many of the distinct pairs it is in (hashed too).
         where, codes = pd.factorize(np.concatenate([pairs // size, pairs % size]))
         values = self._parsed(field, codes)
-        # Tuples: what a plugin's comparisons of the same values may share cannot change under them.
-        xs = tuple(values[where[: len(pairs)]].tolist())
-        ys = tuple(values[where[len(pairs) :]].tolist())
+        xs = values[where[: len(pairs)]].tolist()
+        ys = values[where[len(pairs) :]].tolist()
         return xs, ys, inverse
 
     def _add_derived_distances(self, distances: np.ndarray) -> None:
@@ -1269,7 +1268,7 @@ class Matcher:
         if len(query):
             pair_codes = self._pair_codes(query, found)
             deferred = set() if every_pair else self._deferrable()
-            compared: dict[str, tuple[Sequence[Any], Sequence[Any], np.ndarray]] = {}
+            compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
             features = self._features(
                 query,
                 found,

@@ -172,23 +172,7 @@ def _canonical_distinct(texts: list[str]) -> list[str]:
 
 
 def _values(numbers: Sequence[NumberValue]) -> np.ndarray:
-    """The values of these numbers as a (read-only) float array. The matcher hands the same two tuples of
-    a field's values (left and right) to each of its comparisons in turn, six reads of each, so the arrays
-    of the two latest tuples read are kept with them: a tuple cannot change, and held it cannot be freed
-    and another one made at its address; the entries are replaced whole, so threads sharing them see one
-    state or the other."""
-    latest = _LATEST_VALUES[0]
-    for held, values in latest:
-        if held is numbers:
-            return values
-    values = np.fromiter(map(_VALUE, numbers), dtype=np.float64, count=len(numbers))
-    values.flags.writeable = False
-    if isinstance(numbers, tuple):
-        _LATEST_VALUES[0] = ((numbers, values), *latest[:1])
-    return values
-
-
-_LATEST_VALUES: list[tuple[tuple[tuple[NumberValue, ...], np.ndarray], ...]] = [()]
+    return np.fromiter(map(_VALUE, numbers), dtype=np.float64, count=len(numbers))
 
 
 def _texts(numbers: Sequence[NumberValue]) -> list[str]:
