@@ -134,28 +134,6 @@ def test_number_normalise_and_parse_many_match_the_value_by_value_forms() -> Non
     assert plugin.parse_many(["12.5", ""]) == [plugin.parse("12.5"), None]
 
 
-def test_number_comparisons_of_kept_tuples_match_fresh_lists() -> None:
-    """A number field's comparisons keep the values of the last two tuples read (the matcher hands them
-    the same left and right tuples in turn): the same results as from new lists; a list is never kept."""
-    from pipeline.fields.number import _LATEST_VALUES, relative_unless_slip
-
-    plugin = field_type("number")("amount")
-    xs = tuple(plugin.parse_many(["100", "1234.5", "7", "0"]))
-    ys = tuple(plugin.parse_many(["102", "123.45", "9", "0"]))
-    others = tuple(plugin.parse_many(["1", "2", "3", "4"]))
-    comparisons = (relative_difference, decimal_slip, relative_unless_slip)
-    kept = [compare_many(compare, xs, ys).tolist() for compare in comparisons for _ in range(2)]
-    assert [entry[0] for entry in _LATEST_VALUES[0]] == [ys, xs]
-    fresh = [compare_many(compare, list(xs), list(ys)).tolist() for compare in comparisons for _ in range(2)]
-    assert kept == fresh
-    assert kept[0] == [relative_difference(x, y) for x, y in zip(xs, ys, strict=True)]
-    # Another tuple in place of one kept: its own values, not the kept ones.
-    assert compare_many(relative_difference, others, ys).tolist() == [
-        relative_difference(x, y) for x, y in zip(others, ys, strict=True)
-    ]
-    assert all(isinstance(entry[0], tuple) for entry in _LATEST_VALUES[0])
-
-
 def test_code_normalise_drops_every_other_character_as_the_pattern_does() -> None:
     """The usual separators go by plain replacement, any other character by the pattern."""
     rng = np.random.default_rng(3)
