@@ -113,6 +113,38 @@ def test_number_reads_both_decimal_conventions_and_compares_relatively() -> None
     assert plugin.parse("") is None and plugin.parse("12.5").value == 12.5
 
 
+def test_number_normalise_and_parse_many_match_the_value_by_value_forms() -> None:
+    """Amounts already written as `_canonical` writes them skip its calls, and `parse_many` builds the
+    parsed values in C calls: both give exactly what the one-value functions give, on the edges of the
+    shortcut (leading and trailing zeros, 12 significant digits, 0.0001, 10**9, other conventions)."""
+    from pipeline.fields.number import _canonical
+
+    rng = np.random.default_rng(7)
+    amounts, decimals = rng.lognormal(2, 6, 3000), rng.integers(0, 6, 3000)
+    written = [format(x, f".{d}f") for x, d in zip(amounts, decimals, strict=True)]
+    edges = ["0", "00", "0.0", "0.10", "007.5", "275.05", "275.50", "21", "0.0001", "0.00001", "0.00010"]
+    edges += ["999999999", "1000000000", "999999999.999", "123456789.123", "0.000123456789", "1e5"]
+    edges += ["€ 1.234,50", "1,234.50", "-3", "+4", " 5", "n/a", "", "1" * 400, "٣"]
+    plugin = field_type("number")("amount")
+    normalised = plugin.normalise(text(written + edges)).tolist()
+    assert normalised == [_canonical(value) for value in written + edges]
+    parsed = plugin.parse_many([value for value in normalised if value])
+    assert parsed == [plugin.parse(value) for value in normalised if value]
+    assert {type(value) for value in parsed} == {type(plugin.parse("1"))}
+    assert plugin.parse_many(["12.5", ""]) == [plugin.parse("12.5"), None]
+
+
+def test_code_normalise_drops_every_other_character_as_the_pattern_does() -> None:
+    """The usual separators go by plain replacement, any other character by the pattern."""
+    rng = np.random.default_rng(3)
+    alphabet = list("aZ09-_ ./ßéÅ\t\n–") + ["\u00a0"]
+    values = text(
+        ["".join(rng.choice(alphabet, rng.integers(0, 12))) for _ in range(3000)] + ["", "-", "ab-12 34"]
+    )
+    expected = values.astype(str).str.upper().str.replace(r"[^0-9A-Z]+", "", regex=True)
+    assert field_type("code")("c").normalise(values).tolist() == expected.tolist()
+
+
 def test_number_keys_survive_a_decimal_slip() -> None:
     plugin = field_type("number")("amount")
     keys = plugin.keys(plugin.normalise(text(["1234.50", "123.45", "1250", ""])))

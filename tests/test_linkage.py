@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.exceptions import ModelLoadError, TrainingDataError
-from pipeline.linkage import META_FILE, SETTINGS_FILE, DuplicateModel
+from pipeline.linkage import META_FILE, SETTINGS_FILE, DuplicateModel, running_rarities
 from pipeline.metrics import link_metrics
 
 CONFIG = Config.model_validate(
@@ -133,17 +133,24 @@ def test_features_are_dedupes_own_distances(trained) -> None:
     pairs = []
     for a, b in zip(left, right, strict=True):
         pairs.append(tuple({f: matcher._parsed_value(f, i) for f in matcher._fields} for i in (a, b)))
-    features = matcher._features(left, right)
+    # The reference is indexed in one part: each record's value counted among the records up to it.
+    rarities = matcher._counted(left)
+    features = matcher._features(left, right, rarities=rarities)
     dedupes = len(model.data_model_)
     assert np.allclose(features[:, :dedupes], model.data_model_.distances(pairs), equal_nan=True)
-    # Then one term-frequency column per field: the shared value's rarity where the two agree, else 0.
+    # Then one term-frequency column per field: the shared value's counted rarity where the two agree,
+    # else 0; the rarity as `running_rarities` counts the records in entry order.
+    order = model._entry_order(records)
     agreements = 0
     for column, field in enumerate(matcher._fields):
+        plugin = next(plugin for plugin in model.plugins_ if plugin.field == field)
+        normalised = plugin.normalise(records[field].iloc[order].astype(object)).to_numpy(dtype=object)
+        counted = running_rarities(normalised, model.term_frequencies_[field].scale_total)
+        entered = np.empty(len(order), dtype=np.int64)
+        entered[order] = np.arange(len(order))
         for row, (a, b) in enumerate(zip(left, right, strict=True)):
             same = records.loc[a, field] == records.loc[b, field] != ""
-            plugin = next(plugin for plugin in model.plugins_ if plugin.field == field)
-            value = plugin.normalise(pd.Series([records.loc[a, field]], dtype=object))[0]
-            expected = model.term_frequencies_[field].rarity(value) if same else 0.0
+            expected = counted[entered[a]] if same else 0.0
             assert features[row, dedupes + column] == pytest.approx(expected, abs=1e-6)
             agreements += same
     assert agreements >= 3
@@ -169,8 +176,9 @@ def test_scoring_skips_comparisons_the_classifier_weighs_zero_and_scores_the_sam
     matcher = zeroed.matcher(records)
     assert text_column in matcher._unweighed()
     left, right = np.arange(1, len(records)), np.arange(0, len(records) - 1)
-    full = matcher._features(left, right)
-    scored = matcher._features(left, right, scoring=True)
+    rarities = matcher._counted(left)
+    full = matcher._features(left, right, rarities=rarities)
+    scored = matcher._features(left, right, scoring=True, rarities=rarities)
     assert not np.array_equal(full[:, text_column], scored[:, text_column])  # not computed when scoring
     assert np.array_equal(zeroed.probabilities(full), zeroed.probabilities(scored))  # bit for bit
 
@@ -840,6 +848,40 @@ def test_the_value_code_table_finds_each_text_exactly_even_when_hashes_clash(mon
     plain = _CodeTable()
     plain.insert(values, np.array([0, 1, 2]))
     assert again == plain and again.find(values, ["b", "a", "c"]).tolist() == [0, 1, 2]
+
+
+def test_the_value_code_table_looks_up_clashes_only_for_their_hashes(monkeypatch) -> None:
+    """Texts sharing a hash with a stored one (a clash) are found by their text; others with a hash no
+    clash has are not looked up and not found."""
+    from pipeline.linkage import _CodeTable
+
+    by_first_letter = lambda self, values: np.array([ord(v[0]) for v in values], dtype=np.uint32)  # noqa: E731
+    monkeypatch.setattr(_CodeTable, "hash", by_first_letter)
+    table, texts = _CodeTable(), ["ab", "ac", "zz"]
+    table.insert(np.array(texts, dtype=object), np.array([0, 1, 2]))
+    assert table.clashes == {"ac": 1}
+    found = table.find(np.array(["ac", "zz", "ad", "q", "ab"], dtype=object), texts)
+    assert found.tolist() == [1, 2, -1, -1, 0]
+
+
+def test_running_counts_give_each_value_its_count_so_far_and_the_counts_after() -> None:
+    from pipeline.linkage import _running_counts, _search_sorted
+
+    rng = np.random.default_rng(5)
+    for size, distinct in ((0, 1), (1, 1), (500, 7), (2000, 1500)):
+        codes = rng.integers(0, distinct, size)
+        seen = rng.integers(0, 4, distinct).astype(np.uint8)
+        count, total, (held, after) = _running_counts(codes, seen, 10)
+        running, expected = seen.astype(np.int64), []
+        for code in codes.tolist():
+            running[code] += 1
+            expected.append(running[code])
+        assert count.tolist() == expected and total.tolist() == list(range(11, 11 + size))
+        assert sorted(held.tolist()) == sorted(set(codes.tolist())) and (running[held] == after).all()
+    haystack = np.sort(rng.integers(0, 1000, 300)).astype(np.uint32)
+    needles = rng.integers(0, 1100, 400).astype(np.uint32)
+    clipped = np.minimum(np.searchsorted(haystack, needles), len(haystack) - 1)
+    assert _search_sorted(haystack, needles).tolist() == clipped.tolist()
 
 
 @pytest.mark.parametrize("spill", [None, 1, 20])

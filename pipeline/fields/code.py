@@ -60,7 +60,14 @@ class CodeField(FieldType):
     )
 
     def normalise(self, values: pd.Series) -> pd.Series:
-        return values.astype(str).str.upper().str.replace(r"[^0-9A-Z]+", "", regex=True)
+        # Upper case, every character but a digit or a letter A-Z dropped. The usual separators go by plain
+        # replacement (a third of the pattern's time); the pattern runs only where another one is left.
+        text = values.astype(str).str.upper()
+        text = text.str.replace("-", "", regex=False).str.replace(" ", "", regex=False)
+        odd = ~text.str.fullmatch("[0-9A-Z]*")
+        if odd.any():
+            text = text.where(~odd, text.str.replace(r"[^0-9A-Z]+", "", regex=True))
+        return text
 
     def variables(self) -> list[Any]:
         import dedupe  # here, not at import: a `--workers` helper needs no dedupe

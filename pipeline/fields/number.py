@@ -11,6 +11,7 @@ import math
 import operator
 import re
 from collections.abc import Collection, Sequence
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -24,6 +25,7 @@ from pipeline.fields.base import (
     beyond,
     capped_slips,
     made_keys,
+    map_distinct,
     map_unique,
     vectorised,
 )
@@ -156,15 +158,36 @@ def _canonical(text: str) -> str:
     return format(value + 0.0, ".12g")
 
 
+# A plain decimal that `_canonical` writes as it is: no leading zero or trailing zero of the fraction, and
+# few enough digits (9 + 3, 12 significant at most) between 0.0001 and 10**9 that `format(value, ".12g")`
+# gives them back in positional notation.
+_WRITTEN_AS_IS = re.compile(r"0|[1-9][0-9]{0,8}(?:\.[0-9]{0,2}[1-9])?|0\.0{0,3}[1-9](?:[0-9]{0,7}[1-9])?")
+
+
+def _canonical_distinct(texts: list[str]) -> list[str]:
+    """`_canonical` of each text, without the calls for the texts already written as it writes them
+    (most amounts as typed: "275.05", "21")."""
+    as_is = map(_WRITTEN_AS_IS.fullmatch, texts)
+    return [text if match else _canonical(text) for text, match in zip(texts, as_is, strict=True)]
+
+
 def _values(numbers: Sequence[NumberValue]) -> np.ndarray:
     return np.fromiter(map(_VALUE, numbers), dtype=np.float64, count=len(numbers))
 
 
+def _texts(numbers: Sequence[NumberValue]) -> list[str]:
+    return list(map(_TEXT, numbers))
+
+
 _VALUE = operator.itemgetter(0)  # NumberValue.value, read in C
+_TEXT = operator.itemgetter(1)  # NumberValue.text
 
 
 def _relative_differences(xs: Sequence[NumberValue], ys: Sequence[NumberValue]) -> np.ndarray:
-    a, b = _values(xs), _values(ys)
+    return _relative_of(_values(xs), _values(ys))
+
+
+def _relative_of(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     scale = np.maximum(np.abs(a), np.abs(b))
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = np.minimum(np.abs(a - b) / scale, 1.0)
@@ -175,7 +198,10 @@ def _decimal_slips(xs: Sequence[NumberValue], ys: Sequence[NumberValue]) -> np.n
     """`decimal_slip` per pair. NumPy's log10 may differ from `math.log10` in the last bit, so it only
     picks the pairs within 1e-6 of a power of ten (a margin far wider than that bit); those are decided
     by the scalar function, with `math.log10`, as before."""
-    a, b = _values(xs), _values(ys)
+    return _slips_of(_values(xs), _values(ys))
+
+
+def _slips_of(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     slips = np.zeros(len(a))
     maybe = np.flatnonzero((a != 0) & (b != 0) & (a != b) & ((a < 0) == (b < 0)))
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
@@ -198,8 +224,8 @@ def relative_difference(x: NumberValue, y: NumberValue) -> float:
 
 
 def _relative_unless_slip_many(xs: Sequence[NumberValue], ys: Sequence[NumberValue]) -> np.ndarray:
-    slip = _decimal_slips(xs, ys) > 0
-    return np.where(slip, 0.0, _relative_differences(xs, ys))
+    a, b = _values(xs), _values(ys)  # read once for both
+    return np.where(_slips_of(a, b) > 0, 0.0, _relative_of(a, b))
 
 
 @vectorised(_relative_unless_slip_many)
@@ -228,7 +254,7 @@ def decimal_slip(x: NumberValue, y: NumberValue) -> float:
     return _is_decimal_slip(x.value, y.value)
 
 
-@vectorised(lambda xs, ys: capped_slips([x.text for x in xs], [y.text for y in ys], MAX_DIGIT_EDITS))
+@vectorised(lambda xs, ys: capped_slips(_texts(xs), _texts(ys), MAX_DIGIT_EDITS))
 def digit_slips(x: NumberValue, y: NumberValue) -> float:
     """Typing slips between the two numbers' digits (a swap of neighbours is one), capped at 3."""
     return min(OSA.distance(x.text, y.text), MAX_DIGIT_EDITS)
@@ -241,9 +267,9 @@ def _is_decimal_slip(a: float, b: float) -> float:
     return 1.0 if abs(exponent - round(exponent)) < 1e-9 else 0.0
 
 
-def _significant_digits(text: str) -> str:
-    digits = text.replace("-", "").replace(".", "").strip("0")
-    return digits if len(digits) >= 2 else MISSING
+def _significant_digits(texts: list[str]) -> list[str]:
+    digits = [text.replace("-", "").replace(".", "").strip("0") for text in texts]
+    return [kept if len(kept) >= 2 else MISSING for kept in digits]
 
 
 def _rounded(text: str) -> str:
@@ -262,10 +288,17 @@ class NumberField(FieldType):
     )
 
     def normalise(self, values: pd.Series) -> pd.Series:
-        return map_unique(values.astype(str), _canonical)
+        return map_distinct(values.astype(str), _canonical_distinct)
 
     def parse(self, normalised: str) -> NumberValue | None:
         return NumberValue(float(normalised), normalised) if normalised != MISSING else None
+
+    def parse_many(self, normalised: Sequence[str]) -> list[NumberValue | None]:
+        texts = list(normalised)
+        if MISSING in texts:
+            return list(map(self.parse, texts))
+        # `parse` of each, in C: `float` of each text, then each tuple made as `NumberValue._make` makes it.
+        return list(map(tuple.__new__, repeat(NumberValue), zip(map(float, texts), texts, strict=True)))
 
     def variables(self) -> list[Any]:
         import dedupe  # here, not at import: a `--workers` helper needs no dedupe
@@ -287,7 +320,7 @@ class NumberField(FieldType):
         present = normalised != MISSING
         makers = {
             "value": lambda: normalised,
-            "significant_digits": lambda: map_unique(normalised, _significant_digits),
+            "significant_digits": lambda: map_distinct(normalised, _significant_digits),
             "rounded": lambda: map_unique(normalised.where(present, "0"), _rounded).where(present, MISSING),
         }
         return made_keys(makers, names)
