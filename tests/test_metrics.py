@@ -55,6 +55,30 @@ def test_choose_threshold_tolerance_takes_the_lowest_near_best_cut() -> None:
     assert choose_threshold(scores, truth, f1_tolerance=0.4).threshold == pytest.approx(0.5)
 
 
+def test_choose_threshold_smoothing_ignores_a_one_cut_spike() -> None:
+    # 80 errors on top, a clean cell, then the spike: an error cell counting 10 right above a clean cell
+    # counting 10 (F1 0.942 at that one cut, 0.88-0.90 on either side), then 10 errors among 30 clean cells.
+    cells = [(1, 1)] * 80 + [(0, 1), (1, 10), (0, 10)] + [(0, 1), (1, 1)] * 10 + [(0, 1)] * 110
+    truth = np.array([label for label, _ in cells], dtype=bool)
+    weight = np.array([count for _, count in cells], dtype=float)
+    scores = np.linspace(1, 0, len(cells), endpoint=False).round(4)
+    spike = scores[81]
+    raw = choose_threshold(scores, truth, f1_tolerance=0.01, sample_weight=weight)
+    smooth = choose_threshold(scores, truth, f1_tolerance=0.01, sample_weight=weight, smoothing=0.1)
+    assert raw.threshold == pytest.approx(spike)  # the one cut within 0.01 of its own best
+    assert smooth.threshold < spike - 0.05
+    # Without the spike's two cells, both rules land near where the smoothed one already was.
+    keep = np.r_[0:81, 83 : len(cells)]
+    args = (scores[keep], truth[keep])
+    without_raw = choose_threshold(*args, f1_tolerance=0.01, sample_weight=weight[keep]).threshold
+    without = choose_threshold(*args, f1_tolerance=0.01, sample_weight=weight[keep], smoothing=0.1).threshold
+    assert abs(smooth.threshold - without) < 0.05 < 0.1 < abs(raw.threshold - without_raw)
+    # The figures reported are the chosen cut's own, unsmoothed.
+    assert (smooth.tp, smooth.fp) == (97, 19)
+    # No smoothing (the default) is the raw curve.
+    assert choose_threshold(scores, truth, f1_tolerance=0.01, sample_weight=weight, smoothing=0.0) == raw
+
+
 def test_choose_threshold_keeps_an_anchor_only_within_the_tolerance() -> None:
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.1])
     truth = np.array([True, True, False, True, False, False])
