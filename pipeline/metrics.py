@@ -87,6 +87,7 @@ def choose_threshold(
     sample_weight: np.ndarray | None = None,
     anchor: float | None = None,
     smoothing: float = 0.0,
+    anchor_z: float | None = None,
 ) -> ThresholdChoice:
     """The score threshold (flag when `score >= threshold`) with the best F1 on `(scores, labels)`.
 
@@ -111,6 +112,11 @@ def choose_threshold(
       within this share of the positives' (weighted) count of as many cells: F1 differences from moving
       the cut by a few cells are noise, and on a flat curve the lowest cut within `f1_tolerance` of a
       noisy best jumps with it. The returned figures are those of the chosen cut itself.
+    - `anchor_z`: the anchor is also kept unless the cells between it and the best cut show, by more
+      than this many standard errors, that moving is better: flagging cells raises F1 only where their
+      precision exceeds half the F1 (Lipton, Elkan & Naryanaswamy 2014), so a lower anchor is dropped
+      only when the cells it adds are right clearly less often than half the best F1, a higher one only
+      when the cells it leaves out are right clearly more often.
 
     >>> choose_threshold(np.array([0.9, 0.8, 0.3, 0.2]), np.array([1, 1, 0, 0])).threshold
     0.8
@@ -155,6 +161,15 @@ def choose_threshold(
         kept = int(np.searchsorted(thresholds, anchor, side="left")) if anchor is not None else len(f1)
         if kept < len(f1) and good[kept]:
             cut, anchored = kept, True
+        elif kept < len(f1) and anchor_z is not None:
+            best = int(np.flatnonzero(compared == compared.max())[-1])
+            band = abs(float(flagged[kept] - flagged[best]))
+            right = abs(float(tp[kept] - tp[best]))
+            half = f1[best] / 2
+            if band > 0 and half > 0:
+                z = (right / band - half) / np.sqrt(half * (1 - half) / band)
+                if (z > -anchor_z) if kept < best else (z < anchor_z):
+                    cut, anchored = kept, True
     threshold = float(anchor) if anchored else float(thresholds[cut])
     if not anchored and placement in ("middle", "calibrated"):
         below = float(thresholds[lowest - 1]) if lowest > 0 else 0.0
