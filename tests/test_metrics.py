@@ -95,6 +95,28 @@ def test_choose_threshold_keeps_an_anchor_only_within_the_tolerance() -> None:
     assert choose_threshold(scores, truth, min_precision=1.0, anchor=0.55).threshold == pytest.approx(0.8)
 
 
+def test_choose_threshold_anchor_z_moves_only_on_clear_evidence() -> None:
+    def cut(band: list[int], anchor: float, z: float | None) -> float:
+        """100 errors scored 0.99-0.60, then `band` (1 error, 0 clean) in 0.40-0.30, then 200 clean."""
+        truth = np.r_[np.ones(100), band, np.zeros(200)].astype(bool)
+        scores = np.r_[
+            np.linspace(0.99, 0.6, 100), np.linspace(0.4, 0.3, len(band)), np.linspace(0.2, 0, 200)
+        ]
+        return choose_threshold(scores, truth, f1_tolerance=0.0, anchor=anchor, anchor_z=z).threshold
+
+    # A lower anchor adding 4 cells of which 1 is an error (precision .25 against half the best F1, .49):
+    # not clearly worse (z -0.99), kept; the same share on 40 cells is clear (z -3.1): the best cut, 0.6.
+    assert cut([0, 0, 0, 1], 0.3, None) == pytest.approx(0.6)
+    assert cut([0, 0, 0, 1], 0.3, 1.645) == 0.3
+    assert cut([0, 0, 0, 1] * 10, 0.3, 1.645) == pytest.approx(0.6)
+    # A higher anchor (0.5) leaving out 2 errors among 3 cells (z 0.6): kept; 30 among 39 (z 3.3): not.
+    assert cut([1, 0, 1, 0], 0.5, None) == pytest.approx(0.3 + 0.1 / 3)
+    assert cut([1, 0, 1, 0], 0.5, 1.645) == 0.5
+    best = cut([1, 1, 1, 0] * 10, 0.5, None)
+    assert best < 0.4
+    assert cut([1, 1, 1, 0] * 10, 0.5, 1.645) == pytest.approx(best)
+
+
 def test_choose_threshold_middle_placement_and_missing_positives() -> None:
     scores = np.array([0.9, 0.8, 0.3, 0.2])
     truth = np.array([True, True, False, False])
