@@ -101,9 +101,10 @@ F1_TOLERANCE = 0.01
 # jumps with it: over 100 bootstrap resamples of the out-of-fold cells the chosen cut's 10-90% range
 # narrowed from 0.174-0.223 to 0.174-0.181 (demo_semicolon_cp1252) and 0.134-0.290 to 0.126-0.231 (seed 13).
 # A retrained model also keeps its predecessor's cut (`anchor_threshold`) unless the cells between it and
-# the best cut show the move is better by more than NON_INFERIORITY_Z standard errors (`anchor_z`): in
-# main's review rounds, seed 3's cut moved 0.179 -> 0.243 and its round 3 missed three order numbers scored
-# 0.191, with no clean cell in between.
+# the best cut show the move is better by more than NON_INFERIORITY_Z standard errors (`anchor_z`, the z
+# `promote` judges a challenger by), not merely by more than F1_TOLERANCE. On the review rounds (seeds
+# 7 3 11 5 13) both changes left every flag as it was; seed 3's cut still moves after round 1
+# (0.179 -> 0.267), its out-of-fold cells in between being clearly worse than half the F1.
 F1_SMOOTHING = 0.02
 # A cell a clerk confirmed as right counts this many times as much as an uncorrected one (which is only
 # probably right: staff miss some errors).
