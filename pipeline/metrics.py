@@ -86,6 +86,8 @@ def choose_threshold(
     label_frequency: float = 1.0,
     sample_weight: np.ndarray | None = None,
     anchor: float | None = None,
+    smoothing: float = 0.0,
+    anchor_z: float | None = None,
 ) -> ThresholdChoice:
     """The score threshold (flag when `score >= threshold`) with the best F1 on `(scores, labels)`.
 
@@ -106,6 +108,15 @@ def choose_threshold(
     - `anchor`: a threshold in use (the one a retrained model's predecessor flags with), kept when its F1
       on these scores is within `f1_tolerance` of the best: cuts that good are equally good, and moving
       among them from one retraining to the next only moves the flags. Ignored with `min_precision`.
+    - `smoothing`: the cuts are compared on the F1 curve averaged, at each cut, over the cuts flagging
+      within this share of the positives' (weighted) count of as many cells: F1 differences from moving
+      the cut by a few cells are noise, and on a flat curve the lowest cut within `f1_tolerance` of a
+      noisy best jumps with it. The returned figures are those of the chosen cut itself.
+    - `anchor_z`: the anchor is also kept unless the cells between it and the best cut show, by more
+      than this many standard errors, that moving is better: flagging cells raises F1 only where their
+      precision exceeds half the F1 (Lipton, Elkan & Naryanaswamy 2014), so a lower anchor is dropped
+      only when the cells it adds are right clearly less often than half the best F1, a higher one only
+      when the cells it leaves out are right clearly more often.
 
     >>> choose_threshold(np.array([0.9, 0.8, 0.3, 0.2]), np.array([1, 1, 0, 0])).threshold
     0.8
@@ -140,8 +151,9 @@ def choose_threshold(
     if min_precision is not None and (precision >= min_precision).any():
         cut = lowest = int(np.flatnonzero(precision >= min_precision)[0])  # the lowest reaching it
     else:
-        cut = int(np.flatnonzero(f1 == f1.max())[-1])  # the highest of the best cuts
-        good = f1 >= f1.max() - f1_tolerance - 1e-12
+        compared = _smoothed(f1, flagged, smoothing * positives) if smoothing > 0 else f1
+        cut = int(np.flatnonzero(compared == compared.max())[-1])  # the highest of the best cuts
+        good = compared >= compared.max() - f1_tolerance - 1e-12
         lowest = int(np.flatnonzero(good)[0])
         if placement == "lowest":
             cut = lowest
@@ -149,6 +161,15 @@ def choose_threshold(
         kept = int(np.searchsorted(thresholds, anchor, side="left")) if anchor is not None else len(f1)
         if kept < len(f1) and good[kept]:
             cut, anchored = kept, True
+        elif kept < len(f1) and anchor_z is not None:
+            best = int(np.flatnonzero(compared == compared.max())[-1])
+            band = abs(float(flagged[kept] - flagged[best]))
+            right = abs(float(tp[kept] - tp[best]))
+            half = f1[best] / 2
+            if band > 0 and half > 0:
+                z = (right / band - half) / np.sqrt(half * (1 - half) / band)
+                if (z > -anchor_z) if kept < best else (z < anchor_z):
+                    cut, anchored = kept, True
     threshold = float(anchor) if anchored else float(thresholds[cut])
     if not anchored and placement in ("middle", "calibrated"):
         below = float(thresholds[lowest - 1]) if lowest > 0 else 0.0
@@ -166,6 +187,23 @@ def choose_threshold(
         fn=int(total - tp[cut]),
         chosen=True,
     )
+
+
+def _smoothed(values: np.ndarray, flagged: np.ndarray, width: float) -> np.ndarray:
+    """Each cut's value averaged over the cuts flagging within `width` of as many cells (`flagged`, one
+    count per cut, in either monotone order).
+
+    >>> _smoothed(np.array([0.0, 1.0, 0.0, 1.0]), np.array([4, 3, 2, 1]), 1).round(2).tolist()
+    [0.5, 0.33, 0.67, 0.5]
+    """
+    descending = len(flagged) > 1 and flagged[0] > flagged[-1]
+    counts = flagged[::-1] if descending else flagged
+    ordered = values[::-1] if descending else values
+    lo = np.searchsorted(counts, counts - width, side="left")
+    hi = np.searchsorted(counts, counts + width, side="right")
+    total = np.r_[0.0, np.cumsum(ordered)]
+    mean = (total[hi] - total[lo]) / (hi - lo)
+    return mean[::-1] if descending else mean
 
 
 def link_metrics(predicted: pd.DataFrame, truth: Mapping[str, str], clusters: Mapping[str, str]) -> dict:

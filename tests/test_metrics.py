@@ -55,6 +55,30 @@ def test_choose_threshold_tolerance_takes_the_lowest_near_best_cut() -> None:
     assert choose_threshold(scores, truth, f1_tolerance=0.4).threshold == pytest.approx(0.5)
 
 
+def test_choose_threshold_smoothing_ignores_a_one_cut_spike() -> None:
+    # 80 errors on top, a clean cell, then the spike: an error cell counting 10 right above a clean cell
+    # counting 10 (F1 0.942 at that one cut, 0.88-0.90 on either side), then 10 errors among 30 clean cells.
+    cells = [(1, 1)] * 80 + [(0, 1), (1, 10), (0, 10)] + [(0, 1), (1, 1)] * 10 + [(0, 1)] * 110
+    truth = np.array([label for label, _ in cells], dtype=bool)
+    weight = np.array([count for _, count in cells], dtype=float)
+    scores = np.linspace(1, 0, len(cells), endpoint=False).round(4)
+    spike = scores[81]
+    raw = choose_threshold(scores, truth, f1_tolerance=0.01, sample_weight=weight)
+    smooth = choose_threshold(scores, truth, f1_tolerance=0.01, sample_weight=weight, smoothing=0.1)
+    assert raw.threshold == pytest.approx(spike)  # the one cut within 0.01 of its own best
+    assert smooth.threshold < spike - 0.05
+    # Without the spike's two cells, both rules land near where the smoothed one already was.
+    keep = np.r_[0:81, 83 : len(cells)]
+    args = (scores[keep], truth[keep])
+    without_raw = choose_threshold(*args, f1_tolerance=0.01, sample_weight=weight[keep]).threshold
+    without = choose_threshold(*args, f1_tolerance=0.01, sample_weight=weight[keep], smoothing=0.1).threshold
+    assert abs(smooth.threshold - without) < 0.05 < 0.1 < abs(raw.threshold - without_raw)
+    # The figures reported are the chosen cut's own, unsmoothed.
+    assert (smooth.tp, smooth.fp) == (97, 19)
+    # No smoothing (the default) is the raw curve.
+    assert choose_threshold(scores, truth, f1_tolerance=0.01, sample_weight=weight, smoothing=0.0) == raw
+
+
 def test_choose_threshold_keeps_an_anchor_only_within_the_tolerance() -> None:
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.1])
     truth = np.array([True, True, False, True, False, False])
@@ -69,6 +93,28 @@ def test_choose_threshold_keeps_an_anchor_only_within_the_tolerance() -> None:
     assert choose_threshold(scores, truth, f1_tolerance=1.0, anchor=0.95).threshold == pytest.approx(0.1)
     # min_precision decides alone
     assert choose_threshold(scores, truth, min_precision=1.0, anchor=0.55).threshold == pytest.approx(0.8)
+
+
+def test_choose_threshold_anchor_z_moves_only_on_clear_evidence() -> None:
+    def cut(band: list[int], anchor: float, z: float | None) -> float:
+        """100 errors scored 0.99-0.60, then `band` (1 error, 0 clean) in 0.40-0.30, then 200 clean."""
+        truth = np.r_[np.ones(100), band, np.zeros(200)].astype(bool)
+        scores = np.r_[
+            np.linspace(0.99, 0.6, 100), np.linspace(0.4, 0.3, len(band)), np.linspace(0.2, 0, 200)
+        ]
+        return choose_threshold(scores, truth, f1_tolerance=0.0, anchor=anchor, anchor_z=z).threshold
+
+    # A lower anchor adding 4 cells of which 1 is an error (precision .25 against half the best F1, .49):
+    # not clearly worse (z -0.99), kept; the same share on 40 cells is clear (z -3.1): the best cut, 0.6.
+    assert cut([0, 0, 0, 1], 0.3, None) == pytest.approx(0.6)
+    assert cut([0, 0, 0, 1], 0.3, 1.645) == 0.3
+    assert cut([0, 0, 0, 1] * 10, 0.3, 1.645) == pytest.approx(0.6)
+    # A higher anchor (0.5) leaving out 2 errors among 3 cells (z 0.6): kept; 30 among 39 (z 3.3): not.
+    assert cut([1, 0, 1, 0], 0.5, None) == pytest.approx(0.3 + 0.1 / 3)
+    assert cut([1, 0, 1, 0], 0.5, 1.645) == 0.5
+    best = cut([1, 1, 1, 0] * 10, 0.5, None)
+    assert best < 0.4
+    assert cut([1, 1, 1, 0] * 10, 0.5, 1.645) == pytest.approx(best)
 
 
 def test_choose_threshold_middle_placement_and_missing_positives() -> None:
