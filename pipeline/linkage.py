@@ -78,7 +78,7 @@ from pipeline.memory import collector_paused
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5  # 5: slips are not distances in `days_apart` and the amount's relative difference
 SETTINGS_FILE = "linkage_settings.json"
 META_FILE = "linkage_meta.json"
 # `fit` drops a never-merged "negative" its first fit scores at least this high as an unmerged duplicate.

@@ -168,7 +168,10 @@ def test_date_tolerates_swapped_day_and_month_and_a_few_days_slip() -> None:
     march6, next_year = parse_date("2024-03-06"), parse_date("2025-03-05")
     assert days_apart(march5, march5) == 0.0
     assert days_apart(march5, may3) == pytest.approx(days_apart(march5, march6))
-    assert days_apart(march5, march6) < days_apart(march5, next_year) < 1.0
+    # A year off by one is a typing slip (weighed by its own level), one day apart as a swap is; two
+    # years apart is a distance.
+    assert days_apart(march5, next_year) == pytest.approx(days_apart(march5, march6))
+    assert days_apart(march5, march6) < days_apart(march5, parse_date("2026-03-05")) < 1.0
     assert math.isnan(days_apart(march5, parse_date("20241305")))
     assert digit_slips(march5, parse_date("20241305")) == 1
     assert plugin.describe("2024-03-05", "2024-05-03").text == "has day and month swapped"
@@ -367,3 +370,15 @@ def test_a_typing_slip_is_a_level_of_its_own_not_a_distance() -> None:
         0.0,
         more_than_10pct_apart.distance(n("4149.9"), n("5149.9")),
     ]
+    # Nor do the continuous distances the classifier weighs: a year off by one is one day apart (as day
+    # and month swapped), a decimal slip no relative difference; a slip is weighed once, by its level.
+    xs, ys = [july4] * len(others), others
+    assert days_apart(july4, others[0]) == days_apart(july4, d("2024-07-05")) == days_apart(july4, others[1])
+    assert days_apart(july4, d("2022-07-04")) > days_apart(july4, d("2024-08-20"))
+    np.testing.assert_array_equal(
+        days_apart.many(xs, ys), [days_apart(x, y) for x, y in zip(xs, ys, strict=True)]
+    )
+    continuous = field_type("number")("amount").variables()[1].comparator
+    pairs = ([n("414990"), n("4149.9"), n("17.25")], [n("4149.9"), n("5149.9"), n("172.5")])
+    assert [round(continuous(x, y), 3) for x, y in zip(*pairs, strict=True)] == [0.0, 0.194, 0.0]
+    assert continuous.many(*pairs).tolist() == [continuous(x, y) for x, y in zip(*pairs, strict=True)]

@@ -154,7 +154,7 @@ _LOG_DAYS = np.array([math.log1p(days) / math.log1p(MAX_DAYS) for days in range(
 
 
 def _days_apart_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
-    days = _days_between_many(xs, ys)
+    days = np.where(_years_off_by_one_many(xs, ys) > 0, 1.0, _days_between_many(xs, ys))
     known = ~np.isnan(days)
     result = np.full(len(days), np.nan)
     result[known] = _LOG_DAYS[np.minimum(days[known], MAX_DAYS).astype(np.int64)]
@@ -164,15 +164,20 @@ def _days_apart_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.nda
 @vectorised(_days_apart_many)
 def days_apart(a: DateValue, b: DateValue) -> float:
     """Days between the dates on a log scale, 0 (same day) to 1 (ten years or more); day and month swapped
-    counts as one day. NaN (treated as missing) when either is not a calendar date.
+    and a year off by one count as one day: typing slips, each weighed by a level of its own
+    (`same_or_...`), not a date months or a year apart (a re-registration that slipped its year would
+    otherwise pay for the slip twice). NaN (treated as missing) when either is not a calendar date.
 
     >>> a, b = parse_date("2024-03-05"), parse_date("2024-05-03")
     >>> round(days_apart(a, b), 3) == round(days_apart(a, parse_date("2024-03-06")), 3)
     True
+    >>> days_apart(a, parse_date("2023-03-05")) == days_apart(a, parse_date("2024-03-06"))
+    True
     """
     if a.ordinal is None or b.ordinal is None:
         return math.nan
-    days = 1 if _swapped(a, b) and a.ordinal != b.ordinal else abs(a.ordinal - b.ordinal)
+    slip = (_swapped(a, b) or year_off_by_one(a, b)) and a.ordinal != b.ordinal
+    days = 1 if slip else abs(a.ordinal - b.ordinal)
     return math.log1p(min(days, MAX_DAYS)) / math.log1p(MAX_DAYS)
 
 

@@ -231,9 +231,10 @@ def _relative_unless_slip_many(xs: Sequence[NumberValue], ys: Sequence[NumberVal
 @vectorised(_relative_unless_slip_many)
 def relative_unless_slip(x: NumberValue, y: NumberValue) -> float:
     """`relative_difference`, but 0 when the two differ by a decimal slip (`decimal_slip`, x10 or /10 and
-    any power of ten): the distance of the graded levels, so that a misplaced decimal point does not count
-    as another amount too; the slip is a level of its own, weighed by the classifier. (A one-digit slip of
-    an amount stays a difference: a customer's orders of the day differ by one digit as often.)"""
+    any power of ten): the continuous distance the duplicate model compares and that of its graded levels,
+    so that a misplaced decimal point does not count as another amount too; the slip is a level of its
+    own, weighed by the classifier. (A one-digit slip of an amount stays a difference: a customer's orders
+    of the day differ by one digit as often.)"""
     if decimal_slip(x, y):
         return 0.0
     return relative_difference(x, y)
@@ -305,7 +306,7 @@ class NumberField(FieldType):
 
         return [
             dedupe.variables.Exact(self.field, has_missing=True),
-            dedupe.variables.Custom(self.field, comparator=relative_difference, has_missing=True),
+            dedupe.variables.Custom(self.field, comparator=relative_unless_slip, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=decimal_slip, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=digit_slips, has_missing=True),
             dedupe.variables.Custom(self.field, comparator=apart_not_a_slip, has_missing=True),
