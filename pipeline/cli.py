@@ -7,6 +7,7 @@ internal failure (one line; `--verbose` adds the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -278,7 +279,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.memory import map_large_allocations
     from pipeline.reference import ReferenceCache, default_cache_dir
     from pipeline.registry import load_bundle
-    from pipeline.score import SCORE_CHUNK_ROWS, prepare_output, run_batch
+    from pipeline.score import SCORE_CHUNK_ROWS, prepare_output, run_batch, start_helpers
 
     if args.chunk_rows is not None and args.chunk_rows < 1:
         raise BadInputError(f"--chunk-rows {args.chunk_rows}: must be at least 1")
@@ -291,8 +292,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.engine == "spark":
         summary = _score_spark(args, load_bundle(args.model, uri=args.tracking_uri))
     else:
+        # Before anything loads: forked now, a helper holds only the imports (see `start_helpers`).
+        helpers = start_helpers(args.workers)
         map_large_allocations()
-        with _progress(args, unit="rows") as bar:
+        with _progress(args, unit="rows") as bar, contextlib.ExitStack() as stack:
+            if helpers is not None:
+                stack.callback(helpers.shutdown, cancel_futures=True)
             summary = run_batch(
                 # Held by the job alone: with a reference it swaps in the error model that knows the
                 # reference, and the trained one is freed (~25 MB of lookups at 10,000 records).
@@ -306,6 +311,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                 progress=bar,
                 workers=args.workers,
                 cache=None if args.no_cache else ReferenceCache(args.cache_dir or default_cache_dir()),
+                helpers=helpers,
             )
     flags = summary["flags"]
     _out(

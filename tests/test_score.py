@@ -484,9 +484,9 @@ def test_the_index_is_freed_before_the_last_pieces_are_assessed(demo, model_fold
     matchers, alive_at_finish = [], []
     real_init, real_finish = score_module._Scorer.__init__, score_module._Scorer.finish
 
-    def init(self, bundle, matcher, workers):
+    def init(self, bundle, matcher, workers, helpers=None):
         matchers.append(weakref.ref(matcher))
-        real_init(self, bundle, matcher, workers)
+        real_init(self, bundle, matcher, workers, helpers)
 
     def finish(self):
         alive_at_finish.append(matchers[0]() is not None)
