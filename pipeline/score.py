@@ -18,6 +18,7 @@ import os
 import pickle
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections import deque
@@ -290,7 +291,7 @@ _WORKER_MODEL: tuple[Path, AssessModel] | None = None  # a helper's model and th
 def start_helpers(workers: int) -> Executor | None:
     """The `workers - 1` helper processes of a `run_batch(workers=)` job, started now; None for one worker.
 
-    Where the platform can fork, helpers are forked from this process, so call it before the models load
+    On Linux, helpers are forked from this process, so call it before the models load
     (the job's `score` command does, right after its imports): a forked helper counts in its resident set
     the memory this process holds at that moment, plus only those pages of the libraries it then runs,
     where a spawned helper imports everything again and holds every library page its imports touched (a
@@ -304,7 +305,7 @@ def start_helpers(workers: int) -> Executor | None:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    if "fork" not in multiprocessing.get_all_start_methods():
+    if sys.platform != "linux":  # fork is unsafe on macOS and absent on Windows
         return _spawn_helpers(workers)
     pool = ProcessPoolExecutor(
         workers - 1, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker
@@ -423,10 +424,13 @@ class _Scorer:
             # The duplicate model stays here (its dedupe comparators do not pickle; helpers need none).
             handle, name = tempfile.mkstemp(prefix="pipeline-assess-", suffix=".pkl")
             self.model = Path(name)
-            with os.fdopen(handle, "wb") as fh:
-                pickle.dump(
-                    AssessModel(bundle.config, bundle.errors, bundle.anomalies), fh, pickle.HIGHEST_PROTOCOL
-                )
+            try:
+                with os.fdopen(handle, "wb") as fh:
+                    sent = AssessModel(bundle.config, bundle.errors, bundle.anomalies)
+                    pickle.dump(sent, fh, pickle.HIGHEST_PROTOCOL)
+            except BaseException:
+                self.close()
+                raise
 
     def submit(self, chunk: pd.DataFrame) -> Iterator[tuple[pd.DataFrame, ChunkResult]]:
         """Takes a chunk; yields the chunks (with results) that are done, oldest first."""

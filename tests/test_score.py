@@ -446,7 +446,8 @@ def test_worker_processes_write_what_one_process_writes(demo, model_folder, tmp_
     assert list(temporary.glob("pipeline-assess-*")) == []
 
 
-def test_helpers_are_forked_before_the_models_load(tmp_path):
+@pytest.mark.skipif(sys.platform != "linux", reason="helpers are forked on Linux only")
+def test_helpers_are_forked_before_the_models_load():
     """`start_helpers` forks its helpers at once (where fork exists), so what this process imports or
     loads afterwards is not in them, and no resource-tracker process is started beside them."""
     probe = (
