@@ -446,6 +446,19 @@ def test_worker_processes_write_what_one_process_writes(demo, model_folder, tmp_
     assert list(temporary.glob("pipeline-assess-*")) == []
 
 
+def test_run_batch_spawns_its_own_helpers_when_none_are_given(demo, model_folder, tmp_path):
+    """Called without `helpers` (not from the CLI), `run_batch` spawns them once the models are loaded:
+    the same files byte for byte as one process."""
+    from pipeline.bundle import ModelBundle
+    from pipeline.score import run_batch
+
+    common = {"reference_path": demo.records, "chunk_rows": 50}
+    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "one", **common)
+    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "two", workers=2, **common)
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="helpers are forked on Linux only")
 def test_helpers_are_forked_before_the_models_load():
     """`start_helpers` forks its helpers at once (where fork exists), so what this process imports or
