@@ -291,13 +291,12 @@ _WORKER_MODEL: tuple[Path, AssessModel] | None = None  # a helper's model and th
 def start_helpers(workers: int) -> Executor | None:
     """The `workers - 1` helper processes of a `run_batch(workers=)` job, started now; None for one worker.
 
-    On Linux, helpers are forked from this process, so call it before the models load
-    (the job's `score` command does, right after its imports): a forked helper counts in its resident set
-    the memory this process holds at that moment, plus only those pages of the libraries it then runs,
-    where a spawned helper imports everything again and holds every library page its imports touched
-    (scoring 2,000,000 rows, 80% in: a helper 243 MB against 316, and no 13 MB resource-tracker process
-    beside it). Objects that exist now are frozen across the fork, so a helper's collector passes leave
-    their pages shared.
+    On Linux, helpers are forked from this process, so call it before the models load (the `score` command
+    does, right after its imports): a forked helper counts in its resident set the memory this process
+    holds at that moment, plus only those pages of the libraries it then runs, where a spawned helper
+    imports everything again and holds every library page its imports touched (scoring 2,000,000 rows,
+    80% in: a helper 243 MB against 316, and no 13 MB resource-tracker process beside it). Objects that
+    exist now are frozen across the fork, so a helper's collector passes leave their pages shared.
     Elsewhere the helpers are spawned. Either way they get their model with the first piece they assess
     (`_Scorer`). Hand the result to `run_batch(helpers=)`; shut it down if the job never starts.
     """
