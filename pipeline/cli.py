@@ -7,6 +7,7 @@ internal failure (one line; `--verbose` adds the traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -276,9 +277,7 @@ def _print_training(result: Any, run: Any, seconds: float) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.memory import map_large_allocations
-    from pipeline.reference import ReferenceCache, default_cache_dir
-    from pipeline.registry import load_bundle
-    from pipeline.score import SCORE_CHUNK_ROWS, prepare_output, run_batch
+    from pipeline.score import SCORE_CHUNK_ROWS, prepare_output, run_batch, start_helpers
 
     if args.chunk_rows is not None and args.chunk_rows < 1:
         raise BadInputError(f"--chunk-rows {args.chunk_rows}: must be at least 1")
@@ -288,25 +287,35 @@ def cmd_score(args: argparse.Namespace) -> int:
     import shutil
 
     shutil.rmtree(prepare_output(args.output, overwrite=args.overwrite))
-    if args.engine == "spark":
-        summary = _score_spark(args, load_bundle(args.model, uri=args.tracking_uri))
-    else:
-        map_large_allocations()
-        with _progress(args, unit="rows") as bar:
-            summary = run_batch(
-                # Held by the job alone: with a reference it swaps in the error model that knows the
-                # reference, and the trained one is freed (~25 MB of lookups at 10,000 records).
-                load_bundle(args.model, uri=args.tracking_uri),
-                args.input,
-                args.output,
-                reference_path=args.reference,
-                overwrite=args.overwrite,
-                chunk_rows=args.chunk_rows or SCORE_CHUNK_ROWS,
-                output_format=args.output_format,
-                progress=bar,
-                workers=args.workers,
-                cache=None if args.no_cache else ReferenceCache(args.cache_dir or default_cache_dir()),
-            )
+    # `--workers` helpers are forked before anything loads, so they hold only what scoring imports (see
+    # `start_helpers`); the registry and the duplicate model's modules are imported after them.
+    helpers = start_helpers(args.workers) if args.engine != "spark" else None
+    with contextlib.ExitStack() as stack:
+        if helpers is not None:
+            stack.callback(helpers.shutdown, cancel_futures=True)
+        from pipeline.reference import ReferenceCache, default_cache_dir
+        from pipeline.registry import load_bundle
+
+        if args.engine == "spark":
+            summary = _score_spark(args, load_bundle(args.model, uri=args.tracking_uri))
+        else:
+            map_large_allocations()
+            with _progress(args, unit="rows") as bar:
+                summary = run_batch(
+                    # Held by the job alone: with a reference it swaps in the error model that knows the
+                    # reference, and the trained one is freed (~25 MB of lookups at 10,000 records).
+                    load_bundle(args.model, uri=args.tracking_uri),
+                    args.input,
+                    args.output,
+                    reference_path=args.reference,
+                    overwrite=args.overwrite,
+                    chunk_rows=args.chunk_rows or SCORE_CHUNK_ROWS,
+                    output_format=args.output_format,
+                    progress=bar,
+                    workers=args.workers,
+                    cache=None if args.no_cache else ReferenceCache(args.cache_dir or default_cache_dir()),
+                    helpers=helpers,
+                )
     flags = summary["flags"]
     _out(
         f"scored {summary['input']['rows']} rows in {summary['seconds']:.1f} s: "

@@ -430,13 +430,56 @@ def test_evicting_matcher_links_as_the_full_index(demo, model_folder):
     assert lean.resident < len(lean) / 2
 
 
-def test_worker_processes_write_what_one_process_writes(demo, model_folder, tmp_path):
-    """Errors and anomalies in two worker processes, duplicates here: the same files byte for byte."""
+def test_worker_processes_write_what_one_process_writes(demo, model_folder, tmp_path, monkeypatch):
+    """Errors and anomalies in two worker processes, duplicates here: the same files byte for byte. The
+    helpers' model file (a temporary pickle) is gone afterwards."""
+    import tempfile
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     common = ("--reference", str(demo.records), "--chunk-rows", "50")
     assert score(model_folder, demo.batch, tmp_path / "one", *common) == 0
     assert score(model_folder, demo.batch, tmp_path / "two", *common, "--workers", "2") == 0
     for name in (s.RECORDS_FILE, s.FLAGS_FILE):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert list(temporary.glob("pipeline-assess-*")) == []
+
+
+def test_run_batch_spawns_its_own_helpers_when_none_are_given(demo, model_folder, tmp_path):
+    """Called without `helpers` (not from the CLI), `run_batch` spawns them once the models are loaded:
+    the same files byte for byte as one process."""
+    from pipeline.bundle import ModelBundle
+    from pipeline.score import run_batch
+
+    common = {"reference_path": demo.records, "chunk_rows": 50}
+    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "one", **common)
+    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "two", workers=2, **common)
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="helpers are forked on Linux only")
+def test_helpers_are_forked_before_the_models_load():
+    """`start_helpers` forks its helpers at once (where fork exists), so what this process imports or
+    loads afterwards is not in them, and no resource-tracker process is started beside them."""
+    probe = (
+        "import os, sys\n"
+        "from pipeline.score import start_helpers\n"
+        "def loaded(name):\n"
+        "    return name in sys.modules\n"
+        "helpers = start_helpers(2)\n"
+        "import pipeline.registry\n"
+        "names = ('pipeline.registry', 'pipeline.errors')\n"
+        "found = [helpers.submit(loaded, name).result() for name in names]\n"
+        "print(*found, helpers.submit(os.getppid).result() == os.getpid())\n"
+        "from multiprocessing import resource_tracker\n"
+        "print(resource_tracker._resource_tracker._pid)\n"
+        "helpers.shutdown()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split() == ["False", "True", "True", "None"]
 
 
 def test_pieces_across_helpers_write_what_one_process_writes(demo, model_folder, tmp_path, monkeypatch):
@@ -484,9 +527,9 @@ def test_the_index_is_freed_before_the_last_pieces_are_assessed(demo, model_fold
     matchers, alive_at_finish = [], []
     real_init, real_finish = score_module._Scorer.__init__, score_module._Scorer.finish
 
-    def init(self, bundle, matcher, workers):
+    def init(self, bundle, matcher, workers, helpers=None):
         matchers.append(weakref.ref(matcher))
-        real_init(self, bundle, matcher, workers)
+        real_init(self, bundle, matcher, workers, helpers)
 
     def finish(self):
         alive_at_finish.append(matchers[0]() is not None)
