@@ -133,10 +133,13 @@ def _swapped(a: DateValue, b: DateValue) -> bool:
     return a.digits[:4] == b.digits[:4] and a.digits[4:6] == b.digits[6:8] and a.digits[6:8] == b.digits[4:6]
 
 
-def _days_between_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
+def _days_between_many(
+    xs: Sequence[DateValue], ys: Sequence[DateValue], year_slip: bool = False
+) -> np.ndarray:
     """`days_between` per pair: the day numbers' difference, 1 where day and month are swapped (compared
     as the numbers YYYYMMDD of two calendar dates, whose digit positions are fixed), NaN where either is
-    not a calendar date."""
+    not a calendar date. `year_slip`: 1 also where the years are one apart and the rest the same
+    (`year_off_by_one`), read from the same numbers (`days_apart`)."""
     a = np.array([np.nan if x.ordinal is None else x.ordinal for x in xs], dtype=np.float64)
     b = np.array([np.nan if y.ordinal is None else y.ordinal for y in ys], dtype=np.float64)
     ymd_a = np.array([int(x.digits) if x.ordinal is not None else -1 for x in xs], dtype=np.int64)
@@ -144,8 +147,10 @@ def _days_between_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.n
     year_a, month_a, day_a = ymd_a // 10_000, ymd_a // 100 % 100, ymd_a % 100
     year_b, month_b, day_b = ymd_b // 10_000, ymd_b // 100 % 100, ymd_b % 100
     both = ~np.isnan(a) & ~np.isnan(b)
-    swapped = both & (year_a == year_b) & (month_a == day_b) & (day_a == month_b) & (a != b)
-    return np.where(swapped, 1.0, np.abs(a - b))
+    slip = both & (year_a == year_b) & (month_a == day_b) & (day_a == month_b) & (a != b)
+    if year_slip:
+        slip |= both & (ymd_a % 10_000 == ymd_b % 10_000) & (np.abs(year_a - year_b) == 1)
+    return np.where(slip, 1.0, np.abs(a - b))
 
 
 # log1p(days) / log1p(MAX_DAYS) for 0..MAX_DAYS days, computed by `math` as `days_apart` does (NumPy's log1p
@@ -154,7 +159,7 @@ _LOG_DAYS = np.array([math.log1p(days) / math.log1p(MAX_DAYS) for days in range(
 
 
 def _days_apart_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
-    days = np.where(_years_off_by_one_many(xs, ys) > 0, 1.0, _days_between_many(xs, ys))
+    days = _days_between_many(xs, ys, year_slip=True)
     known = ~np.isnan(days)
     result = np.full(len(days), np.nan)
     result[known] = _LOG_DAYS[np.minimum(days[known], MAX_DAYS).astype(np.int64)]
