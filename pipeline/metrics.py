@@ -152,7 +152,7 @@ def choose_threshold(
         cut = lowest = int(np.flatnonzero(precision >= min_precision)[0])  # the lowest reaching it
     else:
         compared = _smoothed(f1, flagged, smoothing * positives) if smoothing > 0 else f1
-        cut = int(np.flatnonzero(compared == compared.max())[-1])  # the highest of the best cuts
+        cut = best = int(np.flatnonzero(compared == compared.max())[-1])  # the highest of the best cuts
         good = compared >= compared.max() - f1_tolerance - 1e-12
         lowest = int(np.flatnonzero(good)[0])
         if placement == "lowest":
@@ -162,7 +162,6 @@ def choose_threshold(
         if kept < len(f1) and good[kept]:
             cut, anchored = kept, True
         elif kept < len(f1) and anchor_z is not None:
-            best = int(np.flatnonzero(compared == compared.max())[-1])
             band = abs(float(flagged[kept] - flagged[best]))
             right = abs(float(tp[kept] - tp[best]))
             half = f1[best] / 2

@@ -302,14 +302,9 @@ def start_helpers(workers: int) -> Executor | None:
     """
     if workers <= 1:
         return None
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     if sys.platform != "linux":  # fork is unsafe on macOS and absent on Windows
-        return _spawn_helpers(workers)
-    pool = ProcessPoolExecutor(
-        workers - 1, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker
-    )
+        return _helper_pool(workers, "spawn")
+    pool = _helper_pool(workers, "fork")
     gc.freeze()
     try:
         pool.submit(os.getpid).result()  # with fork: every helper is forked at the first task
@@ -318,12 +313,12 @@ def start_helpers(workers: int) -> Executor | None:
     return pool
 
 
-def _spawn_helpers(workers: int) -> Executor:
+def _helper_pool(workers: int, method: str) -> Executor:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     return ProcessPoolExecutor(
-        workers - 1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker
+        workers - 1, mp_context=multiprocessing.get_context(method), initializer=_start_worker
     )
 
 
@@ -420,7 +415,7 @@ class _Scorer:
         if workers > 1:
             # Spawned here unless the caller started them earlier (`start_helpers`): by now this process
             # holds the models and the prepared reference, which forked helpers would count as theirs.
-            self.pool = helpers if helpers is not None else _spawn_helpers(workers)
+            self.pool = helpers if helpers is not None else _helper_pool(workers, "spawn")
             # The duplicate model stays here (its dedupe comparators do not pickle; helpers need none).
             handle, name = tempfile.mkstemp(prefix="pipeline-assess-", suffix=".pkl")
             self.model = Path(name)
