@@ -74,6 +74,7 @@ from pipeline.duplicates.storage import (
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
 from pipeline.fields.base import TermFrequencies, compare_many
+from pipeline.fields.text import token_distance
 from pipeline.memory import collector_paused
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ MAX_RECORDS = 2**31 - 1
 # record's best score.
 SETTLE_MARGIN = 1e-9
 DEDUPE_VERSION = metadata.version("dedupe")
+# Comparators never below 0 nor NaN for two present values, and costly: `Matcher._deferrable`.
+_DEFERRABLE = (normalizedAffineGapDistance, token_distance)
 _CODE_TYPES = ("b", "h", "i")  # `array` typecodes of per-record value codes: 8, 16 and 32 bits
 
 
@@ -1112,15 +1115,16 @@ class Matcher:
 
     def _deferrable(self) -> set[int]:
         """The comparison columns whose computation `_best` puts off until a pair may be its record's best:
-        dedupe's affine gap distance (a call per distinct pair of values that holds the GIL, the matcher's
-        costliest comparison) where the classifier weighs it below 0. The distance is never below 0 (its
-        match, mismatch and gap costs are all positive), so 0 in its place gives a pair a score no lower
-        than its own: a bound."""
+        the text comparisons (`_DEFERRABLE`: dedupe's affine gap distance, a call per distinct pair of
+        values that holds the GIL, and the token-set distance) where the classifier weighs them below 0.
+        Neither is ever below 0 or NaN for two present values, so 0 in its place gives a pair a score no
+        lower than its own: a bound. With both deferred, a text field's values are not even read for the
+        pairs that cannot be best."""
         data_model, weights = self._model.data_model_, self._model.weights_
         return {
             start
             for _field, compare, start, _stop in data_model._field_comparators
-            if compare is normalizedAffineGapDistance and weights[start] < 0
+            if compare in _DEFERRABLE and weights[start] < 0
         }
 
     def _settle(
@@ -1165,28 +1169,33 @@ class Matcher:
         compared: dict[str, tuple[list[Any], list[Any], np.ndarray]],
     ) -> None:
         """Writes the `deferred` comparisons of these pairs (rows of `features`) in place, as `_features`
-        would have: once per distinct pair of values (those of `compared`, when it holds the field's); a
-        missing comparison (NaN) becomes 0 with its "both present" column 0, as `_add_derived_distances`
-        makes it."""
+        would have: once per distinct pair of values (those of `compared`, when it holds the field's; else
+        found once per field for all its deferred columns); a missing comparison (NaN) becomes 0 with its
+        "both present" column 0, as `_add_derived_distances` makes it."""
         data_model = self._model.data_model_
         indicator = {
             column: data_model._derived_start + offset
             for offset, column in enumerate(data_model._missing_field_indices)
         }
+        distinct: dict[str, tuple[np.ndarray, list[Any], list[Any], np.ndarray]] = {}
         for field, compare, start, _stop in data_model._field_comparators:
             if start not in deferred:
                 continue
-            code_left, code_right, present = (codes[rows] for codes in pair_codes[field])
-            at = rows[present]
-            if field in compared:
-                # Each pair's number among the field's distinct pairs, by its place among the pairs
-                # whose values are both present; only the numbers these pairs have are compared.
-                xs, ys, inverse = compared[field]
-                place = np.cumsum(pair_codes[field][2]) - 1
-                inverse, wanted = pd.factorize(inverse[place[at]])
-                xs, ys = [xs[i] for i in wanted.tolist()], [ys[i] for i in wanted.tolist()]
-            else:
-                xs, ys, inverse = self._distinct_pairs(field, code_left[present], code_right[present])
+            if field not in distinct:
+                present = pair_codes[field][2][rows]
+                at = rows[present]
+                if field in compared:
+                    # Each pair's number among the field's distinct pairs, by its place among the pairs
+                    # whose values are both present; only the numbers these pairs have are compared.
+                    xs, ys, inverse = compared[field]
+                    place = np.cumsum(pair_codes[field][2]) - 1
+                    inverse, wanted = pd.factorize(inverse[place[at]])
+                    xs, ys = [xs[i] for i in wanted.tolist()], [ys[i] for i in wanted.tolist()]
+                else:
+                    code_left, code_right, _ = pair_codes[field]
+                    xs, ys, inverse = self._distinct_pairs(field, code_left[at], code_right[at])
+                distinct[field] = (at, xs, ys, inverse)
+            at, xs, ys, inverse = distinct[field]
             values = compare_many(compare, xs, ys).astype("f4")[inverse]
             missing = np.isnan(values)
             features[at, start] = np.where(missing, 0, values)

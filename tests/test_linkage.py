@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.exceptions import ModelLoadError, TrainingDataError
+from pipeline.fields.text import token_distance
 from pipeline.linkage import META_FILE, SETTINGS_FILE, DuplicateModel, running_rarities
 from pipeline.metrics import link_metrics
 
@@ -183,12 +184,12 @@ def test_scoring_skips_comparisons_the_classifier_weighs_zero_and_scores_the_sam
     assert np.array_equal(zeroed.probabilities(full), zeroed.probabilities(scored))  # bit for bit
 
 
-def test_matching_computes_the_affine_gap_only_where_a_pair_may_be_best_and_links_the_same(
+def test_matching_computes_the_text_distances_only_where_a_pair_may_be_best_and_links_the_same(
     trained, monkeypatch
 ) -> None:
-    """`match` leaves dedupe's affine gap out of a pair's score until the pair may be its record's best
-    (`Matcher._settle`): each row's best candidate and score are bit for bit those of scoring every pair
-    in full, with far fewer affine gap calls."""
+    """`match` leaves dedupe's affine gap and the token-set distance out of a pair's score until the pair
+    may be its record's best (`Matcher._settle`): each row's best candidate and score are bit for bit those
+    of scoring every pair in full, with far fewer text comparisons."""
     from pipeline.linkage import Matcher
 
     model, records = trained
@@ -200,10 +201,18 @@ def test_matching_computes_the_affine_gap_only_where_a_pair_may_be_best_and_link
         )
         if variable.type == "String"
     ]
+    tokens = [
+        start
+        for (_, compare, start, _), variable in zip(
+            data_model._field_comparators, data_model.field_variables, strict=True
+        )
+        if variable.type == "Custom" and compare is token_distance
+    ]
     weighed = copy.copy(model)
     weighed.weights_ = model.weights_.copy()
-    weighed.weights_[strings] = -0.3  # every affine gap counts against a match: all of them deferred
-    assert weighed.matcher(None)._deferrable() == set(strings)
+    # Every affine gap and token-set distance counts against a match: all of them deferred.
+    weighed.weights_[strings + tokens] = -0.3
+    assert tokens and weighed.matcher(None)._deferrable() == set(strings + tokens)
     rows = [
         order(n) | {"record_id": f"B{n}", "entered_at": "2025-01-01T09:00:00", "amount": f"{n}.00"}
         for n in range(40)
