@@ -64,20 +64,21 @@ FLAG_KIND_ORDER = {s.KIND_DUPLICATE: 0, s.KIND_ERROR: 1, s.KIND_ANOMALY: 2}
 LINK_ROWS = 10_000  # rows `link_chunk` takes at a time (a Spark task's part)
 # Rows the duplicate matcher takes at a time within them: its candidate and pair arrays grow with them (up to
 # `window` candidates per rule and record before the `top_k` cut), ~100 MB per 10,000 rows once a long batch
-# has filled its blocks; the links do not depend on it. 5,000 rather than 2,500: quiet A/B pairs, the
-# duplicate stage on 200,000 rows took 12.6 s against 15.2 s, and 2,000,000 rows at --workers 2 peaked at
-# 1,012 MB in all against 993 MB.
-MATCH_ROWS = 5_000
+# has filled its blocks; the links do not depend on it. A part's values are normalised, parsed, coded and
+# compared once per distinct value (a customer's name, street and city repeat from order to order), so
+# larger parts repeat less of that work: 10,000 rather than 5,000 took the duplicate stage on 200,000 rows
+# from 10.7-11.3 to 9.8-10.4 CPU s in pairs under load (2,500 -> 5,000 had taken 15.2 -> 12.6 s).
+MATCH_ROWS = 10_000
 # Rows of a chunk assessed at a time with `--workers` > 1: half the parts `ErrorModel.assess` takes, since
 # a piece's frames and the model's per-cell arrays grow with it: a helper peaked ~85 MB above its loaded
 # model with 5,000-row pieces, ~50 MB with 2,500 (1,250: ~40 MB, 10% more CPU). The output is the same.
 PIECE_ROWS = ASSESS_ROWS // 2
-# Rows `score` reads at a time by default: the matcher takes `MATCH_ROWS` at a time whatever the chunk, so
-# larger chunks only hold more frames (at 200,000 rows, 50,000-row chunks peaked ~100 MB higher, no faster).
-# One part each: with `--workers` > 1 the job holds the chunk it links and those still in the helpers'
-# hands, and returns a chunk's freed memory after it (400,000 rows of the 2M batch at --workers 2, under
-# load: 771-777 MB RSS sum with 10,000-row chunks, 751 MB with 5,000, the same CPU within the noise).
-SCORE_CHUNK_ROWS = MATCH_ROWS
+# Rows `score` reads at a time with `--workers` > 1 (`default_chunk_rows`), and training's held-out scoring:
+# with helpers the job holds the chunk it links and those still in the helpers' hands, and returns a chunk's
+# freed memory after it (400,000 rows of the 2M batch at --workers 2, under load: 771-777 MB RSS sum with
+# 10,000-row chunks, 751 MB with 5,000, the same CPU within the noise). Larger chunks only hold more frames
+# (at 200,000 rows, 50,000-row chunks peaked ~100 MB higher, no faster).
+SCORE_CHUNK_ROWS = 5_000
 # Flags `FlagRuns` holds before it writes a run: a few MB, about 75,000 rows of the demo batch.
 RUN_FLAGS = 10_000
 
@@ -90,6 +91,13 @@ class ChunkResult:
     columns: pd.DataFrame
     flags: pd.DataFrame
     cell_scores: pd.DataFrame
+
+
+def default_chunk_rows(workers: int) -> int:
+    """The rows `score` reads at a time when not told: one matcher part (`MATCH_ROWS`) in one process, where
+    the part's size is the duplicate stage's speed; `SCORE_CHUNK_ROWS` with `--workers` helpers, where the
+    chunks in flight are the memory. The outputs do not depend on it."""
+    return MATCH_ROWS if workers <= 1 else SCORE_CHUNK_ROWS
 
 
 def fmt_score(values: pd.Series | np.ndarray) -> np.ndarray:
@@ -619,7 +627,7 @@ def run_batch(
     *,
     reference_path: Path | None = None,
     overwrite: bool = False,
-    chunk_rows: int = SCORE_CHUNK_ROWS,
+    chunk_rows: int | None = None,
     output_format: str = "csv",
     progress: Callable[[int], None] | None = None,
     workers: int = 1,
@@ -633,7 +641,8 @@ def run_batch(
     the reference's prepared state (`pipeline.reference`) is loaded from there when this model scored against
     the same reference bytes before, and stored there otherwise; the output is the same byte for byte.
     `helpers`: the helper processes from `start_helpers(workers)`, started before the models loaded (else
-    they are spawned here); shut down when the job is done with them.
+    they are spawned here); shut down when the job is done with them. `chunk_rows`: rows read at a time
+    (default `default_chunk_rows(workers)`; the output does not depend on it).
     """
     from pipeline.reference import prepare_reference
     from pipeline.report import build_summary, write_report
@@ -669,6 +678,7 @@ def run_batch(
         records_path = staging / s.RECORDS_FILE
         with open(records_path, "w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh, lineterminator=CSV_LINE_END)
+            chunk_rows = chunk_rows or default_chunk_rows(workers)
             for chunk in iter_table(input_path, chunk_rows=chunk_rows, options=options):
                 if columns is None:
                     columns = list(chunk.columns)

@@ -596,6 +596,31 @@ def test_default_chunk_size_writes_what_one_chunk_writes(demo, model_folder, tmp
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "default" / name).read_bytes(), name
 
 
+def test_one_process_reads_a_matcher_part_at_a_time_by_default(demo, model_folder, tmp_path, monkeypatch):
+    """Without --chunk-rows and helpers, `score` reads `MATCH_ROWS` rows at a time (one matcher part: here
+    11), with helpers `SCORE_CHUNK_ROWS` (here 9): the same files byte for byte either way."""
+    from pipeline import score as score_module
+
+    assert score_module.default_chunk_rows(1) == score_module.MATCH_ROWS
+    assert score_module.default_chunk_rows(2) == score_module.SCORE_CHUNK_ROWS
+    sizes = []
+    real_iter_table = score_module.iter_table
+
+    def iter_table(*args, **kwargs):
+        sizes.append(kwargs["chunk_rows"])
+        return real_iter_table(*args, **kwargs)
+
+    monkeypatch.setattr(score_module, "MATCH_ROWS", 11)
+    monkeypatch.setattr(score_module, "SCORE_CHUNK_ROWS", 9)
+    monkeypatch.setattr(score_module, "iter_table", iter_table)
+    common = ("--reference", str(demo.records))
+    assert score(model_folder, demo.batch, tmp_path / "one", *common) == 0
+    assert score(model_folder, demo.batch, tmp_path / "two", *common, "--workers", "2") == 0
+    assert sizes == [11, 9]
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
 def test_chunk_rows_below_one_is_refused(demo, model_folder, tmp_path, capsys):
     assert score(model_folder, demo.batch, tmp_path / "out", "--chunk-rows", "0") == 2
     assert "--chunk-rows 0" in capsys.readouterr().err
