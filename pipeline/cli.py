@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-rows",
         type=int,
         default=None,
-        help="rows read at a time (default 10,000; 50,000 with --engine spark); outputs do not depend on it",
+        help="rows read at a time (default 10,000; 5,000 with --workers above 1, 50,000 with --engine "
+        "spark); outputs do not depend on it",
     )
     p.add_argument(
         "--workers",
