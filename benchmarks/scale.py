@@ -146,6 +146,20 @@ def measure(
     return seconds, peak, status, children_cpu() - cpu_before, peak_pss
 
 
+def duplicate_quality(flags: Path, batch: Path) -> dict[str, float]:
+    """The duplicate flags of a `score` output against the generator's truth beside the batch, counted as
+    the duplicate-only run counts its links (`scale_children.quality`)."""
+    sys.path.insert(0, str(CHILDREN.parent))
+    from scale_children import quality
+
+    links: dict[str, str] = {}
+    with open(flags, encoding="utf-8", newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["kind"] == "duplicate":
+                links[row["record_id"]] = row["match_id"]
+    return quality(links, batch)
+
+
 def cli(python: str, *args: str) -> list[str]:
     return [python, "-m", "pipeline", *args]
 
@@ -220,6 +234,9 @@ def main() -> None:  # noqa: C901
         if result.status == "ok":
             summary = json.loads((out / "summary.json").read_text())
             result.what += f"; {summary['flags']['duplicate']:,} duplicate flags"
+            found = duplicate_quality(out / "flags.csv", Path(files[1]))
+            if "precision" in found:
+                result.what += f" (P {found['precision']:.4f}, R {found['recall']:.4f} against the truth)"
         return result
 
     for case, rows in (("score-200k", 200_000), ("score-2m", 2_000_000)):
