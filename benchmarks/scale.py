@@ -149,7 +149,8 @@ def measure(
 def duplicate_quality(flags: Path, batch: Path) -> dict[str, float]:
     """The duplicate flags of a `score` output against the generator's truth beside the batch, counted as
     the duplicate-only run counts its links (`scale_children.quality`)."""
-    sys.path.insert(0, str(CHILDREN.parent))
+    if str(CHILDREN.parent) not in sys.path:
+        sys.path.insert(0, str(CHILDREN.parent))
     from scale_children import quality
 
     links: dict[str, str] = {}
