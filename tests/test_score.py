@@ -573,6 +573,21 @@ def test_workers_below_one_is_refused(demo, model_folder, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def _record_chunk_rows(monkeypatch) -> list[int]:
+    """The `chunk_rows` of each `iter_table` call `score` makes from now on, in a list filled as it runs."""
+    from pipeline import score as score_module
+
+    sizes: list[int] = []
+    real_iter_table = score_module.iter_table
+
+    def iter_table(*args, **kwargs):
+        sizes.append(kwargs["chunk_rows"])
+        return real_iter_table(*args, **kwargs)
+
+    monkeypatch.setattr(score_module, "iter_table", iter_table)
+    return sizes
+
+
 def test_default_chunk_size_writes_what_one_chunk_writes(demo, model_folder, tmp_path, monkeypatch):
     """Without --chunk-rows, `score` reads `SCORE_CHUNK_ROWS` rows at a time (here 9, so the demo batch is
     many chunks, each cut into pieces shared with a helper): the same files byte for byte as one chunk."""
@@ -580,16 +595,9 @@ def test_default_chunk_size_writes_what_one_chunk_writes(demo, model_folder, tmp
 
     common = ("--reference", str(demo.records))
     assert score(model_folder, demo.batch, tmp_path / "one", *common, "--chunk-rows", "100000") == 0
-    sizes = []
-    real_iter_table = score_module.iter_table
-
-    def iter_table(*args, **kwargs):
-        sizes.append(kwargs["chunk_rows"])
-        return real_iter_table(*args, **kwargs)
-
+    sizes = _record_chunk_rows(monkeypatch)
     monkeypatch.setattr(score_module, "SCORE_CHUNK_ROWS", 9)
     monkeypatch.setattr(score_module, "PIECE_ROWS", 4)
-    monkeypatch.setattr(score_module, "iter_table", iter_table)
     assert score(model_folder, demo.batch, tmp_path / "default", *common, "--workers", "2") == 0
     assert sizes == [9]
     for name in (s.RECORDS_FILE, s.FLAGS_FILE):
@@ -603,16 +611,9 @@ def test_one_process_reads_a_matcher_part_at_a_time_by_default(demo, model_folde
 
     assert score_module.default_chunk_rows(1) == score_module.MATCH_ROWS
     assert score_module.default_chunk_rows(2) == score_module.SCORE_CHUNK_ROWS
-    sizes = []
-    real_iter_table = score_module.iter_table
-
-    def iter_table(*args, **kwargs):
-        sizes.append(kwargs["chunk_rows"])
-        return real_iter_table(*args, **kwargs)
-
+    sizes = _record_chunk_rows(monkeypatch)
     monkeypatch.setattr(score_module, "MATCH_ROWS", 11)
     monkeypatch.setattr(score_module, "SCORE_CHUNK_ROWS", 9)
-    monkeypatch.setattr(score_module, "iter_table", iter_table)
     common = ("--reference", str(demo.records))
     assert score(model_folder, demo.batch, tmp_path / "one", *common) == 0
     assert score(model_folder, demo.batch, tmp_path / "two", *common, "--workers", "2") == 0
