@@ -278,7 +278,7 @@ def _print_training(result: Any, run: Any, seconds: float) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.memory import map_large_allocations
-    from pipeline.score import default_chunk_rows, prepare_output, run_batch, start_helpers
+    from pipeline.score import prepare_output, run_batch, start_helpers
 
     if args.chunk_rows is not None and args.chunk_rows < 1:
         raise BadInputError(f"--chunk-rows {args.chunk_rows}: must be at least 1")
@@ -310,7 +310,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                     args.output,
                     reference_path=args.reference,
                     overwrite=args.overwrite,
-                    chunk_rows=args.chunk_rows or default_chunk_rows(args.workers),
+                    chunk_rows=args.chunk_rows,  # None: `run_batch` picks it by the workers
                     output_format=args.output_format,
                     progress=bar,
                     workers=args.workers,

@@ -648,6 +648,7 @@ def run_batch(
     from pipeline.report import build_summary, write_report
 
     started = time.perf_counter()
+    chunk_rows = chunk_rows or default_chunk_rows(workers)
     config = bundle.config
     options = ReadOptions.from_config(config)
     staging = prepare_output(output, overwrite=overwrite)
@@ -678,7 +679,6 @@ def run_batch(
         records_path = staging / s.RECORDS_FILE
         with open(records_path, "w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh, lineterminator=CSV_LINE_END)
-            chunk_rows = chunk_rows or default_chunk_rows(workers)
             for chunk in iter_table(input_path, chunk_rows=chunk_rows, options=options):
                 if columns is None:
                     columns = list(chunk.columns)
