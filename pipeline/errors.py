@@ -116,6 +116,13 @@ RULE_MIN_FAILS = 3
 RULE_MIN_PRECISION = 0.5
 WEAK_RULE_PRECISION = 0.8
 MATCHED_CONFIDENCE = 0.95
+# Yes/no detectors that fire on a handful of cells: a running number whose embedded year is not its record's
+# (`detectors.year_mismatch`). The classifier gives no leaf to fewer than 20 cells, so a detector firing on
+# 3-8 training cells is drowned by the other features, and its score drifts from one retraining to the next
+# (demo seed 3's review rounds: 0.42, 0.28, then below the cut). Where the log shows such a detector right
+# (at least RULE_MIN_FAILS entered values firing, at least RULE_MIN_PRECISION of them corrected), a cell it
+# fires on scores at least that share (`rule_floors`).
+RULE_FEATURES = ("year_mismatch",)
 
 FLAG_ROW = "row"
 SUGGESTION_PROBABILITY = "suggestion_probability"
@@ -665,6 +672,7 @@ class ErrorModel(BaseEstimator):
             self.classifier_, self.empty_columns_ = self._fit_classifier(
                 X[fit[0]], y[fit[0]], fit[1][fit[0]], own=True
             )
+        self.rule_floors_ = rule_floors(X, y, w, self.field_ids_)
         # Thin dependency evidence (two or three records alike) counts for fields this log never corrected
         # unless, on the corrected fields' cells (features out of fold), it is mostly wrong. A log with no
         # edits at all (the unlabelled model) never uses it: there only near-certain evidence flags.
@@ -1051,6 +1059,9 @@ class ErrorModel(BaseEstimator):
         first, inverse = distinct_rows(matrix)
         with sg.one_thread():
             probability = classifier.predict_proba(matrix[first])[:, 1][inverse]
+        for (field_id, feature), floor in getattr(self, "rule_floors_", {}).items():
+            fires = (X[:, -1] == field_id) & (X[:, d.FEATURES.index(feature)] == 1)
+            probability[fires] = np.maximum(probability[fires], floor)
         for j, name in enumerate(self.config.check_fields):
             if name in self.unsupervised_fields_:
                 part = slice(j * n, (j + 1) * n)
@@ -1432,6 +1443,41 @@ def _strongest_disagreement(cell: sg.CellContext, profile: d.Profile) -> d.Depen
 
 
 # --------------------------------------------------------------------------------------------- thresholds
+
+
+def rule_floors(
+    X: np.ndarray, y: np.ndarray, weight: np.ndarray, field_ids: dict[str, int]
+) -> dict[tuple[int, str], float]:
+    """Per field id and yes/no detector of `RULE_FEATURES`: the least score of a cell it fires on, the
+    share of the training cells it fires on that the log corrected (weighted by `weight`), where it fires
+    on at least `RULE_MIN_FAILS` cells and that share is at least `RULE_MIN_PRECISION`.
+
+    `X`: stacked training cells (`FEATURES`, the field id last), `y` their labels.
+
+    >>> X = np.full((6, len(d.FEATURES) + 1), np.nan)
+    >>> X[:, -1] = 0
+    >>> X[:4, d.FEATURES.index("year_mismatch")] = 1
+    >>> rule_floors(X, np.array([1, 1, 1, 0, 0, 0]), np.ones(6), {"order_number": 0})
+    {(0, 'year_mismatch'): 0.75}
+    """
+    floors: dict[tuple[int, str], float] = {}
+    for feature in RULE_FEATURES:
+        column = X[:, d.FEATURES.index(feature)]
+        for field_id in sorted(set(field_ids.values())):
+            fires = (X[:, -1] == field_id) & (column == 1) & (weight > 0)
+            if fires.sum() < RULE_MIN_FAILS:
+                continue
+            precision = float(np.average(y[fires], weights=weight[fires]))
+            logger.info(
+                "error model: %s fires on %d training cells of field id %d, %.0f%% of them corrected",
+                feature,
+                int(fires.sum()),
+                field_id,
+                100 * precision,
+            )
+            if precision >= RULE_MIN_PRECISION:
+                floors[(field_id, feature)] = precision
+    return floors
 
 
 def choose_suggest_threshold(flags: pd.DataFrame, labels: pd.DataFrame, default: float) -> float:
