@@ -15,7 +15,14 @@ from pipeline import suggest as sg
 from pipeline.config import Config, load_config
 from pipeline.corrections import cell_labels, load_log, replay_backwards
 from pipeline.detectors import split_running_number
-from pipeline.errors import FORMAT_VERSION, ErrorModel, cell_metrics, distinct_rows, pooled_field_ids
+from pipeline.errors import (
+    FORMAT_VERSION,
+    ErrorModel,
+    cell_metrics,
+    distinct_rows,
+    pooled_field_ids,
+    rule_floors,
+)
 from pipeline.exceptions import ModelLoadError
 from pipeline.generate import generate
 from pipeline.ingest import read_table
@@ -779,3 +786,33 @@ def test_quantile_edges_are_the_percentiles_of_columns_with_many_values() -> Non
             want = np.unique(np.percentile(column, percentiles, method="averaged_inverted_cdf"))
             np.testing.assert_array_equal(got, want)
     assert [e is None for e in quantile_edges(X, max_bins=255)] == [False, True, False, True, True, False]
+
+
+def test_rule_floors_need_enough_firing_cells_mostly_corrected() -> None:
+    year = d.FEATURES.index("year_mismatch")
+    X = np.full((8, len(d.FEATURES) + 1), np.nan)
+    X[:, -1] = [0, 0, 0, 0, 1, 1, 1, 1]
+    X[:, year] = [1, 1, 1, 0, 1, 1, 1, 1]
+    y = np.array([1, 1, 0, 1, 1, 0, 0, 0])
+    # Field 0: 2 of 3 firing cells corrected; field 1: 1 of 4, below RULE_MIN_PRECISION.
+    assert rule_floors(X, y, np.ones(8), {"a": 0, "b": 1}) == {(0, "year_mismatch"): pytest.approx(2 / 3)}
+    # A confirmed clean cell weighs more; a cell of weight 0 (entered alike in its duplicate) does not count,
+    # leaving two firing cells: too few.
+    assert rule_floors(X, y, np.array([1, 1, 5, 1, 1, 1, 1, 1.0]), {"a": 0, "b": 1}) == {}
+    assert rule_floors(X, y, np.array([1, 1, 0, 1, 1, 1, 1, 1.0]), {"a": 0, "b": 1}) == {}
+    X[2, year] = 0  # two firing cells are too few to judge a rule by, however right
+    assert rule_floors(X, y, np.ones(8), {"a": 0, "b": 1}) == {}
+
+
+def test_a_cell_a_rule_fires_on_scores_at_least_the_rules_floor(demo: dict) -> None:
+    model = copy.deepcopy(demo["model"])
+    row = _history_row(demo)
+    year = str(int(row["order_date"][:4]))
+    slipped = {**row, "order_number": row["order_number"].replace(year, year[:2] + year[3] + year[2], 1)}
+    chunk = pd.DataFrame([row, slipped], dtype=object)
+    before = model.cell_scores(chunk)["order_number"].tolist()
+    model.rule_floors_ = {(model.field_ids_["order_number"], "year_mismatch"): 0.97}
+    after = model.cell_scores(chunk)["order_number"].tolist()
+    assert after[0] == before[0]  # the rule does not fire on the right number
+    assert after[1] == max(before[1], 0.97)
+    assert after[1] >= 0.97
