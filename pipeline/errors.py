@@ -415,7 +415,9 @@ class ErrorModel(BaseEstimator):
 
         Rules are adopted on evidence only: an identifier check when at least 98% of the field's stored
         values pass it (`detectors.adopted_schemes`) and, for a field the log corrected, when the entered
-        values failing it were mostly corrected (`RULE_MIN_PRECISION`).
+        values failing it were mostly corrected (`RULE_MIN_PRECISION`); a floor under the score of the cells
+        a rare yes/no detector fires on (`RULE_FEATURES`, `rule_floors`) when those training cells were
+        mostly corrected.
 
         The thresholds are chosen on out-of-fold predictions of the training history (`calibrate` on a
         held-out period overrides them). A log without edits of the checked fields gives an *unlabelled*
