@@ -674,7 +674,19 @@ class ErrorModel(BaseEstimator):
             self.classifier_, self.empty_columns_ = self._fit_classifier(
                 X[fit[0]], y[fit[0]], fit[1][fit[0]], own=True
             )
-        self.rule_floors_ = rule_floors(X, y, w, self.field_ids_)
+        # Each fold's rule floor counts: the final floors from all of them, each fold's out-of-fold scores
+        # (the flag threshold is chosen on them) with floors from the other folds only.
+        counts = [floor_counts(fold.X, fold.y, fold.w, self.field_ids_) for fold in folds]
+        self.rule_floors_ = rule_floors(counts)
+        for (field_id, feature), (cells, corrected, weight) in sorted(rule_floors_totals(counts).items()):
+            logger.info(
+                "error model: %s fires on %d training cells of field id %d, %.0f%% of them corrected%s",
+                feature,
+                int(cells),
+                field_id,
+                100 * corrected / weight,
+                " (a floor)" if (field_id, feature) in self.rule_floors_ else "",
+            )
         # Thin dependency evidence (two or three records alike) counts for fields this log never corrected
         # unless, on the corrected fields' cells (features out of fold), it is mostly wrong. A log with no
         # edits at all (the unlabelled model) never uses it: there only near-certain evidence flags.
@@ -694,7 +706,7 @@ class ErrorModel(BaseEstimator):
         self.training_errors_ = int(y.sum())
         threshold, suggest = self.threshold, self.suggest_threshold
         if threshold is None or suggest is None:
-            chosen = self._out_of_fold_thresholds(folds, ids, labels, threshold, restore, fit)
+            chosen = self._out_of_fold_thresholds(folds, ids, labels, threshold, restore, counts, fit)
             threshold = chosen[0] if threshold is None else threshold
             suggest = chosen[1] if suggest is None else suggest
         if spill is not None:
@@ -783,13 +795,15 @@ class ErrorModel(BaseEstimator):
         labels: pd.DataFrame,
         fixed: float | None,
         restore: Callable[[_Fold], _Lookups],
+        counts: list[dict[tuple[int, str], np.ndarray]],
         fit: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> tuple[float, float]:
-        """Both thresholds from the training history itself: each fold is scored by a classifier and a
-        ranker fitted on the other folds (as `calibrate` scores a held-out period), and the pooled flags
-        choose the flag threshold (best F1) and the suggestion threshold (best correction F1). `restore`
-        gives a fold's lookups (kept, or taken back from disk). `fit` (the pooled cells' mask and weights,
-        `fit_cells`): the classifiers learn from those cells only; every cell is still scored."""
+        """Both thresholds from the training history itself: each fold is scored by a classifier, rule
+        floors and a ranker fitted on the other folds (as `calibrate` scores a held-out period), and the
+        pooled flags choose the flag threshold (best F1) and the suggestion threshold (best correction F1).
+        `restore` gives a fold's lookups (kept, or taken back from disk); `counts` each fold's
+        `floor_counts`. `fit` (the pooled cells' mask and weights, `fit_cells`): the classifiers learn from
+        those cells only; every cell is still scored."""
         config = self.config
         fields = config.check_fields
         # A large history is scored in OOF_GROUPS groups of folds (each by a classifier fitted on the other
@@ -820,8 +834,9 @@ class ErrorModel(BaseEstimator):
             if X is not None:
                 classifier, empty = self._fit_classifier(X, y, w, own=True)
             del X
+            floors = rule_floors([counts[k] for k in range(len(folds)) if k % groups != g])
             for k in members:
-                scores[k] = self._probability(folds[k].X, classifier, empty, len(folds[k].rows))
+                scores[k] = self._probability(folds[k].X, classifier, empty, len(folds[k].rows), floors)
         pooled = np.concatenate(scores)
         truth = np.concatenate([fold.y for fold in folds]).astype(bool)
         count = np.concatenate([fold.count for fold in folds])
@@ -1038,7 +1053,9 @@ class ErrorModel(BaseEstimator):
             return pd.DataFrame(np.zeros((len(index), len(names))), index=index, columns=names)
         n = len(index)
         X = self._stack(per_field, n)
-        probability = self._probability(X, self.classifier_, self.empty_columns_, n)
+        probability = self._probability(
+            X, self.classifier_, self.empty_columns_, n, getattr(self, "rule_floors_", {})
+        )
         return pd.DataFrame(probability.reshape(len(names), n).T, index=index, columns=names)
 
     def _probability(
@@ -1047,10 +1064,12 @@ class ErrorModel(BaseEstimator):
         classifier: BinnedClassifier | HistGradientBoostingClassifier | None,
         empty: np.ndarray,
         n: int,
+        floors: dict[tuple[int, str], float],
     ) -> np.ndarray:
         """The error score of stacked cells (`_stack`, `n` rows per field): the classifier's probability,
-        and for the fields the log has no corrected value of, at least the label-free score
-        (`detectors.unsupervised_score`); an unlabelled model has only the latter."""
+        at least the rule floor (`rule_floors`) of a cell a rare detector fires on, and for the fields the
+        log has no corrected value of, at least the label-free score (`detectors.unsupervised_score`); an
+        unlabelled model has only the latter."""
         unsupervised = d.unsupervised_score(
             X[:, :-1], weak_dependencies=getattr(self, "weak_dependencies_", False)
         )
@@ -1061,7 +1080,7 @@ class ErrorModel(BaseEstimator):
         first, inverse = distinct_rows(matrix)
         with sg.one_thread():
             probability = classifier.predict_proba(matrix[first])[:, 1][inverse]
-        for (field_id, feature), floor in getattr(self, "rule_floors_", {}).items():
+        for (field_id, feature), floor in floors.items():
             fires = (X[:, -1] == field_id) & (X[:, d.FEATURES.index(feature)] == 1)
             probability[fires] = np.maximum(probability[fires], floor)
         for j, name in enumerate(self.config.check_fields):
@@ -1447,38 +1466,54 @@ def _strongest_disagreement(cell: sg.CellContext, profile: d.Profile) -> d.Depen
 # --------------------------------------------------------------------------------------------- thresholds
 
 
-def rule_floors(
+def floor_counts(
     X: np.ndarray, y: np.ndarray, weight: np.ndarray, field_ids: dict[str, int]
-) -> dict[tuple[int, str], float]:
-    """Per field id and yes/no detector of `RULE_FEATURES`: the least score of a cell it fires on, the
-    share of the training cells it fires on that the log corrected (weighted by `weight`), where it fires
-    on at least `RULE_MIN_FAILS` cells and that share is at least `RULE_MIN_PRECISION`.
+) -> dict[tuple[int, str], np.ndarray]:
+    """Per field id and yes/no detector of `RULE_FEATURES`: `[cells, corrected weight, weight]` of the
+    training cells of positive `weight` it fires on. Counts of disjoint cells add up, so each fold's are
+    taken once and any set of folds' floors follow from their sum (`rule_floors`).
 
     `X`: stacked training cells (`FEATURES`, the field id last), `y` their labels.
-
-    >>> X = np.full((6, len(d.FEATURES) + 1), np.nan)
-    >>> X[:, -1] = 0
-    >>> X[:4, d.FEATURES.index("year_mismatch")] = 1
-    >>> rule_floors(X, np.array([1, 1, 1, 0, 0, 0]), np.ones(6), {"order_number": 0})
-    {(0, 'year_mismatch'): 0.75}
     """
-    floors: dict[tuple[int, str], float] = {}
+    counts: dict[tuple[int, str], np.ndarray] = {}
     for feature in RULE_FEATURES:
         column = X[:, d.FEATURES.index(feature)]
         for field_id in sorted(set(field_ids.values())):
             fires = (X[:, -1] == field_id) & (column == 1) & (weight > 0)
-            if fires.sum() < RULE_MIN_FAILS:
-                continue
-            precision = float(np.average(y[fires], weights=weight[fires]))
-            logger.info(
-                "error model: %s fires on %d training cells of field id %d, %.0f%% of them corrected",
-                feature,
-                int(fires.sum()),
-                field_id,
-                100 * precision,
+            counts[(field_id, feature)] = np.array(
+                [fires.sum(), np.dot(y[fires], weight[fires]), weight[fires].sum()], dtype=float
             )
-            if precision >= RULE_MIN_PRECISION:
-                floors[(field_id, feature)] = precision
+    return counts
+
+
+def rule_floors_totals(counts: list[dict[tuple[int, str], np.ndarray]]) -> dict[tuple[int, str], np.ndarray]:
+    """The sum of `floor_counts` over folds, per field id and detector firing on at least one cell."""
+    totals: dict[tuple[int, str], np.ndarray] = {}
+    for part in counts:
+        for key, value in part.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return {key: value for key, value in totals.items() if value[0] > 0}
+
+
+def rule_floors(counts: list[dict[tuple[int, str], np.ndarray]]) -> dict[tuple[int, str], float]:
+    """Per field id and yes/no detector of `RULE_FEATURES`: the least score of a cell it fires on, the
+    share of the training cells it fires on that the log corrected (weighted), where it fires on at least
+    `RULE_MIN_FAILS` cells and that share is at least `RULE_MIN_PRECISION`. `counts`: `floor_counts` of
+    the cells to learn from, one per fold (summed).
+
+    >>> X = np.full((6, len(d.FEATURES) + 1), np.nan)
+    >>> X[:, -1] = 0
+    >>> X[:4, d.FEATURES.index("year_mismatch")] = 1
+    >>> rule_floors([floor_counts(X, np.array([1, 1, 1, 0, 0, 0]), np.ones(6), {"order_number": 0})])
+    {(0, 'year_mismatch'): 0.75}
+    """
+    floors: dict[tuple[int, str], float] = {}
+    for key, (cells, corrected, weight) in rule_floors_totals(counts).items():
+        if cells < RULE_MIN_FAILS:
+            continue
+        precision = float(corrected / weight)
+        if precision >= RULE_MIN_PRECISION:
+            floors[key] = precision
     return floors
 
 

@@ -20,6 +20,7 @@ from pipeline.errors import (
     ErrorModel,
     cell_metrics,
     distinct_rows,
+    floor_counts,
     pooled_field_ids,
     rule_floors,
 )
@@ -795,13 +796,21 @@ def test_rule_floors_need_enough_firing_cells_mostly_corrected() -> None:
     X[:, year] = [1, 1, 1, 0, 1, 1, 1, 1]
     y = np.array([1, 1, 0, 1, 1, 0, 0, 0])
     # Field 0: 2 of 3 firing cells corrected; field 1: 1 of 4, below RULE_MIN_PRECISION.
-    assert rule_floors(X, y, np.ones(8), {"a": 0, "b": 1}) == {(0, "year_mismatch"): pytest.approx(2 / 3)}
+    assert rule_floors([floor_counts(X, y, np.ones(8), {"a": 0, "b": 1})]) == {
+        (0, "year_mismatch"): pytest.approx(2 / 3)
+    }
     # A confirmed clean cell weighs more; a cell of weight 0 (entered alike in its duplicate) does not count,
     # leaving two firing cells: too few.
-    assert rule_floors(X, y, np.array([1, 1, 5, 1, 1, 1, 1, 1.0]), {"a": 0, "b": 1}) == {}
-    assert rule_floors(X, y, np.array([1, 1, 0, 1, 1, 1, 1, 1.0]), {"a": 0, "b": 1}) == {}
+    assert rule_floors([floor_counts(X, y, np.array([1, 1, 5, 1, 1, 1, 1, 1.0]), {"a": 0, "b": 1})]) == {}
+    assert rule_floors([floor_counts(X, y, np.array([1, 1, 0, 1, 1, 1, 1, 1.0]), {"a": 0, "b": 1})]) == {}
+    # Counts of disjoint folds add up: the floor of folds A and B is the floor of their cells together.
+    ids = {"a": 0, "b": 1}
+    apart = [floor_counts(X[:2], y[:2], np.ones(2), ids), floor_counts(X[2:], y[2:], np.ones(6), ids)]
+    assert rule_floors(apart) == rule_floors([floor_counts(X, y, np.ones(8), ids)])
+    # Out of fold: a fold holding two of the three firing cells leaves one to the others, too few.
+    assert rule_floors(apart[1:]) == {}
     X[2, year] = 0  # two firing cells are too few to judge a rule by, however right
-    assert rule_floors(X, y, np.ones(8), {"a": 0, "b": 1}) == {}
+    assert rule_floors([floor_counts(X, y, np.ones(8), {"a": 0, "b": 1})]) == {}
 
 
 def test_a_cell_a_rule_fires_on_scores_at_least_the_rules_floor(demo: dict) -> None:
