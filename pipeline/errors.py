@@ -678,7 +678,7 @@ class ErrorModel(BaseEstimator):
         # (the flag threshold is chosen on them) with floors from the other folds only.
         counts = [floor_counts(fold.X, fold.y, fold.w, self.field_ids_) for fold in folds]
         self.rule_floors_ = rule_floors(counts)
-        for (field_id, feature), (cells, corrected, weight) in sorted(rule_floors_totals(counts).items()):
+        for (field_id, feature), (cells, corrected, weight) in sorted(_floor_totals(counts).items()):
             logger.info(
                 "error model: %s fires on %d training cells of field id %d, %.0f%% of them corrected%s",
                 feature,
@@ -1486,7 +1486,7 @@ def floor_counts(
     return counts
 
 
-def rule_floors_totals(counts: list[dict[tuple[int, str], np.ndarray]]) -> dict[tuple[int, str], np.ndarray]:
+def _floor_totals(counts: list[dict[tuple[int, str], np.ndarray]]) -> dict[tuple[int, str], np.ndarray]:
     """The sum of `floor_counts` over folds, per field id and detector firing on at least one cell."""
     totals: dict[tuple[int, str], np.ndarray] = {}
     for part in counts:
@@ -1508,7 +1508,7 @@ def rule_floors(counts: list[dict[tuple[int, str], np.ndarray]]) -> dict[tuple[i
     {(0, 'year_mismatch'): 0.75}
     """
     floors: dict[tuple[int, str], float] = {}
-    for key, (cells, corrected, weight) in rule_floors_totals(counts).items():
+    for key, (cells, corrected, weight) in _floor_totals(counts).items():
         if cells < RULE_MIN_FAILS:
             continue
         precision = float(corrected / weight)
