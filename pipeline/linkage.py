@@ -79,7 +79,9 @@ from pipeline.memory import collector_paused
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 5  # 5: slips are not distances in `days_apart` and the amount's relative difference
+# 5: slips are not distances in `days_apart` and the amount's relative difference; 6: a date's day and month
+# swapped or year off by one is one digit slip, a decimal slip may round off the digits it shifts out.
+FORMAT_VERSION = 6
 SETTINGS_FILE = "linkage_settings.json"
 META_FILE = "linkage_meta.json"
 # `fit` drops a never-merged "negative" its first fit scores at least this high as an unmerged duplicate.

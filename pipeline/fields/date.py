@@ -282,9 +282,20 @@ _DAY_LEVEL_COMPARATORS = tuple(
 )
 
 
-@vectorised(lambda xs, ys: capped_slips([x.digits for x in xs], [y.digits for y in ys], MAX_DIGIT_EDITS))
+def _digit_slips_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
+    slips = capped_slips([x.digits for x in xs], [y.digits for y in ys], MAX_DIGIT_EDITS)
+    one_slip = (_days_swapped_many(xs, ys) + _years_off_by_one_many(xs, ys)) > 0
+    return np.where(one_slip, 1.0, slips)
+
+
+@vectorised(_digit_slips_many)
 def digit_slips(a: DateValue, b: DateValue) -> float:
-    """Typing slips between the two dates' digits (a swap of neighbours is one), capped at 3."""
+    """Typing slips between the two dates' digits (a swap of neighbours is one), capped at 3; day and
+    month swapped and a year off by one are one slip each (`2024-07-02` typed as `2024-02-07` changes two
+    digits, as does `2019-12-30` typed as `2020-12-30`), so a re-registration with such a slip does not
+    pay for it as two slips on top of losing the date's agreement."""
+    if day_month_swapped(a, b) or year_off_by_one(a, b):
+        return 1.0
     return min(OSA.distance(a.digits, b.digits), MAX_DIGIT_EDITS)
 
 

@@ -201,12 +201,20 @@ def _decimal_slips(xs: Sequence[NumberValue], ys: Sequence[NumberValue]) -> np.n
     return _slips_of(_values(xs), _values(ys))
 
 
+# A decimal slip that shifts digits out of the written decimals rounds them (172.53 typed a place to the
+# left is 17.25): the smaller then has at least two significant digits, so the ratio of the two is within
+# 5% of a power of ten, a log10 within this of a whole number.
+_ROUNDED_SLIP_LOG10 = 0.025
+
+
 def _slips_of(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     slips = np.zeros(len(a))
     maybe = np.flatnonzero((a != 0) & (b != 0) & (a != b) & ((a < 0) == (b < 0)))
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        exponent = np.log10(np.abs(a[maybe]) / np.abs(b[maybe]))
-        near = maybe[np.abs(exponent - np.round(exponent)) < 1e-6]
+        exponent = np.abs(np.log10(np.abs(a[maybe]) / np.abs(b[maybe])))
+        whole = np.round(exponent)
+        off = np.abs(exponent - whole)
+        near = maybe[(off < 1e-6) | ((whole >= 1) & (off < _ROUNDED_SLIP_LOG10))]
     slips[near] = [_is_decimal_slip(x, y) for x, y in zip(a[near].tolist(), b[near].tolist(), strict=True)]
     return slips
 
@@ -262,10 +270,35 @@ def digit_slips(x: NumberValue, y: NumberValue) -> float:
 
 
 def _is_decimal_slip(a: float, b: float) -> float:
+    """1.0 when `a` and `b` differ by a power of ten, exactly or with the digits the shift moved past the
+    written decimals rounded off (172.53 and 17.25: the smaller, written with as many decimals as either,
+    is the larger shifted and rounded, and keeps at least two significant digits), else 0.0."""
     if a == 0 or b == 0 or a == b or (a < 0) != (b < 0):
         return 0.0
     exponent = math.log10(abs(a) / abs(b))
-    return 1.0 if abs(exponent - round(exponent)) < 1e-9 else 0.0
+    whole = round(exponent)
+    if abs(exponent - whole) < 1e-9:
+        return 1.0
+    large, small = max(abs(a), abs(b)), min(abs(a), abs(b))
+    shift = round(math.log10(large / small))
+    if shift < 1:
+        return 0.0
+    decimals = max(_decimals(large), _decimals(small))
+    if small * 10**decimals < 10 - 1e-9:  # one significant digit left: 1 and 14 are not a slip
+        return 0.0
+    return 1.0 if abs(large / 10**shift - small) <= 0.5 * 10.0**-decimals + 1e-9 else 0.0
+
+
+_MAX_DECIMALS = 6
+
+
+def _decimals(value: float) -> int:
+    """The decimals of a non-negative number as written without trailing zeros (17.25 -> 2, 17.2 -> 1,
+    17 -> 0), at most `_MAX_DECIMALS`."""
+    for decimals in range(_MAX_DECIMALS):
+        if abs(round(value, decimals) - value) <= 1e-9 * max(value, 1.0):
+            return decimals
+    return _MAX_DECIMALS
 
 
 def _significant_digits(texts: list[str]) -> list[str]:
