@@ -182,6 +182,58 @@ def test_date_tolerates_swapped_day_and_month_and_a_few_days_slip() -> None:
     assert keys["day_month_swapped"].tolist() == ["2024/03/05", "2024/03/05", "", ""]
 
 
+def test_a_date_slip_of_two_digits_is_one_slip() -> None:
+    """Day and month swapped and a year off by one change two digits but are one typing slip each; other
+    differences count their digits as before (a re-registration whose date swapped day and month paid for
+    it as two slips besides losing the date's agreement)."""
+    d = parse_date
+    july2 = d("2024-07-02")
+    others = [
+        d("2024-02-07"),
+        d("2023-07-02"),
+        d("2024-07-12"),
+        d("2024-02-17"),
+        d("2024-07-02"),
+        d("2024-12-20"),
+    ]
+    assert [digit_slips(july2, o) for o in others] == [1, 1, 1, 3, 0, 3]
+    assert digit_slips(d("2019-12-30"), d("2020-12-30")) == 1
+    xs, ys = [july2] * len(others), others
+    np.testing.assert_array_equal(
+        digit_slips.many(xs, ys), [digit_slips(x, y) for x, y in zip(xs, ys, strict=True)]
+    )
+
+
+def test_a_decimal_slip_may_round_off_the_digits_it_shifts_out() -> None:
+    """172.53 typed a place to the left is 17.25 in a field of cents: a decimal slip, not an amount 90%
+    smaller. The smaller must be the larger shifted and rounded to the decimals either is written with,
+    and keep two significant digits."""
+    from pipeline.fields.number import more_than_10pct_apart, relative_unless_slip
+
+    n = field_type("number")("amount").parse
+    pairs = [("172.53", "17.25"), ("17.25", "172.53"), ("1725.3", "17.25"), ("172.03", "17.2")]
+    assert [decimal_slip(n(a), n(b)) for a, b in pairs] == [1, 1, 1, 1]
+    assert [relative_unless_slip(n(a), n(b)) for a, b in pairs] == [0, 0, 0, 0]
+    assert [more_than_10pct_apart(n(a), n(b)) for a, b in pairs] == [0, 0, 0, 0]
+    others = [
+        ("172.53", "17.26"),
+        ("172.53", "17.2"),
+        ("14", "1"),
+        ("441.40", "437.23"),
+        ("172.53", "-17.25"),
+    ]
+    assert [decimal_slip(n(a), n(b)) for a, b in others] == [0, 0, 0, 0, 0]
+    assert more_than_10pct_apart(n("172.53"), n("17.26")) == 1
+    xs, ys = [n(a) for a, _ in pairs + others], [n(b) for _, b in pairs + others]
+    np.testing.assert_array_equal(
+        decimal_slip.many(xs, ys), [decimal_slip(x, y) for x, y in zip(xs, ys, strict=True)]
+    )
+    np.testing.assert_array_equal(
+        relative_unless_slip.many(xs, ys), [relative_unless_slip(x, y) for x, y in zip(xs, ys, strict=True)]
+    )
+    assert field_type("number")("amount").describe("172.53", "17.25").text == "10x larger"
+
+
 def test_category_compares_exactly_and_learns_how_many_values_it_has() -> None:
     plugin = field_type("category")("city")
     values = plugin.normalise(text(["Amsterdam", " AMSTERDAM ", "Utrecht", ""]))
@@ -248,11 +300,13 @@ def _every_pair(values: list) -> tuple[list, list]:
         ("text", ["jan de vries", "de vries jan", "jan vries", "anna smit", "a", "van den berg straat 12"]),
         (
             "number",
-            ["1200", "120", "12", "0", "-120", "-12", "100", "101", "81.81", "81.18", "0.1", "1e+20", "3"],
+            ["1200", "120", "12", "0", "-120", "-12", "100", "101", "81.81", "81.18", "0.1", "1e+20", "3"]
+            + ["172.53", "17.25", "17.26", "1725.3", "17.2", "14", "1", "172.55", "-17.25"],
         ),
         (
             "date",
-            ["2024-03-05", "2024-05-03", "2024-03-06", "2023-03-05", "20241305", "20240535", "2014-03-05"],
+            ["2024-03-05", "2024-05-03", "2024-03-06", "2023-03-05", "20241305", "20240535", "2014-03-05"]
+            + ["2019-12-30", "2020-12-30", "2024-07-02", "2024-02-07"],
         ),
     ],
 )
