@@ -214,9 +214,31 @@ def _slips_of(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         exponent = np.abs(np.log10(np.abs(a[maybe]) / np.abs(b[maybe])))
         whole = np.round(exponent)
         off = np.abs(exponent - whole)
-        near = maybe[(off < 1e-6) | ((whole >= 1) & (off < _ROUNDED_SLIP_LOG10))]
+        exact = maybe[off < 1e-6]
+        rounded = maybe[(whole >= 1) & (off >= 1e-6) & (off < _ROUNDED_SLIP_LOG10)]
+        rounded = rounded[_maybe_rounded_slip(np.abs(a[rounded]), np.abs(b[rounded]))]
+    near = np.concatenate([exact, rounded])
     slips[near] = [_is_decimal_slip(x, y) for x, y in zip(a[near].tolist(), b[near].tolist(), strict=True)]
     return slips
+
+
+def _maybe_rounded_slip(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Where `_is_decimal_slip` may find a rounded slip (a superset, with a margin for float rounding):
+    its test in NumPy, so that only those few pairs are decided one at a time."""
+    large, small = np.maximum(a, b), np.minimum(a, b)
+    shift = np.round(np.log10(large / small))
+    decimals = np.maximum(_decimals_many(large), _decimals_many(small))
+    unit = 10.0**-decimals
+    return (small >= unit * 9.9) & (np.abs(large / 10.0**shift - small) <= 0.5 * unit * 1.01 + 1e-9)
+
+
+def _decimals_many(values: np.ndarray) -> np.ndarray:
+    """`_decimals` of each value (non-negative), in NumPy."""
+    decimals = np.full(len(values), _MAX_DECIMALS)
+    for places in range(_MAX_DECIMALS - 1, -1, -1):
+        written = np.abs(np.round(values, places) - values) <= 1e-9 * np.maximum(values, 1.0)
+        decimals[written] = places
+    return decimals
 
 
 @vectorised(_relative_differences)
