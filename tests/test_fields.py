@@ -232,6 +232,12 @@ def test_a_decimal_slip_may_round_off_the_digits_it_shifts_out() -> None:
         relative_unless_slip.many(xs, ys), [relative_unless_slip(x, y) for x, y in zip(xs, ys, strict=True)]
     )
     assert field_type("number")("amount").describe("172.53", "17.25").text == "10x larger"
+    # A decimal slip is one slip of the finger however far the point moved; other differences count edits.
+    assert [number_digit_slips(n(a), n(b)) for a, b in [*pairs, ("4149.90", "414990.00")]] == [1] * 5
+    assert number_digit_slips(n("441.40"), n("437.23")) == 3
+    np.testing.assert_array_equal(
+        number_digit_slips.many(xs, ys), [number_digit_slips(x, y) for x, y in zip(xs, ys, strict=True)]
+    )
 
 
 def test_category_compares_exactly_and_learns_how_many_values_it_has() -> None:

@@ -287,9 +287,18 @@ def decimal_slip(x: NumberValue, y: NumberValue) -> float:
     return _is_decimal_slip(x.value, y.value)
 
 
-@vectorised(lambda xs, ys: capped_slips(_texts(xs), _texts(ys), MAX_DIGIT_EDITS))
+def _digit_slips_many(xs: Sequence[NumberValue], ys: Sequence[NumberValue]) -> np.ndarray:
+    slips = capped_slips(_texts(xs), _texts(ys), MAX_DIGIT_EDITS)
+    return np.where(_decimal_slips(xs, ys) > 0, 1.0, slips)
+
+
+@vectorised(_digit_slips_many)
 def digit_slips(x: NumberValue, y: NumberValue) -> float:
-    """Typing slips between the two numbers' digits (a swap of neighbours is one), capped at 3."""
+    """Typing slips between the two numbers' digits (a swap of neighbours is one), capped at 3; a decimal
+    slip (`decimal_slip`) is one slip of the finger however many places the point moved (4149.90 typed as
+    414990.00 is two edits of the text), so a re-registration with it does not pay for it as two."""
+    if decimal_slip(x, y):
+        return 1.0
     return min(OSA.distance(x.text, y.text), MAX_DIGIT_EDITS)
 
 
