@@ -240,6 +240,19 @@ def test_a_decimal_slip_may_round_off_the_digits_it_shifts_out() -> None:
     )
 
 
+def test_a_near_amount_that_is_no_slip_weighs_as_any_other_difference() -> None:
+    """No graded level between "any difference" and "more than 10%": an amount 0.9% apart over three
+    digits (a customer's second order of the day) gets the same levels as one 5% apart, not those of a
+    copy. Only the continuous difference tells them apart."""
+    plugin = field_type("number")("amount")
+    n = plugin.parse
+    levels = [v.comparator for v in plugin.variables() if hasattr(v.comparator, "cut")]
+    assert [compare.cut for compare in levels] == [0.0, 0.1]
+    near, farther, copy = (n("441.40"), n("437.23")), (n("441.40"), n("420.00")), (n("441.40"), n("441.40"))
+    assert [compare(*near) for compare in levels] == [compare(*farther) for compare in levels] == [1, 0]
+    assert [compare(*copy) for compare in levels] == [0, 0]
+
+
 def test_category_compares_exactly_and_learns_how_many_values_it_has() -> None:
     plugin = field_type("category")("city")
     values = plugin.normalise(text(["Amsterdam", " AMSTERDAM ", "Utrecht", ""]))
