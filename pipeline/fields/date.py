@@ -284,8 +284,11 @@ _DAY_LEVEL_COMPARATORS = tuple(
 
 def _digit_slips_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
     slips = capped_slips([x.digits for x in xs], [y.digits for y in ys], MAX_DIGIT_EDITS)
-    one_slip = (_days_swapped_many(xs, ys) + _years_off_by_one_many(xs, ys)) > 0
-    return np.where(one_slip, 1.0, slips)
+    (year_a, day_a), (year_b, day_b) = _calendar_parts(xs), _calendar_parts(ys)  # read once for both
+    both = (year_a >= 0) & (year_b >= 0)
+    swapped = (year_a == year_b) & (day_a // 100 == day_b % 100) & (day_a % 100 == day_b // 100)
+    year_off = (day_a == day_b) & (np.abs(year_a - year_b) == 1)
+    return np.where(both & ((swapped & (day_a != day_b)) | year_off), 1.0, slips)
 
 
 @vectorised(_digit_slips_many)
