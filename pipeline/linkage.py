@@ -79,9 +79,8 @@ from pipeline.memory import collector_paused
 
 logger = logging.getLogger(__name__)
 
-# 5: slips are not distances in `days_apart` and the amount's relative difference; 6: a date's day and month
-# swapped or year off by one and a number's decimal slip are one digit slip, a decimal slip may round off
-# the digits it shifts out, no "more than 1% apart" level for numbers.
+# 5: slips are not distances in `days_apart` and the amount's relative difference; 6: a number's decimal
+# slip is one digit slip and may round off the digits it shifts out, no "more than 1% apart" level.
 FORMAT_VERSION = 6
 SETTINGS_FILE = "linkage_settings.json"
 META_FILE = "linkage_meta.json"

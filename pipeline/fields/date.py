@@ -282,23 +282,9 @@ _DAY_LEVEL_COMPARATORS = tuple(
 )
 
 
-def _digit_slips_many(xs: Sequence[DateValue], ys: Sequence[DateValue]) -> np.ndarray:
-    slips = capped_slips([x.digits for x in xs], [y.digits for y in ys], MAX_DIGIT_EDITS)
-    (year_a, day_a), (year_b, day_b) = _calendar_parts(xs), _calendar_parts(ys)  # read once for both
-    both = (year_a >= 0) & (year_b >= 0)
-    swapped = (year_a == year_b) & (day_a // 100 == day_b % 100) & (day_a % 100 == day_b // 100)
-    year_off = (day_a == day_b) & (np.abs(year_a - year_b) == 1)
-    return np.where(both & ((swapped & (day_a != day_b)) | year_off), 1.0, slips)
-
-
-@vectorised(_digit_slips_many)
+@vectorised(lambda xs, ys: capped_slips([x.digits for x in xs], [y.digits for y in ys], MAX_DIGIT_EDITS))
 def digit_slips(a: DateValue, b: DateValue) -> float:
-    """Typing slips between the two dates' digits (a swap of neighbours is one), capped at 3; day and
-    month swapped and a year off by one are one slip each (`2024-07-02` typed as `2024-02-07` changes two
-    digits, as does `2019-12-30` typed as `2020-12-30`), so a re-registration with such a slip does not
-    pay for it as two slips on top of losing the date's agreement."""
-    if day_month_swapped(a, b) or year_off_by_one(a, b):
-        return 1.0
+    """Typing slips between the two dates' digits (a swap of neighbours is one), capped at 3."""
     return min(OSA.distance(a.digits, b.digits), MAX_DIGIT_EDITS)
 
 
