@@ -184,19 +184,15 @@ def test_date_tolerates_swapped_day_and_month_and_a_few_days_slip() -> None:
 
 def test_a_date_swap_or_year_slip_is_weighed_by_its_own_level_not_as_one_digit_slip() -> None:
     """Day and month swapped and a year off by one have levels of their own (`same_or_...`); `digit_slips`
-    counts their digits as any other difference's (two), so that the weight they learn is theirs alone and
-    does not move the digit-slip weight every one-digit slip and agreement shares (counting them as one
-    slip, tried in format 6 drafts, moved the retrained weights enough to link 1,600 more unrelated
-    same-day orders of a 2,000,000-row batch)."""
-    from pipeline.fields.date import same_or_day_month_swapped, same_or_year_off_by_one
-
+    counts their digits as any other difference's, so that the weight they learn is theirs alone and does
+    not move the digit-slip weight that every one-digit slip shares (counting them as one slip, tried in a
+    format 6 draft, moved the retrained weights enough to link ~1,600 more unrelated same-day orders of a
+    2,000,000-row batch)."""
     d = parse_date
     july2 = d("2024-07-02")
     others = [d("2024-02-07"), d("2023-07-02"), d("2024-07-12"), d("2024-02-17"), d("2024-07-02")]
     assert [digit_slips(july2, o) for o in others] == [2, 1, 1, 3, 0]
     assert digit_slips(d("2019-12-30"), d("2020-12-30")) == 2
-    assert [same_or_day_month_swapped(july2, o) for o in others] == [1, 0, 0, 0, 1]
-    assert [same_or_year_off_by_one(july2, o) for o in others] == [0, 1, 0, 0, 1]
     xs, ys = [july2] * len(others), others
     np.testing.assert_array_equal(
         digit_slips.many(xs, ys), [digit_slips(x, y) for x, y in zip(xs, ys, strict=True)]
