@@ -12,7 +12,7 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
   known duplicate pairs up to the `recall` target at the fewest comparisons, and backs each pair up with a
   second rule on other fields, so that one mistyped field does not keep a new duplicate out of every block.
 * Comparisons: each field plugin's dedupe comparators, graded levels among them (days apart beyond 3, 10, 31
-  and 365; two or three slips in a code; any difference, more than 1% or 10% between numbers; none of them
+  and 365; two or three slips in a code; any difference or more than 10% between numbers; none of them
   counting a typing slip as a real difference, which has levels of its own: `fields.date`, `fields.number`),
   plus a term-frequency feature per field (Splink's adjustment): an exact agreement counts by the value's
   rarity among the records entered up to the later of the two (in training the history in entry order, when
@@ -79,7 +79,9 @@ from pipeline.memory import collector_paused
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 5  # 5: slips are not distances in `days_apart` and the amount's relative difference
+# 5: slips are not distances in `days_apart` and the amount's relative difference; 6: a number's decimal
+# slip is one digit slip and may round off the digits it shifts out, no "more than 1% apart" level.
+FORMAT_VERSION = 6
 SETTINGS_FILE = "linkage_settings.json"
 META_FILE = "linkage_meta.json"
 # `fit` drops a never-merged "negative" its first fit scores at least this high as an unmerged duplicate.
