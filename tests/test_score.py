@@ -286,8 +286,9 @@ def test_internal_failure_exits_1_in_one_line_and_leaves_nothing(
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    # Failure injection: the real job, with the scorer made to fail on the first chunk.
-    monkeypatch.setattr(pipeline.score, "score_chunk", broken)
+    # Failure injection: the real job, with the scorer made to fail on the first chunk (its assessment,
+    # which every path runs, the duplicate pair helper's included).
+    monkeypatch.setattr(pipeline.score, "assess_chunk", broken)
     assert score(model_folder, demo.batch, tmp_path / "out") == 1
     err = capsys.readouterr().err
     assert err == "internal error: RuntimeError: disk on fire (rerun with --verbose for details)\n"
@@ -515,6 +516,38 @@ def test_matcher_parts_write_what_one_part_writes(demo, model_folder, tmp_path, 
     assert len(calls) == 1 and calls[0] > 7  # one chunk, so only the matcher's parts cut it
     for name in (s.RECORDS_FILE, s.FLAGS_FILE):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "parts" / name).read_bytes(), name
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the pair helper is forked on Linux only")
+def test_the_pair_helper_writes_what_one_process_alone_writes(demo, model_folder, tmp_path, monkeypatch):
+    """At `--workers 1` a `PairHelper` scores the matcher parts' pairs (7-row parts, 50-row chunks: parts
+    linked across chunk borders, two parts behind): the same files byte for byte as without it, and the
+    helper is gone when the job is."""
+    import multiprocessing
+
+    from pipeline import linkage
+    from pipeline import score as score_module
+    from pipeline.bundle import ModelBundle
+    from pipeline.score import run_batch
+
+    monkeypatch.setattr(score_module, "MATCH_ROWS", 7)
+    scored = []
+    real = linkage.PairHelper.receive
+
+    def receive(self):
+        scores = real(self)
+        scored.append(len(scores))
+        return scores
+
+    monkeypatch.setattr(linkage.PairHelper, "receive", receive)
+    common = {"reference_path": demo.records, "chunk_rows": 50}
+    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "one", pair_helper=False, **common)
+    assert not scored
+    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "two", **common)  # workers=1: helper
+    assert len(scored) > 20 and sum(scored) > 1000
+    assert multiprocessing.active_children() == []
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
 def test_the_index_is_freed_before_the_last_pieces_are_assessed(demo, model_folder, tmp_path, monkeypatch):
