@@ -40,6 +40,8 @@ import gc
 import json
 import logging
 import math
+import os
+import queue
 import threading
 import time
 from array import array
@@ -104,6 +106,8 @@ SETTLE_MARGIN = 1e-9
 DEDUPE_VERSION = metadata.version("dedupe")
 # Comparators never below 0 nor NaN for two present values, and costly: `Matcher._deferrable`.
 _DEFERRABLE = (normalizedAffineGapDistance, token_distance)
+# How often an idle pair helper checks that its parent is still there (`_serve_pairs`).
+PAIR_HELPER_POLL_SECONDS = 1.0
 _CODE_TYPES = ("b", "h", "i")  # `array` typecodes of per-record value codes: 8, 16 and 32 bits
 
 
@@ -1770,9 +1774,15 @@ def _serve_pairs(model: DuplicateModel, parts: Any, scores: Any, parents_end: An
     parents_end.close()
     gc.freeze()  # what it inherited is never collected here, so its pages stay shared
     scorer = PairScorer(model)
+    parent = os.getppid()
     with threadpool_limits(1):
         while True:
-            inputs = parts.get()
+            try:
+                inputs = parts.get(timeout=PAIR_HELPER_POLL_SECONDS)
+            except queue.Empty:
+                if os.getppid() != parent:  # the parent was killed: nobody will ever send or read
+                    return
+                continue
             if inputs is None:
                 return
             try:

@@ -167,8 +167,9 @@ def _joined(
 
 class LinkAhead:
     """`link_chunk` of chunk after chunk, with a `PairHelper` process scoring each matcher part's pairs
-    while this one indexes the next part (`linkage.MatchAhead`): the same links and matched values, a
-    chunk given back once all its parts are linked, so one part behind (`finish` gives the rest).
+    while this one indexes the next parts (`linkage.MatchAhead`): the same links and matched values, a
+    chunk given back once all its parts are linked, up to `MatchAhead.AHEAD` parts behind (`finish`
+    gives the rest).
 
     Needs record ids unique across the batch (as `run_batch` checks them). Without a helper, each chunk
     is linked at `submit`, as `link_chunk` links it.
@@ -184,7 +185,7 @@ class LinkAhead:
         self.matcher = matcher
         self.fields = bundle.config.check_fields
         self.ahead = MatchAhead(matcher, helper)
-        self.parts: deque[pd.DataFrame] = deque()  # put, links not yet back (at most one with a helper)
+        self.parts: deque[pd.DataFrame] = deque()  # put, links not yet back
         self.chunks: deque[tuple[pd.DataFrame, list[pd.DataFrame], list[Any], list[Any]]] = deque()
 
     def submit(self, chunk: pd.DataFrame) -> list[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]]:
@@ -487,7 +488,7 @@ class _Scorer:
     ) -> None:
         self.bundle, self.matcher, self.workers = bundle, matcher, workers
         self.numbers = bundle.errors.running_numbers()
-        # With one process and a `PairHelper`: chunks linked one matcher part behind (`LinkAhead`).
+        # With one process and a `PairHelper`: chunks linked a few matcher parts behind (`LinkAhead`).
         self.linker = LinkAhead(bundle, matcher, pair_helper) if pair_helper is not None else None
         self.linked: list[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]] = []
         self.pool: Any = None
@@ -739,10 +740,9 @@ def run_batch(
     the same reference bytes before, and stored there otherwise; the output is the same byte for byte.
     `helpers`: the helper processes from `start_helpers(workers)`, started before the models loaded (else
     they are spawned here); shut down when the job is done with them. `chunk_rows`: rows read at a time
-    (default `default_chunk_rows(workers)`; the output does not depend on it). `pair_helper`: whether a
-    `linkage.PairHelper` process scores the duplicate candidate pairs while this one indexes the next
-    matcher part (default: at `workers` 1, where fork exists; with more, the error helpers use the other
-    cores); the same output byte for byte.
+    (default `default_chunk_rows(workers)`; the output does not depend on it). `pair_helper` (with one
+    worker only; where fork exists): a `linkage.PairHelper` process scores the duplicate candidate pairs
+    while this one indexes the next matcher parts; the same output byte for byte.
     """
     from pipeline.reference import prepare_reference
     from pipeline.report import build_summary, write_report
@@ -757,7 +757,7 @@ def run_batch(
     try:
         if pair_helper is None:
             pair_helper = workers <= 1
-        if pair_helper:
+        if pair_helper and workers <= 1:
             from pipeline.linkage import PairHelper
 
             # Forked now, before the reference is indexed: it shares the loaded model and holds no index.

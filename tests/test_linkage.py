@@ -1270,3 +1270,42 @@ def test_a_failing_pair_helper_raises_a_clear_error_rather_than_hanging(
     else:
         assert f"(pid {helper.pid}) exited with code -9" in message
     assert not helper._process.is_alive()
+
+
+def test_a_pair_helper_whose_parent_is_killed_exits(trained) -> None:
+    """A job killed outright (SIGKILL: no clean-up) leaves no pair helper behind: an idle helper notices
+    its parent is gone within `PAIR_HELPER_POLL_SECONDS` and exits."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from pipeline.linkage import PAIR_HELPER_POLL_SECONDS, PairHelper
+
+    if not PairHelper.available():
+        pytest.skip("the pair helper is forked (Linux)")
+    model, _ = trained
+    context = multiprocessing.get_context("fork")
+    pids = context.SimpleQueue()
+
+    def job() -> None:  # the killed job: starts its helper, then waits to be killed
+        pids.put(PairHelper(model).pid)
+        time.sleep(60)
+
+    parent = context.Process(target=job)
+    parent.start()
+    helper = pids.get()
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.join()
+
+    def running(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state not in ("Z", "X")
+
+    deadline = time.monotonic() + 10 * PAIR_HELPER_POLL_SECONDS + 5
+    while running(helper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(helper)
