@@ -1,11 +1,11 @@
 """The two duplicate-only runs of `scale.py`, each in its own child process so its memory is its own.
 
 `ours` (run with the product's python): the duplicate stage of `score` alone, as `run_batch` runs it:
-start the pair helper process (`linkage.PairHelper`, Linux; not with `--no-pair-helper`), read the reference
-(configured columns), index it, then link each 50,000-row chunk (`score.LinkAhead`: matched in `MATCH_ROWS`
-parts by `Matcher(evict=True)`, each part's pairs scored by the helper while the next part is indexed, with
-the linked records' values for the error model), no error model, anomaly model or writing. Its CPU seconds
-include the helper's.
+read the reference (configured columns), index it, then link each 50,000-row chunk (`score.LinkAhead`:
+matched in `MATCH_ROWS` parts by `Matcher(evict=True)`, with the linked records' values for the error
+model), no error model, anomaly model or writing. With `--pair-helper` (as `run_batch(pair_helper=True)`;
+Linux), a `linkage.PairHelper` process started before the reference is indexed scores each part's pairs
+while the next parts are indexed; its CPU seconds are counted with this process's.
 
 `splink` (run with the bench venv's python, which has splink and duckdb): Splink on DuckDB on the same
 work, unsupervised: the reference and the batch linked against each other and deduplicated within
@@ -46,7 +46,7 @@ def process_cpu_seconds(pid: int) -> float:
 
 
 def run_ours(
-    model: Path, reference_path: Path, batch_path: Path, pair_helper: bool = True
+    model: Path, reference_path: Path, batch_path: Path, pair_helper: bool = False
 ) -> dict[str, float]:
     from pipeline.bundle import ModelBundle
     from pipeline.ingest import ReadOptions, iter_table, read_table
@@ -224,11 +224,13 @@ def main() -> None:
     parser.add_argument("--reference", type=Path, required=True)
     parser.add_argument("--batch", type=Path, required=True)
     parser.add_argument(
-        "--no-pair-helper", action="store_true", help="ours: score the pairs in this process (as before)"
+        "--pair-helper",
+        action="store_true",
+        help="ours: score the pairs in a helper process (run_batch(pair_helper=True); off in `score`)",
     )
     args = parser.parse_args()
     if args.system == "ours":
-        result = run_ours(args.model, args.reference, args.batch, pair_helper=not args.no_pair_helper)
+        result = run_ours(args.model, args.reference, args.batch, pair_helper=args.pair_helper)
     else:
         result = run_splink(args.reference, args.batch)
     print(json.dumps(result), flush=True)

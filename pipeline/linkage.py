@@ -1246,7 +1246,7 @@ class Matcher:
     ) -> tuple[list[Any], list[Any], np.ndarray]:
         """The distinct pairs of values among these pairs of codes (both present), as two lists of parsed
         values, and each pair's number among them: a comparator runs once per distinct pair."""
-        size = max(self._value_count(field), 1)
+        size = max(len(self._texts[field]), 1)
         # Hashed, not sorted: the order of the distinct pairs does not change what each one compares to.
         inverse, pairs = pd.factorize(code_left * size + code_right)
         # Each value parsed once, however many of the distinct pairs it is in (hashed too).
@@ -1255,10 +1255,6 @@ class Matcher:
         xs = values[where[: len(pairs)]].tolist()
         ys = values[where[len(pairs) :]].tolist()
         return xs, ys, inverse
-
-    def _value_count(self, field: str) -> int:
-        """How many distinct values of a match field have a code (codes are below it)."""
-        return len(self._texts[field])
 
     def _add_derived_distances(self, distances: np.ndarray) -> None:
         """dedupe's `DataModel._add_derived_distances` in place, a column at a time (its boolean masks over
@@ -1491,7 +1487,7 @@ class Matcher:
             codes[field] = (stored[query], stored[found])
         texts = {}
         for field in self._compared_fields():
-            size = self._value_count(field)
+            size = len(self._texts[field])
             texts[field] = self._texts[field].take(np.arange(shipped.get(field, 0), size))
             shipped[field] = size
         return PairInputs(query, found, codes, texts, self._counted(query))

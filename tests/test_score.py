@@ -520,9 +520,9 @@ def test_matcher_parts_write_what_one_part_writes(demo, model_folder, tmp_path, 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the pair helper is forked on Linux only")
 def test_the_pair_helper_writes_what_one_process_alone_writes(demo, model_folder, tmp_path, monkeypatch):
-    """At `--workers 1` a `PairHelper` scores the matcher parts' pairs (7-row parts, 50-row chunks: parts
-    linked across chunk borders, two parts behind): the same files byte for byte as without it, and the
-    helper is gone when the job is."""
+    """With `pair_helper` a `PairHelper` scores the matcher parts' pairs (7-row parts, 50-row chunks: parts
+    linked across chunk borders, two parts behind): the same files byte for byte as without it (the
+    default), and the helper is gone when the job is."""
     import multiprocessing
 
     from pipeline import linkage
@@ -541,9 +541,9 @@ def test_the_pair_helper_writes_what_one_process_alone_writes(demo, model_folder
 
     monkeypatch.setattr(linkage.PairHelper, "receive", receive)
     common = {"reference_path": demo.records, "chunk_rows": 50}
-    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "one", pair_helper=False, **common)
+    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "one", **common)
     assert not scored
-    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "two", **common)  # workers=1: helper
+    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "two", pair_helper=True, **common)
     assert len(scored) > 20 and sum(scored) > 1000
     assert multiprocessing.active_children() == []
     for name in (s.RECORDS_FILE, s.FLAGS_FILE):
