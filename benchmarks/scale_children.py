@@ -1,11 +1,11 @@
 """The two duplicate-only runs of `scale.py`, each in its own child process so its memory is its own.
 
 `ours` (run with the product's python): the duplicate stage of `score` alone, as `run_batch` runs it:
-read the reference (configured columns), index it, then link each 50,000-row chunk (`score.LinkAhead`:
-matched in `MATCH_ROWS` parts by `Matcher(evict=True)`, with the linked records' values for the error
-model), no error model, anomaly model or writing. With `--pair-helper` (as `run_batch(pair_helper=True)`;
-Linux), a `linkage.PairHelper` process started before the reference is indexed scores each part's pairs
-while the next parts are indexed; its CPU seconds are counted with this process's.
+read the reference (configured columns), index it, then `link_chunk` on each 50,000-row chunk (matched in
+`MATCH_ROWS` parts by `Matcher(evict=True)`, with the linked records' values for the error model), no
+error model, anomaly model or writing. With `--pair-helper` (as `run_batch(pair_helper=True)`; Linux), a
+`linkage.PairHelper` process started before the reference is indexed scores each part's pairs while the
+next parts are indexed (`score.LinkAhead`); its CPU seconds are counted with this process's.
 
 `splink` (run with the bench venv's python, which has splink and duckdb): Splink on DuckDB on the same
 work, unsupervised: the reference and the batch linked against each other and deduplicated within
@@ -51,7 +51,7 @@ def run_ours(
     from pipeline.bundle import ModelBundle
     from pipeline.ingest import ReadOptions, iter_table, read_table
     from pipeline.linkage import PairHelper
-    from pipeline.score import DEFAULT_CHUNK_ROWS, LinkAhead
+    from pipeline.score import DEFAULT_CHUNK_ROWS, LinkAhead, link_chunk
 
     started = time.perf_counter()
     bundle = ModelBundle.load(model)
@@ -69,7 +69,7 @@ def run_ours(
     rows = 0
     links: dict[str, str] = {}
     id_column = config.id_column
-    ahead = LinkAhead(bundle, matcher, helper)
+    ahead = LinkAhead(bundle, matcher, helper) if helper is not None else None
 
     def add(done: list) -> None:
         for chunk, chunk_links, _matched in done:
@@ -79,9 +79,9 @@ def run_ours(
 
     for chunk in iter_table(batch_path, chunk_rows=DEFAULT_CHUNK_ROWS, options=options):
         # What `score` runs per chunk for duplicates: the links and the linked records' values.
-        add(ahead.submit(chunk))
+        add(ahead.submit(chunk) if ahead else [(chunk, *link_chunk(chunk, bundle, matcher))])
         rows += len(chunk)
-    add(ahead.finish())
+    add(ahead.finish() if ahead else [])
     matched = time.perf_counter()
     cpu = cpu_seconds(pid) - cpu_loaded
     if helper is not None:

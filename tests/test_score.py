@@ -286,9 +286,8 @@ def test_internal_failure_exits_1_in_one_line_and_leaves_nothing(
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    # Failure injection: the real job, with the scorer made to fail on the first chunk (its assessment,
-    # which every path runs, the duplicate pair helper's included).
-    monkeypatch.setattr(pipeline.score, "assess_chunk", broken)
+    # Failure injection: the real job, with the scorer made to fail on the first chunk.
+    monkeypatch.setattr(pipeline.score, "score_chunk", broken)
     assert score(model_folder, demo.batch, tmp_path / "out") == 1
     err = capsys.readouterr().err
     assert err == "internal error: RuntimeError: disk on fire (rerun with --verbose for details)\n"
