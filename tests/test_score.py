@@ -559,9 +559,9 @@ def test_the_index_is_freed_before_the_last_pieces_are_assessed(demo, model_fold
     matchers, alive_at_finish = [], []
     real_init, real_finish = score_module._Scorer.__init__, score_module._Scorer.finish
 
-    def init(self, bundle, matcher, workers, helpers=None):
+    def init(self, bundle, matcher, workers, *args):
         matchers.append(weakref.ref(matcher))
-        real_init(self, bundle, matcher, workers, helpers)
+        real_init(self, bundle, matcher, workers, *args)
 
     def finish(self):
         alive_at_finish.append(matchers[0]() is not None)
