@@ -1670,10 +1670,11 @@ class PairHelper:
     process that indexes, so two cores share the duplicate stage (see `MatchAhead`).
 
     Forked once (Linux only: `available`), after the duplicate model is loaded and before the reference
-    is indexed: it shares the model's pages and holds no index. Parts go in through a queue (its feeder
-    thread writes them, so `send` never waits for the helper) and their scores come back in order over
-    a pipe, read by `receive`. A helper that fails sends its error and exits; one that dies is noticed
-    at once (its sentinel): either way `receive` raises `PairHelperError`, never hangs.
+    is indexed: it shares the model's pages and holds no index. Parts go in and their scores come back,
+    in order, through two queues (each written by its own thread, so neither side waits for the other
+    to read: with a pipe, the helper could not start the next part before this process read the last
+    one's scores). A helper that fails sends its error and exits; one that dies is noticed within
+    `PAIR_HELPER_POLL_SECONDS` / 10: either way `receive` raises `PairHelperError`, never hangs.
 
     >>> # helper = PairHelper(model); helper.send(inputs); scores = helper.receive(); helper.close()
     """
@@ -1682,16 +1683,14 @@ class PairHelper:
         import multiprocessing
 
         context = multiprocessing.get_context("fork")
-        self._parts = context.Queue()
-        self._scores, child = context.Pipe(duplex=False)
+        self._parts, self._answers = context.Queue(), context.Queue()
         self._process = context.Process(
             target=_serve_pairs,
-            args=(model, self._parts, child, self._scores),
+            args=(model, self._parts, self._answers),
             name="pipeline-pair-helper",
             daemon=True,
         )
         self._process.start()
-        child.close()
 
     @staticmethod
     def available() -> bool:
@@ -1712,31 +1711,28 @@ class PairHelper:
 
     def receive(self) -> np.ndarray:
         """The scores of the oldest part sent and not yet received, once the helper has them."""
-        from multiprocessing.connection import wait
-
-        wait([self._scores, self._process.sentinel])
-        answer = self._next()
-        if isinstance(answer, np.ndarray):
-            return answer
-        raise self._failure(answer)
-
-    def _next(self) -> Any:
-        """The next answer in the pipe, None when there is none (the helper is gone)."""
-        try:
-            return self._scores.recv() if self._scores.poll() else None
-        except (EOFError, OSError):
-            return None
+        while True:
+            try:
+                answer = self._answers.get(timeout=PAIR_HELPER_POLL_SECONDS / 10)
+            except queue.Empty:
+                if self._process.is_alive():
+                    continue
+                raise self._failure() from None
+            if isinstance(answer, np.ndarray):
+                return answer
+            raise self._failure(answer)
 
     def _failure(self, answer: Any = None) -> PairHelperError:
-        """Why the helper stopped: the error it sent (read past the scores still in the pipe), else how
-        it exited."""
-        if answer is None:
-            answer = self._next()
-        while isinstance(answer, np.ndarray):
-            answer = self._next()
+        """Why the helper stopped: the error it sent (read past the scores still queued), else how it
+        exited."""
+        self._process.join(1)
+        while not isinstance(answer, str):
+            try:
+                answer = self._answers.get_nowait()
+            except (queue.Empty, OSError, EOFError):
+                break
         if isinstance(answer, str):
             return PairHelperError(f"the duplicate pair helper failed: {answer}")
-        self._process.join(1)
         return PairHelperError(
             f"the duplicate pair helper (pid {self.pid}) exited with code {self._process.exitcode} "
             "before returning its parts' scores"
@@ -1751,9 +1747,9 @@ class PairHelper:
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
-        self._parts.cancel_join_thread()  # what the helper never read is dropped, not waited on
-        self._parts.close()
-        self._scores.close()
+        for channel in (self._parts, self._answers):
+            channel.cancel_join_thread()  # what was never read is dropped, not waited on
+            channel.close()
 
     def __enter__(self) -> PairHelper:
         return self
@@ -1762,12 +1758,12 @@ class PairHelper:
         self.close()
 
 
-def _serve_pairs(model: DuplicateModel, parts: Any, scores: Any, parents_end: Any) -> None:
-    """The pair helper's loop: a part's `PairInputs` in, its scores out, until None."""
+def _serve_pairs(model: DuplicateModel, parts: Any, answers: Any) -> None:
+    """The pair helper's loop: a part's `PairInputs` in, its scores out (queued: written by the queue's
+    thread, so the next part is started while the parent has not read them yet), until None."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked helper inherits the CLI's handler
-    parents_end.close()
     gc.freeze()  # what it inherited is never collected here, so its pages stay shared
     scorer = PairScorer(model)
     parent = os.getppid()
@@ -1785,9 +1781,9 @@ def _serve_pairs(model: DuplicateModel, parts: Any, scores: Any, parents_end: An
                 with collector_paused():
                     answer = scorer.scores(inputs)
             except BaseException as error:  # sent back as text: the parent raises it, then closes us
-                scores.send(f"{type(error).__name__}: {error}")
+                answers.put(f"{type(error).__name__}: {error}")
                 return
-            scores.send(answer)
+            answers.put(answer)
 
 
 class MatchAhead:
