@@ -57,11 +57,10 @@ def run_ours(
     bundle = ModelBundle.load(model)
     config = bundle.config
     options = ReadOptions.from_config(config)
-    loaded = time.perf_counter()
-    # As `run_batch` starts it: once, before the reference is indexed.
+    loaded, cpu_loaded = time.perf_counter(), cpu_seconds()
+    # As `run_batch` starts it: once, before the reference is indexed (its CPU time starts at 0).
     helper = PairHelper(bundle.duplicates) if pair_helper and PairHelper.available() else None
     pid = helper.pid if helper else None
-    cpu_loaded = cpu_seconds(pid)
     reference = read_table(reference_path, options=options, columns=config.required_columns())
     matcher = bundle.duplicates.matcher(reference, evict=True)
     del reference
