@@ -2,8 +2,10 @@
 
 `ours` (run with the product's python): the duplicate stage of `score` alone, as `run_batch` runs it:
 read the reference (configured columns), index it, then `link_chunk` on each 50,000-row chunk (matched in
-`LINK_ROWS` parts by `Matcher(evict=True)`, with the linked records' values for the error model), no error
-model, anomaly model or writing.
+`MATCH_ROWS` parts by `Matcher(evict=True)`, with the linked records' values for the error model), no
+error model, anomaly model or writing. With `--pair-helper` (as `run_batch(pair_helper=True)`; Linux), a
+`linkage.PairHelper` process started before the reference is indexed scores each part's pairs while the
+next parts are indexed (`score.LinkAhead`); its CPU seconds are counted with this process's.
 
 `splink` (run with the bench venv's python, which has splink and duckdb): Splink on DuckDB on the same
 work, unsupervised: the reference and the batch linked against each other and deduplicated within
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -28,22 +31,36 @@ from pathlib import Path
 SPLINK_THRESHOLD = 0.5
 
 
-def cpu_seconds() -> float:
-    """User + system CPU time of this process so far, all threads (DuckDB's included)."""
+def cpu_seconds(helper: int | None = None) -> float:
+    """User + system CPU time of this process so far, all threads (DuckDB's included), and of its child
+    process `helper` (ours' pair helper, still running: read from /proc, as `getrusage(RUSAGE_CHILDREN)`
+    counts only children that have exited and been waited for)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime + usage.ru_stime + (process_cpu_seconds(helper) if helper else 0.0)
 
 
-def run_ours(model: Path, reference_path: Path, batch_path: Path) -> dict[str, float]:
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (Linux `/proc/PID/stat`, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_ours(
+    model: Path, reference_path: Path, batch_path: Path, pair_helper: bool = False
+) -> dict[str, float]:
     from pipeline.bundle import ModelBundle
     from pipeline.ingest import ReadOptions, iter_table, read_table
-    from pipeline.score import DEFAULT_CHUNK_ROWS, link_chunk
+    from pipeline.linkage import PairHelper
+    from pipeline.score import DEFAULT_CHUNK_ROWS, LinkAhead, link_chunk
 
     started = time.perf_counter()
     bundle = ModelBundle.load(model)
     config = bundle.config
     options = ReadOptions.from_config(config)
     loaded, cpu_loaded = time.perf_counter(), cpu_seconds()
+    # As `run_batch` starts it: once, before the reference is indexed (its CPU time starts at 0).
+    helper = PairHelper(bundle.duplicates) if pair_helper and PairHelper.available() else None
+    pid = helper.pid if helper else None
     reference = read_table(reference_path, options=options, columns=config.required_columns())
     matcher = bundle.duplicates.matcher(reference, evict=True)
     del reference
@@ -51,20 +68,31 @@ def run_ours(model: Path, reference_path: Path, batch_path: Path) -> dict[str, f
     rows = 0
     links: dict[str, str] = {}
     id_column = config.id_column
+    ahead = LinkAhead(bundle, matcher, helper) if helper is not None else None
+
+    def add(done: list) -> None:
+        for chunk, chunk_links, _matched in done:
+            found = chunk_links["duplicate_of"].to_numpy()
+            linked = found != ""
+            links.update(zip(chunk[id_column].to_numpy()[linked], found[linked], strict=True))
+
     for chunk in iter_table(batch_path, chunk_rows=DEFAULT_CHUNK_ROWS, options=options):
         # What `score` runs per chunk for duplicates: the links and the linked records' values.
-        found = link_chunk(chunk, bundle, matcher)[0]["duplicate_of"].to_numpy()
-        linked = found != ""
-        links.update(zip(chunk[id_column].to_numpy()[linked], found[linked], strict=True))
+        add(ahead.submit(chunk) if ahead else [(chunk, *link_chunk(chunk, bundle, matcher))])
         rows += len(chunk)
+    add(ahead.finish() if ahead else [])
     matched = time.perf_counter()
+    cpu = cpu_seconds(pid) - cpu_loaded
+    if helper is not None:
+        helper.close()
     return {
         "load_s": loaded - started,
         "index_s": indexed - loaded,
         "match_s": matched - indexed,
         "duplicate_stage_s": matched - loaded,
-        "duplicate_stage_cpu_s": cpu_seconds() - cpu_loaded,
+        "duplicate_stage_cpu_s": cpu,
         "rows": rows,
+        "pair_helper": helper is not None,
         **quality(links, batch_path),
     }
 
@@ -194,9 +222,14 @@ def main() -> None:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--reference", type=Path, required=True)
     parser.add_argument("--batch", type=Path, required=True)
+    parser.add_argument(
+        "--pair-helper",
+        action="store_true",
+        help="ours: score the pairs in a helper process (run_batch(pair_helper=True); off in `score`)",
+    )
     args = parser.parse_args()
     if args.system == "ours":
-        result = run_ours(args.model, args.reference, args.batch)
+        result = run_ours(args.model, args.reference, args.batch, pair_helper=args.pair_helper)
     else:
         result = run_splink(args.reference, args.batch)
     print(json.dumps(result), flush=True)

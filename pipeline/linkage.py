@@ -35,12 +35,17 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import math
+import os
+import queue
 import threading
 import time
 from array import array
+from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -103,6 +108,8 @@ SETTLE_MARGIN = 1e-9
 DEDUPE_VERSION = metadata.version("dedupe")
 # Comparators never below 0 nor NaN for two present values, and costly: `Matcher._deferrable`.
 _DEFERRABLE = (normalizedAffineGapDistance, token_distance)
+# How often an idle pair helper checks that its parent is still there (`_serve_pairs`).
+PAIR_HELPER_POLL_SECONDS = 1.0
 _CODE_TYPES = ("b", "h", "i")  # `array` typecodes of per-record value codes: 8, 16 and 32 bits
 
 
@@ -1278,35 +1285,55 @@ class Matcher:
         candidates' scores are sure to be exact: a pair that cannot be its record's best may keep a bound
         above its score (`_settle`), which skips most affine gap comparisons."""
         self._drop_left()
-        encoded = self._model._encode(chunk)
-        query, found, _ = self._candidates(encoded)
-        start = len(self._ids) - len(encoded)
+        encoded, query, found = self._index(chunk)
         scores = np.zeros(0)
         if len(query):
             pair_codes = self._pair_codes(query, found)
-            deferred = set() if every_pair else self._deferrable()
-            compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
-            features = self._features(
-                query,
-                found,
-                pair_codes,
-                scoring=True,
-                rarities=self._counted(query),
-                deferred=deferred,
-                compared=compared,
-            )
-            if deferred:
-                scores = self._settle(query, found, features, pair_codes, deferred, compared)
-            else:
-                scores = self._model.probabilities(features)
-        best_score = np.zeros(len(encoded))
-        best_position = np.full(len(encoded), -1, dtype=np.int64)
+            scores = self._pair_scores(query, found, pair_codes, self._counted(query), every_pair)
+        return self._pick_best(encoded.ids, len(self._ids) - len(encoded), query, found, scores)
+
+    def _index(self, chunk: pd.DataFrame) -> tuple[_Encoded, np.ndarray, np.ndarray]:
+        """Encodes and indexes the chunk; its candidate pairs (record positions, candidate positions)."""
+        encoded = self._model._encode(chunk)
+        query, found, _ = self._candidates(encoded)
+        return encoded, query, found
+
+    def _pair_scores(
+        self,
+        query: np.ndarray,
+        found: np.ndarray,
+        pair_codes: _PairCodes,
+        rarities: dict[str, np.ndarray],
+        every_pair: bool,
+    ) -> np.ndarray:
+        """The classifier's score of each candidate pair (see `_best` for `every_pair`)."""
+        deferred = set() if every_pair else self._deferrable()
+        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
+        features = self._features(
+            query,
+            found,
+            pair_codes,
+            scoring=True,
+            rarities=rarities,
+            deferred=deferred,
+            compared=compared,
+        )
+        if deferred:
+            return self._settle(query, found, features, pair_codes, deferred, compared)
+        return self._model.probabilities(features)
+
+    def _pick_best(
+        self, record_ids: list[str], start: int, query: np.ndarray, found: np.ndarray, scores: np.ndarray
+    ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, tuple]:
+        """`_best`'s result from the scored pairs of the records indexed from position `start` on."""
+        best_score = np.zeros(len(record_ids))
+        best_position = np.full(len(record_ids), -1, dtype=np.int64)
         if len(query):
             chosen = _best_per_query(query, found, scores)  # per row: highest score, then most recent
             best_score[query[chosen] - start] = scores[chosen]
             best_position[query[chosen] - start] = found[chosen]
-        positions = np.arange(start, start + len(encoded))
-        return encoded.ids, best_score, best_position, positions, (query, found, scores)
+        positions = np.arange(start, start + len(record_ids))
+        return record_ids, best_score, best_position, positions, (query, found, scores)
 
     def _score(self, chunk: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Scores the chunk's candidates and indexes the chunk. Returns the best candidate per row (index =
@@ -1401,6 +1428,17 @@ class Matcher:
 
     def _match(self, chunk: pd.DataFrame) -> pd.DataFrame:
         record_ids, scores, others, positions, _ = self._best(chunk, every_pair=False)
+        return self._link(record_ids, scores, others, positions, chunk.index)
+
+    def _link(
+        self,
+        record_ids: list[str],
+        scores: np.ndarray,
+        others: np.ndarray,
+        positions: np.ndarray,
+        index: pd.Index,
+    ) -> pd.DataFrame:
+        """`match`'s frame from each row's best candidate (`_best`), the links remembered in row order."""
         ids = self._ids
         duplicate_of = [s.MISSING] * len(record_ids)
         cluster_ids = list(record_ids)
@@ -1425,8 +1463,59 @@ class Matcher:
                 s.CLUSTER_ID: cluster_ids,
                 "reason": reasons,
             },
-            index=chunk.index,
+            index=index,
         )
+
+    def _begin(self, chunk: pd.DataFrame) -> _PartInFlight:
+        """Indexes the chunk, so that `_end` can link it from its pairs' scores (`_pair_inputs`, taken
+        before the next chunk is indexed) after later chunks were indexed. The records that left every
+        block window while it was indexed are dropped only at its `_drop` (its links may name them).
+        Record ids must be unique across the batch (the batch job checks): a later chunk's ids then never
+        meet an earlier one's in the index, and indexing it before the earlier one is linked changes
+        nothing."""
+        encoded, query, found = self._index(chunk)
+        leaving, self._leaving = self._leaving, []
+        start = len(self._ids) - len(encoded)
+        return _PartInFlight(chunk.index, encoded.ids, start, query, found, leaving)
+
+    def _pair_inputs(self, query: np.ndarray, found: np.ndarray, shipped: dict[str, int]) -> PairInputs:
+        """The candidate pairs as `_pair_scores` reads them, in plain arrays: per field the pairs' value
+        codes and the later records' rarities, and the texts of the values coded since those `shipped`
+        before (per field a comparator reads: how many were; updated), for a `PairScorer` that holds
+        the ones before."""
+        codes = {}
+        for field in self._fields:
+            stored = self._code_array(field)
+            codes[field] = (stored[query], stored[found])
+        texts = {}
+        for field in self._compared_fields():
+            size = len(self._texts[field])
+            texts[field] = self._texts[field].take(np.arange(shipped.get(field, 0), size))
+            shipped[field] = size
+        return PairInputs(query, found, codes, texts, self._counted(query))
+
+    def _compared_fields(self) -> list[str]:
+        """The match fields whose values a comparator reads when scoring (not only their codes)."""
+        data_model, exact, unweighed = self._model.data_model_, self._exact_comparators(), self._unweighed()
+        compared = {
+            field
+            for field, compare, start, _stop in data_model._field_comparators
+            if id(compare) not in exact and start not in unweighed
+        }
+        return [field for field in self._fields if field in compared]
+
+    def _end(self, part: _PartInFlight, scores: np.ndarray) -> pd.DataFrame:
+        """`match`'s frame for a chunk `_begin` indexed, from its pairs' scores (`PairScorer.scores`)."""
+        record_ids, best, others, positions, _ = self._pick_best(
+            part.ids, part.start, part.query, part.found, scores
+        )
+        return self._link(record_ids, best, others, positions, part.index)
+
+    def _drop(self, part: _PartInFlight) -> None:
+        """Drops the records that left every block window while `part` was indexed (`_drop_left`)."""
+        later, self._leaving = self._leaving, part.leaving
+        self._drop_left()
+        self._leaving, part.leaving = later, []
 
     def reason(self, position: int, other: int) -> str:
         """The clerk's sentence for indexed record `position` duplicating indexed record `other`."""
@@ -1516,6 +1605,256 @@ class ScoredPairs:
     def right_value(self, i: int, field: str) -> str:
         """The raw value of config field `field` of pair i's right record."""
         return self._matcher._raw_value(field, len(self) + i)
+
+
+@dataclass
+class PairInputs:
+    """A matcher part's candidate pairs as plain arrays (they pickle cheaply, unlike the index): record and
+    candidate positions; per match field the pairs' value codes (left, right); per field a comparator
+    reads, the texts of the values coded since the part before (`Matcher._pair_inputs`); the later
+    records' rarities (`Matcher._counted`)."""
+
+    query: np.ndarray
+    found: np.ndarray
+    codes: dict[str, tuple[np.ndarray, np.ndarray]]
+    texts: dict[str, list[str]]
+    rarities: dict[str, np.ndarray]
+
+
+class PairScorer(Matcher):
+    """The scoring half of a `Matcher`, fed one part's `PairInputs` after another, with no index: the
+    same methods (`_features`, `_settle` and those they call) on the shipped codes, and each compared
+    field's value texts by code (kept, as the matcher keeps them). A value is parsed from its normalised
+    text, as `Matcher._parsed` parses any value it does not hold parsed (and as `_encode` parsed the
+    new ones), so the scores are the same, bit for bit."""
+
+    def __init__(self, model: DuplicateModel) -> None:  # no super().__init__(): no index
+        self._model = model
+        self._fields = [plugin.field for plugin in model.plugins_]
+        self._texts = {field: _TextList() for field in self._fields}
+        nothing = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object))
+        self._latest_parsed = dict.fromkeys(self._fields, nothing)
+
+    def scores(self, inputs: PairInputs) -> np.ndarray:
+        """`Matcher._pair_scores` of the part's pairs (without `every_pair`)."""
+        for plugin in self._model.plugins_:
+            # The values new since the part before are mostly this part's records': parsed once, at hand.
+            field, texts = plugin.field, inputs.texts.get(plugin.field, [])
+            size = len(self._texts[field])
+            self._texts[field].extend(texts)
+            parsed = _parse_distinct(plugin, _objects(texts))
+            self._latest_parsed[field] = (np.arange(size, size + len(texts), dtype=np.int64), parsed)
+        pair_codes = {}
+        for field, (left, right) in inputs.codes.items():
+            left, right = left.astype(np.int64), right.astype(np.int64)
+            pair_codes[field] = (left, right, (left >= 0) & (right >= 0))
+        return self._pair_scores(inputs.query, inputs.found, pair_codes, inputs.rarities, every_pair=False)
+
+
+@dataclass
+class _PartInFlight:
+    """A chunk `Matcher._begin` indexed and `Matcher._end` has yet to link."""
+
+    index: pd.Index
+    ids: list[str]
+    start: int
+    query: np.ndarray
+    found: np.ndarray
+    leaving: list[int]
+
+
+class PairHelperError(RuntimeError):
+    """The duplicate pair helper process failed or exited; the batch cannot be linked."""
+
+
+class PairHelper:
+    """A long-lived process that scores matcher parts' candidate pairs (`PairScorer.scores`) beside the
+    process that indexes, so two cores share the duplicate stage (see `MatchAhead`).
+
+    Forked once (Linux only: `available`), after the duplicate model is loaded and before the reference
+    is indexed: it shares the model's pages and holds no index. Parts go in and their scores come back,
+    in order, through two queues (each written by its own thread, so neither side waits for the other
+    to read: with a pipe, the helper could not start the next part before this process read the last
+    one's scores). A helper that fails sends its error and exits; one that dies is noticed within
+    `PAIR_HELPER_POLL_SECONDS` / 10: either way `receive` raises `PairHelperError`, never hangs.
+
+    >>> # helper = PairHelper(model); helper.send(inputs); scores = helper.receive(); helper.close()
+    """
+
+    def __init__(self, model: DuplicateModel) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        self._parts, self._answers = context.Queue(), context.Queue()
+        self._process = context.Process(
+            target=_serve_pairs,
+            args=(model, self._parts, self._answers),
+            name="pipeline-pair-helper",
+            daemon=True,
+        )
+        self._process.start()
+
+    @staticmethod
+    def available() -> bool:
+        """Whether a helper can be forked here (fork is unsafe on macOS and absent on Windows)."""
+        import sys
+
+        return sys.platform == "linux"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def send(self, inputs: PairInputs) -> None:
+        """Hands the helper a part's pairs (queued behind those it has not returned yet)."""
+        if not self._process.is_alive():
+            raise self._failure()
+        self._parts.put(inputs)
+
+    def receive(self) -> np.ndarray:
+        """The scores of the oldest part sent and not yet received, once the helper has them."""
+        while True:
+            try:
+                answer = self._answers.get(timeout=PAIR_HELPER_POLL_SECONDS / 10)
+            except queue.Empty:
+                if self._process.is_alive():
+                    continue
+                raise self._failure() from None
+            if isinstance(answer, np.ndarray):
+                return answer
+            raise self._failure(answer)
+
+    def _failure(self, answer: Any = None) -> PairHelperError:
+        """Why the helper stopped: the error it sent (read past the scores still queued), else how it
+        exited."""
+        self._process.join(1)
+        while not isinstance(answer, str):
+            try:
+                answer = self._answers.get_nowait()
+            except (queue.Empty, OSError, EOFError):
+                break
+        if isinstance(answer, str):
+            return PairHelperError(f"the duplicate pair helper failed: {answer}")
+        return PairHelperError(
+            f"the duplicate pair helper (pid {self.pid}) exited with code {self._process.exitcode} "
+            "before returning its parts' scores"
+        )
+
+    def close(self) -> None:
+        """Stops the helper (None at the end of its queue) and waits for it; kills it if it lingers."""
+        if self._process.is_alive():
+            with contextlib.suppress(OSError, ValueError):
+                self._parts.put(None)
+            self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        for channel in (self._parts, self._answers):
+            channel.cancel_join_thread()  # what was never read is dropped, not waited on
+            channel.close()
+
+    def __enter__(self) -> PairHelper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve_pairs(model: DuplicateModel, parts: Any, answers: Any) -> None:
+    """The pair helper's loop: a part's `PairInputs` in, its scores out (queued: written by the queue's
+    thread, so the next part is started while the parent has not read them yet), until None."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked helper inherits the CLI's handler
+    gc.freeze()  # what it inherited is never collected here, so its pages stay shared
+    scorer = PairScorer(model)
+    parent = os.getppid()
+    with threadpool_limits(1):
+        while True:
+            try:
+                inputs = parts.get(timeout=PAIR_HELPER_POLL_SECONDS)
+            except queue.Empty:
+                if os.getppid() != parent:  # the parent was killed: nobody will ever send or read
+                    return
+                continue
+            if inputs is None:
+                return
+            try:
+                with collector_paused():
+                    answer = scorer.scores(inputs)
+            except BaseException as error:  # sent back as text: the parent raises it, then closes us
+                answers.put(f"{type(error).__name__}: {error}")
+                return
+            answers.put(answer)
+
+
+class MatchAhead:
+    """`Matcher.match` of part after part, with each part's candidate pairs scored by a `PairHelper`
+    while the next parts are indexed here: the same links, in the same order, `AHEAD` parts later.
+
+    `put(part)` indexes the part and returns the links of the parts now due (the part `AHEAD` before it;
+    none at first); `finish()` returns the rest. A part's links name records the matcher drops at the
+    next `put` or `finish` (those that left every block window): read their values (`Matcher.records`)
+    before then. Needs record ids unique across the batch (`Matcher._begin`). Without a helper, each
+    part is scored and linked here at its `put`.
+    """
+
+    # Parts indexed beyond the one the helper scores: it then has the next part queued when it finishes
+    # one, rather than waiting for this process to be scheduled again (which, on a busy machine, each
+    # handover did).
+    AHEAD = 2
+
+    def __init__(self, matcher: Matcher, helper: PairHelper | None = None) -> None:
+        self.matcher, self.helper = matcher, helper
+        self._sent: deque[_PartInFlight] = deque()  # in the helper's hands, oldest first
+        self._linked: list[_PartInFlight] = []  # returned, their leavers not yet dropped
+        self._shipped: dict[str, int] = {}  # per compared field: value texts the helper holds
+
+    def put(self, part: pd.DataFrame) -> list[pd.DataFrame]:
+        """Indexes `part`; returns the links of the parts due (oldest first)."""
+        matcher = self.matcher
+        with matcher._lock, collector_paused():
+            self._drop_linked()
+            begun = matcher._begin(part)
+            query, found = begun.query, begun.found
+            if self.helper is None:
+                scores = np.zeros(0)
+                if len(query):
+                    pair_codes, rarities = matcher._pair_codes(query, found), matcher._counted(query)
+                    scores = matcher._pair_scores(query, found, pair_codes, rarities, every_pair=False)
+                self._linked.append(begun)
+                return [matcher._end(begun, scores)]
+            if len(query):
+                self.helper.send(matcher._pair_inputs(query, found, self._shipped))
+            self._sent.append(begun)
+            return self._due(self.AHEAD)
+
+    def finish(self) -> list[pd.DataFrame]:
+        """The links of the parts put and not returned yet."""
+        with self.matcher._lock, collector_paused():
+            self._drop_linked()
+            return self._due(0)
+
+    def close(self) -> None:
+        """Drops what the last returned part left (the index is then as `match` leaves it)."""
+        with self.matcher._lock:
+            self._drop_linked()
+
+    def _due(self, ahead: int) -> list[pd.DataFrame]:
+        """Links the oldest parts sent until `ahead` are left."""
+        done = []
+        while len(self._sent) > ahead:
+            sent = self._sent.popleft()
+            scores = self.helper.receive() if len(sent.query) else np.zeros(0)
+            self._linked.append(sent)
+            done.append(self.matcher._end(sent, scores))
+        return done
+
+    def _drop_linked(self) -> None:
+        """Drops what the parts returned so far left (their links' values have been read by now)."""
+        for part in self._linked:
+            self.matcher._drop(part)
+        self._linked = []
 
 
 class _Growable:

@@ -1157,3 +1157,155 @@ def test_links_and_reasons_read_back_the_same_from_the_index_files(trained, monk
                 == links.set_index(pd.Index([row["record_id"] for row in rows])).loc[record_id, "reason"]
                 != ""
             )
+
+
+def _parts_and_window(trained) -> tuple[DuplicateModel, list[pd.DataFrame]]:
+    """The model with a window of 2 (records leave the index often) and every text distance deferred, and
+    a batch in 5-row parts with re-registrations across part borders."""
+    model, _ = trained
+    narrow = copy.copy(model)
+    narrow.window = 2
+    rows = []
+    for n in range(30):
+        rows.append(
+            order(n) | {"record_id": f"B{n:03d}", "entered_at": f"2025-01-{1 + n // 10:02d}T09:00:00"}
+        )
+        if n % 4 == 1:  # a re-registration of an order a few rows back, often in the part before
+            again = order(n - 1) | {
+                "record_id": f"S{n:03d}",
+                "entered_at": f"2025-01-{1 + n // 10:02d}T15:00",
+            }
+            rows.append(again | {"customer_name": again["customer_name"] + "x"})
+    frame = batch(rows)
+    return narrow, [frame.iloc[i : i + 5] for i in range(0, len(frame), 5)]
+
+
+def test_parts_scored_by_the_pair_helper_link_as_match_does(trained) -> None:
+    """`MatchAhead` with a `PairHelper` process (parts indexed two ahead of the one it scores, records
+    leaving the windows between): each part's links, scores, clusters and reasons are those of `match`
+    on one part after the other, and the index holds the same records afterwards."""
+    from pipeline.linkage import MatchAhead, PairHelper
+
+    model, records = trained
+    narrow, parts = _parts_and_window(trained)
+    one = narrow.matcher(records, evict=True)
+    expected = [one.match(part) for part in parts]
+    assert sum((links["duplicate_of"] != "").sum() for links in expected) >= 5
+    if not PairHelper.available():
+        pytest.skip("the pair helper is forked (Linux)")
+    two = narrow.matcher(records, evict=True)
+    with PairHelper(narrow) as helper:
+        ahead = MatchAhead(two, helper)
+        got = []
+        for part in parts:
+            linked = ahead.put(part)
+            assert len(linked) == (part is not parts[0] and part is not parts[1])  # two parts behind
+            got += linked
+        got += ahead.finish()
+        ahead.close()
+    assert len(got) == len(parts)
+    for mine, theirs in zip(got, expected, strict=True):
+        pd.testing.assert_frame_equal(mine, theirs)
+    assert two.resident == one.resident < len(two)  # evicted alike
+    ids = [*records["record_id"], *(i for part in parts for i in part["record_id"])]
+    assert two.records(ids) == one.records(ids)
+
+
+def test_parts_linked_without_a_helper_link_as_match_does(trained) -> None:
+    from pipeline.linkage import MatchAhead
+
+    model, records = trained
+    narrow, parts = _parts_and_window(trained)
+    one, two = narrow.matcher(records, evict=True), narrow.matcher(records, evict=True)
+    ahead = MatchAhead(two)
+    for part in parts:
+        [linked] = ahead.put(part)
+        pd.testing.assert_frame_equal(linked, one.match(part))
+    assert ahead.finish() == []
+
+
+@pytest.mark.parametrize("failure", ["raises", "killed"])
+def test_a_failing_pair_helper_raises_a_clear_error_rather_than_hanging(
+    trained, monkeypatch, failure
+) -> None:
+    """A helper whose scoring raises sends the error back; one killed mid-batch is noticed by its exit.
+    Either way the next part due raises `PairHelperError` (an alarm fails the test if it hangs)."""
+    import os
+    import signal
+
+    from pipeline.linkage import MatchAhead, PairHelper, PairHelperError, PairScorer
+
+    if not PairHelper.available():
+        pytest.skip("the pair helper is forked (Linux)")
+    model, records = trained
+    narrow, parts = _parts_and_window(trained)
+
+    def broken(self, inputs):
+        raise ValueError("comparator on fire")
+
+    if failure == "raises":  # failure injection: the forked helper inherits the broken scorer
+        monkeypatch.setattr(PairScorer, "scores", broken)
+    helper = PairHelper(narrow)
+    if failure == "killed":
+        os.kill(helper.pid, signal.SIGKILL)
+    ahead = MatchAhead(narrow.matcher(records, evict=True), helper)
+
+    def hung(*_):
+        raise AssertionError("the pair helper's failure was not noticed")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        with pytest.raises(PairHelperError) as raised:
+            for part in parts:
+                ahead.put(part)
+            ahead.finish()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        helper.close()
+    message = str(raised.value)
+    if failure == "raises":
+        assert message == "the duplicate pair helper failed: ValueError: comparator on fire"
+    else:
+        assert f"(pid {helper.pid}) exited with code -9" in message
+    assert not helper._process.is_alive()
+
+
+def test_a_pair_helper_whose_parent_is_killed_exits(trained) -> None:
+    """A job killed outright (SIGKILL: no clean-up) leaves no pair helper behind: an idle helper notices
+    its parent is gone within `PAIR_HELPER_POLL_SECONDS` and exits."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from pipeline.linkage import PAIR_HELPER_POLL_SECONDS, PairHelper
+
+    if not PairHelper.available():
+        pytest.skip("the pair helper is forked (Linux)")
+    model, _ = trained
+    context = multiprocessing.get_context("fork")
+    pids = context.SimpleQueue()
+
+    def job() -> None:  # the killed job: starts its helper, then waits to be killed
+        pids.put(PairHelper(model).pid)
+        time.sleep(60)
+
+    parent = context.Process(target=job)
+    parent.start()
+    helper = pids.get()
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.join()
+
+    def running(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state not in ("Z", "X")
+
+    deadline = time.monotonic() + 10 * PAIR_HELPER_POLL_SECONDS + 5
+    while running(helper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(helper)

@@ -517,6 +517,38 @@ def test_matcher_parts_write_what_one_part_writes(demo, model_folder, tmp_path, 
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "parts" / name).read_bytes(), name
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the pair helper is forked on Linux only")
+def test_the_pair_helper_writes_what_one_process_alone_writes(demo, model_folder, tmp_path, monkeypatch):
+    """With `pair_helper` a `PairHelper` scores the matcher parts' pairs (7-row parts, 50-row chunks: parts
+    linked across chunk borders, two parts behind): the same files byte for byte as without it (the
+    default), and the helper is gone when the job is."""
+    import multiprocessing
+
+    from pipeline import linkage
+    from pipeline import score as score_module
+    from pipeline.bundle import ModelBundle
+    from pipeline.score import run_batch
+
+    monkeypatch.setattr(score_module, "MATCH_ROWS", 7)
+    scored = []
+    real = linkage.PairHelper.receive
+
+    def receive(self):
+        scores = real(self)
+        scored.append(len(scores))
+        return scores
+
+    monkeypatch.setattr(linkage.PairHelper, "receive", receive)
+    common = {"reference_path": demo.records, "chunk_rows": 50}
+    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "one", **common)
+    assert not scored
+    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "two", pair_helper=True, **common)
+    assert len(scored) > 20 and sum(scored) > 1000
+    assert multiprocessing.active_children() == []
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
 def test_the_index_is_freed_before_the_last_pieces_are_assessed(demo, model_folder, tmp_path, monkeypatch):
     """Once every chunk is linked, `run_batch` lets go of the matcher (a long batch's largest part) before
     this process assesses the last pieces beside the helpers: freed then, without a collector pass."""
@@ -527,9 +559,9 @@ def test_the_index_is_freed_before_the_last_pieces_are_assessed(demo, model_fold
     matchers, alive_at_finish = [], []
     real_init, real_finish = score_module._Scorer.__init__, score_module._Scorer.finish
 
-    def init(self, bundle, matcher, workers, helpers=None):
+    def init(self, bundle, matcher, workers, *args):
         matchers.append(weakref.ref(matcher))
-        real_init(self, bundle, matcher, workers, helpers)
+        real_init(self, bundle, matcher, workers, *args)
 
     def finish(self):
         alive_at_finish.append(matchers[0]() is not None)
