@@ -18,7 +18,8 @@ Cases: `score-200k` (200,000 rows against a 10,000-row reference), `score-2m` (2
 `train-200k` (`train` on a 200,000-row history, about 25,000 log rows), `train-1m` (`train` on a
 1,000,000-row history, about 125,000 log rows), `big-reference` (5,000 rows against a 1,000,000-row
 reference), `spark-1m` (`--engine spark`, local[2], 1,000,000 rows, against the in-process job),
-`duplicates-200k` (the duplicate work of `score-200k` alone: our duplicate stage, and Splink 5 on DuckDB
+`duplicates-200k` (the duplicate work of `score-200k` alone: our duplicate stage in one process and with
+`--pair-helper` (two), and Splink 5 on DuckDB
 trained unsupervised and predicting on the same reference and batch; see `scale_children.py`; Splink
 runs in this harness's own python, so the bench venv needs `requirements-bench.txt`).
 
@@ -249,9 +250,14 @@ def main() -> None:  # noqa: C901
     if "duplicates-200k" in args.cases:
         data = generate(py, work / "data-score-200k", 10_000, 200_000)
         files = ["--reference", str(data / "records.csv"), "--batch", str(data / "batch.csv")]
-        for system, python, extra in (("ours", py, ["--model", str(model)]), ("splink", sys.executable, [])):
+        systems = (
+            ("ours", py, ["--model", str(model)]),
+            ("ours --pair-helper", py, ["--model", str(model), "--pair-helper"]),
+            ("splink", sys.executable, []),
+        )
+        for system, python, extra in systems:
             result = run("duplicates-200k", f"duplicate stage only: {system}", 200_000,
-                         [python, str(CHILDREN), system, *files, *extra])  # fmt: skip
+                         [python, str(CHILDREN), system.split()[0], *files, *extra])  # fmt: skip
             if result.status == "ok":
                 log = (work / f"duplicates-200k-{len(runs) - 1}.log").read_text().splitlines()
                 result.phases = json.loads(next(line for line in reversed(log) if line.startswith("{")))

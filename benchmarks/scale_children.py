@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument(
         "--pair-helper",
         action="store_true",
-        help="ours: score the pairs in a helper process (run_batch(pair_helper=True); off in `score`)",
+        help="ours: score the pairs in a helper process (run_batch(pair_helper=True); `score --pair-helper`)",
     )
     args = parser.parse_args()
     if args.system == "ours":

@@ -742,9 +742,10 @@ def run_batch(
     they are spawned here); shut down when the job is done with them. `chunk_rows`: rows read at a time
     (default `default_chunk_rows(workers)`; the output does not depend on it). `pair_helper` (with one
     worker only; where fork exists): a `linkage.PairHelper` process scores the duplicate candidate pairs
-    while this one indexes the next matcher parts; the same output byte for byte. Off by default: forked
-    after the models load, it added ~220 MB (PSS) at 200,000 rows, and on a busy machine it gained ~9%
-    wall for ~5% more CPU seconds (the duplicate stage alone: slower, ~20% more CPU seconds).
+    while this one indexes the next matcher parts; the same output byte for byte (`score --pair-helper`).
+    Off by default: forked after the models load, it added ~220 MB (PSS) at 200,000 rows. On an idle
+    second core the duplicate stage alone took 5.6-5.8 s instead of 8.6-9.4 s (CPU +0.3-1.0 s); on a busy
+    machine it was slower (~20% more CPU seconds).
     """
     from pipeline.reference import prepare_reference
     from pipeline.report import build_summary, write_report

@@ -520,8 +520,8 @@ def test_matcher_parts_write_what_one_part_writes(demo, model_folder, tmp_path, 
 @pytest.mark.skipif(sys.platform != "linux", reason="the pair helper is forked on Linux only")
 def test_the_pair_helper_writes_what_one_process_alone_writes(demo, model_folder, tmp_path, monkeypatch):
     """With `pair_helper` a `PairHelper` scores the matcher parts' pairs (7-row parts, 50-row chunks: parts
-    linked across chunk borders, two parts behind): the same files byte for byte as without it (the
-    default), and the helper is gone when the job is."""
+    linked across chunk borders, two parts behind), as `score --pair-helper` asks: the same files byte for
+    byte as without it (the default), and the helper is gone when the job is."""
     import multiprocessing
 
     from pipeline import linkage
@@ -539,10 +539,16 @@ def test_the_pair_helper_writes_what_one_process_alone_writes(demo, model_folder
         return scores
 
     monkeypatch.setattr(linkage.PairHelper, "receive", receive)
-    common = {"reference_path": demo.records, "chunk_rows": 50}
-    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "one", **common)
+    run_batch(
+        ModelBundle.load(model_folder),
+        demo.batch,
+        tmp_path / "one",
+        reference_path=demo.records,
+        chunk_rows=50,
+    )
     assert not scored
-    run_batch(ModelBundle.load(model_folder), demo.batch, tmp_path / "two", pair_helper=True, **common)
+    common = ("--reference", str(demo.records), "--chunk-rows", "50", "--pair-helper")
+    assert score(model_folder, demo.batch, tmp_path / "two", *common) == 0
     assert len(scored) > 20 and sum(scored) > 1000
     assert multiprocessing.active_children() == []
     for name in (s.RECORDS_FILE, s.FLAGS_FILE):
@@ -602,6 +608,13 @@ def test_a_helper_loads_no_duplicate_model(model_folder, tmp_path):
 def test_workers_below_one_is_refused(demo, model_folder, tmp_path, capsys):
     assert score(model_folder, demo.batch, tmp_path / "out", "--workers", "0") == 2
     assert "--workers 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_pair_helper_needs_one_worker(demo, model_folder, tmp_path, capsys):
+    assert score(model_folder, demo.batch, tmp_path / "out", "--workers", "2", "--pair-helper") == 2
+    err = capsys.readouterr().err
+    assert "--pair-helper: only with --workers 1" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
