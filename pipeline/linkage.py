@@ -1286,10 +1286,7 @@ class Matcher:
         above its score (`_settle`), which skips most affine gap comparisons."""
         self._drop_left()
         encoded, query, found = self._index(chunk)
-        scores = np.zeros(0)
-        if len(query):
-            pair_codes = self._pair_codes(query, found)
-            scores = self._pair_scores(query, found, pair_codes, self._counted(query), every_pair)
+        scores = self._scores_of(query, found, every_pair)
         return self._pick_best(encoded.ids, len(self._ids) - len(encoded), query, found, scores)
 
     def _index(self, chunk: pd.DataFrame) -> tuple[_Encoded, np.ndarray, np.ndarray]:
@@ -1297,6 +1294,13 @@ class Matcher:
         encoded = self._model._encode(chunk)
         query, found, _ = self._candidates(encoded)
         return encoded, query, found
+
+    def _scores_of(self, query: np.ndarray, found: np.ndarray, every_pair: bool) -> np.ndarray:
+        """`_pair_scores` of indexed records' candidate pairs, from their codes and rarities here."""
+        if not len(query):
+            return np.zeros(0)
+        pair_codes = self._pair_codes(query, found)
+        return self._pair_scores(query, found, pair_codes, self._counted(query), every_pair)
 
     def _pair_scores(
         self,
@@ -1818,10 +1822,7 @@ class MatchAhead:
             begun = matcher._begin(part)
             query, found = begun.query, begun.found
             if self.helper is None:
-                scores = np.zeros(0)
-                if len(query):
-                    pair_codes, rarities = matcher._pair_codes(query, found), matcher._counted(query)
-                    scores = matcher._pair_scores(query, found, pair_codes, rarities, every_pair=False)
+                scores = matcher._scores_of(query, found, every_pair=False)
                 self._linked.append(begun)
                 return [matcher._end(begun, scores)]
             if len(query):
