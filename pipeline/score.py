@@ -488,8 +488,8 @@ class _Scorer:
     ) -> None:
         self.bundle, self.matcher, self.workers = bundle, matcher, workers
         self.numbers = bundle.errors.running_numbers()
-        # With one process and a `PairHelper`: chunks linked a few matcher parts behind (`LinkAhead`).
-        self.linker = LinkAhead(bundle, matcher, pair_helper) if pair_helper is not None else None
+        # With one process: chunks linked by a `LinkAhead`, a few matcher parts behind with a `PairHelper`.
+        self.linker = LinkAhead(bundle, matcher, pair_helper) if workers == 1 else None
         self.linked: list[tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]] = []
         self.pool: Any = None
         self.model: Path | None = None  # the helpers' model, pickled once: each loads it with its first piece
@@ -516,11 +516,6 @@ class _Scorer:
         """Takes a chunk; yields the chunks (with results) that are done, oldest first."""
         if self.linker is not None:
             yield from self._assess_linked(self.linker.submit(chunk))
-            return
-        before = self.numbers
-        if self.pool is None:
-            self.numbers = before.then(self.bundle.errors.running_numbers(chunk))
-            yield chunk, score_chunk(chunk, self.bundle, self.matcher, before)
             return
         started = time.process_time()
         links, matched = link_chunk(chunk, self.bundle, self.matcher)

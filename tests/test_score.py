@@ -287,7 +287,7 @@ def test_internal_failure_exits_1_in_one_line_and_leaves_nothing(
         raise RuntimeError("disk on fire")
 
     # Failure injection: the real job, with the scorer made to fail on the first chunk.
-    monkeypatch.setattr(pipeline.score, "score_chunk", broken)
+    monkeypatch.setattr(pipeline.score, "assess_chunk", broken)
     assert score(model_folder, demo.batch, tmp_path / "out") == 1
     err = capsys.readouterr().err
     assert err == "internal error: RuntimeError: disk on fire (rerun with --verbose for details)\n"
