@@ -229,6 +229,8 @@ def test_pair_classifier_chooses_c_by_the_constrained_fit_and_fits_the_same_ever
     assert list(first.cv_loss_) == list(C_GRID)
     # The strongest regularisation no worse than the lowest loss beyond noise: never a weaker one.
     assert first.c_ in C_GRID and first.c_ <= min(first.cv_loss_, key=first.cv_loss_.get)
+    # Neighbouring Cs about half a decade apart (x3, x3.3): the choice cannot overshoot tenfold.
+    assert all(b / a <= 10 / 3 + 1e-9 for a, b in zip(C_GRID, C_GRID[1:], strict=False))
     assert np.array_equal(first.weights_, second.weights_) and first.intercept_ == second.intercept_
     assert first.active_.tolist() == [True, False, True, False, True, True]
     # The folded weights score the raw features as the standardised fit does.
