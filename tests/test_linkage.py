@@ -260,6 +260,7 @@ def test_a_new_registration_is_matched_to_the_reference_with_a_reason(trained) -
         "duplicate_score": pytest.approx(links.loc[11, "duplicate_score"]),
         "cluster_id": "N2",
         "reason": "",
+        "other_duplicates": (),
     }
     assert links.loc[11, "duplicate_score"] < model.threshold_
 
