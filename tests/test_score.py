@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import re_registered, slipped
 
 from pipeline import schema as s
 from pipeline.cli import main
@@ -673,15 +674,6 @@ def test_chunk_rows_below_one_is_refused(demo, model_folder, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def _re_registered(order: dict[str, str], record_id: str, entered_at: str, **changes: str) -> dict[str, str]:
-    return {**order, "record_id": record_id, "entered_at": entered_at, **changes}
-
-
-def _slipped(number: str) -> str:
-    """An order number with its last digit mistyped."""
-    return number[:-1] + str((int(number[-1]) + 3) % 10)
-
-
 def test_a_value_entered_alike_in_a_duplicate_beside_the_link_is_no_error(demo, model_folder):
     """A batch row re-registers an order the reference holds twice: as first entered, and re-registered
     with a slip in its order number. The row links to the re-registration (the later of two near-equal
@@ -698,10 +690,10 @@ def test_a_value_entered_alike_in_a_duplicate_beside_the_link_is_no_error(demo, 
     reference = read_table(demo.records)
     original = reference.iloc[700].to_dict()
     entered = pd.Timestamp(original["entered_at"])
-    again = _re_registered(original, "RE-1", (entered + pd.Timedelta(hours=1)).isoformat())
-    again["order_number"] = _slipped(original["order_number"])
+    again = re_registered(original, "RE-1", (entered + pd.Timedelta(hours=1)).isoformat())
+    again["order_number"] = slipped(original["order_number"])
     later = pd.Timestamp(reference["entered_at"].iloc[-1]) + pd.Timedelta(days=1)
-    row = pd.DataFrame([_re_registered(original, "RE-2", later.isoformat())])
+    row = pd.DataFrame([re_registered(original, "RE-2", later.isoformat())])
     flagged = {}
     for name, frame in (("both", reference), ("re-registration only", reference.drop(index=700))):
         matcher = bundle.duplicates.matcher(pd.concat([frame, pd.DataFrame([again])], ignore_index=True))
@@ -709,28 +701,6 @@ def test_a_value_entered_alike_in_a_duplicate_beside_the_link_is_no_error(demo, 
         assert result.columns[s.DUPLICATE_OF].tolist() == ["RE-1"], name
         flagged[name] = result.flags.loc[result.flags[s.FLAG_KIND] == s.KIND_ERROR, s.FLAG_FIELD].tolist()
     assert flagged == {"both": [], "re-registration only": ["order_number"]}
-
-
-@pytest.fixture(scope="module")
-def re_registrations(demo, tmp_path_factory) -> Path:
-    """The demo batch and, after it, eight reference orders re-registered twice: first with a slip in the
-    order number, then as first entered (each of those duplicates the original and the slipped copy)."""
-    import pandas as pd
-
-    from pipeline.ingest import read_table
-
-    batch, reference = read_table(demo.batch), read_table(demo.records)
-    later = pd.Timestamp(batch["entered_at"].iloc[-1])
-    originals = [reference.iloc[i].to_dict() for i in range(600, 1400, 100)]
-    rows = []
-    for k, original in enumerate(originals):
-        at = (later + pd.Timedelta(hours=k + 1)).isoformat()
-        rows.append(_re_registered(original, f"SL-{k}", at, order_number=_slipped(original["order_number"])))
-    for k, original in enumerate(originals):
-        rows.append(_re_registered(original, f"AG-{k}", (later + pd.Timedelta(days=1, hours=k)).isoformat()))
-    path = tmp_path_factory.mktemp("re-registrations") / "batch.csv"
-    pd.concat([batch, pd.DataFrame(rows)], ignore_index=True).to_csv(path, index=False)
-    return path
 
 
 def test_other_duplicates_give_the_same_bytes_in_chunks_workers_and_with_the_pair_helper(
