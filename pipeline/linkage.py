@@ -27,12 +27,12 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
   `max_labels` in all.
 * Scoring: each record's candidates are cut to the `top_k` that share most keys, compared field by field,
   and scored by the classifier; the best candidate above `threshold_` (never below 0.5 when `calibrate`
-  chooses it) is the record it duplicates; every other candidate above `threshold_` is named too (a
-  re-registration often ties its original and an earlier re-registration of the same order).
+  chooses it) is the record it duplicates; every other reference record above `threshold_` is named too
+  (a re-registration often ties its original and an earlier re-registration of the same order).
 
 >>> # model = DuplicateModel(config).fit(entered_history, known_pairs)
 >>> # links = model.matcher(reference).match(batch)   # duplicate_of, duplicate_score, cluster_id, reason,
->>> #                                                 # other_duplicates
+>>> #                                                 # reference_duplicates
 """
 
 from __future__ import annotations
@@ -768,6 +768,7 @@ class Matcher:
                 self._drop_left()
                 part = reference.iloc[order[begin : begin + REFERENCE_ROWS]]
                 self._candidates(model._encode(part), collect=False)
+        self._reference_rows = len(self._ids)  # records indexed before any batch row
 
     def export_state(self) -> dict[str, Any]:
         """The index as plain picklable data: everything but the model (dedupe's comparators do not
@@ -1448,7 +1449,7 @@ class Matcher:
         pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
     ) -> pd.DataFrame:
         """`match`'s frame from each row's best candidate (`_best`), the links remembered in row order, and
-        the other records each row duplicates from its scored `pairs` (`_other_duplicates`)."""
+        the other reference records each row duplicates from its scored `pairs` (`_reference_duplicates`)."""
         ids = self._ids
         duplicate_of = [s.MISSING] * len(record_ids)
         cluster_ids = list(record_ids)
@@ -1472,12 +1473,12 @@ class Matcher:
                 s.DUPLICATE_SCORE: scores,
                 s.CLUSTER_ID: cluster_ids,
                 "reason": reasons,
-                s.OTHER_DUPLICATES: self._other_duplicates(positions, others, *pairs),
+                s.REFERENCE_DUPLICATES: self._reference_duplicates(positions, others, *pairs),
             },
             index=index,
         )
 
-    def _other_duplicates(
+    def _reference_duplicates(
         self,
         positions: np.ndarray,
         best: np.ndarray,
@@ -1485,12 +1486,14 @@ class Matcher:
         found: np.ndarray,
         scores: np.ndarray,
     ) -> list[tuple[str, ...]]:
-        """Per row (indexed `positions`, best candidate `best`), the ids of the other candidates scoring at
-        or above the threshold, highest score first, the latest among equal ones: records the row
-        duplicates as surely as its link (a re-registration ties its original and the order's earlier
-        re-registration, and only one of them can be `duplicate_of`). Exact scores (`_settle`)."""
+        """Per row (indexed `positions`, best candidate `best`), the ids of the other reference records
+        scoring at or above the threshold, highest score first, the latest among equal ones: records the
+        row duplicates as surely as its link (a re-registration ties its original and the order's earlier
+        re-registration, and only one of them can be `duplicate_of`). Exact scores (`_settle`). Reference
+        records only: their values are as the department stored them, while an earlier batch row's are as
+        entered, and a re-registration copied from a record with a slip repeats that slip."""
         others: list[tuple[str, ...]] = [()] * len(positions)
-        kept = np.flatnonzero(scores >= self._model.threshold_)
+        kept = np.flatnonzero((scores >= self._model.threshold_) & (found < self._reference_rows))
         if len(kept):
             kept = kept[found[kept] != best[query[kept] - positions[0]]]
         if not len(kept):

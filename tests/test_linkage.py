@@ -267,37 +267,39 @@ def test_a_new_registration_is_matched_to_the_reference_with_a_reason(trained) -
         "duplicate_score": pytest.approx(links.loc[11, "duplicate_score"]),
         "cluster_id": "N2",
         "reason": "",
-        "other_duplicates": (),
+        "reference_duplicates": (),
     }
     assert links.loc[11, "duplicate_score"] < model.threshold_
 
 
-def test_a_row_names_every_record_it_duplicates_beside_its_link(trained) -> None:
-    """An order registered, then re-registered with a slip, then again as first entered: the third row
-    duplicates both earlier ones. One is its link; the other is named in `other_duplicates`."""
+def test_a_row_names_every_reference_record_it_duplicates_beside_its_link(trained) -> None:
+    """An order registered, re-registered with a slip, and entered again as first registered: the third
+    row duplicates both earlier ones. One is its link; the other, a reference record, is named in
+    `reference_duplicates`. A batch row it duplicates is not named there (its values are as entered)."""
     model, records = trained
     original = order(6)
     slipped = original | {"record_id": "A1", "entered_at": "2024-07-20T10:00:00"}
     slipped["customer_name"] = "Autobedrjf Mulder"
     again = original | {"record_id": "A2", "entered_at": "2024-07-21T10:00:00"}
     unrelated = order(40) | {"record_id": "A3", "amount": "9999.00", "order_date": "2024-12-01"}
+    reference = pd.concat([records, batch([slipped])], ignore_index=True)
+    links = model.matcher(reference).match(batch([again, unrelated]))
+    named = {links[s.DUPLICATE_OF].iloc[0], *links[s.REFERENCE_DUPLICATES].iloc[0]}
+    assert named == {original["record_id"], "A1"}
+    assert links[s.REFERENCE_DUPLICATES].iloc[1] == ()
+    # The slipped copy in the batch instead: the row still links to one of the two, but names no batch row.
     matcher = model.matcher(records)
-    first = matcher.match(batch([slipped]))
-    links = matcher.match(batch([again, unrelated]))
-    assert first[s.DUPLICATE_OF].tolist() == [original["record_id"]]
-    assert first[s.OTHER_DUPLICATES].tolist() == [()]
-    assert {links[s.DUPLICATE_OF].iloc[0], *links[s.OTHER_DUPLICATES].iloc[0]} == {
-        original["record_id"],
-        "A1",
-    }
-    assert links[s.OTHER_DUPLICATES].iloc[1] == ()
+    matcher.match(batch([slipped]))
+    links = matcher.match(batch([again]))
+    assert links[s.DUPLICATE_OF].iloc[0] in named
+    assert "A1" not in links[s.REFERENCE_DUPLICATES].iloc[0]
 
 
-def test_the_other_duplicates_are_those_scoring_at_the_threshold_in_full(trained) -> None:
+def test_the_reference_duplicates_are_those_scoring_at_the_threshold_in_full(trained) -> None:
     """With the text distances deferred, `match` may leave a candidate that cannot be the best with a
     bound above its exact score (`Matcher._settle`). One whose bound reaches the threshold and whose exact
-    score does not is no duplicate: `other_duplicates` names exactly the candidates scoring at or above
-    the threshold when every pair is scored in full (`_score`)."""
+    score does not is no duplicate: `reference_duplicates` names exactly the reference records scoring at
+    or above the threshold when every pair is scored in full (`_score`)."""
     model, records = trained
     weighed = all_text_deferred(model)
     weighed.threshold_ = 0.9  # between A1's exact score against A3 (about 0.83) and its bound (about 0.96)
@@ -305,16 +307,15 @@ def test_the_other_duplicates_are_those_scoring_at_the_threshold_in_full(trained
     rows = [
         original | {"record_id": "A1", "customer_name": "Pietersen Auto", "city": "Leiden"},
         original | {"record_id": "A2", "customer_name": "Autobedrjf Mulder"},
-        original | {"record_id": "A3"},
     ]
     rows = [row | {"entered_at": f"2024-07-2{i}T10:00:00"} for i, row in enumerate(rows)]
-    _, pairs = weighed.matcher(records)._score(batch(rows))
-    links = weighed.matcher(records).match(batch(rows))
-    for i, row in enumerate(rows):
-        sure = pairs[(pairs["record_id"] == row["record_id"]) & (pairs["score"] >= weighed.threshold_)]
-        named = {links[s.DUPLICATE_OF].iloc[i], *links[s.OTHER_DUPLICATES].iloc[i]} - {""}
-        assert named == set(sure["candidate_id"]), row["record_id"]
-    assert set(links[s.OTHER_DUPLICATES].iloc[2]) | {links[s.DUPLICATE_OF].iloc[2]} == {"R0006", "A2"}
+    reference = pd.concat([records, batch(rows)], ignore_index=True)
+    again = batch([original | {"record_id": "A3", "entered_at": "2024-07-23T10:00:00"}])
+    _, pairs = weighed.matcher(reference)._score(again)
+    links = weighed.matcher(reference).match(again)
+    sure = set(pairs.loc[pairs["score"] >= weighed.threshold_, "candidate_id"])
+    assert sure == {"R0006", "A2"}
+    assert {links[s.DUPLICATE_OF].iloc[0], *links[s.REFERENCE_DUPLICATES].iloc[0]} == sure
 
 
 def test_duplicates_within_a_batch_are_found_across_chunks_and_chained_into_one_cluster(trained) -> None:
