@@ -27,10 +27,12 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
   `max_labels` in all.
 * Scoring: each record's candidates are cut to the `top_k` that share most keys, compared field by field,
   and scored by the classifier; the best candidate above `threshold_` (never below 0.5 when `calibrate`
-  chooses it) is the record it duplicates.
+  chooses it) is the record it duplicates; every other reference record above `threshold_` is named too
+  (a re-registration often ties its original and an earlier re-registration of the same order).
 
 >>> # model = DuplicateModel(config).fit(entered_history, known_pairs)
->>> # links = model.matcher(reference).match(batch)   # duplicate_of, duplicate_score, cluster_id, reason
+>>> # links = model.matcher(reference).match(batch)   # duplicate_of, duplicate_score, cluster_id, reason,
+>>> #                                                 # reference_duplicates
 """
 
 from __future__ import annotations
@@ -766,6 +768,7 @@ class Matcher:
                 self._drop_left()
                 part = reference.iloc[order[begin : begin + REFERENCE_ROWS]]
                 self._candidates(model._encode(part), collect=False)
+        self._reference_rows = len(self._ids)  # records indexed before any batch row
 
     def export_state(self) -> dict[str, Any]:
         """The index as plain picklable data: everything but the model (dedupe's comparators do not
@@ -1146,12 +1149,13 @@ class Matcher:
         compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] | None = None,
     ) -> np.ndarray:
         """The scores of pairs whose `deferred` columns hold their bound (`_features`), made exact for every
-        pair that may be its record's best: first each record's pair with the highest bound, then every
-        other pair whose bound reaches its record's best exact score so far. The pairs left keep their
-        bound, which is below their record's best score, so `_best_per_query` picks what it picks with
-        every comparison computed (same pair, same score). A pair's score does not depend on the other
-        rows it is computed with (`probabilities` works row by row). `compared`: the distinct pairs of
-        values `_features` compared, reused."""
+        pair that may be its record's best or reach the link threshold: first each record's pair with the
+        highest bound, then every other pair whose bound reaches its record's best exact score so far or
+        the threshold. The pairs left keep their bound, which is below their record's best score and below
+        the threshold, so `_best_per_query` picks what it picks with every comparison computed (same pair,
+        same score), and `_link` names every pair at or above the threshold. A pair's score does not
+        depend on the other rows it is computed with (`probabilities` works row by row). `compared`: the
+        distinct pairs of values `_features` compared, reused."""
         compared = {} if compared is None else compared
         scores = self._model.probabilities(features)
         first = _best_per_query(query, found, scores)
@@ -1161,8 +1165,9 @@ class Matcher:
         best = np.empty(len(first))
         best[group[first]] = scores[first]
         # The margin covers any rounding of the sigmoid (monotone up to far below it): a pair left out
-        # scores below its record's best by more than it.
-        rest = np.flatnonzero(scores >= best[group] - SETTLE_MARGIN)
+        # scores below its record's best, and below the threshold, by more than it.
+        reach = np.minimum(best[group], self._model.threshold_) - SETTLE_MARGIN
+        rest = np.flatnonzero(scores >= reach)
         rest = rest[~np.isin(rest, first)]
         if len(rest):
             self._compute_deferred(rest, features, pair_codes, deferred, compared)
@@ -1431,8 +1436,8 @@ class Matcher:
         self._cluster.update(clusters)
 
     def _match(self, chunk: pd.DataFrame) -> pd.DataFrame:
-        record_ids, scores, others, positions, _ = self._best(chunk, every_pair=False)
-        return self._link(record_ids, scores, others, positions, chunk.index)
+        record_ids, scores, others, positions, pairs = self._best(chunk, every_pair=False)
+        return self._link(record_ids, scores, others, positions, chunk.index, pairs)
 
     def _link(
         self,
@@ -1441,8 +1446,10 @@ class Matcher:
         others: np.ndarray,
         positions: np.ndarray,
         index: pd.Index,
+        pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
     ) -> pd.DataFrame:
-        """`match`'s frame from each row's best candidate (`_best`), the links remembered in row order."""
+        """`match`'s frame from each row's best candidate (`_best`), the links remembered in row order, and
+        the other reference records each row duplicates from its scored `pairs` (`_reference_duplicates`)."""
         ids = self._ids
         duplicate_of = [s.MISSING] * len(record_ids)
         cluster_ids = list(record_ids)
@@ -1466,9 +1473,36 @@ class Matcher:
                 s.DUPLICATE_SCORE: scores,
                 s.CLUSTER_ID: cluster_ids,
                 "reason": reasons,
+                s.REFERENCE_DUPLICATES: self._reference_duplicates(positions, others, *pairs),
             },
             index=index,
         )
+
+    def _reference_duplicates(
+        self,
+        positions: np.ndarray,
+        best: np.ndarray,
+        query: np.ndarray,
+        found: np.ndarray,
+        scores: np.ndarray,
+    ) -> list[tuple[str, ...]]:
+        """Per row (indexed `positions`, best candidate `best`), the ids of the other reference records
+        scoring at or above the threshold, highest score first, the latest among equal ones: records the
+        row duplicates as surely as its link (a re-registration ties its original and the order's earlier
+        re-registration, and only one of them can be `duplicate_of`). Exact scores (`_settle`). Reference
+        records only: their values are as the department stored them, while an earlier batch row's are as
+        entered, and a re-registration copied from a record with a slip repeats that slip."""
+        others: list[tuple[str, ...]] = [()] * len(positions)
+        kept = np.flatnonzero((scores >= self._model.threshold_) & (found < self._reference_rows))
+        if len(kept):
+            kept = kept[found[kept] != best[query[kept] - positions[0]]]
+        if not len(kept):
+            return others
+        kept = kept[np.lexsort((-found[kept], -scores[kept], query[kept]))]
+        rows = (query[kept] - positions[0]).tolist()
+        for row, other_id in zip(rows, self._ids.take(found[kept]), strict=True):
+            others[row] = (*others[row], other_id)
+        return others
 
     def _begin(self, chunk: pd.DataFrame) -> _PartInFlight:
         """Indexes the chunk, so that `_end` can link it from its pairs' scores (`_pair_inputs`, taken
@@ -1510,10 +1544,10 @@ class Matcher:
 
     def _end(self, part: _PartInFlight, scores: np.ndarray) -> pd.DataFrame:
         """`match`'s frame for a chunk `_begin` indexed, from its pairs' scores (`PairScorer.scores`)."""
-        record_ids, best, others, positions, _ = self._pick_best(
+        record_ids, best, others, positions, pairs = self._pick_best(
             part.ids, part.start, part.query, part.found, scores
         )
-        return self._link(record_ids, best, others, positions, part.index)
+        return self._link(record_ids, best, others, positions, part.index, pairs)
 
     def _drop(self, part: _PartInFlight) -> None:
         """Drops the records that left every block window while `part` was indexed (`_drop_left`)."""

@@ -50,6 +50,10 @@ RECORD_COLUMNS: Final = (
     NEEDS_REVIEW,
 )
 ERROR_FIELD_SEPARATOR: Final = ";"
+# Not an output: the column of `linkage.Matcher.match`'s links holding, per row, the ids of the reference
+# records it duplicates beside `duplicate_of` (a tuple), which the error model's matched values take into
+# account.
+REFERENCE_DUPLICATES: Final = "reference_duplicates"
 
 FLAG_RECORD_ID: Final = "record_id"
 FLAG_KIND: Final = "kind"

@@ -33,7 +33,7 @@ import pandas as pd
 from pipeline import schema as s
 from pipeline.anomalies import AnomalyModel
 from pipeline.config import Config
-from pipeline.detectors import Context, RunningNumbers
+from pipeline.detectors import Context, RunningNumbers, text_column
 from pipeline.errors import ASSESS_ROWS, ErrorModel
 from pipeline.exceptions import OutputError
 from pipeline.ingest import (
@@ -326,7 +326,11 @@ def empty_flags() -> pd.DataFrame:
 def _matched_values(
     chunk: pd.DataFrame, links: pd.DataFrame, matcher: Any, fields: list[str]
 ) -> pd.DataFrame | None:
-    """The field values of the record each row duplicates ("" where none), for the error model."""
+    """The field values of the record each row duplicates ("" where none), for the error model: its link's
+    (`duplicate_of`), except where one of the reference records it duplicates (`REFERENCE_DUPLICATES`)
+    holds the row's own value: then that value, entered alike in a duplicate, so not judged a slip. A
+    re-registration linked to an earlier re-registration of the same order, whose number has its own
+    slip, keeps the original's number, and the original is among those reference records."""
     has_match = (links[s.DUPLICATE_OF] != s.MISSING).to_numpy()
     if not has_match.any():
         return None
@@ -336,7 +340,27 @@ def _matched_values(
         column = np.full(len(chunk), s.MISSING, dtype=object)
         column[has_match] = records.get(name, s.MISSING)
         columns[name] = column
+    _take_alike_values(columns, chunk, links, matcher)
     return pd.DataFrame(columns, index=chunk.index, columns=fields, dtype=object)
+
+
+def _take_alike_values(
+    columns: dict[str, np.ndarray], chunk: pd.DataFrame, links: pd.DataFrame, matcher: Any
+) -> None:
+    """Writes into `columns` (per field, the matched value of each row) the row's own value wherever a
+    record among its `REFERENCE_DUPLICATES` holds it too (compared as text, as the error model compares)."""
+    others = links[s.REFERENCE_DUPLICATES].to_numpy(dtype=object) if s.REFERENCE_DUPLICATES in links else []
+    counts = np.fromiter(map(len, others), dtype=np.int64, count=len(others))
+    if not counts.any():
+        return
+    rows = np.repeat(np.arange(len(others)), counts)
+    records = matcher.records([other for ids in others[counts > 0] for other in ids])
+    for name, column in columns.items():
+        if name not in chunk.columns or name not in records:
+            continue
+        own = text_column(chunk, name).to_numpy(dtype=object)[rows]
+        alike = (own == np.asarray(records[name], dtype=object)) & (own != s.MISSING)
+        column[rows[alike]] = own[alike]
 
 
 def score_frame(

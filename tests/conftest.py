@@ -44,3 +44,35 @@ def train_argv(demo, uri: str, *, config: Path | None = None, records: Path | No
         "--tracking-uri",
         uri,
     ]
+
+
+def re_registered(order: dict[str, str], record_id: str, entered_at: str, **changes: str) -> dict[str, str]:
+    """A copy of a record (a dict of its cells) under a new id and entry time, with these cells changed."""
+    return {**order, "record_id": record_id, "entered_at": entered_at, **changes}
+
+
+def slipped(number: str) -> str:
+    """An order number with its last digit mistyped."""
+    return number[:-1] + str((int(number[-1]) + 3) % 10)
+
+
+@pytest.fixture(scope="module")
+def re_registrations(demo, tmp_path_factory) -> Path:
+    """The demo batch and, after it, eight reference orders re-registered twice: first with a slip in the
+    order number, then as first entered (each of those duplicates the original and the slipped copy)."""
+    import pandas as pd
+
+    from pipeline.ingest import read_table
+
+    batch, reference = read_table(demo.batch), read_table(demo.records)
+    later = pd.Timestamp(batch["entered_at"].iloc[-1])
+    originals = [reference.iloc[i].to_dict() for i in range(600, 1400, 100)]
+    rows = []
+    for k, original in enumerate(originals):
+        at = (later + pd.Timedelta(hours=k + 1)).isoformat()
+        rows.append(re_registered(original, f"SL-{k}", at, order_number=slipped(original["order_number"])))
+    for k, original in enumerate(originals):
+        rows.append(re_registered(original, f"AG-{k}", (later + pd.Timedelta(days=1, hours=k)).isoformat()))
+    path = tmp_path_factory.mktemp("re-registrations") / "batch.csv"
+    pd.concat([batch, pd.DataFrame(rows)], ignore_index=True).to_csv(path, index=False)
+    return path

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline import schema as s
 from pipeline.config import Config
 from pipeline.exceptions import ModelLoadError, TrainingDataError
 from pipeline.fields.text import token_distance
@@ -184,15 +185,9 @@ def test_scoring_skips_comparisons_the_classifier_weighs_zero_and_scores_the_sam
     assert np.array_equal(zeroed.probabilities(full), zeroed.probabilities(scored))  # bit for bit
 
 
-def test_matching_computes_the_text_distances_only_where_a_pair_may_be_best_and_links_the_same(
-    trained, monkeypatch
-) -> None:
-    """`match` leaves dedupe's affine gap and the token-set distance out of a pair's score until the pair
-    may be its record's best (`Matcher._settle`): each row's best candidate and score are bit for bit those
-    of scoring every pair in full, with far fewer text comparisons."""
-    from pipeline.linkage import Matcher
-
-    model, records = trained
+def all_text_deferred(model: DuplicateModel) -> DuplicateModel:
+    """A copy of the model whose every affine gap and token-set distance counts against a match: all of
+    them deferred by `Matcher._settle`."""
     data_model = model.data_model_
     strings = [
         start
@@ -210,9 +205,21 @@ def test_matching_computes_the_text_distances_only_where_a_pair_may_be_best_and_
     ]
     weighed = copy.copy(model)
     weighed.weights_ = model.weights_.copy()
-    # Every affine gap and token-set distance counts against a match: all of them deferred.
     weighed.weights_[strings + tokens] = -0.3
     assert tokens and weighed.matcher(None)._deferrable() == set(strings + tokens)
+    return weighed
+
+
+def test_matching_computes_the_text_distances_only_where_a_pair_may_be_best_and_links_the_same(
+    trained, monkeypatch
+) -> None:
+    """`match` leaves dedupe's affine gap and the token-set distance out of a pair's score until the pair
+    may be its record's best (`Matcher._settle`): each row's best candidate and score are bit for bit those
+    of scoring every pair in full, with far fewer text comparisons."""
+    from pipeline.linkage import Matcher
+
+    model, records = trained
+    weighed = all_text_deferred(model)
     rows = [
         order(n) | {"record_id": f"B{n}", "entered_at": "2025-01-01T09:00:00", "amount": f"{n}.00"}
         for n in range(40)
@@ -260,8 +267,55 @@ def test_a_new_registration_is_matched_to_the_reference_with_a_reason(trained) -
         "duplicate_score": pytest.approx(links.loc[11, "duplicate_score"]),
         "cluster_id": "N2",
         "reason": "",
+        "reference_duplicates": (),
     }
     assert links.loc[11, "duplicate_score"] < model.threshold_
+
+
+def test_a_row_names_every_reference_record_it_duplicates_beside_its_link(trained) -> None:
+    """An order registered, re-registered with a slip, and entered again as first registered: the third
+    row duplicates both earlier ones. One is its link; the other, a reference record, is named in
+    `reference_duplicates`. A batch row it duplicates is not named there (its values are as entered)."""
+    model, records = trained
+    original = order(6)
+    slipped = original | {"record_id": "A1", "entered_at": "2024-07-20T10:00:00"}
+    slipped["customer_name"] = "Autobedrjf Mulder"
+    again = original | {"record_id": "A2", "entered_at": "2024-07-21T10:00:00"}
+    unrelated = order(40) | {"record_id": "A3", "amount": "9999.00", "order_date": "2024-12-01"}
+    reference = pd.concat([records, batch([slipped])], ignore_index=True)
+    links = model.matcher(reference).match(batch([again, unrelated]))
+    named = {links[s.DUPLICATE_OF].iloc[0], *links[s.REFERENCE_DUPLICATES].iloc[0]}
+    assert named == {original["record_id"], "A1"}
+    assert links[s.REFERENCE_DUPLICATES].iloc[1] == ()
+    # The slipped copy in the batch instead: the row still links to one of the two, but names no batch row.
+    matcher = model.matcher(records)
+    matcher.match(batch([slipped]))
+    links = matcher.match(batch([again]))
+    assert links[s.DUPLICATE_OF].iloc[0] in named
+    assert "A1" not in links[s.REFERENCE_DUPLICATES].iloc[0]
+
+
+def test_the_reference_duplicates_are_those_scoring_at_the_threshold_in_full(trained) -> None:
+    """With the text distances deferred, `match` may leave a candidate that cannot be the best with a
+    bound above its exact score (`Matcher._settle`). One whose bound reaches the threshold and whose exact
+    score does not is no duplicate: `reference_duplicates` names exactly the reference records scoring at
+    or above the threshold when every pair is scored in full (`_score`)."""
+    model, records = trained
+    weighed = all_text_deferred(model)
+    weighed.threshold_ = 0.9  # between A1's exact score against A3 (about 0.83) and its bound (about 0.96)
+    original = order(6)
+    rows = [
+        original | {"record_id": "A1", "customer_name": "Pietersen Auto", "city": "Leiden"},
+        original | {"record_id": "A2", "customer_name": "Autobedrjf Mulder"},
+    ]
+    rows = [row | {"entered_at": f"2024-07-2{i}T10:00:00"} for i, row in enumerate(rows)]
+    reference = pd.concat([records, batch(rows)], ignore_index=True)
+    again = batch([original | {"record_id": "A3", "entered_at": "2024-07-23T10:00:00"}])
+    _, pairs = weighed.matcher(reference)._score(again)
+    links = weighed.matcher(reference).match(again)
+    sure = set(pairs.loc[pairs["score"] >= weighed.threshold_, "candidate_id"])
+    assert sure == {"R0006", "A2"}
+    assert {links[s.DUPLICATE_OF].iloc[0], *links[s.REFERENCE_DUPLICATES].iloc[0]} == sure
 
 
 def test_duplicates_within_a_batch_are_found_across_chunks_and_chained_into_one_cluster(trained) -> None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import re_registered, slipped
 
 from pipeline import schema as s
 from pipeline.cli import main
@@ -671,3 +672,66 @@ def test_chunk_rows_below_one_is_refused(demo, model_folder, tmp_path, capsys):
     assert score(model_folder, demo.batch, tmp_path / "out", "--chunk-rows", "0") == 2
     assert "--chunk-rows 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_value_entered_alike_in_a_duplicate_beside_the_link_is_no_error(demo, model_folder):
+    """A batch row re-registers an order the reference holds twice: as first entered, and re-registered
+    with a slip in its order number. The row links to the re-registration (the later of two near-equal
+    candidates) and keeps the original's number: entered alike in a record it duplicates, so no error.
+    With only the re-registration in the reference, the same row's number is flagged (the data can break
+    the property)."""
+    import pandas as pd
+
+    from pipeline.bundle import ModelBundle
+    from pipeline.ingest import read_table
+    from pipeline.score import score_chunk
+
+    bundle = ModelBundle.load(model_folder)
+    reference = read_table(demo.records)
+    original = reference.iloc[700].to_dict()
+    entered = pd.Timestamp(original["entered_at"])
+    again = re_registered(original, "RE-1", (entered + pd.Timedelta(hours=1)).isoformat())
+    again["order_number"] = slipped(original["order_number"])
+    later = pd.Timestamp(reference["entered_at"].iloc[-1]) + pd.Timedelta(days=1)
+    row = pd.DataFrame([re_registered(original, "RE-2", later.isoformat())])
+    flagged = {}
+    for name, frame in (("both", reference), ("re-registration only", reference.drop(index=700))):
+        matcher = bundle.duplicates.matcher(pd.concat([frame, pd.DataFrame([again])], ignore_index=True))
+        result = score_chunk(row, bundle, matcher)
+        assert result.columns[s.DUPLICATE_OF].tolist() == ["RE-1"], name
+        flagged[name] = result.flags.loc[result.flags[s.FLAG_KIND] == s.KIND_ERROR, s.FLAG_FIELD].tolist()
+    assert flagged == {"both": [], "re-registration only": ["order_number"]}
+
+
+def test_rows_duplicating_two_records_give_the_same_bytes_in_chunks_workers_and_with_the_pair_helper(
+    demo, model_folder, re_registrations, tmp_path, monkeypatch
+):
+    """Rows that duplicate two records (`reference_duplicates`) across chunk and matcher-part borders: chunks
+    of 7 in two worker processes, and 7-row matcher parts scored by the pair helper, write what one
+    process in one chunk writes, byte for byte."""
+    import pandas as pd
+
+    from pipeline import score as score_module
+    from pipeline.bundle import ModelBundle
+    from pipeline.ingest import read_table
+
+    bundle = ModelBundle.load(model_folder)
+    links = bundle.duplicates.matcher(read_table(demo.records)).match(read_table(re_registrations))
+    # The data can break the property: rows with a second duplicate, some linked to the slipped copy.
+    again = links[links.index >= len(links) - 8]
+    assert (again[s.REFERENCE_DUPLICATES].map(len) > 0).sum() >= 4
+    assert again[s.DUPLICATE_OF].str.startswith("SL-").sum() >= 2
+    common = ("--reference", str(demo.records))
+    assert score(model_folder, re_registrations, tmp_path / "one", *common, "--chunk-rows", "100000") == 0
+    assert score(model_folder, re_registrations, tmp_path / "seven", *common, "--chunk-rows", "7",
+                 "--workers", "2") == 0  # fmt: skip
+    monkeypatch.setattr(score_module, "MATCH_ROWS", 7)
+    assert score(model_folder, re_registrations, tmp_path / "helper", *common, "--chunk-rows", "50",
+                 "--pair-helper") == 0  # fmt: skip
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        expected = (tmp_path / "one" / name).read_bytes()
+        assert (tmp_path / "seven" / name).read_bytes() == expected, name
+        assert (tmp_path / "helper" / name).read_bytes() == expected, name
+    flags = pd.read_csv(tmp_path / "one" / s.FLAGS_FILE, dtype=str, keep_default_na=False)
+    again_flags = flags[flags[s.FLAG_RECORD_ID].str.startswith("AG-") & (flags[s.FLAG_KIND] == s.KIND_ERROR)]
+    assert "order_number" not in set(again_flags[s.FLAG_FIELD])

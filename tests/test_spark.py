@@ -257,6 +257,21 @@ def test_links_across_chunk_borders_and_chains_match_the_in_process_job(spark, d
     assert out["COPY-1"][s.CLUSTER_ID] == out["COPY-2"][s.CLUSTER_ID] == original[s.CLUSTER_ID]
 
 
+def test_rows_duplicating_two_records_score_as_in_process(spark, demo, bundle, re_registrations, tmp_path):
+    """Rows that duplicate a reference record and a slipped re-registration of it (`reference_duplicates`,
+    whose values the error model takes into account): the same bytes as the in-process job's."""
+    from pipeline.spark import score_spark
+
+    run_batch(
+        bundle, re_registrations, tmp_path / "local", reference_path=demo.records, chunk_rows=CHUNK_ROWS
+    )
+    score_spark(
+        bundle, re_registrations, tmp_path / "spark", reference_path=demo.records, chunk_rows=CHUNK_ROWS
+    )
+    for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+        assert (tmp_path / "spark" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
 def test_spark_imports_no_private_name_of_another_module():
     """One matcher, two engines: Spark reaches the other modules through their public API only."""
     import ast
