@@ -80,7 +80,7 @@ from pipeline.duplicates.storage import (
 )
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
-from pipeline.fields.base import TermFrequencies, compare_many
+from pipeline.fields.base import TermFrequencies
 from pipeline.fields.text import token_distance
 from pipeline.memory import collector_paused
 
@@ -117,6 +117,9 @@ _CODE_TYPES = ("b", "h", "i")  # `array` typecodes of per-record value codes: 8,
 
 # Per match field: the value codes of pairs' left and right records, and where both hold a value.
 _PairCodes = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+# Per match field: its distinct pairs of values (`Matcher._distinct_pairs`): the parsed values, each
+# pair's places among them (left, right), and each compared pair's number among the distinct pairs.
+_DistinctPairs = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -851,7 +854,7 @@ class Matcher:
             values[hit] = known_values[at[hit]]
         missed = np.flatnonzero(~hit)
         if len(missed):
-            plugin = next(plugin for plugin in self._model.plugins_ if plugin.field == field)
+            plugin = self._plugin(field)
             texts = self._texts[field].take(codes[missed])
             # A text plugin's parsed value is the text (a code's text is never missing).
             values[missed] = (
@@ -1052,7 +1055,7 @@ class Matcher:
         rarities: dict[str, np.ndarray],
         scoring: bool = False,
         deferred: Collection[int] = (),
-        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] | None = None,
+        compared: _DistinctPairs | None = None,
     ) -> np.ndarray:
         """dedupe's `DataModel.distances` for pairs of indexed positions (same values), computed a field at a
         time and once per distinct pair of values (registers repeat their cities, dates and amounts), then
@@ -1090,13 +1093,13 @@ class Matcher:
                 # parsing tells distinct values apart): dedupe's Exact without a call per pair.
                 column[present] = code_left[present] == code_right[present]
                 continue
-            if len(distinct[field][0]):
+            if len(distinct[field][1]):
                 # A graded level (`fields.base.beyond`) reuses its distance, computed once per field.
                 distance = getattr(compare, "distance", compare)
                 values = computed[(field, distance)]
                 if distance is not compare:
                     values = np.where(np.isnan(values), np.nan, values > compare.cut)
-                column[present] = values.astype("f4")[distinct[field][2]]
+                column[present] = values.astype("f4")[distinct[field][3]]
         self._add_derived_distances(features[:, :width])
         for column, field in enumerate(self._fields):
             code_left, code_right, _ = pair_codes[field]
@@ -1146,7 +1149,7 @@ class Matcher:
         features: np.ndarray,
         pair_codes: _PairCodes,
         deferred: set[int],
-        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] | None = None,
+        compared: _DistinctPairs | None = None,
     ) -> np.ndarray:
         """The scores of pairs whose `deferred` columns hold their bound (`_features`), made exact for every
         pair that may be its record's best or reach the link threshold: first each record's pair with the
@@ -1180,7 +1183,7 @@ class Matcher:
         features: np.ndarray,
         pair_codes: _PairCodes,
         deferred: set[int],
-        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]],
+        compared: _DistinctPairs,
     ) -> None:
         """Writes the `deferred` comparisons of these pairs (rows of `features`) in place, as `_features`
         would have: once per distinct pair of values (those of `compared`, when it holds the field's; else
@@ -1191,7 +1194,7 @@ class Matcher:
             column: data_model._derived_start + offset
             for offset, column in enumerate(data_model._missing_field_indices)
         }
-        distinct: dict[str, tuple[np.ndarray, list[Any], list[Any], np.ndarray]] = {}
+        distinct: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         for field, compare, start, _stop in data_model._field_comparators:
             if start not in deferred:
                 continue
@@ -1201,16 +1204,17 @@ class Matcher:
                 if field in compared:
                     # Each pair's number among the field's distinct pairs, by its place among the pairs
                     # whose values are both present; only the numbers these pairs have are compared.
-                    xs, ys, inverse = compared[field]
+                    values, xs, ys, inverse = compared[field]
                     place = np.cumsum(pair_codes[field][2]) - 1
                     inverse, wanted = pd.factorize(inverse[place[at]])
-                    xs, ys = [xs[i] for i in wanted.tolist()], [ys[i] for i in wanted.tolist()]
+                    xs, ys = xs[wanted], ys[wanted]
                 else:
                     code_left, code_right, _ = pair_codes[field]
-                    xs, ys, inverse = self._distinct_pairs(field, code_left[at], code_right[at])
-                distinct[field] = (at, xs, ys, inverse)
-            at, xs, ys, inverse = distinct[field]
-            values = compare_many(compare, xs, ys).astype("f4")[inverse]
+                    values, xs, ys, inverse = self._distinct_pairs(field, code_left[at], code_right[at])
+                distinct[field] = (at, values, xs, ys, inverse)
+            at, values, xs, ys, inverse = distinct[field]
+            (found,) = self._plugin(field).compare_distinct([compare], values, xs, ys)
+            values = found.astype("f4")[inverse]
             missing = np.isnan(values)
             features[at, start] = np.where(missing, 0, values)
             if missing.any() and start in indicator:
@@ -1224,19 +1228,20 @@ class Matcher:
 
         Columns in `skip` are not compared. All on this thread: with the vectorised comparators on a second
         one, each thread mostly waited for the GIL the other held (no wall time gained)."""
-        distinct: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
-        wanted: dict[tuple[str, Any], None] = {}  # in the data model's order
+        distinct: _DistinctPairs = {}
+        wanted: dict[str, dict[Any, None]] = {}  # per field, its distances in the data model's order
         for field, compare, start, _stop in self._model.data_model_._field_comparators:
             if id(compare) in exact or start in skip:
                 continue
             if field not in distinct:
                 code_left, code_right, present = pair_codes[field]
                 distinct[field] = self._distinct_pairs(field, code_left[present], code_right[present])
-            if len(distinct[field][0]):
-                wanted[(field, getattr(compare, "distance", compare))] = None
-        computed = {
-            (field, distance): compare_many(distance, *distinct[field][:2]) for field, distance in wanted
-        }
+            if len(distinct[field][1]):
+                wanted.setdefault(field, {})[getattr(compare, "distance", compare)] = None
+        computed = {}
+        for field, distances in wanted.items():
+            found = self._plugin(field).compare_distinct(list(distances), *distinct[field][:3])
+            computed.update(zip(((field, distance) for distance in distances), found, strict=True))
         return distinct, computed
 
     def _pair_codes(self, left: np.ndarray, right: np.ndarray) -> _PairCodes:
@@ -1250,18 +1255,20 @@ class Matcher:
 
     def _distinct_pairs(
         self, field: str, code_left: np.ndarray, code_right: np.ndarray
-    ) -> tuple[list[Any], list[Any], np.ndarray]:
-        """The distinct pairs of values among these pairs of codes (both present), as two lists of parsed
-        values, and each pair's number among them: a comparator runs once per distinct pair."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The distinct pairs of values among these pairs of codes (both present): the parsed values they
+        hold (an object array, each value once), each distinct pair's places among them (left, right), and
+        each given pair's number among the distinct pairs: a comparator runs once per distinct pair."""
         size = max(len(self._texts[field]), 1)
         # Hashed, not sorted: the order of the distinct pairs does not change what each one compares to.
         inverse, pairs = pd.factorize(code_left * size + code_right)
         # Each value parsed once, however many of the distinct pairs it is in (hashed too).
         where, codes = pd.factorize(np.concatenate([pairs // size, pairs % size]))
-        values = self._parsed(field, codes)
-        xs = values[where[: len(pairs)]].tolist()
-        ys = values[where[len(pairs) :]].tolist()
-        return xs, ys, inverse
+        return self._parsed(field, codes), where[: len(pairs)], where[len(pairs) :], inverse
+
+    def _plugin(self, field: str) -> FieldType:
+        """The field plugin of a match field."""
+        return next(plugin for plugin in self._model.plugins_ if plugin.field == field)
 
     def _add_derived_distances(self, distances: np.ndarray) -> None:
         """dedupe's `DataModel._add_derived_distances` in place, a column at a time (its boolean masks over
@@ -1317,7 +1324,7 @@ class Matcher:
     ) -> np.ndarray:
         """The classifier's score of each candidate pair (see `_best` for `every_pair`)."""
         deferred = set() if every_pair else self._deferrable()
-        compared: dict[str, tuple[list[Any], list[Any], np.ndarray]] = {}
+        compared: _DistinctPairs = {}
         features = self._features(
             query,
             found,

@@ -107,6 +107,16 @@ class FieldType(ABC):
         a time, so a plugin may do it without a Python call per value."""
         return list(map(self.parse, normalised))
 
+    def compare_distinct(
+        self, comparators: Sequence[Comparator], values: np.ndarray, left: np.ndarray, right: np.ndarray
+    ) -> list[np.ndarray]:
+        """Each of these comparators (of `variables()`) on pairs of distinct parsed values:
+        `compare_many(compare, values[left], values[right])` for each, float64. The matcher compares a
+        part's distinct pairs of values this way, all of a field's comparators at once, so a plugin may
+        read each distinct value once and share what its comparators have in common (`NumberField`)."""
+        xs, ys = values[left].tolist(), values[right].tolist()
+        return [compare_many(compare, xs, ys) for compare in comparators]
+
     @abstractmethod
     def variables(self) -> list[Any]:
         """The dedupe variables comparing this field; all with `has_missing=True`, so a missing value adds a
@@ -249,7 +259,10 @@ def compare_many(compare: Comparator, xs: Sequence[Any], ys: Sequence[Any]) -> n
     many = getattr(compare, "many", None)
     if many is not None:
         return np.asarray(many(xs, ys), dtype=np.float64)
-    return np.array([compare(x, y) for x, y in zip(xs, ys, strict=True)], dtype=np.float64)
+    if len(xs) != len(ys):
+        raise ValueError(f"compare_many: {len(xs)} values against {len(ys)}")
+    # `map` calls the comparator (dedupe's affine gap, in C) without a Python frame per pair.
+    return np.fromiter(map(compare, xs, ys), dtype=np.float64, count=len(xs))
 
 
 def capped_slips(xs: Sequence[str], ys: Sequence[str], cap: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from rapidfuzz.distance import OSA
 
 from pipeline.fields.base import (
     BlockingKey,
+    Comparator,
     Difference,
     FieldType,
     beyond,
@@ -302,6 +303,10 @@ def digit_slips(x: NumberValue, y: NumberValue) -> float:
     return min(OSA.distance(x.text, y.text), MAX_DIGIT_EDITS)
 
 
+# The comparators `NumberField.compare_distinct` computes together.
+_SHARED_COMPARATORS = frozenset((relative_unless_slip, decimal_slip, digit_slips))
+
+
 def _is_decimal_slip(a: float, b: float) -> float:
     """1.0 when `a` and `b` differ by a power of ten, exactly or with the digits the shift moved past the
     written decimals rounded off (172.53 and 17.25: the smaller, written with as many decimals as either,
@@ -366,6 +371,30 @@ class NumberField(FieldType):
             return list(map(self.parse, texts))
         # `parse` of each, in C: `float` of each text, then each tuple made as `NumberValue._make` makes it.
         return list(map(tuple.__new__, repeat(NumberValue), zip(map(float, texts), texts, strict=True)))
+
+    def compare_distinct(
+        self, comparators: Sequence[Comparator], values: np.ndarray, left: np.ndarray, right: np.ndarray
+    ) -> list[np.ndarray]:
+        """`FieldType.compare_distinct`, each distinct number's value and text read once (not once per
+        pair and comparator) and the decimal slips, which three comparators use, found once: the same
+        values as each comparator's `many`."""
+        if not set(comparators) <= _SHARED_COMPARATORS:
+            return super().compare_distinct(comparators, values, left, right)
+        numbers = _values(values)
+        a, b = numbers[left], numbers[right]
+        slips = _slips_of(a, b)
+        compared = []
+        for compare in comparators:
+            if compare is decimal_slip:
+                compared.append(slips)
+            elif compare is relative_unless_slip:
+                compared.append(np.where(slips > 0, 0.0, _relative_of(a, b)))
+            else:  # digit_slips
+                texts = np.empty(len(values), dtype=object)
+                texts[:] = _texts(values)
+                typed = capped_slips(texts[left].tolist(), texts[right].tolist(), MAX_DIGIT_EDITS)
+                compared.append(np.where(slips > 0, 1.0, typed))
+        return compared
 
     def variables(self) -> list[Any]:
         import dedupe  # here, not at import: a `--workers` helper needs no dedupe
