@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.exceptions import ConfigError
 from pipeline.fields import FIELD_TYPES, field_type
-from pipeline.fields.base import TermFrequencies, compare_many, map_unique, simple_text
+from pipeline.fields.base import TermFrequencies, compare_many, map_unique, same_value, simple_text
 from pipeline.fields.code import code_distance, is_transposition
 from pipeline.fields.date import canonical_date, days_apart, digit_slips, parse_date
 from pipeline.fields.number import decimal_slip, parse_number, relative_difference
@@ -472,3 +472,21 @@ def test_a_typing_slip_is_a_level_of_its_own_not_a_distance() -> None:
     pairs = ([n("414990"), n("4149.9"), n("17.25")], [n("4149.9"), n("5149.9"), n("172.5")])
     assert [round(continuous(x, y), 3) for x, y in zip(*pairs, strict=True)] == [0.0, 0.194, 0.0]
     assert continuous.many(*pairs).tolist() == [continuous(x, y) for x, y in zip(*pairs, strict=True)]
+
+
+def test_a_comparator_said_alike_itself_gives_that_value_for_every_value_with_itself() -> None:
+    # What lets the matcher skip a value compared with itself; the affine gap's is dedupe's (affinegap).
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789 "))
+    texts = ["a", "jan de vries", "x" * 300] + [
+        " ".join("".join(rng.choice(letters, size=rng.integers(1, 12))).split()) or "z" for _ in range(2000)
+    ]
+    checked = set()
+    for plugin in (field_type("text")("f"), field_type("category")("f", distinct=100)):
+        values = [plugin.parse(v) for v in plugin.normalise(pd.Series(texts)).tolist() if v]
+        for variable in plugin.variables():
+            same = same_value(variable.comparator)
+            if same is not None:
+                assert [variable.comparator(v, v) for v in values] == [same] * len(values)
+                checked.add(variable.comparator.__name__)
+    assert checked == {"normalizedAffineGapDistance", "token_distance"}

@@ -10,6 +10,7 @@ that state is plain JSON (`params`), so a saved model never needs a pickle.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
@@ -21,6 +22,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
+from affinegap import normalizedAffineGapDistance
 from rapidfuzz import process
 from rapidfuzz.distance import OSA
 
@@ -114,8 +116,21 @@ class FieldType(ABC):
         `compare_many(compare, values[left], values[right])` for each, float64. The matcher compares a
         part's distinct pairs of values this way, all of a field's comparators at once, so a plugin may
         read each distinct value once and share what its comparators have in common (`NumberField`)."""
-        xs, ys = values[left].tolist(), values[right].tolist()
-        return [compare_many(compare, xs, ys) for compare in comparators]
+        every = functools.cache(lambda: _pair_lists(values, left, right))
+        # About half of a part's distinct pairs of names or streets are a value with itself (a customer's
+        # orders repeat them): a comparator whose value there is known is called on the others only.
+        differ = functools.cache(lambda: np.flatnonzero(left != right))
+        differing = functools.cache(lambda: _pair_lists(values, left[differ()], right[differ()]))
+        compared = []
+        for compare in comparators:
+            same = same_value(compare)
+            if same is None:
+                compared.append(compare_many(compare, *every()))
+                continue
+            found = np.full(len(left), same, dtype=np.float64)
+            found[differ()] = compare_many(compare, *differing())
+            compared.append(found)
+        return compared
 
     @abstractmethod
     def variables(self) -> list[Any]:
@@ -263,6 +278,34 @@ def compare_many(compare: Comparator, xs: Sequence[Any], ys: Sequence[Any]) -> n
         raise ValueError(f"compare_many: {len(xs)} values against {len(ys)}")
     # `map` calls the comparator (dedupe's affine gap, in C) without a Python frame per pair.
     return np.fromiter(map(compare, xs, ys), dtype=np.float64, count=len(xs))
+
+
+# `compare(v, v)`, the same for every present value v, of comparators that are not ours to mark with
+# `alike_itself`: dedupe's affine gap distance of a text to itself is its length over twice its length
+# (affinegap 1.12; `tests/test_fields.py` holds it to that).
+_SAME_VALUE = {normalizedAffineGapDistance: 0.5}
+
+
+def alike_itself(same: float) -> Callable[[Comparator], Comparator]:
+    """Marks a comparator whose value for any present value compared with itself is `same`: the matcher
+    then does not call it for those pairs (`FieldType.compare_distinct`)."""
+
+    def attach(compare: Comparator) -> Comparator:
+        compare.same = same  # type: ignore[attr-defined]
+        return compare
+
+    return attach
+
+
+def _pair_lists(values: np.ndarray, left: np.ndarray, right: np.ndarray) -> tuple[list[Any], list[Any]]:
+    """The values of these pairs (places in `values`) as two lists, what comparators take."""
+    return values[left].tolist(), values[right].tolist()
+
+
+def same_value(compare: Comparator) -> float | None:
+    """`compare(v, v)` for every present value v, when that is known to be one value (`alike_itself`)."""
+    same = getattr(compare, "same", None)
+    return _SAME_VALUE.get(compare) if same is None else same
 
 
 def capped_slips(xs: Sequence[str], ys: Sequence[str], cap: int) -> np.ndarray:
