@@ -1022,26 +1022,13 @@ class Matcher:
         other = np.concatenate([o for _, o, _ in found])
         weight = np.concatenate([w for _, _, w in found])
         rule = np.concatenate([np.full(len(q), i) for i, (q, _, _) in enumerate(found)])
-        order = _lexsort_positions(query, other, rule, len(self._ids), len(found))
-        query, other, weight, rule = query[order], other[order], weight[order], rule[order]
-        first = np.ones(len(query), dtype=bool)
-        first[1:] = (query[1:] != query[:-1]) | (other[1:] != other[:-1])
-        starts = np.flatnonzero(first)
-        terms = np.diff(np.append(starts, len(query)))
-        shared = np.zeros(len(starts))
-        for term in range(int(terms.max())):  # summed in rule order, as one record's keys are counted
-            has = terms > term
-            shared[has] += weight[starts[has] + term]
-        query, other, rule = query[starts], other[starts], rule[starts]
-        new_query = np.ones(len(query), dtype=bool)
-        new_query[1:] = query[1:] != query[:-1]
-        query_starts = np.flatnonzero(new_query)
-        per_query = np.diff(np.append(query_starts, len(query)))[np.cumsum(new_query) - 1]
-        many = per_query > top_k
+        query, other, rule, shared = _shared_keys(query, other, rule, weight, len(self._ids))
+        many = np.bincount(query - start)[query - start] > top_k
         order = _lexsort_ranked(
             query, np.where(many, -shared, rule.astype(float)), np.where(many, -other, other), len(self._ids)
         )
         query, other, shared = query[order], other[order], shared[order]
+        query_starts = np.flatnonzero(np.diff(query, prepend=-1))
         rank = np.arange(len(query)) - np.repeat(query_starts, np.diff(np.append(query_starts, len(query))))
         keep = rank < top_k
         return query[keep], other[keep], shared[keep]
@@ -2372,20 +2359,21 @@ def _latest_parsed(codes: np.ndarray, parsed: np.ndarray) -> tuple[np.ndarray, n
     return codes[order], parsed[order]
 
 
-def _lexsort_positions(
-    query: np.ndarray, other: np.ndarray, rule: np.ndarray, records: int, rules: int
-) -> np.ndarray:
-    """`np.lexsort((rule, other, query))` for record positions below `records` and rule numbers below
-    `rules`, as one stable sort of a combined 64-bit key when it fits (a tenth of lexsort's time)."""
-    if records * records * max(rules, 1) >= 2**62:
-        return np.lexsort((rule, other, query))
-    key = (query * records + other) * rules + rule
-    # A rule finds a record's candidates once each, so the keys are distinct and any sort orders them
-    # as the stable one does: the unstable one (SIMD quicksort) takes a third of its time.
-    order = np.argsort(key)
-    if (np.diff(key[order]) == 0).any():
-        return np.argsort(key, kind="stable")
-    return order
+def _shared_keys(
+    query: np.ndarray, other: np.ndarray, rule: np.ndarray, weight: np.ndarray, records: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct (record, candidate) pairs among the blocks' (given rule after rule, each pair once per
+    rule), in no particular order: each with the first rule that found it and its keys' weights summed in
+    rule order, as one record's keys are counted. By hashing the pairs, not sorting them (positions are
+    below `MAX_RECORDS`, so a pair fits one 64-bit key)."""
+    pair, distinct = pd.factorize(query * records + other)
+    # `bincount` adds each pair's weights in the order given: rule after rule, from 0.
+    shared = np.bincount(pair, weights=weight, minlength=len(distinct))
+    # `factorize` numbers pairs in order of first appearance: a pair is first found where its number
+    # exceeds every number before it.
+    new = np.ones(len(pair), dtype=bool)
+    new[1:] = pair[1:] > np.maximum.accumulate(pair)[:-1]
+    return distinct // records, distinct % records, rule[new], shared
 
 
 def _lexsort_ranked(query: np.ndarray, second: np.ndarray, third: np.ndarray, records: int) -> np.ndarray:

@@ -1073,21 +1073,27 @@ def test_the_best_candidate_per_record_is_the_highest_score_then_the_latest_as_a
     assert np.array_equal(_best_per_query(query, found, scores), by_sort(query, found, scores))
 
 
-def test_candidate_keys_sort_as_lexsort_does_and_first_seen_numbers_missing_values_too() -> None:
-    from pipeline.linkage import _first_seen, _lexsort_positions, _lexsort_ranked
+def test_candidate_keys_sum_and_sort_as_lexsort_does_and_first_seen_numbers_missing_values_too() -> None:
+    from pipeline.linkage import _first_seen, _lexsort_ranked, _shared_keys
 
     rng = np.random.default_rng(1)
     pairs = np.unique(rng.integers(0, 40, (300, 3)), axis=0)  # distinct (query, other, rule)
-    query, other, rule = pairs[rng.permutation(len(pairs))].T
-    expected = np.lexsort((rule, other, query))
-    assert np.array_equal(_lexsort_positions(query, other, rule, 40, 40), expected)
+    # As the blocks give them: rule after rule, each (query, other) once per rule, in any order within.
+    by_rule = pairs[np.lexsort((rng.random(len(pairs)), pairs[:, 2]))]
+    weight = 1.0 / rng.integers(1, 9, len(by_rule))
+    expected: dict[tuple[int, int], list[float]] = {}
+    for (q, o, r), w in zip(by_rule.tolist(), weight.tolist(), strict=True):
+        rule_and_sum = expected.setdefault((q, o), [r, 0.0])
+        rule_and_sum[1] += w  # Python's float addition, in rule order
+    query, other, rule, shared = _shared_keys(*by_rule.T, weight, 40)
+    found = zip(query.tolist(), other.tolist(), rule.tolist(), shared.tolist(), strict=True)
+    got = {(q, o): [r, w] for q, o, r, w in found}
+    assert got == expected and len(query) == len(expected)
     query, other = np.unique(pairs[:, :2], axis=0)[rng.permutation(len(np.unique(pairs[:, :2], axis=0)))].T
     second = rng.choice([-0.5, -0.25, 0.0, 1.0, 2.0], len(query))  # many ties, told apart by `third`
     third = np.where(rng.random(len(query)) < 0.5, -other, other)
     expected = np.lexsort((third, second, query))
     assert np.array_equal(_lexsort_ranked(query, second, third, 40), expected)
-    query, other, rule = np.array([1, 0, 1]), np.array([2, 3, 2]), np.array([0, 0, 0])  # a repeated key
-    assert _lexsort_positions(query, other, rule, 4, 1).tolist() == [1, 0, 2]
     query, second, third = np.array([2, 2, 1]), np.array([0.5, 0.5, 0.1]), np.array([-3, -3, 0])  # a tie
     assert _lexsort_ranked(query, second, third, 4).tolist() == [2, 0, 1]
     inverse, first = _first_seen(["b", "a", "b", ""])
