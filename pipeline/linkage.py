@@ -80,7 +80,7 @@ from pipeline.duplicates.storage import (
 )
 from pipeline.exceptions import BadInputError, ModelLoadError, SchemaError, TrainingDataError
 from pipeline.fields import FieldType, field_type
-from pipeline.fields.base import TermFrequencies
+from pipeline.fields.base import TermFrequencies, lowest_value
 from pipeline.fields.text import token_distance
 from pipeline.memory import collector_paused
 
@@ -1052,9 +1052,10 @@ class Matcher:
 
         `scoring`: the features only feed the fitted classifier, so a comparison it weighs 0 (`_unweighed`)
         is not computed; its column holds 0 where both values are present, which scores the same.
-        `deferred` (columns of `_deferrable`): not computed either; 0 where both values are present, the
-        bound `_settle` starts from. `compared`, if given, receives each compared field's distinct pairs of
-        values (`_distinct_pairs`), for `_settle` to reuse.
+        `deferred` (columns of `_deferrable`): not computed either; the comparator's least value
+        (`lowest_value`) where both values are present, the bound `_settle` starts from. `compared`, if
+        given, receives each compared field's distinct pairs of values (`_distinct_pairs`), for `_settle`
+        to reuse.
 
         `rarities`: per field, per pair, the rarity of the left record's value as counted up to it
         (`counted_rarity`, `_counted`), for the term-frequency columns."""
@@ -1073,7 +1074,7 @@ class Matcher:
             column = features[:, start]
             column[:] = np.nan
             if start in skip:
-                column[present] = 0
+                column[present] = lowest_value(compare) if start in deferred else 0
                 continue
             if id(compare) in exact:
                 # Equal parsed values <=> equal codes (a code per distinct normalised value; each plugin's
@@ -1119,9 +1120,10 @@ class Matcher:
         """The comparison columns whose computation `_best` puts off until a pair may be its record's best:
         the text comparisons (`_DEFERRABLE`: dedupe's affine gap distance, a call per distinct pair of
         values that holds the GIL, and the token-set distance) where the classifier weighs them below 0.
-        Neither is ever below 0 or NaN for two present values, so 0 in its place gives a pair a score no
-        lower than its own: a bound. With both deferred, a text field's values are not even read for the
-        pairs that cannot be best."""
+        Neither is ever below its least value (`lowest_value`: 0.5 for the affine gap, 0 for the token-set
+        distance) or NaN for two present values, so that value in its place gives a pair a score no lower
+        than its own: a bound, the closer the fewer pairs `_settle` compares. With both deferred, a text
+        field's values are not even read for the pairs that cannot be best."""
         data_model, weights = self._model.data_model_, self._model.weights_
         return {
             start

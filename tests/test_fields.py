@@ -12,7 +12,14 @@ import pytest
 
 from pipeline.exceptions import ConfigError
 from pipeline.fields import FIELD_TYPES, field_type
-from pipeline.fields.base import TermFrequencies, compare_many, map_unique, same_value, simple_text
+from pipeline.fields.base import (
+    TermFrequencies,
+    compare_many,
+    lowest_value,
+    map_unique,
+    same_value,
+    simple_text,
+)
 from pipeline.fields.code import code_distance, is_transposition
 from pipeline.fields.date import canonical_date, days_apart, digit_slips, parse_date
 from pipeline.fields.number import decimal_slip, parse_number, relative_difference
@@ -474,19 +481,25 @@ def test_a_typing_slip_is_a_level_of_its_own_not_a_distance() -> None:
     assert continuous.many(*pairs).tolist() == [continuous(x, y) for x, y in zip(*pairs, strict=True)]
 
 
-def test_a_comparator_said_alike_itself_gives_that_value_for_every_value_with_itself() -> None:
-    # What lets the matcher skip a value compared with itself; the affine gap's is dedupe's (affinegap).
+def test_what_is_known_of_a_comparator_holds_for_every_value() -> None:
+    # What lets the matcher skip a value compared with itself and bound a score before comparing; the
+    # affine gap's values are dedupe's (affinegap).
     rng = np.random.default_rng(0)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789 "))
-    texts = ["a", "jan de vries", "x" * 300] + [
-        " ".join("".join(rng.choice(letters, size=rng.integers(1, 12))).split()) or "z" for _ in range(2000)
+    texts = ["a", "b", "ab", "ba", "jan de vries", "de vries jan", "x" * 300] + [
+        " ".join("".join(rng.choice(letters, size=rng.integers(1, 12))).split()) or "z" for _ in range(1500)
     ]
     checked = set()
     for plugin in (field_type("text")("f"), field_type("category")("f", distinct=100)):
         values = [plugin.parse(v) for v in plugin.normalise(pd.Series(texts)).tolist() if v]
+        others = values[1:] + values[:1]
         for variable in plugin.variables():
-            same = same_value(variable.comparator)
+            compare = variable.comparator
+            same, lowest = same_value(compare), lowest_value(compare)
             if same is not None:
-                assert [variable.comparator(v, v) for v in values] == [same] * len(values)
-                checked.add(variable.comparator.__name__)
+                assert [compare(v, v) for v in values] == [same] * len(values)
+                checked.add(compare.__name__)
+            if lowest is not None:
+                assert min(compare(a, b) for a, b in zip(values, others, strict=True)) >= lowest
+                assert min(compare(a, b) for a, b in zip(values[:7], values[1:8], strict=True)) >= lowest
     assert checked == {"normalizedAffineGapDistance", "token_distance"}

@@ -280,18 +280,22 @@ def compare_many(compare: Comparator, xs: Sequence[Any], ys: Sequence[Any]) -> n
     return np.fromiter(map(compare, xs, ys), dtype=np.float64, count=len(xs))
 
 
-# `compare(v, v)`, the same for every present value v, of comparators that are not ours to mark with
-# `alike_itself`: dedupe's affine gap distance of a text to itself is its length over twice its length
-# (affinegap 1.12; `tests/test_fields.py` holds it to that).
+# What is known of comparators that are not ours to mark with `known_values`: dedupe's affine gap distance
+# (affinegap 1.12) costs each aligned pair of characters at least 1 and each character against a gap at
+# least 7, over the two lengths: a text against itself is 0.5, and no two texts are below it.
+# (`tests/test_fields.py` holds it to both.)
 _SAME_VALUE = {normalizedAffineGapDistance: 0.5}
+_LOWEST_VALUE = {normalizedAffineGapDistance: 0.5}
 
 
-def alike_itself(same: float) -> Callable[[Comparator], Comparator]:
-    """Marks a comparator whose value for any present value compared with itself is `same`: the matcher
-    then does not call it for those pairs (`FieldType.compare_distinct`)."""
+def known_values(*, same: float, lowest: float) -> Callable[[Comparator], Comparator]:
+    """Marks a comparator whose value for any present value compared with itself is `same` and whose value
+    for any two present values is at least `lowest`: the matcher does not call it for a value with itself
+    (`FieldType.compare_distinct`), and bounds a score with `lowest` before calling it (`Matcher._settle`).
+    """
 
     def attach(compare: Comparator) -> Comparator:
-        compare.same = same  # type: ignore[attr-defined]
+        compare.same, compare.lowest = same, lowest  # type: ignore[attr-defined]
         return compare
 
     return attach
@@ -303,9 +307,15 @@ def _pair_lists(values: np.ndarray, left: np.ndarray, right: np.ndarray) -> tupl
 
 
 def same_value(compare: Comparator) -> float | None:
-    """`compare(v, v)` for every present value v, when that is known to be one value (`alike_itself`)."""
+    """`compare(v, v)` for every present value v, when that is known to be one value (`known_values`)."""
     same = getattr(compare, "same", None)
     return _SAME_VALUE.get(compare) if same is None else same
+
+
+def lowest_value(compare: Comparator) -> float | None:
+    """The least value `compare` gives two present values, when known (`known_values`)."""
+    lowest = getattr(compare, "lowest", None)
+    return _LOWEST_VALUE.get(compare) if lowest is None else lowest
 
 
 def capped_slips(xs: Sequence[str], ys: Sequence[str], cap: int) -> np.ndarray:

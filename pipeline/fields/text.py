@@ -20,8 +20,8 @@ from pipeline.fields.base import (
     BlockingKey,
     Difference,
     FieldType,
-    alike_itself,
     first_chars,
+    known_values,
     made_keys,
     map_unique,
     simple_text,
@@ -38,7 +38,7 @@ def _token_distances(xs: Sequence[str], ys: Sequence[str]) -> np.ndarray:
     return 1.0 - process.cpdist(xs, ys, scorer=fuzz.token_set_ratio, dtype=np.float64, workers=1) / 100.0
 
 
-@alike_itself(0.0)
+@known_values(same=0.0, lowest=0.0)
 @vectorised(_token_distances)
 def token_distance(a: str, b: str) -> float:
     """0 when both hold the same words in any order, up to 1 when they share nothing."""
