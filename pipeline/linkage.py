@@ -1183,35 +1183,33 @@ class Matcher:
             column: data_model._derived_start + offset
             for offset, column in enumerate(data_model._missing_field_indices)
         }
-        distinct: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        columns: dict[str, list[tuple[Any, int]]] = {}  # per field, its deferred (comparator, column)
         for field, compare, start, _stop in data_model._field_comparators:
-            if start not in deferred:
-                continue
-            if field not in distinct:
-                present = pair_codes[field][2][rows]
-                at = rows[present]
-                if field in compared:
-                    # Each pair's number among the field's distinct pairs, by its place among the pairs
-                    # whose values are both present; only the numbers these pairs have are compared.
-                    values, xs, ys, inverse = compared[field]
-                    place = np.cumsum(pair_codes[field][2]) - 1
-                    inverse, wanted = pd.factorize(inverse[place[at]])
-                    xs, ys = xs[wanted], ys[wanted]
-                else:
-                    code_left, code_right, _ = pair_codes[field]
-                    values, xs, ys, inverse = self._distinct_pairs(field, code_left[at], code_right[at])
-                distinct[field] = (at, values, xs, ys, inverse)
-            at, values, xs, ys, inverse = distinct[field]
-            (found,) = self._plugin(field).compare_distinct([compare], values, xs, ys)
-            values = found.astype("f4")[inverse]
-            missing = np.isnan(values)
-            features[at, start] = np.where(missing, 0, values)
-            if missing.any() and start in indicator:
-                features[at[missing], indicator[start]] = 0
+            if start in deferred:
+                columns.setdefault(field, []).append((compare, start))
+        for field, wanted in columns.items():
+            at = rows[pair_codes[field][2][rows]]
+            if field in compared:
+                # Each pair's number among the field's distinct pairs, by its place among the pairs whose
+                # values are both present; only the numbers these pairs have are compared.
+                values, xs, ys, inverse = compared[field]
+                place = np.cumsum(pair_codes[field][2]) - 1
+                inverse, numbers = pd.factorize(inverse[place[at]])
+                xs, ys = xs[numbers], ys[numbers]
+            else:
+                code_left, code_right, _ = pair_codes[field]
+                values, xs, ys, inverse = self._distinct_pairs(field, code_left[at], code_right[at])
+            found = self._plugin(field).compare_distinct([compare for compare, _ in wanted], values, xs, ys)
+            for (_compare, start), distances in zip(wanted, found, strict=True):
+                distances = distances.astype("f4")[inverse]
+                missing = np.isnan(distances)
+                features[at, start] = np.where(missing, 0, distances)
+                if missing.any() and start in indicator:
+                    features[at[missing], indicator[start]] = 0
 
     def _compare_distinct(
         self, pair_codes: _PairCodes, exact: set[int], skip: set[int]
-    ) -> tuple[dict[str, tuple[list[Any], list[Any], np.ndarray]], dict[tuple[str, Any], np.ndarray]]:
+    ) -> tuple[_DistinctPairs, dict[tuple[str, Any], np.ndarray]]:
         """Per non-exact field, its distinct pairs of values (`_distinct_pairs`); per (field, distance
         function), the distance of each distinct pair, computed once for all graded levels of a distance.
 
