@@ -139,14 +139,19 @@ class EditPatterns:
         return {k: v for k, v in self.__dict__.items() if k != "_top"}
 
     def top(self, name: str, value: str) -> list[tuple[str, int]]:
-        """The most frequent corrections of `value` in field `name` (at most `LOG_MAPPING_LIMIT`)."""
+        """The most frequent corrections of `value` in field `name` (at most `LOG_MAPPING_LIMIT`).
+
+        Only values the log maps are cached, so the cache is as large as `mapping` at most: a batch's
+        flagged cells are mostly values the log never saw (near-unique order numbers and amounts), and
+        caching those grew a long batch's memory by an entry per flagged cell."""
+        table = self.mapping.get(name, {}).get(value)
+        if not table:
+            return []
         cache = self.__dict__.setdefault("_top", {})
         key = (name, value)
         found = cache.get(key)
         if found is None:
-            table = self.mapping.get(name, {}).get(value, {})
-            found = sorted(table.items(), key=lambda item: -item[1])[:LOG_MAPPING_LIMIT]
-            cache[key] = found
+            found = cache[key] = sorted(table.items(), key=lambda item: -item[1])[:LOG_MAPPING_LIMIT]
         return found
 
 

@@ -1369,3 +1369,18 @@ def test_a_pair_helper_whose_parent_is_killed_exits(trained) -> None:
     while running(helper) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not running(helper)
+
+
+def test_clusters_follow_chains_within_and_across_calls_and_truncate() -> None:
+    from pipeline.linkage import _Clusters
+
+    clusters = _Clusters()
+    # Records 10 and 11 join 3; 12 joins 11 (linked just before it): all three in 3's cluster.
+    assert clusters.join(np.array([10, 11, 12]), np.array([3, 3, 11])).tolist() == [3, 3, 3]
+    # Later: 20 joins 12 (a member), 21 joins 7 (no cluster yet).
+    assert clusters.join(np.array([20, 21]), np.array([12, 7])).tolist() == [3, 7]
+    clusters.truncate(20)
+    assert clusters.join(np.array([20]), np.array([5])).tolist() == [5]
+    clusters.drop(np.array([11, 12]))
+    assert clusters.members.tolist() == [10, 20] and clusters.roots.tolist() == [3, 5]
+    assert clusters.join(np.array([30]), np.array([12])).tolist() == [12]  # 12 dropped: its own root

@@ -200,3 +200,12 @@ def test_nearest_many_gives_each_value_what_nearest_gives_it_ties_included() -> 
         assert any(len(found) == sg.NEAREST_LIMIT for found in many.values())
         for value in values:
             assert many.get(value, []) == sg._nearest(value, None, choices), value
+
+
+def test_top_caches_only_values_the_log_maps() -> None:
+    patterns = sg.EditPatterns(mapping={"city": {"Amsterdm": {"Amsterdam": 3, "Amstelveen": 1}}})
+    for n in range(1000):  # a batch's flagged order numbers: values the log never saw
+        assert patterns.top("order_number", f"SO-{n:05d}") == []
+    assert patterns.top("city", "Amsterdm") == [("Amsterdam", 3), ("Amstelveen", 1)]
+    assert patterns.top("city", "Amsterdm") == [("Amsterdam", 3), ("Amstelveen", 1)]
+    assert len(patterns.__dict__["_top"]) == 1
