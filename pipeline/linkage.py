@@ -66,7 +66,7 @@ from pipeline import schema as s
 from pipeline.config import Config, config_from_dict
 from pipeline.corrections import cluster_roots
 from pipeline.duplicates.blocking import BlockingLearner, BlockingRule, join_keys
-from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold  # noqa: F401 (train's)
+from pipeline.duplicates.calibration import choose_link_threshold, link_floor
 from pipeline.duplicates.classifier import PairClassifier, probabilities
 from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
@@ -543,7 +543,7 @@ class DuplicateModel:
         best = pd.concat([matcher._score(batch.iloc[i : i + MATCH_ROWS])[0] for i in parts])
         del matcher
         wanted = self.config.duplicate_min_precision
-        calibration = choose_link_threshold(best, truth, clusters, wanted)
+        calibration = choose_link_threshold(best, truth, clusters, wanted, link_floor(self.label_counts_))
         self.label_frequency_ = calibration.label_frequency
         self.threshold_ = calibration.threshold
         if not calibration.scored:

@@ -41,6 +41,7 @@ from pipeline.corrections import (
     replay_backwards,
 )
 from pipeline.detectors import Context
+from pipeline.duplicates.calibration import link_floor
 from pipeline.errors import ErrorModel
 from pipeline.evaluate import (
     Evaluation,
@@ -54,7 +55,7 @@ from pipeline.evaluate import (
 from pipeline.exceptions import TrainingDataError
 from pipeline.feedback import realised_value
 from pipeline.ingest import check_unique_ids, file_digest, read_table, require_columns
-from pipeline.linkage import MIN_THRESHOLD, DuplicateModel
+from pipeline.linkage import DuplicateModel
 from pipeline.memory import release_free_memory, resident_mb
 from pipeline.metrics import choose_threshold
 from pipeline.score import ChunkResult, score_chunk
@@ -532,6 +533,8 @@ def _evaluate_cross_validation(
         score = best[s.DUPLICATE_SCORE].to_numpy(dtype=float)
         folds.append((bundle, inside, outside, score[scored], correct[scored], len(truth)))
 
+    floor = link_floor(final.duplicates.label_counts_)
+
     def threshold(skip: int | None) -> float | None:
         chosen = [fold for j, fold in enumerate(folds) if j != skip]
         choice = choose_threshold(
@@ -540,7 +543,7 @@ def _evaluate_cross_validation(
             placement="calibrated",
             n_positive=sum(fold[5] for fold in chosen),
         )
-        return max(choice.threshold, MIN_THRESHOLD) if choice.chosen else None
+        return max(choice.threshold, floor) if choice.chosen else None
 
     evaluations = []
     for k, (bundle, inside, outside, *_rest) in enumerate(folds):

@@ -17,7 +17,7 @@ from pipeline.duplicates.blocking import (
     candidate_rules,
     join_keys,
 )
-from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold
+from pipeline.duplicates.calibration import MIN_THRESHOLD, choose_link_threshold, link_floor
 from pipeline.duplicates.classifier import C_GRID, PairClassifier, bounded_logistic, probabilities
 from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
@@ -261,6 +261,32 @@ def test_calibration_links_the_true_duplicates_and_not_below_one_half() -> None:
     result = choose_link_threshold(best, truth)
     assert result.scored
     assert 0.2 < result.threshold <= 0.9 and result.threshold >= MIN_THRESHOLD
+    assert (result.figures["tp"], result.figures["fp"], result.figures["fn"]) == (3, 0, 0)
+
+
+def test_link_floor_is_one_half_unless_positives_are_fewer_than_one_label_in_twenty() -> None:
+    assert link_floor({"positive": 150, "lookalike_negative": 600, "random_negative": 250}) == MIN_THRESHOLD
+    assert link_floor({"positive": 50, "random_negative": 950}) == MIN_THRESHOLD  # one in twenty
+    assert link_floor({"positive": 0}) == MIN_THRESHOLD  # an unlabelled model
+    few = link_floor({"positive": 3, "lookalike_negative": 400, "random_negative": 597})
+    fewer = link_floor({"positive": 1, "lookalike_negative": 400, "random_negative": 599})
+    assert 0 < fewer < few < 0.1
+    # The pairs dropped as unmerged duplicates are no longer negatives.
+    dropped = {"positive": 40, "random_negative": 800, "dropped_as_unmerged_duplicates": 60}
+    assert link_floor(dropped) == MIN_THRESHOLD
+
+
+def test_calibration_links_below_one_half_with_the_floor_of_a_log_with_few_merges() -> None:
+    # Four merges: the true pairs score 0.15 to 0.33 held out, every other candidate under 0.03.
+    best = pd.DataFrame(
+        {"candidate_id": ["R1", "R2", "R3", "R8", "R9"], "score": [0.33, 0.2, 0.15, 0.027, 0.02]},
+        index=["B1", "B2", "B3", "B4", "B5"],
+    )
+    truth = {"B1": "R1", "B2": "R2", "B3": "R3"}
+    assert choose_link_threshold(best, truth).figures["tp"] == 0  # 0.5: the labels' ratio decides
+    floor = link_floor({"positive": 3, "lookalike_negative": 400, "random_negative": 597})
+    result = choose_link_threshold(best, truth, floor=floor)
+    assert floor <= result.threshold <= 0.15
     assert (result.figures["tp"], result.figures["fp"], result.figures["fn"]) == (3, 0, 0)
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline import schema as s
 from pipeline.config import Config
+from pipeline.duplicates.calibration import link_floor
 from pipeline.exceptions import ModelLoadError, TrainingDataError
 from pipeline.fields.text import token_distance
 from pipeline.linkage import META_FILE, SETTINGS_FILE, DuplicateModel, running_rarities
@@ -392,7 +393,9 @@ def test_a_reference_indexed_in_parts_and_a_batch_calibrated_in_parts_give_the_s
 def test_calibrate_does_not_link_below_the_models_own_boundary(trained) -> None:
     # A held-out period as sparse as the history: its weakest duplicate (the amount retyped 3% off) is
     # the only pair between 0.05 and 0.99, and the best F1 would put the threshold at 0.05, where a batch
-    # twenty times denser holds many more look-alikes than the held-out period showed.
+    # twenty times denser holds many more look-alikes than the held-out period showed. The model's own
+    # boundary is its link floor: with 10 known pairs among 1,000 labels (99 negatives per positive) the
+    # classifier's 0.5 asks for the labels' odds, so the floor asks for 19:1 (about 0.16), still above H1.
     model, records = trained
     held_out = [
         order(2) | {"record_id": "H1", "amount": "179.00"},
@@ -401,9 +404,11 @@ def test_calibrate_does_not_link_below_the_models_own_boundary(trained) -> None:
     copy = DuplicateModel(CONFIG, seed=0)
     copy.__dict__.update(model.__dict__)
     scores = copy.candidate_scores(batch(held_out), records).groupby("record_id")["score"].max()
-    assert scores["H1"] < 0.5 <= scores["H2"]
+    floor = link_floor(copy.label_counts_)
+    assert 0.1 < floor < 0.5
+    assert scores["H1"] < floor <= scores["H2"]
     figures = copy.calibrate(batch(held_out), records, {"H1": "R0002", "H2": "R0005"})
-    assert copy.threshold_ == 0.5
+    assert copy.threshold_ == floor
     assert figures["tp"] == 1 and figures["fn"] == 1 and figures["recall"] == 0.5
 
 

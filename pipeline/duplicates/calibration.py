@@ -2,8 +2,9 @@
 
 The threshold maximises F1, or is the lowest whose precision meets the config's minimum, with precision
 corrected for duplicates staff never merged: the labelled share of near-certain links estimates how often a
-duplicate gets merged (the label frequency of positive-unlabelled learning). It is never below
-`MIN_THRESHOLD`, where the classifier itself rates a pair more likely two records than one.
+duplicate gets merged (the label frequency of positive-unlabelled learning). It is never below `link_floor`:
+`MIN_THRESHOLD`, where the classifier itself rates a pair more likely two records than one, unless the
+labels hold so few positives that their ratio, not the pairs, sets that boundary.
 
 >>> best = pd.DataFrame(
 ...     {"candidate_id": ["R1", "R2", ""], "score": [0.97, 0.3, 0.0]}, index=["B1", "B2", "B3"]
@@ -31,6 +32,7 @@ MIN_THRESHOLD = 0.5  # never links below the classifier's own decision boundary
 CONFIDENT_SCORE = 0.6  # links the model rates clearly likely; their labelled share estimates the merge rate
 MIN_CONFIDENT_LINKS = 10
 MIN_LABEL_FREQUENCY = 0.5
+FLOOR_ODDS = 19  # negatives per positive label beyond which the floor asks a pair's evidence for no more
 
 
 @dataclass(frozen=True)
@@ -45,15 +47,43 @@ class Calibration:
     scored: bool = True
 
 
+def link_floor(label_counts: dict[str, int]) -> float:
+    """The lowest link threshold for a classifier fitted on labels of these counts (`LabelSampler.counts_`
+    after the fit): `MIN_THRESHOLD`, lowered when there are more than `FLOOR_ODDS` negatives per positive.
+
+    A logistic regression's intercept takes in the labels' class ratio, so its 0.5 asks a pair's evidence
+    for the odds of negatives to positives among the labels: 1:1 with 500 known pairs, about 6:1 with 150
+    (the demo's review rounds), but 332:1 with 3 (demo_small_history: 12 of its batch's 14 true pairs
+    scored 0.15 to 0.33 and were not linked, though out of fold every true pair scored above every other
+    candidate). That is the label count speaking, not the pairs. Beyond `FLOOR_ODDS` negatives per positive
+    the floor asks for those odds only, and the threshold chosen on held-out scores decides; below it
+    (every log with 50 known pairs or more) the floor stays 0.5.
+
+    >>> link_floor({"positive": 150, "lookalike_negative": 850})
+    0.5
+    >>> round(link_floor({"positive": 3, "random_negative": 997}), 3)
+    0.054
+    """
+    positives = label_counts.get("positive", 0)
+    negatives = sum(n for kind, n in label_counts.items() if kind.endswith("_negative"))
+    negatives -= label_counts.get("dropped_as_unmerged_duplicates", 0)
+    if positives <= 0 or negatives <= 0:
+        return MIN_THRESHOLD
+    shortfall = positives * FLOOR_ODDS / negatives
+    return MIN_THRESHOLD if shortfall >= 1 else shortfall / (1 + shortfall)
+
+
 def choose_link_threshold(
     best: pd.DataFrame,
     truth: dict[str, str],
     clusters: dict[str, str] | None = None,
     min_precision: float | None = None,
+    floor: float = MIN_THRESHOLD,
 ) -> Calibration:
     """`best` = each held-out record's best candidate (index = record id; `candidate_id`, "" for none, and
     `score`), as the matcher finds them; `truth` maps each held-out record that re-registers an earlier
-    record to its true cluster root, `clusters` the reference records to theirs."""
+    record to its true cluster root, `clusters` the reference records to theirs; `floor`: the lowest
+    threshold (`link_floor` of the model's labels)."""
     roots = {**(clusters or {}), **truth}
     candidate = best["candidate_id"].to_numpy(dtype=object)
     score = best["score"].to_numpy(dtype=float)
@@ -93,13 +123,13 @@ def choose_link_threshold(
         )
     threshold = choice.threshold if choice.chosen else 0.5
     figures = choice.as_dict()
-    if threshold < MIN_THRESHOLD:
+    if threshold < floor:
         # A held-out period as sparse as the history leaves a wide gap between its lowest duplicate
-        # and its highest look-alike; a batch twenty times denser fills it. Below 0.5 the model itself
+        # and its highest look-alike; a batch twenty times denser fills it. Below the floor the model itself
         # rates a pair more likely two records than one, so no link is made there.
-        flagged = score[order][scored] >= MIN_THRESHOLD
+        flagged = score[order][scored] >= floor
         tp = int((correct[order][scored] & flagged).sum())
         figures = prf(tp, int(flagged.sum()) - tp, len(truth) - tp)
         figures["precision"] = min(figures["precision"] / frequency, 1.0)
-        threshold = MIN_THRESHOLD
+        threshold = floor
     return Calibration(threshold, frequency, figures)
