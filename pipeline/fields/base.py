@@ -280,12 +280,12 @@ def compare_many(compare: Comparator, xs: Sequence[Any], ys: Sequence[Any]) -> n
     return np.fromiter(map(compare, xs, ys), dtype=np.float64, count=len(xs))
 
 
-# What is known of comparators that are not ours to mark with `known_values`: dedupe's affine gap distance
-# (affinegap 1.12) costs each aligned pair of characters at least 1 and each character against a gap at
-# least 7, over the two lengths: a text against itself is 0.5, and no two texts are below it.
+# What is known of comparators' values (`known_values`): per comparator, its value for a present value
+# compared with itself and its least value for two present values. Dedupe's affine gap distance (affinegap
+# 1.12), not ours to mark, costs each aligned pair of characters at least 1 and each character against a
+# gap at least 7, over the two lengths: a text against itself is 0.5, and no two texts are below it.
 # (`tests/test_fields.py` holds it to both.)
-_SAME_VALUE = {normalizedAffineGapDistance: 0.5}
-_LOWEST_VALUE = {normalizedAffineGapDistance: 0.5}
+_KNOWN_VALUES: dict[Comparator, tuple[float, float]] = {normalizedAffineGapDistance: (0.5, 0.5)}
 
 
 def known_values(*, same: float, lowest: float) -> Callable[[Comparator], Comparator]:
@@ -295,7 +295,7 @@ def known_values(*, same: float, lowest: float) -> Callable[[Comparator], Compar
     """
 
     def attach(compare: Comparator) -> Comparator:
-        compare.same, compare.lowest = same, lowest  # type: ignore[attr-defined]
+        _KNOWN_VALUES[compare] = (same, lowest)
         return compare
 
     return attach
@@ -308,14 +308,14 @@ def _pair_lists(values: np.ndarray, left: np.ndarray, right: np.ndarray) -> tupl
 
 def same_value(compare: Comparator) -> float | None:
     """`compare(v, v)` for every present value v, when that is known to be one value (`known_values`)."""
-    same = getattr(compare, "same", None)
-    return _SAME_VALUE.get(compare) if same is None else same
+    known = _KNOWN_VALUES.get(compare)
+    return None if known is None else known[0]
 
 
 def lowest_value(compare: Comparator) -> float | None:
     """The least value `compare` gives two present values, when known (`known_values`)."""
-    lowest = getattr(compare, "lowest", None)
-    return _LOWEST_VALUE.get(compare) if lowest is None else lowest
+    known = _KNOWN_VALUES.get(compare)
+    return None if known is None else known[1]
 
 
 def capped_slips(xs: Sequence[str], ys: Sequence[str], cap: int) -> np.ndarray:
