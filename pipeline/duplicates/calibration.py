@@ -69,8 +69,9 @@ def link_floor(label_counts: dict[str, int]) -> float:
     negatives -= label_counts.get("dropped_as_unmerged_duplicates", 0)
     if positives <= 0 or negatives <= 0:
         return MIN_THRESHOLD
-    shortfall = positives * FLOOR_ODDS / negatives
-    return MIN_THRESHOLD if shortfall >= 1 else shortfall / (1 + shortfall)
+    # The classifier's odds that match FLOOR_ODDS once its intercept's class ratio is taken out.
+    odds = positives * FLOOR_ODDS / negatives
+    return MIN_THRESHOLD if odds >= 1 else odds / (1 + odds)
 
 
 def choose_link_threshold(
