@@ -334,7 +334,7 @@ def _matched_values(
     has_match = (links[s.DUPLICATE_OF] != s.MISSING).to_numpy()
     if not has_match.any():
         return None
-    records = matcher.records(links[s.DUPLICATE_OF].to_numpy()[has_match])
+    records = matcher.records_at(links[s.DUPLICATE_POSITION].to_numpy()[has_match])
     columns = {}
     for name in fields:
         column = np.full(len(chunk), s.MISSING, dtype=object)
@@ -349,12 +349,12 @@ def _take_alike_values(
 ) -> None:
     """Writes into `columns` (per field, the matched value of each row) the row's own value wherever a
     record among its `REFERENCE_DUPLICATES` holds it too (compared as text, as the error model compares)."""
-    others = links[s.REFERENCE_DUPLICATES].to_numpy(dtype=object) if s.REFERENCE_DUPLICATES in links else []
+    others = links[s.REFERENCE_DUPLICATE_POSITIONS].to_numpy(dtype=object)
     counts = np.fromiter(map(len, others), dtype=np.int64, count=len(others))
     if not counts.any():
         return
     rows = np.repeat(np.arange(len(others)), counts)
-    records = matcher.records([other for ids in others[counts > 0] for other in ids])
+    records = matcher.records_at([other for positions in others[counts > 0] for other in positions])
     for name, column in columns.items():
         if name not in chunk.columns or name not in records:
             continue
