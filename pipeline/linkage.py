@@ -695,7 +695,9 @@ class Matcher:
     With `evict` (the batch job) a block keeps only its `window` latest records and its size, and a
     record that has left the window of every block it is in is dropped from the index at the start of the
     next chunk: candidates only ever come from those windows, so it could never be matched again. The
-    results are the same as without eviction; only `match(remember=False)` is not available then.
+    results are the same as without eviction; `match(remember=False)` and the look-ups by id (`record`,
+    `records`) are not available then: the links carry the positions of the records they name
+    (`records_at`).
     """
 
     def __init__(

@@ -28,8 +28,9 @@ over a Spark cluster:
   parts meanwhile, at most four per core of the cluster ahead, as `run_batch --workers` does.
 * Writing: executors format their rows as CSV text (the same `csv` writer settings as `run_batch`); the
   driver appends the parts in input order to records.csv, spills their flags as sorted runs
-  (`pipeline.score.FlagRuns`) merged into flags.csv, and writes summary and report with the helpers of
-  `pipeline.report`, in a staging folder that is moved into place at the end.
+  (`pipeline.score.FlagRuns`) merged into flags.csv and counted as they are (`pipeline.score.finish_flags`),
+  and writes summary and report with the helpers of `pipeline.report`, in a staging folder that is moved
+  into place at the end.
 
 How the model reaches the executors: the loaded bundle is saved to a temporary folder on the driver and
 shipped with `SparkContext.addFile(folder, recursive=True)`; each executor's Python worker loads it once
