@@ -695,7 +695,9 @@ class Matcher:
     With `evict` (the batch job) a block keeps only its `window` latest records and its size, and a
     record that has left the window of every block it is in is dropped from the index at the start of the
     next chunk: candidates only ever come from those windows, so it could never be matched again. The
-    results are the same as without eviction; only `match(remember=False)` is not available then.
+    results are the same as without eviction; `match(remember=False)` and the look-ups by id (`record`,
+    `records`) are not available then: the links carry the positions of the records they name
+    (`records_at`).
     """
 
     def __init__(
@@ -713,8 +715,12 @@ class Matcher:
         self._fields = [plugin.field for plugin in model.plugins_]
         # Each record's id (one UTF-8 buffer) and, for the records held, id -> position as a hash table
         # checked against that buffer: a str, a list slot and a dict entry per record were ~170 bytes.
+        # With `evict` there is no such table (8 bytes per record, and its rebuilt sorted arrays per
+        # part): the batch job reads the records a link names by the positions the link carries
+        # (`records_at`), and checks the batch's ids unique itself.
         self._ids = _TextList()
-        self._position = _CodeTable()
+        self._position: _CodeTable | None = None if evict else _CodeTable()
+        self._evicted = 0  # records dropped from the index (`_drop_left`)
         self._raw_fields: list[str] = list(model.config.fields)
         # The raw values (what `record` returns, read a few times per hundred records) in a temporary file.
         self._raw = RecordFile(len(self._raw_fields))
@@ -795,10 +801,11 @@ class Matcher:
     @property
     def resident(self) -> int:
         """Records still held in the index (not evicted)."""
-        return len(self._position)
+        return len(self._ids) - self._evicted
 
     def record(self, record_id: str) -> dict[str, str] | None:
-        """The raw field values of an indexed record (reference or earlier batch), or None."""
+        """The raw field values of an indexed record (reference or earlier batch), or None. Not with
+        `evict`: see `records_at`."""
         position = self._positions([str(record_id)])[0]
         if position < 0:
             return None
@@ -806,11 +813,17 @@ class Matcher:
 
     def records(self, record_ids: Sequence[str]) -> dict[str, list[str]]:
         """The raw values of these records, per config field (`""` for an id not held): `record` of
-        each, with one look-up for all ids (a batch's links ask for thousands)."""
+        each, with one look-up for all ids (a batch's links ask for thousands). Not with `evict`."""
         ids = np.empty(len(record_ids), dtype=object)
         ids[:] = [str(record_id) for record_id in record_ids]
         inverse, first = _first_seen(ids)
-        positions = self._positions(ids[first])[inverse]
+        return self.records_at(self._positions(ids[first])[inverse])
+
+    def records_at(self, positions: Sequence[int] | np.ndarray) -> dict[str, list[str]]:
+        """The raw values of the records at these index positions, per config field (`""` at -1): the
+        records a link names, by the positions it carries (`DUPLICATE_POSITION`,
+        `REFERENCE_DUPLICATE_POSITIONS`), with or without `evict` (values stay readable after eviction)."""
+        positions = np.asarray(positions, dtype=np.int64)
         held = positions >= 0
         values = {field: [s.MISSING] * len(positions) for field in self._raw_fields}
         columns = list(values.values())
@@ -821,6 +834,8 @@ class Matcher:
 
     def _positions(self, record_ids: Sequence[str]) -> np.ndarray:
         """The position of each of these distinct record ids in the index, -1 where it is not held."""
+        if self._position is None:
+            raise ValueError("an evicting matcher looks records up by position only (records_at)")
         return self._position.find(np.asarray(record_ids, dtype=object), self._ids)
 
     def _raw_value(self, field: str, position: int) -> str:
@@ -896,10 +911,11 @@ class Matcher:
         if len(encoded):
             self._raw.extend(encoded.raw)
         self._times.extend(encoded.times)
-        ids = np.asarray(encoded.ids, dtype=object)
-        # A repeated id is found at its last row, as a dict assigned in row order would leave it.
-        last = ~pd.Series(ids, dtype=object).duplicated(keep="last").to_numpy()
-        self._position.assign(ids[last], np.arange(start, start + len(ids))[last], self._ids)
+        if self._position is not None:
+            ids = np.asarray(encoded.ids, dtype=object)
+            # A repeated id is found at its last row, as a dict assigned in row order would leave it.
+            last = ~pd.Series(ids, dtype=object).duplicated(keep="last").to_numpy()
+            self._position.assign(ids[last], np.arange(start, start + len(ids))[last], self._ids)
         self._count_density(start)
         return start
 
@@ -979,7 +995,9 @@ class Matcher:
         for position in leaving.tolist():
             for field in self._fields:
                 self._unparsed[field].pop(position, None)
-        self._position.remove(leaving)
+        if self._position is not None:
+            self._position.remove(leaving)
+        self._evicted += len(leaving)
         self._leaving = []
 
     def _candidates(
@@ -1446,16 +1464,21 @@ class Matcher:
         # whose id and value texts are in the index's temporary files.
         candidate_ids = ids.take(others[linked])
         duplicate_of[linked] = candidate_ids
+        duplicate_position = np.full(len(record_ids), -1, dtype=np.int64)
+        duplicate_position[linked] = others[linked]
         reasons[linked] = self._reasons(positions[linked], others[linked], candidate_ids)
         roots = self._clusters.join(positions[linked], others[linked])
         cluster_ids[linked] = ids.take(roots)
+        other_ids, other_positions = self._reference_duplicates(positions, others, *pairs)
         return pd.DataFrame(
             {
                 s.DUPLICATE_OF: duplicate_of.tolist(),
                 s.DUPLICATE_SCORE: scores,
                 s.CLUSTER_ID: cluster_ids.tolist(),
                 "reason": reasons.tolist(),
-                s.REFERENCE_DUPLICATES: self._reference_duplicates(positions, others, *pairs),
+                s.REFERENCE_DUPLICATES: other_ids,
+                s.DUPLICATE_POSITION: duplicate_position,
+                s.REFERENCE_DUPLICATE_POSITIONS: other_positions,
             },
             index=index,
         )
@@ -1467,24 +1490,28 @@ class Matcher:
         query: np.ndarray,
         found: np.ndarray,
         scores: np.ndarray,
-    ) -> list[tuple[str, ...]]:
+    ) -> tuple[list[tuple[str, ...]], list[tuple[int, ...]]]:
         """Per row (indexed `positions`, best candidate `best`), the ids of the other reference records
         scoring at or above the threshold, highest score first, the latest among equal ones: records the
         row duplicates as surely as its link (a re-registration ties its original and the order's earlier
         re-registration, and only one of them can be `duplicate_of`). Exact scores (`_settle`). Reference
         records only: their values are as the department stored them, while an earlier batch row's are as
-        entered, and a re-registration copied from a record with a slip repeats that slip."""
+        entered, and a re-registration copied from a record with a slip repeats that slip. Beside the ids,
+        per row, the records' positions in the same order."""
         others: list[tuple[str, ...]] = [()] * len(positions)
+        at: list[tuple[int, ...]] = [()] * len(positions)
         kept = np.flatnonzero((scores >= self._model.threshold_) & (found < self._reference_rows))
         if len(kept):
             kept = kept[found[kept] != best[query[kept] - positions[0]]]
         if not len(kept):
-            return others
+            return others, at
         kept = kept[np.lexsort((-found[kept], -scores[kept], query[kept]))]
         rows = (query[kept] - positions[0]).tolist()
-        for row, other_id in zip(rows, self._ids.take(found[kept]), strict=True):
+        kept_found = found[kept]
+        for row, other_id, other in zip(rows, self._ids.take(kept_found), kept_found.tolist(), strict=True):
             others[row] = (*others[row], other_id)
-        return others
+            at[row] = (*at[row], other)
+        return others, at
 
     def _begin(self, chunk: pd.DataFrame) -> _PartInFlight:
         """Indexes the chunk, so that `_end` can link it from its pairs' scores (`_pair_inputs`, taken

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import html
 import json
+from array import array
+from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,12 +23,79 @@ from pipeline import schema as s
 from pipeline.bundle import ModelBundle
 
 TOP_REASONS = 10
+TOP_FLAGS = 15
+
+
+class FlagTally:
+    """What the summary and the report count of a batch's flags, taken one flag at a time in the queue's
+    order as `flags.csv` is written: flags per kind and per kind and field, error flags with a suggestion,
+    the input rows flagged (their ids are unique: the records to review) and the queue's first
+    `TOP_FLAGS`. So no frame of every flag is held after the batch (2,000,000 rows: ~300,000 flags, read
+    back as a frame they and the summary's counting took ~200 MB).
+
+    >>> tally = FlagTally()
+    >>> tally.add(["R1", "error", "city", "Utrecth", "Utrecht", "", "0.9100", "typo", "false"], row=0)
+    >>> tally.kinds["error"], tally.records()
+    (1, 1)
+    """
+
+    def __init__(self) -> None:
+        self.kinds: Counter[str] = Counter()
+        self.groups: Counter[tuple[str, str]] = Counter()  # (kind, field): flags
+        self.with_suggestion = 0
+        self.rows = array("q")  # the input row of each flag
+        self.top: list[list[str]] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, flag: Sequence[str], row: int) -> None:
+        """Counts one flag (its `FLAG_COLUMNS` cells as written) of input row `row`."""
+        kind, field = flag[_KIND_AT], flag[_FIELD_AT]
+        self.kinds[kind] += 1
+        self.groups[kind, field] += 1
+        if kind == s.KIND_ERROR and flag[_SUGGESTION_AT] != s.MISSING:
+            self.with_suggestion += 1
+        self.rows.append(row)
+        if len(self.top) < TOP_FLAGS:
+            self.top.append(list(flag))
+
+    def records(self) -> int:
+        """Distinct records flagged."""
+        return len(np.unique(np.frombuffer(self.rows, dtype=np.int64))) if len(self.rows) else 0
+
+    def per_field(self) -> dict[str, int]:
+        """Error flags per field, by field name."""
+        return {field: n for (kind, field), n in sorted(self.groups.items()) if kind == s.KIND_ERROR}
+
+    def top_groups(self) -> list[dict[str, Any]]:
+        """The `TOP_REASONS` (kind, field) groups with most flags, most first (ties as pandas orders a
+        sorted group count)."""
+        if not self.groups:
+            return []
+        keys = sorted(self.groups)
+        counts = pd.Series(
+            [self.groups[key] for key in keys],
+            index=pd.MultiIndex.from_tuples(keys, names=[s.FLAG_KIND, s.FLAG_FIELD]),
+            dtype=np.int64,
+        )
+        top = counts.sort_values(ascending=False).head(TOP_REASONS).reset_index(name="count")
+        return top.to_dict(orient="records")
+
+    def top_flags(self) -> pd.DataFrame:
+        """The queue's first `TOP_FLAGS` flags (text cells, as in flags.csv)."""
+        return pd.DataFrame(self.top, columns=list(s.FLAG_COLUMNS), dtype=object)
+
+
+_KIND_AT, _FIELD_AT, _SUGGESTION_AT = (
+    s.FLAG_COLUMNS.index(name) for name in (s.FLAG_KIND, s.FLAG_FIELD, s.FLAG_SUGGESTION)
+)
 
 
 def build_summary(
     bundle: ModelBundle,
     *,
-    flags: pd.DataFrame,
+    flags: FlagTally,
     rows: int,
     input_path: Path,
     input_digest: str,
@@ -41,10 +111,9 @@ def build_summary(
     also given in euros. The review page reads `id_column`, `reference_path` and the basis from here.
     """
     config = bundle.config
-    kinds = {kind: int((flags[s.FLAG_KIND] == kind).sum()) if len(flags) else 0 for kind in s.KINDS}
-    error_flags = flags[flags[s.FLAG_KIND] == s.KIND_ERROR] if len(flags) else flags
-    per_field = error_flags[s.FLAG_FIELD].value_counts().sort_index().to_dict() if len(error_flags) else {}
-    with_suggestion = int((error_flags[s.FLAG_SUGGESTION] != s.MISSING).sum()) if len(error_flags) else 0
+    kinds = {kind: flags.kinds[kind] for kind in s.KINDS}
+    per_field = flags.per_field()
+    with_suggestion = flags.with_suggestion
 
     expected_true = 0.0
     expected_false = 0.0
@@ -57,7 +126,7 @@ def build_summary(
         expected_true += count * precision
         expected_false += count * (1 - precision)
     saved = expected_true * config.minutes_per_correction - expected_false * config.minutes_per_false_alarm
-    reviewed = int(flags[s.FLAG_RECORD_ID].nunique()) if len(flags) else 0
+    reviewed = flags.records()
     realised = {k: v for k, v in bundle.metrics.items() if k.startswith("realised_")}
     euros = (
         {"euros_saved_estimate": round(saved / 60 * config.cost_per_hour, 2)}
@@ -97,19 +166,10 @@ def build_summary(
 
 
 def write_report(
-    summary: dict[str, Any], flags: pd.DataFrame, histograms: dict[str, np.ndarray], folder: Path
+    summary: dict[str, Any], flags: FlagTally, histograms: dict[str, np.ndarray], folder: Path
 ) -> None:
     """Writes `summary.json` and `report.html` into `folder`."""
-    top = (
-        flags.groupby([s.FLAG_KIND, s.FLAG_FIELD])
-        .size()
-        .sort_values(ascending=False)
-        .head(TOP_REASONS)
-        .reset_index(name="count")
-        if len(flags)
-        else pd.DataFrame(columns=[s.FLAG_KIND, s.FLAG_FIELD, "count"])
-    )
-    summary = {**summary, "top_flag_groups": top.to_dict(orient="records")}
+    summary = {**summary, "top_flag_groups": flags.top_groups()}
     (folder / s.SUMMARY_FILE).write_text(
         json.dumps(summary, indent=2, sort_keys=False) + "\n", encoding="utf-8"
     )
@@ -119,7 +179,6 @@ def write_report(
 # ------------------------------------------------------------------------------------------ report.html
 
 CHART_COLOURS = {s.KIND_DUPLICATE: "#6741d9", s.KIND_ERROR: "#e8590c", s.KIND_ANOMALY: "#0b7285"}
-TOP_FLAGS = 15
 
 
 def _axis_ticks(peak: float) -> list[float]:
@@ -218,11 +277,11 @@ def _money(minutes: float, cost_per_hour: float | None) -> str:
     return text
 
 
-def _top_flags(flags: pd.DataFrame) -> pd.DataFrame:
+def _top_flags(flags: FlagTally) -> pd.DataFrame:
     columns = ["record", "kind", "field", "as entered", "suggestion / match", "score", "why"]
     if not len(flags):
         return pd.DataFrame(columns=columns)
-    top = flags.head(TOP_FLAGS)
+    top = flags.top_flags()
     proposal = top[s.FLAG_SUGGESTION].where(top[s.FLAG_KIND] != s.KIND_DUPLICATE, "= " + top[s.FLAG_MATCH_ID])
     return pd.DataFrame(
         {
@@ -264,7 +323,7 @@ def _realised_section(realised: dict[str, float], cost_per_hour: float | None) -
     )
 
 
-def _html(summary: dict[str, Any], flags: pd.DataFrame, histograms: dict[str, np.ndarray]) -> str:
+def _html(summary: dict[str, Any], flags: FlagTally, histograms: dict[str, np.ndarray]) -> str:
     model = summary["model"]
     basis = summary["minutes_saved_basis"]
     cost = basis.get("cost_per_hour")

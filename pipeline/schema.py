@@ -54,6 +54,11 @@ ERROR_FIELD_SEPARATOR: Final = ";"
 # records it duplicates beside `duplicate_of` (a tuple), which the error model's matched values take into
 # account.
 REFERENCE_DUPLICATES: Final = "reference_duplicates"
+# Not outputs either: the matcher's index positions of the record `duplicate_of` names (-1: none) and of
+# the `REFERENCE_DUPLICATES` (a tuple), so the batch job reads their values by position (`Matcher.records_at`)
+# and its evicting matcher keeps no id -> position table.
+DUPLICATE_POSITION: Final = "duplicate_position"
+REFERENCE_DUPLICATE_POSITIONS: Final = "reference_duplicate_positions"
 
 FLAG_RECORD_ID: Final = "record_id"
 FLAG_KIND: Final = "kind"

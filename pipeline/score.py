@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # not imported at run time: a `--workers` helper needs neithe
 
     from pipeline.bundle import ModelBundle
     from pipeline.reference import ReferenceCache
+    from pipeline.report import FlagTally
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +335,7 @@ def _matched_values(
     has_match = (links[s.DUPLICATE_OF] != s.MISSING).to_numpy()
     if not has_match.any():
         return None
-    records = matcher.records(links[s.DUPLICATE_OF].to_numpy()[has_match])
+    records = matcher.records_at(links[s.DUPLICATE_POSITION].to_numpy()[has_match])
     columns = {}
     for name in fields:
         column = np.full(len(chunk), s.MISSING, dtype=object)
@@ -349,12 +350,12 @@ def _take_alike_values(
 ) -> None:
     """Writes into `columns` (per field, the matched value of each row) the row's own value wherever a
     record among its `REFERENCE_DUPLICATES` holds it too (compared as text, as the error model compares)."""
-    others = links[s.REFERENCE_DUPLICATES].to_numpy(dtype=object) if s.REFERENCE_DUPLICATES in links else []
+    others = links[s.REFERENCE_DUPLICATE_POSITIONS].to_numpy(dtype=object)
     counts = np.fromiter(map(len, others), dtype=np.int64, count=len(others))
     if not counts.any():
         return
     rows = np.repeat(np.arange(len(others)), counts)
-    records = matcher.records([other for ids in others[counts > 0] for other in ids])
+    records = matcher.records_at([other for positions in others[counts > 0] for other in positions])
     for name, column in columns.items():
         if name not in chunk.columns or name not in records:
             continue
@@ -639,7 +640,7 @@ class FlagRuns:
     chunks still opens few files at the merge. The order is `sort_flags`' on all flags at once: highest
     score first, then input row, kind and field (no two flags tie on all four, so the merge is exact).
 
-    >>> # runs = FlagRuns(folder); runs.add(chunk_flags); ...; runs.merge_into(folder / "flags.csv")
+    >>> # runs = FlagRuns(folder); runs.add(chunk_flags); ...; runs.merge_into(folder / "flags.csv", tally)
     """
 
     def __init__(self, folder: Path, run_flags: int = RUN_FLAGS) -> None:
@@ -673,9 +674,10 @@ class FlagRuns:
             writer.writerows(ordered[["_row", *s.FLAG_COLUMNS]].itertuples(index=False, name=None))
         self.paths.append(path)
 
-    def merge_into(self, path: Path) -> int:
+    def merge_into(self, path: Path, tally: FlagTally | None = None) -> int:
         """Writes flags.csv (header, then every run merged in order, scores as `fmt_score` prints them);
-        removes the runs. Returns the number of flags."""
+        removes the runs. Each flag written is counted into `tally`, if given. Returns the number of
+        flags."""
         score_at = 1 + s.FLAG_COLUMNS.index(s.FLAG_SCORE)
         kind_at = 1 + s.FLAG_COLUMNS.index(s.FLAG_KIND)
         field_at = 1 + s.FLAG_COLUMNS.index(s.FLAG_FIELD)
@@ -704,6 +706,8 @@ class FlagRuns:
                 out = row[1:]
                 out[score_at - 1] = f"{min(max(float(out[score_at - 1]), 0.0), 1.0):.4f}"
                 writer.writerow(out)
+                if tally is not None:
+                    tally.add(out, int(row[0]))
                 count += 1
         shutil.rmtree(self.folder, ignore_errors=True)
         return count
@@ -840,17 +844,7 @@ def run_batch(
                 rows += _write_chunk(done, result, writer, runs, histograms, progress)
         scorer.close()
         scorer = None
-        runs.merge_into(staging / s.FLAGS_FILE)
-        # What the summary and report count (kinds, fields, distinct records, the top flags): read back
-        # from flags.csv as Arrow-backed text, a few bytes per flag rather than the chunks' frames.
-        flags = pd.read_csv(staging / s.FLAGS_FILE, dtype=str, keep_default_na=False)
-        if output_format == "parquet":
-            flags.to_parquet(staging / "flags.parquet", index=False)
-        flags[s.FLAG_SCORE] = flags[s.FLAG_SCORE].astype(float)
-        if output_format == "parquet":
-            pd.read_csv(records_path, dtype=str, keep_default_na=False).to_parquet(
-                staging / "records.parquet", index=False
-            )
+        flags = finish_flags(runs, staging, output_format)
         summary = build_summary(
             bundle,
             flags=flags,
@@ -900,13 +894,33 @@ def _write_chunk(
     return len(chunk)
 
 
-def write_flags(flags: pd.DataFrame, folder: Path, output_format: str) -> None:
-    out = flags.drop(columns="_row").copy()
-    out[s.FLAG_SCORE] = fmt_score(out[s.FLAG_SCORE]) if len(out) else out[s.FLAG_SCORE]
-    out = out[list(s.FLAG_COLUMNS)]
-    with open(folder / s.FLAGS_FILE, "w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh, lineterminator=CSV_LINE_END)
-        writer.writerow(s.FLAG_COLUMNS)
-        writer.writerows(out.itertuples(index=False, name=None))
+def finish_flags(runs: FlagRuns, staging: Path, output_format: str) -> FlagTally:
+    """After a batch's last chunk (the batch job's and Spark's): flags.csv merged from the runs and, with
+    `output_format` "parquet", records.csv and flags.csv copied to Parquet; what the summary and report
+    count of the flags. Streamed: nothing is held per row, and per flag only its input row in the tally
+    (8 bytes; at 2,000,000 rows, reading the flags back as a frame and counting them took ~200 MB)."""
+    from pipeline.report import FlagTally
+
+    tally = FlagTally()
+    runs.merge_into(staging / s.FLAGS_FILE, tally)
     if output_format == "parquet":
-        out.to_parquet(folder / "flags.parquet", index=False)
+        for name in (s.RECORDS_FILE, s.FLAGS_FILE):
+            csv_to_parquet(staging / name, (staging / name).with_suffix(".parquet"))
+    return tally
+
+
+def csv_to_parquet(source: Path, target: Path) -> None:
+    """A CSV file written here (a header, then text cells) as Parquet, all text, streamed in chunks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+    try:
+        for chunk in pd.read_csv(source, dtype=str, keep_default_na=False, chunksize=DEFAULT_CHUNK_ROWS):
+            table = pa.Table.from_pandas(chunk, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(target, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()

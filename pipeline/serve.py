@@ -67,23 +67,32 @@ class _RequestMatcher:
     """The served matcher as `score_chunk` sees it for one request: it matches with or without remembering,
     and knows the values of the request's own records (which a check without remembering does not index)."""
 
-    def __init__(self, matcher: Any, own: dict[str, dict[str, str]], *, remember: bool) -> None:
+    def __init__(
+        self, matcher: Any, own: dict[str, dict[str, str]], id_column: str, *, remember: bool
+    ) -> None:
         self._matcher = matcher
         self._own = own
+        self._id_column = id_column
         self._remember = remember
+        self._first = 0  # the index position of the latest matched chunk's first row
+        self._rows: list[dict[str, str]] = []  # that chunk's rows' own values, in order
 
     def match(self, chunk: pd.DataFrame) -> pd.DataFrame:
+        self._first = len(self._matcher)
+        self._rows = [self._own[record_id] for record_id in chunk[self._id_column]]
         return self._matcher.match(chunk, remember=self._remember)
 
-    def record(self, record_id: str) -> dict[str, str] | None:
-        found = self._matcher.record(record_id)
-        return found if found is not None else self._own.get(record_id)
-
-    def records(self, record_ids: Sequence[str]) -> dict[str, list[str]]:
-        """`Matcher.records` for the request: each id's values from the index, else from the request."""
-        found = [self.record(record_id) or {} for record_id in record_ids]
-        fields = {name for values in found for name in values}
-        return {name: [values.get(name, s.MISSING) for values in found] for name in fields}
+    def records_at(self, positions: Sequence[int]) -> dict[str, list[str]]:
+        """`Matcher.records_at` for the request: a position from the latest matched chunk's first on is one
+        of its rows (indexed in row order, and taken out again by a check without remembering), whose
+        values come from the request."""
+        positions = [int(position) for position in positions]
+        values = self._matcher.records_at([p if p < self._first else -1 for p in positions])
+        for i, position in enumerate(positions):
+            if position >= self._first:
+                for name, value in self._rows[position - self._first].items():
+                    values[name][i] = value
+        return values
 
 
 class Checker:
@@ -217,7 +226,7 @@ class Checker:
         for record_id, values in zip(ids, chunk[list(config.fields)].itertuples(index=False), strict=True):
             own[record_id] = dict(zip(config.fields, values, strict=True))
         started = time.perf_counter()
-        matcher = _RequestMatcher(served.matcher, own, remember=remember)
+        matcher = _RequestMatcher(served.matcher, own, config.id_column, remember=remember)
         with self._score_lock:
             result = score_chunk(chunk, served.bundle, matcher)
         results = _results(chunk, result, reported, config.id_column)

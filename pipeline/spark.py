@@ -28,8 +28,9 @@ over a Spark cluster:
   parts meanwhile, at most four per core of the cluster ahead, as `run_batch --workers` does.
 * Writing: executors format their rows as CSV text (the same `csv` writer settings as `run_batch`); the
   driver appends the parts in input order to records.csv, spills their flags as sorted runs
-  (`pipeline.score.FlagRuns`) merged into flags.csv, and writes summary and report with the helpers of
-  `pipeline.report`, in a staging folder that is moved into place at the end.
+  (`pipeline.score.FlagRuns`) merged into flags.csv and counted as they are (`pipeline.score.finish_flags`),
+  and writes summary and report with the helpers of `pipeline.report`, in a staging folder that is moved
+  into place at the end.
 
 How the model reaches the executors: the loaded bundle is saved to a temporary folder on the driver and
 shipped with `SparkContext.addFile(folder, recursive=True)`; each executor's Python worker loads it once
@@ -91,6 +92,7 @@ from pipeline.score import (
     FlagRuns,
     assess_chunk,
     empty_flags,
+    finish_flags,
     link_chunk,
     prepare_output,
     publish,
@@ -220,13 +222,8 @@ def score_spark(
         reference_rows = reference.rows if reference is not None else 0
         del reference
         logger.info("spark: scored %d rows (%.1f s)", batch.rows, time.perf_counter() - started)
-        # From here on as `run_batch`: flags merged from the sorted runs, read back for summary and report.
-        runs.merge_into(staging / s.FLAGS_FILE)
-        flags = pd.read_csv(staging / s.FLAGS_FILE, dtype=str, keep_default_na=False)
-        if output_format == "parquet":
-            flags.to_parquet(staging / "flags.parquet", index=False)
-            _records_parquet(records_path, staging / "records.parquet")
-        flags[s.FLAG_SCORE] = flags[s.FLAG_SCORE].astype(float)
+        # From here on as `run_batch`: flags merged from the sorted runs, counted for summary and report.
+        flags = finish_flags(runs, staging, output_format)
         summary = build_summary(
             bundle,
             flags=flags,
@@ -760,25 +757,3 @@ def _flags_from_json(payload: str) -> pd.DataFrame:
     frame["_row"] = frame["_row"].astype(np.int64)
     frame[s.FLAG_SCORE] = frame[s.FLAG_SCORE].astype(float)
     return frame
-
-
-# ---------------------------------------------------------------------------------------------- writing
-
-
-def _records_parquet(records_path: Path, target: Path) -> None:
-    """records.csv as Parquet (all text), as `run_batch` writes it, streamed in chunks."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    writer = None
-    try:
-        for chunk in pd.read_csv(
-            records_path, dtype=str, keep_default_na=False, chunksize=DEFAULT_CHUNK_ROWS
-        ):
-            table = pa.Table.from_pandas(chunk, preserve_index=False)
-            if writer is None:
-                writer = pq.ParquetWriter(target, table.schema)
-            writer.write_table(table)
-    finally:
-        if writer is not None:
-            writer.close()
