@@ -127,7 +127,7 @@ class SortedRuns:
             return
         capacity = max(size, 2 * capacity, 1024)
         for name, stored in self._arrays.items():
-            grown = np.frombuffer(mmap.mmap(-1, capacity * stored.itemsize), dtype=stored.dtype)
+            grown = _mapped(capacity, stored.dtype)
             grown[: self._size] = stored[: self._size]
             self._arrays[name] = grown
 
@@ -142,5 +142,11 @@ class SortedRuns:
         begin = self._starts[first]
         order = np.argsort(self.keys[begin:], kind="stable")  # sorted runs: timsort merges them
         for stored in self._arrays.values():
-            stored[begin : self._size] = stored[begin : self._size][order]
+            merged = np.take(stored[begin : self._size], order, out=_mapped(len(order), stored.dtype))
+            stored[begin : self._size] = merged  # (as large as the table, at times: mapped, see `_reserve`)
         del self._starts[first + 1 :]
+
+
+def _mapped(count: int, kind: Any) -> np.ndarray:
+    """An array of `count` items in an anonymous memory map (see `SortedRuns._reserve`)."""
+    return np.frombuffer(mmap.mmap(-1, max(count, 1) * np.dtype(kind).itemsize), dtype=kind, count=count)
