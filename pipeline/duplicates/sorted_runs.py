@@ -148,5 +148,6 @@ class SortedRuns:
 
 
 def _mapped(count: int, kind: Any) -> np.ndarray:
-    """An array of `count` items in an anonymous memory map (see `SortedRuns._reserve`)."""
-    return np.frombuffer(mmap.mmap(-1, max(count, 1) * np.dtype(kind).itemsize), dtype=kind, count=count)
+    """An array of `count` items in a private anonymous memory map (see `SortedRuns._reserve`)."""
+    size = max(count, 1) * np.dtype(kind).itemsize
+    return np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE), dtype=kind, count=count)
