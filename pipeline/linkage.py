@@ -2346,7 +2346,7 @@ class _BlockIndex:
         inserted, changed, old_count, old_last = self.undo
         if len(inserted):
             self._set_big(inserted, np.zeros(len(inserted), dtype=np.int64))  # out of the side table
-            self.blocks.delete(self.blocks.find(inserted))  # the newest keys: little to move
+            self.blocks.delete(self.blocks.find(inserted))  # mostly the newest run: little to move
         if len(changed):
             at = self.blocks.find(changed)
             self._set_sizes(at, old_count)

@@ -142,8 +142,9 @@ class SortedRuns:
         begin = self._starts[first]
         order = np.argsort(self.keys[begin:], kind="stable")  # sorted runs: timsort merges them
         for stored in self._arrays.values():
-            merged = np.take(stored[begin : self._size], order, out=_mapped(len(order), stored.dtype))
-            stored[begin : self._size] = merged  # (as large as the table, at times: mapped, see `_reserve`)
+            # The reordered copy is as large as the table at times: mapped too (see `_reserve`).
+            reordered = np.take(stored[begin : self._size], order, out=_mapped(len(order), stored.dtype))
+            stored[begin : self._size] = reordered
         del self._starts[first + 1 :]
 
 
