@@ -5,7 +5,9 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pytest
 
+from pipeline.duplicates import sorted_runs
 from pipeline.duplicates.sorted_runs import SortedRuns
 
 
@@ -15,10 +17,14 @@ def held(table: SortedRuns) -> dict[int, int]:
     return dict(zip(items["keys"].tolist(), items["value"].tolist(), strict=True))
 
 
-def test_finds_updates_and_deletes_as_a_dict_does_across_appends_of_every_size() -> None:
+@pytest.mark.parametrize("mapped_bytes", [0, sorted_runs.MAPPED_BYTES])
+def test_finds_updates_and_deletes_as_a_dict_does_across_appends_of_every_size(
+    monkeypatch, mapped_bytes
+) -> None:
     """Appends of one key to thousands (merged into earlier runs or not), updates through `find`'s places
     and deletes of new and old keys: the table holds what a dict given the same steps holds, and finds
-    each key where its value is."""
+    each key where its value is; with its arrays in memory maps or from malloc."""
+    monkeypatch.setattr(sorted_runs, "MAPPED_BYTES", mapped_bytes)
     rng = np.random.default_rng(3)
     table, model = SortedRuns(np.uint64, value=np.int32), {}
     for step in range(60):

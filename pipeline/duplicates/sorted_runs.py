@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+MAPPED_BYTES = 1 << 20  # arrays this large are memory maps of their own (see `SortedRuns._reserve`)
+
 
 class SortedRuns:
     """Distinct keys with a value per key in each named column, stored as sorted runs.
@@ -119,9 +121,9 @@ class SortedRuns:
         self._starts = [int(start) for start in np.unique(moved) if start < self._size]
 
     def _reserve(self, size: int) -> None:
-        """Room for `size` keys: the capacity doubles when full. Each buffer is an anonymous memory map, not
-        malloc's: the room not written yet is not resident, and an outgrown buffer goes back to the system
-        at once instead of leaving a hole in the heap that the next, larger one does not fit."""
+        """Room for `size` keys: the capacity doubles when full. A large buffer is an anonymous memory map,
+        not malloc's: the room not written yet is not resident, and an outgrown buffer goes back to the
+        system at once instead of leaving a hole in the heap that the next, larger one does not fit."""
         capacity = len(self._arrays["keys"])
         if size <= capacity:
             return
@@ -149,6 +151,9 @@ class SortedRuns:
 
 
 def _mapped(count: int, kind: Any) -> np.ndarray:
-    """An array of `count` items in a private anonymous memory map (see `SortedRuns._reserve`)."""
-    size = max(count, 1) * np.dtype(kind).itemsize
+    """An array of `count` items in a private anonymous memory map (see `SortedRuns._reserve`) when it is
+    `MAPPED_BYTES` or more; a smaller one from malloc, whose warm pages cost no fault to write."""
+    size = count * np.dtype(kind).itemsize
+    if size < MAPPED_BYTES:
+        return np.empty(count, dtype=kind)
     return np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE), dtype=kind, count=count)
