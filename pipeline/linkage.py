@@ -70,6 +70,7 @@ from pipeline.duplicates.calibration import choose_link_threshold, link_floor
 from pipeline.duplicates.classifier import PairClassifier, probabilities
 from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
+from pipeline.duplicates.sorted_runs import SortedRuns
 from pipeline.duplicates.storage import (
     FloatFile,
     Offsets,
@@ -2074,29 +2075,36 @@ class _TextList:
 
 class _CodeTable:
     """A value -> code map of distinct texts (code = the text's place in a list kept beside it), looked up
-    a chunk at a time: the texts' 32-bit hashes sorted, with their codes, searched with `np.searchsorted`
-    and every hit checked against the stored text (two texts sharing a hash: the later one is kept in a
-    small dict, a few hundred entries at millions of values). About 8 bytes per value instead of a dict
-    entry and an int object (~80 bytes): a batch's near-unique ids, order numbers and amounts are most of
-    an index's values."""
+    a chunk at a time: the texts' 32-bit hashes, with their codes, in a `SortedRuns` searched with
+    `np.searchsorted`, and every hit checked against the stored text (two texts sharing a hash: the later
+    one is kept in a small dict, a few hundred entries at millions of values). About 8 bytes per value
+    instead of a dict entry and an int object (~80 bytes): a batch's near-unique ids, order numbers and
+    amounts are most of an index's values. A text forgotten (`remove`) keeps its hash with code -1 until
+    the forgotten ones are half the table, so forgetting a few old texts copies nothing."""
 
     HASH_KEY = "pipeline:values!"
+    FORGOTTEN = -1  # the code of a hash whose text was removed
 
     def __init__(self) -> None:
-        self.hashes = np.zeros(0, dtype=np.uint32)
-        self.codes = np.zeros(0, dtype=np.int32)  # codes are below `MAX_RECORDS`
+        self.table = SortedRuns(np.uint32, codes=np.int32)  # codes are below `MAX_RECORDS`
         self.clashes: dict[str, int] = {}
+        self.forgotten = 0  # hashes held with code FORGOTTEN
 
     def __len__(self) -> int:
-        return len(self.codes) + len(self.clashes)
+        return len(self.table) - self.forgotten + len(self.clashes)
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, _CodeTable)
-            and np.array_equal(self.hashes, other.hashes)
-            and np.array_equal(self.codes, other.codes)
-            and self.clashes == other.clashes
-        )
+        if not isinstance(other, _CodeTable):
+            return False
+        mine, theirs = self._held(), other._held()
+        same = all(np.array_equal(mine[name], theirs[name]) for name in mine)
+        return same and self.clashes == other.clashes
+
+    def _held(self) -> dict[str, np.ndarray]:
+        """The hashes held and their codes, by hash: the same for equal tables however they grew."""
+        items = self.table.in_key_order()
+        held = items["codes"] != self.FORGOTTEN
+        return {name: values[held] for name, values in items.items()}
 
     def hash(self, values: np.ndarray) -> np.ndarray:
         """The hashes this table keeps of these distinct texts (an object array), for `find` and then
@@ -2112,16 +2120,17 @@ class _CodeTable:
     def _find(
         self, values: np.ndarray, texts: Sequence[str], hashes: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """`find`, and where each code found is held: its place in `hashes`, -1 in `clashes` or none."""
+        """`find`, and where each code found is held: its place in `table`, -1 in `clashes` or none."""
         found = np.full(len(values), -1, dtype=np.int64)
         slots = np.full(len(values), -1, dtype=np.int64)
         if not len(values) or not len(self):
             return found, slots
-        if len(self.hashes):
+        if len(self.table):
             hashes = self.hash(values) if hashes is None else hashes
-            at = _search_sorted(self.hashes, hashes)
-            hit = np.flatnonzero(self.hashes[at] == hashes)
-            codes = self.codes[at[hit]]
+            at = self.table.find(hashes)
+            hit = np.flatnonzero(at >= 0)
+            codes = self.table.column("codes")[at[hit]]
+            hit, codes = hit[codes != self.FORGOTTEN], codes[codes != self.FORGOTTEN]
             stored = np.empty(len(hit), dtype=object)
             take = getattr(texts, "take", None)  # a `_TextList`: its offsets read at once
             stored[:] = take(codes) if take is not None else list(map(texts.__getitem__, codes.tolist()))
@@ -2143,15 +2152,20 @@ class _CodeTable:
         hashes = self.hash(values)
         found, slots = self._find(values, texts, hashes)
         held = slots >= 0
-        self.codes[slots[held]] = codes[held]
+        self.table.column("codes")[slots[held]] = codes[held]
         for i in np.flatnonzero((found >= 0) & ~held).tolist():
             self.clashes[values[i]] = int(codes[i])
         self.insert(values[found < 0], codes[found < 0], hashes[found < 0])
 
     def remove(self, codes: np.ndarray) -> None:
         """Forgets the texts with these codes."""
-        keep = ~np.isin(self.codes, codes)
-        self.hashes, self.codes = self.hashes[keep], self.codes[keep]
+        held = self.table.column("codes")
+        gone = np.flatnonzero(np.isin(held, codes))
+        held[gone] = self.FORGOTTEN
+        self.forgotten += len(gone)
+        if 2 * self.forgotten > len(self.table):
+            self.table.delete(np.flatnonzero(held == self.FORGOTTEN))
+            self.forgotten = 0
         gone = set(codes.tolist())
         self.clashes = {value: code for value, code in self.clashes.items() if code not in gone}
 
@@ -2165,42 +2179,43 @@ class _CodeTable:
         # distinct keys: a fifth of the stable sort's time.
         order = np.argsort(hashes.astype(np.int64) * len(hashes) + np.arange(len(hashes)))
         hashes, values, codes = hashes[order], values[order], codes[order]
-        at = np.searchsorted(self.hashes, hashes)
-        taken = np.zeros(len(hashes), dtype=bool)
-        if len(self.hashes):
-            taken = self.hashes[np.minimum(at, len(self.hashes) - 1)] == hashes
+        at = self.table.find(hashes)
+        held = self.table.column("codes")
+        forgotten = np.zeros(len(hashes), dtype=bool)
+        forgotten[at >= 0] = held[at[at >= 0]] == self.FORGOTTEN
+        taken = (at >= 0) & ~forgotten
         taken[1:] |= hashes[1:] == hashes[:-1]
         for i in np.flatnonzero(taken).tolist():
             self.clashes[values[i]] = int(codes[i])
-        keep = ~taken
-        self.hashes = np.insert(self.hashes, at[keep], hashes[keep])
-        self.codes = np.insert(self.codes, at[keep], codes[keep])
+        reuse = forgotten & ~taken  # a forgotten text's hash: its place takes the new code
+        held[at[reuse]] = codes[reuse]
+        self.forgotten -= int(reuse.sum())
+        fresh = (at < 0) & ~taken
+        self.table.append(hashes[fresh], codes=codes[fresh])
 
     def truncate(self, size: int) -> None:
         """Forgets the texts with codes from `size` on."""
-        keep = self.codes < size
-        self.hashes, self.codes = self.hashes[keep], self.codes[keep]
+        self.table.delete(np.flatnonzero(self.table.column("codes") >= size))
         self.clashes = {value: code for value, code in self.clashes.items() if code < size}
 
 
 class _BlockIndex:
-    """One blocking rule's blocks as arrays, a chunk at a time: per key (a 64-bit hash of its text, sorted,
-    with 8 bits of a second hash to detect a collision) the block's size and latest record; per record the
-    previous record of its block. A record's window is found by walking back from there. ~14 bytes per
-    distinct key and 4 per record, instead of a dict entry, a key string and a list per block: a batch adds
-    a near-unique order number (and amount) per record, so most keys are blocks of one, and a size is kept
-    in one byte (`SMALL`), a larger one in a side table of the few keys that reach it. (The check only
-    warns; 8 bits still catch 255 of 256 collisions, themselves ~1 in 10 million at millions of keys.)"""
+    """One blocking rule's blocks as arrays, a chunk at a time: per key (a 64-bit hash of its text, in a
+    `SortedRuns`, with 8 bits of a second hash to detect a collision) the block's size and latest record;
+    per record the previous record of its block. A record's window is found by walking back from there.
+    ~14 bytes per distinct key and 4 per record, instead of a dict entry, a key string and a list per
+    block: a batch adds a near-unique order number (and amount) per record, so most keys are blocks of one,
+    and a size is kept in one byte (`SMALL`), a larger one in a side table of the few keys that reach it.
+    (The check only warns; 8 bits still catch 255 of 256 collisions, themselves ~1 in 10 million at
+    millions of keys.)"""
 
     HASH_KEY = "0123456789123456"
     CHECK_KEY = "pipeline:blocks!"
     SMALL = 255  # a `count` of SMALL: the size is in `big_keys`/`big_count`
 
     def __init__(self) -> None:
-        self.keys = np.zeros(0, dtype=np.uint64)
-        self.checks = np.zeros(0, dtype=np.uint8)
-        self.count = np.zeros(0, dtype=np.uint8)
-        self.last = np.zeros(0, dtype=np.int32)
+        # Per key: `checks`, `count` (the size up to SMALL) and `last` (the latest record).
+        self.blocks = SortedRuns(np.uint64, checks=np.uint8, count=np.uint8, last=np.int32)
         self.big_keys = np.zeros(0, dtype=np.uint64)  # sorted: the keys whose block has SMALL records or more
         self.big_count = np.zeros(0, dtype=np.int64)
         self.prev = _Growable(np.int32)
@@ -2209,18 +2224,22 @@ class _BlockIndex:
         self.undo: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def sizes(self, at: np.ndarray) -> np.ndarray:
-        """The block sizes of the keys at these places of `keys` (int64)."""
-        sizes = self.count[at].astype(np.int64)
+        """The block sizes of the keys at these places of `blocks` (int64)."""
+        sizes = self.blocks.column("count")[at].astype(np.int64)
         big = np.flatnonzero(sizes == self.SMALL)
         if len(big):
-            sizes[big] = self.big_count[np.searchsorted(self.big_keys, self.keys[at[big]])]
+            sizes[big] = self.big_count[np.searchsorted(self.big_keys, self.blocks.keys[at[big]])]
         return sizes
 
     def _set_sizes(self, at: np.ndarray, sizes: np.ndarray) -> None:
-        """Sets the block sizes of the keys at these places of `keys` (distinct places)."""
+        """Sets the block sizes of the keys at these places of `blocks` (distinct places)."""
         sizes = np.asarray(sizes, dtype=np.int64)
-        self.count[at] = np.minimum(sizes, self.SMALL)
-        keys = self.keys[at]
+        self.blocks.column("count")[at] = np.minimum(sizes, self.SMALL)
+        self._set_big(self.blocks.keys[at], sizes)
+
+    def _set_big(self, keys: np.ndarray, sizes: np.ndarray) -> None:
+        """Keeps the sizes of these distinct keys' blocks in the side table where they reach SMALL, and
+        takes out those back below it (a rollback)."""
         held = np.zeros(len(keys), dtype=bool)
         if len(self.big_keys):
             where = np.minimum(np.searchsorted(self.big_keys, keys), len(self.big_keys) - 1)
@@ -2265,18 +2284,16 @@ class _BlockIndex:
         group = np.cumsum(first) - 1
         rank = np.arange(len(rows)) - starts[group]
         group_keys, group_checks = hashes[starts], checks[starts]
-        at = np.searchsorted(self.keys, group_keys)
-        found = np.zeros(len(starts), dtype=bool)
-        if len(self.keys):
-            clipped = np.minimum(at, len(self.keys) - 1)
-            found = self.keys[clipped] == group_keys
-            if (found & (self.checks[clipped] != group_checks)).any():
-                logger.warning("two blocking keys share a 64-bit hash; their blocks are merged")
+        at = self.blocks.find(group_keys)
+        found = at >= 0
+        if (self.blocks.column("checks")[at[found]] != group_checks[found]).any():
+            logger.warning("two blocking keys share a 64-bit hash; their blocks are merged")
         self.leavers = np.zeros(0, dtype=np.int64)
         old_count = np.zeros(len(starts), dtype=np.int64)
         old_last = np.full(len(starts), -1, dtype=np.int64)
         old_count[found] = self.sizes(at[found])
-        old_last[found] = self.last[at[found]]
+        last = self.blocks.column("last")
+        old_last[found] = last[at[found]]
         positions = start + rows
         before = np.empty(len(rows), dtype=np.int64)
         before[1:] = positions[:-1]
@@ -2288,17 +2305,16 @@ class _BlockIndex:
         new_count = old_count + (ends - starts + 1)
         new_last = positions[ends]
         self._set_sizes(at[found], new_count[found])
-        self.last[at[found]] = new_last[found]
+        last[at[found]] = new_last[found]
         new = ~found
-        if new.any():
-            self.keys = np.insert(self.keys, at[new], group_keys[new])
-            self.checks = np.insert(self.checks, at[new], group_checks[new])
-            self.count = np.insert(self.count, at[new], np.minimum(new_count[new], self.SMALL))
-            self.last = np.insert(self.last, at[new], new_last[new])
-            if (new_count[new] >= self.SMALL).any():
-                inserted = np.flatnonzero(new)
-                placed = at[inserted] + np.arange(len(inserted))  # their places once inserted
-                self._set_sizes(placed, new_count[new])
+        self.blocks.append(
+            group_keys[new],
+            checks=group_checks[new],
+            count=np.minimum(new_count[new], self.SMALL),
+            last=new_last[new],
+        )
+        big = new & (new_count >= self.SMALL)
+        self._set_big(group_keys[big], new_count[big])
         if self.track_leavers:
             self.leavers = self._leavers(rows, rank, group, starts, ends, old_last, window, start)
         if not collect:
@@ -2356,14 +2372,12 @@ class _BlockIndex:
             return
         inserted, changed, old_count, old_last = self.undo
         if len(inserted):
-            at = np.searchsorted(self.keys, inserted)
-            self._set_sizes(at, np.zeros(len(at), dtype=np.int64))  # out of the side table
-            self.keys, self.checks = np.delete(self.keys, at), np.delete(self.checks, at)
-            self.count, self.last = np.delete(self.count, at), np.delete(self.last, at)
+            self._set_big(inserted, np.zeros(len(inserted), dtype=np.int64))  # out of the side table
+            self.blocks.delete(self.blocks.find(inserted))  # mostly the newest run: little to move
         if len(changed):
-            at = np.searchsorted(self.keys, changed)
+            at = self.blocks.find(changed)
             self._set_sizes(at, old_count)
-            self.last[at] = old_last
+            self.blocks.column("last")[at] = old_last
         self.prev.truncate(start)
         self.undo = None
 
@@ -2377,16 +2391,6 @@ def _take_ids(ids: _TextList, positions: np.ndarray) -> np.ndarray:
     held = np.flatnonzero(positions >= 0)
     taken[held] = ids.take(positions[held])
     return taken
-
-
-def _search_sorted(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
-    """`np.searchsorted(haystack, needles)` clipped to the last place (`haystack` not empty), the needles
-    searched in sorted order: each search then starts where the one before ended, which at a part's
-    thousands of hashes against an index's millions takes a third of the time of random order."""
-    order = np.argsort(needles)
-    at = np.empty(len(needles), dtype=np.int64)
-    at[order] = np.searchsorted(haystack, needles[order])
-    return np.minimum(at, len(haystack) - 1)
 
 
 def _text_values(column: pd.Series) -> np.ndarray:

@@ -942,8 +942,37 @@ def test_the_value_code_table_looks_up_clashes_only_for_their_hashes(monkeypatch
     assert found.tolist() == [1, 2, -1, -1, 0]
 
 
+def test_the_value_code_table_forgets_texts_in_place_until_half_are_forgotten(monkeypatch) -> None:
+    """`remove` (eviction) marks a text's hash forgotten instead of copying the table: not found any more,
+    not counted, its place taken by the next text with that hash; the table is compacted once the
+    forgotten ones are half of it."""
+    from pipeline.linkage import _CodeTable
+
+    by_first_letter = lambda self, values: np.array([ord(v[0]) for v in values], dtype=np.uint32)  # noqa: E731
+    monkeypatch.setattr(_CodeTable, "hash", by_first_letter)
+    table, texts = _CodeTable(), ["ab", "bb", "cb", "db", "ac"]
+    table.insert(np.array(texts, dtype=object), np.arange(5))
+    table.remove(np.array([1]))
+    assert len(table) == 4 and len(table.table) == 4  # "ac" is the clash of "ab"
+    assert table.find(np.array(["bb", "cb", "ac"], dtype=object), texts).tolist() == [-1, 2, 4]
+    texts.append("bz")
+    table.insert(np.array(["bz"], dtype=object), np.array([5]))
+    assert len(table.table) == 4 and table.find(np.array(["bz", "bb"], dtype=object), texts).tolist() == [
+        5,
+        -1,
+    ]
+    table.remove(np.array([0, 2, 4]))  # two of four hashes forgotten: kept
+    assert len(table) == 2 and len(table.table) == 4 and table.clashes == {}
+    assert table.find(np.array(texts, dtype=object), texts).tolist() == [-1, -1, -1, 3, -1, 5]
+    table.remove(np.array([3]))  # three of four: compacted
+    assert len(table) == len(table.table) == 1 and table.find(np.array(["bz"], dtype=object), texts) == [5]
+    fresh = _CodeTable()
+    fresh.insert(np.array(["bz"], dtype=object), np.array([5]))
+    assert table == fresh
+
+
 def test_running_counts_give_each_value_its_count_so_far_and_the_counts_after() -> None:
-    from pipeline.linkage import _running_counts, _search_sorted
+    from pipeline.linkage import _running_counts
 
     rng = np.random.default_rng(5)
     for size, distinct in ((0, 1), (1, 1), (500, 7), (2000, 1500)):
@@ -956,10 +985,6 @@ def test_running_counts_give_each_value_its_count_so_far_and_the_counts_after() 
             expected.append(running[code])
         assert count.tolist() == expected and total.tolist() == list(range(11, 11 + size))
         assert sorted(held.tolist()) == sorted(set(codes.tolist())) and (running[held] == after).all()
-    haystack = np.sort(rng.integers(0, 1000, 300)).astype(np.uint32)
-    needles = rng.integers(0, 1100, 400).astype(np.uint32)
-    clipped = np.minimum(np.searchsorted(haystack, needles), len(haystack) - 1)
-    assert _search_sorted(haystack, needles).tolist() == clipped.tolist()
 
 
 @pytest.mark.parametrize("spill", [None, 1, 20])
@@ -1160,15 +1185,15 @@ def test_block_sizes_past_one_byte_weigh_candidates_exactly_and_roll_back() -> N
                 expected += [1.0 / before] * min(before, 3) if before else []
                 sizes[key] = before + 1
         assert sorted(weight.tolist()) == sorted(expected)
-        assert index.sizes(np.arange(len(index.keys))).sum() == sum(sizes.values())
+        assert index.sizes(np.arange(len(index.blocks))).sum() == sum(sizes.values())
         start += len(part)
-    assert index.count.dtype == np.uint8 and index.big_count.tolist() == [600]
-    before = (index.keys.copy(), index.count.copy(), index.last.copy(), index.big_keys.copy())
+    assert index.blocks.column("count").dtype == np.uint8 and index.big_count.tolist() == [600]
+    before = {**index.blocks.in_key_order(), "big_keys": index.big_keys.copy()}
     index.add(["busy"] * 10 + ["new"], start, window=3, collect=False)
-    assert index.big_count.tolist() == [610] and len(index.keys) == len(before[0]) + 1
+    assert index.big_count.tolist() == [610] and len(index.blocks) == len(before["keys"]) + 1
     index.rollback(start)
-    after = (index.keys, index.count, index.last, index.big_keys)
-    assert all(np.array_equal(a, b) for a, b in zip(after, before, strict=True))
+    after = {**index.blocks.in_key_order(), "big_keys": index.big_keys}
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
     assert index.big_count.tolist() == [600] and len(index.prev) == start
     # A rollback that takes a block back below one byte's reach drops it from the side table.
     small = _BlockIndex()
