@@ -829,7 +829,7 @@ class Matcher:
     def _normalised_many(self, field: str, positions: np.ndarray) -> list[str]:
         """The normalised value texts of these indexed records of a match field (`""` where none), read with
         one `take`."""
-        codes = self._code_array(field)[positions].astype(np.int64)
+        codes = self._codes[field].take(positions).astype(np.int64)
         values = np.empty(len(codes), dtype=object)
         held = codes >= 0
         values[held] = self._texts[field].take(codes[held])
@@ -1245,8 +1245,8 @@ class Matcher:
         """Per match field, the pairs' value codes (left, right) and where both records hold a value."""
         pair_codes = {}
         for field in self._fields:
-            codes = self._code_array(field)
-            code_left, code_right = codes[left].astype(np.int64), codes[right].astype(np.int64)
+            codes = self._codes[field]
+            code_left, code_right = codes.take(left).astype(np.int64), codes.take(right).astype(np.int64)
             pair_codes[field] = (code_left, code_right, (code_left >= 0) & (code_right >= 0))
         return pair_codes
 
@@ -1516,8 +1516,8 @@ class Matcher:
         the ones before."""
         codes = {}
         for field in self._fields:
-            stored = self._code_array(field)
-            codes[field] = (stored[query], stored[found])
+            stored = self._codes[field]
+            codes[field] = (stored.take(query), stored.take(found))
         texts = {}
         for field in self._compared_fields():
             size = len(self._texts[field])
@@ -2265,7 +2265,6 @@ class _BlockIndex:
         has = size_before > 0
         query, weight, other = positions[has], 1.0 / size_before[has], before[has]
         queries, others, weights = [], [], []
-        chain = self.prev.view()
         for _ in range(window):
             ok = other >= 0
             if not ok.all():
@@ -2275,7 +2274,7 @@ class _BlockIndex:
             queries.append(query)
             others.append(other)
             weights.append(weight)
-            other = chain[other]
+            other = self.prev.take(other)
         if not queries:
             return empty
         return np.concatenate(queries), np.concatenate(others), np.concatenate(weights)
@@ -2296,7 +2295,6 @@ class _BlockIndex:
         depth = grown[group] - 1 - rank  # 0 = the newest of its block
         leaving = [start + rows[depth >= window]]
         other, depth_old = old_last, grown.copy()
-        chain = self.prev.view()
         for _ in range(window):
             ok = (other >= 0) & (depth_old < window + grown)
             if not ok.all():
@@ -2305,7 +2303,7 @@ class _BlockIndex:
                 break
             gone = depth_old >= window
             leaving.append(other[gone])
-            other, depth_old = chain[other], depth_old + 1
+            other, depth_old = self.prev.take(other), depth_old + 1
         return np.concatenate(leaving)
 
     def rollback(self, start: int) -> None:

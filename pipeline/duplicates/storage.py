@@ -41,7 +41,9 @@ class ColumnFile:
     value texts, value codes, block chains): in the file they are not this process's anonymous memory.
     The pages a part reads or writes are mapped into the process, and so count in its resident set, until
     `release` unmaps them (the page cache keeps them, and the file what was written); the matcher releases
-    its columns before it indexes each part. `view` is the items as an array (writable: a change is kept);
+    its columns before it indexes each part. A part's candidates lie all over a batch, so its reads touch
+    nearly every page: `take` reads a `WINDOW_BYTES` window of the file at a time and unmaps each after,
+    so that reading holds one window resident. `view` is the items as an array (writable: a change is kept);
     capacity doubles as the column grows (the file with `ftruncate`, then mapped again), and `truncate`
     only lowers the size (a matcher's rollback). Pickles as its items (the reference cache stores a
     matcher); equal to a column of the same dtype and items.
@@ -53,6 +55,7 @@ class ColumnFile:
     """
 
     MEMORY_BYTES = 1 << 16  # smaller columns stay in an array: a small matcher makes no files
+    WINDOW_BYTES = 1 << 23  # `take` maps this much of the file at a time (a multiple of the page size)
 
     def __init__(self, dtype: Any, directory: str | None = None) -> None:
         self.dtype = np.dtype(dtype)
@@ -76,6 +79,25 @@ class ColumnFile:
             self._grow(end)
         self._data[self.size : end] = values
         self.size = end
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """`view()[indices]`, read one window of the file at a time, each unmapped after."""
+        items = self.view()
+        if self._map is None or not len(indices) or indices.min() < 0 or indices.max() >= self.size:
+            return items[indices]  # in memory, or an index out of range: as NumPy answers
+        window = self.WINDOW_BYTES // self.dtype.itemsize
+        if self.size <= window:
+            taken = items[indices]
+            self.release()
+            return taken
+        taken = np.empty(len(indices), dtype=self.dtype)
+        slabs = indices // window
+        for slab in range(int(slabs.min()), int(slabs.max()) + 1):  # a pass per window: a few, no sort
+            chosen = np.flatnonzero(slabs == slab)
+            taken[chosen] = items[indices[chosen]]
+            start = slab * self.WINDOW_BYTES
+            self._map.madvise(mmap.MADV_DONTNEED, start, min(self.WINDOW_BYTES, len(self._map) - start))
+        return taken
 
     def truncate(self, size: int) -> None:
         """Keeps the first `size` items."""
@@ -154,7 +176,7 @@ class Offsets:
     def take(self, indices: np.ndarray) -> np.ndarray:
         """The offsets at these places (an int64 array)."""
         indices = np.asarray(indices, dtype=np.int64)
-        low = self.low.view()[indices].astype(np.int64)
+        low = self.low.take(indices).astype(np.int64)
         if not self.wraps:
             return low
         return low + (np.searchsorted(np.frombuffer(self.wraps, dtype=np.int64), indices, "right") << 32)
