@@ -974,10 +974,9 @@ class Matcher:
     def _release_pages(self) -> None:
         """Unmaps from this process the pages of the growing columns the previous part read or wrote
         (`ColumnFile.release`): its resident set then holds only those the next part touches."""
-        columns = [self._ids.ends.low, self._raw.ends.low, self._live, *self._codes.values()]
-        columns += [texts.ends.low for texts in self._texts.values()]
-        columns += [block_index.prev for block_index in self._blocks]
-        for column in columns:
+        offsets = [self._ids.ends, self._raw.ends, *(texts.ends for texts in self._texts.values())]
+        columns = [self._live, *self._codes.values(), *(block_index.prev for block_index in self._blocks)]
+        for column in [*offsets, *columns]:
             column.release()
 
     def _drop_left(self) -> None:
