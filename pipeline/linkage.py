@@ -46,7 +46,6 @@ import os
 import queue
 import threading
 import time
-from array import array
 from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -72,6 +71,7 @@ from pipeline.duplicates.labels import LabelSampler
 from pipeline.duplicates.reasons import ReasonWriter, importance_order
 from pipeline.duplicates.sorted_runs import SortedRuns
 from pipeline.duplicates.storage import (
+    ColumnFile,
     FloatFile,
     Offsets,
     RecordFile,
@@ -113,7 +113,7 @@ DEDUPE_VERSION = metadata.version("dedupe")
 _DEFERRABLE = (normalizedAffineGapDistance, token_distance)
 # How often an idle pair helper checks that its parent is still there (`_serve_pairs`).
 PAIR_HELPER_POLL_SECONDS = 1.0
-_CODE_TYPES = ("b", "h", "i")  # `array` typecodes of per-record value codes: 8, 16 and 32 bits
+_CODE_TYPES = (np.int8, np.int16, np.int32)  # of per-record value codes: 8, 16 and 32 bits
 
 
 # Per match field: the value codes of pairs' left and right records, and where both hold a value.
@@ -733,7 +733,7 @@ class Matcher:
         # dicts and str objects made those tables most of the index.
         # Block sizes and positions in blocks as 32-bit integers (`MAX_RECORDS`); codes per record in as
         # few bytes as the field's codes need so far (`_store_codes`: a city or VAT rate in one).
-        self._codes: dict[str, array] = {field: array("b") for field in self._fields}
+        self._codes: dict[str, ColumnFile] = {field: ColumnFile(np.int8) for field in self._fields}
         self._code_of: dict[str, _CodeTable] = {field: _CodeTable() for field in self._fields}
         # Normalised, per code, as one UTF-8 buffer. The parsed values the comparators take are not kept:
         # a plugin parses a value from its normalised text alone, so they are parsed again for the values
@@ -752,7 +752,7 @@ class Matcher:
             block_index.track_leavers = evict
         self._clusters = _Clusters()  # only records that joined another record's cluster
         self._evict = evict
-        self._live = _Growable(np.int8)  # per record: blocks whose window still holds it (with `evict`)
+        self._live = ColumnFile(np.int8)  # per record: blocks whose window still holds it (with `evict`)
         self._leaving: list[int] = []  # records that left every window; dropped before the next chunk
         # How common each value is in the data being matched (see `_count_density`).
         # Counts per value code in as few bytes as the largest count needs so far (most values of a batch's
@@ -845,7 +845,7 @@ class Matcher:
     def _normalised_many(self, field: str, positions: np.ndarray) -> list[str]:
         """The normalised value texts of these indexed records of a match field (`""` where none), read with
         one `take`."""
-        codes = self._code_array(field)[positions].astype(np.int64)
+        codes = self._codes[field].take(positions).astype(np.int64)
         values = np.empty(len(codes), dtype=object)
         held = codes >= 0
         values[held] = self._texts[field].take(codes[held])
@@ -856,7 +856,7 @@ class Matcher:
 
     def _parsed_value(self, field: str, position: int) -> Any:
         """The parsed value (as the comparators see it) of a field of an indexed record; None if missing."""
-        code = self._codes[field][position]
+        code = self._code_array(field)[position]
         return None if code < 0 else self._parsed(field, np.array([code]))[0]
 
     def _parsed(self, field: str, codes: np.ndarray) -> np.ndarray:
@@ -922,17 +922,18 @@ class Matcher:
 
     def _code_array(self, field: str) -> np.ndarray:
         """The value code of each indexed record of a match field (a view, int8, int16 or int32)."""
-        codes = self._codes[field]
-        return np.frombuffer(codes, dtype=codes.typecode)
+        return self._codes[field].view()
 
     def _store_codes(self, field: str, codes: np.ndarray, size: int) -> None:
-        """Appends records' value codes (from -1 to `size` - 1), widening the field's array first when a
+        """Appends records' value codes (from -1 to `size` - 1), widening the field's column first when a
         code does not fit."""
         stored = self._codes[field]
-        wide = next(code for code in _CODE_TYPES if size - 1 <= np.iinfo(np.dtype(code)).max)
-        if np.dtype(wide).itemsize > stored.itemsize:
-            stored = self._codes[field] = array(wide, self._code_array(field).astype(wide).tobytes())
-        stored.frombytes(codes.astype(stored.typecode).tobytes())
+        wide = np.dtype(next(code for code in _CODE_TYPES if size - 1 <= np.iinfo(np.dtype(code)).max))
+        if wide.itemsize > stored.dtype.itemsize:
+            widened = self._codes[field] = ColumnFile(wide)
+            widened.extend(stored.view())
+            stored = widened
+        stored.extend(codes)
 
     def _count_density(self, start: int) -> None:
         """Counts the values of the records indexed from `start` on, and notes for each record and field
@@ -987,6 +988,14 @@ class Matcher:
             raise ValueError("counted rarities are kept for the latest indexed records only")
         return {field: self._rarity[field][left - self._counted_start] for field in self._fields}
 
+    def _release_pages(self) -> None:
+        """Unmaps from this process the pages of the growing columns the previous part read or wrote
+        (`ColumnFile.release`): its resident set then holds only those the next part touches."""
+        offsets = [self._ids.ends, self._raw.ends, *(texts.ends for texts in self._texts.values())]
+        columns = [self._live, *self._codes.values(), *(block_index.prev for block_index in self._blocks)]
+        for column in [*offsets, *columns]:
+            column.release()
+
     def _drop_left(self) -> None:
         """Drops the records that left every block window while the previous chunk was indexed."""
         if not self._leaving:
@@ -1013,6 +1022,7 @@ class Matcher:
         shared (then most recent) when it has more than `top_k`, else by the first rule and position that
         found them.
         """
+        self._release_pages()
         start = self._add(encoded)
         window, top_k = self._model.window, self._model.top_k
         found = [
@@ -1253,8 +1263,8 @@ class Matcher:
         """Per match field, the pairs' value codes (left, right) and where both records hold a value."""
         pair_codes = {}
         for field in self._fields:
-            codes = self._code_array(field)
-            code_left, code_right = codes[left].astype(np.int64), codes[right].astype(np.int64)
+            codes = self._codes[field]
+            code_left, code_right = codes.take(left).astype(np.int64), codes.take(right).astype(np.int64)
             pair_codes[field] = (code_left, code_right, (code_left >= 0) & (code_right >= 0))
         return pair_codes
 
@@ -1426,7 +1436,7 @@ class Matcher:
             size = sizes[field]
             self._code_of[field].truncate(size)
             self._texts[field].truncate(size)
-            del self._codes[field][start:]
+            self._codes[field].truncate(start)
             self._seen[field] = self._seen[field][:size]  # the new values' counts are back at 0
             unparsed = self._unparsed[field]
             for position in [p for p in unparsed if p >= start]:
@@ -1533,8 +1543,8 @@ class Matcher:
         the ones before."""
         codes = {}
         for field in self._fields:
-            stored = self._code_array(field)
-            codes[field] = (stored[query], stored[found])
+            stored = self._codes[field]
+            codes[field] = (stored.take(query), stored.take(found))
         texts = {}
         for field in self._compared_fields():
             size = len(self._texts[field])
@@ -1950,32 +1960,6 @@ class _Clusters:
         self.members, self.roots = self.members[keep], self.roots[keep]
 
 
-class _Growable:
-    """A NumPy array that grows at the end (capacity doubles), for per-record columns of an index."""
-
-    def __init__(self, dtype: Any) -> None:
-        self.data = np.empty(1024, dtype=dtype)
-        self.size = 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def extend(self, values: np.ndarray) -> None:
-        end = self.size + len(values)
-        if end > len(self.data):
-            grown = np.empty(max(end, 2 * len(self.data)), dtype=self.data.dtype)
-            grown[: self.size] = self.data[: self.size]
-            self.data = grown
-        self.data[self.size : end] = values
-        self.size = end
-
-    def view(self) -> np.ndarray:
-        return self.data[: self.size]
-
-    def truncate(self, size: int) -> None:
-        self.size = min(self.size, size)
-
-
 class _TextList:
     """An append-only list of texts stored as one UTF-8 buffer and end offsets (`Offsets`): ~4 bytes per
     text beyond its characters, instead of a str object and a list slot (~60 bytes). For raw values that
@@ -2218,7 +2202,7 @@ class _BlockIndex:
         self.blocks = SortedRuns(np.uint64, checks=np.uint8, count=np.uint8, last=np.int32)
         self.big_keys = np.zeros(0, dtype=np.uint64)  # sorted: the keys whose block has SMALL records or more
         self.big_count = np.zeros(0, dtype=np.int64)
-        self.prev = _Growable(np.int32)
+        self.prev = ColumnFile(np.int32)
         self.track_leavers = False
         self.leavers = np.zeros(0, dtype=np.int64)
         self.undo: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -2323,7 +2307,6 @@ class _BlockIndex:
         has = size_before > 0
         query, weight, other = positions[has], 1.0 / size_before[has], before[has]
         queries, others, weights = [], [], []
-        chain = self.prev.view()
         for _ in range(window):
             ok = other >= 0
             if not ok.all():
@@ -2333,7 +2316,7 @@ class _BlockIndex:
             queries.append(query)
             others.append(other)
             weights.append(weight)
-            other = chain[other]
+            other = self.prev.take(other)
         if not queries:
             return empty
         return np.concatenate(queries), np.concatenate(others), np.concatenate(weights)
@@ -2354,7 +2337,6 @@ class _BlockIndex:
         depth = grown[group] - 1 - rank  # 0 = the newest of its block
         leaving = [start + rows[depth >= window]]
         other, depth_old = old_last, grown.copy()
-        chain = self.prev.view()
         for _ in range(window):
             ok = (other >= 0) & (depth_old < window + grown)
             if not ok.all():
@@ -2363,7 +2345,7 @@ class _BlockIndex:
                 break
             gone = depth_old >= window
             leaving.append(other[gone])
-            other, depth_old = chain[other], depth_old + 1
+            other, depth_old = self.prev.take(other), depth_old + 1
         return np.concatenate(leaving)
 
     def rollback(self, start: int) -> None:

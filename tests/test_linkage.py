@@ -1020,7 +1020,7 @@ def test_value_codes_widen_from_8_to_16_to_32_bits_as_a_field_gains_values(train
     the records indexed before still read back their own values and match the same."""
     model, records = trained
     matcher = model.matcher(records)
-    assert matcher._codes["amount"].typecode == "b"
+    assert matcher._codes["amount"].dtype == np.int8
     amounts = [f"{1000 + n}.00" for n in range(40_000)]
     rows = pd.DataFrame(
         [dict(order(n % 24), record_id=f"N{n:05d}", amount=amount) for n, amount in enumerate(amounts)],
@@ -1029,11 +1029,11 @@ def test_value_codes_widen_from_8_to_16_to_32_bits_as_a_field_gains_values(train
     )
     first = len(matcher)
     matcher.match(rows.iloc[:100])
-    assert matcher._codes["amount"].typecode == "b"  # the history's 34 and 100 new amounts fit in 8 bits
+    assert matcher._codes["amount"].dtype == np.int8  # the history's 34 and 100 new amounts fit in 8 bits
     matcher.match(rows.iloc[100:1000])
-    assert matcher._codes["amount"].typecode == "h"
+    assert matcher._codes["amount"].dtype == np.int16
     matcher.match(rows.iloc[1000:])
-    assert matcher._codes["amount"].typecode == "i" and matcher._codes["city"].typecode == "b"
+    assert matcher._codes["amount"].dtype == np.int32 and matcher._codes["city"].dtype == np.int8
     assert len(matcher._code_array("amount")) == len(matcher)
     assert matcher._code_array("amount").dtype == np.int32  # (a view: not kept, the array grows)
     for row in (0, 99, 100, 999, 1000, len(rows) - 1):

@@ -1,5 +1,5 @@
 """`pipeline.duplicates.storage`: a byte buffer whose older part is in an unlinked temporary file, the
-matcher's raw values and entry times on it, and offsets in 4 bytes each."""
+matcher's raw values and entry times on it, NumPy columns in such a file, and offsets in 4 bytes each."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.duplicates import storage
 from pipeline.duplicates.storage import (
+    ColumnFile,
     FloatFile,
     Offsets,
     RecordFile,
@@ -130,6 +131,64 @@ def test_the_file_has_no_name_and_its_space_is_freed_on_close(tmp_path) -> None:
     records.close()
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def resident_kib() -> dict[str, int]:
+    """This process's resident anonymous and file-backed memory (KiB), from /proc/self/status."""
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return {name: int(fields[name].split()[0]) for name in ("RssAnon", "RssFile")}
+
+
+def test_a_column_grows_into_its_file_and_reads_writes_takes_truncates_and_pickles_as_an_array(
+    monkeypatch,
+) -> None:
+    """Past `MEMORY_BYTES` the column is a map of an unlinked file; its items read back as appended, an
+    in-place change and a widening copy are kept, `take` across several windows gives what indexing
+    gives, and a pickled copy is an equal column in its own file."""
+    monkeypatch.setattr(ColumnFile, "MEMORY_BYTES", 4096)
+    monkeypatch.setattr(ColumnFile, "WINDOW_BYTES", 8192)  # 2,048 int32 items per window
+    values = np.arange(-1, 9_999, dtype=np.int64)
+    column = ColumnFile(np.int32)
+    for part in np.array_split(values, 7):
+        column.extend(part)
+    assert len(column) == len(values) and column._map is not None and column.view().dtype == np.int32
+    assert os.fstat(column._file.fileno()).st_nlink == 0
+    column.view()[3] = -7
+    values[3] = -7
+    assert column.view().tolist() == values.tolist()
+    rng = np.random.default_rng(0)
+    for indices in (rng.integers(0, len(values), 5_000), np.array([9_999, 0]), np.array([2_100, 2_050])):
+        assert column.take(indices).tolist() == values[indices].tolist()
+    column.release()
+    assert column.take(np.arange(len(values))).tolist() == values.tolist()  # released: still in the file
+    with pytest.raises(IndexError):
+        column.take(np.array([len(values)]))
+    copy = pickle.loads(pickle.dumps(column))
+    assert copy == column and copy._file.fileno() != column._file.fileno()
+    column.truncate(10)
+    column.extend(np.array([5]))
+    assert column.view().tolist() == [*values[:10].tolist(), 5] and copy != column
+    widened = ColumnFile(np.int64)
+    widened.extend(copy.view())
+    assert widened.view().tolist() == values.tolist() and widened != copy  # dtypes differ
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_a_large_column_taken_all_over_holds_neither_heap_nor_mapped_pages_afterwards() -> None:
+    """32 MiB of items: appending them does not grow the process's anonymous memory by their size, and
+    after a `take` of indices all over the column (as a part's candidates are) its pages are unmapped."""
+    items = 8 << 20
+    column = ColumnFile(np.int32)
+    before = resident_kib()
+    for _ in range(8):
+        column.extend(np.arange(items // 8, dtype=np.int32))
+    column.release()
+    grown = resident_kib()
+    assert grown["RssAnon"] - before["RssAnon"] < 8 << 10  # 32 MiB of items, under 8 MiB of heap
+    indices = np.random.default_rng(1).integers(0, items, 100_000)
+    assert (column.take(indices) == indices % (items // 8)).all()
+    assert resident_kib()["RssFile"] - grown["RssFile"] < 4 << 10  # not the 32 MiB its reads touched
 
 
 def test_offsets_past_4_gib_come_back_exact_and_truncate() -> None:

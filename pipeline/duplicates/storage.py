@@ -1,6 +1,7 @@
 """Index storage kept out of memory: `SpillBuffer`, an append-only byte buffer whose older part is in an
 unlinked temporary file, and on it `RecordFile` (the raw field values of every indexed record) and
-`FloatFile` (a float per record); `Offsets`, the end offsets of items in a buffer in 4 bytes each.
+`FloatFile` (a float per record); `ColumnFile`, a NumPy column in such a file read through a memory map;
+`Offsets`, the end offsets of items in a buffer in 4 bytes each (a `ColumnFile`).
 
 The matcher needs a record's raw values only to show them (the values a duplicate flag quotes from the
 record it duplicates), a few per hundred records; held in memory they were ~90 bytes per record, most of
@@ -10,6 +11,7 @@ the older part of its ids, value texts (`linkage._TextList`) and entry times.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import tempfile
@@ -31,6 +33,113 @@ _FLOAT = struct.Struct("d")  # a `FloatFile` item, as `array("d")` packs it
 _POOL = pa.system_memory_pool()
 
 
+class ColumnFile:
+    """An append-only NumPy column of one dtype that, once it outgrows `MEMORY_BYTES`, is held in an
+    unlinked temporary file (`unlinked_file`) and read and written through a shared memory map of it.
+
+    For the index's columns that grow with a batch, a few bytes per record each (end offsets of ids and
+    value texts, value codes, block chains): in the file they are not this process's anonymous memory.
+    The pages a part reads or writes are mapped into the process, and so count in its resident set, until
+    `release` unmaps them (the page cache keeps them, and the file what was written); the matcher releases
+    its columns before it indexes each part. A part's candidates lie all over a batch, so its reads touch
+    nearly every page: `take` reads a `WINDOW_BYTES` window of the file at a time and unmaps each after,
+    so that reading holds one window resident. `view` is the items as an array (writable: a change is kept);
+    capacity doubles as the column grows (the file with `ftruncate`, then mapped again), and `truncate`
+    only lowers the size (a matcher's rollback). Pickles as its items (the reference cache stores a
+    matcher); equal to a column of the same dtype and items.
+
+    >>> column = ColumnFile(np.int32)
+    >>> column.extend(np.array([5, -1, 7])); column.view()[1] = 6; column.truncate(2)
+    >>> column.view().tolist(), len(column), column.dtype.name
+    ([5, 6], 2, 'int32')
+    """
+
+    MEMORY_BYTES = 1 << 16  # smaller columns stay in an array: a small matcher makes no files
+    WINDOW_BYTES = 1 << 23  # `take` maps this much of the file at a time (a multiple of the page size)
+
+    def __init__(self, dtype: Any, directory: str | None = None) -> None:
+        self.dtype = np.dtype(dtype)
+        self.directory = directory  # where the file is made (None: the system's temporary folder)
+        self.size = 0
+        self._data = np.empty(0, dtype=self.dtype)  # the capacity: an array, or a view of the whole map
+        self._map: mmap.mmap | None = None
+        self._file: Any = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def view(self) -> np.ndarray:
+        """The items (a view: writing to it changes the column; do not keep it across an `extend`)."""
+        return self._data[: self.size]
+
+    def extend(self, values: np.ndarray) -> None:
+        """Appends these values, cast to the column's dtype as an assignment casts them."""
+        end = self.size + len(values)
+        if end > len(self._data):
+            self._grow(end)
+        self._data[self.size : end] = values
+        self.size = end
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """`view()[indices]`, read one window of the file at a time, each unmapped after."""
+        items = self.view()
+        if self._map is None or not len(indices) or indices.min() < 0 or indices.max() >= self.size:
+            return items[indices]  # in memory, or an index out of range: as NumPy answers
+        window = self.WINDOW_BYTES // self.dtype.itemsize
+        if self.size <= window:
+            taken = items[indices]
+            self.release()
+            return taken
+        taken = np.empty(len(indices), dtype=self.dtype)
+        slabs = indices // window
+        for slab in range(int(slabs.min()), int(slabs.max()) + 1):  # a pass per window: a few, no sort
+            chosen = np.flatnonzero(slabs == slab)
+            taken[chosen] = items[indices[chosen]]
+            start = slab * self.WINDOW_BYTES
+            self._map.madvise(mmap.MADV_DONTNEED, start, min(self.WINDOW_BYTES, len(self._map) - start))
+        return taken
+
+    def truncate(self, size: int) -> None:
+        """Keeps the first `size` items."""
+        self.size = min(self.size, size)
+
+    def release(self) -> None:
+        """Unmaps the pages read or written so far from this process (the file keeps its items)."""
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+    def _grow(self, items: int) -> None:
+        """Makes room for `items` items: a capacity of twice the present one at least."""
+        capacity = max(items, 2 * len(self._data), 1024)
+        if capacity * self.dtype.itemsize <= self.MEMORY_BYTES:
+            grown = np.empty(capacity, dtype=self.dtype)
+            grown[: self.size] = self.view()
+            self._data = grown
+            return
+        if self._file is None:
+            self._file = unlinked_file(self.directory)
+            write_at(self._file.fileno(), self.view().tobytes(), 0)
+        os.ftruncate(self._file.fileno(), capacity * self.dtype.itemsize)
+        # The views of the previous map (if any) still read and write the same file; it is unmapped when
+        # the last of them goes.
+        self._map = mmap.mmap(self._file.fileno(), capacity * self.dtype.itemsize)
+        self._data = np.frombuffer(self._map, dtype=self.dtype)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"dtype": self.dtype.str, "data": self.view().tobytes()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["dtype"])
+        self.extend(np.frombuffer(state["data"], dtype=self.dtype))
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, ColumnFile)
+            and self.dtype == other.dtype
+            and np.array_equal(self.view(), other.view())
+        )
+
+
 class Offsets:
     """The end offsets of a buffer's items (non-decreasing), 4 bytes each instead of 8: an offset is kept
     as its low 32 bits, and `wraps` lists the items at which the high part went up (an item as often as
@@ -44,7 +153,7 @@ class Offsets:
     """
 
     def __init__(self) -> None:
-        self.low = array("I")
+        self.low = ColumnFile(np.uint32)  # grows with a batch: in a file
         self.wraps = array("q")
 
     def __len__(self) -> int:
@@ -56,18 +165,18 @@ class Offsets:
     def __getitem__(self, index: int) -> int:
         if index < 0:
             index += len(self.low)
-        low = self.low[index]  # IndexError past the end, as a list
+        low = int(self.low.view()[index])  # IndexError past the end, as a list
         return low + (bisect_right(self.wraps, index) << 32)
 
     @property
     def last(self) -> int:
         """The last offset (0 when empty)."""
-        return self[-1] if self.low else 0
+        return self[-1] if len(self.low) else 0
 
     def take(self, indices: np.ndarray) -> np.ndarray:
         """The offsets at these places (an int64 array)."""
         indices = np.asarray(indices, dtype=np.int64)
-        low = np.frombuffer(self.low, dtype=np.uint32)[indices].astype(np.int64)
+        low = self.low.take(indices).astype(np.int64)
         if not self.wraps:
             return low
         return low + (np.searchsorted(np.frombuffer(self.wraps, dtype=np.int64), indices, "right") << 32)
@@ -80,12 +189,16 @@ class Offsets:
         steps = np.diff(high, prepend=self.last >> 32)
         if steps.any():
             self.wraps.extend(np.repeat(len(self.low) + np.arange(len(high)), steps).tolist())
-        self.low.frombytes((ends & 0xFFFFFFFF).astype(np.uint32).tobytes())
+        self.low.extend(ends & 0xFFFFFFFF)
 
     def truncate(self, size: int) -> None:
         """Keeps the first `size` offsets."""
-        del self.low[size:]
+        self.low.truncate(size)
         del self.wraps[bisect_right(self.wraps, size - 1) :]
+
+    def release(self) -> None:
+        """`ColumnFile.release` of the offsets."""
+        self.low.release()
 
 
 class SpillBuffer:
