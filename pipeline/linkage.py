@@ -2299,54 +2299,105 @@ class _BlockIndex:
         )
         big = new & (new_count >= self.SMALL)
         self._set_big(group_keys[big], new_count[big])
+        if not (collect or self.track_leavers):
+            return empty
+        chained = self._chains(old_last, window)
         if self.track_leavers:
-            self.leavers = self._leavers(rows, rank, group, starts, ends, old_last, window, start)
+            self.leavers = self._leavers(positions, group, rank, new_count - old_count, chained, window)
         if not collect:
             return empty
+        return self._windows(positions, group, rank, old_count, chained, window)
+
+    def _chains(self, last: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The `window` latest records of each block before this `add` (its latest is `last`, -1 for a
+        new block): (record, its block's place in `last`, its step back from `last`, 0 for `last`), by
+        block, then by step.
+
+        A record's previous one in its block is older, so a walk down the chains reads ever older parts of
+        the chain column: it is read from its newest `ColumnFile.WINDOW_BYTES` window down, each window
+        once for all blocks and steps, and released after (`ColumnFile.release`). So the walk faults each
+        page in once and holds one window's pages at a time, as one `take` does, instead of a `take` (a
+        release and the pages faulted in again) per step."""
+        blocks = np.flatnonzero(last >= 0)
+        table = np.full((len(blocks), window), -1, dtype=np.int32)  # per block: its records, by step
+        chain = self.prev.view()
+        span = max(1, self.prev.WINDOW_BYTES // chain.itemsize)  # items per window
+        waiting = [(np.arange(len(blocks)), np.zeros(len(blocks), dtype=np.int64), last[blocks])]
+        while any(len(at) for _, _, at in waiting):
+            row, step, at = (np.concatenate(parts) for parts in zip(*waiting, strict=True))
+            floor = int(at.max()) // span * span  # the start of the newest window still to read
+            inside = at >= floor
+            waiting = [(row[~inside], step[~inside], at[~inside])]
+            row, step, at = row[inside], step[inside], at[inside]
+            while len(at):
+                table[row, step] = at
+                step, at = step + 1, chain[at].astype(np.int64)
+                on = (step < window) & (at >= 0)
+                below = on & (at < floor)
+                waiting.append((row[below], step[below], at[below]))
+                on &= ~below
+                row, step, at = row[on], step[on], at[on]
+            self.prev.release()
+        row, step = np.nonzero(table >= 0)
+        return table[row, step].astype(np.int64), blocks[row], step
+
+    @staticmethod
+    def _leavers(
+        positions: np.ndarray,
+        group: np.ndarray,
+        rank: np.ndarray,
+        grown: np.ndarray,
+        chained: tuple[np.ndarray, np.ndarray, np.ndarray],
+        window: int,
+    ) -> np.ndarray:
+        """The records this `add` pushed out of their block's window (its `window` latest): new ones with
+        `window` or more newer ones in the block after the `grown` it gained, and those of `_chains`
+        that many steps back."""
+        records, block, step = chained
+        newer = grown[group] - 1 - rank
+        return np.concatenate([positions[newer >= window], records[step + grown[block] >= window]])
+
+    @staticmethod
+    def _windows(
+        positions: np.ndarray,
+        group: np.ndarray,
+        rank: np.ndarray,
+        old_count: np.ndarray,
+        chained: tuple[np.ndarray, np.ndarray, np.ndarray],
+        window: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(record, earlier record, 1 / block size before the record) for each new record's window (the
+        `window` latest records of its block before it), step by step: every record's nearest, then
+        every record's second nearest, and so on.
+
+        Before a block's new record at `rank` come its new ones at lower ranks, then those `_chains`
+        found; laid out per block as those (oldest first), then the new ones by rank, a record's k-th
+        nearest is k places before its own."""
+        records, block, step = chained
+        held = np.bincount(block, minlength=len(old_count))  # per block: records `_chains` found
+        width = held + np.bincount(group, minlength=len(old_count))
+        begin = np.cumsum(width) - width
+        laid = np.empty(int(width.sum()), dtype=np.int64)
+        laid[begin[block] + held[block] - 1 - step] = records
+        own = begin[group] + held[group] + rank
+        laid[own] = positions
         size_before = old_count[group] + rank
-        has = size_before > 0
-        query, weight, other = positions[has], 1.0 / size_before[has], before[has]
+        has = np.flatnonzero(size_before > 0)
+        query, weight, own = positions[has], 1.0 / size_before[has], own[has]
+        reach = np.minimum(rank[has] + held[group[has]], window)  # records in its window
         queries, others, weights = [], [], []
-        for _ in range(window):
-            ok = other >= 0
-            if not ok.all():
-                query, weight, other = query[ok], weight[ok], other[ok]
-            if not len(other):
+        for k in range(1, window + 1):
+            if not (reach >= k).all():
+                keep = reach >= k
+                query, weight, own, reach = query[keep], weight[keep], own[keep], reach[keep]
+            if not len(query):
                 break
             queries.append(query)
-            others.append(other)
+            others.append(laid[own - k])
             weights.append(weight)
-            other = self.prev.take(other)
         if not queries:
-            return empty
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)
         return np.concatenate(queries), np.concatenate(others), np.concatenate(weights)
-
-    def _leavers(
-        self,
-        rows: np.ndarray,
-        rank: np.ndarray,
-        group: np.ndarray,
-        starts: np.ndarray,
-        ends: np.ndarray,
-        old_last: np.ndarray,
-        window: int,
-        start: int,
-    ) -> np.ndarray:
-        """Records the last `add` pushed out of their block's window (the `window` latest of the block)."""
-        grown = ends - starts + 1  # records each block gained
-        depth = grown[group] - 1 - rank  # 0 = the newest of its block
-        leaving = [start + rows[depth >= window]]
-        other, depth_old = old_last, grown.copy()
-        for _ in range(window):
-            ok = (other >= 0) & (depth_old < window + grown)
-            if not ok.all():
-                other, depth_old, grown = other[ok], depth_old[ok], grown[ok]
-            if not len(other):
-                break
-            gone = depth_old >= window
-            leaving.append(other[gone])
-            other, depth_old = self.prev.take(other), depth_old + 1
-        return np.concatenate(leaving)
 
     def rollback(self, start: int) -> None:
         """Undoes the last `add` (which indexed records from `start` on)."""

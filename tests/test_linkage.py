@@ -1204,6 +1204,45 @@ def test_block_sizes_past_one_byte_weigh_candidates_exactly_and_roll_back() -> N
     assert small.big_keys.tolist() == [] and small.sizes(np.array([0])).tolist() == [250]
 
 
+@pytest.mark.parametrize("window", [1, 3, 30])
+def test_block_windows_and_leavers_are_a_list_per_blocks_latest_records(monkeypatch, window) -> None:
+    """`_BlockIndex.add` gives each record the `window` latest records of its block before it, nearest
+    first and step by step (every record's nearest, then every second nearest, ...), weighed by 1 / the
+    block's size, and names the records its part pushed out of their block's window: those of a list
+    kept per block. The chain column is in its file, read four windows of 1,024 records deep; a few busy
+    blocks, many of one or two records whose previous record is windows back, keys left empty."""
+    from pipeline.duplicates.storage import ColumnFile
+    from pipeline.linkage import _BlockIndex
+
+    monkeypatch.setattr(ColumnFile, "MEMORY_BYTES", 0)
+    monkeypatch.setattr(ColumnFile, "WINDOW_BYTES", 4096)
+    rng = np.random.default_rng(5)
+    keys = np.where(rng.random(5000) < 0.3, rng.choice(["a", "b", "c"], 5000), rng.integers(0, 1500, 5000))
+    keys = np.where(rng.random(5000) < 0.05, "", keys.astype(str))
+    index, blocks, start = _BlockIndex(), {}, 0
+    index.track_leavers = True
+    for size in (700, 1, 1299, 3000):
+        part = keys[start : start + size].tolist()
+        query, other, weight = index.add(part, start, window=window, collect=True)
+        expected, before = [], {key: records[-window:] for key, records in blocks.items()}
+        for position, key in enumerate(part, start):
+            if key:
+                records = blocks.setdefault(key, [])
+                expected += [(k, position, o, 1 / len(records)) for k, o in enumerate(records[::-1][:window])]
+                records.append(position)
+        steps = [k for k, *_ in sorted(expected, key=lambda item: item[1:3])]
+        got = sorted(zip(query.tolist(), other.tolist(), weight.tolist(), strict=True))
+        assert got == sorted(item[1:] for item in expected)
+        order = np.lexsort((other, query))  # each entry's step, in the order `add` gave them
+        assert np.all(np.diff(np.array(steps)[np.argsort(order)]) >= 0)
+        kept = {position for records in blocks.values() for position in records[-window:]}
+        new = {start + i for i, key in enumerate(part) if key}
+        pushed = {position for records in before.values() for position in records} | new
+        assert sorted(index.leavers.tolist()) == sorted(pushed - kept)
+        start += size
+    assert index.prev._map is not None and len(index.prev) == 5000
+
+
 def test_links_and_reasons_read_back_the_same_from_the_index_files(trained, monkeypatch) -> None:
     """A matcher whose ids, value texts and entry times are all in its temporary files (spilled at every
     byte) gives the links, clusters and reasons of one that holds them in memory; each reason is the one
