@@ -32,7 +32,7 @@ canopy predicates grow to many gigabytes) and its interactive labelling.
 
 >>> # model = DuplicateModel(config).fit(entered_history, known_pairs)
 >>> # links = model.matcher(reference).match(batch)   # duplicate_of, duplicate_score, cluster_id, reason,
->>> #                                                 # reference_duplicates
+>>> #                                       # duplicate_position, reference_duplicate_positions
 """
 
 from __future__ import annotations
@@ -1480,14 +1480,13 @@ class Matcher:
         reasons[linked] = self._reasons(positions[linked], others[linked], candidate_ids)
         roots = self._clusters.join(positions[linked], others[linked])
         cluster_ids[linked] = ids.take(roots)
-        other_ids, other_positions = self._reference_duplicates(positions, others, *pairs)
+        other_positions = self._reference_duplicates(positions, others, *pairs)
         return pd.DataFrame(
             {
                 s.DUPLICATE_OF: duplicate_of.tolist(),
                 s.DUPLICATE_SCORE: scores,
                 s.CLUSTER_ID: cluster_ids.tolist(),
                 "reason": reasons.tolist(),
-                s.REFERENCE_DUPLICATES: other_ids,
                 s.DUPLICATE_POSITION: duplicate_position,
                 s.REFERENCE_DUPLICATE_POSITIONS: other_positions,
             },
@@ -1501,28 +1500,25 @@ class Matcher:
         query: np.ndarray,
         found: np.ndarray,
         scores: np.ndarray,
-    ) -> tuple[list[tuple[str, ...]], list[tuple[int, ...]]]:
-        """Per row (indexed `positions`, best candidate `best`), the ids of the other reference records
-        scoring at or above the threshold, highest score first, the latest among equal ones: records the
-        row duplicates as surely as its link (a re-registration ties its original and the order's earlier
-        re-registration, and only one of them can be `duplicate_of`). Exact scores (`_settle`). Reference
-        records only: their values are as the department stored them, while an earlier batch row's are as
-        entered, and a re-registration copied from a record with a slip repeats that slip. Beside the ids,
-        per row, the records' positions in the same order."""
-        others: list[tuple[str, ...]] = [()] * len(positions)
+    ) -> list[tuple[int, ...]]:
+        """Per row (indexed `positions`, best candidate `best`), the index positions of the other reference
+        records scoring at or above the threshold, highest score first, the latest among equal ones:
+        records the row duplicates as surely as its link (a re-registration ties its original and the
+        order's earlier re-registration, and only one of them can be `duplicate_of`). Exact scores
+        (`_settle`). Reference records only: their values are as the department stored them, while an
+        earlier batch row's are as entered, and a re-registration copied from a record with a slip repeats
+        that slip."""
         at: list[tuple[int, ...]] = [()] * len(positions)
         kept = np.flatnonzero((scores >= self._model.threshold_) & (found < self._reference_rows))
         if len(kept):
             kept = kept[found[kept] != best[query[kept] - positions[0]]]
         if not len(kept):
-            return others, at
+            return at
         kept = kept[np.lexsort((-found[kept], -scores[kept], query[kept]))]
         rows = (query[kept] - positions[0]).tolist()
-        kept_found = found[kept]
-        for row, other_id, other in zip(rows, self._ids.take(kept_found), kept_found.tolist(), strict=True):
-            others[row] = (*others[row], other_id)
+        for row, other in zip(rows, found[kept].tolist(), strict=True):
             at[row] = (*at[row], other)
-        return others, at
+        return at
 
     def _begin(self, chunk: pd.DataFrame) -> _PartInFlight:
         """Indexes the chunk, so that `_end` can link it from its pairs' scores (`_pair_inputs`, taken

@@ -50,13 +50,10 @@ RECORD_COLUMNS: Final = (
     NEEDS_REVIEW,
 )
 ERROR_FIELD_SEPARATOR: Final = ";"
-# Not an output: the column of `linkage.Matcher.match`'s links holding, per row, the ids of the reference
-# records it duplicates beside `duplicate_of` (a tuple), which the error model's matched values take into
-# account.
-REFERENCE_DUPLICATES: Final = "reference_duplicates"
-# Not outputs either: the matcher's index positions of the record `duplicate_of` names (-1: none) and of
-# the `REFERENCE_DUPLICATES` (a tuple), so the batch job reads their values by position (`Matcher.records_at`)
-# and its evicting matcher keeps no id -> position table.
+# Not outputs: columns of `linkage.Matcher.match`'s links holding the matcher's index positions of the
+# record `duplicate_of` names (-1: none) and of the other reference records the row duplicates beside it (a
+# tuple), which the error model's matched values take into account. The batch job reads their values by
+# position (`Matcher.records_at`), so its evicting matcher keeps no id -> position table.
 DUPLICATE_POSITION: Final = "duplicate_position"
 REFERENCE_DUPLICATE_POSITIONS: Final = "reference_duplicate_positions"
 

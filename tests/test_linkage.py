@@ -268,17 +268,22 @@ def test_a_new_registration_is_matched_to_the_reference_with_a_reason(trained) -
         "duplicate_score": pytest.approx(links.loc[11, "duplicate_score"]),
         "cluster_id": "N2",
         "reason": "",
-        "reference_duplicates": (),
         "duplicate_position": -1,
         "reference_duplicate_positions": (),
     }
     assert links.loc[11, "duplicate_score"] < model.threshold_
 
 
+def records_named(matcher, positions) -> set[tuple[str, ...]]:
+    """The field values of the records at these index positions (what a link carries), one tuple each."""
+    return set(zip(*matcher.records_at(list(positions)).values(), strict=True))
+
+
 def test_a_row_names_every_reference_record_it_duplicates_beside_its_link(trained) -> None:
     """An order registered, re-registered with a slip, and entered again as first registered: the third
-    row duplicates both earlier ones. One is its link; the other, a reference record, is named in
-    `reference_duplicates`. A batch row it duplicates is not named there (its values are as entered)."""
+    row duplicates both earlier ones. One is its link; the other, a reference record, is named by its
+    position in `reference_duplicate_positions`. A batch row it duplicates is not named there (its values
+    are as entered)."""
     model, records = trained
     original = order(6)
     slipped = original | {"record_id": "A1", "entered_at": "2024-07-20T10:00:00"}
@@ -288,29 +293,26 @@ def test_a_row_names_every_reference_record_it_duplicates_beside_its_link(traine
     reference = pd.concat([records, batch([slipped])], ignore_index=True)
     matcher = model.matcher(reference)
     links = matcher.match(batch([again, unrelated]))
-    named = {links[s.DUPLICATE_OF].iloc[0], *links[s.REFERENCE_DUPLICATES].iloc[0]}
-    assert named == {original["record_id"], "A1"}
-    assert links[s.REFERENCE_DUPLICATES].iloc[1] == links[s.REFERENCE_DUPLICATE_POSITIONS].iloc[1] == ()
-    # The positions the links carry are those of the records they name (what the batch job reads).
-    for ids, positions in [
-        (links[s.DUPLICATE_OF].iloc[:1], links[s.DUPLICATE_POSITION].iloc[:1]),
-        (links[s.REFERENCE_DUPLICATES].iloc[0], links[s.REFERENCE_DUPLICATE_POSITIONS].iloc[0]),
-    ]:
-        assert matcher.records_at(list(positions)) == matcher.records(list(ids))
-    assert links[s.DUPLICATE_POSITION].iloc[1] == -1
-    # The slipped copy in the batch instead: the row still links to one of the two, but names no batch row.
+    named = [links[s.DUPLICATE_POSITION].iloc[0], *links[s.REFERENCE_DUPLICATE_POSITIONS].iloc[0]]
+    both = matcher.records([original["record_id"], "A1"])
+    assert len(named) == 2 and records_named(matcher, named) == set(zip(*both.values(), strict=True))
+    # The link's position is that of the record `duplicate_of` names (what the batch job reads).
+    assert matcher.records_at(named[:1]) == matcher.records(links[s.DUPLICATE_OF].iloc[:1].tolist())
+    assert links[s.REFERENCE_DUPLICATE_POSITIONS].iloc[1] == () and links[s.DUPLICATE_POSITION].iloc[1] == -1
+    # The slipped copy in the batch instead: the row still links to one of the two, but names no batch row
+    # (a batch row is indexed after the reference: at a position from len(records) on).
     matcher = model.matcher(records)
     matcher.match(batch([slipped]))
     links = matcher.match(batch([again]))
-    assert links[s.DUPLICATE_OF].iloc[0] in named
-    assert "A1" not in links[s.REFERENCE_DUPLICATES].iloc[0]
+    assert links[s.DUPLICATE_OF].iloc[0] in (original["record_id"], "A1")
+    assert all(position < len(records) for position in links[s.REFERENCE_DUPLICATE_POSITIONS].iloc[0])
 
 
 def test_the_reference_duplicates_are_those_scoring_at_the_threshold_in_full(trained) -> None:
     """With the text distances deferred, `match` may leave a candidate that cannot be the best with a
     bound above its exact score (`Matcher._settle`). One whose bound reaches the threshold and whose exact
-    score does not is no duplicate: `reference_duplicates` names exactly the reference records scoring at
-    or above the threshold when every pair is scored in full (`_score`)."""
+    score does not is no duplicate: the link and `reference_duplicate_positions` name exactly the
+    reference records scoring at or above the threshold when every pair is scored in full (`_score`)."""
     model, records = trained
     weighed = all_text_deferred(model)
     weighed.threshold_ = 0.9  # between A1's exact score against A3 (about 0.83) and its bound (about 0.96)
@@ -323,10 +325,13 @@ def test_the_reference_duplicates_are_those_scoring_at_the_threshold_in_full(tra
     reference = pd.concat([records, batch(rows)], ignore_index=True)
     again = batch([original | {"record_id": "A3", "entered_at": "2024-07-23T10:00:00"}])
     _, pairs = weighed.matcher(reference)._score(again)
-    links = weighed.matcher(reference).match(again)
+    matcher = weighed.matcher(reference)
+    links = matcher.match(again)
     sure = set(pairs.loc[pairs["score"] >= weighed.threshold_, "candidate_id"])
     assert sure == {"R0006", "A2"}
-    assert {links[s.DUPLICATE_OF].iloc[0], *links[s.REFERENCE_DUPLICATES].iloc[0]} == sure
+    named = [links[s.DUPLICATE_POSITION].iloc[0], *links[s.REFERENCE_DUPLICATE_POSITIONS].iloc[0]]
+    assert len(named) == 2
+    assert records_named(matcher, named) == set(zip(*matcher.records(sorted(sure)).values(), strict=True))
 
 
 def test_duplicates_within_a_batch_are_found_across_chunks_and_chained_into_one_cluster(trained) -> None:

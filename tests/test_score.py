@@ -708,9 +708,9 @@ def test_a_value_entered_alike_in_a_duplicate_beside_the_link_is_no_error(demo, 
 def test_rows_duplicating_two_records_give_the_same_bytes_in_chunks_workers_and_with_the_pair_helper(
     demo, model_folder, re_registrations, tmp_path, monkeypatch
 ):
-    """Rows that duplicate two records (`reference_duplicates`) across chunk and matcher-part borders: chunks
-    of 7 in two worker processes, and 7-row matcher parts scored by the pair helper, write what one
-    process in one chunk writes, byte for byte."""
+    """Rows that duplicate two records (`reference_duplicate_positions`) across chunk and matcher-part
+    borders: chunks of 7 in two worker processes, and 7-row matcher parts scored by the pair helper, write
+    what one process in one chunk writes, byte for byte."""
     import pandas as pd
 
     from pipeline import score as score_module
@@ -721,7 +721,7 @@ def test_rows_duplicating_two_records_give_the_same_bytes_in_chunks_workers_and_
     links = bundle.duplicates.matcher(read_table(demo.records)).match(read_table(re_registrations))
     # The data can break the property: rows with a second duplicate, some linked to the slipped copy.
     again = links[links.index >= len(links) - 8]
-    assert (again[s.REFERENCE_DUPLICATES].map(len) > 0).sum() >= 4
+    assert (again[s.REFERENCE_DUPLICATE_POSITIONS].map(len) > 0).sum() >= 4
     assert again[s.DUPLICATE_OF].str.startswith("SL-").sum() >= 2
     common = ("--reference", str(demo.records))
     assert score(model_folder, re_registrations, tmp_path / "one", *common, "--chunk-rows", "100000") == 0

@@ -258,8 +258,9 @@ def test_links_across_chunk_borders_and_chains_match_the_in_process_job(spark, d
 
 
 def test_rows_duplicating_two_records_score_as_in_process(spark, demo, bundle, re_registrations, tmp_path):
-    """Rows that duplicate a reference record and a slipped re-registration of it (`reference_duplicates`,
-    whose values the error model takes into account): the same bytes as the in-process job's."""
+    """Rows that duplicate a reference record and a slipped re-registration of it (their links'
+    `reference_duplicate_positions`, whose values the error model takes into account): the same bytes as
+    the in-process job's."""
     from pipeline.spark import score_spark
 
     run_batch(
