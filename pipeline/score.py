@@ -328,10 +328,11 @@ def _matched_values(
     chunk: pd.DataFrame, links: pd.DataFrame, matcher: Any, fields: list[str]
 ) -> pd.DataFrame | None:
     """The field values of the record each row duplicates ("" where none), for the error model: its link's
-    (`duplicate_of`), except where one of the reference records it duplicates (`REFERENCE_DUPLICATES`)
-    holds the row's own value: then that value, entered alike in a duplicate, so not judged a slip. A
-    re-registration linked to an earlier re-registration of the same order, whose number has its own
-    slip, keeps the original's number, and the original is among those reference records."""
+    (`duplicate_of`), except where one of the reference records it duplicates (at its link's
+    `REFERENCE_DUPLICATE_POSITIONS`) holds the row's own value: then that value, entered alike in a
+    duplicate, so not judged a slip. A re-registration linked to an earlier re-registration of the same
+    order, whose number has its own slip, keeps the original's number, and the original is among those
+    reference records."""
     has_match = (links[s.DUPLICATE_OF] != s.MISSING).to_numpy()
     if not has_match.any():
         return None
@@ -349,7 +350,8 @@ def _take_alike_values(
     columns: dict[str, np.ndarray], chunk: pd.DataFrame, links: pd.DataFrame, matcher: Any
 ) -> None:
     """Writes into `columns` (per field, the matched value of each row) the row's own value wherever a
-    record among its `REFERENCE_DUPLICATES` holds it too (compared as text, as the error model compares)."""
+    record at its link's `REFERENCE_DUPLICATE_POSITIONS` holds it too (compared as text, as the error
+    model compares)."""
     others = links[s.REFERENCE_DUPLICATE_POSITIONS].to_numpy(dtype=object)
     counts = np.fromiter(map(len, others), dtype=np.int64, count=len(others))
     if not counts.any():
