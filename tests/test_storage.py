@@ -174,6 +174,21 @@ def test_a_column_grows_into_its_file_and_reads_writes_takes_truncates_and_pickl
     assert widened.view().tolist() == values.tolist() and widened != copy  # dtypes differ
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="reads /proc (Linux)")
+def test_a_pickled_column_makes_its_file_in_the_same_folder(tmp_path, monkeypatch) -> None:
+    """The copy keeps the folder its column was given (a temporary folder on a larger disk, say); a
+    pickle made before the folder was kept makes its file in the system's temporary folder."""
+    monkeypatch.setattr(ColumnFile, "MEMORY_BYTES", 4096)
+    column = ColumnFile(np.int64, str(tmp_path))
+    column.extend(np.arange(1_000))
+    copy = pickle.loads(pickle.dumps(column))
+    assert copy == column and copy.directory == str(tmp_path)
+    assert os.readlink(f"/proc/self/fd/{copy._file.fileno()}").startswith(f"{tmp_path}/")
+    older = ColumnFile.__new__(ColumnFile)
+    older.__setstate__({"dtype": "<i8", "data": column.view().tobytes()})
+    assert older == column and older.directory is None
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
 def test_a_large_column_taken_all_over_holds_neither_heap_nor_mapped_pages_afterwards() -> None:
     """32 MiB of items: appending them does not grow the process's anonymous memory by their size, and

@@ -126,10 +126,11 @@ class ColumnFile:
         self._data = np.frombuffer(self._map, dtype=self.dtype)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"dtype": self.dtype.str, "data": self.view().tobytes()}
+        return {"dtype": self.dtype.str, "directory": self.directory, "data": self.view().tobytes()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["dtype"])
+        # A pickle made before the directory was kept has none: the system's temporary folder, as then.
+        self.__init__(state["dtype"], state.get("directory"))
         self.extend(np.frombuffer(state["data"], dtype=self.dtype))
 
     def __eq__(self, other: object) -> bool:
