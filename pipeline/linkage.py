@@ -1005,8 +1005,6 @@ class Matcher:
         for position in leaving.tolist():
             for field in self._fields:
                 self._unparsed[field].pop(position, None)
-        if self._position is not None:
-            self._position.remove(leaving)
         self._evicted += len(leaving)
         self._leaving = []
 
@@ -2059,19 +2057,18 @@ class _CodeTable:
     `np.searchsorted`, and every hit checked against the stored text (two texts sharing a hash: the later
     one is kept in a small dict, a few hundred entries at millions of values). About 8 bytes per value
     instead of a dict entry and an int object (~80 bytes): a batch's near-unique ids, order numbers and
-    amounts are most of an index's values. A text forgotten (`remove`) keeps its hash with code -1 until
-    the forgotten ones are half the table, so forgetting a few old texts copies nothing."""
+    amounts are most of an index's values. Texts are only added, or cut back to the first ones
+    (`truncate`, a rollback): an evicting matcher, the one that forgets records, keeps no id -> position
+    table, and its value codes stay (counted, and read by position)."""
 
     HASH_KEY = "pipeline:values!"
-    FORGOTTEN = -1  # the code of a hash whose text was removed
 
     def __init__(self) -> None:
         self.table = SortedRuns(np.uint32, codes=np.int32)  # codes are below `MAX_RECORDS`
         self.clashes: dict[str, int] = {}
-        self.forgotten = 0  # hashes held with code FORGOTTEN
 
     def __len__(self) -> int:
-        return len(self.table) - self.forgotten + len(self.clashes)
+        return len(self.table) + len(self.clashes)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, _CodeTable):
@@ -2082,9 +2079,7 @@ class _CodeTable:
 
     def _held(self) -> dict[str, np.ndarray]:
         """The hashes held and their codes, by hash: the same for equal tables however they grew."""
-        items = self.table.in_key_order()
-        held = items["codes"] != self.FORGOTTEN
-        return {name: values[held] for name, values in items.items()}
+        return self.table.in_key_order()
 
     def hash(self, values: np.ndarray) -> np.ndarray:
         """The hashes this table keeps of these distinct texts (an object array), for `find` and then
@@ -2110,7 +2105,6 @@ class _CodeTable:
             at = self.table.find(hashes)
             hit = np.flatnonzero(at >= 0)
             codes = self.table.column("codes")[at[hit]]
-            hit, codes = hit[codes != self.FORGOTTEN], codes[codes != self.FORGOTTEN]
             stored = np.empty(len(hit), dtype=object)
             take = getattr(texts, "take", None)  # a `_TextList`: its offsets read at once
             stored[:] = take(codes) if take is not None else list(map(texts.__getitem__, codes.tolist()))
@@ -2137,18 +2131,6 @@ class _CodeTable:
             self.clashes[values[i]] = int(codes[i])
         self.insert(values[found < 0], codes[found < 0], hashes[found < 0])
 
-    def remove(self, codes: np.ndarray) -> None:
-        """Forgets the texts with these codes."""
-        held = self.table.column("codes")
-        gone = np.flatnonzero(np.isin(held, codes))
-        held[gone] = self.FORGOTTEN
-        self.forgotten += len(gone)
-        if 2 * self.forgotten > len(self.table):
-            self.table.delete(np.flatnonzero(held == self.FORGOTTEN))
-            self.forgotten = 0
-        gone = set(codes.tolist())
-        self.clashes = {value: code for value, code in self.clashes.items() if code not in gone}
-
     def insert(self, values: np.ndarray, codes: np.ndarray, hashes: np.ndarray | None = None) -> None:
         """Adds distinct texts that `find` did not find, with their codes (`hashes` = `hash(values)`, if
         known)."""
@@ -2159,19 +2141,11 @@ class _CodeTable:
         # distinct keys: a fifth of the stable sort's time.
         order = np.argsort(hashes.astype(np.int64) * len(hashes) + np.arange(len(hashes)))
         hashes, values, codes = hashes[order], values[order], codes[order]
-        at = self.table.find(hashes)
-        held = self.table.column("codes")
-        forgotten = np.zeros(len(hashes), dtype=bool)
-        forgotten[at >= 0] = held[at[at >= 0]] == self.FORGOTTEN
-        taken = (at >= 0) & ~forgotten
+        taken = self.table.find(hashes) >= 0
         taken[1:] |= hashes[1:] == hashes[:-1]
         for i in np.flatnonzero(taken).tolist():
             self.clashes[values[i]] = int(codes[i])
-        reuse = forgotten & ~taken  # a forgotten text's hash: its place takes the new code
-        held[at[reuse]] = codes[reuse]
-        self.forgotten -= int(reuse.sum())
-        fresh = (at < 0) & ~taken
-        self.table.append(hashes[fresh], codes=codes[fresh])
+        self.table.append(hashes[~taken], codes=codes[~taken])
 
     def truncate(self, size: int) -> None:
         """Forgets the texts with codes from `size` on."""

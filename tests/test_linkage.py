@@ -947,35 +947,6 @@ def test_the_value_code_table_looks_up_clashes_only_for_their_hashes(monkeypatch
     assert found.tolist() == [1, 2, -1, -1, 0]
 
 
-def test_the_value_code_table_forgets_texts_in_place_until_half_are_forgotten(monkeypatch) -> None:
-    """`remove` (eviction) marks a text's hash forgotten instead of copying the table: not found any more,
-    not counted, its place taken by the next text with that hash; the table is compacted once the
-    forgotten ones are half of it."""
-    from pipeline.linkage import _CodeTable
-
-    by_first_letter = lambda self, values: np.array([ord(v[0]) for v in values], dtype=np.uint32)  # noqa: E731
-    monkeypatch.setattr(_CodeTable, "hash", by_first_letter)
-    table, texts = _CodeTable(), ["ab", "bb", "cb", "db", "ac"]
-    table.insert(np.array(texts, dtype=object), np.arange(5))
-    table.remove(np.array([1]))
-    assert len(table) == 4 and len(table.table) == 4  # "ac" is the clash of "ab"
-    assert table.find(np.array(["bb", "cb", "ac"], dtype=object), texts).tolist() == [-1, 2, 4]
-    texts.append("bz")
-    table.insert(np.array(["bz"], dtype=object), np.array([5]))
-    assert len(table.table) == 4 and table.find(np.array(["bz", "bb"], dtype=object), texts).tolist() == [
-        5,
-        -1,
-    ]
-    table.remove(np.array([0, 2, 4]))  # two of four hashes forgotten: kept
-    assert len(table) == 2 and len(table.table) == 4 and table.clashes == {}
-    assert table.find(np.array(texts, dtype=object), texts).tolist() == [-1, -1, -1, 3, -1, 5]
-    table.remove(np.array([3]))  # three of four: compacted
-    assert len(table) == len(table.table) == 1 and table.find(np.array(["bz"], dtype=object), texts) == [5]
-    fresh = _CodeTable()
-    fresh.insert(np.array(["bz"], dtype=object), np.array([5]))
-    assert table == fresh
-
-
 def test_running_counts_give_each_value_its_count_so_far_and_the_counts_after() -> None:
     from pipeline.linkage import _running_counts
 
