@@ -2165,13 +2165,12 @@ class _BlockIndex:
 
     HASH_KEY = "0123456789123456"
     CHECK_KEY = "pipeline:blocks!"
-    SMALL = 255  # a `count` of SMALL: the size is in `big_keys`/`big_count`
+    SMALL = 255  # a `count` of SMALL: the size is in `big`
 
     def __init__(self) -> None:
         # Per key: `checks`, `count` (the size up to SMALL) and `last` (the latest record).
         self.blocks = SortedRuns(np.uint64, checks=np.uint8, count=np.uint8, last=np.int32)
-        self.big_keys = np.zeros(0, dtype=np.uint64)  # sorted: the keys whose block has SMALL records or more
-        self.big_count = np.zeros(0, dtype=np.int64)
+        self.big = SortedRuns(np.uint64, count=np.int64)  # per key whose block has SMALL records or more
         self.prev = ColumnFile(np.int32)
         self.track_leavers = False
         self.leavers = np.zeros(0, dtype=np.int64)
@@ -2182,7 +2181,7 @@ class _BlockIndex:
         sizes = self.blocks.column("count")[at].astype(np.int64)
         big = np.flatnonzero(sizes == self.SMALL)
         if len(big):
-            sizes[big] = self.big_count[np.searchsorted(self.big_keys, self.blocks.keys[at[big]])]
+            sizes[big] = self.big.column("count")[self.big.find(self.blocks.keys[at[big]])]
         return sizes
 
     def _set_sizes(self, at: np.ndarray, sizes: np.ndarray) -> None:
@@ -2192,26 +2191,13 @@ class _BlockIndex:
         self._set_big(self.blocks.keys[at], sizes)
 
     def _set_big(self, keys: np.ndarray, sizes: np.ndarray) -> None:
-        """Keeps the sizes of these distinct keys' blocks in the side table where they reach SMALL, and
-        takes out those back below it (a rollback)."""
-        held = np.zeros(len(keys), dtype=bool)
-        if len(self.big_keys):
-            where = np.minimum(np.searchsorted(self.big_keys, keys), len(self.big_keys) - 1)
-            held = self.big_keys[where] == keys
-        big = sizes >= self.SMALL
-        if (held & big).any():
-            self.big_count[where[held & big]] = sizes[held & big]
-        if (held & ~big).any():  # back below SMALL (a rollback)
-            keep = np.ones(len(self.big_keys), dtype=bool)
-            keep[where[held & ~big]] = False
-            self.big_keys, self.big_count = self.big_keys[keep], self.big_count[keep]
-        fresh = big & ~held
-        if fresh.any():
-            order = np.argsort(keys[fresh])
-            new_keys, new_sizes = keys[fresh][order], sizes[fresh][order]
-            place = np.searchsorted(self.big_keys, new_keys)
-            self.big_keys = np.insert(self.big_keys, place, new_keys)
-            self.big_count = np.insert(self.big_count, place, new_sizes)
+        """Keeps the sizes of these distinct keys' blocks in `big` where they reach SMALL, and takes out
+        those back below it (a rollback)."""
+        at = self.big.find(keys)
+        big, held = sizes >= self.SMALL, at >= 0
+        self.big.column("count")[at[big & held]] = sizes[big & held]
+        self.big.delete(at[~big & held])
+        self.big.append(keys[big & ~held], count=sizes[big & ~held])
 
     def add(
         self, keys: Sequence[str], start: int, window: int, collect: bool

@@ -1163,21 +1163,21 @@ def test_block_sizes_past_one_byte_weigh_candidates_exactly_and_roll_back() -> N
         assert sorted(weight.tolist()) == sorted(expected)
         assert index.sizes(np.arange(len(index.blocks))).sum() == sum(sizes.values())
         start += len(part)
-    assert index.blocks.column("count").dtype == np.uint8 and index.big_count.tolist() == [600]
-    before = {**index.blocks.in_key_order(), "big_keys": index.big_keys.copy()}
+    assert index.blocks.column("count").dtype == np.uint8 and index.big.column("count").tolist() == [600]
+    before = {**index.blocks.in_key_order(), "big": index.big.keys.copy()}
     index.add(["busy"] * 10 + ["new"], start, window=3, collect=False)
-    assert index.big_count.tolist() == [610] and len(index.blocks) == len(before["keys"]) + 1
+    assert index.big.column("count").tolist() == [610] and len(index.blocks) == len(before["keys"]) + 1
     index.rollback(start)
-    after = {**index.blocks.in_key_order(), "big_keys": index.big_keys}
+    after = {**index.blocks.in_key_order(), "big": index.big.keys.copy()}
     assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
-    assert index.big_count.tolist() == [600] and len(index.prev) == start
+    assert index.big.column("count").tolist() == [600] and len(index.prev) == start
     # A rollback that takes a block back below one byte's reach drops it from the side table.
     small = _BlockIndex()
     small.add(["k"] * 250, 0, window=3, collect=False)
     small.add(["k"] * 10, 250, window=3, collect=False)
-    assert small.big_count.tolist() == [260]
+    assert small.big.column("count").tolist() == [260]
     small.rollback(250)
-    assert small.big_keys.tolist() == [] and small.sizes(np.array([0])).tolist() == [250]
+    assert len(small.big) == 0 and small.sizes(np.array([0])).tolist() == [250]
 
 
 @pytest.mark.parametrize("window", [1, 3, 30])

@@ -273,7 +273,7 @@ def test_matching_without_remembering_leaves_the_index_as_it_was(demo, store):
         if hasattr(value, "in_key_order"):  # sorted runs: what they hold, however they were merged
             return plain(value.in_key_order())
         if hasattr(value, "prev") and hasattr(value, "blocks"):  # one blocking rule's index
-            names = ("blocks", "big_keys", "big_count", "prev")
+            names = ("blocks", "big", "prev")
             return [plain(getattr(value, name)) for name in names]
         if isinstance(value, list | tuple):
             return [plain(v) for v in value]
