@@ -989,11 +989,14 @@ class Matcher:
         return {field: self._rarity[field][left - self._counted_start] for field in self._fields}
 
     def _release_pages(self) -> None:
-        """Unmaps from this process the pages of the growing columns the previous part read or wrote
-        (`ColumnFile.release`): its resident set then holds only those the next part touches."""
+        """Unmaps from this process the pages of the growing columns and sorted tables the previous part
+        read or wrote (`ColumnFile.release`, `SortedRuns.release`): its resident set then holds only those
+        the next part touches."""
         offsets = [self._ids.ends, self._raw.ends, *(texts.ends for texts in self._texts.values())]
         columns = [self._live, *self._codes.values(), *(block_index.prev for block_index in self._blocks)]
-        for column in [*offsets, *columns]:
+        code_tables = [*self._code_of.values(), *([self._position] if self._position is not None else [])]
+        tables = [*(codes.table for codes in code_tables), *(index.blocks for index in self._blocks)]
+        for column in [*offsets, *columns, *tables]:
             column.release()
 
     def _drop_left(self) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
 import pytest
 
-from pipeline.duplicates import sorted_runs
 from pipeline.duplicates.sorted_runs import SortedRuns
+from pipeline.duplicates.storage import ColumnFile
 
 
 def held(table: SortedRuns) -> dict[int, int]:
@@ -17,14 +18,14 @@ def held(table: SortedRuns) -> dict[int, int]:
     return dict(zip(items["keys"].tolist(), items["value"].tolist(), strict=True))
 
 
-@pytest.mark.parametrize("mapped_bytes", [0, sorted_runs.MAPPED_BYTES])
+@pytest.mark.parametrize("memory_bytes", [0, ColumnFile.MEMORY_BYTES])
 def test_finds_updates_and_deletes_as_a_dict_does_across_appends_of_every_size(
-    monkeypatch, mapped_bytes
+    monkeypatch, memory_bytes
 ) -> None:
     """Appends of one key to thousands (merged into earlier runs or not), updates through `find`'s places
     and deletes of new and old keys: the table holds what a dict given the same steps holds, and finds
-    each key where its value is; with its arrays in memory maps or from malloc."""
-    monkeypatch.setattr(sorted_runs, "MAPPED_BYTES", mapped_bytes)
+    each key where its value is; with its columns in files from the start, or in memory while small."""
+    monkeypatch.setattr(ColumnFile, "MEMORY_BYTES", memory_bytes)
     rng = np.random.default_rng(3)
     table, model = SortedRuns(np.uint64, value=np.int32), {}
     for step in range(60):
@@ -51,7 +52,10 @@ def test_finds_updates_and_deletes_as_a_dict_does_across_appends_of_every_size(
     assert len(table._starts) <= 8  # runs were merged: a few, not one per append
 
 
-def test_pickles_what_it_holds_and_grows_on_after() -> None:
+@pytest.mark.parametrize("memory_bytes", [0, ColumnFile.MEMORY_BYTES])
+def test_pickles_what_it_holds_and_grows_on_after(monkeypatch, memory_bytes) -> None:
+    """A pickled table (in files or in memory) loads as the same keys and values, in files of its own."""
+    monkeypatch.setattr(ColumnFile, "MEMORY_BYTES", memory_bytes)
     table = SortedRuns(np.uint32, value=np.int32)
     table.append(np.array([9, 4], dtype=np.uint32), value=np.array([1, 2], dtype=np.int32))
     copy = pickle.loads(pickle.dumps(table))
@@ -67,3 +71,35 @@ def test_an_empty_table_finds_nothing_and_deletes_nothing() -> None:
     table.delete(np.zeros(0, dtype=np.int64))
     table.append(np.zeros(0, dtype=np.uint64), value=np.zeros(0, dtype=np.int32))
     assert len(table) == 0 and held(table) == {}
+
+
+def resident_kib() -> dict[str, int]:
+    """This process's resident anonymous and file-backed memory (KiB), from /proc/self/status."""
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return {name: int(fields[name].split()[0]) for name in ("RssAnon", "RssFile")}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
+def test_a_large_table_is_file_pages_that_release_unmaps_and_its_values_stay() -> None:
+    """24 MiB of keys and values, appended a part at a time: the pages written are file-backed (a memory
+    map of the table's files, not anonymous memory) until `release` unmaps them; afterwards the table still
+    finds every key's value, takes updates and deletes, and grows on."""
+    keys = np.random.default_rng(5).permutation(2_000_000).astype(np.uint64) * 7
+    table = SortedRuns(np.uint64, value=np.int32)
+    for part in np.array_split(np.arange(len(keys)), 8):
+        table.append(keys[part], value=part.astype(np.int32))
+    written = resident_kib()
+    table.release()
+    assert written["RssFile"] - resident_kib()["RssFile"] > 16 << 10  # most of the 24 MiB
+    probe = np.arange(0, len(keys), 997)
+    assert table.column("value")[table.find(keys[probe])].tolist() == probe.tolist()
+    table.column("value")[table.find(keys[:3])] = -1
+    table.delete(table.find(keys[3:10]))
+    table.release()
+    table.append(np.array([1], dtype=np.uint64), value=np.array([42], dtype=np.int32))
+    found = table.find(np.concatenate([keys[:10], [1]]).astype(np.uint64))
+    assert (found[3:10] == -1).all() and table.column("value")[found[[0, 1, 2, 10]]].tolist() == [-1] * 3 + [
+        42
+    ]
+    assert len(table) == len(keys) - 7 + 1

@@ -4,16 +4,21 @@ The matcher's look-up tables (a blocking rule's blocks, a field's value codes, t
 searched a part at a time with `np.searchsorted`. Kept as one sorted array each, every part's new keys were
 put in place with `np.insert`, which copies the whole table: a 2,000,000-row batch copied each key about
 a hundred times, and the ever larger copies left holes in the malloc heap that the process kept.
+
+A batch's near-unique order numbers and amounts give these tables a key per record (8 to 14 bytes each):
+so each column is a `ColumnFile`, in an unlinked temporary file read through a shared memory map, which
+is page cache rather than this process's anonymous memory, and whose pages `release` unmaps between parts.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 from typing import Any
 
 import numpy as np
 
-MAPPED_BYTES = 1 << 20  # arrays this large are memory maps of their own (see `SortedRuns._reserve`)
+from pipeline.duplicates.storage import ColumnFile, unlinked_file
 
 
 class SortedRuns:
@@ -24,7 +29,8 @@ class SortedRuns:
     (a merge of sorted runs, linear), as soon as they hold a `RATIO`-th of the run before them. So a key
     is copied a few times over the table's life instead of once per `append`, and a look-up searches a few
     runs. A key's place is its index in the buffer: `column(name)[place]` reads or updates its value, until
-    the next `append` or `delete` moves keys.
+    the next `append` or `delete` moves keys. Each buffer is a `ColumnFile` (in a file once it outgrows
+    `ColumnFile.MEMORY_BYTES`); `release` unmaps the pages used so far, and the values stay.
 
     >>> table = SortedRuns(np.uint32, code=np.int32)
     >>> table.append(np.array([5, 9], dtype=np.uint32), code=np.array([0, 1]))
@@ -37,21 +43,22 @@ class SortedRuns:
     RATIO = 4  # newer runs holding a quarter of the run before them are merged into it
 
     def __init__(self, key_type: Any, **column_types: Any) -> None:
-        self._arrays = {"keys": np.zeros(0, dtype=key_type)}
-        self._arrays.update({name: np.zeros(0, dtype=kind) for name, kind in column_types.items()})
-        self._size = 0
+        self._columns = {"keys": ColumnFile(key_type)}
+        self._columns.update({name: ColumnFile(kind) for name, kind in column_types.items()})
         self._starts: list[int] = []  # where each run begins; runs end where the next begins
 
     def __len__(self) -> int:
-        return self._size
+        return len(self._columns["keys"])
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickles the keys held, not the spare capacity."""
-        return {"arrays": {name: self.column(name).copy() for name in self._arrays}, "starts": self._starts}
+        """Pickles the keys held as arrays, not the spare capacity nor the files."""
+        return {"arrays": {name: self.column(name).copy() for name in self._columns}, "starts": self._starts}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._arrays, self._starts = state["arrays"], state["starts"]
-        self._size = len(self._arrays["keys"])
+        self._columns = {name: ColumnFile(values.dtype) for name, values in state["arrays"].items()}
+        for name, values in state["arrays"].items():
+            self._columns[name].extend(values)
+        self._starts = state["starts"]
 
     @property
     def keys(self) -> np.ndarray:
@@ -59,26 +66,26 @@ class SortedRuns:
 
     def column(self, name: str) -> np.ndarray:
         """The values of a column (or "keys") at every place: a view, which updates the table."""
-        return self._arrays[name][: self._size]
+        return self._columns[name].view()
 
     def in_key_order(self) -> dict[str, np.ndarray]:
         """Every column (and "keys") sorted by key: the same for tables holding the same keys and values,
         however they were appended."""
         order = np.argsort(self.keys, kind="stable")
-        return {name: self.column(name)[order] for name in self._arrays}
+        return {name: self.column(name)[order] for name in self._columns}
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The place of each of these keys, -1 where it is not held; one search per run, newest first, of
         the keys not found yet (searched in sorted order, each search then starts where the one before
         ended)."""
         places = np.full(len(keys), -1, dtype=np.int64)
-        if not self._size or not len(keys):
+        if not len(self) or not len(keys):
             return places
-        keys = np.asarray(keys, dtype=self._arrays["keys"].dtype)
+        stored = self.keys
+        keys = np.asarray(keys, dtype=stored.dtype)
         order = np.argsort(keys)
         needles = keys[order]
-        stored = self.keys
-        ends = [*self._starts[1:], self._size]
+        ends = [*self._starts[1:], len(stored)]
         for start, end in zip(reversed(self._starts), reversed(ends), strict=True):
             run = stored[start:end]
             at = np.minimum(np.searchsorted(run, needles), len(run) - 1)
@@ -94,12 +101,9 @@ class SortedRuns:
         if not len(keys):
             return
         order = np.argsort(keys, kind="stable")
-        end = self._size + len(keys)
-        self._reserve(end)
-        for name, stored in self._arrays.items():
-            stored[self._size : end] = (keys if name == "keys" else values[name])[order]
-        self._starts.append(self._size)
-        self._size = end
+        self._starts.append(len(self))
+        for name, column in self._columns.items():
+            column.extend((keys if name == "keys" else values[name])[order])
         self._merge_newest()
 
     def delete(self, places: np.ndarray) -> None:
@@ -111,49 +115,46 @@ class SortedRuns:
         places = np.sort(np.asarray(places, dtype=np.int64))
         starts = np.asarray(self._starts, dtype=np.int64)
         begin = int(starts[np.searchsorted(starts, places[0], side="right") - 1])
-        keep = np.ones(self._size - begin, dtype=bool)
+        keep = np.ones(len(self) - begin, dtype=bool)
         keep[places - begin] = False
-        for stored in self._arrays.values():
-            kept = stored[begin : self._size][keep]
-            stored[begin : begin + len(kept)] = kept
-        self._size -= len(places)
+        size = len(self) - len(places)
+        for column in self._columns.values():
+            stored = column.view()
+            stored[begin:size] = stored[begin:][keep]
+            column.truncate(size)
         moved = starts - np.searchsorted(places, starts)  # each run's start less the keys deleted before it
-        self._starts = [int(start) for start in np.unique(moved) if start < self._size]
+        self._starts = [int(start) for start in np.unique(moved) if start < size]
 
-    def _reserve(self, size: int) -> None:
-        """Room for `size` keys: the capacity doubles when full. A large buffer is an anonymous memory map,
-        not malloc's: the room not written yet is not resident, and an outgrown buffer goes back to the
-        system at once instead of leaving a hole in the heap that the next, larger one does not fit."""
-        capacity = len(self._arrays["keys"])
-        if size <= capacity:
-            return
-        capacity = max(size, 2 * capacity, 1024)
-        for name, stored in self._arrays.items():
-            grown = _mapped(capacity, stored.dtype)
-            grown[: self._size] = stored[: self._size]
-            self._arrays[name] = grown
+    def release(self) -> None:
+        """Unmaps from this process the pages of the columns read or written so far (`ColumnFile.release`);
+        the values stay in the files."""
+        for column in self._columns.values():
+            column.release()
 
     def _merge_newest(self) -> None:
         """Merges the newest runs into one while they hold a `RATIO`-th or more of the run before them."""
-        first, merged = len(self._starts) - 1, self._size - self._starts[-1]
+        first, merged = len(self._starts) - 1, len(self) - self._starts[-1]
         while first and self._starts[first] - self._starts[first - 1] < self.RATIO * merged:
             first -= 1
-            merged = self._size - self._starts[first]
+            merged = len(self) - self._starts[first]
         if first == len(self._starts) - 1:
             return
         begin = self._starts[first]
         order = np.argsort(self.keys[begin:], kind="stable")  # sorted runs: timsort merges them
-        for stored in self._arrays.values():
-            # The reordered copy is as large as the table at times: mapped too (see `_reserve`).
-            reordered = np.take(stored[begin : self._size], order, out=_mapped(len(order), stored.dtype))
-            stored[begin : self._size] = reordered
+        widest = max(column.dtype.itemsize for column in self._columns.values())
+        scratch = _scratch(len(order) * widest)
+        for column in self._columns.values():
+            stored = column.view()[begin:]
+            stored[:] = np.take(stored, order, out=scratch[: stored.nbytes].view(stored.dtype))
         del self._starts[first + 1 :]
 
 
-def _mapped(count: int, kind: Any) -> np.ndarray:
-    """An array of `count` items in a private anonymous memory map (see `SortedRuns._reserve`) when it is
-    `MAPPED_BYTES` or more; a smaller one from malloc, whose warm pages cost no fault to write."""
-    size = count * np.dtype(kind).itemsize
-    if size < MAPPED_BYTES:
-        return np.empty(count, dtype=kind)
-    return np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE), dtype=kind, count=count)
+def _scratch(size: int) -> np.ndarray:
+    """`size` bytes to reorder a merge's columns into: the whole table at times, so, from
+    `ColumnFile.MEMORY_BYTES` on, a shared map of an unlinked temporary file (page cache, gone with the
+    array) rather than anonymous memory."""
+    if size < ColumnFile.MEMORY_BYTES:
+        return np.empty(size, dtype=np.uint8)
+    with unlinked_file(None) as file:  # the map keeps the file until it is unmapped
+        os.ftruncate(file.fileno(), size)
+        return np.frombuffer(mmap.mmap(file.fileno(), size), dtype=np.uint8)
