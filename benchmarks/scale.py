@@ -226,28 +226,31 @@ def read_timeline(path: Path) -> list[Sample]:
 
 
 def quarter_peaks(samples: list[Sample], rows: int) -> tuple[list[str], list[tuple[float, float]]]:
-    """The peak (RSS MB, anonymous MB) in each quarter of a run, with each quarter's label.
+    """The peak (RSS MB, anonymous MB) in each part of a run, with each part's label.
 
-    Quarters of the rows done when the run logs its progress ("2.5M" holds the samples from past 0 to
-    2,500,000 rows of 10,000,000; the first also holds the start before any row, the last the finish after
-    the last row), else quarters of its wall time ("50% s"). Flat memory reads as equal figures along the
-    row; memory that grows with the batch, as rising ones. A quarter no sample fell in (a run stopped
-    early) reads 0.
+    When the run logs its progress: "start", until its first chunk is written (loading, indexing the
+    reference, reading the first chunk: not a cost of the batch's length), then each quarter of the rows
+    ("2.5M" holds the samples past 0 up to 2,500,000 rows of 10,000,000; the last also the finish after
+    the last row). Else quarters of its wall time ("50% s"). Flat memory reads as equal quarters; memory
+    that grows with the batch, as rising ones. A quarter no sample fell in (a run stopped early) reads 0.
     """
     by_rows = any(s.rows for s in samples)
 
     def done(sample: Sample) -> float:
         return sample.rows if by_rows else sample.seconds
 
+    parts = [("start", [s for s in samples if s.rows == 0])] if by_rows else []
+    within = [s for s in samples if s.rows > 0] if by_rows else samples
     end = rows if by_rows else max(map(done, samples), default=0.0)
-    labels, peaks = [], []
     for quarter in range(1, 5):
         low, high = end * (quarter - 1) / 4, end * quarter / 4
-        inside = [s for s in samples if (quarter == 1 or done(s) > low) and (quarter == 4 or done(s) <= high)]
-        labels.append(short_count(high) if by_rows else f"{25 * quarter}% s")
-        peaks.append(
-            (max((s.rss_mb for s in inside), default=0.0), max((s.anon_mb for s in inside), default=0.0))
-        )
+        inside = [s for s in within if (quarter == 1 or done(s) > low) and (quarter == 4 or done(s) <= high)]
+        parts.append((short_count(high) if by_rows else f"{25 * quarter}% s", inside))
+    labels = [label for label, _ in parts]
+    peaks = [
+        (max((s.rss_mb for s in inside), default=0.0), max((s.anon_mb for s in inside), default=0.0))
+        for _, inside in parts
+    ]
     return labels, peaks
 
 
@@ -260,15 +263,16 @@ def short_count(n: float) -> str:
 
 
 def print_timelines(runs: list[Run]) -> None:
-    """For each run, the peak RSS and anonymous MB in each quarter of its rows (`quarter_peaks`) beside
-    its whole peak: does the batch job's memory stay flat as the batch goes on?"""
+    """For each run, the peak RSS and anonymous MB before its first chunk is written and in each quarter of
+    its rows (`quarter_peaks`) beside its whole peak: does the batch job's memory stay flat as the batch
+    goes on?"""
     if not runs:
         return
     print(
-        "\nmemory along each run: the peak in each quarter of its rows (samples in <case>-<n>.memory.csv)\n"
+        "\nmemory along each run: peak at the start and in each quarter of its rows (<case>-<n>.memory.csv)\n"
     )
     print(
-        "| case | run | quarters (rows done) | RSS MB by quarter | anon MB by quarter | peak RSS / anon MB |"
+        "| case | run | parts (rows done) | RSS MB by part | anonymous MB by part | peak RSS / anonymous MB |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
     for r in runs:

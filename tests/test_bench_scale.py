@@ -38,10 +38,11 @@ def test_progress_follows_the_log_as_it_grows_and_waits_for_a_whole_line(scale, 
     assert progress.read() == 30_000
 
 
-def test_quarters_of_rows_hold_the_start_and_the_finish_and_show_growth(scale):
+def test_quarters_of_rows_follow_the_start_and_hold_the_finish_and_show_growth(scale):
     s = scale.Sample
     samples = [
-        s(0.0, 0, 100.0, 50.0),  # start, before any row: first quarter
+        s(0.0, 0, 100.0, 50.0),  # before the first chunk is written: the start
+        s(0.5, 0, 500.0, 450.0),
         s(1.0, 250, 300.0, 200.0),
         s(2.0, 300, 310.0, 210.0),
         s(3.0, 500, 320.0, 220.0),
@@ -50,15 +51,15 @@ def test_quarters_of_rows_hold_the_start_and_the_finish_and_show_growth(scale):
         s(6.0, 1000, 900.0, 800.0),  # finishing after the last row: last quarter
     ]
     labels, peaks = scale.quarter_peaks(samples, 1000)
-    assert labels == ["250", "500", "750", "1k"]
-    assert peaks == [(300.0, 200.0), (320.0, 220.0), (330.0, 230.0), (900.0, 800.0)]
+    assert labels == ["start", "250", "500", "750", "1k"]
+    assert peaks == [(500.0, 450.0), (300.0, 200.0), (320.0, 220.0), (330.0, 230.0), (900.0, 800.0)]
 
 
 def test_a_run_stopped_early_reads_zero_in_the_quarters_it_never_reached(scale):
     samples = [scale.Sample(1.0, 1_000_000, 400.0, 300.0), scale.Sample(2.0, 3_000_000, 410.0, 310.0)]
     labels, peaks = scale.quarter_peaks(samples, 10_000_000)
-    assert labels == ["2.5M", "5M", "7.5M", "10M"]
-    assert peaks == [(400.0, 300.0), (410.0, 310.0), (0.0, 0.0), (0.0, 0.0)]
+    assert labels == ["start", "2.5M", "5M", "7.5M", "10M"]
+    assert peaks == [(0.0, 0.0), (400.0, 300.0), (410.0, 310.0), (0.0, 0.0), (0.0, 0.0)]
 
 
 def test_without_progress_the_quarters_are_of_wall_time(scale):
