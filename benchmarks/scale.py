@@ -10,6 +10,9 @@ processes that map it) is the tree's physical memory; on one process the two are
 third, the peak of the tree's anonymous memory (RSS less its file-backed pages, `RssAnon`), leaves out
 what the index keeps in memory-mapped temporary files (`ColumnFile`): page cache the system can write
 back and reclaim, unlike the heap.
+Every sample is also kept, as it is taken, in `<work>/<case>-<n>.memory.csv` (seconds, rows done as the
+run's log reports them, RSS-sum MB, anonymous MB); for each `score` run a second table gives the peak in
+each quarter of its rows ("MB at 2.5M, 5M, 7.5M, 10M rows"): flat memory reads as equal figures.
 Data: the demo generator with 20,000 customers (seed 1), as issue 11 asks.
 
     benchmarks/.venv-bench/bin/python benchmarks/scale.py                      # 200k and 2M vs 10k
@@ -18,6 +21,8 @@ Data: the demo generator with 20,000 customers (seed 1), as issue 11 asks.
 
 The harness needs psutil (the bench venv has it); the product runs in `.venv` (`--python`).
 Cases: `score-200k` (200,000 rows against a 10,000-row reference), `score-2m` (2,000,000 rows against it),
+`score-10m` (10,000,000 rows against it: is memory flat? generating its data takes ~2 min and ~2.3 GB;
+the run about 1-1.5 h at `--workers 1`, so give it `--timeout 6000`),
 `train-200k` (`train` on a 200,000-row history, about 25,000 log rows), `train-1m` (`train` on a
 1,000,000-row history, about 125,000 log rows), `big-reference` (5,000 rows against a 1,000,000-row
 reference), `spark-1m` (`--engine spark`, local[2], 1,000,000 rows, against the in-process job),
@@ -36,6 +41,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -45,8 +51,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -58,6 +66,7 @@ SEED = 1
 CASES = (
     "score-200k",
     "score-2m",
+    "score-10m",
     "train-200k",
     "train-1m",
     "big-reference",
@@ -80,6 +89,7 @@ class Run:
     peak_anon_mb: float = 0.0  # the peak of the tree's anonymous memory (RSS less file-backed pages)
     phases: dict[str, float] | None = None  # what a duplicate-only child reports (seconds per phase)
     output: Path | None = None  # the output folder of a `score` run
+    timeline: Path | None = None  # the memory timeline (`measure`, `timeline_path`)
 
     @property
     def rate(self) -> float:
@@ -95,6 +105,8 @@ def tree_memory(tree: list[psutil.Process]) -> tuple[int, int, int]:
     """The RSS sum, the PSS sum and the anonymous memory sum of `tree` in bytes (PSS 0 where the system
     does not report it; anonymous = RSS less resident file-backed pages, psutil's `shared` on Linux, which
     is `RssAnon` in /proc/PID/status; RSS where the system does not report it)."""
+    import psutil  # here, not at the top: the timeline's summary (and its test) runs without psutil
+
     rss = pss = anon = 0
     for proc in tree:
         with contextlib.suppress(psutil.Error):
@@ -105,17 +117,55 @@ def tree_memory(tree: list[psutil.Process]) -> tuple[int, int, int]:
     return rss, pss, anon
 
 
+class LogProgress:
+    """The rows a `score` run has done so far, read from its log as it grows: the batch job logs "scored N
+    rows" (INFO) after each chunk it writes; 0 before the first, and for runs that log no such line."""
+
+    LINE = re.compile(r"scored (\d+) rows$", re.MULTILINE)
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.offset = 0
+        self.pending = ""
+        self.rows = 0
+
+    def read(self) -> int:
+        with contextlib.suppress(OSError), open(self.log, encoding="utf-8", errors="replace") as fh:
+            fh.seek(self.offset)
+            text = self.pending + fh.read()
+            self.offset = fh.tell()
+            complete, _, self.pending = text.rpartition("\n")  # a line still being written waits
+            for match in self.LINE.finditer(complete):
+                self.rows = int(match.group(1))
+        return self.rows
+
+
+TIMELINE_COLUMNS = ("seconds", "rows", "rss_mb", "anon_mb")
+
+
+def timeline_path(log: Path) -> Path:
+    """`<work>/<case>-<n>.memory.csv` beside the run's `<work>/<case>-<n>.log`."""
+    return log.with_suffix(".memory.csv")
+
+
 def measure(
     command: list[str], *, timeout: float, max_mb: float, log: Path
 ) -> tuple[float, float, str, float, float, float]:
     """Runs `command`; returns wall seconds, the peak RSS-sum MB of its process tree, "ok" or why it was
     stopped, the CPU seconds of the tree (comparable when other jobs share the machine, unlike wall time),
-    the peak PSS-sum MB and the peak anonymous-memory MB of the tree (`tree_memory`)."""
+    the peak PSS-sum MB and the peak anonymous-memory MB of the tree (`tree_memory`).
+    Every sample is also written, as it is taken, to the memory timeline beside the log (`timeline_path`):
+    seconds since the start, rows done (`LogProgress`), RSS-sum MB and anonymous MB of the tree."""
+    import psutil
+
     cpu_before = children_cpu()
     peak = peak_pss = peak_anon = 0.0
     status = "ok"
     started = time.perf_counter()
-    with open(log, "w") as out:
+    progress = LogProgress(log)
+    with open(log, "w") as out, open(timeline_path(log), "w", newline="") as timeline_file:
+        timeline = csv.writer(timeline_file)
+        timeline.writerow(TIMELINE_COLUMNS)
         # This checkout's package first: a script outside it (scale_children.py) would otherwise import the
         # package the venv was installed from (an editable install may point at another checkout).
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -136,6 +186,10 @@ def measure(
                 peak_pss = max(peak_pss, proportional / 2**20)
                 peak_anon = max(peak_anon, anonymous / 2**20)
                 elapsed = time.perf_counter() - started
+                timeline.writerow(
+                    [f"{elapsed:.1f}", progress.read(), f"{total / 2**20:.1f}", f"{anonymous / 2**20:.1f}"]
+                )
+                timeline_file.flush()  # readable while the run goes on, and kept if the harness is stopped
                 if peak > max_mb or elapsed > timeout:
                     status = f"stopped: {'memory' if peak > max_mb else 'time'} limit"
                     for proc in reversed(tree):
@@ -153,6 +207,80 @@ def measure(
     if status == "ok" and code != 0:
         status = f"exit {code} (see {log})"
     return seconds, peak, status, children_cpu() - cpu_before, peak_pss, peak_anon
+
+
+@dataclass
+class Sample:
+    seconds: float
+    rows: int  # rows done when the sample was taken (`LogProgress`)
+    rss_mb: float
+    anon_mb: float
+
+
+def read_timeline(path: Path) -> list[Sample]:
+    with open(path, newline="") as fh:
+        return [
+            Sample(float(r["seconds"]), int(r["rows"]), float(r["rss_mb"]), float(r["anon_mb"]))
+            for r in csv.DictReader(fh)
+        ]
+
+
+def quarter_peaks(samples: list[Sample], rows: int) -> tuple[list[str], list[tuple[float, float]]]:
+    """The peak (RSS MB, anonymous MB) in each part of a run, with each part's label.
+
+    When the run logs its progress: "start", until its first chunk is written (loading, indexing the
+    reference, reading the first chunk: not a cost of the batch's length), then each quarter of the rows
+    ("2.5M" holds the samples past 0 up to 2,500,000 rows of 10,000,000; the last also the finish after
+    the last row). Else quarters of its wall time ("50% s"). Flat memory reads as equal quarters; memory
+    that grows with the batch, as rising ones. A quarter no sample fell in (a run stopped early) reads 0.
+    """
+    by_rows = any(s.rows for s in samples)
+
+    def done(sample: Sample) -> float:
+        return sample.rows if by_rows else sample.seconds
+
+    parts = [("start", [s for s in samples if s.rows == 0])] if by_rows else []
+    within = [s for s in samples if s.rows > 0] if by_rows else samples
+    end = rows if by_rows else max(map(done, samples), default=0.0)
+    for quarter in range(1, 5):
+        low, high = end * (quarter - 1) / 4, end * quarter / 4
+        inside = [s for s in within if (quarter == 1 or done(s) > low) and (quarter == 4 or done(s) <= high)]
+        parts.append((short_count(high) if by_rows else f"{25 * quarter}% s", inside))
+    labels = [label for label, _ in parts]
+    peaks = [
+        (max((s.rss_mb for s in inside), default=0.0), max((s.anon_mb for s in inside), default=0.0))
+        for _, inside in parts
+    ]
+    return labels, peaks
+
+
+def short_count(n: float) -> str:
+    """10,000,000 -> "10M", 2,500,000 -> "2.5M", 50,000 -> "50k"."""
+    for size, suffix in ((1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.4g}{suffix}"
+    return f"{n:.0f}"
+
+
+def print_timelines(runs: list[Run]) -> None:
+    """For each run, the peak RSS and anonymous MB before its first chunk is written and in each quarter of
+    its rows (`quarter_peaks`) beside its whole peak: does the batch job's memory stay flat as the batch
+    goes on?"""
+    if not runs:
+        return
+    print(
+        "\nmemory along each run: peak at the start and in each quarter of its rows (<case>-<n>.memory.csv)\n"
+    )
+    print(
+        "| case | run | parts (rows done) | RSS MB by part | anonymous MB by part | peak RSS / anonymous MB |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in runs:
+        labels, peaks = quarter_peaks(read_timeline(r.timeline), r.rows)
+        rss = " / ".join(f"{p[0]:,.0f}" for p in peaks)
+        anon = " / ".join(f"{p[1]:,.0f}" for p in peaks)
+        peak = f"{r.peak_mb:,.0f} / {r.peak_anon_mb:,.0f}"
+        print(f"| {r.case} | {r.what} | {' / '.join(labels)} | {rss} | {anon} | {peak} |")
 
 
 def duplicate_quality(flags: Path, batch: Path) -> dict[str, float]:
@@ -208,15 +336,14 @@ def main() -> None:  # noqa: C901
     runs: list[Run] = []
 
     def run(case: str, what: str, rows: int, command: list[str], timeout: float | None = None) -> Run:
+        log = work / f"{case}-{len(runs)}.log"
         seconds, peak, status, cpu, peak_pss, peak_anon = measure(
-            command,
-            timeout=timeout or args.timeout,
-            max_mb=args.max_mb,
-            log=work / f"{case}-{len(runs)}.log",
+            command, timeout=timeout or args.timeout, max_mb=args.max_mb, log=log
         )
         result = Run(
             case, what, rows, seconds, peak, status, cpu_s=cpu, peak_pss_mb=peak_pss, peak_anon_mb=peak_anon
         )
+        result.timeline = timeline_path(log)
         runs.append(result)
         print(
             f"{case}: {what}: {seconds:.1f} s ({cpu:.1f} CPU s), {result.rate:,.0f} rows/s, "
@@ -240,7 +367,8 @@ def main() -> None:  # noqa: C901
         out = work / f"out-{case}-{len(runs)}"
         files = ["--input", str(data / "batch.csv"), "--reference", str(reference), "--output", str(out)]
         files += ["--cache-dir", str(work / "reference-cache")]  # never a cache of another run or user
-        command = cli(py, "score", "--model", str(model), *files, "--overwrite", "-q", *extra)
+        # Not `-q`: the job's INFO line after each chunk ("scored N rows") is the timeline's progress.
+        command = cli(py, "score", "--model", str(model), *files, "--overwrite", *extra)
         result = run(case, what, rows, command)
         result.output = out
         if result.status == "ok":
@@ -251,7 +379,7 @@ def main() -> None:  # noqa: C901
                 result.what += f" (P {found['precision']:.4f}, R {found['recall']:.4f} against the truth)"
         return result
 
-    for case, rows in (("score-200k", 200_000), ("score-2m", 2_000_000)):
+    for case, rows in (("score-200k", 200_000), ("score-2m", 2_000_000), ("score-10m", 10_000_000)):
         if case in args.cases:
             data = generate(py, work / f"data-{case}", 10_000, rows)
             for workers in args.workers:
@@ -323,6 +451,7 @@ def main() -> None:  # noqa: C901
         figures = f"{r.rows:,} | {r.seconds:.1f} | {r.cpu_s:.1f} | {r.rate:,.0f} | {r.peak_mb:,.0f}"
         figures += f" | {r.peak_pss_mb:,.0f} | {r.peak_anon_mb:,.0f}"
         print(f"| {r.case} | {r.what} | {figures} | {r.status} |")
+    print_timelines([r for r in runs if r.case.startswith("score")])
     (work / "scale.json").write_text(json.dumps([r.__dict__ for r in runs], indent=2, default=str))
 
 
