@@ -743,8 +743,8 @@ class SeenIds:
 
     The pairs are a `SortedRuns` table: each chunk's keys are appended as a sorted run, where `np.insert`
     into one sorted array copied the whole table per chunk (quadratic in the batch). The table holds
-    distinct keys, so an id whose 64-bit hash another id already has (about one pair in 2**64, but ids are
-    not chosen by us) is kept in `clashes`, a set of (key, check) pairs, instead.
+    distinct keys, so an id whose 64-bit hash another id already has (rare, but then the 32-bit check must
+    still tell them apart) is kept in `clashes`, a set of (key, check) pairs, instead.
 
     >>> seen = SeenIds()
     >>> seen.add(["R1", "R2"])
