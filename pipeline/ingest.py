@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import numpy as np
 import pandas as pd
 
+from pipeline.duplicates.sorted_runs import SortedRuns
 from pipeline.exceptions import InputFileError, SchemaError
 from pipeline.memory import collector_paused
 
@@ -736,9 +737,14 @@ def require_columns(frame: pd.DataFrame, columns: Sequence[str], *, source: str 
 
 class SeenIds:
     """The ids of a batch seen so far, for `check_unique_ids`: each id's 64-bit hash and 32 bits of a second
-    one (independent keys), sorted, ~12 bytes per id instead of a str in a set (~100 bytes), and looked up a
-    chunk at a time without building a hash table of all of them again. Two different ids count as one
-    only if both hashes agree (about 2**-96 per pair; at 10**8 ids, below 10**-12).
+    one (independent keys), ~12 bytes per id instead of a str in a set (~100 bytes), looked up a chunk at a
+    time without building a hash table of all of them again. Two different ids count as one only if both
+    hashes agree (about 2**-96 per pair; at 10**8 ids, below 10**-12).
+
+    The pairs are a `SortedRuns` table: each chunk's keys are appended as a sorted run, where `np.insert`
+    into one sorted array copied the whole table per chunk (quadratic in the batch). The table holds
+    distinct keys, so an id whose 64-bit hash another id already has (rare, but then the 32-bit check must
+    still tell them apart) is kept in `clashes`, a set of (key, check) pairs, instead.
 
     >>> seen = SeenIds()
     >>> seen.add(["R1", "R2"])
@@ -750,11 +756,11 @@ class SeenIds:
     CHECK = "pipeline:seen-ck"
 
     def __init__(self) -> None:
-        self.keys = np.zeros(0, dtype=np.uint64)
-        self.checks = np.zeros(0, dtype=np.uint32)  # in the keys' order; a key held twice: both, any order
+        self._table = SortedRuns(np.uint64, check=np.uint32)
+        self.clashes: set[tuple[int, int]] = set()  # ids whose key the table holds for another id
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._table) + len(self.clashes)
 
     def _hashes(self, ids: Sequence[str] | pd.Series) -> tuple[np.ndarray, np.ndarray]:
         values = np.asarray(ids, dtype=object)
@@ -766,27 +772,27 @@ class SeenIds:
     def add(self, ids: Sequence[str] | pd.Series) -> None:
         """Adds ids (a chunk's, already checked to be new)."""
         keys, checks = self._hashes(ids)
-        order = np.argsort(keys, kind="stable")
-        at = np.searchsorted(self.keys, keys[order])
-        self.keys = np.insert(self.keys, at, keys[order])
-        self.checks = np.insert(self.checks, at, checks[order])
+        new_key = np.flatnonzero(self._table.find(keys) < 0)
+        _, first = np.unique(keys[new_key], return_index=True)
+        to_table = new_key[first]  # the first id of each key not held yet
+        clashing = np.ones(len(keys), dtype=bool)
+        clashing[to_table] = False
+        self._table.append(keys[to_table], check=checks[to_table])
+        self.clashes.update(zip(keys[clashing].tolist(), checks[clashing].tolist(), strict=True))
+        self._table.release()  # a chunk's look-ups touch most pages; between chunks none need be resident
 
     def contains(self, ids: Sequence[str] | pd.Series) -> np.ndarray:
         """Per id: whether it was added before."""
         keys, checks = self._hashes(ids)
+        places = self._table.find(keys)
+        held = np.flatnonzero(places >= 0)
         found = np.zeros(len(keys), dtype=bool)
-        if not len(self.keys):
-            return found
-        at = np.searchsorted(self.keys, keys)
-        # A key held more than once (a 64-bit clash of different ids) is searched along its run.
-        while True:
-            inside = at < len(self.keys)
-            same_key = np.zeros(len(keys), dtype=bool)
-            same_key[inside] = self.keys[at[inside]] == keys[inside]
-            if not same_key.any():
-                return found
-            found[same_key] |= self.checks[at[same_key]] == checks[same_key]
-            at = np.where(same_key, at + 1, len(self.keys))
+        found[held] = self._table.column("check")[places[held]] == checks[held]
+        if self.clashes:  # a key held for another id: this id may be one of the clashes
+            other = held[~found[held]]
+            pairs = zip(keys[other].tolist(), checks[other].tolist(), strict=True)
+            found[other] = [pair in self.clashes for pair in pairs]
+        return found
 
 
 def check_unique_ids(

@@ -756,8 +756,9 @@ class Matcher:
         self._leaving: list[int] = []  # records that left every window; dropped before the next chunk
         # How common each value is in the data being matched (see `_count_density`).
         # Counts per value code in as few bytes as the largest count needs so far (most values of a batch's
-        # order numbers and amounts are held once or twice).
-        self._seen: dict[str, np.ndarray] = {field: np.zeros(0, dtype=np.uint8) for field in self._fields}
+        # order numbers and amounts are held once or twice), in files (`ColumnFile`) released with the
+        # other columns: a near-unique field adds a count per record.
+        self._seen: dict[str, ColumnFile] = {field: ColumnFile(np.uint8) for field in self._fields}
         self._present: dict[str, int] = {field: 0 for field in self._fields}
         # Per record of the latest `_add` only (from `_counted_start` on): the rarity of its value among the
         # records indexed up to it counts for the later record of a pair, always one of the chunk being
@@ -958,27 +959,37 @@ class Matcher:
                 if field in self._prior:
                     texts = self._texts[field].take(np.arange(len(seen), size))
                     fresh[:] = np.maximum(self._prior[field].stored_counts(texts), 0)
-                wide = np.promote_types(seen.dtype, _count_type(int(fresh.max())))
-                seen = self._seen[field] = np.concatenate([seen.astype(wide), fresh.astype(wide)])
+                seen = self._widened_counts(field, int(fresh.max()))
+                seen.extend(fresh)
             present = codes >= 0
             values = codes[present]
-            count, total, (held, counts) = _running_counts(values, seen, self._present[field])
+            count, total, (held, counts) = _running_counts(values, seen.view(), self._present[field])
             if len(count) and count.max() > np.iinfo(seen.dtype).max:  # `count` ends at the new counts
-                seen = self._seen[field] = seen.astype(_count_type(int(count.max())))
+                seen = self._widened_counts(field, int(count.max()))
             fitted = self._frequencies.get(field)
             rarity = np.zeros(len(codes), dtype="f4")
             rarity[present] = counted_rarity(count, total, fitted.scale_total) if fitted else 1.0
-            seen[held] = counts
+            seen.view()[held] = counts
             self._present[field] += len(values)
             self._rarity[field] = rarity
         self._counted_start = start
+
+    def _widened_counts(self, field: str, largest: int) -> ColumnFile:
+        """The field's value counts, copied into a column of a wider type first if `largest` does not fit."""
+        seen = self._seen[field]
+        wide = np.promote_types(seen.dtype, _count_type(largest))
+        if wide != seen.dtype:
+            widened = self._seen[field] = ColumnFile(wide)
+            widened.extend(seen.view())
+            seen = widened
+        return seen
 
     def _uncount_density(self, start: int) -> None:
         """Takes the records indexed from `start` on out of the value counts again (see `_rollback`)."""
         for field in self._fields:
             codes = self._code_array(field)[start:].astype(np.int64)
             values = codes[codes >= 0]
-            np.subtract.at(self._seen[field], values, 1)
+            np.subtract.at(self._seen[field].view(), values, 1)
             self._present[field] -= len(values)
 
     def _counted(self, left: np.ndarray) -> dict[str, np.ndarray]:
@@ -993,7 +1004,8 @@ class Matcher:
         read or wrote (`ColumnFile.release`, `SortedRuns.release`): its resident set then holds only those
         the next part touches."""
         offsets = [self._ids.ends, self._raw.ends, *(texts.ends for texts in self._texts.values())]
-        columns = [self._live, *self._codes.values(), *(block_index.prev for block_index in self._blocks)]
+        columns = [self._live, *self._codes.values(), *self._seen.values()]
+        columns += [block_index.prev for block_index in self._blocks]
         code_tables = [*self._code_of.values(), *([self._position] if self._position is not None else [])]
         tables = [*(codes.table for codes in code_tables), *(index.blocks for index in self._blocks)]
         for column in [*offsets, *columns, *tables]:
@@ -1438,7 +1450,7 @@ class Matcher:
             self._code_of[field].truncate(size)
             self._texts[field].truncate(size)
             self._codes[field].truncate(start)
-            self._seen[field] = self._seen[field][:size]  # the new values' counts are back at 0
+            self._seen[field].truncate(size)  # the new values' counts are back at 0
             unparsed = self._unparsed[field]
             for position in [p for p in unparsed if p >= start]:
                 del unparsed[position]

@@ -899,8 +899,8 @@ def _write_chunk(
 def finish_flags(runs: FlagRuns, staging: Path, output_format: str) -> FlagTally:
     """After a batch's last chunk (the batch job's and Spark's): flags.csv merged from the runs and, with
     `output_format` "parquet", records.csv and flags.csv copied to Parquet; what the summary and report
-    count of the flags. Streamed: nothing is held per row, and per flag only its input row in the tally
-    (8 bytes; at 2,000,000 rows, reading the flags back as a frame and counting them took ~200 MB)."""
+    count of the flags. Streamed: nothing is held per flag, and per input row a bit in the tally (at
+    2,000,000 rows, reading the flags back as a frame and counting them took ~200 MB)."""
     from pipeline.report import FlagTally
 
     tally = FlagTally()

@@ -378,13 +378,28 @@ def test_seen_ids_find_exactly_the_ids_added_even_when_one_hash_clashes(monkeypa
         monkeypatch.setattr(SeenIds, "_hashes", one_key)
     seen = SeenIds()
     assert seen.contains(["a"]).tolist() == [False]
-    seen.add(["b", "a"])
-    seen.add(pd.Series(["c"]))
+    seen.add(["b", "a"])  # a clash within a chunk
+    seen.add(pd.Series(["c"]))  # and with an earlier chunk's id
     assert len(seen) == 3
+    assert len(seen.clashes) == (2 if clash else 0)  # the side table holds the ids the sorted table cannot
     assert seen.contains(["c", "x", "a", "b", "y"]).tolist() == [True, False, True, True, False]
     check_unique_ids(pd.Series(["x", "y"]), source="batch.csv", id_column="id", seen=seen)
     with pytest.raises(SchemaError, match=r"batch.csv: row 2: id 'c' appears more than once"):
         check_unique_ids(pd.Series(["x", "c"]), source="batch.csv", id_column="id", seen=seen)
+
+
+def test_seen_ids_over_many_chunks_answer_as_a_set_of_the_ids_would() -> None:
+    from pipeline.ingest import SeenIds
+
+    seen, added = SeenIds(), set()
+    for chunk in range(40):  # enough appended runs that the table merges some of them
+        ids = [f"R{chunk}-{i}" for i in range(chunk * 7 % 50)]
+        asked = [*ids[::3], f"R{chunk - 1}-1", f"R{chunk + 1}-1", f"X{chunk}"]
+        assert seen.contains(asked).tolist() == [i in added for i in asked]
+        seen.add(ids)
+        added.update(ids)
+    assert len(seen) == len(added) and not seen.clashes
+    assert seen.contains(sorted(added)).all()
 
 
 def test_shared_values_share_repeated_cells_across_chunks_and_change_nothing(tmp_path):

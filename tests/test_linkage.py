@@ -1438,3 +1438,37 @@ def test_clusters_follow_chains_within_and_across_calls_and_truncate() -> None:
     clusters.drop(np.array([11, 12]))
     assert clusters.members.tolist() == [10, 20] and clusters.roots.tolist() == [3, 5]
     assert clusters.join(np.array([30]), np.array([12])).tolist() == [12]  # 12 dropped: its own root
+
+
+def test_the_value_counts_live_in_files_count_every_value_widen_and_roll_back(trained, monkeypatch) -> None:
+    """`Matcher._seen`: a `ColumnFile` per field (here in a file from 64 bytes on), holding for each value
+    code the records that hold it; widened past 255 (a city of 300 orders), taken back by a check that
+    does not remember, and pickled with the index."""
+    import pickle
+
+    from pipeline.duplicates.storage import ColumnFile
+
+    monkeypatch.setattr(ColumnFile, "MEMORY_BYTES", 64)
+    model, records = trained
+    matcher = model.matcher(records)
+
+    def counted() -> dict[str, list[int]]:
+        return {field: matcher._seen[field].view().tolist() for field in matcher._fields}
+
+    def recounted() -> dict[str, list[int]]:  # each value's records, from the codes indexed
+        return {
+            field: np.bincount(
+                codes[codes >= 0].astype(np.int64), minlength=len(matcher._texts[field])
+            ).tolist()
+            for field, codes in ((field, matcher._code_array(field)) for field in matcher._fields)
+        }
+
+    matcher.match(batch([dict(order(n), record_id=f"N{n}") for n in range(100, 1300)]))
+    assert counted() == recounted()
+    assert matcher._seen["city"].dtype == np.uint16 and max(counted()["city"]) > 255
+    assert matcher._seen["amount"]._map is not None  # 1,200 new amounts: in the file
+    before = counted()
+    matcher.match(batch([dict(order(n), record_id=f"M{n}") for n in range(2000, 2300)]), remember=False)
+    assert counted() == before == recounted()
+    restored = type(matcher).from_state(model, pickle.loads(pickle.dumps(matcher.export_state())))
+    assert restored._seen == matcher._seen

@@ -60,3 +60,14 @@ def test_an_empty_queue_counts_nothing(tmp_path) -> None:
     assert FlagRuns(tmp_path / "runs").merge_into(tmp_path / "flags.csv", tally) == 0
     assert (len(tally), tally.records(), tally.per_field(), tally.top_groups()) == (0, 0, {}, [])
     assert tally.top_flags().columns.tolist() == list(s.FLAG_COLUMNS)
+
+
+def test_the_rows_flagged_are_counted_once_each_in_a_bit_per_row() -> None:
+    """Rows in no order, repeated, on both sides of each byte's border and far apart: `records` is the
+    number of distinct rows, held in about a bit per row up to the last one flagged."""
+    rows = [8, 7, 0, 999_999, 8, 15, 16, 7, 123_457, 0, 999_999, 1]
+    tally = FlagTally()
+    for row in rows:
+        tally.add(["R", "anomaly", "", "", "", "", "0.5000", "", "false"], row=row)
+    assert (len(tally), tally.records()) == (len(rows), len(set(rows)))
+    assert 1_000_000 // 8 <= len(tally.flagged) <= 2 * 1_000_000 // 8
