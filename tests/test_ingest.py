@@ -418,3 +418,20 @@ def test_shared_values_share_repeated_cells_across_chunks_and_change_nothing(tmp
     # Mostly distinct columns are left as read: no lookup table for them.
     assert set(shared.values) == {"city"}
     pd.testing.assert_frame_equal(read_table(path, share_repeated=True), plain)
+
+
+def test_encoding_is_checked_across_decode_blocks(tmp_path):
+    """A character split by a border of the check's blocks is UTF-8; a bad byte blocks later is reported
+    on its own line."""
+    from pipeline.ingest import _DECODE_BLOCK
+
+    head = b"id,name\n1,"
+    # "€" (three bytes) begins at the first block's last byte.
+    first = head + b"a" * (_DECODE_BLOCK - 1 - len(head)) + "€ ß\n".encode()
+    rest = "".join(f"{i},café\n" for i in range(2, _DECODE_BLOCK // 4)).encode()
+    path = write(tmp_path, first + rest)
+    assert detect_format(path).encoding == "utf-8"
+    bad = write(tmp_path, first + rest + b"0,caf\xe9\n", name="bad.csv")
+    assert bad.stat().st_size > 2 * _DECODE_BLOCK
+    with pytest.raises(InputFileError, match=f"line {_DECODE_BLOCK // 4 + 1} is not UTF-8"):
+        read_table(bad)
