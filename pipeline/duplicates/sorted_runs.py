@@ -12,13 +12,11 @@ is page cache rather than this process's anonymous memory, and whose pages `rele
 
 from __future__ import annotations
 
-import mmap
-import os
 from typing import Any
 
 import numpy as np
 
-from pipeline.duplicates.storage import ColumnFile, unlinked_file
+from pipeline.duplicates.storage import ColumnFile, mapped_file, unlinked_file
 
 
 class SortedRuns:
@@ -155,6 +153,5 @@ def _scratch(size: int) -> np.ndarray:
     array) rather than anonymous memory."""
     if size < ColumnFile.MEMORY_BYTES:
         return np.empty(size, dtype=np.uint8)
-    with unlinked_file(None) as file:  # the map keeps the file until it is unmapped
-        os.ftruncate(file.fileno(), size)
-        return np.frombuffer(mmap.mmap(file.fileno(), size), dtype=np.uint8)
+    with unlinked_file(None) as file:
+        return np.frombuffer(mapped_file(file, size), dtype=np.uint8)

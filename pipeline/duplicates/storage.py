@@ -119,10 +119,9 @@ class ColumnFile:
         if self._file is None:
             self._file = unlinked_file(self.directory)
             write_at(self._file.fileno(), self.view().tobytes(), 0)
-        os.ftruncate(self._file.fileno(), capacity * self.dtype.itemsize)
         # The views of the previous map (if any) still read and write the same file; it is unmapped when
         # the last of them goes.
-        self._map = mmap.mmap(self._file.fileno(), capacity * self.dtype.itemsize)
+        self._map = mapped_file(self._file, capacity * self.dtype.itemsize)
         self._data = np.frombuffer(self._map, dtype=self.dtype)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -441,6 +440,13 @@ def unlinked_file(directory: str | None) -> Any:
     """A new temporary file, already without a name: its space is freed when it is closed."""
     # Held open for its buffer's life, closed by `SpillBuffer.close` or when collected.
     return tempfile.TemporaryFile(prefix="pipeline-records-", dir=directory)  # noqa: SIM115
+
+
+def mapped_file(file: Any, size: int) -> mmap.mmap:
+    """A shared memory map of an open file (`unlinked_file`) made `size` bytes long: its pages are page
+    cache, not the process's anonymous memory. The map keeps the file's space after the file is closed."""
+    os.ftruncate(file.fileno(), size)
+    return mmap.mmap(file.fileno(), size)
 
 
 def write_at(fd: int, data: bytes | bytearray, offset: int) -> None:
