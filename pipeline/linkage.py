@@ -928,12 +928,8 @@ class Matcher:
     def _store_codes(self, field: str, codes: np.ndarray, size: int) -> None:
         """Appends records' value codes (from -1 to `size` - 1), widening the field's column first when a
         code does not fit."""
-        stored = self._codes[field]
-        wide = np.dtype(next(code for code in _CODE_TYPES if size - 1 <= np.iinfo(np.dtype(code)).max))
-        if wide.itemsize > stored.dtype.itemsize:
-            widened = self._codes[field] = ColumnFile(wide)
-            widened.extend(stored.view())
-            stored = widened
+        wide = next(code for code in _CODE_TYPES if size - 1 <= np.iinfo(np.dtype(code)).max)
+        stored = self._codes[field] = self._codes[field].widened(wide)
         stored.extend(codes)
 
     def _count_density(self, start: int) -> None:
@@ -959,13 +955,13 @@ class Matcher:
                 if field in self._prior:
                     texts = self._texts[field].take(np.arange(len(seen), size))
                     fresh[:] = np.maximum(self._prior[field].stored_counts(texts), 0)
-                seen = self._widened_counts(field, int(fresh.max()))
+                seen = self._seen[field] = seen.widened(_count_type(int(fresh.max())))
                 seen.extend(fresh)
             present = codes >= 0
             values = codes[present]
             count, total, (held, counts) = _running_counts(values, seen.view(), self._present[field])
             if len(count) and count.max() > np.iinfo(seen.dtype).max:  # `count` ends at the new counts
-                seen = self._widened_counts(field, int(count.max()))
+                seen = self._seen[field] = seen.widened(_count_type(int(count.max())))
             fitted = self._frequencies.get(field)
             rarity = np.zeros(len(codes), dtype="f4")
             rarity[present] = counted_rarity(count, total, fitted.scale_total) if fitted else 1.0
@@ -973,16 +969,6 @@ class Matcher:
             self._present[field] += len(values)
             self._rarity[field] = rarity
         self._counted_start = start
-
-    def _widened_counts(self, field: str, largest: int) -> ColumnFile:
-        """The field's value counts, copied into a column of a wider type first if `largest` does not fit."""
-        seen = self._seen[field]
-        wide = np.promote_types(seen.dtype, _count_type(largest))
-        if wide != seen.dtype:
-            widened = self._seen[field] = ColumnFile(wide)
-            widened.extend(seen.view())
-            seen = widened
-        return seen
 
     def _uncount_density(self, start: int) -> None:
         """Takes the records indexed from `start` on out of the value counts again (see `_rollback`)."""

@@ -172,6 +172,10 @@ def test_a_column_grows_into_its_file_and_reads_writes_takes_truncates_and_pickl
     widened = ColumnFile(np.int64)
     widened.extend(copy.view())
     assert widened.view().tolist() == values.tolist() and widened != copy  # dtypes differ
+    assert copy.widened(np.int16) is copy and copy.widened(np.int32) is copy  # int32 holds them already
+    wider = copy.widened(np.int64)
+    assert wider == widened and wider is not copy and wider._map is not None  # a copy, in a file too
+    assert ColumnFile(np.uint8).widened(np.uint16).dtype == np.uint16
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="reads /proc (Linux)")

@@ -103,6 +103,16 @@ class ColumnFile:
         """Keeps the first `size` items."""
         self.size = min(self.size, size)
 
+    def widened(self, dtype: Any) -> ColumnFile:
+        """This column if its dtype holds every value of `dtype`, else a copy of its items in the type that
+        holds both (`np.promote_types`), which takes this column's place at the caller."""
+        wide = np.promote_types(self.dtype, dtype)
+        if wide == self.dtype:
+            return self
+        copy = ColumnFile(wide, self.directory)
+        copy.extend(self.view())
+        return copy
+
     def release(self) -> None:
         """Unmaps the pages read or written so far from this process (the file keeps its items)."""
         if self._map is not None:
