@@ -751,9 +751,12 @@ class SeenIds:
     still tell them apart) is kept in `clashes`, a set of (key, check) pairs, instead.
 
     >>> seen = SeenIds()
-    >>> seen.add(["R1", "R2"])
-    >>> seen.contains(["R2", "R3"]).tolist()
+    >>> seen.add(["R1", "R2"]).tolist()
+    [False, False]
+    >>> seen.add(["R2", "R3"]).tolist()  # R2 was added before: neither is added now
     [True, False]
+    >>> seen.contains(["R1", "R3"]).tolist(), len(seen)
+    ([True, False], 2)
     """
 
     KEY = "pipeline:seen-id"
@@ -773,10 +776,16 @@ class SeenIds:
             pd.util.hash_array(values, hash_key=self.CHECK, categorize=False).astype(np.uint32),
         )
 
-    def add(self, ids: Sequence[str] | pd.Series) -> None:
-        """Adds ids (a chunk's, already checked to be new)."""
+    def add(self, ids: Sequence[str] | pd.Series) -> np.ndarray:
+        """Adds distinct ids (a chunk's) if none of them was added before; per id, whether it was (then
+        nothing is added, so a chunk refused for a repeated id leaves the set as it was). One hashing and
+        one look-up serve both the check and the adding."""
         keys, checks = self._hashes(ids)
-        new_key = np.flatnonzero(self._table.find(keys) < 0)
+        places = self._table.find(keys)
+        found = self._held(keys, checks, places)
+        if found.any():
+            return found
+        new_key = np.flatnonzero(places < 0)
         _, first = np.unique(keys[new_key], return_index=True)
         to_table = new_key[first]  # the first id of each key not held yet
         clashing = np.ones(len(keys), dtype=bool)
@@ -784,11 +793,15 @@ class SeenIds:
         self._table.append(keys[to_table], check=checks[to_table])
         self.clashes.update(zip(keys[clashing].tolist(), checks[clashing].tolist(), strict=True))
         self._table.release()  # a chunk's look-ups touch most pages; between chunks none need be resident
+        return found
 
     def contains(self, ids: Sequence[str] | pd.Series) -> np.ndarray:
         """Per id: whether it was added before."""
         keys, checks = self._hashes(ids)
-        places = self._table.find(keys)
+        return self._held(keys, checks, self._table.find(keys))
+
+    def _held(self, keys: np.ndarray, checks: np.ndarray, places: np.ndarray) -> np.ndarray:
+        """Per id (its hashes and its key's place in the table, `SortedRuns.find`): whether it was added."""
         held = np.flatnonzero(places >= 0)
         found = np.zeros(len(keys), dtype=bool)
         found[held] = self._table.column("check")[places[held]] == checks[held]
@@ -800,9 +813,10 @@ class SeenIds:
 
 
 def check_unique_ids(
-    ids: pd.Series, *, source: str | Path, id_column: str, seen: set[str] | SeenIds | None = None
+    ids: pd.Series, *, source: str | Path, id_column: str, seen: SeenIds | None = None
 ) -> None:
-    """Raises `SchemaError` naming the first empty or repeated id (also against ids in `seen`)."""
+    """Raises `SchemaError` naming the first empty or repeated id, also against the ids in `seen`, to which
+    the ids are added when they pass (a batch checked chunk by chunk; a refused chunk adds none)."""
     empty = ids.index[ids == ""]
     if len(empty):
         raise SchemaError(f"{source}: row {empty[0] + 1}: empty {id_column!r}; every record needs an id")
@@ -810,8 +824,8 @@ def check_unique_ids(
     if len(repeated):
         row = repeated[0]
         raise SchemaError(f"{source}: row {row + 1}: {id_column} {ids[row]!r} appears more than once")
-    if seen:
-        clash = ids.index[seen.contains(ids) if isinstance(seen, SeenIds) else ids.isin(seen)]
+    if seen is not None:
+        clash = ids.index[seen.add(ids)]
         if len(clash):
             row = clash[0]
             raise SchemaError(f"{source}: row {row + 1}: {id_column} {ids[row]!r} appears more than once")

@@ -828,7 +828,6 @@ def run_batch(
                     id_column=config.id_column,
                     seen=seen_ids,
                 )
-                seen_ids.add(chunk[config.id_column])
                 if len(chunk):
                     for done, result in scorer.submit(chunk):
                         rows += _write_chunk(done, result, writer, runs, histograms, progress)

@@ -645,7 +645,6 @@ def _linked_chunks(
     state = bundle.errors.running_numbers()
     for chunk in _batch_chunks(batch, _driver_columns(bundle, batch), chunk_rows):
         check_unique_ids(chunk[id_column], source=batch.path, id_column=id_column, seen=seen)
-        seen.add(chunk[id_column])
         for start in range(0, len(chunk), LINK_ROWS):
             part = chunk.iloc[start : start + LINK_ROWS]
             before = state

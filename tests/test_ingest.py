@@ -99,8 +99,30 @@ def test_required_columns_and_unique_ids():
         check_unique_ids(frame["record_id"], source="f.csv", id_column="record_id")
     with pytest.raises(SchemaError, match="row 1: empty 'record_id'"):
         check_unique_ids(pd.Series(["", "x"], dtype=object), source="f.csv", id_column="record_id")
-    with pytest.raises(SchemaError, match="'b' appears more than once"):
-        check_unique_ids(pd.Series(["b"], dtype=object), source="f.csv", id_column="record_id", seen={"b"})
+
+
+def test_ids_checked_against_earlier_chunks_are_added_only_when_none_repeats() -> None:
+    """`check_unique_ids` with a `SeenIds` checks and adds a chunk's ids with one hashing and look-up; a
+    chunk refused for an id repeated within it or from an earlier chunk adds none of its ids."""
+    from pipeline.ingest import SeenIds
+
+    seen = SeenIds()
+    check_unique_ids(pd.Series(["a", "b"], index=[0, 1]), source="f.csv", id_column="id", seen=seen)
+    with pytest.raises(SchemaError, match=r"^f.csv: row 5: id 'c' appears more than once$"):
+        check_unique_ids(
+            pd.Series(["c", "d", "c"], index=[2, 3, 4]), source="f.csv", id_column="id", seen=seen
+        )
+    with pytest.raises(SchemaError, match=r"^f.csv: row 5: id 'b' appears more than once$"):
+        check_unique_ids(
+            pd.Series(["e", "f", "b"], index=[2, 3, 4]), source="f.csv", id_column="id", seen=seen
+        )
+    assert (
+        len(seen) == 2
+        and seen.contains(["a", "b", "c", "d", "e", "f"]).tolist() == [True, True] + [False] * 4
+    )
+    check_unique_ids(pd.Series(["c", "d"], index=[2, 3]), source="f.csv", id_column="id", seen=seen)
+    assert seen.contains(["c", "d", "e"]).tolist() == [True, True, False]
+    assert seen.add(["e", "a", "g"]).tolist() == [False, True, False] and len(seen) == 4
 
 
 # ------------------------------------------------------------------------ files as departments export them
@@ -383,9 +405,10 @@ def test_seen_ids_find_exactly_the_ids_added_even_when_one_hash_clashes(monkeypa
     assert len(seen) == 3
     assert len(seen.clashes) == (2 if clash else 0)  # the side table holds the ids the sorted table cannot
     assert seen.contains(["c", "x", "a", "b", "y"]).tolist() == [True, False, True, True, False]
-    check_unique_ids(pd.Series(["x", "y"]), source="batch.csv", id_column="id", seen=seen)
+    check_unique_ids(pd.Series(["x", "y"]), source="batch.csv", id_column="id", seen=seen)  # and adds them
     with pytest.raises(SchemaError, match=r"batch.csv: row 2: id 'c' appears more than once"):
-        check_unique_ids(pd.Series(["x", "c"]), source="batch.csv", id_column="id", seen=seen)
+        check_unique_ids(pd.Series(["z", "c"]), source="batch.csv", id_column="id", seen=seen)
+    assert seen.contains(["x", "y", "z"]).tolist() == [True, True, False]
 
 
 def test_seen_ids_over_many_chunks_answer_as_a_set_of_the_ids_would() -> None:

@@ -198,8 +198,10 @@ def test_duplicate_ids_across_chunks_are_caught(demo, model_folder, tmp_path, ca
     lines = batch_lines(demo)
     batch = write(tmp_path / "b.csv", lines[0] + "".join(lines[1:6]) + lines[2])
     assert score(model_folder, batch, tmp_path / "out", "--chunk-rows", "2") == 2
-    assert "row 6" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    err = capsys.readouterr().err
+    repeated = lines[2].split(",")[0]
+    assert f"{batch}: row 6: record_id '{repeated}' appears more than once" in err and err.count("\n") == 1
+    assert os.listdir(tmp_path) == ["b.csv"], "nothing may be left behind"
 
 
 def test_unwritable_output_location(demo, model_folder, tmp_path, capsys):
