@@ -193,6 +193,34 @@ def test_a_pickled_column_makes_its_file_in_the_same_folder(tmp_path, monkeypatc
     assert older == column and older.directory is None
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="reads /proc (Linux)")
+def test_a_pickled_spill_buffer_or_record_file_makes_its_file_in_the_same_folder(tmp_path) -> None:
+    """As a column's copy (above): the folder is kept, and an older pickle without it still loads."""
+    buffer = SpillBuffer(0, str(tmp_path))
+    buffer.append(b"abc")
+    copy = pickle.loads(pickle.dumps(buffer))
+    assert copy == buffer and copy.directory == str(tmp_path) and copy.spilled == 3
+    assert os.readlink(f"/proc/self/fd/{copy._file.fileno()}").startswith(f"{tmp_path}/")
+    older = SpillBuffer.__new__(SpillBuffer)
+    older.__setstate__({"spill_bytes": 0, "data": b"abc"})
+    assert older == buffer and older.directory is None and older.spilled == 3
+    records = RecordFile(width=1, directory=str(tmp_path))
+    records.extend([column("R1", "R2")])
+    copied = pickle.loads(pickle.dumps(records))
+    assert copied == records and copied._buffer.directory == str(tmp_path)
+    assert os.readlink(f"/proc/self/fd/{copied._buffer._file.fileno()}").startswith(f"{tmp_path}/")
+    state = records.__getstate__()
+    del state["directory"]
+    older_records = RecordFile.__new__(RecordFile)
+    older_records.__setstate__(state)
+    assert older_records == records and older_records._buffer.directory is None
+    elsewhere = RecordFile(width=1)  # equality is by contents, wherever the file is
+    elsewhere.extend([column("R1", "R2")])
+    assert elsewhere == records and elsewhere != RecordFile(width=2)
+    for item in (buffer, copy, older, records, copied, older_records):
+        item.close()
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc (Linux)")
 def test_a_large_column_taken_all_over_holds_neither_heap_nor_mapped_pages_afterwards() -> None:
     """32 MiB of items: appending them does not grow the process's anonymous memory by their size, and

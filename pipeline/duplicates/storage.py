@@ -284,10 +284,11 @@ class SpillBuffer:
             self._file.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"spill_bytes": self.spill_bytes, "data": self.getvalue()}
+        return {"spill_bytes": self.spill_bytes, "directory": self.directory, "data": self.getvalue()}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["spill_bytes"])
+        # A pickle made before the directory was kept has none: the system's temporary folder, as then.
+        self.__init__(state["spill_bytes"], state.get("directory"))
         self.append(state["data"])
 
     def __eq__(self, other: object) -> bool:
@@ -357,15 +358,20 @@ class RecordFile:
         self._buffer.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"width": self.width, "ends": self.ends, "data": self._buffer.getvalue()}
+        data = self._buffer.getvalue()
+        return {"width": self.width, "ends": self.ends, "directory": self._buffer.directory, "data": data}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.width, self.ends = state["width"], state["ends"]
-        self._buffer = SpillBuffer(0)
+        self._buffer = SpillBuffer(0, state.get("directory"))  # none in a pickle made before it was kept
         self._buffer.append(state["data"])
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, RecordFile) and self.__getstate__() == other.__getstate__()
+        return (
+            isinstance(other, RecordFile)
+            and (self.width, self.ends) == (other.width, other.ends)
+            and self._buffer == other._buffer
+        )
 
 
 def _encoded_records(columns: Sequence[np.ndarray], rows: int, width: int) -> tuple[bytes, np.ndarray]:
