@@ -103,3 +103,80 @@ def test_a_large_table_is_file_pages_that_release_unmaps_and_its_values_stay() -
         42
     ]
     assert len(table) == len(keys) - 7 + 1
+
+
+def mapped_kib(table: SortedRuns, name: str) -> int:
+    """The resident KiB of the memory map of one of the table's columns, from /proc/self/smaps: the pages
+    of its file that this process has mapped (page cache the process holds), whatever else it maps."""
+    column = table._columns[name]
+    address = column._data.ctypes.data
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(bound, 16) for bound in head.split("-"))
+                inside = low <= address < high
+            elif inside and head == "Rss:":
+                return int(line.split()[1])
+    raise LookupError("the column's map is not in /proc/self/smaps")
+
+
+def test_finds_takes_and_puts_across_window_borders_as_plain_numpy_does(monkeypatch) -> None:
+    """Runs of many small windows (a window's first and last keys, keys between windows and past both
+    ends among the probes): each probe's place is where the key is in the table's keys, values taken at
+    the places are those appended, values put there read back, and nothing is found that is not held."""
+    monkeypatch.setattr(ColumnFile, "MEMORY_BYTES", 0)
+    monkeypatch.setattr(ColumnFile, "WINDOW_BYTES", 4096)  # 512 uint64 keys, 1,024 int32 values a window
+    rng = np.random.default_rng(8)
+    keys = rng.permutation(np.arange(1, 40_000, 3, dtype=np.uint64))  # 13,333 keys: ~26 windows
+    table = SortedRuns(np.uint64, value=np.int32)
+    for part in np.array_split(np.arange(len(keys)), [9_000, 11_000, 12_500]):  # runs of every size
+        table.append(keys[part], value=part.astype(np.int32))
+    assert len(table._starts) > 1
+    stored = table.keys.copy()
+    border = stored[np.arange(0, len(stored), 512)]
+    probe = np.concatenate([border, border - 1, border + 1, [0, 40_000], rng.integers(0, 40_001, 3_000)])
+    probe = rng.permutation(probe).astype(np.uint64)
+    places = table.find(probe)
+    expected = {key: place for place, key in enumerate(stored.tolist())}
+    assert places.tolist() == [expected.get(key, -1) for key in probe.tolist()]
+    held = places[places >= 0]
+    position = {key: row for row, key in enumerate(keys.tolist())}
+    assert table.take("value", held).tolist() == [position[key] for key in stored[held].tolist()]
+    assert table.take("keys", held).tolist() == stored[held].tolist()
+    distinct = np.unique(held)
+    table.put("value", distinct, -distinct.astype(np.int32))
+    assert table.column("value")[distinct].tolist() == (-distinct).tolist()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc (Linux)")
+def test_a_look_up_over_a_large_table_holds_about_a_window_of_its_pages(monkeypatch) -> None:
+    """A look-up of probes all over a 24 MiB table (keys 16 MiB, values 8 MiB; 1 MiB windows), then a
+    read and an update of the values at every place found: after each window it unmaps the pages it used,
+    so at no point (sampled before each unmapping, and after) do the keys' or the values' maps hold more
+    than about a window, though the look-up touches most pages of both; the updates stay in the files."""
+    monkeypatch.setattr(ColumnFile, "WINDOW_BYTES", 1 << 20)
+    keys = np.random.default_rng(6).permutation(2_000_000).astype(np.uint64) * 5
+    table = SortedRuns(np.uint64, value=np.int32)
+    for part in np.array_split(np.arange(len(keys)), 3):
+        table.append(keys[part], value=part.astype(np.int32))
+    table.release()
+    peaks = {"keys": 0, "value": 0}
+    release = ColumnFile.release
+
+    def sampled_release(column: ColumnFile, *bounds: int) -> None:
+        for name in peaks:
+            peaks[name] = max(peaks[name], mapped_kib(table, name))
+        release(column, *bounds)
+
+    monkeypatch.setattr(ColumnFile, "release", sampled_release)
+    probe = np.arange(0, len(keys), 41)
+    places = table.find(keys[probe])
+    assert (table.take("value", places) == probe).all()
+    table.put("value", places, -probe.astype(np.int32))
+    sampled_release(table._columns["keys"], 0, 0)  # one last sample
+    # A window, and the pages the kernel maps around each window's first key (up to 64 KiB each).
+    assert 0 < peaks["keys"] <= 1024 + 16 * 64 and 0 < peaks["value"] <= 1024 + 16 * 64
+    monkeypatch.setattr(ColumnFile, "release", release)
+    assert (table.take("value", table.find(keys[probe])) == -probe).all()  # the updates stayed

@@ -74,25 +74,51 @@ class SortedRuns:
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The place of each of these keys, -1 where it is not held; one search per run, newest first, of
-        the keys not found yet (searched in sorted order, each search then starts where the one before
-        ended)."""
+        the keys not found yet (`_search`: a window of the run at a time)."""
         places = np.full(len(keys), -1, dtype=np.int64)
         if not len(self) or not len(keys):
             return places
-        stored = self.keys
-        keys = np.asarray(keys, dtype=stored.dtype)
+        keys = np.asarray(keys, dtype=self._columns["keys"].dtype)
         order = np.argsort(keys)
         needles = keys[order]
-        ends = [*self._starts[1:], len(stored)]
+        ends = [*self._starts[1:], len(self)]
         for start, end in zip(reversed(self._starts), reversed(ends), strict=True):
-            run = stored[start:end]
-            at = np.minimum(np.searchsorted(run, needles), len(run) - 1)
-            hit = run[at] == needles
-            places[order[hit]] = start + at[hit]
+            at, hit = self._search(needles, start, end)
+            places[order[hit]] = at[hit]
             if hit.all():
                 break
             order, needles = order[~hit], needles[~hit]
         return places
+
+    def take(self, name: str, places: np.ndarray) -> np.ndarray:
+        """The values of a column (or "keys") at these places, read a window at a time (`ColumnFile.take`)."""
+        return self._columns[name].take(places)
+
+    def put(self, name: str, places: np.ndarray, values: np.ndarray) -> None:
+        """Sets the values of a column at these distinct places, a window at a time (`ColumnFile.put`)."""
+        self._columns[name].put(places, values)
+
+    def _search(self, needles: np.ndarray, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """`start + np.searchsorted(keys[start:end], needles)` for sorted needles, and whether the key there
+        is the needle. A search of a part's keys all over a large run touches nearly every page of it, so
+        the run is searched one `ColumnFile` window at a time, each unmapped after: the needles are cut by
+        the first key of each window (read with one strided read), and each window searched for its own."""
+        column = self._columns["keys"]
+        stored = column.view()
+        spans = column.spans(start, end)
+        fences = stored[[first for first, _ in spans[1:]]]
+        cuts = [0, *np.searchsorted(needles, fences).tolist(), len(needles)]
+        at = np.empty(len(needles), dtype=np.int64)
+        hit = np.zeros(len(needles), dtype=bool)
+        for (first, last), low, high in zip(spans, cuts[:-1], cuts[1:], strict=True):
+            if high > low:
+                window, wanted = stored[first:last], needles[low:high]
+                found = np.searchsorted(window, wanted)
+                at[low:high] = first + found
+                inside = np.flatnonzero(found < len(window))
+                hit[low + inside] = window[found[inside]] == wanted[inside]
+            column.release(first, last)
+        return at, hit
 
     def append(self, keys: np.ndarray, **values: np.ndarray) -> None:
         """Adds distinct keys not held (in any order), with a value for each in every column."""
