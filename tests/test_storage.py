@@ -196,6 +196,8 @@ def test_put_writes_what_indexing_writes_across_windows_and_the_values_stay(monk
             column.put(places, values)
             expected[places] = values
         column.put(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        with pytest.raises(IndexError):
+            column.put(np.array([0, size]), np.array([1, 2]))
         column.release()
         assert column.view().tolist() == expected.tolist()
     assert column.spans(1_000, 3_100) == [(1_000, 1_024), (1_024, 2_048), (2_048, 3_072), (3_072, 3_100)]

@@ -97,8 +97,8 @@ class ColumnFile:
         """`view()[indices] = values` (as many values as indices), written one window of the file at a time,
         each unmapped after: an update all over a large column holds one window of its pages."""
         items = self.view()
-        if self._map is None or not len(indices):
-            items[indices] = values
+        if self._map is None or not len(indices) or indices.min() < 0 or indices.max() >= self.size:
+            items[indices] = values  # in memory, or an index out of range: as NumPy does
             return
         values = np.asarray(values)
         for chosen in self._by_window(indices):
