@@ -23,12 +23,14 @@ class SortedRuns:
     """Distinct keys with a value per key in each named column, stored as sorted runs.
 
     The keys an `append` adds, sorted, become a run of their own at the end of one buffer per column (its
-    capacity doubled when full), and the newest runs are merged in place, by one stable sort of their keys
-    (a merge of sorted runs, linear), as soon as they hold a `RATIO`-th of the run before them. So a key
-    is copied a few times over the table's life instead of once per `append`, and a look-up searches a few
-    runs. A key's place is its index in the buffer: `column(name)[place]` reads or updates its value, until
-    the next `append` or `delete` moves keys. Each buffer is a `ColumnFile` (in a file once it outgrows
-    `ColumnFile.MEMORY_BYTES`); `release` unmaps the pages used so far, and the values stay.
+    capacity doubled when full), and the newest runs are merged in place (a merge of sorted runs, linear)
+    as soon as they hold a `RATIO`-th of the run before them. So a key is copied a few times over the
+    table's life instead of once per `append`, and a look-up searches a few runs. A key's place is its
+    index in the buffer: `take(name, places)` reads and `put` updates its value, until the next `append` or
+    `delete` moves keys. Each buffer is a `ColumnFile` (in a file once it outgrows
+    `ColumnFile.MEMORY_BYTES`); look-ups, reads, updates and large merges go a `ColumnFile` window at a
+    time and unmap each after, so that they hold a window of a large table, not all of it (a part's keys
+    lie all over it); `release` unmaps the pages used so far, and the values stay.
 
     >>> table = SortedRuns(np.uint32, code=np.int32)
     >>> table.append(np.array([5, 9], dtype=np.uint32), code=np.array([0, 1]))

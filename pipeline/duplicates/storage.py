@@ -44,7 +44,7 @@ class ColumnFile:
     `release` unmaps them (the page cache keeps them, and the file what was written); the matcher releases
     its columns before it indexes each part. A part's candidates lie all over a batch, so its reads touch
     nearly every page: `take` reads and `put` writes a `WINDOW_BYTES` window of the file at a time and
-    unmap each after, so that they hold one window resident; `spans` cuts a range where windows begin,
+    unmaps each after, so that they hold one window resident; `spans` cuts a range where windows begin,
     for a sorted search a window at a time (`SortedRuns.find`), and `release` unmaps a range. `view` is
     the items as an array (writable: a change is kept); capacity doubles as the column grows (the file
     with `ftruncate`, then mapped again), and `truncate` only lowers the size (a matcher's rollback).
