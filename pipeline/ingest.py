@@ -804,7 +804,7 @@ class SeenIds:
         """Per id (its hashes and its key's place in the table, `SortedRuns.find`): whether it was added."""
         held = np.flatnonzero(places >= 0)
         found = np.zeros(len(keys), dtype=bool)
-        found[held] = self._table.column("check")[places[held]] == checks[held]
+        found[held] = self._table.take("check", places[held]) == checks[held]
         if self.clashes:  # a key held for another id: this id may be one of the clashes
             other = held[~found[held]]
             pairs = zip(keys[other].tolist(), checks[other].tolist(), strict=True)

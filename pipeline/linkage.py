@@ -2105,7 +2105,7 @@ class _CodeTable:
             hashes = self.hash(values) if hashes is None else hashes
             at = self.table.find(hashes)
             hit = np.flatnonzero(at >= 0)
-            codes = self.table.column("codes")[at[hit]]
+            codes = self.table.take("codes", at[hit])
             stored = np.empty(len(hit), dtype=object)
             take = getattr(texts, "take", None)  # a `_TextList`: its offsets read at once
             stored[:] = take(codes) if take is not None else list(map(texts.__getitem__, codes.tolist()))
@@ -2127,7 +2127,7 @@ class _CodeTable:
         hashes = self.hash(values)
         found, slots = self._find(values, texts, hashes)
         held = slots >= 0
-        self.table.column("codes")[slots[held]] = codes[held]
+        self.table.put("codes", slots[held], codes[held])
         for i in np.flatnonzero((found >= 0) & ~held).tolist():
             self.clashes[values[i]] = int(codes[i])
         self.insert(values[found < 0], codes[found < 0], hashes[found < 0])
@@ -2179,17 +2179,17 @@ class _BlockIndex:
 
     def sizes(self, at: np.ndarray) -> np.ndarray:
         """The block sizes of the keys at these places of `blocks` (int64)."""
-        sizes = self.blocks.column("count")[at].astype(np.int64)
+        sizes = self.blocks.take("count", at).astype(np.int64)
         big = np.flatnonzero(sizes == self.SMALL)
         if len(big):
-            sizes[big] = self.big.column("count")[self.big.find(self.blocks.keys[at[big]])]
+            sizes[big] = self.big.column("count")[self.big.find(self.blocks.take("keys", at[big]))]
         return sizes
 
-    def _set_sizes(self, at: np.ndarray, sizes: np.ndarray) -> None:
-        """Sets the block sizes of the keys at these places of `blocks` (distinct places)."""
+    def _set_sizes(self, at: np.ndarray, keys: np.ndarray, sizes: np.ndarray) -> None:
+        """Sets the block sizes of these distinct keys, at these places of `blocks`."""
         sizes = np.asarray(sizes, dtype=np.int64)
-        self.blocks.column("count")[at] = np.minimum(sizes, self.SMALL)
-        self._set_big(self.blocks.keys[at], sizes)
+        self.blocks.put("count", at, np.minimum(sizes, self.SMALL))
+        self._set_big(keys, sizes)
 
     def _set_big(self, keys: np.ndarray, sizes: np.ndarray) -> None:
         """Keeps the sizes of these distinct keys' blocks in `big` where they reach SMALL, and takes out
@@ -2227,14 +2227,13 @@ class _BlockIndex:
         group_keys, group_checks = hashes[starts], checks[starts]
         at = self.blocks.find(group_keys)
         found = at >= 0
-        if (self.blocks.column("checks")[at[found]] != group_checks[found]).any():
+        if (self.blocks.take("checks", at[found]) != group_checks[found]).any():
             logger.warning("two blocking keys share a 64-bit hash; their blocks are merged")
         self.leavers = np.zeros(0, dtype=np.int64)
         old_count = np.zeros(len(starts), dtype=np.int64)
         old_last = np.full(len(starts), -1, dtype=np.int64)
         old_count[found] = self.sizes(at[found])
-        last = self.blocks.column("last")
-        old_last[found] = last[at[found]]
+        old_last[found] = self.blocks.take("last", at[found])
         positions = start + rows
         before = np.empty(len(rows), dtype=np.int64)
         before[1:] = positions[:-1]
@@ -2245,8 +2244,8 @@ class _BlockIndex:
         ends = np.append(starts[1:], len(rows)) - 1
         new_count = old_count + (ends - starts + 1)
         new_last = positions[ends]
-        self._set_sizes(at[found], new_count[found])
-        last[at[found]] = new_last[found]
+        self._set_sizes(at[found], group_keys[found], new_count[found])
+        self.blocks.put("last", at[found], new_last[found])
         new = ~found
         self.blocks.append(
             group_keys[new],
@@ -2366,8 +2365,8 @@ class _BlockIndex:
             self.blocks.delete(self.blocks.find(inserted))  # mostly the newest run: little to move
         if len(changed):
             at = self.blocks.find(changed)
-            self._set_sizes(at, old_count)
-            self.blocks.column("last")[at] = old_last
+            self._set_sizes(at, changed, old_count)
+            self.blocks.put("last", at, old_last)
         self.prev.truncate(start)
         self.undo = None
 

@@ -178,6 +178,32 @@ def test_a_column_grows_into_its_file_and_reads_writes_takes_truncates_and_pickl
     assert ColumnFile(np.uint8).widened(np.uint16).dtype == np.uint16
 
 
+def test_put_writes_what_indexing_writes_across_windows_and_the_values_stay(monkeypatch) -> None:
+    """`put` of places all over a column of several windows (and a column of one window, and one still in
+    memory), repeated places' last value winning as in NumPy: the column reads back as the array given
+    the same assignments, after `release` too; `spans` cuts a range where the file's windows begin."""
+    monkeypatch.setattr(ColumnFile, "MEMORY_BYTES", 4096)
+    monkeypatch.setattr(ColumnFile, "WINDOW_BYTES", 8192)  # 1,024 int64 items per window
+    rng = np.random.default_rng(4)
+    for size in (300, 1_000, 9_000):  # in memory, one window of a file, nine windows
+        expected = rng.integers(-50, 50, size)
+        column = ColumnFile(np.int64)
+        column.extend(expected)
+        spread = rng.permutation(size)[: size // 3]
+        for places in (spread, np.array([size - 1, 0]), np.array([1_023, 1_024, 1_023])):
+            places = places[places < size]
+            values = rng.integers(-9, 9, len(places))
+            column.put(places, values)
+            expected[places] = values
+        column.put(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        with pytest.raises(IndexError):
+            column.put(np.array([0, size]), np.array([1, 2]))
+        column.release()
+        assert column.view().tolist() == expected.tolist()
+    assert column.spans(1_000, 3_100) == [(1_000, 1_024), (1_024, 2_048), (2_048, 3_072), (3_072, 3_100)]
+    assert column.spans(2_048, 2_050) == [(2_048, 2_050)] and column.spans(5, 5) == [(5, 5)]
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="reads /proc (Linux)")
 def test_a_pickled_column_makes_its_file_in_the_same_folder(tmp_path, monkeypatch) -> None:
     """The copy keeps the folder its column was given (a temporary folder on a larger disk, say); a

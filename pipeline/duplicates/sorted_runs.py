@@ -16,19 +16,21 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.duplicates.storage import ColumnFile, mapped_file, unlinked_file
+from pipeline.duplicates.storage import ColumnFile
 
 
 class SortedRuns:
     """Distinct keys with a value per key in each named column, stored as sorted runs.
 
     The keys an `append` adds, sorted, become a run of their own at the end of one buffer per column (its
-    capacity doubled when full), and the newest runs are merged in place, by one stable sort of their keys
-    (a merge of sorted runs, linear), as soon as they hold a `RATIO`-th of the run before them. So a key
-    is copied a few times over the table's life instead of once per `append`, and a look-up searches a few
-    runs. A key's place is its index in the buffer: `column(name)[place]` reads or updates its value, until
-    the next `append` or `delete` moves keys. Each buffer is a `ColumnFile` (in a file once it outgrows
-    `ColumnFile.MEMORY_BYTES`); `release` unmaps the pages used so far, and the values stay.
+    capacity doubled when full), and the newest runs are merged in place (a merge of sorted runs, linear)
+    as soon as they hold a `RATIO`-th of the run before them. So a key is copied a few times over the
+    table's life instead of once per `append`, and a look-up searches a few runs. A key's place is its
+    index in the buffer: `take(name, places)` reads and `put` updates its value, until the next `append` or
+    `delete` moves keys. Each buffer is a `ColumnFile` (in a file once it outgrows
+    `ColumnFile.MEMORY_BYTES`); look-ups, reads, updates and large merges go a `ColumnFile` window at a
+    time and unmap each after, so that they hold a window of a large table, not all of it (a part's keys
+    lie all over it); `release` unmaps the pages used so far, and the values stay.
 
     >>> table = SortedRuns(np.uint32, code=np.int32)
     >>> table.append(np.array([5, 9], dtype=np.uint32), code=np.array([0, 1]))
@@ -74,25 +76,51 @@ class SortedRuns:
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """The place of each of these keys, -1 where it is not held; one search per run, newest first, of
-        the keys not found yet (searched in sorted order, each search then starts where the one before
-        ended)."""
+        the keys not found yet (`_search`: a window of the run at a time)."""
         places = np.full(len(keys), -1, dtype=np.int64)
         if not len(self) or not len(keys):
             return places
-        stored = self.keys
-        keys = np.asarray(keys, dtype=stored.dtype)
+        keys = np.asarray(keys, dtype=self._columns["keys"].dtype)
         order = np.argsort(keys)
         needles = keys[order]
-        ends = [*self._starts[1:], len(stored)]
+        ends = [*self._starts[1:], len(self)]
         for start, end in zip(reversed(self._starts), reversed(ends), strict=True):
-            run = stored[start:end]
-            at = np.minimum(np.searchsorted(run, needles), len(run) - 1)
-            hit = run[at] == needles
-            places[order[hit]] = start + at[hit]
+            at, hit = self._search(needles, start, end)
+            places[order[hit]] = at[hit]
             if hit.all():
                 break
             order, needles = order[~hit], needles[~hit]
         return places
+
+    def take(self, name: str, places: np.ndarray) -> np.ndarray:
+        """The values of a column (or "keys") at these places, read a window at a time (`ColumnFile.take`)."""
+        return self._columns[name].take(places)
+
+    def put(self, name: str, places: np.ndarray, values: np.ndarray) -> None:
+        """Sets the values of a column at these distinct places, a window at a time (`ColumnFile.put`)."""
+        self._columns[name].put(places, values)
+
+    def _search(self, needles: np.ndarray, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """`start + np.searchsorted(keys[start:end], needles)` for sorted needles, and whether the key there
+        is the needle. A search of a part's keys all over a large run touches nearly every page of it, so
+        the run is searched one `ColumnFile` window at a time, each unmapped after: the needles are cut by
+        the first key of each window (read with one strided read), and each window searched for its own."""
+        column = self._columns["keys"]
+        stored = column.view()
+        spans = column.spans(start, end)
+        fences = stored[[first for first, _ in spans[1:]]]
+        cuts = [0, *np.searchsorted(needles, fences).tolist(), len(needles)]
+        at = np.empty(len(needles), dtype=np.int64)
+        hit = np.zeros(len(needles), dtype=bool)
+        for (first, last), low, high in zip(spans, cuts[:-1], cuts[1:], strict=True):
+            if high > low:
+                window, wanted = stored[first:last], needles[low:high]
+                found = np.searchsorted(window, wanted)
+                at[low:high] = first + found
+                inside = np.flatnonzero(found < len(window))
+                hit[low + inside] = window[found[inside]] == wanted[inside]
+            column.release(first, last)
+        return at, hit
 
     def append(self, keys: np.ndarray, **values: np.ndarray) -> None:
         """Adds distinct keys not held (in any order), with a value for each in every column."""
@@ -130,28 +158,75 @@ class SortedRuns:
             column.release()
 
     def _merge_newest(self) -> None:
-        """Merges the newest runs into one while they hold a `RATIO`-th or more of the run before them."""
+        """Merges the newest runs into one while they hold a `RATIO`-th or more of the run before them: by
+        one stable sort of their keys while they fit in a window (`_window`), else the newest two first
+        (`_merge_into`), then each run before them with what those merged into."""
         first, merged = len(self._starts) - 1, len(self) - self._starts[-1]
         while first and self._starts[first] - self._starts[first - 1] < self.RATIO * merged:
             first -= 1
             merged = len(self) - self._starts[first]
         if first == len(self._starts) - 1:
             return
-        begin = self._starts[first]
-        order = np.argsort(self.keys[begin:], kind="stable")  # sorted runs: timsort merges them
-        widest = max(column.dtype.itemsize for column in self._columns.values())
-        scratch = _scratch(len(order) * widest)
-        for column in self._columns.values():
-            stored = column.view()[begin:]
-            stored[:] = np.take(stored, order, out=scratch[: stored.nbytes].view(stored.dtype))
+        if merged <= self._window():
+            self._sort_from(self._starts[first])
+        else:
+            for run in reversed(range(first, len(self._starts) - 1)):
+                self._merge_into(self._starts[run], self._starts[run + 1])
         del self._starts[first + 1 :]
 
+    def _window(self) -> int:
+        """Keys per `ColumnFile` window of the widest column: what a merge reads or writes at a time."""
+        return min(column.window_items for column in self._columns.values())
 
-def _scratch(size: int) -> np.ndarray:
-    """`size` bytes to reorder a merge's columns into: the whole table at times, so, from
-    `ColumnFile.MEMORY_BYTES` on, a shared map of an unlinked temporary file (page cache, gone with the
-    array) rather than anonymous memory."""
-    if size < ColumnFile.MEMORY_BYTES:
-        return np.empty(size, dtype=np.uint8)
-    with unlinked_file(None) as file:
-        return np.frombuffer(mapped_file(file, size), dtype=np.uint8)
+    def _sort_from(self, begin: int) -> None:
+        """Merges the runs from `begin` on (a window's worth at most) by one stable sort of their keys
+        (of sorted runs: timsort merges them)."""
+        order = np.argsort(self.keys[begin:], kind="stable")
+        for column in self._columns.values():
+            stored = column.view()[begin:]
+            stored[:] = stored[order]
+
+    def _merge_into(self, begin: int, middle: int) -> None:
+        """Merges the sorted keys from `middle` on, and their values, into the sorted run from `begin`.
+
+        At ~9 of 10 million keys a merge is the whole table: so it holds a window of it at a time, as a
+        look-up does. The newer keys are copied aside (`_copied`), and the merged table is written from
+        its end down: each `ColumnFile` window's worth of newer keys goes where `_search` finds it in the
+        run (plus the newer keys before it), the run's keys between them move up, a window at a time,
+        each unmapped after. A key of the run only moves up, so writing from the end never overwrites one
+        still to be moved; the order kept is a place per newer key of one window, not per merged key."""
+        newer = {name: _copied(column, middle, len(self)) for name, column in self._columns.items()}
+        step = self._window()
+        older_end, newer_end = middle, len(self) - middle  # what is still to be placed of each
+        while newer_end:
+            newer_start = max(0, newer_end - step)
+            at, _ = self._search(newer["keys"].view()[newer_start:newer_end], begin, older_end)
+            places = at + np.arange(newer_start, newer_end)  # where each of these newer keys goes
+            low, high = int(places[0]), older_end + newer_end
+            for end in range(high, low, -step):  # the merged items from `low` to `high`, a window each
+                start = max(low, end - step)
+                inside = slice(*np.searchsorted(places, [start, end]))
+                from_newer = np.zeros(end - start, dtype=bool)
+                from_newer[places[inside] - start] = True
+                older_start = older_end - (end - start - int(from_newer.sum()))
+                for name, column in self._columns.items():
+                    stored, merged = column.view(), np.empty(end - start, dtype=column.dtype)
+                    merged[from_newer] = newer[name].view()[newer_start:][inside]
+                    merged[~from_newer] = stored[older_start:older_end]
+                    stored[start:end] = merged
+                    column.release(older_start, end)
+                older_end = older_start
+            for copy in newer.values():
+                copy.release(newer_start, newer_end)
+            newer_end = newer_start
+
+
+def _copied(column: ColumnFile, start: int, end: int) -> ColumnFile:
+    """A new `ColumnFile` of a column's items from `start` to `end` (in a file of its own once large,
+    gone with the object), copied a window at a time, each unmapped after in both."""
+    copy = ColumnFile(column.dtype)
+    for first, last in column.spans(start, end):
+        copy.extend(column.view()[first:last])
+        column.release(first, last)
+        copy.release(first - start, last - start)
+    return copy

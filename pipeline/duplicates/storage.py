@@ -11,13 +11,14 @@ the older part of its ids, value texts (`linkage._TextList`) and entry times.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import struct
 import tempfile
 from array import array
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,11 +43,13 @@ class ColumnFile:
     The pages a part reads or writes are mapped into the process, and so count in its resident set, until
     `release` unmaps them (the page cache keeps them, and the file what was written); the matcher releases
     its columns before it indexes each part. A part's candidates lie all over a batch, so its reads touch
-    nearly every page: `take` reads a `WINDOW_BYTES` window of the file at a time and unmaps each after,
-    so that reading holds one window resident. `view` is the items as an array (writable: a change is kept);
-    capacity doubles as the column grows (the file with `ftruncate`, then mapped again), and `truncate`
-    only lowers the size (a matcher's rollback). Pickles as its items (the reference cache stores a
-    matcher); equal to a column of the same dtype and items.
+    nearly every page: `take` reads and `put` writes a `WINDOW_BYTES` window of the file at a time and
+    unmaps each after, so that they hold one window resident; `spans` cuts a range where windows begin,
+    for a sorted search a window at a time (`SortedRuns.find`), and `release` unmaps a range. `view` is
+    the items as an array (writable: a change is kept); capacity doubles as the column grows (the file
+    with `ftruncate`, then mapped again), and `truncate` only lowers the size (a matcher's rollback).
+    Pickles as its items (the reference cache stores a matcher); equal to a column of the same dtype and
+    items.
 
     >>> column = ColumnFile(np.int32)
     >>> column.extend(np.array([5, -1, 7])); column.view()[1] = 6; column.truncate(2)
@@ -55,7 +58,7 @@ class ColumnFile:
     """
 
     MEMORY_BYTES = 1 << 16  # smaller columns stay in an array: a small matcher makes no files
-    WINDOW_BYTES = 1 << 23  # `take` maps this much of the file at a time (a multiple of the page size)
+    WINDOW_BYTES = 1 << 23  # `take`, `put` and a sorted search map this much of the file at a time (pages)
 
     def __init__(self, dtype: Any, directory: str | None = None) -> None:
         self.dtype = np.dtype(dtype)
@@ -85,19 +88,48 @@ class ColumnFile:
         items = self.view()
         if self._map is None or not len(indices) or indices.min() < 0 or indices.max() >= self.size:
             return items[indices]  # in memory, or an index out of range: as NumPy answers
-        window = self.WINDOW_BYTES // self.dtype.itemsize
-        if self.size <= window:
-            taken = items[indices]
-            self.release()
-            return taken
         taken = np.empty(len(indices), dtype=self.dtype)
-        slabs = indices // window
-        for slab in range(int(slabs.min()), int(slabs.max()) + 1):  # a pass per window: a few, no sort
-            chosen = np.flatnonzero(slabs == slab)
+        for chosen in self._by_window(indices):
             taken[chosen] = items[indices[chosen]]
-            start = slab * self.WINDOW_BYTES
-            self._map.madvise(mmap.MADV_DONTNEED, start, min(self.WINDOW_BYTES, len(self._map) - start))
         return taken
+
+    def put(self, indices: np.ndarray, values: np.ndarray) -> None:
+        """`view()[indices] = values` (as many values as indices), written one window of the file at a time,
+        each unmapped after: an update all over a large column holds one window of its pages."""
+        items = self.view()
+        if self._map is None or not len(indices) or indices.min() < 0 or indices.max() >= self.size:
+            items[indices] = values  # in memory, or an index out of range: as NumPy does
+            return
+        values = np.asarray(values)
+        for chosen in self._by_window(indices):
+            items[indices[chosen]] = values[chosen]
+
+    def spans(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """The items from `start` to `stop` cut where the file's windows begin: (first, end) of each piece,
+        in order. A sorted search reads a piece at a time and then `release`s it."""
+        window = self.window_items
+        cuts = [start, *range((start // window + 1) * window, stop, window), stop]
+        return list(itertools.pairwise(cuts))
+
+    @property
+    def window_items(self) -> int:
+        """Items per window of the file (`WINDOW_BYTES`)."""
+        return max(1, self.WINDOW_BYTES // self.dtype.itemsize)
+
+    def _by_window(self, indices: np.ndarray) -> Iterator[np.ndarray | slice]:
+        """The places in `indices` of those in each window of the file in turn (a pass per window: a few,
+        no sort); each window is unmapped once its places are used."""
+        window = self.window_items
+        if self.size <= window:
+            yield slice(None)
+            self.release()
+            return
+        slabs = indices // window
+        for slab in range(int(slabs.min()), int(slabs.max()) + 1):
+            chosen = np.flatnonzero(slabs == slab)
+            if len(chosen):
+                yield chosen
+                self.release(slab * window, (slab + 1) * window)
 
     def truncate(self, size: int) -> None:
         """Keeps the first `size` items."""
@@ -113,10 +145,15 @@ class ColumnFile:
         copy.extend(self.view())
         return copy
 
-    def release(self) -> None:
-        """Unmaps the pages read or written so far from this process (the file keeps its items)."""
-        if self._map is not None:
-            self._map.madvise(mmap.MADV_DONTNEED)
+    def release(self, start: int = 0, stop: int | None = None) -> None:
+        """Unmaps from this process the pages read or written so far of the items from `start` to `stop`
+        (all by default; the pages that hold them, so a neighbour's too): the file keeps the items."""
+        if self._map is None:
+            return
+        first = start * self.dtype.itemsize // mmap.PAGESIZE * mmap.PAGESIZE
+        end = len(self._map) if stop is None else min(len(self._map), stop * self.dtype.itemsize)
+        if end > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def _grow(self, items: int) -> None:
         """Makes room for `items` items: a capacity of twice the present one at least."""
