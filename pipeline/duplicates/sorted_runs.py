@@ -119,7 +119,7 @@ class SortedRuns:
                 at[low:high] = first + found
                 inside = np.flatnonzero(found < len(window))
                 hit[low + inside] = window[found[inside]] == wanted[inside]
-            column.release(first, last)
+            column.release_window(first, last)
         return at, hit
 
     def append(self, keys: np.ndarray, **values: np.ndarray) -> None:

@@ -58,6 +58,7 @@ class ColumnFile:
     """
 
     MEMORY_BYTES = 1 << 16  # smaller columns stay in an array: a small matcher makes no files
+    KEEP_BYTES = 1 << 20  # a column this small keeps its pages through a part (`release_window`)
     WINDOW_BYTES = 1 << 23  # `take`, `put` and a sorted search map this much of the file at a time (pages)
 
     def __init__(self, dtype: Any, directory: str | None = None) -> None:
@@ -118,18 +119,25 @@ class ColumnFile:
 
     def _by_window(self, indices: np.ndarray) -> Iterator[np.ndarray | slice]:
         """The places in `indices` of those in each window of the file in turn (a pass per window: a few,
-        no sort); each window is unmapped once its places are used."""
+        no sort); each window is unmapped once its places are used (`release_window`)."""
         window = self.window_items
         if self.size <= window:
             yield slice(None)
-            self.release()
+            self.release_window(0, self.size)
             return
         slabs = indices // window
         for slab in range(int(slabs.min()), int(slabs.max()) + 1):
             chosen = np.flatnonzero(slabs == slab)
             if len(chosen):
                 yield chosen
-                self.release(slab * window, (slab + 1) * window)
+                self.release_window(slab * window, (slab + 1) * window)
+
+    def release_window(self, start: int, stop: int) -> None:
+        """`release(start, stop)` after reading or writing that window, in a column of more than
+        `KEEP_BYTES`. A smaller one stays mapped until its owner's `release` between parts, so that a
+        part's several look-ups, reads and writes do not fault its pages in again each time."""
+        if self.size * self.dtype.itemsize > self.KEEP_BYTES:
+            self.release(start, stop)
 
     def truncate(self, size: int) -> None:
         """Keeps the first `size` items."""
