@@ -2182,7 +2182,7 @@ class _BlockIndex:
         sizes = self.blocks.take("count", at).astype(np.int64)
         big = np.flatnonzero(sizes == self.SMALL)
         if len(big):
-            sizes[big] = self.big.column("count")[self.big.find(self.blocks.take("keys", at[big]))]
+            sizes[big] = self.big.take("count", self.big.find(self.blocks.take("keys", at[big])))
         return sizes
 
     def _set_sizes(self, at: np.ndarray, keys: np.ndarray, sizes: np.ndarray) -> None:
@@ -2196,7 +2196,7 @@ class _BlockIndex:
         those back below it (a rollback)."""
         at = self.big.find(keys)
         big, held = sizes >= self.SMALL, at >= 0
-        self.big.column("count")[at[big & held]] = sizes[big & held]
+        self.big.put("count", at[big & held], sizes[big & held])
         self.big.delete(at[~big & held])
         self.big.append(keys[big & ~held], count=sizes[big & ~held])
 

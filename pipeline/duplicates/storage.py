@@ -87,7 +87,7 @@ class ColumnFile:
     def take(self, indices: np.ndarray) -> np.ndarray:
         """`view()[indices]`, read one window of the file at a time, each unmapped after."""
         items = self.view()
-        if self._map is None or not len(indices) or indices.min() < 0 or indices.max() >= self.size:
+        if not self._windowed(indices):
             return items[indices]  # in memory, or an index out of range: as NumPy answers
         taken = np.empty(len(indices), dtype=self.dtype)
         for chosen in self._by_window(indices):
@@ -98,12 +98,17 @@ class ColumnFile:
         """`view()[indices] = values` (as many values as indices), written one window of the file at a time,
         each unmapped after: an update all over a large column holds one window of its pages."""
         items = self.view()
-        if self._map is None or not len(indices) or indices.min() < 0 or indices.max() >= self.size:
+        if not self._windowed(indices):
             items[indices] = values  # in memory, or an index out of range: as NumPy does
             return
         values = np.asarray(values)
         for chosen in self._by_window(indices):
             items[indices[chosen]] = values[chosen]
+
+    def _windowed(self, indices: np.ndarray) -> bool:
+        """Whether `take`/`put` go a window at a time: the column is in a file and every index in range (else
+        NumPy's own indexing answers, raising as it does)."""
+        return self._map is not None and len(indices) > 0 and indices.min() >= 0 and indices.max() < self.size
 
     def spans(self, start: int, stop: int) -> list[tuple[int, int]]:
         """The items from `start` to `stop` cut where the file's windows begin: (first, end) of each piece,
